@@ -1,0 +1,40 @@
+//! `relay-proto`: the sans-IO core of rtp-relay.
+//!
+//! Everything the relay decides and measures lives here, with no sockets, no threads, no clock
+//! reads and no unsafe code, in the manner of `quinn-proto`: time is an argument ([`MonoTime`]),
+//! and outputs are values ([`Verdict`], [`CommandOutcome`], [`Event`]). Both data-plane backends
+//! (io_uring and tokio) drive this one core, so comparing them compares only their I/O, and tests
+//! run the whole relay on a virtual clock, bytes in and bytes out.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`rtp`] | RTP/RTCP parsing into borrowed views; never panics |
+//! | [`seq`] | RFC 3550 A.1 sequence tracking, exact for loss, duplicates and reordering |
+//! | [`timing`] | RFC 3550 A.8 jitter and windowed-baseline lateness |
+//! | [`t0`] | the per-channel T0 ring: O(1) insert and lookup, exact timeouts |
+//! | [`stats`] | counters, HdrHistograms and the serialisable summaries |
+//! | [`relay`] | the state machine: channels, verdicts, commands, timers |
+//! | [`control`] | the newline-delimited JSON control protocol and its bounded decoder |
+//! | [`format`], [`time`] | media formats with their RTP clocks; monotonic time as a value |
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod format;
+pub mod relay;
+pub mod rtp;
+pub mod seq;
+pub mod stats;
+pub mod t0;
+pub mod time;
+pub mod timing;
+
+pub use control::{
+    ChannelId, Command, ControlSession, ErrorCode, ErrorReply, Reply, Request, Response,
+};
+pub use format::{ClockRate, Format};
+pub use relay::{
+    CommandOutcome, ConfigError, Event, PendingOpen, Relay, RelayConfig, SocketId, Verdict,
+};
+pub use rtp::{RtpHeader, Ssrc};
+pub use stats::{ChannelStats, Direction, DropReason, GlobalStats, LatencySummary};
+pub use time::MonoTime;

@@ -1,0 +1,871 @@
+//! The relay state machine: which datagram goes where, and what it tells us.
+//!
+//! [`Relay`] owns every channel. The I/O layer (io_uring or tokio) owns the sockets and the clock
+//! and drives it:
+//! - each datagram goes to [`Relay::handle_datagram`] with the socket it arrived on, its source
+//!   and the time; the [`Verdict`] says where to send the very same bytes, or why to drop them;
+//! - each control request goes to [`Relay::handle_command`]; opening a channel is two steps
+//!   (the core picks the socket slot, the backend binds, [`Relay::complete_open`] confirms), and
+//!   closing one tells the backend which socket to close;
+//! - [`Relay::poll_timeout`] says when to call [`Relay::handle_timeout`], which times out
+//!   unanswered T0 entries and closes idle channels, reported by [`Relay::poll_event`].
+//!
+//! Source rules per channel: a datagram from the echo's address goes to Asterisk (T1, RTT); one
+//! from Asterisk's address goes to the echo (T0). Asterisk's address comes from control, or, unless
+//! the relay is strict, is latched from the first well-formed packet from any other address.
+//! Anything else is dropped and counted by reason. Malformed packets are dropped and counted, never
+//! forwarded.
+//!
+//! Once a channel exists, `handle_datagram` does not allocate: the channel's T0 table and
+//! histograms are sized when it opens.
+
+use core::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+
+use crate::control::{
+    AddChannel, ChannelId, ChannelInfo, Command, ErrorCode, ErrorReply, Response,
+};
+use crate::format::Format;
+use crate::rtp::{self, Packet, RtpPacket, Ssrc};
+use crate::seq::{SeqEvent, SequenceTracker, MIN_SEQUENTIAL};
+use crate::stats::{
+    ChannelStats, CloseReason, Direction, DropCounts, DropReason, EchoCounters, GlobalStats,
+    LatencyHistogram, PerDirection, StreamCounters, TrafficCounters,
+};
+use crate::t0::{Insert, Lookup, T0Table};
+use crate::time::{duration_nanos, MonoTime};
+use crate::timing::{LatenessConfig, Timing};
+
+/// The socket a datagram arrived on: a slot the relay assigns when a channel opens (the io_uring
+/// backend uses it as the fixed-file index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(pub u32);
+
+impl SocketId {
+    fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// What to do with a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Verdict {
+    /// Send the same bytes from the same socket to `to`.
+    Forward {
+        /// Destination.
+        to: SocketAddr,
+        /// Which way the packet is going.
+        direction: Direction,
+    },
+    /// Drop it; it has been counted under this reason.
+    Drop(DropReason),
+}
+
+/// Settings of a relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Most channels open at once (socket slots 0..max_channels).
+    pub max_channels: u32,
+    /// Echo server for channels whose `add` names none.
+    pub default_echo: SocketAddr,
+    /// Refuse to latch Asterisk's address from traffic: it must come from control.
+    pub strict_source: bool,
+    /// A channel with no media in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// A packet whose echo has not come back after this long counts as an echo timeout.
+    pub echo_timeout: Duration,
+    /// T0 table slots per channel (rounded up to a power of two, at most 65536).
+    pub t0_slots: usize,
+    /// Packets in sequence before a new RTP source is counted (RFC 3550 A.1).
+    pub min_sequential: u8,
+    /// When a packet is late.
+    pub lateness: LatenessConfig,
+    /// Round trips above this are counted as `rtt_high`.
+    pub rtt_threshold: Duration,
+    /// How often the timer runs (echo-timeout sweep and idle check).
+    pub timer_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            max_channels: 4096,
+            default_echo: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            strict_source: false,
+            idle_timeout: Duration::from_secs(60),
+            echo_timeout: Duration::from_secs(2),
+            t0_slots: 1024,
+            min_sequential: MIN_SEQUENTIAL,
+            lateness: LatenessConfig::default(),
+            rtt_threshold: Duration::from_millis(50),
+            timer_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A [`RelayConfig`] value out of range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `max_channels` is 0 or above 1 048 576.
+    #[error("max_channels must be 1..=1048576, got {0}")]
+    MaxChannels(u32),
+    /// `t0_slots` is not a power of two in 1..=65536.
+    #[error("t0_slots must be a power of two in 1..=65536, got {0}")]
+    T0Slots(usize),
+    /// A duration that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    ZeroDuration(&'static str),
+    /// The echo address has port 0 or an unspecified IP.
+    #[error("default echo address {0} is not a usable destination")]
+    Echo(SocketAddr),
+}
+
+impl RelayConfig {
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// The first value out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_channels == 0 || self.max_channels > 1 << 20 {
+            return Err(ConfigError::MaxChannels(self.max_channels));
+        }
+        if !self.t0_slots.is_power_of_two() || self.t0_slots > 1 << 16 {
+            return Err(ConfigError::T0Slots(self.t0_slots));
+        }
+        for (name, d) in [
+            ("idle_timeout", self.idle_timeout),
+            ("echo_timeout", self.echo_timeout),
+            ("timer_interval", self.timer_interval),
+            ("lateness window", self.lateness.window),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
+        if !usable(self.default_echo) {
+            return Err(ConfigError::Echo(self.default_echo));
+        }
+        Ok(())
+    }
+}
+
+fn usable(a: SocketAddr) -> bool {
+    a.port() != 0 && !a.ip().is_unspecified()
+}
+
+/// Something the relay did on its own, from [`Relay::handle_timeout`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A channel closed without a command: close its socket.
+    ChannelClosed {
+        /// The socket to close.
+        socket: SocketId,
+        /// Why.
+        reason: CloseReason,
+        /// Its final statistics.
+        stats: Box<ChannelStats>,
+    },
+}
+
+/// A channel whose slot is reserved while the backend binds its socket.
+#[derive(Debug)]
+#[must_use = "pass it to Relay::complete_open, or the slot stays reserved"]
+pub struct PendingOpen {
+    /// The reserved slot.
+    socket: SocketId,
+    /// The request, validated.
+    request: AddChannel,
+}
+
+impl PendingOpen {
+    /// The slot to bind the socket in.
+    #[must_use]
+    pub const fn socket(&self) -> SocketId {
+        self.socket
+    }
+
+    /// The local port to bind (0: any).
+    #[must_use]
+    pub const fn port(&self) -> u16 {
+        self.request.port
+    }
+
+    /// The channel being opened.
+    #[must_use]
+    pub const fn channel(&self) -> &ChannelId {
+        &self.request.channel
+    }
+}
+
+/// What a command needs from the backend.
+#[derive(Debug)]
+#[must_use]
+pub enum CommandOutcome {
+    /// Send this reply.
+    Reply(Result<Response, ErrorReply>),
+    /// Bind a UDP socket on the pending channel's port, then call [`Relay::complete_open`] and
+    /// send what it returns.
+    Open(PendingOpen),
+    /// Close the socket in this slot, then send the reply.
+    Close {
+        /// The slot whose socket to close.
+        socket: SocketId,
+        /// The reply.
+        reply: Result<Response, ErrorReply>,
+    },
+}
+
+/// RTP stream state of one direction of a channel.
+#[derive(Clone, Debug)]
+struct Stream {
+    /// The current source, once a packet arrived.
+    ssrc: Option<Ssrc>,
+    /// Sequence tracking of the current source.
+    seq: SequenceTracker,
+    /// Jitter and lateness of the current source.
+    timing: Timing,
+    /// Times the SSRC changed.
+    ssrc_changes: u64,
+}
+
+impl Stream {
+    fn new(format: Format, config: &RelayConfig) -> Self {
+        Self {
+            ssrc: None,
+            seq: SequenceTracker::new(config.min_sequential),
+            timing: Timing::new(format.clock_rate(), config.lateness),
+            ssrc_changes: 0,
+        }
+    }
+
+    fn counters(&self) -> StreamCounters {
+        StreamCounters {
+            expected: self.seq.expected(),
+            received: self.seq.received(),
+            lost: self.seq.lost(),
+            duplicates: self.seq.duplicates(),
+            reordered: self.seq.reordered(),
+            late: self.timing.late(),
+            ssrc_changes: self.ssrc_changes,
+            restarts: self.seq.restarts(),
+            jitter_ns: self.timing.jitter_ns(),
+            max_lateness_ns: self.timing.max_lateness_ns(),
+        }
+    }
+}
+
+/// One relayed call leg: its addresses, its measurement state and its counters.
+#[derive(Debug)]
+struct Channel {
+    /// Control's identifier.
+    id: ChannelId,
+    /// The socket slot.
+    socket: SocketId,
+    /// The bound local port.
+    port: u16,
+    /// The media format.
+    format: Format,
+    /// Asterisk's RTP address, once known.
+    asterisk: Option<SocketAddr>,
+    /// Whether `asterisk` was latched from traffic.
+    latched: bool,
+    /// The echo server.
+    echo: SocketAddr,
+    /// When the channel opened.
+    opened: MonoTime,
+    /// When it last forwarded a packet.
+    last_media: MonoTime,
+    /// When each packet left for the echo.
+    t0: T0Table,
+    /// Stream state per direction.
+    streams: PerDirection<Stream>,
+    /// Traffic per direction.
+    traffic: PerDirection<TrafficCounters>,
+    /// Round-trip accounting.
+    round_trip: EchoCounters,
+    /// Drops on this socket.
+    drops: DropCounts,
+    /// Round-trip times.
+    rtt: LatencyHistogram<u32>,
+}
+
+impl Channel {
+    fn stats(&self, now: MonoTime) -> ChannelStats {
+        ChannelStats {
+            channel: self.id.clone(),
+            socket: self.socket.0,
+            port: self.port,
+            format: self.format,
+            asterisk: self.asterisk,
+            latched: self.latched,
+            echo: self.echo,
+            age_ns: now.nanos_since(self.opened),
+            idle_ns: now.nanos_since(self.last_media),
+            traffic: self.traffic,
+            streams: PerDirection {
+                to_echo: self.streams.to_echo.counters(),
+                to_asterisk: self.streams.to_asterisk.counters(),
+            },
+            round_trip: self.round_trip,
+            rtt: self.rtt.summary(),
+            drops: self.drops,
+        }
+    }
+
+    fn info(&self) -> ChannelInfo {
+        ChannelInfo {
+            channel: self.id.clone(),
+            socket: self.socket.0,
+            port: self.port,
+            asterisk: self.asterisk,
+            echo: self.echo,
+            format: self.format,
+            traffic: self.traffic,
+        }
+    }
+}
+
+/// Global histograms, recorded per packet alongside the channel's own.
+#[derive(Debug)]
+struct GlobalHistograms {
+    /// Round-trip times.
+    rtt: LatencyHistogram,
+    /// Time inside the relay, per direction.
+    forward: PerDirection<LatencyHistogram>,
+    /// Jitter estimate after each packet, per direction.
+    jitter: PerDirection<LatencyHistogram>,
+    /// Lateness of each packet, per direction.
+    lateness: PerDirection<LatencyHistogram>,
+}
+
+impl GlobalHistograms {
+    fn new() -> Self {
+        let h = || LatencyHistogram::new(3);
+        let pair = || PerDirection {
+            to_echo: h(),
+            to_asterisk: h(),
+        };
+        Self {
+            rtt: h(),
+            forward: pair(),
+            jitter: pair(),
+            lateness: pair(),
+        }
+    }
+}
+
+/// Counters of closed channels, so global statistics survive them.
+#[derive(Debug, Default)]
+struct ClosedTotals {
+    /// Traffic.
+    traffic: PerDirection<TrafficCounters>,
+    /// Stream quality.
+    streams: PerDirection<StreamCounters>,
+    /// Round trips.
+    round_trip: EchoCounters,
+    /// Channels closed by `remove`.
+    removed: u64,
+    /// Channels closed for idleness.
+    idle: u64,
+}
+
+/// The sans-IO relay: every channel's state, driven by datagrams, commands and time.
+#[derive(Debug)]
+pub struct Relay {
+    /// Settings.
+    config: RelayConfig,
+    /// Channels by socket slot.
+    channels: Vec<Option<Box<Channel>>>,
+    /// Free slots; the lowest is handed out first.
+    free: Vec<u32>,
+    /// Slots by channel id (control path only).
+    by_id: HashMap<ChannelId, SocketId>,
+    /// Whether new channels are refused.
+    draining: bool,
+    /// Channels opened since start.
+    opened: u64,
+    /// Drops of every channel, and those with no channel.
+    drops: DropCounts,
+    /// Global histograms.
+    hist: GlobalHistograms,
+    /// Counters of closed channels.
+    closed: ClosedTotals,
+    /// Events not yet polled.
+    events: VecDeque<Event>,
+    /// When the timer next runs.
+    next_timer: MonoTime,
+    /// `echo_timeout` in nanoseconds.
+    echo_timeout_ns: u64,
+    /// `rtt_threshold` in nanoseconds.
+    rtt_threshold_ns: u64,
+}
+
+impl Relay {
+    /// A relay with no channels.
+    ///
+    /// # Errors
+    /// A value of `config` is out of range.
+    pub fn new(config: RelayConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let max = config.max_channels;
+        Ok(Self {
+            channels: (0..max).map(|_| None).collect(),
+            free: (0..max).rev().collect(),
+            by_id: HashMap::new(),
+            draining: false,
+            opened: 0,
+            drops: DropCounts::default(),
+            hist: GlobalHistograms::new(),
+            closed: ClosedTotals::default(),
+            events: VecDeque::new(),
+            next_timer: MonoTime::ZERO,
+            echo_timeout_ns: duration_nanos(config.echo_timeout),
+            rtt_threshold_ns: duration_nanos(config.rtt_threshold),
+            config,
+        })
+    }
+
+    /// The settings in force.
+    #[must_use]
+    pub const fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Channels open.
+    #[must_use]
+    pub fn channel_count(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// The slot of a channel.
+    #[must_use]
+    pub fn socket_of(&self, channel: &ChannelId) -> Option<SocketId> {
+        self.by_id.get(channel).copied()
+    }
+
+    /// Decides the fate of one datagram that arrived on `socket` from `from` at `now`.
+    pub fn handle_datagram(
+        &mut self,
+        now: MonoTime,
+        socket: SocketId,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) -> Verdict {
+        let Some(Some(ch)) = self.channels.get_mut(socket.index()) else {
+            self.drops.add(DropReason::NoChannel);
+            return Verdict::Drop(DropReason::NoChannel);
+        };
+        let (direction, latch) = if from == ch.echo {
+            (Direction::ToAsterisk, false)
+        } else if ch.asterisk == Some(from) {
+            (Direction::ToEcho, false)
+        } else if ch.asterisk.is_none() && !self.config.strict_source {
+            (Direction::ToEcho, true)
+        } else {
+            return drop_packet(&mut self.drops, ch, DropReason::UnknownSource);
+        };
+        let packet = match rtp::parse(bytes) {
+            Ok(p) => p,
+            Err(e) => return drop_packet(&mut self.drops, ch, e.into()),
+        };
+        let to = match direction {
+            Direction::ToEcho => ch.echo,
+            Direction::ToAsterisk => match ch.asterisk {
+                Some(a) => a,
+                None => return drop_packet(&mut self.drops, ch, DropReason::NoAsteriskAddress),
+            },
+        };
+        if latch {
+            ch.asterisk = Some(from);
+            ch.latched = true;
+        }
+        ch.last_media = now;
+        let traffic = ch.traffic.get_mut(direction);
+        traffic.packets += 1;
+        traffic.bytes += bytes.len() as u64;
+        match packet {
+            Packet::Rtcp(_) => traffic.rtcp += 1,
+            Packet::Rtp(p) => measure(
+                ch,
+                &mut self.hist,
+                self.echo_timeout_ns,
+                self.rtt_threshold_ns,
+                now,
+                direction,
+                &p,
+            ),
+        }
+        Verdict::Forward { to, direction }
+    }
+
+    /// Records how long a forwarded packet spent inside the relay (receive completion to send
+    /// submission), as measured by the backend.
+    pub fn record_forward(&mut self, direction: Direction, elapsed_ns: u64) {
+        self.hist.forward.get_mut(direction).record(elapsed_ns);
+    }
+
+    /// Executes a control command.
+    pub fn handle_command(&mut self, now: MonoTime, command: Command) -> CommandOutcome {
+        match command {
+            Command::Hello(_) => CommandOutcome::Reply(Ok(crate::control::hello_response())),
+            Command::Add(add) => match self.reserve(add) {
+                Ok(pending) => CommandOutcome::Open(pending),
+                Err(e) => CommandOutcome::Reply(Err(e)),
+            },
+            Command::Update(u) => CommandOutcome::Reply(self.update(&u.channel, u.asterisk)),
+            Command::Remove(r) => match self.close(now, &r.channel, CloseReason::Removed) {
+                Some((socket, stats)) => CommandOutcome::Close {
+                    socket,
+                    reply: Ok(Response::Removed { stats }),
+                },
+                None => CommandOutcome::Reply(Err(unknown_channel(&r.channel))),
+            },
+            Command::List => {
+                let mut channels: Vec<ChannelInfo> =
+                    self.channels.iter().flatten().map(|c| c.info()).collect();
+                channels.sort_by(|a, b| a.channel.cmp(&b.channel));
+                CommandOutcome::Reply(Ok(Response::Channels { channels }))
+            }
+            Command::Stats(q) => CommandOutcome::Reply(match q.channel {
+                None => Ok(Response::Global {
+                    stats: Box::new(self.global_stats()),
+                }),
+                Some(id) => self
+                    .channel(&id)
+                    .map(|c| Response::Channel {
+                        stats: Box::new(c.stats(now)),
+                    })
+                    .ok_or_else(|| unknown_channel(&id)),
+            }),
+            Command::Drain => {
+                self.draining = true;
+                CommandOutcome::Reply(Ok(Response::Draining {
+                    active: u32::try_from(self.channel_count()).unwrap_or(u32::MAX),
+                }))
+            }
+        }
+    }
+
+    /// Validates an `add` and reserves a slot for it.
+    fn reserve(&mut self, add: AddChannel) -> Result<PendingOpen, ErrorReply> {
+        if self.draining {
+            return Err(ErrorReply::new(
+                ErrorCode::Draining,
+                "the relay is draining and takes no new channels",
+            ));
+        }
+        if self.by_id.contains_key(&add.channel) {
+            return Err(ErrorReply::new(
+                ErrorCode::DuplicateChannel,
+                format!("channel {} already exists", add.channel),
+            ));
+        }
+        let echo = add.echo.unwrap_or(self.config.default_echo);
+        if !usable(echo) {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!("echo address {echo} is not a usable destination"),
+            ));
+        }
+        if let Some(a) = add.asterisk {
+            check_asterisk(a, echo)?;
+        }
+        let Some(slot) = self.free.pop() else {
+            return Err(ErrorReply::new(
+                ErrorCode::Limit,
+                format!("{} channels open, the maximum", self.config.max_channels),
+            ));
+        };
+        Ok(PendingOpen {
+            socket: SocketId(slot),
+            request: AddChannel {
+                echo: Some(echo),
+                ..add
+            },
+        })
+    }
+
+    /// Finishes an `add` once the backend has tried to bind: `bound` is the local port it bound,
+    /// or the error to reply with. Returns the reply.
+    pub fn complete_open(
+        &mut self,
+        now: MonoTime,
+        pending: PendingOpen,
+        bound: Result<u16, ErrorReply>,
+    ) -> Result<Response, ErrorReply> {
+        let PendingOpen { socket, request } = pending;
+        let port = match bound {
+            Ok(port) => port,
+            Err(e) => {
+                self.free.push(socket.0);
+                return Err(e);
+            }
+        };
+        let Some(entry) = self.channels.get_mut(socket.index()) else {
+            return Err(ErrorReply::new(ErrorCode::Internal, "slot out of range"));
+        };
+        if entry.is_some() || self.by_id.contains_key(&request.channel) {
+            self.free.push(socket.0);
+            return Err(ErrorReply::new(
+                ErrorCode::Internal,
+                "slot or channel id taken while the socket was bound",
+            ));
+        }
+        let config = &self.config;
+        let streams = PerDirection {
+            to_echo: Stream::new(request.format, config),
+            to_asterisk: Stream::new(request.format, config),
+        };
+        *entry = Some(Box::new(Channel {
+            id: request.channel.clone(),
+            socket,
+            port,
+            format: request.format,
+            asterisk: request.asterisk,
+            latched: false,
+            echo: request.echo.unwrap_or(config.default_echo),
+            opened: now,
+            last_media: now,
+            t0: T0Table::new(config.t0_slots),
+            streams,
+            traffic: PerDirection::default(),
+            round_trip: EchoCounters::default(),
+            drops: DropCounts::default(),
+            rtt: LatencyHistogram::new(2),
+        }));
+        self.by_id.insert(request.channel.clone(), socket);
+        self.opened += 1;
+        if self.by_id.len() == 1 {
+            self.next_timer = now + config.timer_interval;
+        }
+        Ok(Response::Added {
+            channel: request.channel,
+            port,
+            socket: socket.0,
+        })
+    }
+
+    fn update(&mut self, id: &ChannelId, asterisk: SocketAddr) -> Result<Response, ErrorReply> {
+        let ch = self
+            .by_id
+            .get(id)
+            .and_then(|s| self.channels.get_mut(s.index()))
+            .and_then(Option::as_mut)
+            .ok_or_else(|| unknown_channel(id))?;
+        check_asterisk(asterisk, ch.echo)?;
+        ch.asterisk = Some(asterisk);
+        ch.latched = false;
+        Ok(Response::Updated {
+            channel: id.clone(),
+            asterisk,
+        })
+    }
+
+    fn channel(&self, id: &ChannelId) -> Option<&Channel> {
+        let s = self.by_id.get(id)?;
+        self.channels.get(s.index())?.as_deref()
+    }
+
+    /// Removes a channel: entries still waiting for their echo time out; its counters join the
+    /// closed totals; its slot is freed.
+    fn close(
+        &mut self,
+        now: MonoTime,
+        id: &ChannelId,
+        reason: CloseReason,
+    ) -> Option<(SocketId, Box<ChannelStats>)> {
+        let socket = self.by_id.remove(id)?;
+        let mut ch = self.channels.get_mut(socket.index())?.take()?;
+        ch.round_trip.timeouts += ch.t0.expire_all();
+        let stats = ch.stats(now);
+        let c = &mut self.closed;
+        for d in Direction::ALL {
+            let t = c.traffic.get_mut(d);
+            let s = stats.traffic.get(d);
+            t.packets += s.packets;
+            t.bytes += s.bytes;
+            t.rtcp += s.rtcp;
+            c.streams.get_mut(d).accumulate(stats.streams.get(d));
+        }
+        c.round_trip.accumulate(&stats.round_trip);
+        match reason {
+            CloseReason::Removed => c.removed += 1,
+            CloseReason::Idle => c.idle += 1,
+        }
+        self.free.push(socket.0);
+        Some((socket, Box::new(stats)))
+    }
+
+    /// When [`Relay::handle_timeout`] should next run; `None` while there are no channels.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<MonoTime> {
+        (!self.by_id.is_empty()).then_some(self.next_timer)
+    }
+
+    /// Runs the timer if it is due: times out T0 entries older than the echo timeout and closes
+    /// channels idle for the idle timeout (reported by [`Relay::poll_event`]).
+    pub fn handle_timeout(&mut self, now: MonoTime) {
+        if now < self.next_timer {
+            return;
+        }
+        self.next_timer = now + self.config.timer_interval;
+        let deadline = MonoTime::from_nanos(now.as_nanos().saturating_sub(self.echo_timeout_ns));
+        let idle_ns = duration_nanos(self.config.idle_timeout);
+        let mut idle = Vec::new();
+        for ch in self.channels.iter_mut().flatten() {
+            ch.round_trip.timeouts += ch.t0.sweep(deadline);
+            if now.nanos_since(ch.last_media) >= idle_ns {
+                idle.push(ch.id.clone());
+            }
+        }
+        for id in idle {
+            if let Some((socket, stats)) = self.close(now, &id, CloseReason::Idle) {
+                self.events.push_back(Event::ChannelClosed {
+                    socket,
+                    reason: CloseReason::Idle,
+                    stats,
+                });
+            }
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// One channel's statistics.
+    #[must_use]
+    pub fn channel_stats(&self, now: MonoTime, id: &ChannelId) -> Option<ChannelStats> {
+        self.channel(id).map(|c| c.stats(now))
+    }
+
+    /// Statistics over every channel, open and closed.
+    #[must_use]
+    pub fn global_stats(&self) -> GlobalStats {
+        let c = &self.closed;
+        let mut traffic = c.traffic;
+        let mut streams = c.streams;
+        let mut round_trip = c.round_trip;
+        for ch in self.channels.iter().flatten() {
+            for d in Direction::ALL {
+                let t = traffic.get_mut(d);
+                let s = ch.traffic.get(d);
+                t.packets += s.packets;
+                t.bytes += s.bytes;
+                t.rtcp += s.rtcp;
+                streams.get_mut(d).accumulate(&ch.streams.get(d).counters());
+            }
+            round_trip.accumulate(&ch.round_trip);
+        }
+        let h = &self.hist;
+        let per = |p: &PerDirection<LatencyHistogram>| PerDirection {
+            to_echo: p.to_echo.summary(),
+            to_asterisk: p.to_asterisk.summary(),
+        };
+        GlobalStats {
+            channels: u32::try_from(self.by_id.len()).unwrap_or(u32::MAX),
+            draining: self.draining,
+            channels_opened: self.opened,
+            channels_removed: c.removed,
+            channels_idle: c.idle,
+            traffic,
+            streams,
+            round_trip,
+            drops: self.drops,
+            rtt: h.rtt.summary(),
+            forward: per(&h.forward),
+            jitter: per(&h.jitter),
+            lateness: per(&h.lateness),
+        }
+    }
+
+    /// The global round-trip histogram (nanoseconds), for exporters.
+    #[must_use]
+    pub fn rtt_histogram(&self) -> &LatencyHistogram {
+        &self.hist.rtt
+    }
+}
+
+fn drop_packet(global: &mut DropCounts, ch: &mut Channel, reason: DropReason) -> Verdict {
+    global.add(reason);
+    ch.drops.add(reason);
+    Verdict::Drop(reason)
+}
+
+fn unknown_channel(id: &ChannelId) -> ErrorReply {
+    ErrorReply::new(ErrorCode::UnknownChannel, format!("no channel {id}"))
+}
+
+fn check_asterisk(asterisk: SocketAddr, echo: SocketAddr) -> Result<(), ErrorReply> {
+    if !usable(asterisk) {
+        return Err(ErrorReply::new(
+            ErrorCode::BadRequest,
+            format!("asterisk address {asterisk} is not a usable destination"),
+        ));
+    }
+    if asterisk == echo {
+        return Err(ErrorReply::new(
+            ErrorCode::BadRequest,
+            format!("asterisk and echo are the same address {echo}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Sequence, jitter and lateness of an RTP packet, and its T0 or round trip.
+fn measure(
+    ch: &mut Channel,
+    hist: &mut GlobalHistograms,
+    echo_timeout_ns: u64,
+    rtt_threshold_ns: u64,
+    now: MonoTime,
+    direction: Direction,
+    p: &RtpPacket<'_>,
+) {
+    let stream = ch.streams.get_mut(direction);
+    if stream.ssrc != Some(p.ssrc) {
+        if stream.ssrc.is_some() {
+            stream.ssrc_changes += 1;
+            stream.seq.retire_source();
+            stream.timing.reset();
+        }
+        stream.ssrc = Some(p.ssrc);
+    }
+    let event = stream.seq.update(p.sequence);
+    if event != SeqEvent::Duplicate {
+        let sample = stream.timing.update(now, p.timestamp);
+        hist.jitter.get_mut(direction).record(sample.jitter_ns);
+        hist.lateness.get_mut(direction).record(sample.lateness_ns);
+    }
+    match direction {
+        Direction::ToEcho => {
+            if event != SeqEvent::Duplicate {
+                ch.round_trip.sent += 1;
+                match ch.t0.insert(now, p.ssrc, p.sequence) {
+                    Insert::Recorded => {}
+                    Insert::Overwrote => ch.round_trip.timeouts += 1,
+                    Insert::AlreadyPending => ch.round_trip.sent -= 1,
+                }
+            }
+        }
+        Direction::ToAsterisk => match ch.t0.lookup(now, p.ssrc, p.sequence) {
+            Lookup::Matched { rtt_ns } if rtt_ns <= echo_timeout_ns => {
+                ch.round_trip.matched += 1;
+                ch.round_trip.rtt_high += u64::from(rtt_ns > rtt_threshold_ns);
+                ch.rtt.record(rtt_ns);
+                hist.rtt.record(rtt_ns);
+            }
+            // Past the timeout but before the sweep noticed: the same as a late echo.
+            Lookup::Matched { .. } => {
+                ch.round_trip.timeouts += 1;
+                ch.round_trip.late += 1;
+            }
+            Lookup::Duplicate => ch.round_trip.duplicates += 1,
+            Lookup::Late => ch.round_trip.late += 1,
+            Lookup::Unknown => ch.round_trip.unmatched += 1,
+        },
+    }
+}
