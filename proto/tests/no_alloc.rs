@@ -1,0 +1,104 @@
+//! The packet path allocates nothing, and a channel costs what the docs say.
+//!
+//! `allocation-counter` installs a counting global allocator in this test binary; it counts per
+//! thread, so the measurement is not disturbed by the test harness's other threads.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)] // test values come from small, known ranges
+
+mod common;
+
+use common::{open, rtp, MS};
+use relay_proto::control::AddChannel;
+use relay_proto::{ChannelId, Format, MonoTime, Relay, RelayConfig};
+
+#[test]
+fn handle_datagram_allocates_nothing_and_a_channel_costs_under_64_kib() {
+    // Idle closing allocates (a stats snapshot and an event); keep it out of this 60 s run.
+    let config = RelayConfig {
+        idle_timeout: std::time::Duration::from_secs(3_600),
+        ..RelayConfig::default()
+    };
+    let mut relay = Relay::new(config).unwrap();
+    let echo = relay.config().default_echo;
+    let asterisk = "127.0.0.2:5000".parse().unwrap();
+    let stranger = "127.0.0.3:5000".parse().unwrap();
+    let add = |name: &str| AddChannel {
+        channel: ChannelId::try_from(name).unwrap(),
+        port: 21_000,
+        asterisk: Some(asterisk),
+        echo: None,
+        format: Format::Ulaw,
+    };
+    // Warm up: the first channel also grows the id map.
+    let _ = open(&mut relay, MonoTime::ZERO, add("warm"));
+    let mut socket = None;
+    let bytes = allocation_counter::measure(|| {
+        socket = Some(open(&mut relay, MonoTime::ZERO, add("measured")));
+    })
+    .bytes_total;
+    let socket = socket.unwrap();
+    println!(
+        "one channel allocates {bytes} bytes ({:.1} KiB)",
+        bytes as f64 / 1024.0
+    );
+    assert!(
+        bytes < 64 * 1024,
+        "a channel must cost under 64 KiB, costs {bytes}"
+    );
+
+    // Every kind of datagram: in order, lost, reordered, duplicated, echoed, echoed twice,
+    // stray, malformed, RTCP; and timer runs in between.
+    let packets: Vec<(u64, u16, bool)> = (0..3_000u64)
+        .map(|k| {
+            let seq = match k % 10 {
+                3 => k + 1,
+                4 => k - 1,
+                _ => k,
+            };
+            (k, u16::try_from(seq & 0xffff).unwrap(), k % 7 != 0)
+        })
+        .collect();
+    let built: Vec<Vec<u8>> = packets
+        .iter()
+        .map(|&(k, seq, _)| rtp(seq.wrapping_add(65_000), u32::try_from(160 * k).unwrap(), 9))
+        .collect();
+    let rr = [0x80, 201, 0, 1, 0, 0, 0, 42];
+    let allocs = allocation_counter::measure(|| {
+        for (&(k, _, echoed), p) in packets.iter().zip(&built) {
+            let now = MonoTime::from_nanos(1_000 * MS + k * 20 * MS);
+            let _ = relay.handle_datagram(now, socket, asterisk, p);
+            if k % 13 == 0 {
+                let _ = relay.handle_datagram(now, socket, asterisk, p);
+            }
+            if echoed {
+                let later = MonoTime::from_nanos(now.as_nanos() + 3 * MS);
+                let _ = relay.handle_datagram(later, socket, echo, p);
+                if k % 11 == 0 {
+                    let _ = relay.handle_datagram(later, socket, echo, p);
+                }
+            }
+            let _ = relay.handle_datagram(now, socket, stranger, p);
+            let _ = relay.handle_datagram(now, socket, asterisk, &p[..5]);
+            let _ = relay.handle_datagram(now, socket, asterisk, &rr);
+            relay.record_forward(relay_proto::Direction::ToEcho, 2_000);
+            relay.handle_timeout(now);
+        }
+    })
+    .count_total;
+    let s = relay
+        .channel_stats(
+            MonoTime::from_nanos(70_000 * MS),
+            &ChannelId::try_from("measured").unwrap(),
+        )
+        .unwrap();
+    assert!(
+        s.round_trip.matched > 2_000,
+        "the loop did real work: {:?}",
+        s.round_trip
+    );
+    assert!(s.round_trip.timeouts > 0 && s.streams.to_echo.reordered > 0);
+    assert_eq!(allocs, 0, "the packet path allocated {allocs} times");
+}

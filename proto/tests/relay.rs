@@ -1,0 +1,440 @@
+//! The relay state machine's rules: where each datagram goes, what is dropped and why, what
+//! each command does, and what the timer closes.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)] // test values come from small, known ranges
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{open, rtp, MS};
+use relay_proto::control::{AddChannel, RemoveChannel, StatsQuery, UpdateChannel};
+use relay_proto::stats::CloseReason;
+use relay_proto::{
+    ChannelId, Command, CommandOutcome, Direction, DropReason, ErrorCode, Event, Format, MonoTime,
+    Relay, RelayConfig, Response, SocketId, Verdict,
+};
+
+const ECHO: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::new(127, 0, 0, 1),
+    4000,
+));
+
+fn ast() -> SocketAddr {
+    "127.0.0.2:5000".parse().unwrap()
+}
+
+fn id(s: &str) -> ChannelId {
+    ChannelId::try_from(s).unwrap()
+}
+
+fn add(channel: &str, asterisk: Option<SocketAddr>) -> AddChannel {
+    AddChannel {
+        channel: id(channel),
+        port: 21_000,
+        asterisk,
+        echo: None,
+        format: Format::Ulaw,
+    }
+}
+
+fn t(ms: u64) -> MonoTime {
+    MonoTime::from_nanos(ms * MS)
+}
+
+fn reply(o: CommandOutcome) -> Result<Response, relay_proto::ErrorReply> {
+    match o {
+        CommandOutcome::Reply(r) => r,
+        other => panic!("expected a plain reply, got {other:?}"),
+    }
+}
+
+fn err_code(o: CommandOutcome) -> ErrorCode {
+    reply(o).expect_err("expected an error").code
+}
+
+fn forward(to: SocketAddr, direction: Direction) -> Verdict {
+    Verdict::Forward { to, direction }
+}
+
+#[test]
+fn forwards_both_ways_and_drops_strangers() {
+    let mut r = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut r, t(0), add("a", Some(ast())));
+    let p = rtp(1, 160, 7);
+    assert_eq!(
+        r.handle_datagram(t(1), s, ast(), &p),
+        forward(ECHO, Direction::ToEcho)
+    );
+    assert_eq!(
+        r.handle_datagram(t(2), s, ECHO, &p),
+        forward(ast(), Direction::ToAsterisk)
+    );
+    let stranger: SocketAddr = "127.0.0.9:5000".parse().unwrap();
+    assert_eq!(
+        r.handle_datagram(t(3), s, stranger, &p),
+        Verdict::Drop(DropReason::UnknownSource)
+    );
+    // Forwarding carries on after the stranger.
+    assert_eq!(
+        r.handle_datagram(t(4), s, ast(), &rtp(2, 320, 7)),
+        forward(ECHO, Direction::ToEcho)
+    );
+    let st = r.channel_stats(t(5), &id("a")).unwrap();
+    assert_eq!(st.drops.get(DropReason::UnknownSource), 1);
+    assert_eq!(st.traffic.to_echo.packets, 2);
+    assert_eq!(st.traffic.to_asterisk.packets, 1);
+    assert_eq!(st.round_trip.matched, 1);
+    assert_eq!(st.rtt.count, 1);
+    // T1 − T0 = 1 ms, within the per-channel histogram's 1 % precision.
+    assert!(st.rtt.min_ns <= MS && MS <= st.rtt.max_ns && st.rtt.max_ns - st.rtt.min_ns < MS / 100);
+}
+
+#[test]
+fn malformed_packets_are_dropped_and_counted_by_reason() {
+    let mut r = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut r, t(0), add("a", Some(ast())));
+    let mut v1 = rtp(1, 160, 7);
+    v1[0] = 0x40;
+    let mut csrc = rtp(1, 160, 7);
+    csrc.truncate(14);
+    csrc[0] |= 0x0f;
+    let cases: [(&[u8], DropReason); 4] = [
+        (&[0x80, 0, 0], DropReason::TooShort),
+        (&v1, DropReason::BadVersion),
+        (&csrc, DropReason::CsrcOverrun),
+        (&[0x80, 200, 0, 9, 0, 0, 0, 0], DropReason::RtcpLength),
+    ];
+    for (bytes, reason) in cases {
+        assert_eq!(
+            r.handle_datagram(t(1), s, ast(), bytes),
+            Verdict::Drop(reason)
+        );
+        assert_eq!(
+            r.handle_datagram(t(1), s, ECHO, bytes),
+            Verdict::Drop(reason)
+        );
+    }
+    let g = r.global_stats();
+    for (_, reason) in cases {
+        assert_eq!(g.drops.get(reason), 2, "{reason:?}");
+    }
+    assert_eq!(g.traffic.to_echo.packets + g.traffic.to_asterisk.packets, 0);
+    // Datagrams on a socket with no channel.
+    assert_eq!(
+        r.handle_datagram(t(1), SocketId(99), ast(), &rtp(1, 1, 1)),
+        Verdict::Drop(DropReason::NoChannel)
+    );
+    assert_eq!(r.global_stats().drops.get(DropReason::NoChannel), 1);
+}
+
+#[test]
+fn rtcp_is_forwarded_but_not_measured() {
+    let mut r = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut r, t(0), add("a", Some(ast())));
+    let rr = [0x80, 201, 0, 1, 0, 0, 0, 42];
+    assert_eq!(
+        r.handle_datagram(t(1), s, ast(), &rr),
+        forward(ECHO, Direction::ToEcho)
+    );
+    assert_eq!(
+        r.handle_datagram(t(2), s, ECHO, &rr),
+        forward(ast(), Direction::ToAsterisk)
+    );
+    let st = r.channel_stats(t(3), &id("a")).unwrap();
+    assert_eq!(st.traffic.to_echo.rtcp, 1);
+    assert_eq!(st.round_trip.sent, 0);
+    assert_eq!(st.round_trip.unmatched, 0);
+    assert_eq!(st.streams.to_echo.expected, 0);
+}
+
+#[test]
+fn latches_asterisk_from_the_first_valid_packet_unless_strict() {
+    let mut r = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut r, t(0), add("a", None));
+    // An echo with nowhere to go yet.
+    assert_eq!(
+        r.handle_datagram(t(1), s, ECHO, &rtp(1, 160, 7)),
+        Verdict::Drop(DropReason::NoAsteriskAddress)
+    );
+    // Garbage from a would-be Asterisk does not latch.
+    assert_eq!(
+        r.handle_datagram(t(1), s, ast(), &[0x80, 0, 3]),
+        Verdict::Drop(DropReason::TooShort)
+    );
+    assert_eq!(
+        r.handle_datagram(t(2), s, ast(), &rtp(1, 160, 7)),
+        forward(ECHO, Direction::ToEcho)
+    );
+    let other: SocketAddr = "127.0.0.3:5000".parse().unwrap();
+    assert_eq!(
+        r.handle_datagram(t(3), s, other, &rtp(2, 320, 7)),
+        Verdict::Drop(DropReason::UnknownSource),
+        "latched: another source is a stranger"
+    );
+    let st = r.channel_stats(t(4), &id("a")).unwrap();
+    assert!(st.latched);
+    assert_eq!(st.asterisk, Some(ast()));
+
+    // update replaces a latched address.
+    let o = r.handle_command(
+        t(5),
+        Command::Update(UpdateChannel {
+            channel: id("a"),
+            asterisk: other,
+        }),
+    );
+    assert!(matches!(reply(o), Ok(Response::Updated { .. })));
+    assert_eq!(
+        r.handle_datagram(t(6), s, other, &rtp(3, 480, 7)),
+        forward(ECHO, Direction::ToEcho)
+    );
+    assert!(!r.channel_stats(t(7), &id("a")).unwrap().latched);
+
+    let mut strict = Relay::new(RelayConfig {
+        strict_source: true,
+        ..RelayConfig::default()
+    })
+    .unwrap();
+    let s = open(&mut strict, t(0), add("a", None));
+    assert_eq!(
+        strict.handle_datagram(t(1), s, ast(), &rtp(1, 160, 7)),
+        Verdict::Drop(DropReason::UnknownSource)
+    );
+}
+
+#[test]
+fn ssrc_change_starts_a_new_source_and_keeps_the_counts() {
+    let mut r = Relay::new(RelayConfig {
+        min_sequential: 1,
+        ..RelayConfig::default()
+    })
+    .unwrap();
+    let s = open(&mut r, t(0), add("a", Some(ast())));
+    for k in 0..10u16 {
+        let _ = r.handle_datagram(
+            t(u64::from(k) * 20),
+            s,
+            ast(),
+            &rtp(k, 160 * u32::from(k), 1),
+        );
+    }
+    // Asterisk changes SSRC and sequence (a re-bridge); one packet of the old stream was lost.
+    for k in 0..10u16 {
+        let seq = if k == 5 { continue } else { 30_000 + k };
+        let _ = r.handle_datagram(
+            t(200 + u64::from(k) * 20),
+            s,
+            ast(),
+            &rtp(seq, 9_999 + 160 * u32::from(k), 2),
+        );
+        let v = r.handle_datagram(
+            t(201 + u64::from(k) * 20),
+            s,
+            ECHO,
+            &rtp(seq, 9_999 + 160 * u32::from(k), 2),
+        );
+        assert_eq!(v, forward(ast(), Direction::ToAsterisk));
+    }
+    let st = r.channel_stats(t(500), &id("a")).unwrap();
+    let fwd = st.streams.to_echo;
+    assert_eq!(fwd.ssrc_changes, 1);
+    assert_eq!((fwd.expected, fwd.received, fwd.lost), (20, 19, 1));
+    assert_eq!(st.round_trip.matched, 9, "the new SSRC is measured");
+}
+
+#[test]
+fn commands_add_update_list_stats_remove_drain() {
+    let mut r = Relay::new(RelayConfig {
+        max_channels: 2,
+        ..RelayConfig::default()
+    })
+    .unwrap();
+    let a = open(&mut r, t(0), add("a", None));
+    assert_eq!(
+        err_code(r.handle_command(t(0), Command::Add(add("a", None)))),
+        ErrorCode::DuplicateChannel
+    );
+    let b = open(&mut r, t(0), add("b", None));
+    assert_ne!(a, b);
+    assert_eq!(
+        err_code(r.handle_command(t(0), Command::Add(add("c", None)))),
+        ErrorCode::Limit
+    );
+
+    let bad_echo = AddChannel {
+        echo: Some("0.0.0.0:4000".parse().unwrap()),
+        ..add("z", None)
+    };
+    assert_eq!(
+        err_code(r.handle_command(t(0), Command::Add(bad_echo))),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        err_code(r.handle_command(
+            t(0),
+            Command::Update(UpdateChannel {
+                channel: id("a"),
+                asterisk: ECHO
+            })
+        )),
+        ErrorCode::BadRequest,
+        "asterisk and echo on one address"
+    );
+    assert_eq!(
+        err_code(r.handle_command(
+            t(0),
+            Command::Update(UpdateChannel {
+                channel: id("x"),
+                asterisk: ast()
+            })
+        )),
+        ErrorCode::UnknownChannel
+    );
+
+    let Ok(Response::Channels { channels }) = reply(r.handle_command(t(0), Command::List)) else {
+        panic!("list")
+    };
+    assert_eq!(
+        channels
+            .iter()
+            .map(|c| c.channel.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+
+    let q = |c: Option<&str>| Command::Stats(StatsQuery { channel: c.map(id) });
+    assert!(matches!(
+        reply(r.handle_command(t(0), q(None))),
+        Ok(Response::Global { .. })
+    ));
+    assert!(matches!(
+        reply(r.handle_command(t(0), q(Some("b")))),
+        Ok(Response::Channel { .. })
+    ));
+    assert_eq!(
+        err_code(r.handle_command(t(0), q(Some("x")))),
+        ErrorCode::UnknownChannel
+    );
+
+    let _ = r.handle_datagram(t(1), a, ast(), &rtp(1, 160, 1));
+    match r.handle_command(t(2), Command::Remove(RemoveChannel { channel: id("a") })) {
+        CommandOutcome::Close {
+            socket,
+            reply: Ok(Response::Removed { stats }),
+        } => {
+            assert_eq!(socket, a);
+            assert_eq!(stats.traffic.to_echo.packets, 1);
+            assert_eq!(
+                stats.round_trip.timeouts, 1,
+                "the unanswered packet times out at removal"
+            );
+        }
+        other => panic!("remove: {other:?}"),
+    }
+    assert_eq!(
+        r.handle_datagram(t(3), a, ast(), &rtp(2, 320, 1)),
+        Verdict::Drop(DropReason::NoChannel)
+    );
+    assert_eq!(
+        err_code(r.handle_command(t(3), Command::Remove(RemoveChannel { channel: id("a") }))),
+        ErrorCode::UnknownChannel
+    );
+
+    // The slot is free again; then drain refuses new channels.
+    let _ = open(&mut r, t(4), add("c", None));
+    let Ok(Response::Draining { active }) = reply(r.handle_command(t(5), Command::Drain)) else {
+        panic!("drain")
+    };
+    assert_eq!(active, 2);
+    assert_eq!(
+        err_code(r.handle_command(t(5), Command::Add(add("d", None)))),
+        ErrorCode::Draining
+    );
+    let g = r.global_stats();
+    assert!(g.draining);
+    assert_eq!(
+        (g.channels, g.channels_opened, g.channels_removed),
+        (2, 3, 1)
+    );
+}
+
+#[test]
+fn a_failed_bind_gives_the_slot_back() {
+    let mut r = Relay::new(RelayConfig {
+        max_channels: 1,
+        ..RelayConfig::default()
+    })
+    .unwrap();
+    let CommandOutcome::Open(p) = r.handle_command(t(0), Command::Add(add("a", None))) else {
+        panic!("open")
+    };
+    let e = relay_proto::ErrorReply::new(ErrorCode::PortInUse, "port 21000 in use");
+    assert_eq!(r.complete_open(t(0), p, Err(e.clone())), Err(e));
+    assert_eq!(r.channel_count(), 0);
+    let _ = open(&mut r, t(0), add("a", None));
+    assert_eq!(r.channel_count(), 1);
+}
+
+#[test]
+fn idle_channels_close_and_are_reported() {
+    let config = RelayConfig {
+        idle_timeout: Duration::from_secs(60),
+        ..RelayConfig::default()
+    };
+    let mut r = Relay::new(config).unwrap();
+    assert_eq!(r.poll_timeout(), None, "no channels, no timer");
+    let quiet = open(&mut r, t(0), add("quiet", None));
+    let busy = open(&mut r, t(0), add("busy", Some(ast())));
+    let mut now = t(0);
+    let mut events = Vec::new();
+    // Drive the timer for 61 s; "busy" sends a packet every second.
+    while now < t(61_000) {
+        now = r.poll_timeout().expect("timer armed");
+        if now.as_nanos() % (1_000 * MS) == 0 {
+            let _ = r.handle_datagram(now, busy, ast(), &rtp(1, 160, 3));
+        }
+        r.handle_timeout(now);
+        events.extend(std::iter::from_fn(|| r.poll_event()));
+    }
+    assert_eq!(events.len(), 1, "{events:?}");
+    let Event::ChannelClosed {
+        socket,
+        reason,
+        stats,
+    } = &events[0];
+    assert_eq!((*socket, *reason), (quiet, CloseReason::Idle));
+    assert_eq!(stats.channel.as_str(), "quiet");
+    assert!(stats.idle_ns >= 60_000 * MS);
+    assert_eq!(r.channel_count(), 1);
+    assert_eq!(r.global_stats().channels_idle, 1);
+}
+
+#[test]
+fn bad_configs_are_refused() {
+    let bad = [
+        RelayConfig {
+            max_channels: 0,
+            ..RelayConfig::default()
+        },
+        RelayConfig {
+            t0_slots: 1000,
+            ..RelayConfig::default()
+        },
+        RelayConfig {
+            echo_timeout: Duration::ZERO,
+            ..RelayConfig::default()
+        },
+        RelayConfig {
+            default_echo: "127.0.0.1:0".parse().unwrap(),
+            ..RelayConfig::default()
+        },
+    ];
+    for c in bad {
+        assert!(Relay::new(c.clone()).is_err(), "{c:?}");
+    }
+}
