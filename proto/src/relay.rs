@@ -682,11 +682,7 @@ impl Relay {
         let stats = ch.stats(now);
         let c = &mut self.closed;
         for d in Direction::ALL {
-            let t = c.traffic.get_mut(d);
-            let s = stats.traffic.get(d);
-            t.packets += s.packets;
-            t.bytes += s.bytes;
-            t.rtcp += s.rtcp;
+            c.traffic.get_mut(d).accumulate(stats.traffic.get(d));
             c.streams.get_mut(d).accumulate(stats.streams.get(d));
         }
         c.round_trip.accumulate(&stats.round_trip);
@@ -751,11 +747,7 @@ impl Relay {
         let mut round_trip = c.round_trip;
         for ch in self.channels.iter().flatten() {
             for d in Direction::ALL {
-                let t = traffic.get_mut(d);
-                let s = ch.traffic.get(d);
-                t.packets += s.packets;
-                t.bytes += s.bytes;
-                t.rtcp += s.rtcp;
+                traffic.get_mut(d).accumulate(ch.traffic.get(d));
                 streams.get_mut(d).accumulate(&ch.streams.get(d).counters());
             }
             round_trip.accumulate(&ch.round_trip);
@@ -842,12 +834,15 @@ fn measure(
     }
     match direction {
         Direction::ToEcho => {
+            // A duplicate from Asterisk keeps the first copy's T0.
             if event != SeqEvent::Duplicate {
-                ch.round_trip.sent += 1;
                 match ch.t0.insert(now, p.ssrc, p.sequence) {
-                    Insert::Recorded => {}
-                    Insert::Overwrote => ch.round_trip.timeouts += 1,
-                    Insert::AlreadyPending => ch.round_trip.sent -= 1,
+                    Insert::Recorded => ch.round_trip.sent += 1,
+                    Insert::Overwrote => {
+                        ch.round_trip.sent += 1;
+                        ch.round_trip.timeouts += 1;
+                    }
+                    Insert::AlreadyPending => {}
                 }
             }
         }

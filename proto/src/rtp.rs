@@ -165,12 +165,7 @@ pub enum Packet<'a> {
 /// # Errors
 /// An [`RtpError`] naming the first check the datagram fails.
 pub fn parse(bytes: &[u8]) -> Result<Packet<'_>, RtpError> {
-    let mut r = Reader::new(bytes);
-    let b0 = r.u8().ok_or(RtpError::TooShort)?;
-    let b1 = r.u8().ok_or(RtpError::TooShort)?;
-    if b0 >> 6 != RTP_VERSION {
-        return Err(RtpError::BadVersion);
-    }
+    let (b0, b1, mut r) = first_two(bytes)?;
     if (RTCP_SR..=RTCP_APP).contains(&b1) {
         let words = r.u16().ok_or(RtpError::TooShort)?;
         let len = (usize::from(words) + 1) * 4;
@@ -191,13 +186,19 @@ pub fn parse(bytes: &[u8]) -> Result<Packet<'_>, RtpError> {
 /// # Errors
 /// An [`RtpError`] naming the first check the datagram fails.
 pub fn parse_rtp(bytes: &[u8]) -> Result<RtpPacket<'_>, RtpError> {
+    let (b0, b1, r) = first_two(bytes)?;
+    parse_rtp_after(b0, b1, r)
+}
+
+/// The first two bytes, common to RTP and RTCP, with the version checked.
+fn first_two(bytes: &[u8]) -> Result<(u8, u8, Reader<'_>), RtpError> {
     let mut r = Reader::new(bytes);
     let b0 = r.u8().ok_or(RtpError::TooShort)?;
     let b1 = r.u8().ok_or(RtpError::TooShort)?;
     if b0 >> 6 != RTP_VERSION {
         return Err(RtpError::BadVersion);
     }
-    parse_rtp_after(b0, b1, r)
+    Ok((b0, b1, r))
 }
 
 fn parse_rtp_after(b0: u8, b1: u8, mut r: Reader<'_>) -> Result<RtpPacket<'_>, RtpError> {

@@ -138,6 +138,15 @@ pub struct TrafficCounters {
     pub rtcp: u64,
 }
 
+impl TrafficCounters {
+    /// Adds `other`'s counts.
+    pub fn accumulate(&mut self, other: &Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.rtcp += other.rtcp;
+    }
+}
+
 /// RTP stream quality of one direction, as received by the relay (RFC 3550 A.1/A.8).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamCounters {
