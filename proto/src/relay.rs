@@ -327,17 +327,17 @@ impl Channel {
     }
 }
 
-/// Global histograms, recorded per packet alongside the channel's own.
+/// Global histograms, recorded per packet alongside the channel's own; exporters read them.
 #[derive(Debug)]
-struct GlobalHistograms {
+pub struct GlobalHistograms {
     /// Round-trip times.
-    rtt: LatencyHistogram,
+    pub rtt: LatencyHistogram,
     /// Time inside the relay, per direction.
-    forward: PerDirection<LatencyHistogram>,
+    pub forward: PerDirection<LatencyHistogram>,
     /// Jitter estimate after each packet, per direction.
-    jitter: PerDirection<LatencyHistogram>,
+    pub jitter: PerDirection<LatencyHistogram>,
     /// Lateness of each packet, per direction.
-    lateness: PerDirection<LatencyHistogram>,
+    pub lateness: PerDirection<LatencyHistogram>,
 }
 
 impl GlobalHistograms {
@@ -504,6 +504,15 @@ impl Relay {
     /// submission), as measured by the backend.
     pub fn record_forward(&mut self, direction: Direction, elapsed_ns: u64) {
         self.hist.forward.get_mut(direction).record(elapsed_ns);
+    }
+
+    /// Records `count` forwarded packets that each spent `elapsed_ns` inside the relay (a batch
+    /// handled between one wake-up and one submission).
+    pub fn record_forward_n(&mut self, direction: Direction, elapsed_ns: u64, count: u64) {
+        self.hist
+            .forward
+            .get_mut(direction)
+            .record_n(elapsed_ns, count);
     }
 
     /// Executes a control command.
@@ -774,10 +783,23 @@ impl Relay {
         }
     }
 
-    /// The global round-trip histogram (nanoseconds), for exporters.
+    /// The global histograms (nanoseconds), for exporters.
     #[must_use]
-    pub fn rtt_histogram(&self) -> &LatencyHistogram {
-        &self.hist.rtt
+    pub const fn histograms(&self) -> &GlobalHistograms {
+        &self.hist
+    }
+
+    /// Statistics of every open channel, ordered by channel id.
+    #[must_use]
+    pub fn all_channel_stats(&self, now: MonoTime) -> Vec<ChannelStats> {
+        let mut v: Vec<ChannelStats> = self
+            .channels
+            .iter()
+            .flatten()
+            .map(|c| c.stats(now))
+            .collect();
+        v.sort_by(|a, b| a.channel.cmp(&b.channel));
+        v
     }
 }
 

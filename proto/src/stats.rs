@@ -65,6 +65,14 @@ impl<T: Counter> LatencyHistogram<T> {
         self.hist.saturating_record(ns.clamp(1, HISTOGRAM_MAX_NS));
     }
 
+    /// Records `count` copies of one value. Never allocates.
+    pub fn record_n(&mut self, ns: u64, count: u64) {
+        if let Some(count) = T::from_u64(count) {
+            self.hist
+                .saturating_record_n(ns.clamp(1, HISTOGRAM_MAX_NS), count);
+        }
+    }
+
     /// Number of values recorded.
     #[must_use]
     pub fn len(&self) -> u64 {
@@ -447,7 +455,7 @@ pub struct ChannelStats {
 }
 
 /// Statistics of the whole relay, over open and closed channels.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct GlobalStats {
     /// Channels open.
     pub channels: u32,

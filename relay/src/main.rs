@@ -1,12 +1,46 @@
-//! `relay`: the io_uring data plane, control socket and metrics endpoint
-//!
-//! Not built yet (issue 3). This binary says so and exits non-zero, so nothing can mistake it
-//! for a working relay.
-#![forbid(unsafe_code)]
+//! `relay`: parse the command line, run, map the outcome to an exit code.
 
 use std::process::ExitCode;
 
+use clap::Parser;
+use relay::config::{Args, Config};
+
 fn main() -> ExitCode {
-    eprintln!("relay: not implemented yet (issue 3: the io_uring data plane, control socket and metrics endpoint)");
-    ExitCode::from(2)
+    let config = match Config::try_from(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match relay::run(&config) {
+        Ok(g) => {
+            tracing::info!(
+                channels_opened = g.channels_opened,
+                to_echo = g.traffic.to_echo.packets,
+                to_asterisk = g.traffic.to_asterisk.packets,
+                rtt_count = g.rtt.count,
+                rtt_p50_us = g.rtt.p50_ns as f64 / 1e3,
+                rtt_p99_us = g.rtt.p99_ns as f64 / 1e3,
+                rtt_max_us = g.rtt.max_ns as f64 / 1e3,
+                lost = g.streams.to_asterisk.lost,
+                echo_timeouts = g.round_trip.timeouts,
+                drops = g.drops.total(),
+                "final statistics"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,244 @@
+//! Command line and environment → a validated [`Config`].
+//!
+//! Every flag can also be set by an environment variable (`RELAY_*`, named in `--help`). clap
+//! parses the raw flags ([`Args`]); [`Config::try_from`] checks the values that clap cannot (ring
+//! sizes, durations, the combination of limits) so that nothing starts with a bad setting and the
+//! error names the flag. Libraries never see clap types.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use relay_proto::time::parse_duration;
+use relay_proto::RelayConfig;
+
+/// Which I/O layer drives the core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// io_uring: multishot RecvMsg on a provided-buffer ring, batched SendMsg.
+    Uring,
+    /// tokio: a current-thread runtime, one task per channel socket.
+    Tokio,
+}
+
+impl Backend {
+    /// The name used on the command line and in metrics.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Uring => "uring",
+            Self::Tokio => "tokio",
+        }
+    }
+}
+
+/// The relay's raw command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay",
+    version,
+    about = "RTP latency relay: forwards each call's RTP to an echo server and back, measuring every packet"
+)]
+pub struct Args {
+    /// Unix socket on which control connects.
+    #[arg(long, env = "RELAY_CTL", default_value = "/run/rtp-relay/relay.sock")]
+    pub ctl: PathBuf,
+    /// Address of the metrics endpoint (/metrics, /stats, /healthz); port 0 picks one (logged).
+    #[arg(long, env = "RELAY_METRICS", default_value = "127.0.0.1:9100")]
+    pub metrics: SocketAddr,
+    /// Pin the data-plane thread to this CPU core.
+    #[arg(long, env = "RELAY_CORE")]
+    pub core: Option<usize>,
+    /// I/O backend.
+    #[arg(long, env = "RELAY_BACKEND", value_enum, default_value = "uring")]
+    pub backend: Backend,
+    /// Address the channel sockets bind.
+    #[arg(long, env = "RELAY_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// Echo server for channels whose `add` names none.
+    #[arg(long, env = "RELAY_ECHO", default_value = "127.0.0.1:4000")]
+    pub echo: SocketAddr,
+    /// Most channels open at once.
+    #[arg(long, env = "RELAY_MAX_CHANNELS", default_value_t = 4096)]
+    pub max_channels: u32,
+    /// A channel with no media for this long is closed (20ms, 1.5s, 2m; a bare number is seconds).
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub idle_timeout: Duration,
+    /// A packet whose echo has not returned after this long counts as an echo timeout.
+    #[arg(long, env = "RELAY_ECHO_TIMEOUT", default_value = "2s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub echo_timeout: Duration,
+    /// Round trips above this count in rtprelay_rtt_high_total.
+    #[arg(long, env = "RELAY_RTT_THRESHOLD", default_value = "50ms", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub rtt_threshold: Duration,
+    /// A packet whose transit exceeds its stream's baseline by more than this is late.
+    #[arg(long, env = "RELAY_LATE_THRESHOLD", default_value = "40ms", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub late_threshold: Duration,
+    /// Refuse to latch Asterisk's address from traffic; control must give it.
+    #[arg(long, env = "RELAY_STRICT")]
+    pub strict: bool,
+    /// io_uring submission queue entries (power of two; the completion queue is 4x).
+    #[arg(long, env = "RELAY_SQ_ENTRIES", default_value_t = 4096)]
+    pub sq_entries: u32,
+    /// Receive buffers in the provided-buffer ring (power of two, at most 32768).
+    #[arg(long, env = "RELAY_BUFFERS", default_value_t = 4096)]
+    pub buffers: u32,
+    /// Receive buffer (SO_RCVBUF) of each channel socket, in bytes.
+    #[arg(long, env = "RELAY_SOCKET_RCVBUF", default_value_t = 2 << 20)]
+    pub socket_rcvbuf: usize,
+    /// How often the data plane publishes the snapshot /metrics serves.
+    #[arg(long, env = "RELAY_PUBLISH_INTERVAL", default_value = "500ms", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub publish_interval: Duration,
+}
+
+/// A flag whose value is out of range.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for --{flag}: {reason}")]
+pub struct ConfigError {
+    /// The flag, without dashes.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn bad(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// io_uring sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingConfig {
+    /// Submission queue entries.
+    pub sq_entries: u32,
+    /// Provided receive buffers.
+    pub buffers: u16,
+}
+
+/// Everything the relay needs, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Control socket path.
+    pub ctl: PathBuf,
+    /// Metrics listen address.
+    pub metrics: SocketAddr,
+    /// Core to pin the data plane to.
+    pub core: Option<usize>,
+    /// I/O backend.
+    pub backend: Backend,
+    /// Address channel sockets bind.
+    pub bind: IpAddr,
+    /// The core's settings.
+    pub relay: RelayConfig,
+    /// io_uring sizes.
+    pub ring: RingConfig,
+    /// SO_RCVBUF of each channel socket.
+    pub socket_rcvbuf: usize,
+    /// How often the data plane publishes metrics.
+    pub publish_interval: Duration,
+}
+
+fn positive(flag: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(bad(flag, "must be greater than zero"))
+    } else {
+        Ok(d)
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, Self::Error> {
+        if !a.sq_entries.is_power_of_two() || !(8..=32_768).contains(&a.sq_entries) {
+            return Err(bad("sq-entries", "must be a power of two in 8..=32768"));
+        }
+        let buffers = u16::try_from(a.buffers)
+            .ok()
+            .filter(|b| b.is_power_of_two() && *b <= 1 << 15)
+            .ok_or_else(|| bad("buffers", "must be a power of two in 1..=32768"))?;
+        if a.max_channels == 0 || a.max_channels > 1 << 20 {
+            return Err(bad("max-channels", "must be in 1..=1048576"));
+        }
+        if a.echo.port() == 0 || a.echo.ip().is_unspecified() {
+            return Err(bad(
+                "echo",
+                format!("{} is not a usable destination", a.echo),
+            ));
+        }
+        if a.socket_rcvbuf < 4096 {
+            return Err(bad("socket-rcvbuf", "must be at least 4096"));
+        }
+        let relay = RelayConfig {
+            max_channels: a.max_channels,
+            default_echo: a.echo,
+            strict_source: a.strict,
+            idle_timeout: positive("idle-timeout", a.idle_timeout)?,
+            echo_timeout: positive("echo-timeout", a.echo_timeout)?,
+            rtt_threshold: positive("rtt-threshold", a.rtt_threshold)?,
+            lateness: relay_proto::timing::LatenessConfig {
+                threshold: positive("late-threshold", a.late_threshold)?,
+                ..Default::default()
+            },
+            ..RelayConfig::default()
+        };
+        relay
+            .validate()
+            .map_err(|e| bad("max-channels", e.to_string()))?;
+        Ok(Self {
+            ctl: a.ctl,
+            metrics: a.metrics,
+            core: a.core,
+            backend: a.backend,
+            bind: a.bind,
+            relay,
+            ring: RingConfig {
+                sq_entries: a.sq_entries,
+                buffers,
+            },
+            socket_rcvbuf: a.socket_rcvbuf,
+            publish_interval: positive("publish-interval", a.publish_interval)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let a = Args::try_parse_from(std::iter::once("relay").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Config::try_from(a).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.backend, Backend::Uring);
+        assert_eq!(c.metrics, "127.0.0.1:9100".parse().unwrap());
+        assert_eq!(c.relay.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.ring.buffers, 4096);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (args, flag) in [
+            (&["--buffers", "1000"][..], "--buffers"),
+            (&["--sq-entries", "3"], "--sq-entries"),
+            (&["--max-channels", "0"], "--max-channels"),
+            (&["--idle-timeout", "-1s"], "--idle-timeout"),
+            (&["--idle-timeout", "0s"], "--idle-timeout"),
+            (&["--rtt-threshold", "50 parsecs"], "--rtt-threshold"),
+            (&["--echo", "127.0.0.1:0"], "--echo"),
+            (&["--backend", "epoll"], "--backend"),
+            (&["--bind", "not-an-ip"], "--bind"),
+            (&["--publish-interval", "0ms"], "--publish-interval"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The control socket: a Unix stream socket on which `control` (or a person with `socat`) sends
+//! newline-delimited JSON commands, served on the control thread.
+//!
+//! Each connection gets a [`ControlSession`] from the core (framing, decoding, the handshake);
+//! each valid request goes to the data plane through its queue and the reply comes back on a
+//! oneshot channel, so serving control never takes a lock the packet path uses. Replies keep the
+//! order of their requests on a connection. A client that sends garbage gets error replies and the
+//! relay carries on; several clients may be connected at once.
+//!
+//! The socket file is created with mode 0660 and removed when the relay exits ([`SocketFile`]).
+//! A file left by a relay that died is replaced; a path where a relay still answers is refused.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+
+use relay_proto::control::{SessionItem, DEFAULT_MAX_LINE};
+use relay_proto::{ControlSession, Reply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::dataplane::Handle;
+
+/// The control socket's file; removed on drop.
+#[derive(Debug)]
+pub struct SocketFile {
+    /// The path.
+    path: PathBuf,
+    /// The bound listener, until the control thread takes it.
+    listener: Option<std::os::unix::net::UnixListener>,
+}
+
+/// Why the control socket could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// A relay is already serving this path.
+    #[error("another relay is already listening on {0}; stop it or choose another --ctl")]
+    InUse(PathBuf),
+    /// Anything else.
+    #[error("cannot create the control socket {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+impl SocketFile {
+    /// Binds the control socket at `path`, replacing a stale file, refusing a live one.
+    ///
+    /// # Errors
+    /// [`CtlError::InUse`] when a relay answers there; [`CtlError::Io`] otherwise.
+    pub fn bind(path: &Path) -> Result<Self, CtlError> {
+        let io_err = |source| CtlError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if path.exists() {
+            match StdUnixStream::connect(path) {
+                Ok(_) => return Err(CtlError::InUse(path.to_owned())),
+                Err(_) => std::fs::remove_file(path).map_err(io_err)?,
+            }
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(io_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err)?;
+        listener.set_nonblocking(true).map_err(io_err)?;
+        Ok(Self {
+            path: path.to_owned(),
+            listener: Some(listener),
+        })
+    }
+
+    /// The listener, once (for the control thread's runtime).
+    pub fn take_listener(&mut self) -> Option<std::os::unix::net::UnixListener> {
+        self.listener.take()
+    }
+
+    /// The path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Accepts control clients until the task is dropped.
+pub async fn serve(listener: UnixListener, handle: Handle) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client(stream, handle).await {
+                        tracing::debug!("control client: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("control accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn client(mut stream: UnixStream, handle: Handle) -> io::Result<()> {
+    let mut session = ControlSession::new(DEFAULT_MAX_LINE);
+    let mut items = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        session.push(buf.get(..n).unwrap_or_default(), &mut items);
+        for item in items.drain(..) {
+            let reply = match item {
+                SessionItem::Reply(r) => r,
+                SessionItem::Execute(req) => Reply {
+                    id: req.id,
+                    outcome: handle.command(req.command).await,
+                },
+            };
+            stream.write_all(reply.encode().as_bytes()).await?;
+        }
+    }
+}

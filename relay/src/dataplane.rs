@@ -1,0 +1,316 @@
+//! What both backends share: the messages the control thread sends the data plane, the clock,
+//! channel-socket binding, the backend's own counters, and the handling of commands and timer
+//! events against the core, so that the io_uring and tokio backends differ only in their I/O.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Instant;
+
+use relay_proto::{ChannelStats, Command, ErrorCode, ErrorReply, GlobalStats, MonoTime, Response};
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ring::EventFd;
+
+/// A request from the control thread to the data plane.
+#[derive(Debug)]
+pub enum CtlMsg {
+    /// Execute a control command and send back its reply.
+    Command {
+        /// The command.
+        command: Command,
+        /// Where the reply goes.
+        reply: oneshot::Sender<Result<Response, ErrorReply>>,
+    },
+    /// Send back global and per-channel statistics (for `/stats`).
+    Snapshot {
+        /// Where the statistics go.
+        reply: oneshot::Sender<StatsDoc>,
+    },
+    /// Stop: reply with the final global statistics.
+    Shutdown {
+        /// Where the final statistics go.
+        reply: oneshot::Sender<GlobalStats>,
+    },
+}
+
+/// The `/stats` document.
+#[derive(Debug, Serialize)]
+pub struct StatsDoc {
+    /// Which backend runs.
+    pub backend: &'static str,
+    /// Global statistics.
+    pub global: GlobalStats,
+    /// The backend's own counters.
+    pub backend_counters: BackendCounters,
+    /// Every open channel.
+    pub channels: Vec<ChannelStats>,
+}
+
+/// How the control thread reaches the data plane: a lock-free queue, plus an eventfd for the
+/// io_uring backend, which sleeps in `io_uring_enter` rather than in tokio.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    /// The queue.
+    tx: mpsc::UnboundedSender<CtlMsg>,
+    /// Wakes the ring after a message is queued.
+    waker: Option<Arc<EventFd>>,
+}
+
+impl Handle {
+    /// A handle over `tx`, waking `waker` (if any) after each message.
+    #[must_use]
+    pub fn new(tx: mpsc::UnboundedSender<CtlMsg>, waker: Option<Arc<EventFd>>) -> Self {
+        Self { tx, waker }
+    }
+
+    /// Queues a message.
+    ///
+    /// # Errors
+    /// The data plane has stopped.
+    pub fn send(&self, msg: CtlMsg) -> Result<(), Stopped> {
+        self.tx.send(msg).map_err(|_| Stopped)?;
+        if let Some(w) = &self.waker {
+            w.notify();
+        }
+        Ok(())
+    }
+
+    /// Executes a command on the data plane and waits for its reply.
+    pub async fn command(&self, command: Command) -> Result<Response, ErrorReply> {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || ErrorReply::new(ErrorCode::Internal, "the data plane has stopped");
+        self.send(CtlMsg::Command { command, reply })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+/// The data plane is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the data plane has stopped")]
+pub struct Stopped;
+
+/// The monotonic clock the I/O layer reads, as [`MonoTime`] since the relay started.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// The origin.
+    base: Instant,
+}
+
+impl Clock {
+    /// A clock starting now.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            base: Instant::now(),
+        }
+    }
+
+    /// Now.
+    #[must_use]
+    pub fn now(&self) -> MonoTime {
+        MonoTime::from_nanos(u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Binds a channel's UDP socket on `ip:port`, non-blocking, with a receive buffer of `rcvbuf`
+/// bytes (SO_RCVBUFFORCE when permitted, so a burst fits even above `net.core.rmem_max`).
+///
+/// # Errors
+/// `port_in_use` when the port is taken, `io` for anything else, with the system's message.
+pub fn bind_channel_socket(ip: IpAddr, port: u16, rcvbuf: usize) -> Result<UdpSocket, ErrorReply> {
+    let addr = SocketAddr::new(ip, port);
+    let io = |what: &str, e: io::Error| {
+        let code = if e.kind() == io::ErrorKind::AddrInUse {
+            ErrorCode::PortInUse
+        } else {
+            ErrorCode::Io
+        };
+        ErrorReply::new(code, format!("{what} {addr}: {e}"))
+    };
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.cloexec(),
+        Some(Protocol::UDP),
+    )
+    .map_err(|e| io("socket for", e))?;
+    if crate::ring::set_rcvbuf_force(&socket, rcvbuf).is_err() {
+        let _ = socket.set_recv_buffer_size(rcvbuf);
+    }
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| io("non-blocking", e))?;
+    socket.bind(&addr.into()).map_err(|e| io("bind", e))?;
+    Ok(socket.into())
+}
+
+/// Counters only the backend can keep.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BackendCounters {
+    /// Wake-ups of the data plane (ring waits returning, or socket readiness events).
+    pub wakeups: u64,
+    /// Completions (or datagrams) handled per wake-up: counts in power-of-two buckets, bucket i
+    /// holding sizes in (2^(i-1), 2^i].
+    pub batch_buckets: [u64; BATCH_BUCKETS],
+    /// Sum of all batch sizes.
+    pub batch_sum: u64,
+    /// Sends the kernel refused.
+    pub send_errors: u64,
+    /// Receives that failed with an error other than running out of buffers.
+    pub recv_errors: u64,
+    /// Datagrams longer than a receive buffer, dropped.
+    pub oversize: u64,
+    /// Multishot receives re-armed after they ran out of buffers.
+    pub rearm_nobufs: u64,
+    /// Multishot receives re-armed for any other reason (CQ overflow, errors).
+    pub rearm_other: u64,
+}
+
+/// Batch-size buckets: 1, 2, 4, … 2^15 and above.
+pub const BATCH_BUCKETS: usize = 17;
+
+impl BackendCounters {
+    /// Records one wake-up that handled `n` completions.
+    pub fn batch(&mut self, n: usize) {
+        self.wakeups += 1;
+        self.batch_sum += n as u64;
+        let i = (usize::BITS - n.saturating_sub(1).leading_zeros()) as usize;
+        if let Some(b) = self.batch_buckets.get_mut(i.min(BATCH_BUCKETS - 1)) {
+            *b += 1;
+        }
+    }
+}
+
+/// What a backend must do after a command: nothing, open a socket, or close one.
+pub use relay_proto::CommandOutcome;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_sizes_fall_in_power_of_two_buckets() {
+        let mut c = BackendCounters::default();
+        for n in [0, 1, 2, 3, 4, 5, 1000, 1 << 20] {
+            c.batch(n);
+        }
+        assert_eq!(c.batch_buckets[0], 2, "0 and 1");
+        assert_eq!(c.batch_buckets[1], 1, "2");
+        assert_eq!(c.batch_buckets[2], 2, "3 and 4");
+        assert_eq!(c.batch_buckets[3], 1, "5");
+        assert_eq!(c.batch_buckets[10], 1, "1000 ≤ 1024");
+        assert_eq!(c.batch_buckets[16], 1, "the rest");
+        assert_eq!(c.wakeups, 8);
+    }
+
+    #[test]
+    fn a_taken_port_is_port_in_use() {
+        let a = bind_channel_socket("127.0.0.1".parse().unwrap(), 0, 65_536).unwrap();
+        let port = a.local_addr().unwrap().port();
+        let e = bind_channel_socket("127.0.0.1".parse().unwrap(), port, 65_536).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PortInUse);
+        assert!(e.message.contains(&port.to_string()));
+    }
+}
+
+/// The backend's side of opening and closing channel sockets.
+pub trait SocketTable {
+    /// Starts receiving on `socket` for channel slot `id`.
+    ///
+    /// # Errors
+    /// The backend could not take the socket (the reply to send).
+    fn open(&mut self, id: relay_proto::SocketId, socket: UdpSocket) -> Result<(), ErrorReply>;
+    /// Stops receiving on slot `id` and closes its socket.
+    fn close(&mut self, id: relay_proto::SocketId);
+}
+
+/// Where channel sockets bind.
+#[derive(Clone, Copy, Debug)]
+pub struct BindConfig {
+    /// Address.
+    pub ip: IpAddr,
+    /// SO_RCVBUF in bytes.
+    pub rcvbuf: usize,
+}
+
+/// Executes one command against the core, opening or closing sockets as it says.
+pub fn execute(
+    relay: &mut relay_proto::Relay,
+    table: &mut impl SocketTable,
+    bind: BindConfig,
+    now: MonoTime,
+    command: Command,
+) -> Result<Response, ErrorReply> {
+    match relay.handle_command(now, command) {
+        CommandOutcome::Reply(r) => r,
+        CommandOutcome::Close { socket, reply } => {
+            table.close(socket);
+            reply
+        }
+        CommandOutcome::Open(pending) => {
+            let id = pending.socket();
+            let mut opened = false;
+            let bound = bind_channel_socket(bind.ip, pending.port(), bind.rcvbuf).and_then(|s| {
+                let port = s
+                    .local_addr()
+                    .map_err(|e| ErrorReply::new(ErrorCode::Io, format!("local address: {e}")))?
+                    .port();
+                table.open(id, s)?;
+                opened = true;
+                Ok(port)
+            });
+            let reply = relay.complete_open(now, pending, bound);
+            if reply.is_err() && opened {
+                table.close(id);
+            }
+            if let Ok(Response::Added { channel, port, .. }) = &reply {
+                tracing::debug!(%channel, port, "channel added");
+            }
+            reply
+        }
+    }
+}
+
+/// Closes the sockets of channels the core closed on its own (idle), logging their statistics.
+pub fn close_expired(relay: &mut relay_proto::Relay, table: &mut impl SocketTable) {
+    while let Some(relay_proto::Event::ChannelClosed {
+        socket,
+        reason,
+        stats,
+    }) = relay.poll_event()
+    {
+        table.close(socket);
+        tracing::info!(
+            channel = %stats.channel,
+            reason = reason.as_str(),
+            rtt_p50_us = stats.rtt.p50_ns / 1_000,
+            lost = stats.streams.to_asterisk.lost,
+            "channel closed"
+        );
+    }
+}
+
+/// The `/stats` document for the current state.
+#[must_use]
+pub fn stats_doc(
+    relay: &relay_proto::Relay,
+    counters: &BackendCounters,
+    backend: &'static str,
+    now: MonoTime,
+) -> StatsDoc {
+    StatsDoc {
+        backend,
+        global: relay.global_stats(),
+        backend_counters: counters.clone(),
+        channels: relay.all_channel_stats(now),
+    }
+}

@@ -1,0 +1,495 @@
+//! Metrics: what the data plane publishes, how it becomes Prometheus text, and the HTTP endpoint.
+//!
+//! The data plane never shares a lock with a scrape. Every publish interval (default 500 ms) it
+//! builds a [`Snapshot`] (global counters, the backend's counters, and Prometheus buckets derived
+//! from the core's HdrHistograms) and swaps it into an [`ArcSwap`]; `/metrics` renders whatever
+//! snapshot is current. Deriving buckets from the HdrHistograms at publish time costs the packet
+//! path nothing, and the Prometheus quantiles agree with the relay's own percentiles to within
+//! one bucket because they come from the same data.
+//!
+//! `/stats` is for people and tests: it asks the data plane for every channel's statistics
+//! through the control queue, which costs the data plane a pass over the channels.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use relay_proto::relay::GlobalHistograms;
+use relay_proto::stats::{CloseReason, LatencyHistogram, PerDirection};
+use relay_proto::{Direction, DropReason, GlobalStats, MonoTime, Relay};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::dataplane::{BackendCounters, CtlMsg, Handle, BATCH_BUCKETS};
+
+/// Upper bounds of the latency histograms' buckets, in nanoseconds: 10 µs to 1 s, six a decade.
+pub const LATENCY_BOUNDS_NS: [u64; 31] = [
+    10_000,
+    15_000,
+    20_000,
+    30_000,
+    50_000,
+    75_000, //
+    100_000,
+    150_000,
+    200_000,
+    300_000,
+    500_000,
+    750_000, //
+    1_000_000,
+    1_500_000,
+    2_000_000,
+    3_000_000,
+    5_000_000,
+    7_500_000, //
+    10_000_000,
+    15_000_000,
+    20_000_000,
+    30_000_000,
+    50_000_000,
+    75_000_000, //
+    100_000_000,
+    150_000_000,
+    200_000_000,
+    300_000_000,
+    500_000_000,
+    750_000_000, //
+    1_000_000_000,
+];
+
+/// A histogram in Prometheus form: cumulative counts at [`LATENCY_BOUNDS_NS`], total, sum.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Buckets {
+    /// Cumulative count at each bound.
+    pub cumulative: Vec<u64>,
+    /// Values recorded.
+    pub count: u64,
+    /// Sum of the values, in seconds.
+    pub sum_seconds: f64,
+}
+
+impl Buckets {
+    /// Bins every recorded value of `h` by its lowest equivalent value.
+    #[must_use]
+    pub fn from_hdr<T: hdrhistogram::Counter>(h: &LatencyHistogram<T>) -> Self {
+        let hist = h.histogram();
+        let mut per = vec![0u64; LATENCY_BOUNDS_NS.len()];
+        for v in hist.iter_recorded() {
+            let low = hist.lowest_equivalent(v.value_iterated_to());
+            let i = LATENCY_BOUNDS_NS.partition_point(|&b| b < low);
+            if let Some(c) = per.get_mut(i) {
+                *c += v.count_at_value().as_u64();
+            }
+        }
+        let mut acc = 0;
+        let cumulative = per
+            .into_iter()
+            .map(|c| {
+                acc += c;
+                acc
+            })
+            .collect();
+        Self {
+            cumulative,
+            count: hist.len(),
+            sum_seconds: hist.mean() * hist.len() as f64 / 1e9,
+        }
+    }
+}
+
+/// Everything `/metrics` shows, as of one moment on the data plane.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The backend's name.
+    pub backend: &'static str,
+    /// When it was taken, on the relay's clock.
+    pub taken: MonoTime,
+    /// The core's global statistics.
+    pub global: Option<GlobalStats>,
+    /// The backend's counters.
+    pub counters: BackendCounters,
+    /// Round-trip times.
+    pub rtt: Buckets,
+    /// Time inside the relay, per direction.
+    pub forward: PerDirection<Buckets>,
+    /// Jitter estimates, per direction.
+    pub jitter: PerDirection<Buckets>,
+    /// Lateness, per direction.
+    pub lateness: PerDirection<Buckets>,
+    /// Lost packets, per direction, never decreasing between snapshots (a late packet that
+    /// fills a gap lowers the core's count; a Prometheus counter must not go down).
+    pub lost: PerDirection<u64>,
+}
+
+/// The data plane's side: builds and swaps in snapshots.
+#[derive(Debug)]
+pub struct Publisher {
+    /// Where snapshots go.
+    shared: Arc<ArcSwap<Snapshot>>,
+    /// The backend's name.
+    backend: &'static str,
+    /// How often to publish.
+    interval: Duration,
+    /// When to publish next.
+    next: MonoTime,
+}
+
+impl Publisher {
+    /// A publisher for `backend` into `shared`, every `interval`.
+    #[must_use]
+    pub fn new(shared: Arc<ArcSwap<Snapshot>>, backend: &'static str, interval: Duration) -> Self {
+        Self {
+            shared,
+            backend,
+            interval,
+            next: MonoTime::ZERO,
+        }
+    }
+
+    /// When the next snapshot is due.
+    #[must_use]
+    pub const fn deadline(&self) -> MonoTime {
+        self.next
+    }
+
+    /// Publishes if due.
+    pub fn maybe_publish(&mut self, now: MonoTime, relay: &Relay, counters: &BackendCounters) {
+        if now >= self.next {
+            self.publish(now, relay, counters);
+        }
+    }
+
+    /// Publishes now.
+    pub fn publish(&mut self, now: MonoTime, relay: &Relay, counters: &BackendCounters) {
+        self.next = now + self.interval;
+        let global = relay.global_stats();
+        let h: &GlobalHistograms = relay.histograms();
+        let per = |p: &PerDirection<LatencyHistogram>| PerDirection {
+            to_echo: Buckets::from_hdr(&p.to_echo),
+            to_asterisk: Buckets::from_hdr(&p.to_asterisk),
+        };
+        let prev = self.shared.load();
+        let lost = PerDirection {
+            to_echo: global.streams.to_echo.lost.max(prev.lost.to_echo),
+            to_asterisk: global.streams.to_asterisk.lost.max(prev.lost.to_asterisk),
+        };
+        self.shared.store(Arc::new(Snapshot {
+            backend: self.backend,
+            taken: now,
+            global: Some(global),
+            counters: counters.clone(),
+            rtt: Buckets::from_hdr(&h.rtt),
+            forward: per(&h.forward),
+            jitter: per(&h.jitter),
+            lateness: per(&h.lateness),
+            lost,
+        }));
+    }
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.into());
+    l.set_value(value.into());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(format!("rtprelay_{name}"));
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter_metric(labels: Vec<LabelPair>, v: u64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(v as f64);
+    let mut m = Metric::from_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge_metric(labels: Vec<LabelPair>, v: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::from_gauge(g);
+    m.set_label(labels);
+    m
+}
+
+fn histogram_metric(labels: Vec<LabelPair>, b: &Buckets, bounds: &[f64]) -> Metric {
+    let mut h = Histogram::default();
+    h.set_sample_count(b.count);
+    h.set_sample_sum(b.sum_seconds);
+    h.set_bucket(
+        bounds
+            .iter()
+            .zip(b.cumulative.iter().chain(std::iter::repeat(&b.count)))
+            .map(|(&ub, &c)| {
+                let mut bk = Bucket::default();
+                bk.set_upper_bound(ub);
+                bk.set_cumulative_count(c);
+                bk
+            })
+            .collect(),
+    );
+    let mut m = Metric::from_label(labels);
+    m.set_histogram(h);
+    m
+}
+
+fn per_direction<T>(
+    p: &PerDirection<T>,
+    mut f: impl FnMut(Vec<LabelPair>, &T) -> Metric,
+) -> Vec<Metric> {
+    Direction::ALL
+        .iter()
+        .map(|&d| f(vec![label("direction", d.as_str())], p.get(d)))
+        .collect()
+}
+
+/// The snapshot as Prometheus metric families.
+#[must_use]
+pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
+    let g = s.global.clone().unwrap_or_default();
+    let c = &s.counters;
+    let lat_bounds: Vec<f64> = LATENCY_BOUNDS_NS
+        .iter()
+        .map(|&ns| ns as f64 / 1e9)
+        .collect();
+    let counter = |labels, v| counter_metric(labels, v);
+    let total =
+        |name: &str, help: &str, v: u64| family(name, help, COUNTER, vec![counter(vec![], v)]);
+    let stream = |name: &str, help: &str, f: fn(&relay_proto::stats::StreamCounters) -> u64| {
+        family(
+            name,
+            help,
+            COUNTER,
+            per_direction(&g.streams, |l, st| counter(l, f(st))),
+        )
+    };
+    let mut drops: Vec<Metric> = DropReason::ALL
+        .iter()
+        .map(|&r| counter(vec![label("reason", r.as_str())], g.drops.get(r)))
+        .collect();
+    drops.push(counter(vec![label("reason", "oversize")], c.oversize));
+    let batch_bounds: Vec<f64> = (0..BATCH_BUCKETS - 1)
+        .map(|i| f64::from(1u32 << i))
+        .collect();
+    let mut acc = 0;
+    let batch = Buckets {
+        cumulative: c
+            .batch_buckets
+            .iter()
+            .take(BATCH_BUCKETS - 1)
+            .map(|&n| {
+                acc += n;
+                acc
+            })
+            .collect(),
+        count: c.wakeups,
+        sum_seconds: c.batch_sum as f64,
+    };
+    vec![
+        family("info", "Relay build and backend (value 1).", GAUGE, vec![gauge_metric(
+            vec![label("backend", s.backend), label("version", env!("CARGO_PKG_VERSION"))],
+            1.0,
+        )]),
+        family("rtt_seconds", "Echo round-trip time, T1 - T0, of every RTP packet measured.", HISTOGRAM,
+            vec![histogram_metric(vec![], &s.rtt, &lat_bounds)]),
+        family("forward_seconds", "Time inside the relay, from receive completion to send submission.", HISTOGRAM,
+            per_direction(&s.forward, |l, b| histogram_metric(l, b, &lat_bounds))),
+        family("jitter_seconds", "RFC 3550 interarrival jitter estimate after each packet, by the direction the packet travelled.", HISTOGRAM,
+            per_direction(&s.jitter, |l, b| histogram_metric(l, b, &lat_bounds))),
+        family("lateness_seconds", "Transit of each packet above the stream's baseline transit.", HISTOGRAM,
+            per_direction(&s.lateness, |l, b| histogram_metric(l, b, &lat_bounds))),
+        family("packets_total", "Datagrams forwarded.", COUNTER,
+            per_direction(&g.traffic, |l, t| counter(l, t.packets))),
+        family("bytes_total", "UDP payload bytes forwarded.", COUNTER,
+            per_direction(&g.traffic, |l, t| counter(l, t.bytes))),
+        family("rtcp_packets_total", "RTCP datagrams forwarded unmeasured.", COUNTER,
+            per_direction(&g.traffic, |l, t| counter(l, t.rtcp))),
+        family("drops_total", "Datagrams dropped, by reason.", COUNTER, drops),
+        family("rtp_lost_total", "RTP packets missing before the highest sequence received (RFC 3550 A.1), by the direction of the stream.", COUNTER,
+            per_direction(&s.lost, |l, &v| counter(l, v))),
+        stream("rtp_duplicates_total", "RTP packets received more than once.", |st| st.duplicates),
+        stream("rtp_reordered_total", "RTP packets that arrived after a higher sequence number.", |st| st.reordered),
+        stream("rtp_late_total", "RTP packets later than the lateness threshold.", |st| st.late),
+        stream("rtp_expected_total", "RTP packets expected from sequence numbers.", |st| st.expected),
+        total("echo_timeouts_total", "Packets sent to the echo whose echo did not return within the echo timeout.", g.round_trip.timeouts),
+        total("echo_duplicates_total", "Further echoes of a packet already measured.", g.round_trip.duplicates),
+        total("echo_late_total", "Echoes that returned after their packet timed out.", g.round_trip.late),
+        total("echo_unmatched_total", "Echoes that matched no packet sent.", g.round_trip.unmatched),
+        total("rtt_high_total", "Round trips above --rtt-threshold-ms.", g.round_trip.rtt_high),
+        family("channels", "Channels open.", GAUGE, vec![gauge_metric(vec![], f64::from(g.channels))]),
+        total("channels_opened_total", "Channels opened.", g.channels_opened),
+        family("channels_closed_total", "Channels closed, by reason.", COUNTER, vec![
+            counter(vec![label("reason", CloseReason::Removed.as_str())], g.channels_removed),
+            counter(vec![label("reason", CloseReason::Idle.as_str())], g.channels_idle),
+        ]),
+        family("batch_size", "Completions (io_uring) or datagrams (tokio) handled per data-plane wake-up.", HISTOGRAM,
+            vec![histogram_metric(vec![], &batch, &batch_bounds)]),
+        total("send_errors_total", "Sends the kernel refused.", c.send_errors),
+        total("recv_errors_total", "Receives that failed.", c.recv_errors),
+        family("recv_rearms_total", "Multishot receives re-armed, by cause.", COUNTER, vec![
+            counter(vec![label("cause", "no_buffers")], c.rearm_nobufs),
+            counter(vec![label("cause", "other")], c.rearm_other),
+        ]),
+    ]
+}
+
+/// The snapshot in the Prometheus text exposition format.
+#[must_use]
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    if prometheus::TextEncoder::new()
+        .encode_utf8(&families(s), &mut out)
+        .is_err()
+    {
+        let _ = writeln!(out, "# encoding failed");
+    }
+    out
+}
+
+/// Serves `/metrics`, `/stats` and `/healthz` until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<ArcSwap<Snapshot>>, handle: Handle) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _ = respond(stream, &shared, &handle).await;
+        });
+    }
+}
+
+async fn respond(
+    mut stream: tokio::net::TcpStream,
+    shared: &ArcSwap<Snapshot>,
+    handle: &Handle,
+) -> std::io::Result<()> {
+    let mut req = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            req.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let line = req.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, ctype, body) = match (method, path) {
+        (b"GET", b"/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(&shared.load()),
+        ),
+        (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        (b"GET", b"/stats") => {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            match handle.send(CtlMsg::Snapshot { reply }) {
+                Ok(()) => match rx.await {
+                    Ok(doc) => (
+                        "200 OK",
+                        "application/json",
+                        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+                    ),
+                    Err(_) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "data plane stopped\n".into(),
+                    ),
+                },
+                Err(_) => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "data plane stopped\n".into(),
+                ),
+            }
+        }
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /stats or /healthz\n".into(),
+        ),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_match_hdr() {
+        let mut h = LatencyHistogram::<u64>::new(3);
+        for ns in [9_000, 10_000, 12_000, 40_000, 40_000, 2_000_000_000] {
+            h.record(ns);
+        }
+        let b = Buckets::from_hdr(&h);
+        assert_eq!(b.count, 6);
+        assert_eq!(b.cumulative[0], 2, "≤ 10 µs");
+        assert_eq!(b.cumulative[1], 3, "≤ 15 µs");
+        assert_eq!(b.cumulative[4], 5, "≤ 50 µs");
+        assert_eq!(*b.cumulative.last().unwrap(), 5, "2 s is above every bound");
+        assert!((b.sum_seconds - 2.000_111).abs() < 0.01);
+    }
+
+    #[test]
+    fn rendering_names_every_metric_the_readme_promises() {
+        let text = render(&Snapshot {
+            backend: "uring",
+            ..Snapshot::default()
+        });
+        for name in [
+            "rtprelay_rtt_seconds_bucket{le=\"0.00001\"}",
+            "rtprelay_forward_seconds_bucket{direction=\"to_echo\"",
+            "rtprelay_packets_total{direction=\"to_asterisk\"}",
+            "rtprelay_bytes_total{direction=\"to_echo\"}",
+            "rtprelay_drops_total{reason=\"unknown_source\"}",
+            "rtprelay_drops_total{reason=\"oversize\"}",
+            "rtprelay_rtp_lost_total{direction=\"to_asterisk\"}",
+            "rtprelay_rtp_duplicates_total",
+            "rtprelay_rtp_reordered_total",
+            "rtprelay_rtp_late_total",
+            "rtprelay_echo_timeouts_total",
+            "rtprelay_jitter_seconds_bucket",
+            "rtprelay_channels 0",
+            "rtprelay_channels_opened_total",
+            "rtprelay_channels_closed_total{reason=\"idle\"}",
+            "rtprelay_batch_size_bucket{le=\"1\"}",
+            "rtprelay_rtt_high_total",
+            "rtprelay_info{backend=\"uring\"",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,663 @@
+//! The one module of the relay with `unsafe` code: the io_uring instance, its provided-buffer
+//! ring, the per-buffer send headers, the eventfd that wakes the ring, and the file-limit raise.
+//!
+//! Everything here is exposed through safe methods whose invariants the module keeps:
+//! - receive buffers live in one contiguous allocation owned by [`Ring`] for as long as the ring
+//!   exists, and each buffer is either owned by the kernel (in the buffer ring) or by exactly one
+//!   of: a completion being handled, or one in-flight send; [`Ring::recycle`] gives it back;
+//! - the `msghdr`/`iovec`/address of a send live in a slot indexed by the buffer id, so they stay
+//!   put until the send completes, and one buffer is never in two sends;
+//! - the receive `msghdr` and the eventfd's read buffer are boxed and live as long as the ring;
+//! - sockets are used through the fixed-file table, whose slots the caller registers and clears.
+
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::types::{BufRingEntry, Fixed, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, IoUring};
+
+/// Buffer group id of the receive buffers.
+const BGID: u16 = 0;
+/// Bytes reserved for the source address in each received buffer (a `sockaddr_in6`).
+const NAME_LEN: usize = size_of::<libc::sockaddr_in6>();
+/// Size of one receive buffer: the `io_uring_recvmsg_out` header, the address, the payload.
+pub const BUFFER_SIZE: usize = 2048;
+
+// Kernel ABI sizes and constants, checked to fit the narrower types the kernel wants.
+#[allow(clippy::cast_possible_truncation)] // checked by the assertions below
+const NAME_LEN_SOCKLEN: libc::socklen_t = NAME_LEN as libc::socklen_t;
+#[allow(clippy::cast_possible_truncation)] // checked by the assertions below
+const SIN_LEN: libc::socklen_t = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+#[allow(clippy::cast_possible_truncation)] // checked by the assertions below
+const INT_LEN: libc::socklen_t = size_of::<libc::c_int>() as libc::socklen_t;
+#[allow(clippy::cast_possible_truncation)] // checked by the assertions below
+const BUFFER_SIZE_U32: u32 = BUFFER_SIZE as u32;
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // AF_* are small positive
+const FAMILY_INET: libc::sa_family_t = libc::AF_INET as libc::sa_family_t;
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // AF_* are small positive
+const FAMILY_INET6: libc::sa_family_t = libc::AF_INET6 as libc::sa_family_t;
+const _: () = assert!(NAME_LEN < 256 && BUFFER_SIZE < 1 << 20 && libc::AF_INET6 < 256);
+/// Largest datagram payload a buffer holds (larger ones are truncated and dropped).
+pub const MAX_PAYLOAD: usize = BUFFER_SIZE - 16 - NAME_LEN;
+
+/// Why io_uring could not be set up, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The kernel has no io_uring, or it is compiled out.
+    #[error("io_uring is not available in this kernel (ENOSYS); run with --backend tokio")]
+    NotSupported,
+    /// A seccomp filter (for example a container's default profile) or
+    /// `kernel.io_uring_disabled` refuses it.
+    #[error(
+        "io_uring is not permitted (EPERM): a seccomp profile or the sysctl kernel.io_uring_disabled \
+         forbids it; allow io_uring_setup/enter/register or run with --backend tokio"
+    )]
+    NotPermitted,
+    /// Another setup step failed.
+    #[error("io_uring setup failed at {step}: {source}; run with --backend tokio")]
+    Other {
+        /// What was being set up.
+        step: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn classify(step: &'static str, e: io::Error) -> SetupError {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => SetupError::NotSupported,
+        Some(libc::EPERM) => SetupError::NotPermitted,
+        _ => SetupError::Other { step, source: e },
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
+///
+/// # Errors
+/// The system call failed.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit for the duration of the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Sets a socket's receive buffer with SO_RCVBUFFORCE, which may exceed `net.core.rmem_max`
+/// (needs CAP_NET_ADMIN).
+///
+/// # Errors
+/// Not permitted, or another failure; the caller falls back to SO_RCVBUF.
+pub fn set_rcvbuf_force(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&v).cast(),
+            INT_LEN,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// An eventfd another thread writes to wake the ring.
+#[derive(Debug)]
+pub struct EventFd {
+    /// The descriptor.
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// A non-blocking, close-on-exec eventfd.
+    ///
+    /// # Errors
+    /// The system call failed.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a fresh descriptor we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            // SAFETY: `fd` is a valid descriptor that nothing else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Wakes the ring. Never blocks; a counter already at its maximum is still a wake-up.
+    pub fn notify(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live stack buffer to a descriptor we own.
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// The headers of one send; one per receive buffer, used while that buffer is being sent.
+#[repr(C)]
+struct SendSlot {
+    /// The message header handed to the kernel.
+    msg: libc::msghdr,
+    /// The one I/O vector: the payload inside the receive buffer.
+    iov: libc::iovec,
+    /// The destination.
+    addr: libc::sockaddr_in6,
+}
+
+/// One completion, copied out of the completion queue.
+#[derive(Clone, Copy, Debug)]
+pub struct Completion {
+    /// What the submission was (see the backend's encoding).
+    pub user_data: u64,
+    /// The result: bytes, or a negative errno.
+    pub result: i32,
+    /// Completion flags.
+    pub flags: u32,
+}
+
+impl Completion {
+    /// The provided buffer this completion carries, if any.
+    #[must_use]
+    pub fn buffer(&self) -> Option<u16> {
+        cqueue::buffer_select(self.flags)
+    }
+
+    /// Whether a multishot request stays armed after this completion.
+    #[must_use]
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+}
+
+/// A datagram received into a provided buffer.
+#[derive(Debug)]
+pub struct Received<'a> {
+    /// Its source, when the address family is IPv4 or IPv6.
+    pub from: Option<SocketAddr>,
+    /// Its payload.
+    pub payload: &'a [u8],
+    /// Whether the payload was longer than the buffer and cut.
+    pub truncated: bool,
+}
+
+/// The io_uring, its buffer ring and everything the kernel may read or write through it.
+pub struct Ring {
+    /// The ring.
+    ring: IoUring,
+    /// Page-aligned buffer-ring entries (mmap), `entries` × 16 bytes.
+    ring_mem: NonNull<BufRingEntry>,
+    /// Length of the mapping.
+    ring_len: usize,
+    /// Number of buffers (= entries).
+    entries: u16,
+    /// Our copy of the buffer ring's tail.
+    tail: u16,
+    /// The receive buffers, `entries` × BUFFER_SIZE bytes.
+    buffers: Box<[u8]>,
+    /// Send headers, one per buffer.
+    sends: Box<[SendSlot]>,
+    /// The header multishot receives describe their layout with.
+    recv_msg: Box<libc::msghdr>,
+    /// Wakes the ring from other threads.
+    waker: std::sync::Arc<EventFd>,
+    /// The eventfd read's 8-byte target.
+    wake_buf: Box<u64>,
+    /// Completions copied out, reused.
+    scratch: Vec<Completion>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("entries", &self.entries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ring {
+    /// Creates the ring on the calling thread (which must be the only one to use it), with
+    /// `sq_entries` submissions, 4× completions, `buffers` receive buffers, and a fixed-file
+    /// table of `files` slots.
+    ///
+    /// # Errors
+    /// What failed, in words that name the cause and the way out.
+    pub fn new(sq_entries: u32, buffers: u16, files: u32) -> Result<Self, SetupError> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_coop_taskrun()
+            .setup_cqsize(sq_entries * 4)
+            .build(sq_entries)
+            .map_err(|e| classify("io_uring_setup", e))?;
+        ring.submitter()
+            .register_files_sparse(files)
+            .map_err(|e| classify("register_files_sparse", e))?;
+
+        let entries = buffers.max(1);
+        let ring_len = usize::from(entries) * size_of::<BufRingEntry>();
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ring_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if mem == libc::MAP_FAILED {
+            return Err(classify("mmap", io::Error::last_os_error()));
+        }
+        let ring_mem =
+            NonNull::new(mem.cast::<BufRingEntry>()).ok_or_else(|| SetupError::Other {
+                step: "mmap",
+                source: io::Error::other("null mapping"),
+            })?;
+        let waker = EventFd::new().map_err(|e| classify("eventfd", e))?;
+        // SAFETY: msghdr is plain old data; all-zero is a valid (empty) header.
+        let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        recv_msg.msg_namelen = NAME_LEN_SOCKLEN;
+        let sends = (0..entries)
+            // SAFETY: all three are plain old data; all-zero is valid for each.
+            .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
+            .collect();
+        let mut this = Self {
+            ring,
+            ring_mem,
+            ring_len,
+            entries,
+            tail: 0,
+            buffers: vec![0u8; usize::from(entries) * BUFFER_SIZE].into_boxed_slice(),
+            sends,
+            recv_msg,
+            waker: std::sync::Arc::new(waker),
+            wake_buf: Box::new(0),
+            scratch: Vec::with_capacity(sq_entries as usize * 4),
+        };
+        // SAFETY: the mapping is page-aligned, zeroed, `entries` long, and lives in `self`;
+        // `Drop` unregisters the buffer ring before unmapping it.
+        unsafe {
+            this.ring.submitter().register_buf_ring_with_flags(
+                this.ring_mem.as_ptr() as u64,
+                entries,
+                BGID,
+                0,
+            )
+        }
+        .map_err(|e| classify("register_buf_ring", e))?;
+        for bid in 0..entries {
+            this.push_buffer(bid);
+        }
+        this.sync_buffers();
+        Ok(this)
+    }
+
+    /// A handle other threads use to wake the ring.
+    #[must_use]
+    pub fn waker(&self) -> std::sync::Arc<EventFd> {
+        std::sync::Arc::clone(&self.waker)
+    }
+
+    /// Number of receive buffers.
+    #[must_use]
+    pub const fn buffer_count(&self) -> u16 {
+        self.entries
+    }
+
+    fn push_buffer(&mut self, bid: u16) {
+        let idx = usize::from(self.tail & (self.entries - 1));
+        let addr = self.buffers[usize::from(bid) * BUFFER_SIZE..].as_ptr() as u64;
+        // SAFETY: idx < entries, so the entry lies inside the mapping, which we own; the kernel
+        // reads entries only up to the tail we publish in `sync_buffers`, after this write.
+        let entry = unsafe { &mut *self.ring_mem.as_ptr().add(idx) };
+        entry.set_addr(addr);
+        entry.set_len(BUFFER_SIZE_U32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Gives buffer `bid` back to the kernel (visible after [`Ring::sync_buffers`]).
+    pub fn recycle(&mut self, bid: u16) {
+        if bid < self.entries {
+            self.push_buffer(bid);
+        }
+    }
+
+    /// Publishes recycled buffers to the kernel: one release store per batch.
+    pub fn sync_buffers(&mut self) {
+        // SAFETY: the tail field overlays the first entry's `resv`, inside the mapping; the
+        // kernel reads it atomically, so we store it atomically with release ordering.
+        unsafe {
+            let tail = BufRingEntry::tail(self.ring_mem.as_ptr()).cast::<AtomicU16>();
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// Puts socket `fd` in fixed-file slot `slot` (the ring keeps its own reference).
+    ///
+    /// # Errors
+    /// The registration failed.
+    pub fn register_socket(&mut self, slot: u32, fd: RawFd) -> io::Result<()> {
+        self.ring
+            .submitter()
+            .register_files_update(slot, &[fd])
+            .map(drop)
+    }
+
+    /// Clears fixed-file slot `slot`.
+    ///
+    /// # Errors
+    /// The registration failed.
+    pub fn unregister_socket(&mut self, slot: u32) -> io::Result<()> {
+        self.ring
+            .submitter()
+            .register_files_update(slot, &[-1])
+            .map(drop)
+    }
+
+    fn push(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
+        // SAFETY: every entry built in this module points only at memory owned by `self`
+        // that outlives the operation (see the module header).
+        let pushed = unsafe { self.ring.submission().push(entry) };
+        if pushed.is_err() {
+            self.ring.submit()?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(entry) }
+                .map_err(|_| io::Error::other("submission queue full after submit"))?;
+        }
+        Ok(())
+    }
+
+    /// Arms a multishot receive on fixed-file `slot`.
+    ///
+    /// # Errors
+    /// The submission queue could not take it.
+    pub fn arm_recv(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
+        let e = opcode::RecvMsgMulti::new(Fixed(slot), &*self.recv_msg, BGID)
+            .build()
+            .user_data(user_data);
+        self.push(&e)
+    }
+
+    /// Arms a read of the waker eventfd.
+    ///
+    /// # Errors
+    /// The submission queue could not take it.
+    pub fn arm_waker(&mut self, user_data: u64) -> io::Result<()> {
+        let e = opcode::Read::new(
+            io_uring::types::Fd(self.waker.raw()),
+            std::ptr::from_mut::<u64>(&mut self.wake_buf).cast(),
+            8,
+        )
+        .build()
+        .user_data(user_data);
+        self.push(&e)
+    }
+
+    /// Cancels the request submitted with `target`.
+    ///
+    /// # Errors
+    /// The submission queue could not take it.
+    pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
+        let e = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(user_data);
+        self.push(&e)
+    }
+
+    /// The datagram in buffer `bid`, whose completion reported `len` bytes.
+    #[must_use]
+    pub fn received(&self, bid: u16, len: usize) -> Option<Received<'_>> {
+        let start = usize::from(bid).checked_mul(BUFFER_SIZE)?;
+        let buf = self.buffers.get(start..start + len.min(BUFFER_SIZE))?;
+        let out = RecvMsgOut::parse(buf, &self.recv_msg).ok()?;
+        let (from, n, truncated) = (
+            sockaddr_from_bytes(out.name_data()),
+            out.payload_data().len(),
+            out.is_payload_truncated(),
+        );
+        // The parser's views borrow it, not the buffer; the payload starts right after the
+        // header and the fixed-size name field (no control data is asked for).
+        let payload = buf.get(16 + NAME_LEN..16 + NAME_LEN + n)?;
+        Some(Received {
+            from,
+            payload,
+            truncated,
+        })
+    }
+
+    /// Sends the payload of buffer `bid` (`len` bytes at its payload offset) from fixed-file
+    /// `slot` to `to`. The buffer stays in flight until the send's completion, after which the
+    /// caller recycles it.
+    ///
+    /// # Errors
+    /// The submission queue could not take it.
+    pub fn send(
+        &mut self,
+        slot: u32,
+        bid: u16,
+        len: usize,
+        to: SocketAddr,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let offset = usize::from(bid) * BUFFER_SIZE + 16 + NAME_LEN;
+        let Some(payload) = self.buffers.get_mut(offset..offset + len.min(MAX_PAYLOAD)) else {
+            return Err(io::Error::other("buffer id out of range"));
+        };
+        let base = payload.as_mut_ptr();
+        let Some(s) = self.sends.get_mut(usize::from(bid)) else {
+            return Err(io::Error::other("buffer id out of range"));
+        };
+        let namelen = write_sockaddr(to, &mut s.addr);
+        s.iov = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len.min(MAX_PAYLOAD),
+        };
+        s.msg.msg_name = std::ptr::from_mut(&mut s.addr).cast();
+        s.msg.msg_namelen = namelen;
+        s.msg.msg_iov = &mut s.iov;
+        s.msg.msg_iovlen = 1;
+        s.msg.msg_control = std::ptr::null_mut();
+        s.msg.msg_controllen = 0;
+        s.msg.msg_flags = 0;
+        let e = opcode::SendMsg::new(Fixed(slot), &s.msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(user_data);
+        self.push(&e)
+    }
+
+    /// Submits everything queued and waits for at least one completion or `timeout`.
+    ///
+    /// # Errors
+    /// `io_uring_enter` failed with something other than a timeout or an interruption.
+    pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
+        let r = match timeout {
+            Some(t) => {
+                let ts = Timespec::from(t);
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submitter().submit_and_wait(1),
+        };
+        match r {
+            Ok(n) => Ok(n),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits everything queued without waiting.
+    ///
+    /// # Errors
+    /// `io_uring_enter` failed.
+    pub fn submit(&mut self) -> io::Result<usize> {
+        self.ring.submit()
+    }
+
+    /// Copies every available completion out of the queue.
+    pub fn drain_completions(&mut self) -> Vec<Completion> {
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        for c in self.ring.completion() {
+            out.push(Completion {
+                user_data: c.user_data(),
+                result: c.result(),
+                flags: c.flags(),
+            });
+        }
+        out
+    }
+
+    /// Returns the vector from [`Ring::drain_completions`] for reuse.
+    pub fn give_back(&mut self, v: Vec<Completion>) {
+        self.scratch = v;
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let _ = self.ring.submitter().unregister_buf_ring(BGID);
+        // SAFETY: the mapping was created in `new` with this length and is no longer registered.
+        unsafe {
+            libc::munmap(self.ring_mem.as_ptr().cast(), self.ring_len);
+        }
+    }
+}
+
+/// Reads a `sockaddr_in` or `sockaddr_in6` from the bytes the kernel wrote.
+fn sockaddr_from_bytes(b: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes(b.get(0..2)?.try_into().ok()?);
+    let port = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?);
+    match i32::from(family) {
+        libc::AF_INET => {
+            let ip: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::V4(SocketAddrV4::new(ip.into(), port)))
+        }
+        libc::AF_INET6 => {
+            let flow = u32::from_be_bytes(b.get(4..8)?.try_into().ok()?);
+            let ip: [u8; 16] = b.get(8..24)?.try_into().ok()?;
+            let scope = u32::from_ne_bytes(b.get(24..28)?.try_into().ok()?);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip.into(),
+                port,
+                flow,
+                scope,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Writes `a` into `out` as the kernel expects; returns the length to pass.
+fn write_sockaddr(a: SocketAddr, out: &mut libc::sockaddr_in6) -> libc::socklen_t {
+    match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: FAMILY_INET,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in (16 bytes) fits inside sockaddr_in6 (28 bytes); both are plain
+            // old data and the kernel reads only `namelen` bytes of it.
+            unsafe {
+                std::ptr::from_mut(out)
+                    .cast::<libc::sockaddr_in>()
+                    .write(sin);
+            };
+            SIN_LEN
+        }
+        SocketAddr::V6(v6) => {
+            *out = libc::sockaddr_in6 {
+                sin6_family: FAMILY_INET6,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo().to_be(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            NAME_LEN_SOCKLEN
+        }
+    }
+}
+
+/// Whether io_uring can be set up here at all (for tests and diagnostics).
+///
+/// # Errors
+/// Why it cannot.
+pub fn probe() -> Result<(), SetupError> {
+    Ring::new(8, 1, 1).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_round_trip_through_the_kernel_layout() {
+        for a in ["127.0.0.1:4000", "[::1]:5060", "[fe80::1%2]:9"] {
+            let a: SocketAddr = a.parse().unwrap();
+            // SAFETY: plain old data; all-zero is valid.
+            let mut raw: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            let len = write_sockaddr(a, &mut raw);
+            // SAFETY: reading the bytes of a plain-old-data struct we own.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(std::ptr::from_ref(&raw).cast::<u8>(), len as usize)
+            };
+            assert_eq!(sockaddr_from_bytes(bytes), Some(a));
+        }
+        assert_eq!(sockaddr_from_bytes(&[0; 3]), None);
+    }
+
+    #[test]
+    fn setup_errors_name_the_cause_and_the_way_out() {
+        let cases = [
+            (libc::EPERM, "seccomp"),
+            (libc::EPERM, "kernel.io_uring_disabled"),
+            (libc::ENOSYS, "not available"),
+            (libc::EINVAL, "io_uring_setup"),
+        ];
+        for (errno, words) in cases {
+            let msg = classify("io_uring_setup", io::Error::from_raw_os_error(errno)).to_string();
+            assert!(msg.contains(words), "{errno}: {msg}");
+            assert!(msg.contains("--backend tokio"), "{errno}: {msg}");
+        }
+    }
+}

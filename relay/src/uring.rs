@@ -1,0 +1,317 @@
+//! The io_uring data plane: every channel socket in one ring, on one pinned thread.
+//!
+//! Each channel socket sits in the ring's fixed-file table (slot = the core's `SocketId`) with one
+//! multishot `RecvMsg` armed on a shared provided-buffer ring. A completion hands us a buffer
+//! holding the source address and the datagram; the core decides; a forwarded datagram leaves
+//! from the same fixed socket by `SendMsg` straight out of the buffer it arrived in (no copy), so
+//! the echo's reply reaches Asterisk from exactly the address Asterisk sent to. The buffer goes
+//! back to the ring when its send completes (or at once when the datagram is dropped).
+//!
+//! One loop iteration is one batch: one `io_uring_enter` submits every send queued by the last
+//! batch and waits for completions (or the next timer); the clock is read once per batch, and the
+//! buffer ring's tail is published once per batch.
+//!
+//! A multishot receive ends when the buffer ring is empty (`ENOBUFS`) or the completion queue
+//! overflowed; the datagram stays queued in the socket, and the receive is re-armed once buffers
+//! are back, so nothing is lost. Control commands arrive on a queue; the control thread writes an
+//! eventfd whose read is always armed in the ring, so a command wakes the loop at once.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use relay_proto::{Direction, ErrorCode, ErrorReply, GlobalStats, Relay, SocketId, Verdict};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::dataplane::{self, BackendCounters, BindConfig, Clock, CtlMsg, SocketTable};
+use crate::metrics::Publisher;
+use crate::ring::{Completion, Ring, MAX_PAYLOAD};
+
+const KIND_SHIFT: u32 = 56;
+const RECV: u64 = 1;
+const SEND: u64 = 2;
+const WAKE: u64 = 3;
+const CANCEL: u64 = 4;
+
+fn recv_data(slot: u32, gen: u32) -> u64 {
+    (RECV << KIND_SHIFT) | (u64::from(gen & 0xff_ffff) << 32) | u64::from(slot)
+}
+
+fn send_data(slot: u32, bid: u16, direction: Direction) -> u64 {
+    (SEND << KIND_SHIFT)
+        | (u64::from(slot & 0xff_ffff) << 32)
+        | ((direction.index() as u64) << 16)
+        | u64::from(bid)
+}
+
+/// What the loop knows of one fixed-file slot.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The channel's socket while open (the ring holds its own reference too).
+    socket: Option<UdpSocket>,
+    /// Bumped on every close, so completions of a previous channel in this slot are recognised.
+    gen: u32,
+    /// Whether a multishot receive is armed.
+    armed: bool,
+}
+
+/// The ring plus the slots: the io_uring backend's socket table.
+struct Sockets {
+    /// The ring.
+    ring: Ring,
+    /// Per fixed-file slot.
+    slots: Vec<Slot>,
+    /// Slots whose receive ended and must be re-armed.
+    rearm: Vec<u32>,
+}
+
+impl SocketTable for Sockets {
+    fn open(&mut self, id: SocketId, socket: UdpSocket) -> Result<(), ErrorReply> {
+        let io =
+            |what: &str, e: std::io::Error| ErrorReply::new(ErrorCode::Io, format!("{what}: {e}"));
+        let slot = self
+            .slots
+            .get_mut(id.0 as usize)
+            .ok_or_else(|| ErrorReply::new(ErrorCode::Internal, "socket slot out of range"))?;
+        self.ring
+            .register_socket(id.0, socket.as_raw_fd())
+            .map_err(|e| io("register fixed file", e))?;
+        self.ring
+            .arm_recv(id.0, recv_data(id.0, slot.gen))
+            .map_err(|e| io("arm receive", e))?;
+        slot.socket = Some(socket);
+        slot.armed = true;
+        Ok(())
+    }
+
+    fn close(&mut self, id: SocketId) {
+        let Some(slot) = self.slots.get_mut(id.0 as usize) else {
+            return;
+        };
+        if slot.armed {
+            let _ = self
+                .ring
+                .cancel(recv_data(id.0, slot.gen), CANCEL << KIND_SHIFT);
+        }
+        let _ = self.ring.unregister_socket(id.0);
+        slot.socket = None;
+        slot.armed = false;
+        slot.gen = slot.gen.wrapping_add(1);
+    }
+}
+
+/// Runs the io_uring data plane until a shutdown message; returns the final statistics.
+///
+/// # Errors
+/// The ring failed in a way the loop cannot recover from.
+pub fn run(
+    ring: Ring,
+    mut relay: Relay,
+    mut rx: UnboundedReceiver<CtlMsg>,
+    mut publisher: Publisher,
+    bind: BindConfig,
+) -> std::io::Result<GlobalStats> {
+    let clock = Clock::new();
+    let slots = (0..relay.config().max_channels)
+        .map(|_| Slot::default())
+        .collect();
+    let mut s = Sockets {
+        ring,
+        slots,
+        rearm: Vec::new(),
+    };
+    let mut counters = BackendCounters::default();
+    s.ring.arm_waker(WAKE << KIND_SHIFT)?;
+    let mut shutdown = None;
+    let mut forwarded = [0u64; 2];
+
+    while shutdown.is_none() {
+        let now = clock.now();
+        let next = relay
+            .poll_timeout()
+            .map_or(publisher.deadline(), |t| t.min(publisher.deadline()));
+        let wait = Duration::from_nanos(next.nanos_since(now).max(1));
+        s.ring.submit_and_wait(Some(wait))?;
+
+        let now = clock.now();
+        let completions = s.ring.drain_completions();
+        counters.batch(completions.len());
+        for c in &completions {
+            match c.user_data >> KIND_SHIFT {
+                RECV => on_recv(&mut s, &mut relay, &mut counters, &mut forwarded, now, c)?,
+                SEND => {
+                    if let Ok(bid) = u16::try_from(c.user_data & 0xffff) {
+                        s.ring.recycle(bid);
+                    }
+                    if c.result < 0 {
+                        counters.send_errors += 1;
+                    }
+                }
+                WAKE => {
+                    while let Ok(msg) = rx.try_recv() {
+                        handle_msg(
+                            msg,
+                            &mut relay,
+                            &mut s,
+                            &counters,
+                            bind,
+                            &clock,
+                            &mut shutdown,
+                        );
+                    }
+                    s.ring.arm_waker(WAKE << KIND_SHIFT)?;
+                }
+                _ => {}
+            }
+        }
+        s.ring.give_back(completions);
+        s.ring.sync_buffers();
+
+        for slot in std::mem::take(&mut s.rearm) {
+            let Some(st) = s.slots.get_mut(slot as usize) else {
+                continue;
+            };
+            if st.socket.is_some() && !st.armed {
+                s.ring.arm_recv(slot, recv_data(slot, st.gen))?;
+                st.armed = true;
+            }
+        }
+
+        if forwarded != [0, 0] {
+            let elapsed = clock.now().nanos_since(now);
+            for d in Direction::ALL {
+                let n = forwarded[d.index()];
+                if n > 0 {
+                    relay.record_forward_n(d, elapsed, n);
+                }
+            }
+            forwarded = [0, 0];
+        }
+
+        if relay.poll_timeout().is_some_and(|t| t <= now) {
+            relay.handle_timeout(now);
+            dataplane::close_expired(&mut relay, &mut s);
+        }
+        publisher.maybe_publish(now, &relay, &counters);
+    }
+
+    let now = clock.now();
+    publisher.publish(now, &relay, &counters);
+    let stats = relay.global_stats();
+    if let Some(reply) = shutdown {
+        let _ = reply.send(stats.clone());
+    }
+    Ok(stats)
+}
+
+type ShutdownReply = Option<tokio::sync::oneshot::Sender<GlobalStats>>;
+
+fn handle_msg(
+    msg: CtlMsg,
+    relay: &mut Relay,
+    s: &mut Sockets,
+    counters: &BackendCounters,
+    bind: BindConfig,
+    clock: &Clock,
+    shutdown: &mut ShutdownReply,
+) {
+    let now = clock.now();
+    match msg {
+        CtlMsg::Command { command, reply } => {
+            let _ = reply.send(dataplane::execute(relay, s, bind, now, command));
+        }
+        CtlMsg::Snapshot { reply } => {
+            let _ = reply.send(dataplane::stats_doc(relay, counters, "uring", now));
+        }
+        CtlMsg::Shutdown { reply } => *shutdown = Some(reply),
+    }
+}
+
+fn on_recv(
+    s: &mut Sockets,
+    relay: &mut Relay,
+    counters: &mut BackendCounters,
+    forwarded: &mut [u64; 2],
+    now: relay_proto::MonoTime,
+    c: &Completion,
+) -> std::io::Result<()> {
+    let slot = (c.user_data & 0xffff_ffff) as u32;
+    let gen = ((c.user_data >> 32) & 0xff_ffff) as u32;
+    let current = s
+        .slots
+        .get(slot as usize)
+        .is_some_and(|st| st.socket.is_some() && st.gen & 0xff_ffff == gen);
+    if c.result < 0 {
+        match -c.result {
+            libc::ENOBUFS => counters.rearm_nobufs += 1,
+            libc::ECANCELED => {}
+            _ => {
+                counters.recv_errors += 1;
+                counters.rearm_other += 1;
+            }
+        }
+    } else if let Some(bid) = c.buffer() {
+        let len = usize::try_from(c.result).unwrap_or(0);
+        forward(s, relay, counters, forwarded, now, slot, bid, len, current)?;
+    }
+    if !c.more() && current {
+        if let Some(st) = s.slots.get_mut(slot as usize) {
+            st.armed = false;
+        }
+        if c.result >= 0 {
+            counters.rearm_other += 1; // ended without an error: CQ overflow
+        }
+        s.rearm.push(slot);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)] // the loop's state, passed apart to satisfy the borrow checker
+fn forward(
+    s: &mut Sockets,
+    relay: &mut Relay,
+    counters: &mut BackendCounters,
+    forwarded: &mut [u64; 2],
+    now: relay_proto::MonoTime,
+    slot: u32,
+    bid: u16,
+    len: usize,
+    current: bool,
+) -> std::io::Result<()> {
+    let verdict = match s.ring.received(bid, len) {
+        Some(_) if !current => None, // a previous channel's datagram, in flight at its close
+        Some(r) if r.truncated || r.payload.len() > MAX_PAYLOAD => {
+            counters.oversize += 1;
+            None
+        }
+        Some(r) => match r.from {
+            Some(from) => Some((
+                relay.handle_datagram(now, SocketId(slot), from, r.payload),
+                r.payload.len(),
+            )),
+            None => {
+                counters.recv_errors += 1;
+                None
+            }
+        },
+        None => {
+            counters.recv_errors += 1;
+            None
+        }
+    };
+    match verdict {
+        Some((Verdict::Forward { to, direction }, n)) => {
+            if s.ring
+                .send(slot, bid, n, to, send_data(slot, bid, direction))
+                .is_ok()
+            {
+                forwarded[direction.index()] += 1;
+            } else {
+                counters.send_errors += 1;
+                s.ring.recycle(bid);
+            }
+        }
+        _ => s.ring.recycle(bid),
+    }
+    Ok(())
+}
