@@ -151,10 +151,9 @@ pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
         .join()
         .map_err(|_| anyhow!("the data plane panicked"))?;
     drop(ctl); // removes the socket file
-    let stats = result.context("the data plane failed")?;
-    match stopped {
-        Some(s) => Ok(s),
-        None => Err(anyhow!("the data plane stopped unexpectedly")),
+    match (stopped, result) {
+        (_, Err(e)) => Err(anyhow::Error::new(e).context("the data plane failed")),
+        (Some(stats), Ok(_)) => Ok(stats),
+        (None, Ok(_)) => Err(anyhow!("the data plane stopped without being asked to")),
     }
-    .or(Ok(stats))
 }
