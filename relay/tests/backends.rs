@@ -7,7 +7,7 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{available, recv, rtp, udp, wait_for, RelayProc};
+use common::{available, recv, rtp, udp, wait_for, OneChannel, RelayProc};
 use relay_proto::{DropReason, ErrorCode};
 
 /// Runs each scenario for both backends as `uring::name` and `tokio::name`.
@@ -52,24 +52,11 @@ fn echo_thread(echo: UdpSocket, n: usize) -> std::thread::JoinHandle<Vec<SocketA
 
 fn packets_go_round_trip_byte_identical_from_the_channel_port(backend: &str) {
     const K: u16 = 500;
-    let relay = RelayProc::start(backend, &[]);
-    let mut ctl = relay.client();
-    let (ast, echo) = (udp(), udp());
-    let port = ctl.add("c1", Some(local(&ast)), local(&echo));
-    let to = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut buf = [0u8; 2048];
+    let mut t = OneChannel::start(backend, &[]);
     for seq in 0..K {
-        let p = rtp(seq, 0xabcd);
-        ast.send_to(&p, to).unwrap();
-        let (n, src) = recv(&echo, &mut buf).unwrap();
-        assert_eq!(&buf[..n], &p[..], "reaches the echo byte-identical");
-        assert_eq!(src, to, "from the channel's own port");
-        echo.send_to(&buf[..n], src).unwrap();
-        let (n, src) = recv(&ast, &mut buf).unwrap();
-        assert_eq!(&buf[..n], &p[..], "returns to Asterisk byte-identical");
-        assert_eq!(src, to, "from exactly the address Asterisk sent to");
+        t.round_trip(&rtp(seq, 0xabcd));
     }
-    let s = ctl.remove("c1");
+    let s = t.ctl.remove("c1");
     assert_eq!(
         s.round_trip.matched,
         u64::from(K),
@@ -84,11 +71,14 @@ fn packets_go_round_trip_byte_identical_from_the_channel_port(backend: &str) {
 }
 
 fn strangers_short_and_v1_packets_are_dropped_by_reason(backend: &str) {
-    let relay = RelayProc::start(backend, &[]);
-    let mut ctl = relay.client();
-    let (ast, echo, stranger) = (udp(), udp(), udp());
-    let port = ctl.add("c1", Some(local(&ast)), local(&echo));
-    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let OneChannel {
+        relay,
+        mut ctl,
+        ast,
+        echo,
+        to,
+    } = OneChannel::start(backend, &[]);
+    let stranger = udp();
     let mut v1 = rtp(1, 7);
     v1[0] = 0x40;
     stranger.send_to(&rtp(1, 7), to).unwrap();
@@ -234,11 +224,14 @@ fn adding_and_removing_channels_returns_fds_and_memory(backend: &str) {
 }
 
 fn control_garbage_gets_errors_and_other_clients_carry_on(backend: &str) {
-    let relay = RelayProc::start(backend, &[]);
+    let OneChannel {
+        relay,
+        ctl: mut good,
+        ast,
+        echo,
+        to,
+    } = OneChannel::start(backend, &[]);
     let mut bad = relay.client();
-    let mut good = relay.client();
-    let (ast, echo) = (udp(), udp());
-    let port = good.add("c1", Some(local(&ast)), local(&echo));
     let cases: [(&[u8], ErrorCode); 4] = [
         (b"this is not json\n", ErrorCode::BadJson),
         (b"{\"cmd\":\"reboot\"}\n", ErrorCode::UnknownCommand),
@@ -270,8 +263,7 @@ fn control_garbage_gets_errors_and_other_clients_carry_on(backend: &str) {
     );
     // The other client, and forwarding, are unaffected.
     assert_eq!(good.global().channels, 1);
-    ast.send_to(&rtp(1, 1), SocketAddr::from(([127, 0, 0, 1], port)))
-        .unwrap();
+    ast.send_to(&rtp(1, 1), to).unwrap();
     let mut buf = [0u8; 2048];
     assert!(recv(&echo, &mut buf).is_ok());
     // A client that never said hello is refused politely.
@@ -283,18 +275,11 @@ fn control_garbage_gets_errors_and_other_clients_carry_on(backend: &str) {
 }
 
 fn metrics_endpoint_reports_what_was_forwarded(backend: &str) {
-    let relay = RelayProc::start(backend, &[]);
-    let mut ctl = relay.client();
-    let (ast, echo) = (udp(), udp());
-    let port = ctl.add("c1", Some(local(&ast)), local(&echo));
-    let to = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut buf = [0u8; 2048];
+    let t = OneChannel::start(backend, &[]);
     for seq in 0..50 {
-        ast.send_to(&rtp(seq, 3), to).unwrap();
-        let (n, src) = recv(&echo, &mut buf).unwrap();
-        echo.send_to(&buf[..n], src).unwrap();
-        recv(&ast, &mut buf).unwrap();
+        t.round_trip(&rtp(seq, 3));
     }
+    let relay = &t.relay;
     wait_for(
         "metrics to show 50 round trips",
         Duration::from_secs(5),

@@ -278,6 +278,51 @@ impl Ctl {
     }
 }
 
+/// A relay with one channel "c1" between a test socket playing Asterisk and one playing the echo.
+pub struct OneChannel {
+    pub relay: RelayProc,
+    pub ctl: Ctl,
+    pub ast: UdpSocket,
+    pub echo: UdpSocket,
+    /// The channel's port on the relay.
+    pub to: SocketAddr,
+}
+
+impl OneChannel {
+    pub fn start(backend: &str, extra: &[&str]) -> Self {
+        let relay = RelayProc::start(backend, extra);
+        let mut ctl = relay.client();
+        let (ast, echo) = (udp(), udp());
+        let port = ctl.add(
+            "c1",
+            Some(ast.local_addr().unwrap()),
+            echo.local_addr().unwrap(),
+        );
+        let to = SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            relay,
+            ctl,
+            ast,
+            echo,
+            to,
+        }
+    }
+
+    /// Sends `packet` from Asterisk, echoes it, receives it back; asserts it arrives intact at
+    /// both ends and always comes from the channel's own port.
+    pub fn round_trip(&self, packet: &[u8]) {
+        let mut buf = [0u8; 2048];
+        self.ast.send_to(packet, self.to).unwrap();
+        let (n, src) = recv(&self.echo, &mut buf).unwrap();
+        assert_eq!(&buf[..n], packet, "reaches the echo byte-identical");
+        assert_eq!(src, self.to, "from the channel's own port");
+        self.echo.send_to(&buf[..n], src).unwrap();
+        let (n, src) = recv(&self.ast, &mut buf).unwrap();
+        assert_eq!(&buf[..n], packet, "returns to Asterisk byte-identical");
+        assert_eq!(src, self.to, "from exactly the address Asterisk sent to");
+    }
+}
+
 /// A UDP socket on loopback with a large receive buffer and a read timeout.
 pub fn udp() -> UdpSocket {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
