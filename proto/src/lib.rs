@@ -15,12 +15,13 @@
 //! | [`stats`] | counters, HdrHistograms and the serialisable summaries |
 //! | [`relay`] | the state machine: channels, verdicts, commands, timers |
 //! | [`control`] | the newline-delimited JSON control protocol and its bounded decoder |
-//! | [`format`], [`time`] | media formats with their RTP clocks; monotonic time as a value |
+//! | [`format`], [`time`], [`rng`] | media formats with their RTP clocks; monotonic time as a value; a seedable generator |
 #![forbid(unsafe_code)]
 
 pub mod control;
 pub mod format;
 pub mod relay;
+pub mod rng;
 pub mod rtp;
 pub mod seq;
 pub mod stats;

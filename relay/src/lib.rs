@@ -13,6 +13,7 @@
 pub mod config;
 pub mod ctl;
 pub mod dataplane;
+pub mod http;
 pub mod metrics;
 #[allow(unsafe_code)] // the one module that talks to io_uring and libc directly
 pub mod ring;
@@ -29,6 +30,13 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{Backend, Config};
 use crate::dataplane::{BindConfig, CtlMsg, Handle};
 use crate::metrics::{Publisher, Snapshot};
+
+/// Pins the calling thread to CPU core `id`; false when the core does not exist or the
+/// system refuses.
+#[must_use]
+pub fn pin_current_thread(id: usize) -> bool {
+    core_affinity::set_for_current(core_affinity::CoreId { id })
+}
 
 /// Runs the relay until SIGTERM or SIGINT; returns the final global statistics.
 ///
@@ -72,7 +80,7 @@ pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
         .spawn(move || {
             let _exit = exit_tx; // dropped when this thread ends, whatever the reason
             if let Some(id) = core {
-                if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                if !pin_current_thread(id) {
                     tracing::warn!(core = id, "cannot pin the data plane to this core");
                 }
             }

@@ -21,7 +21,6 @@ use prometheus::proto::{
 use relay_proto::relay::GlobalHistograms;
 use relay_proto::stats::{CloseReason, LatencyHistogram, PerDirection};
 use relay_proto::{Direction, DropReason, GlobalStats, MonoTime, Relay};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::dataplane::{BackendCounters, CtlMsg, Handle, BATCH_BUCKETS};
@@ -360,88 +359,49 @@ pub fn render(s: &Snapshot) -> String {
 
 /// Serves `/metrics`, `/stats` and `/healthz` until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<ArcSwap<Snapshot>>, handle: Handle) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    crate::http::serve(listener, move |path: String| {
         let shared = Arc::clone(&shared);
         let handle = handle.clone();
-        tokio::spawn(async move {
-            let _ = respond(stream, &shared, &handle).await;
-        });
-    }
+        async move { page(&path, &shared, &handle).await }
+    })
+    .await;
 }
 
-async fn respond(
-    mut stream: tokio::net::TcpStream,
-    shared: &ArcSwap<Snapshot>,
-    handle: &Handle,
-) -> std::io::Result<()> {
-    let mut req = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let read = async {
-        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            req.extend_from_slice(buf.get(..n).unwrap_or_default());
-        }
-        Ok::<_, std::io::Error>(())
+async fn page(path: &str, shared: &ArcSwap<Snapshot>, handle: &Handle) -> crate::http::Page {
+    let unavailable = || {
+        (
+            "503 Service Unavailable",
+            "text/plain",
+            "data plane stopped\n".to_owned(),
+        )
     };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let line = req.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
-    let (status, ctype, body) = match (method, path) {
-        (b"GET", b"/metrics") => (
+    match path {
+        "/metrics" => (
             "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
+            crate::http::PROMETHEUS_TEXT,
             render(&shared.load()),
         ),
-        (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        (b"GET", b"/stats") => {
+        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        "/stats" => {
             let (reply, rx) = tokio::sync::oneshot::channel();
-            match handle.send(CtlMsg::Snapshot { reply }) {
-                Ok(()) => match rx.await {
-                    Ok(doc) => (
-                        "200 OK",
-                        "application/json",
-                        serde_json::to_string_pretty(&doc).unwrap_or_default(),
-                    ),
-                    Err(_) => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        "data plane stopped\n".into(),
-                    ),
-                },
-                Err(_) => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "data plane stopped\n".into(),
+            if handle.send(CtlMsg::Snapshot { reply }).is_err() {
+                return unavailable();
+            }
+            match rx.await {
+                Ok(doc) => (
+                    "200 OK",
+                    "application/json",
+                    serde_json::to_string_pretty(&doc).unwrap_or_default(),
                 ),
+                Err(_) => unavailable(),
             }
         }
-        (b"GET", _) => (
+        _ => (
             "404 Not Found",
             "text/plain",
             "try /metrics, /stats or /healthz\n".into(),
         ),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    }
 }
 
 #[cfg(test)]

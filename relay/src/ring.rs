@@ -219,8 +219,15 @@ pub struct Ring {
     tail: u16,
     /// The receive buffers, `entries` × BUFFER_SIZE bytes.
     buffers: Box<[u8]>,
-    /// Send headers, one per buffer.
+    /// Send headers, one per receive buffer.
     sends: Box<[SendSlot]>,
+    /// Transmit buffers for datagrams that did not arrive in a receive buffer (generated or
+    /// copied), `tx_count` × BUFFER_SIZE bytes.
+    tx: Box<[u8]>,
+    /// Send headers, one per transmit buffer.
+    tx_sends: Box<[SendSlot]>,
+    /// Free transmit buffers.
+    tx_free: Vec<u16>,
     /// The header multishot receives describe their layout with.
     recv_msg: Box<libc::msghdr>,
     /// Wakes the ring from other threads.
@@ -247,6 +254,19 @@ impl Ring {
     /// # Errors
     /// What failed, in words that name the cause and the way out.
     pub fn new(sq_entries: u32, buffers: u16, files: u32) -> Result<Self, SetupError> {
+        Self::with_tx(sq_entries, buffers, files, 0)
+    }
+
+    /// Like [`Ring::new`], with `tx_count` transmit buffers as well (see [`Ring::tx_acquire`]).
+    ///
+    /// # Errors
+    /// What failed, in words that name the cause and the way out.
+    pub fn with_tx(
+        sq_entries: u32,
+        buffers: u16,
+        files: u32,
+        tx_count: u16,
+    ) -> Result<Self, SetupError> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
@@ -283,10 +303,13 @@ impl Ring {
         // SAFETY: msghdr is plain old data; all-zero is a valid (empty) header.
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msg.msg_namelen = NAME_LEN_SOCKLEN;
-        let sends = (0..entries)
-            // SAFETY: all three are plain old data; all-zero is valid for each.
-            .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
-            .collect();
+        let slots = |n: u16| -> Box<[SendSlot]> {
+            (0..n)
+                // SAFETY: all three fields are plain old data; all-zero is valid for each.
+                .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
+                .collect()
+        };
+        let sends = slots(entries);
         let mut this = Self {
             ring,
             ring_mem,
@@ -295,6 +318,9 @@ impl Ring {
             tail: 0,
             buffers: vec![0u8; usize::from(entries) * BUFFER_SIZE].into_boxed_slice(),
             sends,
+            tx: vec![0u8; usize::from(tx_count) * BUFFER_SIZE].into_boxed_slice(),
+            tx_sends: slots(tx_count),
+            tx_free: (0..tx_count).rev().collect(),
             recv_msg,
             waker: std::sync::Arc::new(waker),
             wake_buf: Box::new(0),
@@ -467,29 +493,72 @@ impl Ring {
         user_data: u64,
     ) -> io::Result<()> {
         let offset = usize::from(bid) * BUFFER_SIZE + 16 + NAME_LEN;
-        let Some(payload) = self.buffers.get_mut(offset..offset + len.min(MAX_PAYLOAD)) else {
-            return Err(io::Error::other("buffer id out of range"));
-        };
-        let base = payload.as_mut_ptr();
-        let Some(s) = self.sends.get_mut(usize::from(bid)) else {
-            return Err(io::Error::other("buffer id out of range"));
-        };
-        let namelen = write_sockaddr(to, &mut s.addr);
-        s.iov = libc::iovec {
-            iov_base: base.cast(),
-            iov_len: len.min(MAX_PAYLOAD),
-        };
-        s.msg.msg_name = std::ptr::from_mut(&mut s.addr).cast();
-        s.msg.msg_namelen = namelen;
-        s.msg.msg_iov = &mut s.iov;
-        s.msg.msg_iovlen = 1;
-        s.msg.msg_control = std::ptr::null_mut();
-        s.msg.msg_controllen = 0;
-        s.msg.msg_flags = 0;
-        let e = opcode::SendMsg::new(Fixed(slot), &s.msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(user_data);
+        let len = len.min(MAX_PAYLOAD);
+        let payload = self
+            .buffers
+            .get_mut(offset..offset + len)
+            .ok_or_else(|| io::Error::other("buffer id out of range"))?;
+        let s = self
+            .sends
+            .get_mut(usize::from(bid))
+            .ok_or_else(|| io::Error::other("buffer id out of range"))?;
+        let e = prepare_send(s, payload, to, slot, user_data);
+        self.push(&e)
+    }
+
+    /// A free transmit buffer, if any; the caller fills it ([`Ring::tx_buffer`]), sends it
+    /// ([`Ring::send_tx`]) and releases it when the send completes ([`Ring::tx_release`]).
+    pub fn tx_acquire(&mut self) -> Option<u16> {
+        self.tx_free.pop()
+    }
+
+    /// Transmit buffer `i`, `BUFFER_SIZE` bytes.
+    pub fn tx_buffer(&mut self, i: u16) -> Option<&mut [u8]> {
+        let start = usize::from(i) * BUFFER_SIZE;
+        self.tx.get_mut(start..start + BUFFER_SIZE)
+    }
+
+    /// Copies the payload of receive buffer `bid` (completion length `len`) into a free transmit
+    /// buffer; returns the buffer and the payload length.
+    pub fn tx_copy_from(&mut self, bid: u16, len: usize) -> Option<(u16, usize)> {
+        let n = self.received(bid, len)?.payload.len();
+        let i = self.tx_acquire()?;
+        let src = usize::from(bid) * BUFFER_SIZE + 16 + NAME_LEN;
+        let dst = usize::from(i) * BUFFER_SIZE;
+        let payload = self.buffers.get(src..src + n)?;
+        self.tx.get_mut(dst..dst + n)?.copy_from_slice(payload);
+        Some((i, n))
+    }
+
+    /// Returns transmit buffer `i` to the pool.
+    pub fn tx_release(&mut self, i: u16) {
+        if usize::from(i) < self.tx_sends.len() {
+            self.tx_free.push(i);
+        }
+    }
+
+    /// Sends the first `len` bytes of transmit buffer `i` from fixed-file `slot` to `to`.
+    ///
+    /// # Errors
+    /// The submission queue could not take it, or `i` is not a transmit buffer.
+    pub fn send_tx(
+        &mut self,
+        slot: u32,
+        i: u16,
+        len: usize,
+        to: SocketAddr,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let start = usize::from(i) * BUFFER_SIZE;
+        let payload = self
+            .tx
+            .get_mut(start..start + len.min(BUFFER_SIZE))
+            .ok_or_else(|| io::Error::other("transmit buffer out of range"))?;
+        let s = self
+            .tx_sends
+            .get_mut(usize::from(i))
+            .ok_or_else(|| io::Error::other("transmit buffer out of range"))?;
+        let e = prepare_send(s, payload, to, slot, user_data);
         self.push(&e)
     }
 
@@ -556,6 +625,33 @@ impl Drop for Ring {
             libc::munmap(self.ring_mem.as_ptr().cast(), self.ring_len);
         }
     }
+}
+
+/// Fills a send slot for `payload` to `to` and builds its SendMsg. The slot and the payload must
+/// stay put until the send completes (both live in the ring's boxed arrays).
+fn prepare_send(
+    s: &mut SendSlot,
+    payload: &mut [u8],
+    to: SocketAddr,
+    slot: u32,
+    user_data: u64,
+) -> io_uring::squeue::Entry {
+    let namelen = write_sockaddr(to, &mut s.addr);
+    s.iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    s.msg.msg_name = std::ptr::from_mut(&mut s.addr).cast();
+    s.msg.msg_namelen = namelen;
+    s.msg.msg_iov = &mut s.iov;
+    s.msg.msg_iovlen = 1;
+    s.msg.msg_control = std::ptr::null_mut();
+    s.msg.msg_controllen = 0;
+    s.msg.msg_flags = 0;
+    opcode::SendMsg::new(Fixed(slot), &s.msg)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build()
+        .user_data(user_data)
 }
 
 /// Reads a `sockaddr_in` or `sockaddr_in6` from the bytes the kernel wrote.

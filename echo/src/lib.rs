@@ -1,0 +1,336 @@
+//! `echo`: an RTP reflector on one UDP port that returns every datagram to its source.
+//!
+//! It must never be what limits a benchmark, so it runs on the relay's io_uring code: one
+//! multishot `RecvMsg` on a provided-buffer ring, and each datagram sent back by `SendMsg`
+//! straight from the buffer it arrived in. With no fault configured it keeps no state at all.
+//! With faults ([`faults`]), held packets keep their buffer until they leave; duplicates are
+//! copied into a transmit buffer.
+//!
+//! Counts are published to atomics once per batch for `/metrics`, and printed as a JSON line on
+//! standard output when the echo exits (SIGTERM, SIGINT, or `--duration`).
+
+pub mod faults;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use relay::ring::{Completion, Ring};
+use serde::Serialize;
+
+use crate::faults::{Action, EchoCounts, FaultConfig, Faults};
+
+/// Echo settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Metrics endpoint, if any.
+    pub metrics: Option<SocketAddr>,
+    /// Core to pin the I/O thread to.
+    pub core: Option<usize>,
+    /// Faults.
+    pub faults: FaultConfig,
+    /// Receive buffers in the ring.
+    pub buffers: u16,
+    /// SO_RCVBUF of the socket.
+    pub rcvbuf: usize,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+}
+
+/// Counters shared with the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct SharedCounts {
+    /// See [`EchoCounts`].
+    pub received: AtomicU64,
+    /// See [`EchoCounts`].
+    pub sent: AtomicU64,
+    /// See [`EchoCounts`].
+    pub dropped: AtomicU64,
+    /// See [`EchoCounts`].
+    pub duplicated: AtomicU64,
+    /// See [`EchoCounts`].
+    pub reordered: AtomicU64,
+    /// See [`EchoCounts`].
+    pub delayed: AtomicU64,
+    /// Packets held right now.
+    pub held: AtomicU64,
+}
+
+impl SharedCounts {
+    fn store(&self, c: &EchoCounts, held: usize) {
+        self.received.store(c.received, Ordering::Relaxed);
+        self.sent.store(c.sent, Ordering::Relaxed);
+        self.dropped.store(c.dropped, Ordering::Relaxed);
+        self.duplicated.store(c.duplicated, Ordering::Relaxed);
+        self.reordered.store(c.reordered, Ordering::Relaxed);
+        self.delayed.store(c.delayed, Ordering::Relaxed);
+        self.held.store(held as u64, Ordering::Relaxed);
+    }
+
+    /// Prometheus text.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, help, v) in [
+            ("received_total", "Datagrams received.", &self.received),
+            (
+                "sent_total",
+                "Datagrams sent, duplicates included.",
+                &self.sent,
+            ),
+            (
+                "dropped_total",
+                "Datagrams dropped by --loss.",
+                &self.dropped,
+            ),
+            (
+                "duplicated_total",
+                "Extra copies sent by --duplicate.",
+                &self.duplicated,
+            ),
+            (
+                "reordered_total",
+                "Packets sent after a later packet of their stream.",
+                &self.reordered,
+            ),
+            (
+                "delayed_total",
+                "Packets held before leaving.",
+                &self.delayed,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP rtpecho_{name} {help}\n# TYPE rtpecho_{name} counter\nrtpecho_{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP rtpecho_held Packets held right now.\n# TYPE rtpecho_held gauge\nrtpecho_held {}\n",
+            self.held.load(Ordering::Relaxed)
+        ));
+        out
+    }
+}
+
+/// The final report.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Address listened on.
+    pub listen: SocketAddr,
+    /// Counts.
+    #[serde(flatten)]
+    pub counts: EchoCounts,
+    /// Datagrams received per second of run time.
+    pub packets_per_second: f64,
+    /// CPU seconds used by the I/O thread per datagram received, in nanoseconds.
+    pub cpu_ns_per_packet: Option<f64>,
+}
+
+const RECV: u64 = 1 << 56;
+const SEND: u64 = 2 << 56;
+const SEND_TX: u64 = 3 << 56;
+const WAKE: u64 = 4 << 56;
+const KIND: u64 = 0xff << 56;
+
+/// A datagram the echo holds: its buffer, sizes and source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Item {
+    /// Receive buffer.
+    bid: u16,
+    /// The completion's length (header, address and payload).
+    total: usize,
+    /// The payload's length.
+    len: usize,
+    /// Where it came from, and goes back to.
+    from: SocketAddr,
+}
+
+/// Runs the echo until `stop` is set or `--duration` passes; returns the summary.
+///
+/// # Errors
+/// Socket or io_uring set-up failed, or the ring failed.
+pub fn run(
+    config: &Config,
+    stop: &AtomicBool,
+    shared: &SharedCounts,
+    ready: impl FnOnce(SocketAddr, Arc<relay::ring::EventFd>),
+) -> anyhow::Result<Summary> {
+    if let Some(id) = config.core {
+        if !core_affinity_set(id) {
+            tracing::warn!(core = id, "cannot pin the echo to this core");
+        }
+    }
+    let socket = relay::dataplane::bind_channel_socket(
+        config.listen.ip(),
+        config.listen.port(),
+        config.rcvbuf,
+    )
+    .map_err(|e| anyhow::anyhow!("--listen {}: {}", config.listen, e.message))?;
+    let listen = socket.local_addr()?;
+    let mut ring = Ring::with_tx(4096, config.buffers, 1, 1024).context("io_uring")?;
+    ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&socket))?;
+    ring.arm_recv(0, RECV)?;
+    ring.arm_waker(WAKE)?;
+    ready(listen, ring.waker());
+
+    let clean = config.faults.is_clean();
+    let mut faults: Faults<Item> = Faults::new(config.faults.clone());
+    let mut clean_counts = EchoCounts::default();
+    let start = Instant::now();
+    let cpu_start = thread_cpu();
+    let deadline = config.duration.map(|d| start + d);
+    let mut rearm = false;
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+        let now_ns = relay_proto::time::duration_nanos(start.elapsed());
+        let mut wait = Duration::from_millis(100);
+        if let Some(due) = faults.next_due() {
+            wait = wait.min(Duration::from_nanos(due.saturating_sub(now_ns).max(1)));
+        }
+        if let Some(d) = deadline {
+            wait = wait.min(
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_nanos(1)),
+            );
+        }
+        ring.submit_and_wait(Some(wait))?;
+        let now_ns = relay_proto::time::duration_nanos(start.elapsed());
+        let completions = ring.drain_completions();
+        for c in &completions {
+            match c.user_data & KIND {
+                RECV => {
+                    on_recv(&mut ring, &mut faults, &mut clean_counts, clean, now_ns, c);
+                    if !c.more() {
+                        rearm = true;
+                    }
+                }
+                SEND => {
+                    if let Ok(bid) = u16::try_from(c.user_data & 0xffff) {
+                        ring.recycle(bid);
+                    }
+                }
+                SEND_TX => {
+                    if let Ok(i) = u16::try_from(c.user_data & 0xffff) {
+                        ring.tx_release(i);
+                    }
+                }
+                WAKE => ring.arm_waker(WAKE)?,
+                _ => {}
+            }
+        }
+        ring.give_back(completions);
+        while let Some((item, copies)) = faults.pop_due(now_ns) {
+            send(&mut ring, &mut faults, item, copies);
+        }
+        ring.sync_buffers();
+        if rearm {
+            ring.arm_recv(0, RECV)?;
+            rearm = false;
+        }
+        let counts = if clean { clean_counts } else { faults.counts() };
+        shared.store(&counts, faults.held());
+    }
+    let counts = if clean { clean_counts } else { faults.counts() };
+    shared.store(&counts, faults.held());
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = thread_cpu().zip(cpu_start).map(|(b, a)| b - a);
+    Ok(Summary {
+        listen,
+        counts,
+        packets_per_second: counts.received as f64 / secs.max(1e-9),
+        cpu_ns_per_packet: cpu
+            .filter(|_| counts.received > 0)
+            .map(|c| c * 1e9 / counts.received as f64),
+    })
+}
+
+fn on_recv(
+    ring: &mut Ring,
+    faults: &mut Faults<Item>,
+    clean_counts: &mut EchoCounts,
+    clean: bool,
+    now_ns: u64,
+    c: &Completion,
+) {
+    if c.result < 0 {
+        return; // ENOBUFS and the like: re-armed after this batch
+    }
+    let Some(bid) = c.buffer() else { return };
+    let len = usize::try_from(c.result).unwrap_or(0);
+    let Some((from, n)) = ring
+        .received(bid, len)
+        .and_then(|r| Some((r.from?, r.payload.len())))
+    else {
+        ring.recycle(bid);
+        return;
+    };
+    let item = Item {
+        bid,
+        total: len,
+        len: n,
+        from,
+    };
+    if clean {
+        clean_counts.received += 1;
+        if ring.send(0, bid, n, from, SEND | u64::from(bid)).is_ok() {
+            clean_counts.sent += 1;
+        } else {
+            ring.recycle(bid);
+        }
+        return;
+    }
+    let action = match ring.received(bid, len) {
+        Some(r) => faults.on_packet(now_ns, r.payload, item),
+        None => Action::Drop(item),
+    };
+    match action {
+        Action::Send { item, copies } => send(ring, faults, item, copies),
+        Action::Drop(item) => ring.recycle(item.bid),
+        Action::Held => {}
+    }
+}
+
+/// Sends a held or decided packet (and its copy), accounting for both as they leave.
+fn send(ring: &mut Ring, faults: &mut Faults<Item>, item: Item, copies: u8) {
+    let key = ring
+        .received(item.bid, item.total)
+        .and_then(|r| faults::rtp_key(r.payload));
+    let copy = if copies > 1 {
+        ring.tx_copy_from(item.bid, item.total)
+    } else {
+        None
+    };
+    if ring
+        .send(0, item.bid, item.len, item.from, SEND | u64::from(item.bid))
+        .is_ok()
+    {
+        faults.on_sent_key(key, false);
+    } else {
+        ring.recycle(item.bid);
+    }
+    if let Some((i, n)) = copy {
+        if ring
+            .send_tx(0, i, n, item.from, SEND_TX | u64::from(i))
+            .is_ok()
+        {
+            faults.on_sent_key(key, true);
+        } else {
+            ring.tx_release(i);
+        }
+    }
+}
+
+fn core_affinity_set(id: usize) -> bool {
+    relay::pin_current_thread(id)
+}
+
+/// CPU time of the calling thread, in seconds (`/proc` counts in USER_HZ, 100 on Linux).
+fn thread_cpu() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}

@@ -1,0 +1,203 @@
+//! The echo binary over loopback: clean reflection, and fault counts that equal what a client
+//! observes, reproducibly.
+#![allow(clippy::cast_possible_truncation)] // small known test values
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use relay_proto::rtp::{parse_rtp, RtpHeader};
+use relay_proto::Ssrc;
+
+fn skip_without_uring() -> bool {
+    match relay::ring::probe() {
+        Ok(()) => false,
+        Err(e) => {
+            eprintln!("SKIPPED (io_uring unavailable here): {e}");
+            true
+        }
+    }
+}
+
+/// Starts the echo on a free port with `args`; returns it and its address.
+fn start(args: &[&str]) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_echo"))
+        .args(["--listen", "127.0.0.1:0", "--metrics", "off"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(i) = line.find("listen=") {
+                let addr = line[i + 7..].split_whitespace().next().unwrap().to_owned();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("echo ready")
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+/// Stops the echo and parses its summary line.
+fn stop(mut child: Child) -> serde_json::Value {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output_stdout();
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary {out:?}: {e}"))
+}
+
+trait WaitStdout {
+    fn wait_with_output_stdout(&mut self) -> String;
+}
+
+impl WaitStdout for Child {
+    fn wait_with_output_stdout(&mut self) -> String {
+        let mut s = String::new();
+        std::io::Read::read_to_string(self.stdout.as_mut().unwrap(), &mut s).unwrap();
+        assert!(self.wait().unwrap().success());
+        s
+    }
+}
+
+fn packet(seq: u16) -> Vec<u8> {
+    let mut b = vec![0u8; 172];
+    RtpHeader {
+        sequence: seq,
+        timestamp: 160 * u32::from(seq),
+        ssrc: Ssrc(77),
+        ..RtpHeader::default()
+    }
+    .write(&mut b)
+    .unwrap();
+    b[12] = seq as u8;
+    b
+}
+
+fn client() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    s
+}
+
+#[test]
+fn clean_echo_returns_every_datagram_byte_identical() {
+    if skip_without_uring() {
+        return;
+    }
+    let (echo, addr) = start(&[]);
+    let c = client();
+    let mut buf = [0u8; 2048];
+    for seq in 0..300 {
+        c.send_to(&packet(seq), addr).unwrap();
+        let (n, from) = c.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&packet(seq)[..], addr));
+    }
+    c.send_to(b"not rtp", addr).unwrap();
+    let (n, _) = c.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"not rtp");
+    let s = stop(echo);
+    assert_eq!(
+        (s["received"].as_u64(), s["sent"].as_u64()),
+        (Some(301), Some(301))
+    );
+}
+
+/// Sends `n` packets 2 ms apart through an echo with faults; returns what came back, in order.
+fn faulted_run(seed: &str, n: u16) -> (Vec<u16>, serde_json::Value) {
+    let (echo, addr) = start(&[
+        "--loss",
+        "0.05",
+        "--duplicate",
+        "0.05",
+        "--reorder",
+        "0.05",
+        "--delay",
+        "3ms",
+        "--seed",
+        seed,
+    ]);
+    let c = client();
+    let rx = c.try_clone().unwrap();
+    let receiver = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut got = Vec::new();
+        while let Ok((len, _)) = rx.recv_from(&mut buf) {
+            got.push(parse_rtp(&buf[..len]).unwrap().sequence);
+        }
+        got
+    });
+    for seq in 0..n {
+        c.send_to(&packet(seq), addr).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let got = receiver.join().unwrap(); // ends 500 ms after the last echo
+    (got, stop(echo))
+}
+
+#[test]
+fn fault_counts_equal_what_the_client_sees_and_the_seed_reproduces_them() {
+    if skip_without_uring() {
+        return;
+    }
+    let (got, s) = faulted_run("11", 600);
+    let (mut seen, mut max, mut reordered, mut dups) = (HashSet::new(), None, 0u64, 0u64);
+    for &q in &got {
+        if !seen.insert(q) {
+            dups += 1;
+            continue;
+        }
+        if max.is_some_and(|m| q < m) {
+            reordered += 1;
+        }
+        max = Some(max.map_or(q, |m: u16| m.max(q)));
+    }
+    let lost = 600 - seen.len() as u64;
+    assert!(
+        lost > 0 && dups > 0 && reordered > 0,
+        "faults happened: {s}"
+    );
+    assert_eq!(s["dropped"].as_u64(), Some(lost), "{s}");
+    assert_eq!(s["duplicated"].as_u64(), Some(dups), "{s}");
+    assert_eq!(s["reordered"].as_u64(), Some(reordered), "{s}");
+    assert_eq!(s["sent"].as_u64(), Some(got.len() as u64), "{s}");
+    // The same seed makes the same decisions.
+    let (_, again) = faulted_run("11", 600);
+    for k in ["dropped", "duplicated", "reordered"] {
+        assert_eq!(again[k], s[k], "{k}");
+    }
+}
+
+#[test]
+fn bad_flags_exit_non_zero_naming_the_flag() {
+    for (args, flag) in [
+        (&["--loss", "1.5"][..], "--loss"),
+        (&["--buffers", "1000"], "--buffers"),
+        (&["--delay", "soon"], "--delay"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_echo"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(flag),
+            "{args:?}"
+        );
+    }
+}
