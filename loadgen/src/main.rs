@@ -1,12 +1,127 @@
-//! `loadgen`: synthetic Asterisk streams, ARI calls and the simulated Asterisk
-//!
-//! Not built yet (issue 4). This binary says so and exits non-zero, so nothing can mistake it
-//! for a working loadgen.
-#![forbid(unsafe_code)]
+//! `loadgen`: drives rtp-relay. `loadgen rtp` plays Asterisk's RTP for N channels against a
+//! running relay and prints a latency report.
 
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use loadgen::rtp;
+use relay_proto::time::parse_duration;
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(name = "loadgen", version, about = "Load generator for rtp-relay")]
+struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    command: Mode,
+}
+
+/// Modes.
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Play Asterisk's externalMedia RTP for N channels against a running relay.
+    Rtp(RtpArgs),
+}
+
+/// `loadgen rtp` flags.
+#[derive(Debug, clap::Args)]
+struct RtpArgs {
+    /// The relay's control socket.
+    #[arg(long, env = "RELAY_CTL", default_value = "/run/rtp-relay/relay.sock")]
+    relay_ctl: PathBuf,
+    /// Channels (concurrent calls).
+    #[arg(long, default_value_t = 200)]
+    channels: u32,
+    /// How long to send (e.g. 20s).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Channels added per second; 0 adds them all at once.
+    #[arg(long, default_value_t = 100.0)]
+    ramp: f64,
+    /// Packet interval.
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    ptime: Duration,
+    /// Address the channel sockets bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Echo server to give the relay for each channel (default: the relay's own default).
+    #[arg(long)]
+    echo: Option<SocketAddr>,
+    /// Seed of SSRCs and starting sequence numbers.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Pin loadgen's I/O thread to this core.
+    #[arg(long)]
+    core: Option<usize>,
+    /// How long to wait for returns after the last send.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    grace: Duration,
+    /// Also write the report as JSON to this file ("-": standard output).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Fail (exit 1) when the loss ratio exceeds this fraction (e.g. 0.001).
+    #[arg(long)]
+    max_loss: Option<f64>,
+    /// Fail (exit 1) when the end-to-end p99 exceeds this (e.g. 5ms).
+    #[arg(long, value_parser = parse_duration)]
+    max_p99: Option<Duration>,
+}
 
 fn main() -> ExitCode {
-    eprintln!("loadgen: not implemented yet (issue 4: synthetic Asterisk streams, ARI calls and the simulated Asterisk)");
-    ExitCode::from(2)
+    let Mode::Rtp(a) = Cli::parse().command;
+    if a.channels == 0 || a.ptime.is_zero() || a.duration.is_zero() || a.ramp < 0.0 {
+        eprintln!("loadgen: invalid value: --channels, --ptime and --duration must be positive and --ramp not negative");
+        return ExitCode::from(2);
+    }
+    if a.max_loss.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+        eprintln!("loadgen: invalid value for --max-loss: a fraction in 0..=1");
+        return ExitCode::from(2);
+    }
+    let cfg = rtp::RtpConfig {
+        relay_ctl: a.relay_ctl,
+        channels: a.channels,
+        duration: a.duration,
+        ramp: a.ramp,
+        ptime: a.ptime,
+        bind: a.bind,
+        echo: a.echo,
+        seed: a.seed,
+        core: a.core,
+        grace: a.grace,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let report = match rtp::run(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{report}");
+    if let Some(path) = &a.json {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        let written = if path.as_os_str() == "-" {
+            println!("{json}");
+            Ok(())
+        } else {
+            std::fs::write(path, json + "\n")
+        };
+        if let Err(e) = written {
+            eprintln!("loadgen: cannot write --json {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let violations = report.violations(a.max_loss, a.max_p99);
+    for v in &violations {
+        eprintln!("loadgen: SLA violated: {v}");
+    }
+    if violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

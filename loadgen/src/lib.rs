@@ -1,0 +1,9 @@
+//! `loadgen`: drives rtp-relay end to end.
+//!
+//! - [`rtp`]: `loadgen rtp`, synthetic Asterisk externalMedia streams against a running relay;
+//! - [`report`]: the latency report and the SLA check;
+//! - [`ctl`]: a blocking client of the relay's control socket.
+
+pub mod ctl;
+pub mod report;
+pub mod rtp;

@@ -1,0 +1,258 @@
+//! The latency report loadgen prints (and writes as JSON), and the SLA check.
+//!
+//! Three views of latency:
+//! - **end to end**: loadgen's own round trip (send to return), what a caller of the relay sees;
+//! - **relay RTT**: the relay's T1 − T0, the echo round trip it measures (its global histogram);
+//! - **added by the relay**: end to end minus the relay's RTT, percentile by percentile: the cost
+//!   of two extra hops through the relay (an estimate: the difference of two distributions'
+//!   percentiles, not the percentile of per-packet differences). The relay's own
+//!   receive-to-send forwarding times are reported beside it.
+
+use std::fmt;
+
+use relay_proto::stats::{LatencyHistogram, PerDirection};
+use relay_proto::{ChannelStats, GlobalStats, LatencySummary};
+use serde::Serialize;
+
+use crate::rtp::{ChanTotals, RtpConfig};
+
+/// What the relay reported about the run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RelaySide {
+    /// The relay's round-trip distribution (global; assumes a relay dedicated to this run).
+    pub rtt: LatencySummary,
+    /// The relay's forwarding time, per direction.
+    pub forward: PerDirection<LatencySummary>,
+    /// Packets the relay counted lost on the echo's stream, over the run's channels.
+    pub lost: u64,
+    /// Duplicates it counted on the echo's stream.
+    pub duplicates: u64,
+    /// Reordered packets it counted on the echo's stream.
+    pub reordered: u64,
+    /// Echo timeouts over the run's channels.
+    pub echo_timeouts: u64,
+    /// Round trips it measured over the run's channels.
+    pub measured: u64,
+    /// Datagrams it dropped on the run's channels, all reasons.
+    pub drops: u64,
+    /// Of which from unknown sources.
+    pub unknown_source_drops: u64,
+}
+
+impl RelaySide {
+    /// Starts from the relay's global statistics (for the distributions).
+    #[must_use]
+    pub fn from_global(g: &GlobalStats) -> Self {
+        Self {
+            rtt: g.rtt,
+            forward: g.forward,
+            ..Self::default()
+        }
+    }
+
+    /// Adds one removed channel's final counts.
+    pub fn add_channel(&mut self, s: &ChannelStats) {
+        self.lost += s.streams.to_asterisk.lost;
+        self.duplicates += s.streams.to_asterisk.duplicates;
+        self.reordered += s.streams.to_asterisk.reordered;
+        self.echo_timeouts += s.round_trip.timeouts;
+        self.measured += s.round_trip.matched;
+        self.drops += s.drops.total();
+        self.unknown_source_drops += s.drops.get(relay_proto::DropReason::UnknownSource);
+    }
+}
+
+/// Percentile differences, in nanoseconds (saturating at 0).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Added {
+    /// p50 difference.
+    pub p50_ns: u64,
+    /// p95 difference.
+    pub p95_ns: u64,
+    /// p99 difference.
+    pub p99_ns: u64,
+    /// p99.9 difference.
+    pub p999_ns: u64,
+}
+
+/// The report of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Channels asked for.
+    pub channels: u32,
+    /// Channels the relay accepted.
+    pub channels_added: usize,
+    /// Sending time, seconds.
+    pub duration_s: f64,
+    /// Packet interval, milliseconds.
+    pub ptime_ms: f64,
+    /// Packets sent.
+    pub packets_sent: u64,
+    /// Packets whose first return was measured.
+    pub packets_received: u64,
+    /// Sent and never returned.
+    pub lost: u64,
+    /// `lost / packets_sent`.
+    pub loss_ratio: f64,
+    /// Missing from the returned RTP streams before their highest sequence (RFC 3550 A.1); packets
+    /// lost at the very end of a stream count in `lost` but not here.
+    pub rtp_lost: u64,
+    /// Returns later than the lateness threshold.
+    pub late: u64,
+    /// Duplicate returns.
+    pub duplicates: u64,
+    /// Reordered returns.
+    pub reordered: u64,
+    /// Returns whose payload differed from what was sent.
+    pub corrupt: u64,
+    /// Datagrams from a wrong source or SSRC.
+    pub wrong_source: u64,
+    /// End-to-end round trip.
+    pub e2e_rtt: LatencySummary,
+    /// What the relay reported.
+    pub relay: RelaySide,
+    /// End to end minus relay RTT.
+    pub added_by_relay: Added,
+}
+
+impl Report {
+    /// Assembles the report.
+    #[must_use]
+    pub fn build(
+        cfg: &RtpConfig,
+        added: usize,
+        chans: &[ChanTotals],
+        e2e: &LatencyHistogram<u64>,
+        relay: RelaySide,
+    ) -> Self {
+        let sum = |f: fn(&ChanTotals) -> u64| chans.iter().map(f).sum::<u64>();
+        let sent = sum(|c| c.sent);
+        let received = sum(|c| c.matched);
+        let e2e = e2e.summary();
+        let r = relay.rtt;
+        Self {
+            channels: cfg.channels,
+            channels_added: added,
+            duration_s: cfg.duration.as_secs_f64(),
+            ptime_ms: cfg.ptime.as_secs_f64() * 1e3,
+            packets_sent: sent,
+            packets_received: received,
+            lost: sent - received.min(sent),
+            loss_ratio: if sent == 0 {
+                0.0
+            } else {
+                (sent - received.min(sent)) as f64 / sent as f64
+            },
+            rtp_lost: sum(|c| c.lost),
+            late: sum(|c| c.late),
+            duplicates: sum(|c| c.duplicates),
+            reordered: sum(|c| c.reordered),
+            corrupt: sum(|c| c.corrupt),
+            wrong_source: sum(|c| c.wrong_source),
+            added_by_relay: Added {
+                p50_ns: e2e.p50_ns.saturating_sub(r.p50_ns),
+                p95_ns: e2e.p95_ns.saturating_sub(r.p95_ns),
+                p99_ns: e2e.p99_ns.saturating_sub(r.p99_ns),
+                p999_ns: e2e.p999_ns.saturating_sub(r.p999_ns),
+            },
+            e2e_rtt: e2e,
+            relay,
+        }
+    }
+
+    /// The SLA violations, if any.
+    #[must_use]
+    pub fn violations(
+        &self,
+        max_loss: Option<f64>,
+        max_p99: Option<std::time::Duration>,
+    ) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(m) = max_loss {
+            if self.loss_ratio > m {
+                v.push(format!(
+                    "loss {:.4}% exceeds --max-loss {:.4}%",
+                    self.loss_ratio * 100.0,
+                    m * 100.0
+                ));
+            }
+        }
+        if let Some(m) = max_p99 {
+            let p99 = std::time::Duration::from_nanos(self.e2e_rtt.p99_ns);
+            if p99 > m {
+                v.push(format!("end-to-end p99 {p99:?} exceeds --max-p99 {m:?}"));
+            }
+        }
+        v
+    }
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn row(f: &mut fmt::Formatter<'_>, name: &str, s: &LatencySummary) -> fmt::Result {
+    writeln!(
+        f,
+        "  {name:<22} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}   ({} samples)",
+        ms(s.p50_ns),
+        ms(s.p95_ns),
+        ms(s.p99_ns),
+        ms(s.p999_ns),
+        ms(s.max_ns),
+        s.count
+    )
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "rtp-relay load report")?;
+        writeln!(
+            f,
+            "  channels {}/{}   duration {:.1} s   ptime {:.0} ms",
+            self.channels_added, self.channels, self.duration_s, self.ptime_ms
+        )?;
+        writeln!(
+            f,
+            "  packets sent {}   returned {}   lost {} ({:.4} %)   late {}   duplicates {}   reordered {}   corrupt {}   wrong source {}",
+            self.packets_sent,
+            self.packets_received,
+            self.lost,
+            self.loss_ratio * 100.0,
+            self.late,
+            self.duplicates,
+            self.reordered,
+            self.corrupt,
+            self.wrong_source
+        )?;
+        writeln!(
+            f,
+            "  relay: measured {}   lost {}   duplicates {}   reordered {}   echo timeouts {}   drops {} (unknown source {})",
+            self.relay.measured,
+            self.relay.lost,
+            self.relay.duplicates,
+            self.relay.reordered,
+            self.relay.echo_timeouts,
+            self.relay.drops,
+            self.relay.unknown_source_drops
+        )?;
+        writeln!(
+            f,
+            "  latency (ms)                 p50       p95       p99     p99.9       max"
+        )?;
+        row(f, "end to end", &self.e2e_rtt)?;
+        row(f, "relay RTT (echo)", &self.relay.rtt)?;
+        let a = self.added_by_relay;
+        writeln!(
+            f,
+            "  {:<22} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            "added by the relay",
+            ms(a.p50_ns),
+            ms(a.p95_ns),
+            ms(a.p99_ns),
+            ms(a.p999_ns)
+        )?;
+        row(f, "relay forward to echo", &self.relay.forward.to_echo)?;
+        row(f, "relay forward to ast.", &self.relay.forward.to_asterisk)
+    }
+}

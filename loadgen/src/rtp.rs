@@ -1,0 +1,405 @@
+//! `loadgen rtp`: N synthetic Asterisk externalMedia streams against a running relay.
+//!
+//! Each channel is one UDP socket, registered with the relay over its control socket (giving the
+//! socket's own address as Asterisk's), sending what Asterisk 22 sends for an externalMedia ulaw
+//! channel: payload type 0, 160-byte payload, one packet per ptime, random SSRC and starting
+//! sequence, first timestamp 160 and +160 per packet.
+//!
+//! Sending is paced on absolute deadlines: global slot `g` leaves at `start + g·ptime/N`, so the
+//! channels are spread evenly over the period and nothing drifts however long the run. All
+//! channels share one io_uring (the relay's ring code): a multishot receive per socket, sends
+//! from a transmit pool, one `io_uring_enter` per batch. Channels are added by a helper thread at
+//! the ramp rate, so control round trips never delay a send.
+//!
+//! Returns are measured with the relay's own core types: a T0 table per channel (end-to-end
+//! round trip), the RFC 3550 sequence tracker (loss, duplicates, reordering), lateness, and a
+//! payload check.
+#![allow(clippy::cast_possible_truncation)] // sequence numbers, timestamps and the payload pattern wrap by design
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use relay::ring::{Completion, Ring};
+use relay_proto::rng::SplitMix64;
+use relay_proto::rtp::{parse_rtp, RtpHeader, RTP_HEADER_LEN};
+use relay_proto::seq::{SeqEvent, SequenceTracker};
+use relay_proto::stats::LatencyHistogram;
+use relay_proto::t0::{Lookup, T0Table};
+use relay_proto::time::duration_nanos;
+use relay_proto::timing::{LatenessConfig, Timing};
+use relay_proto::{Format, MonoTime, Ssrc};
+
+use crate::ctl::RelayClient;
+use crate::report::{RelaySide, Report};
+
+/// Settings of a run.
+#[derive(Clone, Debug)]
+pub struct RtpConfig {
+    /// The relay's control socket.
+    pub relay_ctl: PathBuf,
+    /// Channels to run.
+    pub channels: u32,
+    /// How long to send.
+    pub duration: Duration,
+    /// Channels added per second (0: all at once).
+    pub ramp: f64,
+    /// Packet interval.
+    pub ptime: Duration,
+    /// Address the channel sockets bind.
+    pub bind: IpAddr,
+    /// Echo server to name in `add` (the relay's default when absent).
+    pub echo: Option<SocketAddr>,
+    /// Seed of SSRCs and starting sequence numbers.
+    pub seed: u64,
+    /// Core to pin the I/O thread to.
+    pub core: Option<usize>,
+    /// How long to wait for returns after the last send.
+    pub grace: Duration,
+    /// Show a live progress line on standard error.
+    pub progress: bool,
+}
+
+const RECV: u64 = 1 << 56;
+const SEND_TX: u64 = 2 << 56;
+const KIND: u64 = 0xff << 56;
+const PAYLOAD: usize = 160;
+
+/// One synthetic call leg.
+#[derive(Debug)]
+struct Chan {
+    /// Its SSRC.
+    ssrc: Ssrc,
+    /// Its first sequence number.
+    first_seq: u16,
+    /// The relay's address for it, once added.
+    relay: Option<SocketAddr>,
+    /// Packets sent.
+    sent: u64,
+    /// When each packet left.
+    t0: T0Table,
+    /// Sequence tracking of what came back.
+    seq: SequenceTracker,
+    /// Jitter and lateness of what came back.
+    timing: Timing,
+    /// Returns measured (first copies).
+    matched: u64,
+    /// Returns whose payload differed from what was sent.
+    corrupt: u64,
+    /// Datagrams from an address other than the relay's port.
+    wrong_source: u64,
+}
+
+/// The payload of packet `k` of channel `i`: recognisable, so a return can be checked.
+fn payload_byte(i: usize, k: u64, j: usize) -> u8 {
+    (k as u8).wrapping_add(j as u8) ^ (i as u8)
+}
+
+/// Runs the load; returns the report.
+///
+/// # Errors
+/// Set-up failed, the relay refused a channel, or the ring failed.
+#[allow(clippy::too_many_lines)] // one loop, read top to bottom
+pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
+    let n = cfg.channels as usize;
+    if n == 0 {
+        return Err(anyhow!("--channels must be at least 1"));
+    }
+    if let Some(id) = cfg.core {
+        if !relay::pin_current_thread(id) {
+            eprintln!("loadgen: cannot pin to core {id}");
+        }
+    }
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| {
+            relay::dataplane::bind_channel_socket(cfg.bind, 0, 1 << 20).map_err(|e| {
+                anyhow!(
+                    "binding a channel socket on --bind {}: {}",
+                    cfg.bind,
+                    e.message
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let locals: Vec<SocketAddr> = sockets
+        .iter()
+        .map(UdpSocket::local_addr)
+        .collect::<Result<_, _>>()?;
+    let buffers = u16::try_from((n * 2).next_power_of_two().clamp(256, 1 << 15)).unwrap_or(1 << 15);
+    let mut ring = Ring::with_tx(4096, buffers, cfg.channels, 8192).context("io_uring")?;
+    for (i, s) in sockets.iter().enumerate() {
+        let slot = u32::try_from(i)?;
+        ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
+        ring.arm_recv(slot, RECV | u64::from(slot))?;
+    }
+    ring.submit()?;
+
+    let mut rng = SplitMix64::new(cfg.seed);
+    let mut chans: Vec<Chan> = (0..n)
+        .map(|_| Chan {
+            ssrc: Ssrc(rng.next_u32()),
+            first_seq: (rng.next_u32() & 0xffff) as u16,
+            relay: None,
+            sent: 0,
+            t0: T0Table::new(1024),
+            seq: SequenceTracker::new(2),
+            timing: Timing::new(Format::Ulaw.clock_rate(), LatenessConfig::default()),
+            matched: 0,
+            corrupt: 0,
+            wrong_source: 0,
+        })
+        .collect();
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("lg{}-{i}", std::process::id()))
+        .collect();
+
+    // Channels are added at the ramp rate by a helper thread.
+    let (added_tx, added_rx) = mpsc::channel::<anyhow::Result<(usize, u16)>>();
+    let helper = {
+        let (cfg, names, locals) = (cfg.clone(), names.clone(), locals.clone());
+        std::thread::spawn(move || -> anyhow::Result<RelayClient> {
+            let mut ctl = RelayClient::connect(&cfg.relay_ctl)?;
+            let start = Instant::now();
+            for (i, (name, local)) in names.iter().zip(&locals).enumerate() {
+                if cfg.ramp > 0.0 {
+                    let at = start + Duration::from_secs_f64(i as f64 / cfg.ramp);
+                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                }
+                let r = ctl.add(name, 0, *local, cfg.echo).map(|port| (i, port));
+                let failed = r.is_err();
+                let _ = added_tx.send(r);
+                if failed {
+                    break;
+                }
+            }
+            Ok(ctl)
+        })
+    };
+
+    let clock = Instant::now();
+    let now_ns = || duration_nanos(clock.elapsed());
+    let ptime_ns = duration_nanos(cfg.ptime).max(1);
+    let ticks_per_packet =
+        u32::try_from(duration_nanos(cfg.ptime) * 8_000 / 1_000_000_000).unwrap_or(160);
+    let send_end = duration_nanos(cfg.duration);
+    let stop_at = send_end + duration_nanos(cfg.grace);
+    let slot_time = |g: u64| g / n as u64 * ptime_ns + (g % n as u64) * ptime_ns / n as u64;
+    let mut g: u64 = 0;
+    let mut e2e = LatencyHistogram::<u64>::new(3);
+    let mut added = 0usize;
+    let mut add_error = None;
+    let mut rearm: Vec<u32> = Vec::new();
+    let mut last_progress = 0u64;
+    let mut progress_sent = 0u64;
+    let mut pkt = [0u8; RTP_HEADER_LEN + PAYLOAD];
+
+    loop {
+        let now = now_ns();
+        while let Ok(r) = added_rx.try_recv() {
+            match r {
+                Ok((i, port)) => {
+                    if let Some(c) = chans.get_mut(i) {
+                        c.relay = Some(SocketAddr::new(relay_ip(cfg.bind), port));
+                        added += 1;
+                    }
+                }
+                Err(e) => add_error = Some(e),
+            }
+        }
+        if let Some(e) = add_error.take() {
+            return Err(e.context("adding a channel to the relay"));
+        }
+        // Every send that is due, on its absolute deadline.
+        while slot_time(g) <= now && slot_time(g) < send_end {
+            let i = (g % n as u64) as usize;
+            g += 1;
+            let Some(c) = chans.get_mut(i) else { continue };
+            let Some(to) = c.relay else { continue };
+            let Some(tx) = ring.tx_acquire() else {
+                continue;
+            };
+            let k = c.sent;
+            let seq = c.first_seq.wrapping_add(k as u16);
+            RtpHeader {
+                marker: k == 0,
+                payload_type: 0,
+                sequence: seq,
+                timestamp: ticks_per_packet.wrapping_mul(k as u32 + 1),
+                ssrc: c.ssrc,
+            }
+            .write(&mut pkt);
+            for (j, b) in pkt[RTP_HEADER_LEN..].iter_mut().enumerate() {
+                *b = payload_byte(i, k, j);
+            }
+            if let Some(buf) = ring.tx_buffer(tx) {
+                buf[..pkt.len()].copy_from_slice(&pkt);
+            }
+            ring.send_tx(
+                u32::try_from(i)?,
+                tx,
+                pkt.len(),
+                to,
+                SEND_TX | u64::from(tx),
+            )?;
+            let _ = c.t0.insert(MonoTime::from_nanos(now), c.ssrc, seq);
+            c.sent += 1;
+        }
+        if now >= stop_at {
+            break;
+        }
+        let next = if slot_time(g) < send_end {
+            slot_time(g)
+        } else {
+            stop_at
+        };
+        let wait = Duration::from_nanos(next.saturating_sub(now_ns()).clamp(1, 100_000_000));
+        ring.submit_and_wait(Some(wait))?;
+
+        let now = now_ns();
+        let completions = ring.drain_completions();
+        for comp in &completions {
+            match comp.user_data & KIND {
+                RECV => on_recv(&mut ring, &mut chans, &mut e2e, now, comp, &mut rearm),
+                SEND_TX => ring.tx_release((comp.user_data & 0xffff) as u16),
+                _ => {}
+            }
+        }
+        ring.give_back(completions);
+        ring.sync_buffers();
+        for slot in rearm.drain(..) {
+            ring.arm_recv(slot, RECV | u64::from(slot))?;
+        }
+        if cfg.progress && now >= last_progress + 1_000_000_000 {
+            let sent: u64 = chans.iter().map(|c| c.sent).sum();
+            let rate = (sent - progress_sent) as f64 * 1e9 / (now - last_progress).max(1) as f64;
+            let p99 = e2e.summary().p99_ns as f64 / 1e6;
+            eprint!("\rcalls {added}/{n}  packets/s {rate:>8.0}  e2e p99 {p99:>7.3} ms   ");
+            let _ = std::io::stderr().flush();
+            last_progress = now;
+            progress_sent = sent;
+        }
+    }
+    if cfg.progress {
+        eprintln!();
+    }
+
+    let mut ctl = helper
+        .join()
+        .map_err(|_| anyhow!("the control thread panicked"))??;
+    let global = ctl.global()?;
+    let mut relay_side = RelaySide::from_global(&global);
+    for (c, name) in chans.iter().zip(&names) {
+        if c.relay.is_some() {
+            let s = ctl.remove(name)?;
+            relay_side.add_channel(&s);
+        }
+    }
+    Ok(Report::build(
+        cfg,
+        added,
+        &chans.iter().map(ChanTotals::from).collect::<Vec<_>>(),
+        &e2e,
+        relay_side,
+    ))
+}
+
+fn relay_ip(bind: IpAddr) -> IpAddr {
+    if bind.is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        bind
+    }
+}
+
+fn on_recv(
+    ring: &mut Ring,
+    chans: &mut [Chan],
+    e2e: &mut LatencyHistogram<u64>,
+    now: u64,
+    comp: &Completion,
+    rearm: &mut Vec<u32>,
+) {
+    let slot = (comp.user_data & 0xffff_ffff) as u32;
+    if !comp.more() {
+        rearm.push(slot);
+    }
+    if comp.result < 0 {
+        return;
+    }
+    let Some(bid) = comp.buffer() else { return };
+    let len = usize::try_from(comp.result).unwrap_or(0);
+    let i = slot as usize;
+    if let (Some(c), Some(r)) = (chans.get_mut(i), ring.received(bid, len)) {
+        let now = MonoTime::from_nanos(now);
+        match (r.from, c.relay) {
+            (Some(from), Some(relay)) if from == relay => {}
+            _ => {
+                c.wrong_source += 1;
+                ring.recycle(bid);
+                return;
+            }
+        }
+        if let Ok(p) = parse_rtp(r.payload) {
+            if p.ssrc == c.ssrc {
+                let k = u64::from(p.sequence.wrapping_sub(c.first_seq));
+                let intact = p.payload.len() == PAYLOAD
+                    && p.payload
+                        .iter()
+                        .enumerate()
+                        .all(|(j, &b)| b == payload_byte(i, k, j));
+                c.corrupt += u64::from(!intact);
+                if let Lookup::Matched { rtt_ns } = c.t0.lookup(now, p.ssrc, p.sequence) {
+                    c.matched += 1;
+                    e2e.record(rtt_ns);
+                }
+                if c.seq.update(p.sequence) != SeqEvent::Duplicate {
+                    let _ = c.timing.update(now, p.timestamp);
+                }
+            } else {
+                c.wrong_source += 1;
+            }
+        } else {
+            c.corrupt += 1;
+        }
+    }
+    ring.recycle(bid);
+}
+
+/// What one channel saw, for the report.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChanTotals {
+    /// Packets sent.
+    pub sent: u64,
+    /// Packets whose first return was measured.
+    pub matched: u64,
+    /// RTP loss of the returned stream (A.1).
+    pub lost: u64,
+    /// Duplicates returned.
+    pub duplicates: u64,
+    /// Reordered returns.
+    pub reordered: u64,
+    /// Late returns.
+    pub late: u64,
+    /// Returns with a wrong payload.
+    pub corrupt: u64,
+    /// Datagrams from a wrong source or SSRC.
+    pub wrong_source: u64,
+}
+
+impl From<&Chan> for ChanTotals {
+    fn from(c: &Chan) -> Self {
+        Self {
+            sent: c.sent,
+            matched: c.matched,
+            lost: c.seq.lost(),
+            duplicates: c.seq.duplicates(),
+            reordered: c.seq.reordered(),
+            late: c.timing.late(),
+            corrupt: c.corrupt,
+            wrong_source: c.wrong_source,
+        }
+    }
+}
