@@ -256,6 +256,22 @@ impl Stream {
     }
 }
 
+/// The first and highest sequence numbers of the current RTP source forwarded to the echo, so
+/// the return stream can be counted against what was really sent.
+#[derive(Clone, Copy, Debug)]
+struct EchoAnchor {
+    /// The source.
+    ssrc: Ssrc,
+    /// Its first sequence number forwarded.
+    first: u16,
+    /// The last one forwarded.
+    last: u16,
+    /// Offset of the last forwarded from the first (wraps unrolled).
+    offset: i64,
+    /// Highest offset forwarded.
+    max_offset: i64,
+}
+
 /// One relayed call leg: its addresses, its measurement state and its counters.
 #[derive(Debug)]
 struct Channel {
@@ -279,6 +295,8 @@ struct Channel {
     last_media: MonoTime,
     /// When each packet left for the echo.
     t0: T0Table,
+    /// What was forwarded to the echo, for counting its return.
+    anchor: Option<EchoAnchor>,
     /// Stream state per direction.
     streams: PerDirection<Stream>,
     /// Traffic per direction.
@@ -638,6 +656,7 @@ impl Relay {
             opened: now,
             last_media: now,
             t0: T0Table::new(config.t0_slots),
+            anchor: None,
             streams,
             traffic: PerDirection::default(),
             round_trip: EchoCounters::default(),
@@ -688,6 +707,7 @@ impl Relay {
         let socket = self.by_id.remove(id)?;
         let mut ch = self.channels.get_mut(socket.index())?.take()?;
         ch.round_trip.timeouts += ch.t0.expire_all();
+        count_unreturned_tail(&mut ch);
         let stats = ch.stats(now);
         let c = &mut self.closed;
         for d in Direction::ALL {
@@ -829,6 +849,23 @@ fn check_asterisk(asterisk: SocketAddr, echo: SocketAddr) -> Result<(), ErrorRep
     Ok(())
 }
 
+/// At close: packets forwarded to the echo after the highest one that came back are lost too
+/// (A.1 cannot see them: nothing follows them).
+fn count_unreturned_tail(ch: &mut Channel) {
+    let Some(a) = ch.anchor else { return };
+    let back = &mut ch.streams.to_asterisk;
+    let sent = u64::try_from(a.max_offset + 1).unwrap_or(0);
+    if back.ssrc.is_none() {
+        back.ssrc = Some(a.ssrc);
+        back.seq.anchor(a.first);
+    }
+    if back.ssrc == Some(a.ssrc) {
+        if let Some(extent) = back.seq.extent() {
+            back.seq.expect_more(sent.saturating_sub(extent));
+        }
+    }
+}
+
 /// Sequence, jitter and lateness of an RTP packet, and its T0 or round trip.
 fn measure(
     ch: &mut Channel,
@@ -839,6 +876,27 @@ fn measure(
     direction: Direction,
     p: &RtpPacket<'_>,
 ) {
+    if direction == Direction::ToEcho {
+        match &mut ch.anchor {
+            Some(a) if a.ssrc == p.ssrc => {
+                #[allow(clippy::cast_possible_wrap)] // signed distance between wrapped numbers
+                let step = i64::from(p.sequence.wrapping_sub(a.last) as i16);
+                a.offset += step;
+                a.last = p.sequence;
+                a.max_offset = a.max_offset.max(a.offset);
+            }
+            _ => {
+                ch.anchor = Some(EchoAnchor {
+                    ssrc: p.ssrc,
+                    first: p.sequence,
+                    last: p.sequence,
+                    offset: 0,
+                    max_offset: 0,
+                });
+            }
+        }
+    }
+    let anchor = ch.anchor;
     let stream = ch.streams.get_mut(direction);
     if stream.ssrc != Some(p.ssrc) {
         if stream.ssrc.is_some() {
@@ -847,6 +905,10 @@ fn measure(
             stream.timing.reset();
         }
         stream.ssrc = Some(p.ssrc);
+        // The echo's return of what we sent is counted from the first packet we sent.
+        if let Some(a) = anchor.filter(|a| direction == Direction::ToAsterisk && a.ssrc == p.ssrc) {
+            stream.seq.anchor(a.first);
+        }
     }
     let event = stream.seq.update(p.sequence);
     if event != SeqEvent::Duplicate {

@@ -26,6 +26,9 @@ pub const MAX_MISORDER: u16 = 100;
 /// Packets in sequence before a new source is valid (RFC 3550 A.1).
 pub const MIN_SEQUENTIAL: u8 = 2;
 
+/// Offset of extended sequence numbers in an anchored segment, so "one before the first" exists.
+const ANCHOR_EXT: u64 = 1 << 16;
+
 /// Bits of history kept behind the highest sequence number; must exceed `MAX_MISORDER`.
 const WINDOW_BITS: u32 = u128::BITS;
 const _: () = assert!(WINDOW_BITS > MAX_MISORDER as u32);
@@ -219,10 +222,38 @@ impl SequenceTracker {
 
     fn segment_expected(&self) -> u64 {
         if self.started && self.probation == 0 {
-            self.ext_max - self.ext_base + 1
+            (self.ext_max + 1).saturating_sub(self.ext_base)
         } else {
             0
         }
+    }
+
+    /// Starts a new source whose first sequence number is known to be `first`, with no
+    /// probation: for a stream the relay sent itself (the echo's return of what it forwarded),
+    /// so packets lost before the first that arrives count too. The previous source's counts are
+    /// kept.
+    pub fn anchor(&mut self, first: u16) {
+        self.retire_source();
+        self.started = true;
+        self.probation = 0;
+        self.max_seq = first.wrapping_sub(1);
+        self.ext_base = ANCHOR_EXT + u64::from(first);
+        self.ext_max = self.ext_base - 1;
+        self.window = 0;
+    }
+
+    /// How many sequence numbers the current segment spans, from its first counted one to the
+    /// highest received; `None` before the source is valid.
+    #[must_use]
+    pub fn extent(&self) -> Option<u64> {
+        self.is_valid()
+            .then(|| (self.ext_max + 1).saturating_sub(self.ext_base))
+    }
+
+    /// Counts `n` more packets as expected and never received: those the caller knows were sent
+    /// after the highest one received (the end of a stream, when its channel closes).
+    pub fn expect_more(&mut self, n: u64) {
+        self.expected_retired += n;
     }
 
     /// Whether the current source has passed probation.
@@ -409,6 +440,29 @@ mod tests {
         assert_eq!(t.update(999), SeqEvent::Reordered);
         assert_eq!(t.update(999), SeqEvent::Duplicate);
         assert_eq!(t.lost(), 995);
+    }
+
+    #[test]
+    fn an_anchored_stream_counts_losses_at_its_head_and_tail() {
+        let mut t = SequenceTracker::new(2);
+        t.anchor(65_534);
+        assert_eq!(t.extent(), Some(0));
+        // 65534 and 65535 lost at the head, 3 lost in the middle; no probation.
+        assert_eq!(t.update(0), SeqEvent::InOrder { gap: 2 });
+        let _ = feed(&mut t, &[1, 2, 6, 3]);
+        assert_eq!(t.extent(), Some(9), "65534 ..= 6 across the wrap");
+        assert_eq!(
+            (t.expected(), t.received(), t.lost(), t.reordered()),
+            (9, 5, 4, 1)
+        );
+        assert_eq!(
+            t.update(65_535),
+            SeqEvent::Reordered,
+            "a late head packet fills its gap"
+        );
+        // The sender went on to 9: 7, 8, 9 never came back.
+        t.expect_more(3);
+        assert_eq!((t.expected(), t.lost()), (12, 6));
     }
 
     #[test]

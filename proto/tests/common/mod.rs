@@ -49,8 +49,8 @@ pub const MS: u64 = 1_000_000;
 pub const PTIME_NS: u64 = 20 * MS;
 
 /// The echo's fault model: applied to each packet it receives, except the first `clean_head`
-/// and the last of each stream, so sequence probation and the stream's end stay unambiguous.
-#[derive(Clone, Debug, Default)]
+/// of each stream and, with `clean_tail`, its last.
+#[derive(Clone, Debug)]
 pub struct EchoFaults {
     /// Fixed one-way delay added by the echo.
     pub delay: Duration,
@@ -64,6 +64,22 @@ pub struct EchoFaults {
     pub reorder: f64,
     /// Packets at the head of each stream left alone.
     pub clean_head: u64,
+    /// Leave the last packet of each stream alone.
+    pub clean_tail: bool,
+}
+
+impl Default for EchoFaults {
+    fn default() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            clean_head: 0,
+            clean_tail: true,
+        }
+    }
 }
 
 /// What the echo did, counted by the echo itself in the order it emitted packets.
@@ -248,7 +264,7 @@ impl Sim {
         let f = self.faults.clone();
         let c = &mut self.calls[call];
         c.echo.received += 1;
-        let exempt = k < f.clean_head || k + 1 == c.packets;
+        let exempt = k < f.clean_head || (f.clean_tail && k + 1 == c.packets);
         if !exempt && self.rng.chance(f.loss) {
             self.calls[call].echo.dropped += 1;
             return;

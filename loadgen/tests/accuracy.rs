@@ -1,0 +1,264 @@
+//! End to end over loopback: echo, relay and loadgen as separate processes, as a user runs them,
+//! against both relay backends. The relay's numbers must match what the echo did, exactly.
+//!
+//! The tests run one at a time (a lock), so their latency assertions are not skewed by sibling
+//! tests competing for the machine's two cores.
+#![allow(clippy::cast_precision_loss)] // report figures
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A binary of this workspace, built next to loadgen's (built here if a narrower `cargo test`
+/// did not build it).
+fn bin(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadgen"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = dir.join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", name])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building {name}");
+    }
+    path
+}
+
+fn uring_available() -> bool {
+    match relay::ring::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIPPED (io_uring unavailable here): {e}");
+            false
+        }
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `bin` and waits for the log line containing `ready`, returning the value of `key=`.
+fn start(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String) {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ready, key) = (ready.to_owned(), format!("{key}="));
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(&ready) {
+                if let Some(i) = line.find(&key) {
+                    let v = line[i + key.len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned();
+                    let _ = tx.send(v);
+                }
+            }
+        }
+    });
+    let v = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{name} ready"));
+    (Proc(child), v)
+}
+
+/// One run: echo with `echo_args`, relay on `backend`, loadgen with `lg_args`; returns
+/// (loadgen's JSON report, echo's summary).
+fn run(backend: &str, echo_args: &[&str], lg_args: &[&str]) -> (Value, Value) {
+    let ctl = std::env::temp_dir().join(format!(
+        "rtp-accuracy-{}-{backend}.sock",
+        std::process::id()
+    ));
+    let (mut echo, echo_addr) = start(
+        "echo",
+        &[
+            &["--listen", "127.0.0.1:0", "--metrics", "off"][..],
+            echo_args,
+        ]
+        .concat(),
+        "echo ready",
+        "listen",
+    );
+    let ctl_s = ctl.to_str().unwrap();
+    let (relay, _) = start(
+        "relay",
+        &[
+            "--backend",
+            backend,
+            "--ctl",
+            ctl_s,
+            "--metrics",
+            "127.0.0.1:0",
+            "--echo",
+            &echo_addr,
+        ],
+        "relay ready",
+        "backend",
+    );
+    let out = Command::new(bin("loadgen"))
+        .args(["rtp", "--relay-ctl", ctl_s, "--json", "-", "--grace", "1s"])
+        .args(lg_args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "loadgen failed");
+    let json = &stdout[stdout.find("\n{").map_or(0, |i| i + 1)..];
+    let report: Value = serde_json::from_str(json).unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &echo.0.id().to_string()])
+        .status();
+    let mut s = String::new();
+    std::io::Read::read_to_string(echo.0.stdout.as_mut().unwrap(), &mut s).unwrap();
+    drop(relay);
+    (report, serde_json::from_str(s.trim()).unwrap())
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+fn delay_5ms_is_measured_between_5_0_and_5_5_ms(backend: &str) {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (r, _) = run(
+        backend,
+        &["--delay", "5ms"],
+        &["--channels", "20", "--duration", "3s", "--ramp", "0"],
+    );
+    let relay_p50 = u(&r["relay"]["rtt"]["p50_ns"]) as f64 / 1e6;
+    let e2e_p50 = u(&r["e2e_rtt"]["p50_ns"]) as f64 / 1e6;
+    assert!(
+        (5.0..=5.5).contains(&relay_p50),
+        "relay RTT p50 {relay_p50} ms"
+    );
+    assert!(
+        e2e_p50 >= relay_p50 && e2e_p50 - relay_p50 < 1.0,
+        "end to end p50 {e2e_p50} ms vs relay {relay_p50} ms"
+    );
+    assert_eq!(r["lost"], 0);
+}
+
+fn injected_faults_are_counted_exactly(backend: &str) {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (r, e) = run(
+        backend,
+        &[
+            "--loss",
+            "0.02",
+            "--duplicate",
+            "0.02",
+            "--reorder",
+            "0.02",
+            "--jitter",
+            "2ms",
+            "--seed",
+            "7",
+        ],
+        &["--channels", "20", "--duration", "4s", "--ramp", "0"],
+    );
+    let relay = &r["relay"];
+    assert!(
+        u(&e["dropped"]) > 0 && u(&e["duplicated"]) > 0 && u(&e["reordered"]) > 0,
+        "faults happened: {e}"
+    );
+    assert_eq!(
+        u(&relay["lost"]),
+        u(&e["dropped"]),
+        "relay lost = echo dropped\n{r}\n{e}"
+    );
+    assert_eq!(
+        u(&relay["duplicates"]),
+        u(&e["duplicated"]),
+        "relay duplicates = echo duplicated"
+    );
+    assert_eq!(
+        u(&relay["reordered"]),
+        u(&e["reordered"]),
+        "relay reordered = echo reordered"
+    );
+    assert_eq!(
+        u(&relay["echo_timeouts"]),
+        u(&e["dropped"]),
+        "echo timeouts = losses"
+    );
+    assert_eq!(u(&r["lost"]), u(&e["dropped"]), "loadgen's own loss agrees");
+    assert_eq!(
+        u(&relay["measured"]),
+        u(&r["packets_sent"]) - u(&e["dropped"])
+    );
+}
+
+fn a_clean_run_of_200_channels_loses_nothing_and_measures_everything(backend: &str) {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (r, e) = run(
+        backend,
+        &[],
+        &["--channels", "200", "--duration", "10s", "--ramp", "0"],
+    );
+    let sent = u(&r["packets_sent"]);
+    assert!(sent >= 200 * 490, "sent {sent}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["duplicates"], 0);
+    assert_eq!(r["corrupt"], 0);
+    assert_eq!(r["wrong_source"], 0);
+    assert_eq!(u(&r["packets_received"]), sent, "every packet returned");
+    assert_eq!(
+        u(&r["relay"]["measured"]),
+        sent,
+        "every packet measured by the relay"
+    );
+    assert_eq!(r["relay"]["lost"], 0);
+    assert_eq!(r["relay"]["duplicates"], 0);
+    assert_eq!(r["relay"]["unknown_source_drops"], 0);
+    assert_eq!(r["relay"]["echo_timeouts"], 0);
+    assert_eq!(u(&e["received"]), sent);
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $(#[test] fn $name() { if super::uring_available() { super::$name("uring") } })*
+        }
+        mod tokio {
+            $(#[test] fn $name() { super::$name("tokio") })*
+        }
+    };
+}
+
+both_backends!(
+    delay_5ms_is_measured_between_5_0_and_5_5_ms,
+    injected_faults_are_counted_exactly,
+    a_clean_run_of_200_channels_loses_nothing_and_measures_everything,
+);
