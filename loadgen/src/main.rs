@@ -66,6 +66,9 @@ struct RtpArgs {
     /// Fail (exit 1) when the loss ratio exceeds this fraction (e.g. 0.001).
     #[arg(long)]
     max_loss: Option<f64>,
+    /// The relay's process id: report its CPU time per forwarded packet.
+    #[arg(long)]
+    relay_pid: Option<u32>,
     /// Fail (exit 1) when the end-to-end p99 exceeds this (e.g. 5ms).
     #[arg(long, value_parser = parse_duration)]
     max_p99: Option<Duration>,
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         core: a.core,
         grace: a.grace,
         progress: std::io::stderr().is_terminal(),
+        relay_pid: a.relay_pid,
     };
     let report = match rtp::run(&cfg) {
         Ok(r) => r,

@@ -37,6 +37,12 @@ pub struct RelaySide {
     pub drops: u64,
     /// Of which from unknown sources.
     pub unknown_source_drops: u64,
+    /// Datagrams it forwarded, both directions (global).
+    pub forwarded: u64,
+    /// CPU time (user + system) the relay process used over the run, when `--relay-pid` is given.
+    pub cpu_ns: Option<u64>,
+    /// `cpu_ns / forwarded`.
+    pub cpu_ns_per_packet: Option<f64>,
 }
 
 impl RelaySide {
@@ -46,6 +52,7 @@ impl RelaySide {
         Self {
             rtt: g.rtt,
             forward: g.forward,
+            forwarded: g.traffic.to_echo.packets + g.traffic.to_asterisk.packets,
             ..Self::default()
         }
     }
@@ -123,8 +130,12 @@ impl Report {
         added: usize,
         chans: &[ChanTotals],
         e2e: &LatencyHistogram<u64>,
-        relay: RelaySide,
+        mut relay: RelaySide,
     ) -> Self {
+        relay.cpu_ns_per_packet = relay
+            .cpu_ns
+            .filter(|_| relay.forwarded > 0)
+            .map(|c| c as f64 / relay.forwarded as f64);
         let sum = |f: fn(&ChanTotals) -> u64| chans.iter().map(f).sum::<u64>();
         let sent = sum(|c| c.sent);
         let received = sum(|c| c.matched);
@@ -253,6 +264,16 @@ impl fmt::Display for Report {
             ms(a.p999_ns)
         )?;
         row(f, "relay forward to echo", &self.relay.forward.to_echo)?;
-        row(f, "relay forward to ast.", &self.relay.forward.to_asterisk)
+        row(f, "relay forward to ast.", &self.relay.forward.to_asterisk)?;
+        match self.relay.cpu_ns_per_packet {
+            Some(c) => writeln!(
+                f,
+                "  relay CPU: {:.3} s for {} packets forwarded = {:.0} ns per packet",
+                self.relay.cpu_ns.unwrap_or(0) as f64 / 1e9,
+                self.relay.forwarded,
+                c
+            ),
+            None => writeln!(f, "  relay CPU: not measured (give --relay-pid)"),
+        }
     }
 }

@@ -61,6 +61,8 @@ pub struct RtpConfig {
     pub grace: Duration,
     /// Show a live progress line on standard error.
     pub progress: bool,
+    /// The relay's process, to measure its CPU time over the run.
+    pub relay_pid: Option<u32>,
 }
 
 const RECV: u64 = 1 << 56;
@@ -180,6 +182,7 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
     };
 
     let clock = Instant::now();
+    let relay_cpu_start = cfg.relay_pid.and_then(process_cpu_ns);
     let now_ns = || duration_nanos(clock.elapsed());
     let ptime_ns = duration_nanos(cfg.ptime).max(1);
     let ticks_per_packet =
@@ -286,11 +289,17 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         eprintln!();
     }
 
+    let relay_cpu = cfg
+        .relay_pid
+        .and_then(process_cpu_ns)
+        .zip(relay_cpu_start)
+        .map(|(end, start)| end.saturating_sub(start));
     let mut ctl = helper
         .join()
         .map_err(|_| anyhow!("the control thread panicked"))??;
     let global = ctl.global()?;
     let mut relay_side = RelaySide::from_global(&global);
+    relay_side.cpu_ns = relay_cpu;
     for (c, name) in chans.iter().zip(&names) {
         if c.relay.is_some() {
             let s = ctl.remove(name)?;
@@ -304,6 +313,15 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         &e2e,
         relay_side,
     ))
+}
+
+/// CPU time (user + system) of process `pid` so far, in nanoseconds (`/proc` counts in
+/// USER_HZ, 100 on Linux).
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 10_000_000)
 }
 
 fn relay_ip(bind: IpAddr) -> IpAddr {
