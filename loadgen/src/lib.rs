@@ -2,8 +2,10 @@
 //!
 //! - [`rtp`]: `loadgen rtp`, synthetic Asterisk externalMedia streams against a running relay;
 //! - [`report`]: the latency report and the SLA check;
+//! - [`blast`]: `loadgen blast`, the maximum rate a reflector sustains (closed loop);
 //! - [`ctl`]: a blocking client of the relay's control socket.
 
+pub mod blast;
 pub mod ctl;
 pub mod report;
 pub mod rtp;

@@ -25,6 +25,28 @@ struct Cli {
 enum Mode {
     /// Play Asterisk's externalMedia RTP for N channels against a running relay.
     Rtp(RtpArgs),
+    /// Measure the maximum rate a reflector (the echo) sustains, in a closed loop.
+    Blast(BlastArgs),
+}
+
+/// `loadgen blast` flags.
+#[derive(Debug, clap::Args)]
+struct BlastArgs {
+    /// The reflector to load.
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    target: SocketAddr,
+    /// Sockets.
+    #[arg(long, default_value_t = 16)]
+    sockets: u32,
+    /// Packets in flight per socket.
+    #[arg(long, default_value_t = 64)]
+    window: u32,
+    /// How long to measure (after 0.5 s of warm-up).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Pin to this core.
+    #[arg(long)]
+    core: Option<usize>,
 }
 
 /// `loadgen rtp` flags.
@@ -74,8 +96,31 @@ struct RtpArgs {
     max_p99: Option<Duration>,
 }
 
+fn blast(b: &BlastArgs) -> ExitCode {
+    let cfg = loadgen::blast::BlastConfig {
+        target: b.target,
+        sockets: b.sockets,
+        window: b.window,
+        duration: b.duration,
+        core: b.core,
+    };
+    match loadgen::blast::run(&cfg) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let Mode::Rtp(a) = Cli::parse().command;
+    let a = match Cli::parse().command {
+        Mode::Rtp(a) => a,
+        Mode::Blast(b) => return blast(&b),
+    };
     if a.channels == 0 || a.ptime.is_zero() || a.duration.is_zero() || a.ramp < 0.0 {
         eprintln!("loadgen: invalid value: --channels, --ptime and --duration must be positive and --ramp not negative");
         return ExitCode::from(2);
