@@ -31,6 +31,19 @@ use crate::config::{Backend, Config};
 use crate::dataplane::{BindConfig, CtlMsg, Handle};
 use crate::metrics::{Publisher, Snapshot};
 
+/// Logs to standard error, colored only on a terminal, at the level `RUST_LOG` sets (`info`
+/// by default). Shared by every binary of the workspace.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
 /// Pins the calling thread to CPU core `id`; false when the core does not exist or the
 /// system refuses.
 #[must_use]
