@@ -1,7 +1,13 @@
-//! `control`: the Asterisk ARI client that opens and closes relay channels as calls come and go.
+//! `control`: the Asterisk ARI side of rtp-relay. For each call entering the Stasis application it
+//! answers, takes a relay port from the pool, creates an externalMedia channel aimed at it,
+//! bridges the two and tells the relay; when the call ends it undoes all of it.
 //!
-//! Issue 5 fills this crate: the ARI REST and WebSocket client, the port pool, the call lifecycle
-//! and the relay client. Until then it only re-exports the protocol it will speak to the relay.
+//! Built so far: [`config`] (the operators' environment variables, the password kept secret) and
+//! [`pool`] (the port pool). The ARI client, the call lifecycle and the relay client are issue 5's
+//! remaining work.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod pool;
 
 pub use relay_proto::control as protocol;

@@ -1,14 +1,28 @@
-//! `control`: the Asterisk ARI call lifecycle and port pool
-//!
-//! Not built yet (issue 5). This binary says so and exits non-zero, so nothing can mistake it
-//! for a working control.
+//! `control`: validates its configuration, then says plainly that the ARI lifecycle is not built
+//! yet (issue 5) and exits 2, so nothing mistakes it for a working control plane.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
+use clap::Parser;
+use control::config::{Args, Config};
+
 fn main() -> ExitCode {
-    eprintln!(
-        "control: not implemented yet (issue 5: the Asterisk ARI call lifecycle and port pool)"
-    );
-    ExitCode::from(2)
+    match Config::try_from(Args::parse()) {
+        Ok(c) => {
+            eprintln!(
+                "control: configuration valid (ARI {} app {}, ports {}-{}), but the ARI call \
+                 lifecycle is not implemented yet (issue 5)",
+                c.ari_url,
+                c.app_name,
+                c.port_range.start(),
+                c.port_range.end()
+            );
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("control: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

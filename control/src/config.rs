@@ -1,0 +1,289 @@
+//! Control's configuration, from flags or from the environment variables operators already use
+//! (`ARI_URL`, `ARI_USER`, `ARI_PASS`, `APP_NAME`, `BIND_IP`, `PORT_RANGE`, `ECHO_HOST`,
+//! `ECHO_PORT`, `METRICS_INTERVAL_SEC`, `RELAY_SOCKET`, `CONTROL_METRICS`); `.env.example` at
+//! the repository root documents each one.
+//!
+//! The ARI password is held in a [`Secret`], whose `Debug` and `Display` print `***`, so no log
+//! line or error message can carry it.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// A value that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the one place that needs it (the ARI request).
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Parses `21000-31000` (both ends included).
+///
+/// # Errors
+/// Not two ports separated by `-`, or the first above the second, or port 0.
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a range such as 21000-31000"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (lo, hi) = (port(a)?, port(b)?);
+    if lo > hi {
+        return Err(format!("{s:?}: the first port is above the second"));
+    }
+    Ok(lo..=hi)
+}
+
+/// Control's raw command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "control",
+    version,
+    about = "Asterisk ARI control for rtp-relay: bridges each call to an externalMedia channel on the relay"
+)]
+pub struct Args {
+    /// Asterisk's ARI base URL.
+    #[arg(long, env = "ARI_URL", default_value = "http://127.0.0.1:8088")]
+    pub ari_url: String,
+    /// ARI user.
+    #[arg(long, env = "ARI_USER", default_value = "asterisk")]
+    pub ari_user: String,
+    /// ARI password (never logged).
+    #[arg(long, env = "ARI_PASS", hide_env_values = true)]
+    pub ari_pass: Secret,
+    /// Stasis application name.
+    #[arg(long, env = "APP_NAME", default_value = "rtp-relay")]
+    pub app_name: String,
+    /// Address Asterisk reaches the relay's channel ports on (goes into external_host).
+    #[arg(long, env = "BIND_IP", default_value = "127.0.0.1")]
+    pub bind_ip: IpAddr,
+    /// Relay ports for calls, e.g. 21000-31000.
+    #[arg(long, env = "PORT_RANGE", default_value = "21000-31000", value_parser = parse_port_range)]
+    pub port_range: RangeInclusive<u16>,
+    /// Echo server host the relay forwards to.
+    #[arg(long, env = "ECHO_HOST", default_value = "127.0.0.1")]
+    pub echo_host: IpAddr,
+    /// Echo server port.
+    #[arg(long, env = "ECHO_PORT", default_value_t = 4000)]
+    pub echo_port: u16,
+    /// Seconds between summary log lines (0: none).
+    #[arg(long, env = "METRICS_INTERVAL_SEC", default_value_t = 10)]
+    pub metrics_interval_sec: u64,
+    /// The relay's control socket.
+    #[arg(
+        long,
+        env = "RELAY_SOCKET",
+        default_value = "/run/rtp-relay/relay.sock"
+    )]
+    pub relay_socket: PathBuf,
+    /// Control's metrics endpoint (/metrics, /healthz, /stats).
+    #[arg(long, env = "CONTROL_METRICS", default_value = "127.0.0.1:9102")]
+    pub metrics: SocketAddr,
+}
+
+/// A setting out of range.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for --{flag}: {reason}")]
+pub struct ConfigError {
+    /// The flag.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Control's validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// ARI base URL, without a trailing slash, `http` or `https`.
+    pub ari_url: String,
+    /// ARI user.
+    pub ari_user: String,
+    /// ARI password.
+    pub ari_pass: Secret,
+    /// Stasis application.
+    pub app_name: String,
+    /// external_host address.
+    pub bind_ip: IpAddr,
+    /// Relay ports.
+    pub port_range: RangeInclusive<u16>,
+    /// The echo server.
+    pub echo: SocketAddr,
+    /// Summary log interval; `None` for none.
+    pub summary_interval: Option<Duration>,
+    /// The relay's control socket.
+    pub relay_socket: PathBuf,
+    /// Metrics endpoint.
+    pub metrics: SocketAddr,
+}
+
+impl Config {
+    /// The events WebSocket URL: `ws(s)://…/ari/events?app=APP&api_key=USER:PASS`. It contains
+    /// the password: never log it.
+    #[must_use]
+    pub fn events_url(&self) -> String {
+        let ws = self
+            .ari_url
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        format!(
+            "{ws}/ari/events?app={}&api_key={}:{}&subscribeAll=false",
+            self.app_name,
+            self.ari_user,
+            self.ari_pass.expose()
+        )
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, Self::Error> {
+        let bad = |flag, reason: String| ConfigError { flag, reason };
+        let url = a.ari_url.trim_end_matches('/').to_owned();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(bad(
+                "ari-url",
+                format!("{url:?} must start with http:// or https://"),
+            ));
+        }
+        if a.app_name.is_empty()
+            || !a
+                .app_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(bad(
+                "app-name",
+                format!("{:?} must be letters, digits, - or _", a.app_name),
+            ));
+        }
+        if a.ari_user.contains(':') {
+            return Err(bad("ari-user", "must not contain ':'".into()));
+        }
+        if a.echo_port == 0 || a.echo_host.is_unspecified() {
+            return Err(bad(
+                "echo-port",
+                "the echo server needs a real address and a port".into(),
+            ));
+        }
+        if a.bind_ip.is_unspecified() {
+            return Err(bad(
+                "bind-ip",
+                "Asterisk must be told a reachable address, not 0.0.0.0".into(),
+            ));
+        }
+        Ok(Self {
+            ari_url: url,
+            ari_user: a.ari_user,
+            ari_pass: a.ari_pass,
+            app_name: a.app_name,
+            bind_ip: a.bind_ip,
+            port_range: a.port_range,
+            echo: SocketAddr::new(a.echo_host, a.echo_port),
+            summary_interval: (a.metrics_interval_sec > 0)
+                .then(|| Duration::from_secs(a.metrics_interval_sec)),
+            relay_socket: a.relay_socket,
+            metrics: a.metrics,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let a = Args::try_parse_from(std::iter::once("control").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Config::try_from(a).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn port_ranges_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_port_range("21000-31000"), Ok(21_000..=31_000));
+        assert_eq!(parse_port_range("5-5"), Ok(5..=5));
+        for bad in ["21000", "0-10", "10-5", "a-b", "1-70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_password_is_never_printed() {
+        let c = parse(&["--ari-pass", "hunter2"]).unwrap();
+        let shown = format!("{c:?} {}", c.ari_pass);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(c.ari_pass.expose(), "hunter2");
+        assert_eq!(
+            c.events_url(),
+            "ws://127.0.0.1:8088/ari/events?app=rtp-relay&api_key=asterisk:hunter2&subscribeAll=false"
+        );
+    }
+
+    #[test]
+    fn env_example_documents_every_variable() {
+        use clap::CommandFactory;
+        let example = include_str!("../../.env.example");
+        let names: Vec<String> = Args::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        assert!(names.len() >= 11, "{names:?}");
+        for name in names {
+            assert!(
+                example.lines().any(|l| l.starts_with(&format!("{name}="))),
+                "{name} is missing from .env.example"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (args, flag) in [
+            (
+                &["--ari-pass", "x", "--ari-url", "ftp://x"][..],
+                "--ari-url",
+            ),
+            (&["--ari-pass", "x", "--port-range", "9-1"], "--port-range"),
+            (&["--ari-pass", "x", "--app-name", "a b"], "--app-name"),
+            (&["--ari-pass", "x", "--bind-ip", "0.0.0.0"], "--bind-ip"),
+            (&[], "--ari-pass"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+    }
+}
