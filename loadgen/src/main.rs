@@ -62,7 +62,7 @@ struct RtpArgs {
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     duration: Duration,
     /// Channels added per second; 0 adds them all at once.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, allow_negative_numbers = true)]
     ramp: f64,
     /// Packet interval.
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
@@ -121,8 +121,22 @@ fn main() -> ExitCode {
         Mode::Rtp(a) => a,
         Mode::Blast(b) => return blast(&b),
     };
-    if a.channels == 0 || a.ptime.is_zero() || a.duration.is_zero() || a.ramp < 0.0 {
-        eprintln!("loadgen: invalid value: --channels, --ptime and --duration must be positive and --ramp not negative");
+    let bad = [
+        (a.channels == 0, "--channels", "must be at least 1"),
+        (a.ptime.is_zero(), "--ptime", "must be greater than zero"),
+        (
+            a.duration.is_zero(),
+            "--duration",
+            "must be greater than zero",
+        ),
+        (
+            !(a.ramp.is_finite() && a.ramp >= 0.0),
+            "--ramp",
+            "must be a number of channels per second, 0 or more",
+        ),
+    ];
+    if let Some((_, flag, why)) = bad.iter().find(|(b, ..)| *b) {
+        eprintln!("loadgen: invalid value for {flag}: {why}");
         return ExitCode::from(2);
     }
     if a.max_loss.is_some_and(|m| !(0.0..=1.0).contains(&m)) {

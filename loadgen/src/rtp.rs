@@ -158,12 +158,13 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         .map(|i| format!("lg{}-{i}", std::process::id()))
         .collect();
 
-    // Channels are added at the ramp rate by a helper thread.
+    // Channels are added at the ramp rate by a helper thread, on a connection made here so that
+    // an unreachable relay fails the run at once.
+    let mut ctl = RelayClient::connect(&cfg.relay_ctl)?;
     let (added_tx, added_rx) = mpsc::channel::<anyhow::Result<(usize, u16)>>();
     let helper = {
         let (cfg, names, locals) = (cfg.clone(), names.clone(), locals.clone());
         std::thread::spawn(move || -> anyhow::Result<RelayClient> {
-            let mut ctl = RelayClient::connect(&cfg.relay_ctl)?;
             let start = Instant::now();
             for (i, (name, local)) in names.iter().zip(&locals).enumerate() {
                 if cfg.ramp > 0.0 {
@@ -201,6 +202,8 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
 
     loop {
         let now = now_ns();
+        // Sampled before draining: once the helper has finished, everything it sent is queued.
+        let helper_done = helper.is_finished();
         while let Ok(r) = added_rx.try_recv() {
             match r {
                 Ok((i, port)) => {
@@ -214,6 +217,11 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         }
         if let Some(e) = add_error.take() {
             return Err(e.context("adding a channel to the relay"));
+        }
+        if helper_done && added < n {
+            return Err(anyhow!(
+                "the control thread stopped after adding {added} of {n} channels"
+            ));
         }
         // Every send that is due, on its absolute deadline.
         while slot_time(g) <= now && slot_time(g) < send_end {
