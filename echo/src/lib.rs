@@ -160,7 +160,7 @@ pub fn run(
     ready: impl FnOnce(SocketAddr, Arc<relay::ring::EventFd>),
 ) -> anyhow::Result<Summary> {
     if let Some(id) = config.core {
-        if !core_affinity_set(id) {
+        if !relay::pin_current_thread(id) {
             tracing::warn!(core = id, "cannot pin the echo to this core");
         }
     }
@@ -181,7 +181,8 @@ pub fn run(
     let mut faults: Faults<Item> = Faults::new(config.faults.clone());
     let mut clean_counts = EchoCounts::default();
     let start = Instant::now();
-    let cpu_start = thread_cpu();
+    let thread_stat = std::path::Path::new("/proc/thread-self/stat");
+    let cpu_start = relay::cpu_time_ns(thread_stat);
     let deadline = config.duration.map(|d| start + d);
     let mut rearm = false;
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
@@ -236,7 +237,9 @@ pub fn run(
     let counts = if clean { clean_counts } else { faults.counts() };
     shared.store(&counts, faults.held());
     let secs = start.elapsed().as_secs_f64();
-    let cpu = thread_cpu().zip(cpu_start).map(|(b, a)| b - a);
+    let cpu = relay::cpu_time_ns(thread_stat)
+        .zip(cpu_start)
+        .map(|(b, a)| b.saturating_sub(a) as f64 / 1e9);
     Ok(Summary {
         listen,
         counts,
@@ -260,19 +263,15 @@ fn on_recv(
     }
     let Some(bid) = c.buffer() else { return };
     let len = usize::try_from(c.result).unwrap_or(0);
-    let Some((from, n)) = ring
-        .received(bid, len)
-        .and_then(|r| Some((r.from?, r.payload.len())))
-    else {
+    let Some(r) = ring.received(bid, len) else {
         ring.recycle(bid);
         return;
     };
-    let item = Item {
-        bid,
-        total: len,
-        len: n,
-        from,
+    let Some(from) = r.from else {
+        ring.recycle(bid);
+        return;
     };
+    let n = r.payload.len();
     if clean {
         clean_counts.received += 1;
         if ring.send(0, bid, n, from, SEND | u64::from(bid)).is_ok() {
@@ -282,10 +281,14 @@ fn on_recv(
         }
         return;
     }
-    let action = match ring.received(bid, len) {
-        Some(r) => faults.on_packet(now_ns, r.payload, item),
-        None => Action::Drop(item),
+    let item = Item {
+        bid,
+        total: len,
+        len: n,
+        from,
     };
+    // The fault model reads the payload where it lies (the ring is borrowed only to read).
+    let action = faults.on_packet(now_ns, r.payload, item);
     match action {
         Action::Send { item, copies } => send(ring, faults, item, copies),
         Action::Drop(item) => ring.recycle(item.bid),
@@ -321,16 +324,4 @@ fn send(ring: &mut Ring, faults: &mut Faults<Item>, item: Item, copies: u8) {
             ring.tx_release(i);
         }
     }
-}
-
-fn core_affinity_set(id: usize) -> bool {
-    relay::pin_current_thread(id)
-}
-
-/// CPU time of the calling thread, in seconds (`/proc` counts in USER_HZ, 100 on Linux).
-fn thread_cpu() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }

@@ -323,13 +323,9 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
     ))
 }
 
-/// CPU time (user + system) of process `pid` so far, in nanoseconds (`/proc` counts in
-/// USER_HZ, 100 on Linux).
+/// CPU time of process `pid` so far, in nanoseconds.
 fn process_cpu_ns(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks * 10_000_000)
+    relay::cpu_time_ns(std::path::Path::new(&format!("/proc/{pid}/stat")))
 }
 
 fn relay_ip(bind: IpAddr) -> IpAddr {
