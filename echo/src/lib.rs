@@ -74,45 +74,57 @@ impl SharedCounts {
     /// Prometheus text.
     #[must_use]
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for (name, help, v) in [
-            ("received_total", "Datagrams received.", &self.received),
-            (
-                "sent_total",
+        use prometheus::proto::MetricType::{COUNTER, GAUGE};
+        use relay::metrics::{counter_metric, encode, gauge_metric, named_family};
+        let counter = |name: &str, help: &str, v: &AtomicU64| {
+            named_family(
+                name,
+                help,
+                COUNTER,
+                vec![counter_metric(vec![], v.load(Ordering::Relaxed))],
+            )
+        };
+        encode(&[
+            counter(
+                "rtpecho_received_total",
+                "Datagrams received.",
+                &self.received,
+            ),
+            counter(
+                "rtpecho_sent_total",
                 "Datagrams sent, duplicates included.",
                 &self.sent,
             ),
-            (
-                "dropped_total",
+            counter(
+                "rtpecho_dropped_total",
                 "Datagrams dropped by --loss.",
                 &self.dropped,
             ),
-            (
-                "duplicated_total",
+            counter(
+                "rtpecho_duplicated_total",
                 "Extra copies sent by --duplicate.",
                 &self.duplicated,
             ),
-            (
-                "reordered_total",
+            counter(
+                "rtpecho_reordered_total",
                 "Packets sent after a later packet of their stream.",
                 &self.reordered,
             ),
-            (
-                "delayed_total",
+            counter(
+                "rtpecho_delayed_total",
                 "Packets held before leaving.",
                 &self.delayed,
             ),
-        ] {
-            out.push_str(&format!(
-                "# HELP rtpecho_{name} {help}\n# TYPE rtpecho_{name} counter\nrtpecho_{name} {}\n",
-                v.load(Ordering::Relaxed)
-            ));
-        }
-        out.push_str(&format!(
-            "# HELP rtpecho_held Packets held right now.\n# TYPE rtpecho_held gauge\nrtpecho_held {}\n",
-            self.held.load(Ordering::Relaxed)
-        ));
-        out
+            named_family(
+                "rtpecho_held",
+                "Packets held right now.",
+                GAUGE,
+                vec![gauge_metric(
+                    vec![],
+                    self.held.load(Ordering::Relaxed) as f64,
+                )],
+            ),
+        ])
     }
 }
 
@@ -322,6 +334,42 @@ fn send(ring: &mut Ring, faults: &mut Faults<Item>, item: Item, copies: u8) {
             faults.on_sent_key(key, true);
         } else {
             ring.tx_release(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_show_the_counts_under_their_names() {
+        let shared = SharedCounts::default();
+        let counts = EchoCounts {
+            received: 10,
+            sent: 11,
+            dropped: 1,
+            duplicated: 2,
+            reordered: 3,
+            delayed: 4,
+            not_rtp: 0,
+        };
+        shared.store(&counts, 5);
+        let text = shared.render();
+        for line in [
+            "rtpecho_received_total 10",
+            "rtpecho_sent_total 11",
+            "rtpecho_dropped_total 1",
+            "rtpecho_duplicated_total 2",
+            "rtpecho_reordered_total 3",
+            "rtpecho_delayed_total 4",
+            "rtpecho_held 5",
+            "# TYPE rtpecho_sent_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 }

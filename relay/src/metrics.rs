@@ -198,15 +198,28 @@ fn label(name: &str, value: &str) -> LabelPair {
 }
 
 fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    named_family(&format!("rtprelay_{name}"), help, kind, metrics)
+}
+
+/// A metric family named `name` in full (for other binaries' namespaces, e.g. `rtpecho_`).
+#[must_use]
+pub fn named_family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    metrics: Vec<Metric>,
+) -> MetricFamily {
     let mut f = MetricFamily::default();
-    f.set_name(format!("rtprelay_{name}"));
+    f.set_name(name.into());
     f.set_help(help.into());
     f.set_field_type(kind);
     f.set_metric(metrics);
     f
 }
 
-fn counter_metric(labels: Vec<LabelPair>, v: u64) -> Metric {
+/// A counter sample with `labels`.
+#[must_use]
+pub fn counter_metric(labels: Vec<LabelPair>, v: u64) -> Metric {
     let mut c = Counter::default();
     c.set_value(v as f64);
     let mut m = Metric::from_label(labels);
@@ -214,7 +227,9 @@ fn counter_metric(labels: Vec<LabelPair>, v: u64) -> Metric {
     m
 }
 
-fn gauge_metric(labels: Vec<LabelPair>, v: f64) -> Metric {
+/// A gauge sample with `labels`.
+#[must_use]
+pub fn gauge_metric(labels: Vec<LabelPair>, v: f64) -> Metric {
     let mut g = Gauge::default();
     g.set_value(v);
     let mut m = Metric::from_gauge(g);
@@ -347,9 +362,15 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
 /// The snapshot in the Prometheus text exposition format.
 #[must_use]
 pub fn render(s: &Snapshot) -> String {
+    encode(&families(s))
+}
+
+/// Metric families in the Prometheus text exposition format.
+#[must_use]
+pub fn encode(families: &[MetricFamily]) -> String {
     let mut out = String::new();
     if prometheus::TextEncoder::new()
-        .encode_utf8(&families(s), &mut out)
+        .encode_utf8(families, &mut out)
         .is_err()
     {
         let _ = writeln!(out, "# encoding failed");
