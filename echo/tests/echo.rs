@@ -3,7 +3,6 @@
 #![allow(clippy::cast_possible_truncation)] // small known test values
 
 use std::collections::HashSet;
-use std::io::BufRead;
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -12,13 +11,7 @@ use relay_proto::rtp::{parse_rtp, RtpHeader};
 use relay_proto::Ssrc;
 
 fn skip_without_uring() -> bool {
-    match relay::ring::probe() {
-        Ok(()) => false,
-        Err(e) => {
-            eprintln!("SKIPPED (io_uring unavailable here): {e}");
-            true
-        }
-    }
+    !testkit::uring_available()
 }
 
 /// Starts the echo on a free port with `args`; returns it and its address.
@@ -31,22 +24,7 @@ fn start(args: &[&str]) -> (Child, SocketAddr) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(i) = line.find("listen=") {
-                let addr = line[i + 7..].split_whitespace().next().unwrap().to_owned();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("echo ready")
+    let addr = testkit::ready_value(&mut child, "echo", "echo ready", "listen")
         .parse()
         .unwrap();
     (child, addr)

@@ -5,11 +5,9 @@
 //! tests competing for the machine's two cores.
 #![allow(clippy::cast_precision_loss)] // report figures
 
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -33,15 +31,7 @@ fn bin(name: &str) -> PathBuf {
     path
 }
 
-fn uring_available() -> bool {
-    match relay::ring::probe() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED (io_uring unavailable here): {e}");
-            false
-        }
-    }
-}
+use testkit::uring_available;
 
 /// A child process killed on drop.
 struct Proc(Child);
@@ -62,29 +52,7 @@ fn start(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (ready, key) = (ready.to_owned(), format!("{key}="));
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains(&ready) {
-                if let Some(i) = line.find(&key) {
-                    let v = line[i + key.len()..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_owned();
-                    let _ = tx.send(v);
-                }
-            }
-        }
-    });
-    let v = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("{name} ready"));
+    let v = testkit::ready_value(&mut child, name, ready, key);
     (Proc(child), v)
 }
 

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use relay_proto::control::{AddChannel, Hello, RemoveChannel, StatsQuery};
 use relay_proto::rtp::RtpHeader;
@@ -15,30 +15,11 @@ use relay_proto::{ChannelId, ChannelStats, Format, GlobalStats, Reply, Request, 
 
 pub const BACKENDS: [&str; 2] = ["uring", "tokio"];
 
+pub use testkit::{recv, wait_for};
+
 /// Whether this backend can run here; says why not, loudly, when it cannot.
 pub fn available(backend: &str) -> bool {
-    if backend != "uring" {
-        return true;
-    }
-    match relay::ring::probe() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED (io_uring unavailable here): {e}");
-            false
-        }
-    }
-}
-
-/// Polls `f` until it returns `Some`, or panics after `deadline` naming `what`.
-pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    backend != "uring" || testkit::uring_available()
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -79,27 +60,13 @@ impl RelayProc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("relay starts");
-        // Read the log until the ready line, which names the metrics address; keep draining it.
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[relay] {line}");
-                if let Some(i) = line.find("metrics=http://") {
-                    let rest = &line[i + "metrics=http://".len()..];
-                    let addr = rest.split('/').next().unwrap().to_owned();
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr);
-                    }
-                }
-            }
-        });
-        let metrics = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("relay logs its metrics address when ready")
+        // The ready line names the metrics endpoint: metrics=http://ADDR/metrics.
+        let url = testkit::ready_value(&mut child, "relay", "relay ready", "metrics");
+        let metrics = url
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
             .parse()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("metrics address in {url:?}: {e}"));
         Self {
             child,
             ctl,
@@ -334,16 +301,6 @@ pub fn udp() -> UdpSocket {
     let s: UdpSocket = s.into();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s
-}
-
-/// `recv_from`, retried when a signal interrupts it.
-pub fn recv(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-    loop {
-        match s.recv_from(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            r => return r,
-        }
-    }
 }
 
 /// An RTP packet of 172 bytes whose payload encodes its sequence number.
