@@ -518,6 +518,12 @@ impl Relay {
         Verdict::Forward { to, direction }
     }
 
+    /// Counts a datagram the backend dropped before it could reach the core (for instance one
+    /// still in flight for a channel that was just removed: `NoChannel`).
+    pub fn count_drop(&mut self, reason: DropReason) {
+        self.drops.add(reason);
+    }
+
     /// Records how long a forwarded packet spent inside the relay (receive completion to send
     /// submission), as measured by the backend.
     pub fn record_forward(&mut self, direction: Direction, elapsed_ns: u64) {

@@ -130,6 +130,9 @@ fn malformed_packets_are_dropped_and_counted_by_reason() {
         Verdict::Drop(DropReason::NoChannel)
     );
     assert_eq!(r.global_stats().drops.get(DropReason::NoChannel), 1);
+    // Drops the backend detects itself are counted the same way.
+    r.count_drop(DropReason::NoChannel);
+    assert_eq!(r.global_stats().drops.get(DropReason::NoChannel), 2);
 }
 
 #[test]

@@ -279,7 +279,11 @@ fn forward(
     current: bool,
 ) -> std::io::Result<()> {
     let verdict = match s.ring.received(bid, len) {
-        Some(_) if !current => None, // a previous channel's datagram, in flight at its close
+        Some(_) if !current => {
+            // A previous channel's datagram, in flight when it closed.
+            relay.count_drop(relay_proto::DropReason::NoChannel);
+            None
+        }
         Some(r) if r.truncated || r.payload.len() > MAX_PAYLOAD => {
             counters.oversize += 1;
             None
