@@ -1,5 +1,7 @@
 //! `loadgen`: drives rtp-relay. `loadgen rtp` plays Asterisk's RTP for N channels against a
-//! running relay and prints a latency report.
+//! running relay and prints a latency report; `loadgen sim-asterisk` is an ARI server that behaves
+//! like Asterisk 22 (calls, externalMedia, bridges, RTP) for control to drive; `loadgen ari`
+//! originates calls on a real Asterisk; `loadgen blast` loads a reflector.
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +29,197 @@ enum Mode {
     Rtp(RtpArgs),
     /// Measure the maximum rate a reflector (the echo) sustains, in a closed loop.
     Blast(BlastArgs),
+    /// Play Asterisk 22's ARI (REST + events + externalMedia RTP) and originate calls.
+    SimAsterisk(SimArgs),
+    /// Originate calls on a real Asterisk through ARI and print the relay's and control's summaries.
+    Ari(AriArgs),
+}
+
+/// `loadgen sim-asterisk` flags.
+#[derive(Debug, clap::Args)]
+struct SimArgs {
+    /// HTTP/WebSocket address to serve ARI on.
+    #[arg(long, default_value = "127.0.0.1:8088")]
+    listen: SocketAddr,
+    /// ARI user accepted.
+    #[arg(long, env = "ARI_USER", default_value = "asterisk")]
+    ari_user: String,
+    /// ARI password accepted.
+    #[arg(long, env = "ARI_PASS", hide_env_values = true, default_value = "asterisk")]
+    ari_pass: String,
+    /// The Stasis application calls go to.
+    #[arg(long, env = "APP_NAME", default_value = "rtp-relay")]
+    app: String,
+    /// Caller channels to originate (0: serve only, e.g. for `loadgen ari`).
+    #[arg(long, default_value_t = 100)]
+    calls: u32,
+    /// Spread the originations over this long.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    ramp: Duration,
+    /// How long each call lasts.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    hold: Duration,
+    /// Address externalMedia channels send RTP from (UNICASTRTP_LOCAL_ADDRESS).
+    #[arg(long, default_value = "127.0.0.1")]
+    rtp_ip: IpAddr,
+    /// Fraction (0–1) of first answer attempts that fail with 404 "Channel not found".
+    #[arg(long, default_value_t = 0.0)]
+    answer_404: f64,
+    /// Drop every events WebSocket once, this long after the first call.
+    #[arg(long, value_parser = parse_duration)]
+    drop_ws_at: Option<Duration>,
+    /// After the last call, wait this long at most for the application to clean up.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    grace: Duration,
+    /// Wait this long at most for the application to connect before originating.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    wait_app: Duration,
+    /// With --calls 0: serve this long, then report (default: until interrupted).
+    #[arg(long, value_parser = parse_duration)]
+    serve_for: Option<Duration>,
+    /// Seed (SSRCs, sequence numbers, faults).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write the report as JSON to this file ("-": standard output).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Fail (exit 1) when the loss ratio exceeds this fraction.
+    #[arg(long)]
+    max_loss: Option<f64>,
+}
+
+/// `loadgen ari` flags.
+#[derive(Debug, clap::Args)]
+struct AriArgs {
+    /// Asterisk's ARI base URL.
+    #[arg(long, env = "ARI_URL", default_value = "http://127.0.0.1:8088")]
+    ari_url: String,
+    /// ARI user.
+    #[arg(long, env = "ARI_USER", default_value = "asterisk")]
+    ari_user: String,
+    /// ARI password.
+    #[arg(long, env = "ARI_PASS", hide_env_values = true)]
+    ari_pass: String,
+    /// The Stasis application control serves.
+    #[arg(long, env = "APP_NAME", default_value = "rtp-relay")]
+    app: String,
+    /// Endpoint to originate: a Local channel into a context that answers and plays a tone.
+    #[arg(long, default_value = "Local/s@load")]
+    endpoint: String,
+    /// Calls.
+    #[arg(long, default_value_t = 10)]
+    calls: u32,
+    /// Spread the originations over this long.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    ramp: Duration,
+    /// How long each call lasts.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    hold: Duration,
+    /// The relay's control socket, for its summary.
+    #[arg(long, env = "RELAY_SOCKET")]
+    relay_ctl: Option<PathBuf>,
+    /// Control's metrics endpoint, for its /stats (e.g. http://127.0.0.1:9102).
+    #[arg(long)]
+    control: Option<String>,
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+fn write_json(path: &std::path::Path, json: &str) -> bool {
+    let written = if path.as_os_str() == "-" {
+        println!("{json}");
+        Ok(())
+    } else {
+        std::fs::write(path, format!("{json}\n"))
+    };
+    if let Err(e) = &written {
+        eprintln!("loadgen: cannot write --json {}: {e}", path.display());
+    }
+    written.is_ok()
+}
+
+fn sim_asterisk(a: SimArgs) -> ExitCode {
+    if !(0.0..=1.0).contains(&a.answer_404) {
+        eprintln!("loadgen: invalid value for --answer-404: a fraction in 0..=1");
+        return ExitCode::from(2);
+    }
+    if a.max_loss.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+        eprintln!("loadgen: invalid value for --max-loss: a fraction in 0..=1");
+        return ExitCode::from(2);
+    }
+    relay::init_logging();
+    let cfg = loadgen::sim::SimConfig {
+        listen: a.listen,
+        user: a.ari_user,
+        pass: a.ari_pass,
+        app: a.app,
+        calls: a.calls,
+        ramp: a.ramp,
+        hold: a.hold,
+        rtp_ip: a.rtp_ip,
+        answer_404: a.answer_404,
+        drop_ws_at: a.drop_ws_at,
+        grace: a.grace,
+        wait_app: a.wait_app,
+        serve_for: a.serve_for,
+        seed: a.seed,
+    };
+    let report = match runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(loadgen::sim::run(cfg))) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", loadgen::sim::render(&report));
+    if let Some(path) = &a.json {
+        if !write_json(path, &serde_json::to_string_pretty(&report).unwrap_or_default()) {
+            return ExitCode::FAILURE;
+        }
+    }
+    if a.max_loss.is_some_and(|m| report.loss_ratio > m) {
+        eprintln!("loadgen: SLA violated: loss {:.6} above --max-loss", report.loss_ratio);
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn ari(a: AriArgs) -> ExitCode {
+    if a.calls == 0 {
+        eprintln!("loadgen: invalid value for --calls: must be at least 1");
+        return ExitCode::from(2);
+    }
+    let cfg = loadgen::ari::AriLoadConfig {
+        url: a.ari_url,
+        user: a.ari_user,
+        pass: a.ari_pass,
+        app: a.app,
+        endpoint: a.endpoint,
+        calls: a.calls,
+        ramp: a.ramp,
+        hold: a.hold,
+        relay_ctl: a.relay_ctl,
+        control: a.control,
+    };
+    match runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(loadgen::ari::run(&cfg))) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            if r.originated == 0 {
+                eprintln!("loadgen: no call could be originated: {}", r.first_error.unwrap_or_default());
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `loadgen blast` flags.
@@ -120,6 +313,8 @@ fn main() -> ExitCode {
     let a = match Cli::parse().command {
         Mode::Rtp(a) => a,
         Mode::Blast(b) => return blast(&b),
+        Mode::SimAsterisk(a) => return sim_asterisk(a),
+        Mode::Ari(a) => return ari(a),
     };
     let bad = [
         (a.channels == 0, "--channels", "must be at least 1"),

@@ -85,6 +85,14 @@ impl<T: Counter> LatencyHistogram<T> {
         self.hist.is_empty()
     }
 
+    /// Adds every value of `other` (same bounds and precision, or values saturate).
+    pub fn merge(&mut self, other: &Self) {
+        for v in other.hist.iter_recorded() {
+            self.hist
+                .saturating_record_n(v.value_iterated_to(), v.count_at_value());
+        }
+    }
+
     /// The underlying histogram, for exporters that need its buckets.
     #[must_use]
     pub fn histogram(&self) -> &Histogram<T> {

@@ -1,0 +1,1200 @@
+//! `loadgen sim-asterisk`: an ARI server that behaves like Asterisk 22 for everything control
+//! uses, so the whole pipeline (control, relay, echo) runs and is tested on a machine without
+//! Asterisk.
+//!
+//! What it reproduces, because control depends on it:
+//! - the REST URLs, JSON shapes, authentication (HTTP basic or `api_key=user:pass`) and error codes
+//!   (401, 404 "Channel not found", 422 "Channel not in Stasis application", 409, 400);
+//! - the events WebSocket `/ari/events?app=…`, one JSON event per message;
+//! - an externalMedia channel's own StasisStart about 1 ms after the request, racing the HTTP reply
+//!   (the reply is held back 0–3 ms, so either can come first);
+//! - channel variables `UNICASTRTP_LOCAL_ADDRESS` / `UNICASTRTP_LOCAL_PORT` (the port a string);
+//! - RTP only once the externalMedia channel shares a bridge with another channel, sent from
+//!   exactly `UNICASTRTP_LOCAL_ADDRESS:PORT` to `external_host`: 172-byte packets, payload type 0,
+//!   50 per second, random SSRC and first sequence number, first timestamp 160;
+//! - strict RTP: packets coming back from anywhere but `external_host` are dropped and counted.
+//!
+//! It originates `--calls` caller channels over `--ramp`, holds each for `--hold`, then stops its
+//! RTP, lets the last packets return (100 ms at most) and hangs up (StasisEnd, ChannelDestroyed).
+//! It measures each call's round trip (sent → back from the relay), loss and strict-RTP drops, and
+//! once every call has ended and control has cleaned up (or `--grace` has passed) prints a report.
+//! Fault options: `--answer-404` fails that fraction of first answer attempts with 404, and
+//! `--drop-ws-at` closes every events WebSocket once at that time.
+//!
+//! Not a hot path: a multi-thread tokio runtime, one task per externalMedia channel, one mutex
+//! over the call state (never held across an await).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use relay_proto::rng::SplitMix64;
+use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc};
+use relay_proto::stats::{LatencyHistogram, LatencySummary};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, oneshot, watch};
+
+/// RTP packet size Asterisk sends for 20 ms of ulaw.
+pub const PACKET_LEN: usize = 172;
+/// Packets per second.
+const PACKETS_PER_SECOND: u32 = 50;
+/// How long a hung-up call waits for its last packets to come back.
+const DRAIN: Duration = Duration::from_millis(100);
+
+/// `loadgen sim-asterisk` settings.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// HTTP and WebSocket listen address (port 0: any).
+    pub listen: SocketAddr,
+    /// ARI user.
+    pub user: String,
+    /// ARI password.
+    pub pass: String,
+    /// The Stasis application calls are sent to.
+    pub app: String,
+    /// Caller channels to originate (0: only serve, for `loadgen ari` or a manual run).
+    pub calls: u32,
+    /// Spread the originations over this long.
+    pub ramp: Duration,
+    /// Each call lasts this long.
+    pub hold: Duration,
+    /// Address the externalMedia channels send RTP from (`UNICASTRTP_LOCAL_ADDRESS`).
+    pub rtp_ip: IpAddr,
+    /// Fraction of first answer attempts that fail with 404.
+    pub answer_404: f64,
+    /// Close every events WebSocket once, this long after the first call was originated.
+    pub drop_ws_at: Option<Duration>,
+    /// After the last call ends, wait this long at most for control to clean up.
+    pub grace: Duration,
+    /// How long to wait for the application to connect before originating.
+    pub wait_app: Duration,
+    /// With `calls` = 0: serve this long (`None`: until interrupted).
+    pub serve_for: Option<Duration>,
+    /// Random seed (SSRCs, sequence numbers, faults).
+    pub seed: u64,
+}
+
+/// How a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallEnd {
+    /// Held for its duration and hung up by the simulator.
+    Completed,
+    /// Hung up by the application (control) before its duration.
+    HungUpByApp,
+    /// Still up when the report was made.
+    Active,
+}
+
+/// One caller's record in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct CallReport {
+    /// The caller channel.
+    pub id: String,
+    /// Whether it was answered.
+    pub answered: bool,
+    /// Whether its externalMedia channel was bridged with it and RTP flowed.
+    pub bridged: bool,
+    /// How it ended.
+    pub end: CallEnd,
+    /// RTP packets sent to the relay.
+    pub sent: u64,
+    /// Packets that came back (first copies).
+    pub received: u64,
+    /// `sent - received`.
+    pub lost: u64,
+    /// Copies of a packet already received.
+    pub duplicates: u64,
+    /// Returned packets dropped because they came from a wrong address (strict RTP).
+    pub strict_rtp_drops: u64,
+    /// Returned datagrams that were not RTP or not this stream's.
+    pub malformed: u64,
+    /// Round trip Asterisk → relay → echo → relay → Asterisk.
+    pub rtt: LatencySummary,
+}
+
+/// The simulator's report.
+#[derive(Clone, Debug, Serialize)]
+pub struct SimReport {
+    /// Calls originated.
+    pub calls: u32,
+    /// Calls answered.
+    pub answered: u64,
+    /// Calls bridged with RTP flowing.
+    pub bridged: u64,
+    /// Calls the application hung up before their time.
+    pub hung_up_by_app: u64,
+    /// Packets sent, all calls.
+    pub sent: u64,
+    /// Packets back, all calls.
+    pub received: u64,
+    /// `sent - received`.
+    pub lost: u64,
+    /// `lost / sent`.
+    pub loss_ratio: f64,
+    /// Duplicates back.
+    pub duplicates: u64,
+    /// Strict-RTP drops, all calls.
+    pub strict_rtp_drops: u64,
+    /// Non-RTP or foreign datagrams.
+    pub malformed: u64,
+    /// End-to-end round trip, all calls.
+    pub rtt: LatencySummary,
+    /// First answer attempts failed on purpose.
+    pub answer_404_injected: u64,
+    /// Times the events WebSockets were dropped on purpose.
+    pub ws_drops: u64,
+    /// WebSocket connections accepted.
+    pub ws_connections: u64,
+    /// Channels still existing when the report was made (should be 0).
+    pub channels_left: usize,
+    /// Bridges still existing when the report was made (should be 0).
+    pub bridges_left: usize,
+    /// Every call.
+    pub per_call: Vec<CallReport>,
+}
+
+/// What a channel is.
+#[derive(Debug)]
+enum Kind {
+    /// A caller: its answer attempts so far.
+    Caller {
+        /// Answer requests received.
+        answer_attempts: u32,
+    },
+    /// An externalMedia channel.
+    External {
+        /// Where its RTP goes.
+        external_host: SocketAddr,
+        /// Where it sends from (bound, waiting for the bridge).
+        socket: Option<UdpSocket>,
+        /// Its address.
+        local: SocketAddr,
+        /// Stops the RTP task, which hands back its figures.
+        stop: Option<oneshot::Sender<()>>,
+        /// The RTP task.
+        task: Option<tokio::task::JoinHandle<RtpFigures>>,
+    },
+}
+
+/// A channel.
+#[derive(Debug)]
+struct SimChannel {
+    /// Id.
+    id: String,
+    /// Name.
+    name: String,
+    /// `Ring`, `Up`.
+    state: &'static str,
+    /// The Stasis application it is in.
+    app: Option<String>,
+    /// Its bridge.
+    bridge: Option<String>,
+    /// Creation time, ARI format.
+    created: String,
+    /// Caller or externalMedia.
+    kind: Kind,
+}
+
+impl SimChannel {
+    /// The channel as ARI shows it.
+    fn json(&self) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "protocol_id": "",
+            "caller": {"name": "", "number": "100"},
+            "connected": {"name": "", "number": ""},
+            "accountcode": "",
+            "dialplan": {"context": "load", "exten": "s", "priority": 1,
+                         "app_name": "Stasis", "app_data": self.app.clone().unwrap_or_default()},
+            "creationtime": self.created,
+            "language": "en",
+        });
+        if let Kind::External { local, .. } = &self.kind {
+            v["channelvars"] = json!({
+                "UNICASTRTP_LOCAL_ADDRESS": local.ip().to_string(),
+                "UNICASTRTP_LOCAL_PORT": local.port().to_string(),
+            });
+        }
+        v
+    }
+}
+
+/// A bridge.
+#[derive(Debug)]
+struct SimBridge {
+    /// Id.
+    id: String,
+    /// `mixing`, …
+    bridge_type: String,
+    /// Name.
+    name: String,
+    /// Members.
+    channels: Vec<String>,
+}
+
+impl SimBridge {
+    fn json(&self) -> Value {
+        json!({
+            "id": self.id, "technology": "simple_bridge", "bridge_type": self.bridge_type,
+            "bridge_class": "stasis", "creator": "Stasis", "name": self.name,
+            "channels": self.channels, "creationtime": now_stamp(), "video_mode": "none",
+        })
+    }
+}
+
+/// A caller's life as the simulator records it.
+#[derive(Debug, Default)]
+struct CallRecord {
+    /// Answered.
+    answered: bool,
+    /// Its externalMedia channel's RTP started.
+    bridged: bool,
+    /// How it ended, once it has.
+    end: Option<CallEnd>,
+    /// RTP figures, once the call's externalMedia channel is gone.
+    figures: RtpFigures,
+}
+
+/// Everything the simulator holds.
+#[derive(Debug, Default)]
+struct World {
+    /// Channels by id.
+    channels: HashMap<String, SimChannel>,
+    /// Bridges by id.
+    bridges: HashMap<String, SimBridge>,
+    /// Callers by id, in origination order.
+    calls: BTreeMap<u64, (String, CallRecord)>,
+    /// Caller id → key in `calls`.
+    call_index: HashMap<String, u64>,
+    /// Figures of externalMedia channels, kept until attributed to a call.
+    rng: Option<SplitMix64>,
+}
+
+/// Shared state of the server.
+#[derive(Debug)]
+struct Sim {
+    /// Settings.
+    cfg: SimConfig,
+    /// The world.
+    world: Mutex<World>,
+    /// Events: (application, JSON text).
+    events: broadcast::Sender<(String, Arc<str>)>,
+    /// Bumped to close every WebSocket.
+    ws_generation: watch::Sender<u64>,
+    /// Applications connected: count of WebSockets per app.
+    apps: Mutex<HashMap<String, usize>>,
+    /// Channel id counter.
+    next_id: AtomicU64,
+    /// First answers failed on purpose.
+    injected_404: AtomicU64,
+    /// WebSocket drops.
+    ws_drops: AtomicU64,
+    /// WebSocket connections.
+    ws_connections: AtomicU64,
+    /// Start of the run, for ids.
+    epoch: u64,
+}
+
+fn now_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", secs.as_secs(), secs.subsec_millis())
+}
+
+/// An ARI error reply.
+fn ari_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "message": message }))).into_response()
+}
+
+impl Sim {
+    fn world(&self) -> MutexGuard<'_, World> {
+        self.world
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn emit(&self, app: &str, mut event: Value) {
+        event["timestamp"] = json!(now_stamp());
+        event["application"] = json!(app);
+        event["asterisk_id"] = json!("00:00:00:00:00:01");
+        let _ = self.events.send((app.to_owned(), event.to_string().into()));
+    }
+
+    fn authorised(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
+        let pair = format!("{}:{}", self.cfg.user, self.cfg.pass);
+        if query.get("api_key") == Some(&pair) {
+            return true;
+        }
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Basic "))
+            .is_some_and(|b| b.trim() == base64(pair.as_bytes()))
+    }
+
+    fn new_id(&self) -> String {
+        format!(
+            "{}.{}",
+            self.epoch,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Creates a caller channel in `app` and announces it.
+    fn originate(&self, app: &str, id: Option<String>) -> Result<Value, Response> {
+        let id = id.unwrap_or_else(|| self.new_id());
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ch = SimChannel {
+            id: id.clone(),
+            name: format!("PJSIP/load-{n:08x}"),
+            state: "Ring",
+            app: Some(app.to_owned()),
+            bridge: None,
+            created: now_stamp(),
+            kind: Kind::Caller { answer_attempts: 0 },
+        };
+        let v = ch.json();
+        {
+            let mut w = self.world();
+            if w.channels.contains_key(&id) {
+                return Err(ari_error(StatusCode::CONFLICT, "Channel with given unique ID already exists"));
+            }
+            w.channels.insert(id.clone(), ch);
+            let key = w.calls.len() as u64;
+            w.calls.insert(key, (id.clone(), CallRecord::default()));
+            w.call_index.insert(id, key);
+        }
+        self.emit(app, json!({"type": "StasisStart", "args": [], "channel": v}));
+        Ok(v)
+    }
+
+    /// Hangs a channel up: stops its RTP (waiting for the figures), takes it out of its bridge,
+    /// sends StasisEnd and ChannelDestroyed. `by_app` marks a caller as hung up by the application.
+    async fn hangup(&self, id: &str, by_app: bool) -> bool {
+        let (stop, task) = {
+            let mut w = self.world();
+            match w.channels.get_mut(id) {
+                None => return false,
+                Some(SimChannel {
+                    kind: Kind::External { stop, task, .. },
+                    ..
+                }) => (stop.take(), task.take()),
+                Some(_) => (None, None),
+            }
+        };
+        let figures = match task {
+            Some(task) => {
+                if let Some(stop) = stop {
+                    let _ = stop.send(());
+                }
+                task.await.unwrap_or_default()
+            }
+            None => RtpFigures::default(),
+        };
+        let removed = {
+            let mut w = self.world();
+            let Some(ch) = w.channels.remove(id) else {
+                return false;
+            };
+            if let Some(b) = ch.bridge.as_ref().and_then(|b| w.bridges.get_mut(b)) {
+                b.channels.retain(|c| c != id);
+            }
+            let owner = match &ch.kind {
+                Kind::External { .. } => w.channels.values().find_map(|c| {
+                    (c.bridge.is_some() && c.bridge == ch.bridge && matches!(c.kind, Kind::Caller { .. }))
+                        .then(|| c.id.clone())
+                }),
+                Kind::Caller { .. } => Some(id.to_owned()),
+            };
+            // RTP figures belong to the caller the externalMedia channel was bridged with; the
+            // externalMedia id control chooses also names it.
+            let owner = owner.or_else(|| {
+                w.call_index
+                    .keys()
+                    .find(|c| id.ends_with(c.as_str()))
+                    .cloned()
+            });
+            if let Some(key) = owner.and_then(|o| w.call_index.get(&o).copied()) {
+                if let Some((_, rec)) = w.calls.get_mut(&key) {
+                    rec.figures.merge(&figures);
+                    if matches!(ch.kind, Kind::Caller { .. }) && rec.end.is_none() {
+                        rec.end = Some(if by_app {
+                            CallEnd::HungUpByApp
+                        } else {
+                            CallEnd::Completed
+                        });
+                    }
+                }
+            }
+            ch
+        };
+        let v = removed.json();
+        if let Some(app) = &removed.app {
+            self.emit(app, json!({"type": "StasisEnd", "channel": v}));
+            self.emit(
+                app,
+                json!({"type": "ChannelDestroyed", "cause": 16, "cause_txt": "Normal Clearing", "channel": v}),
+            );
+        }
+        true
+    }
+
+    /// Starts the RTP of every externalMedia channel in `bridge` that shares it with another
+    /// channel and is not sending yet.
+    fn start_media(self: &Arc<Self>, bridge: &str) {
+        let mut w = self.world();
+        let members: Vec<String> = w
+            .bridges
+            .get(bridge)
+            .map(|b| b.channels.clone())
+            .unwrap_or_default();
+        if members.len() < 2 {
+            return;
+        }
+        let seed = w.rng.get_or_insert_with(|| SplitMix64::new(self.cfg.seed)).next_u64();
+        let caller = members.iter().find(|m| {
+            w.channels
+                .get(*m)
+                .is_some_and(|c| matches!(c.kind, Kind::Caller { .. }))
+        });
+        if let Some(key) = caller.and_then(|c| w.call_index.get(c).copied()) {
+            if let Some((_, rec)) = w.calls.get_mut(&key) {
+                rec.bridged = true;
+            }
+        }
+        for m in members {
+            if let Some(SimChannel {
+                kind:
+                    Kind::External {
+                        external_host,
+                        socket,
+                        stop,
+                        task,
+                        ..
+                    },
+                ..
+            }) = w.channels.get_mut(&m)
+            {
+                if let Some(sock) = socket.take() {
+                    let (tx, rx) = oneshot::channel();
+                    *stop = Some(tx);
+                    *task = Some(tokio::spawn(rtp_stream(sock, *external_host, seed, rx)));
+                }
+            }
+        }
+    }
+}
+
+/// Standard base64 (for comparing a basic-auth header).
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// One externalMedia channel's RTP figures.
+#[derive(Debug)]
+struct RtpFigures {
+    sent: u64,
+    received: u64,
+    duplicates: u64,
+    strict_drops: u64,
+    malformed: u64,
+    rtt: LatencyHistogram<u64>,
+}
+
+impl Default for RtpFigures {
+    fn default() -> Self {
+        Self {
+            sent: 0,
+            received: 0,
+            duplicates: 0,
+            strict_drops: 0,
+            malformed: 0,
+            rtt: LatencyHistogram::new(3),
+        }
+    }
+}
+
+impl RtpFigures {
+    fn merge(&mut self, o: &Self) {
+        self.sent += o.sent;
+        self.received += o.received;
+        self.duplicates += o.duplicates;
+        self.strict_drops += o.strict_drops;
+        self.malformed += o.malformed;
+        self.rtt.merge(&o.rtt);
+    }
+}
+
+/// Sends 50 packets a second from `sock` to `to` until stopped, then waits up to [`DRAIN`] for
+/// the last ones; measures what comes back.
+async fn rtp_stream(
+    sock: UdpSocket,
+    to: SocketAddr,
+    seed: u64,
+    mut stop: oneshot::Receiver<()>,
+) -> RtpFigures {
+    let mut rng = SplitMix64::new(seed);
+    let ssrc = Ssrc(rng.next_u32());
+    #[allow(clippy::cast_possible_truncation)] // 16 random bits
+    let first_seq = rng.next_u32() as u16;
+    let mut f = RtpFigures::default();
+    // Send time of each sequence number in flight (1,024 covers 20 s of 50/s).
+    let mut t0: Vec<Option<(u16, Instant)>> = vec![None; 1024];
+    let mut packet = [0u8; PACKET_LEN];
+    let mut buf = [0u8; 2048];
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / PACKETS_PER_SECOND);
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let mut n: u32 = 0;
+    loop {
+        let drain_end = stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = tick.tick(), if stopping.is_none() => {
+                #[allow(clippy::cast_possible_truncation)] // sequence numbers wrap
+                let seq = first_seq.wrapping_add(n as u16);
+                let header = RtpHeader {
+                    marker: n == 0,
+                    payload_type: 0,
+                    sequence: seq,
+                    timestamp: 160u32.wrapping_add(n.wrapping_mul(160)),
+                    ssrc,
+                };
+                let _ = header.write(&mut packet);
+                packet[12..].fill(0xff);
+                if sock.send_to(&packet, to).await.is_ok() {
+                    f.sent += 1;
+                    t0[usize::from(seq) % 1024] = Some((seq, Instant::now()));
+                }
+                n = n.wrapping_add(1);
+            }
+            r = sock.recv_from(&mut buf) => {
+                let Ok((len, from)) = r else { continue };
+                if from != to {
+                    f.strict_drops += 1;
+                    continue;
+                }
+                match buf.get(..len).map(parse_rtp) {
+                    Some(Ok(p)) if p.ssrc == ssrc => {
+                        let slot = &mut t0[usize::from(p.sequence) % 1024];
+                        match *slot {
+                            Some((s, at)) if s == p.sequence => {
+                                f.rtt.record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                                f.received += 1;
+                                *slot = None;
+                            }
+                            _ => f.duplicates += 1,
+                        }
+                    }
+                    _ => f.malformed += 1,
+                }
+                if stopping.is_some() && f.received + f.duplicates >= f.sent {
+                    break;
+                }
+            }
+            _ = &mut stop, if stopping.is_none() => {
+                if f.received >= f.sent {
+                    break;
+                }
+                stopping = Some(tokio::time::Instant::now() + DRAIN);
+            }
+            () = tokio::time::sleep_until(drain_end), if stopping.is_some() => break,
+        }
+    }
+    f
+}
+
+type Q = Query<HashMap<String, String>>;
+
+/// Router for the ARI endpoints.
+fn router(sim: Arc<Sim>) -> Router {
+    Router::new()
+        .route("/ari/events", get(events))
+        .route("/ari/asterisk/info", get(info))
+        .route("/ari/channels", get(list_channels).post(originate))
+        .route("/ari/channels/externalMedia", post(external_media))
+        .route("/ari/channels/{id}", get(get_channel).delete(delete_channel))
+        .route("/ari/channels/{id}/answer", post(answer))
+        .route("/ari/bridges", get(list_bridges).post(create_bridge))
+        .route("/ari/bridges/{id}", get(get_bridge).post(create_bridge_with_id).delete(delete_bridge))
+        .route("/ari/bridges/{id}/addChannel", post(add_channel))
+        .with_state(sim)
+}
+
+macro_rules! auth {
+    ($sim:expr, $headers:expr, $q:expr) => {
+        if !$sim.authorised(&$headers, &$q) {
+            return ari_error(StatusCode::UNAUTHORIZED, "Authentication required");
+        }
+    };
+}
+
+async fn info(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
+    auth!(sim, headers, q);
+    Json(json!({"system": {"version": "22.0.0-sim", "entity_id": "00:00:00:00:00:01"}})).into_response()
+}
+
+async fn events(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    ws: WebSocketUpgrade,
+) -> Response {
+    auth!(sim, headers, q);
+    let Some(app) = q.get("app").filter(|a| !a.is_empty()).cloned() else {
+        return ari_error(StatusCode::BAD_REQUEST, "Missing parameter app");
+    };
+    ws.on_upgrade(move |socket| serve_events(sim, app, socket))
+}
+
+async fn serve_events(sim: Arc<Sim>, app: String, mut socket: WebSocket) {
+    let mut rx = sim.events.subscribe();
+    let mut generation = sim.ws_generation.subscribe();
+    generation.mark_unchanged();
+    sim.ws_connections.fetch_add(1, Ordering::Relaxed);
+    *sim.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(app.clone()).or_default() += 1;
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok((a, text)) if a == app => {
+                    if socket.send(Message::Text(text.as_ref().into())).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                // Asterisk closes a client that cannot keep up; so does the simulator.
+                Err(_) => break,
+            },
+            _ = generation.changed() => break,
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    if let Some(n) = sim.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&app) {
+        *n = n.saturating_sub(1);
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+async fn list_channels(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
+    auth!(sim, headers, q);
+    let list: Vec<Value> = sim.world().channels.values().map(SimChannel::json).collect();
+    Json(list).into_response()
+}
+
+async fn get_channel(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    Path(id): Path<String>,
+) -> Response {
+    auth!(sim, headers, q);
+    match sim.world().channels.get(&id) {
+        Some(c) => Json(c.json()).into_response(),
+        None => ari_error(StatusCode::NOT_FOUND, "Channel not found"),
+    }
+}
+
+async fn originate(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
+    auth!(sim, headers, q);
+    if !q.contains_key("endpoint") {
+        return ari_error(StatusCode::BAD_REQUEST, "Endpoint must be specified");
+    }
+    let Some(app) = q.get("app") else {
+        return ari_error(StatusCode::BAD_REQUEST, "Application or extension must be specified");
+    };
+    match sim.originate(app, q.get("channelId").cloned()) {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn delete_channel(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    Path(id): Path<String>,
+) -> Response {
+    auth!(sim, headers, q);
+    if sim.hangup(&id, true).await {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        ari_error(StatusCode::NOT_FOUND, "Channel not found")
+    }
+}
+
+async fn answer(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    Path(id): Path<String>,
+) -> Response {
+    auth!(sim, headers, q);
+    let mut w = sim.world();
+    let fraction = sim.cfg.answer_404;
+    let roll = w.rng.get_or_insert_with(|| SplitMix64::new(sim.cfg.seed)).unit();
+    let Some(ch) = w.channels.get_mut(&id) else {
+        return ari_error(StatusCode::NOT_FOUND, "Channel not found");
+    };
+    if ch.app.is_none() {
+        return ari_error(StatusCode::CONFLICT, "Channel not in Stasis application");
+    }
+    if let Kind::Caller { answer_attempts } = &mut ch.kind {
+        *answer_attempts += 1;
+        if *answer_attempts == 1 && roll < fraction {
+            sim.injected_404.fetch_add(1, Ordering::Relaxed);
+            return ari_error(StatusCode::NOT_FOUND, "Channel not found");
+        }
+    }
+    ch.state = "Up";
+    if let Some(key) = w.call_index.get(&id).copied() {
+        if let Some((_, rec)) = w.calls.get_mut(&key) {
+            rec.answered = true;
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn external_media(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
+    auth!(sim, headers, q);
+    let (Some(app), Some(host), Some(format)) = (q.get("app"), q.get("external_host"), q.get("format")) else {
+        return ari_error(StatusCode::BAD_REQUEST, "app, external_host and format are required");
+    };
+    let Ok(external_host) = host.parse::<SocketAddr>() else {
+        return ari_error(StatusCode::BAD_REQUEST, "external_host must be host:port");
+    };
+    if format != "ulaw" {
+        return ari_error(StatusCode::BAD_REQUEST, "the simulator plays ulaw only");
+    }
+    for (k, v) in [("encapsulation", "rtp"), ("transport", "udp"), ("connection_type", "client"), ("direction", "both")] {
+        if q.get(k).is_some_and(|x| x != v) {
+            return ari_error(StatusCode::BAD_REQUEST, &format!("the simulator supports {k}={v} only"));
+        }
+    }
+    let sock = match UdpSocket::bind((sim.cfg.rtp_ip, 0)).await {
+        Ok(s) => s,
+        Err(e) => return ari_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("RTP socket: {e}")),
+    };
+    let Ok(local) = sock.local_addr() else {
+        return ari_error(StatusCode::INTERNAL_SERVER_ERROR, "RTP socket has no address");
+    };
+    let id = q.get("channelId").cloned().unwrap_or_else(|| sim.new_id());
+    let n = sim.next_id.fetch_add(1, Ordering::Relaxed);
+    let ch = SimChannel {
+        id: id.clone(),
+        name: format!("UnicastRTP/{external_host}-{n:08x}"),
+        state: "Up",
+        app: Some(app.clone()),
+        bridge: None,
+        created: now_stamp(),
+        kind: Kind::External {
+            external_host,
+            socket: Some(sock),
+            local,
+            stop: None,
+            task: None,
+        },
+    };
+    let v = ch.json();
+    let reply_delay = {
+        let mut w = sim.world();
+        if w.channels.contains_key(&id) {
+            return ari_error(StatusCode::CONFLICT, "Channel with given unique ID already exists");
+        }
+        w.channels.insert(id, ch);
+        w.rng.get_or_insert_with(|| SplitMix64::new(sim.cfg.seed)).below(3_000)
+    };
+    // The channel enters Stasis on its own, about 1 ms later, racing the reply.
+    let (sim2, app2, v2) = (Arc::clone(&sim), app.clone(), v.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        sim2.emit(&app2, json!({"type": "StasisStart", "args": [], "channel": v2}));
+    });
+    tokio::time::sleep(Duration::from_micros(reply_delay)).await;
+    Json(v).into_response()
+}
+
+async fn list_bridges(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
+    auth!(sim, headers, q);
+    let list: Vec<Value> = sim.world().bridges.values().map(SimBridge::json).collect();
+    Json(list).into_response()
+}
+
+async fn get_bridge(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    Path(id): Path<String>,
+) -> Response {
+    auth!(sim, headers, q);
+    match sim.world().bridges.get(&id) {
+        Some(b) => Json(b.json()).into_response(),
+        None => ari_error(StatusCode::NOT_FOUND, "Bridge not found"),
+    }
+}
+
+fn make_bridge(sim: &Sim, id: String, q: &HashMap<String, String>) -> Response {
+    let bridge = SimBridge {
+        id: id.clone(),
+        bridge_type: q.get("type").cloned().unwrap_or_else(|| "mixing".into()),
+        name: q.get("name").cloned().unwrap_or_default(),
+        channels: Vec::new(),
+    };
+    let v = bridge.json();
+    let mut w = sim.world();
+    if w.bridges.contains_key(&id) {
+        return ari_error(StatusCode::CONFLICT, "Bridge with given id already exists");
+    }
+    w.bridges.insert(id, bridge);
+    Json(v).into_response()
+}
+
+async fn create_bridge(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
+    auth!(sim, headers, q);
+    let id = q.get("bridgeId").cloned().unwrap_or_else(|| sim.new_id());
+    make_bridge(&sim, id, &q)
+}
+
+async fn create_bridge_with_id(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    Path(id): Path<String>,
+) -> Response {
+    auth!(sim, headers, q);
+    make_bridge(&sim, id, &q)
+}
+
+async fn delete_bridge(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    Path(id): Path<String>,
+) -> Response {
+    auth!(sim, headers, q);
+    let mut w = sim.world();
+    let Some(b) = w.bridges.remove(&id) else {
+        return ari_error(StatusCode::NOT_FOUND, "Bridge not found");
+    };
+    for c in b.channels {
+        if let Some(ch) = w.channels.get_mut(&c) {
+            ch.bridge = None;
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn add_channel(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    Path(id): Path<String>,
+) -> Response {
+    auth!(sim, headers, q);
+    let Some(list) = q.get("channel") else {
+        return ari_error(StatusCode::BAD_REQUEST, "Missing parameter channel");
+    };
+    let wanted: Vec<String> = list.split(',').map(str::to_owned).collect();
+    {
+        let mut w = sim.world();
+        if !w.bridges.contains_key(&id) {
+            return ari_error(StatusCode::NOT_FOUND, "Bridge not found");
+        }
+        for c in &wanted {
+            match w.channels.get(c) {
+                None => return ari_error(StatusCode::BAD_REQUEST, "Channel not found"),
+                Some(ch) if ch.app.is_none() => {
+                    return ari_error(StatusCode::UNPROCESSABLE_ENTITY, "Channel not in Stasis application")
+                }
+                Some(ch) if ch.bridge.as_ref().is_some_and(|b| *b != id) => {
+                    return ari_error(StatusCode::CONFLICT, "Channel is already bridged")
+                }
+                Some(_) => {}
+            }
+        }
+        for c in &wanted {
+            if let Some(ch) = w.channels.get_mut(c) {
+                ch.bridge = Some(id.clone());
+            }
+            if let Some(b) = w.bridges.get_mut(&id) {
+                if !b.channels.contains(c) {
+                    b.channels.push(c.clone());
+                }
+            }
+        }
+    }
+    sim.start_media(&id);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Runs the simulator: serves ARI, originates the calls, and returns the report.
+///
+/// # Errors
+/// The listen address cannot be bound.
+pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let (events, _) = broadcast::channel(65_536);
+    let sim = Arc::new(Sim {
+        world: Mutex::new(World::default()),
+        events,
+        ws_generation: watch::Sender::new(0),
+        apps: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        injected_404: AtomicU64::new(0),
+        ws_drops: AtomicU64::new(0),
+        ws_connections: AtomicU64::new(0),
+        epoch: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        cfg,
+    });
+    let server = tokio::spawn(axum::serve(listener, router(Arc::clone(&sim))).into_future());
+    tracing::info!("sim-asterisk ready listen={addr} app={}", sim.cfg.app);
+    let cfg = sim.cfg.clone();
+
+    if cfg.calls == 0 {
+        match cfg.serve_for {
+            Some(d) => tokio::time::sleep(d).await,
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    } else {
+        // Asterisk refuses Stasis() for an application nobody is connected to: wait for it.
+        let connected = || {
+            sim.apps
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&cfg.app)
+                .is_some_and(|&n| n > 0)
+        };
+        let deadline = Instant::now() + cfg.wait_app;
+        while !connected() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "application {:?} did not connect to /ari/events within {:?}",
+                cfg.app,
+                cfg.wait_app
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let start = tokio::time::Instant::now();
+        if let Some(at) = cfg.drop_ws_at {
+            let sim = Arc::clone(&sim);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start + at).await;
+                tracing::info!("dropping every events WebSocket (--drop-ws-at)");
+                sim.ws_drops.fetch_add(1, Ordering::Relaxed);
+                sim.ws_generation.send_modify(|g| *g += 1);
+            });
+        }
+        let mut calls = Vec::new();
+        for i in 0..cfg.calls {
+            let at = start + cfg.ramp.mul_f64(f64::from(i) / f64::from(cfg.calls));
+            tokio::time::sleep_until(at).await;
+            let id = sim.new_id();
+            if let Err(e) = sim.originate(&cfg.app, Some(id.clone())) {
+                tracing::warn!(status = %e.status(), "cannot originate");
+                continue;
+            }
+            let sim = Arc::clone(&sim);
+            let hold = cfg.hold;
+            calls.push(tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                // Stop the media first so the last packets can come back, then hang up.
+                let em = {
+                    let w = sim.world();
+                    w.channels.get(&id).and_then(|c| c.bridge.clone()).and_then(|b| {
+                        w.channels.values().find_map(|c| {
+                            (c.bridge.as_deref() == Some(b.as_str())
+                                && matches!(c.kind, Kind::External { .. }))
+                            .then(|| c.id.clone())
+                        })
+                    })
+                };
+                if let Some(em) = em {
+                    stop_media(&sim, &em).await;
+                }
+                sim.hangup(&id, false).await;
+            }));
+        }
+        for c in calls {
+            let _ = c.await;
+        }
+        // Control hangs up the externalMedia channels and destroys the bridges.
+        let deadline = Instant::now() + cfg.grace;
+        while Instant::now() < deadline {
+            let w = sim.world();
+            if w.channels.is_empty() && w.bridges.is_empty() {
+                break;
+            }
+            drop(w);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    server.abort();
+    Ok(report(&sim))
+}
+
+/// Stops an externalMedia channel's RTP (keeping the channel), waiting for its last packets, and
+/// files its figures under the call.
+async fn stop_media(sim: &Sim, em: &str) {
+    let (stop, task, bridge) = {
+        let mut w = sim.world();
+        match w.channels.get_mut(em) {
+            Some(SimChannel {
+                kind: Kind::External { stop, task, .. },
+                bridge,
+                ..
+            }) => (stop.take(), task.take(), bridge.clone()),
+            _ => return,
+        }
+    };
+    let (Some(stop), Some(task)) = (stop, task) else {
+        return;
+    };
+    let _ = stop.send(());
+    let figures = task.await.unwrap_or_default();
+    let mut w = sim.world();
+    let owner = w.channels.values().find_map(|c| {
+        (c.bridge.is_some() && c.bridge == bridge && matches!(c.kind, Kind::Caller { .. }))
+            .then(|| c.id.clone())
+    });
+    if let Some(key) = owner.and_then(|o| w.call_index.get(&o).copied()) {
+        if let Some((_, rec)) = w.calls.get_mut(&key) {
+            rec.figures.merge(&figures);
+        }
+    }
+}
+
+fn report(sim: &Sim) -> SimReport {
+    let w = sim.world();
+    let mut all = LatencyHistogram::<u64>::new(3);
+    let mut per_call = Vec::new();
+    for (id, rec) in w.calls.values() {
+        let f = &rec.figures;
+        all.merge(&f.rtt);
+        per_call.push(CallReport {
+            id: id.clone(),
+            answered: rec.answered,
+            bridged: rec.bridged,
+            end: rec.end.unwrap_or(CallEnd::Active),
+            sent: f.sent,
+            received: f.received,
+            lost: f.sent.saturating_sub(f.received),
+            duplicates: f.duplicates,
+            strict_rtp_drops: f.strict_drops,
+            malformed: f.malformed,
+            rtt: f.rtt.summary(),
+        });
+    }
+    let sum = |g: fn(&CallReport) -> u64| per_call.iter().map(g).sum::<u64>();
+    let (sent, received) = (sum(|c| c.sent), sum(|c| c.received));
+    let lost = sent.saturating_sub(received);
+    #[allow(clippy::cast_precision_loss)] // a ratio
+    let loss_ratio = if sent == 0 { 0.0 } else { lost as f64 / sent as f64 };
+    SimReport {
+        calls: u32::try_from(per_call.len()).unwrap_or(u32::MAX),
+        answered: sum(|c| u64::from(c.answered)),
+        bridged: sum(|c| u64::from(c.bridged)),
+        hung_up_by_app: sum(|c| u64::from(c.end == CallEnd::HungUpByApp)),
+        sent,
+        received,
+        lost,
+        loss_ratio,
+        duplicates: sum(|c| c.duplicates),
+        strict_rtp_drops: sum(|c| c.strict_rtp_drops),
+        malformed: sum(|c| c.malformed),
+        rtt: all.summary(),
+        answer_404_injected: sim.injected_404.load(Ordering::Relaxed),
+        ws_drops: sim.ws_drops.load(Ordering::Relaxed),
+        ws_connections: sim.ws_connections.load(Ordering::Relaxed),
+        channels_left: w.channels.len(),
+        bridges_left: w.bridges.len(),
+        per_call,
+    }
+}
+
+/// The report as text.
+#[must_use]
+pub fn render(r: &SimReport) -> String {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    format!(
+        "sim-asterisk: {} calls, {} answered, {} bridged, {} hung up by the application\n\
+         RTP: sent {} received {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}\n\
+         end-to-end RTT (Asterisk -> relay -> echo -> relay -> Asterisk), {} samples:\n  \
+         p50 {:.3} ms  p95 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms\n\
+         faults: {} answers failed with 404, {} WebSocket drops ({} connections)\n\
+         left over: {} channels, {} bridges",
+        r.calls,
+        r.answered,
+        r.bridged,
+        r.hung_up_by_app,
+        r.sent,
+        r.received,
+        r.lost,
+        r.loss_ratio * 100.0,
+        r.duplicates,
+        r.strict_rtp_drops,
+        r.malformed,
+        r.rtt.count,
+        ms(r.rtt.p50_ns),
+        ms(r.rtt.p95_ns),
+        ms(r.rtt.p99_ns),
+        ms(r.rtt.p999_ns),
+        ms(r.rtt.max_ns),
+        r.answer_404_injected,
+        r.ws_drops,
+        r.ws_connections,
+        r.channels_left,
+        r.bridges_left,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("asterisk:secret", "YXN0ZXJpc2s6c2VjcmV0")] {
+            assert_eq!(base64(i.as_bytes()), o, "{i}");
+        }
+    }
+}
