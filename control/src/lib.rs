@@ -2,13 +2,167 @@
 //! answers, takes a relay port from the pool, creates an externalMedia channel aimed at it,
 //! bridges the two and tells the relay; when the call ends it undoes all of it.
 //!
-//! Built so far: [`config`] (the operators' environment variables, the password kept secret),
-//! [`pool`] (the port pool) and [`ari`] (the ARI messages control reads). The ARI client, the call lifecycle and the relay client are issue 5's
-//! remaining work.
+//! - [`config`]: the operators' environment variables, the password kept secret;
+//! - [`ari`]: the ARI messages control reads; [`rest`]: the REST calls it makes;
+//! - [`events`]: the events WebSocket, reconnected with backoff, reconciled on each connection;
+//! - [`calls`]: the call lifecycle; [`pool`]: the port pool;
+//! - [`relay_link`]: the pipelined, self-resyncing connection to the relay;
+//! - [`metrics`]: `rtprelay_control_*`, served with `/healthz` and `/stats` by [`run`].
 #![forbid(unsafe_code)]
 
 pub mod ari;
+pub mod calls;
 pub mod config;
+pub mod events;
+pub mod metrics;
 pub mod pool;
+pub mod relay_link;
+pub mod rest;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
 pub use relay_proto::control as protocol;
+use serde_json::json;
+
+use crate::calls::Controller;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Runs control until SIGINT or SIGTERM, then tears every call down.
+///
+/// # Errors
+/// The metrics address cannot be bound, or the ARI URL is unusable.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let ari = rest::Ari::new(&cfg, Arc::clone(&metrics))?;
+    let relay = relay_link::RelayLink::spawn(cfg.relay_socket.clone(), Arc::clone(&metrics));
+    let listener = tokio::net::TcpListener::bind(cfg.metrics)
+        .await
+        .with_context(|| format!("cannot listen on --metrics {}", cfg.metrics))?;
+    let metrics_addr = listener.local_addr()?;
+    let summary = cfg.summary_interval;
+    let ctl = Controller::new(cfg.clone(), ari, relay, Arc::clone(&metrics));
+    {
+        let ctl = Arc::clone(&ctl);
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(relay::http::serve(listener, move |path| {
+            let (ctl, metrics) = (Arc::clone(&ctl), Arc::clone(&metrics));
+            async move { page(&ctl, &metrics, &path).await }
+        }));
+    }
+    tokio::spawn(events::run(
+        cfg.clone(),
+        Arc::clone(&ctl),
+        Arc::clone(&metrics),
+    ));
+    if let Some(every) = summary {
+        let (ctl, metrics) = (Arc::clone(&ctl), Arc::clone(&metrics));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                log_summary(&ctl, &metrics).await;
+            }
+        });
+    }
+    tracing::info!(
+        ari = %cfg.ari_url,
+        app = %cfg.app_name,
+        ports = format!("{}-{}", cfg.port_range.start(), cfg.port_range.end()),
+        "control ready metrics={metrics_addr}"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!(calls = ctl.active(), "stopping: tearing every call down");
+    ctl.shutdown(Duration::from_secs(10)).await;
+    log_summary(&ctl, &metrics).await;
+    Ok(())
+}
+
+async fn log_summary(ctl: &Controller, m: &Metrics) {
+    let (free, in_use, _) = ctl.ports();
+    let outcome = |o: &str| m.calls.with_label_values(&[o]).get();
+    let rtt = match ctl.relay().global().await {
+        Ok(g) => format!(
+            "relay rtt p50 {:.3} ms p99 {:.3} ms over {} packets",
+            g.rtt.p50_ns as f64 / 1e6,
+            g.rtt.p99_ns as f64 / 1e6,
+            g.rtt.count
+        ),
+        Err(e) => format!("relay: {e}"),
+    };
+    let setup = m.setup_summary();
+    tracing::info!(
+        active = ctl.active(),
+        bridged = m.calls_bridged.get(),
+        completed = outcome("completed"),
+        failed = outcome("failed"),
+        no_port = outcome("no_port"),
+        ports_free = free,
+        ports_in_use = in_use,
+        setup_p99_ms = setup.p99_ns as f64 / 1e6,
+        "summary: {rtt}"
+    );
+}
+
+/// `/metrics`, `/healthz` (200 when both the events WebSocket and the relay are connected) and
+/// `/stats` (JSON: calls, ports, links, set-up times, the relay's global statistics).
+async fn page(ctl: &Controller, m: &Metrics, path: &str) -> relay::http::Page {
+    match path {
+        "/metrics" => ("200 OK", relay::http::PROMETHEUS_TEXT, m.render()),
+        "/healthz" => {
+            let (ws, relay) = (m.ws_connected.get() == 1, m.relay_connected.get() == 1);
+            let body = format!("events_ws {}\nrelay {}\n", up(ws), up(relay));
+            if ws && relay {
+                ("200 OK", "text/plain", body)
+            } else {
+                ("503 Service Unavailable", "text/plain", body)
+            }
+        }
+        "/stats" => {
+            let (free, in_use, exhausted) = ctl.ports();
+            let outcome = |o: &str| m.calls.with_label_values(&[o]).get();
+            let relay = ctl.relay().global().await.ok();
+            let body = json!({
+                "calls": {
+                    "active": ctl.active(),
+                    "bridged": m.calls_bridged.get(),
+                    "completed": outcome("completed"),
+                    "abandoned": outcome("abandoned"),
+                    "no_port": outcome("no_port"),
+                    "failed": outcome("failed"),
+                    "setup": m.setup_summary(),
+                },
+                "ports": {"free": free, "in_use": in_use, "exhausted": exhausted},
+                "links": {
+                    "events_ws": m.ws_connected.get() == 1,
+                    "ws_reconnects": m.ws_reconnects.get(),
+                    "relay": m.relay_connected.get() == 1,
+                    "relay_resyncs": m.relay_resyncs.get(),
+                    "relay_channels": ctl.relay().len(),
+                },
+                "relay": relay,
+            });
+            ("200 OK", "application/json", format!("{body:#}\n"))
+        }
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /stats\n".into(),
+        ),
+    }
+}
+
+const fn up(b: bool) -> &'static str {
+    if b {
+        "up"
+    } else {
+        "down"
+    }
+}

@@ -1,5 +1,5 @@
-//! `control`: validates its configuration, then says plainly that the ARI lifecycle is not built
-//! yet (issue 5) and exits 2, so nothing mistakes it for a working control plane.
+//! `control`: reads its configuration (flags or the operators' environment variables), then runs
+//! the ARI call lifecycle until SIGINT or SIGTERM. A bad setting exits 2 naming the flag.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -8,21 +8,30 @@ use clap::Parser;
 use control::config::{Args, Config};
 
 fn main() -> ExitCode {
-    match Config::try_from(Args::parse()) {
-        Ok(c) => {
-            eprintln!(
-                "control: configuration valid (ARI {} app {}, ports {}-{}), but the ARI call \
-                 lifecycle is not implemented yet (issue 5)",
-                c.ari_url,
-                c.app_name,
-                c.port_range.start(),
-                c.port_range.end()
-            );
-            ExitCode::from(2)
-        }
+    let cfg = match Config::try_from(Args::parse()) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("control: {e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
+        }
+    };
+    relay::init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("control: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(control::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("control: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

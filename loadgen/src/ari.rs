@@ -77,7 +77,10 @@ pub async fn run(cfg: &AriLoadConfig) -> anyhow::Result<AriLoadReport> {
         let r = http
             .post(format!("{base}/ari/channels"))
             .basic_auth(&cfg.user, Some(&cfg.pass))
-            .query(&[("endpoint", cfg.endpoint.as_str()), ("app", cfg.app.as_str())])
+            .query(&[
+                ("endpoint", cfg.endpoint.as_str()),
+                ("app", cfg.app.as_str()),
+            ])
             .send()
             .await
             .context("cannot reach ARI")?;
@@ -87,7 +90,10 @@ pub async fn run(cfg: &AriLoadConfig) -> anyhow::Result<AriLoadReport> {
             let id = ch["id"]
                 .as_str()
                 .ok_or_else(|| anyhow!("ARI's originate reply has no channel id"))?;
-            ids.push((start + cfg.ramp.mul_f64(f64::from(i) / f64::from(cfg.calls)), id.to_owned()));
+            ids.push((
+                start + cfg.ramp.mul_f64(f64::from(i) / f64::from(cfg.calls)),
+                id.to_owned(),
+            ));
         } else {
             failed += 1;
             if first_error.is_none() {
@@ -124,7 +130,10 @@ pub async fn run(cfg: &AriLoadConfig) -> anyhow::Result<AriLoadReport> {
     };
     let control = match &cfg.control {
         Some(url) => {
-            let r = http.get(format!("{}/stats", url.trim_end_matches('/'))).send().await;
+            let r = http
+                .get(format!("{}/stats", url.trim_end_matches('/')))
+                .send()
+                .await;
             match r {
                 Ok(r) => r.json::<Value>().await.ok(),
                 Err(_) => None,

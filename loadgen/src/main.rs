@@ -45,7 +45,12 @@ struct SimArgs {
     #[arg(long, env = "ARI_USER", default_value = "asterisk")]
     ari_user: String,
     /// ARI password accepted.
-    #[arg(long, env = "ARI_PASS", hide_env_values = true, default_value = "asterisk")]
+    #[arg(
+        long,
+        env = "ARI_PASS",
+        hide_env_values = true,
+        default_value = "asterisk"
+    )]
     ari_pass: String,
     /// The Stasis application calls go to.
     #[arg(long, env = "APP_NAME", default_value = "rtp-relay")]
@@ -169,7 +174,10 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
         serve_for: a.serve_for,
         seed: a.seed,
     };
-    let report = match runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(loadgen::sim::run(cfg))) {
+    let report = match runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(loadgen::sim::run(cfg)))
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("loadgen: {e:#}");
@@ -178,12 +186,18 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
     };
     println!("{}", loadgen::sim::render(&report));
     if let Some(path) = &a.json {
-        if !write_json(path, &serde_json::to_string_pretty(&report).unwrap_or_default()) {
+        if !write_json(
+            path,
+            &serde_json::to_string_pretty(&report).unwrap_or_default(),
+        ) {
             return ExitCode::FAILURE;
         }
     }
     if a.max_loss.is_some_and(|m| report.loss_ratio > m) {
-        eprintln!("loadgen: SLA violated: loss {:.6} above --max-loss", report.loss_ratio);
+        eprintln!(
+            "loadgen: SLA violated: loss {:.6} above --max-loss",
+            report.loss_ratio
+        );
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
@@ -206,11 +220,17 @@ fn ari(a: AriArgs) -> ExitCode {
         relay_ctl: a.relay_ctl,
         control: a.control,
     };
-    match runtime().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(loadgen::ari::run(&cfg))) {
+    match runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(loadgen::ari::run(&cfg)))
+    {
         Ok(r) => {
             println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             if r.originated == 0 {
-                eprintln!("loadgen: no call could be originated: {}", r.first_error.unwrap_or_default());
+                eprintln!(
+                    "loadgen: no call could be originated: {}",
+                    r.first_error.unwrap_or_default()
+                );
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS

@@ -357,7 +357,7 @@ impl Sim {
     }
 
     /// Creates a caller channel in `app` and announces it.
-    fn originate(&self, app: &str, id: Option<String>) -> Result<Value, Response> {
+    fn originate(&self, app: &str, id: Option<String>) -> Result<Value, Box<Response>> {
         let id = id.unwrap_or_else(|| self.new_id());
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ch = SimChannel {
@@ -373,14 +373,20 @@ impl Sim {
         {
             let mut w = self.world();
             if w.channels.contains_key(&id) {
-                return Err(ari_error(StatusCode::CONFLICT, "Channel with given unique ID already exists"));
+                return Err(Box::new(ari_error(
+                    StatusCode::CONFLICT,
+                    "Channel with given unique ID already exists",
+                )));
             }
             w.channels.insert(id.clone(), ch);
             let key = w.calls.len() as u64;
             w.calls.insert(key, (id.clone(), CallRecord::default()));
             w.call_index.insert(id, key);
         }
-        self.emit(app, json!({"type": "StasisStart", "args": [], "channel": v}));
+        self.emit(
+            app,
+            json!({"type": "StasisStart", "args": [], "channel": v}),
+        );
         Ok(v)
     }
 
@@ -417,8 +423,10 @@ impl Sim {
             }
             let owner = match &ch.kind {
                 Kind::External { .. } => w.channels.values().find_map(|c| {
-                    (c.bridge.is_some() && c.bridge == ch.bridge && matches!(c.kind, Kind::Caller { .. }))
-                        .then(|| c.id.clone())
+                    (c.bridge.is_some()
+                        && c.bridge == ch.bridge
+                        && matches!(c.kind, Kind::Caller { .. }))
+                    .then(|| c.id.clone())
                 }),
                 Kind::Caller { .. } => Some(id.to_owned()),
             };
@@ -467,7 +475,10 @@ impl Sim {
         if members.len() < 2 {
             return;
         }
-        let seed = w.rng.get_or_insert_with(|| SplitMix64::new(self.cfg.seed)).next_u64();
+        let seed = w
+            .rng
+            .get_or_insert_with(|| SplitMix64::new(self.cfg.seed))
+            .next_u64();
         let caller = members.iter().find(|m| {
             w.channels
                 .get(*m)
@@ -579,7 +590,8 @@ async fn rtp_stream(
     let mut stopping: Option<tokio::time::Instant> = None;
     let mut n: u32 = 0;
     loop {
-        let drain_end = stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let drain_end =
+            stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = tick.tick(), if stopping.is_none() => {
                 #[allow(clippy::cast_possible_truncation)] // sequence numbers wrap
@@ -644,10 +656,18 @@ fn router(sim: Arc<Sim>) -> Router {
         .route("/ari/asterisk/info", get(info))
         .route("/ari/channels", get(list_channels).post(originate))
         .route("/ari/channels/externalMedia", post(external_media))
-        .route("/ari/channels/{id}", get(get_channel).delete(delete_channel))
+        .route(
+            "/ari/channels/{id}",
+            get(get_channel).delete(delete_channel),
+        )
         .route("/ari/channels/{id}/answer", post(answer))
         .route("/ari/bridges", get(list_bridges).post(create_bridge))
-        .route("/ari/bridges/{id}", get(get_bridge).post(create_bridge_with_id).delete(delete_bridge))
+        .route(
+            "/ari/bridges/{id}",
+            get(get_bridge)
+                .post(create_bridge_with_id)
+                .delete(delete_bridge),
+        )
         .route("/ari/bridges/{id}/addChannel", post(add_channel))
         .with_state(sim)
 }
@@ -662,7 +682,8 @@ macro_rules! auth {
 
 async fn info(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
     auth!(sim, headers, q);
-    Json(json!({"system": {"version": "22.0.0-sim", "entity_id": "00:00:00:00:00:01"}})).into_response()
+    Json(json!({"system": {"version": "22.0.0-sim", "entity_id": "00:00:00:00:00:01"}}))
+        .into_response()
 }
 
 async fn events(
@@ -683,7 +704,11 @@ async fn serve_events(sim: Arc<Sim>, app: String, mut socket: WebSocket) {
     let mut generation = sim.ws_generation.subscribe();
     generation.mark_unchanged();
     sim.ws_connections.fetch_add(1, Ordering::Relaxed);
-    *sim.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(app.clone()).or_default() += 1;
+    *sim.apps
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(app.clone())
+        .or_default() += 1;
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
@@ -703,7 +728,12 @@ async fn serve_events(sim: Arc<Sim>, app: String, mut socket: WebSocket) {
             },
         }
     }
-    if let Some(n) = sim.apps.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&app) {
+    if let Some(n) = sim
+        .apps
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get_mut(&app)
+    {
         *n = n.saturating_sub(1);
     }
     let _ = socket.send(Message::Close(None)).await;
@@ -711,7 +741,12 @@ async fn serve_events(sim: Arc<Sim>, app: String, mut socket: WebSocket) {
 
 async fn list_channels(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
     auth!(sim, headers, q);
-    let list: Vec<Value> = sim.world().channels.values().map(SimChannel::json).collect();
+    let list: Vec<Value> = sim
+        .world()
+        .channels
+        .values()
+        .map(SimChannel::json)
+        .collect();
     Json(list).into_response()
 }
 
@@ -734,11 +769,14 @@ async fn originate(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q)
         return ari_error(StatusCode::BAD_REQUEST, "Endpoint must be specified");
     }
     let Some(app) = q.get("app") else {
-        return ari_error(StatusCode::BAD_REQUEST, "Application or extension must be specified");
+        return ari_error(
+            StatusCode::BAD_REQUEST,
+            "Application or extension must be specified",
+        );
     };
     match sim.originate(app, q.get("channelId").cloned()) {
         Ok(v) => Json(v).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -765,7 +803,10 @@ async fn answer(
     auth!(sim, headers, q);
     let mut w = sim.world();
     let fraction = sim.cfg.answer_404;
-    let roll = w.rng.get_or_insert_with(|| SplitMix64::new(sim.cfg.seed)).unit();
+    let roll = w
+        .rng
+        .get_or_insert_with(|| SplitMix64::new(sim.cfg.seed))
+        .unit();
     let Some(ch) = w.channels.get_mut(&id) else {
         return ari_error(StatusCode::NOT_FOUND, "Channel not found");
     };
@@ -790,8 +831,13 @@ async fn answer(
 
 async fn external_media(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
     auth!(sim, headers, q);
-    let (Some(app), Some(host), Some(format)) = (q.get("app"), q.get("external_host"), q.get("format")) else {
-        return ari_error(StatusCode::BAD_REQUEST, "app, external_host and format are required");
+    let (Some(app), Some(host), Some(format)) =
+        (q.get("app"), q.get("external_host"), q.get("format"))
+    else {
+        return ari_error(
+            StatusCode::BAD_REQUEST,
+            "app, external_host and format are required",
+        );
     };
     let Ok(external_host) = host.parse::<SocketAddr>() else {
         return ari_error(StatusCode::BAD_REQUEST, "external_host must be host:port");
@@ -799,17 +845,33 @@ async fn external_media(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q
     if format != "ulaw" {
         return ari_error(StatusCode::BAD_REQUEST, "the simulator plays ulaw only");
     }
-    for (k, v) in [("encapsulation", "rtp"), ("transport", "udp"), ("connection_type", "client"), ("direction", "both")] {
+    for (k, v) in [
+        ("encapsulation", "rtp"),
+        ("transport", "udp"),
+        ("connection_type", "client"),
+        ("direction", "both"),
+    ] {
         if q.get(k).is_some_and(|x| x != v) {
-            return ari_error(StatusCode::BAD_REQUEST, &format!("the simulator supports {k}={v} only"));
+            return ari_error(
+                StatusCode::BAD_REQUEST,
+                &format!("the simulator supports {k}={v} only"),
+            );
         }
     }
     let sock = match UdpSocket::bind((sim.cfg.rtp_ip, 0)).await {
         Ok(s) => s,
-        Err(e) => return ari_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("RTP socket: {e}")),
+        Err(e) => {
+            return ari_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("RTP socket: {e}"),
+            )
+        }
     };
     let Ok(local) = sock.local_addr() else {
-        return ari_error(StatusCode::INTERNAL_SERVER_ERROR, "RTP socket has no address");
+        return ari_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "RTP socket has no address",
+        );
     };
     let id = q.get("channelId").cloned().unwrap_or_else(|| sim.new_id());
     let n = sim.next_id.fetch_add(1, Ordering::Relaxed);
@@ -832,16 +894,24 @@ async fn external_media(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q
     let reply_delay = {
         let mut w = sim.world();
         if w.channels.contains_key(&id) {
-            return ari_error(StatusCode::CONFLICT, "Channel with given unique ID already exists");
+            return ari_error(
+                StatusCode::CONFLICT,
+                "Channel with given unique ID already exists",
+            );
         }
         w.channels.insert(id, ch);
-        w.rng.get_or_insert_with(|| SplitMix64::new(sim.cfg.seed)).below(3_000)
+        w.rng
+            .get_or_insert_with(|| SplitMix64::new(sim.cfg.seed))
+            .below(3_000)
     };
     // The channel enters Stasis on its own, about 1 ms later, racing the reply.
     let (sim2, app2, v2) = (Arc::clone(&sim), app.clone(), v.clone());
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1)).await;
-        sim2.emit(&app2, json!({"type": "StasisStart", "args": [], "channel": v2}));
+        sim2.emit(
+            &app2,
+            json!({"type": "StasisStart", "args": [], "channel": v2}),
+        );
     });
     tokio::time::sleep(Duration::from_micros(reply_delay)).await;
     Json(v).into_response()
@@ -937,7 +1007,10 @@ async fn add_channel(
             match w.channels.get(c) {
                 None => return ari_error(StatusCode::BAD_REQUEST, "Channel not found"),
                 Some(ch) if ch.app.is_none() => {
-                    return ari_error(StatusCode::UNPROCESSABLE_ENTITY, "Channel not in Stasis application")
+                    return ari_error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Channel not in Stasis application",
+                    )
                 }
                 Some(ch) if ch.bridge.as_ref().is_some_and(|b| *b != id) => {
                     return ari_error(StatusCode::CONFLICT, "Channel is already bridged")
@@ -1040,13 +1113,16 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
                 // Stop the media first so the last packets can come back, then hang up.
                 let em = {
                     let w = sim.world();
-                    w.channels.get(&id).and_then(|c| c.bridge.clone()).and_then(|b| {
-                        w.channels.values().find_map(|c| {
-                            (c.bridge.as_deref() == Some(b.as_str())
-                                && matches!(c.kind, Kind::External { .. }))
-                            .then(|| c.id.clone())
+                    w.channels
+                        .get(&id)
+                        .and_then(|c| c.bridge.clone())
+                        .and_then(|b| {
+                            w.channels.values().find_map(|c| {
+                                (c.bridge.as_deref() == Some(b.as_str())
+                                    && matches!(c.kind, Kind::External { .. }))
+                                .then(|| c.id.clone())
+                            })
                         })
-                    })
                 };
                 if let Some(em) = em {
                     stop_media(&sim, &em).await;
@@ -1060,11 +1136,13 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         // Control hangs up the externalMedia channels and destroys the bridges.
         let deadline = Instant::now() + cfg.grace;
         while Instant::now() < deadline {
-            let w = sim.world();
-            if w.channels.is_empty() && w.bridges.is_empty() {
+            let clean = {
+                let w = sim.world();
+                w.channels.is_empty() && w.bridges.is_empty()
+            };
+            if clean {
                 break;
             }
-            drop(w);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -1128,7 +1206,11 @@ fn report(sim: &Sim) -> SimReport {
     let (sent, received) = (sum(|c| c.sent), sum(|c| c.received));
     let lost = sent.saturating_sub(received);
     #[allow(clippy::cast_precision_loss)] // a ratio
-    let loss_ratio = if sent == 0 { 0.0 } else { lost as f64 / sent as f64 };
+    let loss_ratio = if sent == 0 {
+        0.0
+    } else {
+        lost as f64 / sent as f64
+    };
     SimReport {
         calls: u32::try_from(per_call.len()).unwrap_or(u32::MAX),
         answered: sum(|c| u64::from(c.answered)),
@@ -1193,7 +1275,14 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc_4648_vectors() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("asterisk:secret", "YXN0ZXJpc2s6c2VjcmV0")] {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("asterisk:secret", "YXN0ZXJpc2s6c2VjcmV0"),
+        ] {
             assert_eq!(base64(i.as_bytes()), o, "{i}");
         }
     }

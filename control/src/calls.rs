@@ -1,0 +1,498 @@
+//! The call lifecycle: what control does between a caller's StasisStart and its end.
+//!
+//! Each call is one task that owns everything the call acquires (port, relay channel,
+//! externalMedia channel, bridge) and records each acquisition before making it, so whatever step
+//! fails, or whenever the caller leaves, the same teardown releases exactly what exists. Events
+//! only flip a call's flags (`ended`, externalMedia in Stasis) through watch channels; the task
+//! acts on them. Calls share no lock across an await: the registry and the pool are short
+//! critical sections, ARI requests run concurrently on reqwest's pool, relay requests are
+//! pipelined on one connection, so 200 StasisStarts at once set up in parallel.
+//!
+//! Names control chooses: the externalMedia channel is `rtprelay-em-<caller id>` (also the relay
+//! channel's id) and the bridge `rtprelay-br-<caller id>`, so reconciliation can recognise
+//! control's own leftovers after a restart or a missed event.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use relay_proto::ChannelId;
+use tokio::sync::watch;
+
+use crate::ari::{Channel, Event, EXTERNAL_MEDIA_PREFIX};
+use crate::config::Config;
+use crate::metrics::{Metrics, Outcome, Stage};
+use crate::pool::PortPool;
+use crate::relay_link::RelayLink;
+use crate::rest::{Ari, RestError};
+
+/// Prefix of the bridges control creates.
+pub const BRIDGE_PREFIX: &str = "rtprelay-br-";
+/// Answer attempts on 404 "Channel not found" (the channel can be announced before it is ready).
+const ANSWER_ATTEMPTS: u32 = 5;
+/// addChannel attempts on 422 "Channel not in Stasis application".
+const BRIDGE_ATTEMPTS: u32 = 5;
+/// Longest wait for the externalMedia channel's StasisStart.
+const STASIS_WAIT: Duration = Duration::from_secs(5);
+
+/// One call's shared flags.
+#[derive(Debug)]
+pub struct Call {
+    /// The caller channel.
+    pub caller: String,
+    /// The externalMedia channel (and relay channel) id.
+    pub em: String,
+    /// The bridge id.
+    pub bridge: String,
+    /// Set when either channel has left Stasis (or control is stopping).
+    ended: watch::Sender<bool>,
+    /// Set when the externalMedia channel's StasisStart has arrived.
+    em_ready: watch::Sender<bool>,
+    /// The caller is gone (no hang-up needed).
+    caller_gone: std::sync::atomic::AtomicBool,
+    /// The externalMedia channel is gone.
+    em_gone: std::sync::atomic::AtomicBool,
+}
+
+impl Call {
+    fn new(caller: &str) -> Self {
+        Self {
+            caller: caller.to_owned(),
+            em: format!("{EXTERNAL_MEDIA_PREFIX}{caller}"),
+            bridge: format!("{BRIDGE_PREFIX}{caller}"),
+            ended: watch::Sender::new(false),
+            em_ready: watch::Sender::new(false),
+            caller_gone: false.into(),
+            em_gone: false.into(),
+        }
+    }
+
+    /// Ends the call (idempotent).
+    pub fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    fn is_ended(&self) -> bool {
+        *self.ended.borrow()
+    }
+}
+
+/// The calls in progress, by caller id and by externalMedia id.
+#[derive(Debug, Default)]
+struct Registry {
+    by_caller: HashMap<String, Arc<Call>>,
+    by_em: HashMap<String, Arc<Call>>,
+}
+
+/// What a call holds, recorded before each acquisition.
+#[derive(Debug, Default)]
+struct Held {
+    port: Option<u16>,
+    relay: Option<ChannelId>,
+    em: bool,
+    bridge: bool,
+}
+
+/// Why set-up stopped.
+#[derive(Debug)]
+enum SetupError {
+    /// The call ended during set-up.
+    Ended,
+    /// A stage failed.
+    Failed(Stage, String),
+}
+
+/// Control's call handling.
+#[derive(Debug)]
+pub struct Controller {
+    cfg: Config,
+    ari: Ari,
+    relay: RelayLink,
+    pool: Mutex<PortPool>,
+    registry: Mutex<Registry>,
+    metrics: Arc<Metrics>,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Controller {
+    /// A controller for `cfg`, using the given links.
+    #[must_use]
+    pub fn new(cfg: Config, ari: Ari, relay: RelayLink, metrics: Arc<Metrics>) -> Arc<Self> {
+        let pool = PortPool::new(cfg.port_range.clone());
+        metrics
+            .ports_free
+            .set(i64::try_from(pool.free()).unwrap_or(i64::MAX));
+        Arc::new(Self {
+            cfg,
+            ari,
+            relay,
+            pool: Mutex::new(pool),
+            registry: Mutex::new(Registry::default()),
+            metrics,
+            tasks: tokio_util::task::TaskTracker::new(),
+        })
+    }
+
+    /// The relay link.
+    #[must_use]
+    pub const fn relay(&self) -> &RelayLink {
+        &self.relay
+    }
+
+    /// Calls in progress.
+    #[must_use]
+    pub fn active(&self) -> usize {
+        lock(&self.registry).by_caller.len()
+    }
+
+    /// (free, in use, refused for exhaustion) ports.
+    #[must_use]
+    pub fn ports(&self) -> (usize, usize, u64) {
+        let p = lock(&self.pool);
+        (p.free(), p.in_use(), p.exhausted())
+    }
+
+    fn pool_gauges(&self, p: &PortPool) {
+        self.metrics
+            .ports_free
+            .set(i64::try_from(p.free()).unwrap_or(i64::MAX));
+        self.metrics
+            .ports_in_use
+            .set(i64::try_from(p.in_use()).unwrap_or(i64::MAX));
+    }
+
+    /// Acts on one ARI event.
+    pub fn handle_event(self: &Arc<Self>, event: Event) {
+        match event {
+            Event::StasisStart { channel, .. } => {
+                self.metrics
+                    .events
+                    .with_label_values(&["StasisStart"])
+                    .inc();
+                self.stasis_start(&channel);
+            }
+            Event::StasisEnd { channel } => {
+                self.metrics.events.with_label_values(&["StasisEnd"]).inc();
+                self.channel_gone(&channel.id);
+            }
+            Event::ChannelDestroyed { channel } => {
+                self.metrics
+                    .events
+                    .with_label_values(&["ChannelDestroyed"])
+                    .inc();
+                self.channel_gone(&channel.id);
+            }
+            Event::Other => {
+                self.metrics.events.with_label_values(&["other"]).inc();
+            }
+        }
+    }
+
+    fn stasis_start(self: &Arc<Self>, channel: &Channel) {
+        if channel.is_ours() {
+            let call = lock(&self.registry).by_em.get(&channel.id).cloned();
+            match call {
+                Some(call) => {
+                    call.em_ready.send_replace(true);
+                }
+                None => {
+                    // A leftover of an earlier run (or of a call already torn down): hang it up.
+                    let this = Arc::clone(self);
+                    let id = channel.id.clone();
+                    self.tasks.spawn(async move {
+                        let _ = this.ari.hangup(&id).await;
+                        this.metrics
+                            .reconciled
+                            .with_label_values(&["channel"])
+                            .inc();
+                    });
+                }
+            }
+            return;
+        }
+        let call = {
+            let mut r = lock(&self.registry);
+            if r.by_caller.contains_key(&channel.id) {
+                return; // a repeat (after a reconnection): already handled
+            }
+            let call = Arc::new(Call::new(&channel.id));
+            r.by_caller.insert(call.caller.clone(), Arc::clone(&call));
+            r.by_em.insert(call.em.clone(), Arc::clone(&call));
+            call
+        };
+        self.metrics.calls_active.inc();
+        let this = Arc::clone(self);
+        self.tasks.spawn(async move { this.run_call(call).await });
+    }
+
+    fn channel_gone(&self, id: &str) {
+        let r = lock(&self.registry);
+        if let Some(call) = r.by_caller.get(id) {
+            call.caller_gone
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            call.end();
+        } else if let Some(call) = r.by_em.get(id) {
+            call.em_gone
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            call.end();
+        }
+    }
+
+    async fn run_call(self: Arc<Self>, call: Arc<Call>) {
+        let started = Instant::now();
+        let mut held = Held::default();
+        let outcome = match self.setup(&call, &mut held).await {
+            Ok(()) => {
+                self.metrics.setup_done(started.elapsed());
+                tracing::info!(
+                    caller = %call.caller,
+                    port = held.port.unwrap_or(0),
+                    setup_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "call bridged"
+                );
+                let mut ended = call.ended.subscribe();
+                let _ = ended.wait_for(|e| *e).await;
+                Outcome::Completed
+            }
+            Err(SetupError::Ended) => Outcome::Abandoned,
+            Err(SetupError::Failed(stage, why)) => {
+                self.metrics
+                    .setup_failures
+                    .with_label_values(&[stage.label()])
+                    .inc();
+                if stage == Stage::Port {
+                    self.metrics.ports_exhausted.inc();
+                    tracing::warn!(caller = %call.caller, "no relay port free: hanging up ({why})");
+                    Outcome::NoPort
+                } else {
+                    tracing::warn!(caller = %call.caller, stage = stage.label(), "call set-up failed: {why}");
+                    Outcome::Failed
+                }
+            }
+        };
+        self.teardown(&call, held).await;
+        self.metrics
+            .calls
+            .with_label_values(&[outcome.label()])
+            .inc();
+        {
+            let mut r = lock(&self.registry);
+            r.by_caller.remove(&call.caller);
+            r.by_em.remove(&call.em);
+        }
+        self.metrics.calls_active.dec();
+    }
+
+    fn check(call: &Call) -> Result<(), SetupError> {
+        if call.is_ended() {
+            Err(SetupError::Ended)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn setup(&self, call: &Call, held: &mut Held) -> Result<(), SetupError> {
+        let fail =
+            |stage| move |e: &dyn std::fmt::Display| SetupError::Failed(stage, e.to_string());
+
+        // Answer, retrying while Asterisk says the channel is not found yet.
+        let mut attempt = 0;
+        loop {
+            Self::check(call)?;
+            attempt += 1;
+            match self.ari.answer(&call.caller).await {
+                Ok(()) => break,
+                Err(e) if e.status() == Some(404) && attempt < ANSWER_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                }
+                Err(e) => return Err(fail(Stage::Answer)(&e)),
+            }
+        }
+        Self::check(call)?;
+
+        let port = {
+            let mut p = lock(&self.pool);
+            let port = p.take();
+            self.pool_gauges(&p);
+            port
+        };
+        let port = port.ok_or_else(|| {
+            SetupError::Failed(Stage::Port, format!("all {} ports in use", self.ports().1))
+        })?;
+        held.port = Some(port);
+
+        let id = ChannelId::try_from(call.em.as_str()).map_err(|e| fail(Stage::Relay)(&e))?;
+        held.relay = Some(id.clone());
+        self.relay
+            .add(&id, port, self.cfg.echo)
+            .await
+            .map_err(|e| fail(Stage::Relay)(&e))?;
+        Self::check(call)?;
+
+        held.em = true;
+        let host = SocketAddr::new(self.cfg.bind_ip, port).to_string();
+        let em = self
+            .ari
+            .external_media(&call.em, &host, "ulaw")
+            .await
+            .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
+        let source = em
+            .rtp_source()
+            .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
+        self.relay
+            .update(&id, source)
+            .await
+            .map_err(|e| fail(Stage::Relay)(&e))?;
+        Self::check(call)?;
+
+        held.bridge = true;
+        self.ari
+            .create_bridge(&call.bridge)
+            .await
+            .map_err(|e| fail(Stage::Bridge)(&e))?;
+
+        // The externalMedia channel's StasisStart may come before or after its POST replied.
+        let mut ready = call.em_ready.subscribe();
+        let mut ended = call.ended.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(STASIS_WAIT, ready.wait_for(|r| *r)) => {
+                if r.is_err() {
+                    return Err(SetupError::Failed(Stage::ExternalMedia, format!("no StasisStart for {} within {STASIS_WAIT:?}", call.em)));
+                }
+            }
+            _ = ended.wait_for(|e| *e) => return Err(SetupError::Ended),
+        }
+        let mut attempt = 0;
+        loop {
+            Self::check(call)?;
+            attempt += 1;
+            match self
+                .ari
+                .add_to_bridge(&call.bridge, &[&call.caller, &call.em])
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if e.status() == Some(422) && attempt < BRIDGE_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                }
+                Err(e) => return Err(fail(Stage::Bridge)(&e)),
+            }
+        }
+        Self::check(call)
+    }
+
+    /// Releases everything `held` records: hangs up whichever channel is still there, destroys
+    /// the bridge, removes the relay channel (logging its final statistics), returns the port.
+    async fn teardown(&self, call: &Call, held: Held) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let log = |what: &str, e: &RestError| {
+            tracing::warn!(caller = %call.caller, "teardown: cannot {what}: {e}");
+        };
+        if !call.caller_gone.load(Relaxed) {
+            if let Err(e) = self.ari.hangup(&call.caller).await {
+                log("hang up the caller", &e);
+            }
+        }
+        if held.em && !call.em_gone.load(Relaxed) {
+            if let Err(e) = self.ari.hangup(&call.em).await {
+                log("hang up the externalMedia channel", &e);
+            }
+        }
+        if held.bridge {
+            if let Err(e) = self.ari.destroy_bridge(&call.bridge).await {
+                log("destroy the bridge", &e);
+            }
+        }
+        if let Some(id) = &held.relay {
+            match self.relay.remove(id).await {
+                Ok(s) => tracing::info!(
+                    caller = %call.caller,
+                    to_echo = s.traffic.to_echo.packets,
+                    to_asterisk = s.traffic.to_asterisk.packets,
+                    rtt_p50_us = s.rtt.p50_ns / 1_000,
+                    rtt_p99_us = s.rtt.p99_ns / 1_000,
+                    lost = s.streams.to_asterisk.lost,
+                    echo_timeouts = s.round_trip.timeouts,
+                    "call ended: relay channel statistics"
+                ),
+                Err(e) => tracing::warn!(caller = %call.caller, "teardown: relay remove: {e}"),
+            }
+        }
+        if let Some(port) = held.port {
+            let mut p = lock(&self.pool);
+            if let Err(e) = p.give_back(port) {
+                tracing::error!("port pool: {e}");
+            }
+            self.pool_gauges(&p);
+        }
+    }
+
+    /// Cleans up after a (re)connection: calls whose channels no longer exist end; control's
+    /// externalMedia channels and bridges that no call owns are hung up and destroyed.
+    ///
+    /// # Errors
+    /// ARI could not list channels or bridges.
+    pub async fn reconcile(&self) -> Result<(), RestError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let channels = self.ari.channels().await?;
+        let bridges = self.ari.bridges().await?;
+        let present: HashSet<&str> = channels.iter().map(|c| c.id.as_str()).collect();
+        let (stale_channels, stale_bridges) = {
+            let r = lock(&self.registry);
+            for call in r.by_caller.values() {
+                if !present.contains(call.caller.as_str()) {
+                    call.caller_gone.store(true, Relaxed);
+                    call.end();
+                    self.metrics.reconciled.with_label_values(&["call"]).inc();
+                }
+            }
+            let stale_channels: Vec<String> = channels
+                .iter()
+                .filter(|c| c.id.starts_with(EXTERNAL_MEDIA_PREFIX) && !r.by_em.contains_key(&c.id))
+                .map(|c| c.id.clone())
+                .collect();
+            let stale_bridges: Vec<String> = bridges
+                .iter()
+                .filter(|b| {
+                    b.id.strip_prefix(BRIDGE_PREFIX)
+                        .is_some_and(|caller| !r.by_caller.contains_key(caller))
+                })
+                .map(|b| b.id.clone())
+                .collect();
+            (stale_channels, stale_bridges)
+        };
+        for id in stale_channels {
+            if self.ari.hangup(&id).await? {
+                self.metrics
+                    .reconciled
+                    .with_label_values(&["channel"])
+                    .inc();
+            }
+        }
+        for id in stale_bridges {
+            if self.ari.destroy_bridge(&id).await? {
+                self.metrics.reconciled.with_label_values(&["bridge"]).inc();
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every call and waits (up to `deadline`) for their teardowns.
+    pub async fn shutdown(&self, deadline: Duration) {
+        for call in lock(&self.registry).by_caller.values() {
+            call.end();
+        }
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some calls were still tearing down at exit");
+        }
+    }
+}

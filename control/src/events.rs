@@ -1,0 +1,75 @@
+//! The ARI events WebSocket (`/ari/events?app=…&api_key=…`): connected at start, reconnected with
+//! exponential backoff and jitter whenever it drops, and reconciled on every connection, because
+//! events missed while it was down (a StasisEnd, typically) must not leave a call, a bridge or a
+//! relay channel behind. The URL carries the password, so errors are logged without it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::ari::parse_event;
+use crate::calls::Controller;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::relay_link::Backoff;
+
+/// Keeps the events WebSocket connected and feeds its events to `ctl`; never returns.
+pub async fn run(cfg: Config, ctl: Arc<Controller>, metrics: Arc<Metrics>) {
+    let url = cfg.events_url();
+    let shown = format!("{}/ari/events?app={}", cfg.ari_url, cfg.app_name);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut connected_before = false;
+    loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => {
+                if connected_before {
+                    metrics.ws_reconnects.inc();
+                }
+                connected_before = true;
+                backoff.reset();
+                metrics.ws_connected.set(1);
+                tracing::info!("events WebSocket connected to {shown}");
+                {
+                    let ctl = Arc::clone(&ctl);
+                    tokio::spawn(async move {
+                        if let Err(e) = ctl.reconcile().await {
+                            tracing::warn!("reconciliation failed: {e}");
+                        }
+                    });
+                }
+                let mut read = ws;
+                while let Some(msg) = read.next().await {
+                    match msg {
+                        Ok(Message::Text(text)) => match parse_event(&text) {
+                            Ok(ev) => ctl.handle_event(ev),
+                            Err(e) => tracing::warn!("unreadable ARI event ({e}): dropped"),
+                        },
+                        Ok(Message::Close(_)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                metrics.ws_connected.set(0);
+                tracing::warn!("events WebSocket to {shown} closed; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot connect the events WebSocket to {shown}: {}",
+                    redact(&e.to_string(), &cfg)
+                );
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// `text` with the password replaced, in case an error message quotes the URL.
+fn redact(text: &str, cfg: &Config) -> String {
+    let pass = cfg.ari_pass.expose();
+    if pass.is_empty() {
+        text.to_owned()
+    } else {
+        text.replace(pass, "***")
+    }
+}
