@@ -23,6 +23,21 @@ pub struct Channel {
     /// Channel variables asked for (externalMedia replies carry `UNICASTRTP_LOCAL_*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channelvars: Option<HashMap<String, String>>,
+    /// Where the channel is in the dialplan (`Stasis` with the application's name while it is
+    /// in one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialplan: Option<Dialplan>,
+}
+
+/// A channel's dialplan location.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dialplan {
+    /// The application running, e.g. `Stasis`.
+    #[serde(default)]
+    pub app_name: String,
+    /// Its arguments, e.g. `rtp-relay` or `rtp-relay,arg1`.
+    #[serde(default)]
+    pub app_data: String,
 }
 
 impl Channel {
@@ -31,6 +46,15 @@ impl Channel {
     #[must_use]
     pub fn is_ours(&self) -> bool {
         self.id.starts_with(EXTERNAL_MEDIA_PREFIX) || self.name.starts_with("UnicastRTP/")
+    }
+
+    /// Whether the channel is in the Stasis application `app` (from its dialplan location).
+    #[must_use]
+    pub fn in_stasis(&self, app: &str) -> bool {
+        self.dialplan.as_ref().is_some_and(|d| {
+            d.app_name.eq_ignore_ascii_case("Stasis")
+                && d.app_data.split(',').next().map(str::trim) == Some(app)
+        })
     }
 
     /// Where Asterisk sends this externalMedia channel's RTP from.
@@ -127,6 +151,8 @@ mod tests {
         assert_eq!(channel.id, "1732179600.42");
         assert!(args.is_empty());
         assert!(!channel.is_ours());
+        assert!(channel.in_stasis("rtp-relay"));
+        assert!(!channel.in_stasis("other"));
     }
 
     #[test]

@@ -437,7 +437,7 @@ impl Controller {
     ///
     /// # Errors
     /// ARI could not list channels or bridges.
-    pub async fn reconcile(&self) -> Result<(), RestError> {
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), RestError> {
         use std::sync::atomic::Ordering::Relaxed;
         let channels = self.ari.channels().await?;
         let bridges = self.ari.bridges().await?;
@@ -449,6 +449,12 @@ impl Controller {
                     call.caller_gone.store(true, Relaxed);
                     call.end();
                     self.metrics.reconciled.with_label_values(&["call"]).inc();
+                }
+            }
+            for c in &channels {
+                if let Some(call) = r.by_em.get(&c.id) {
+                    // Its StasisStart may have been missed while disconnected.
+                    call.em_ready.send_replace(true);
                 }
             }
             let stale_channels: Vec<String> = channels
@@ -466,6 +472,13 @@ impl Controller {
                 .collect();
             (stale_channels, stale_bridges)
         };
+        // Callers that entered the application while the WebSocket was down: their StasisStart
+        // was lost, so start them now.
+        for c in &channels {
+            if !c.is_ours() && c.in_stasis(&self.cfg.app_name) {
+                self.stasis_start(c);
+            }
+        }
         for id in stale_channels {
             if self.ari.hangup(&id).await? {
                 self.metrics

@@ -58,6 +58,9 @@ struct Spec {
 type ReplyTo = oneshot::Sender<Result<Response, RelayError>>;
 type Pending = (Command, ReplyTo);
 
+/// How long a resync keeps retrying a channel the relay refuses (a port not yet released).
+const RESYNC_RETRY: Duration = Duration::from_secs(5);
+
 /// A handle on the link (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct RelayLink {
@@ -332,23 +335,43 @@ async fn resync(
             }
         }
     }
+    // A restarted relay may find a port still held for a moment: the old process's io_uring
+    // releases its fixed files asynchronously after exit. Retry those for a while.
     let mut readded = 0;
-    for (id, spec) in want {
-        if listed.iter().any(|c| c.channel == id) {
-            continue;
+    let mut todo: Vec<(ChannelId, Spec)> = want
+        .into_iter()
+        .filter(|(id, _)| !listed.iter().any(|c| c.channel == *id))
+        .collect();
+    let deadline = tokio::time::Instant::now() + RESYNC_RETRY;
+    while !todo.is_empty() {
+        let mut again = Vec::new();
+        for (id, spec) in todo {
+            if !lock(channels).contains_key(&id) {
+                continue; // removed meanwhile
+            }
+            match conn
+                .call(Command::Add(AddChannel {
+                    channel: id.clone(),
+                    port: spec.port,
+                    asterisk: spec.asterisk,
+                    echo: Some(spec.echo),
+                    format: Format::Ulaw,
+                }))
+                .await?
+            {
+                Ok(_) => readded += 1,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(channel = id.as_str(), "re-add refused, retrying: {e}");
+                    again.push((id, spec));
+                }
+                Err(e) => {
+                    tracing::error!(channel = id.as_str(), "cannot re-add to the relay: {e}");
+                }
+            }
         }
-        match conn
-            .call(Command::Add(AddChannel {
-                channel: id.clone(),
-                port: spec.port,
-                asterisk: spec.asterisk,
-                echo: Some(spec.echo),
-                format: Format::Ulaw,
-            }))
-            .await?
-        {
-            Ok(_) => readded += 1,
-            Err(e) => tracing::warn!(channel = id.as_str(), "cannot re-add to the relay: {e}"),
+        todo = again;
+        if !todo.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     Ok((readded, removed))

@@ -112,6 +112,31 @@ impl RelayClient {
         }
     }
 
+    /// Every open channel.
+    ///
+    /// # Errors
+    /// See [`RelayClient::request`].
+    pub fn list(&mut self) -> anyhow::Result<Vec<relay_proto::control::ChannelInfo>> {
+        match self.request(Command::List)? {
+            Response::Channels { channels } => Ok(channels),
+            other => Err(anyhow!("unexpected reply to list: {other:?}")),
+        }
+    }
+
+    /// One channel's statistics.
+    ///
+    /// # Errors
+    /// See [`RelayClient::request`].
+    pub fn channel(&mut self, channel: &str) -> anyhow::Result<ChannelStats> {
+        let channel = ChannelId::try_from(channel).map_err(|e| anyhow!("{e}"))?;
+        match self.request(Command::Stats(StatsQuery {
+            channel: Some(channel),
+        }))? {
+            Response::Channel { stats } => Ok(*stats),
+            other => Err(anyhow!("unexpected reply to stats: {other:?}")),
+        }
+    }
+
     /// The relay's global statistics.
     ///
     /// # Errors

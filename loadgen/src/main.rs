@@ -73,6 +73,10 @@ struct SimArgs {
     /// Drop every events WebSocket once, this long after the first call.
     #[arg(long, value_parser = parse_duration)]
     drop_ws_at: Option<Duration>,
+    /// Fail an operation with 500 with a probability, e.g. `external_media=0.3` (repeatable;
+    /// operations: external_media, create_bridge, add_channel).
+    #[arg(long, value_parser = parse_fail)]
+    fail: Vec<(String, f64)>,
     /// After the last call, wait this long at most for the application to clean up.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace: Duration,
@@ -128,6 +132,24 @@ struct AriArgs {
     control: Option<String>,
 }
 
+fn parse_fail(s: &str) -> Result<(String, f64), String> {
+    let (op, p) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not OP=FRACTION"))?;
+    if !loadgen::sim::FAILABLE.contains(&op) {
+        return Err(format!(
+            "{op:?} is not one of {}",
+            loadgen::sim::FAILABLE.join(", ")
+        ));
+    }
+    let p: f64 = p
+        .parse()
+        .ok()
+        .filter(|p: &f64| (0.0..=1.0).contains(p))
+        .ok_or_else(|| format!("{p:?} is not a fraction in 0..=1"))?;
+    Ok((op.to_owned(), p))
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -173,6 +195,7 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
         wait_app: a.wait_app,
         serve_for: a.serve_for,
         seed: a.seed,
+        fail: a.fail,
     };
     let report = match runtime()
         .map_err(anyhow::Error::from)

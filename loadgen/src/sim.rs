@@ -84,7 +84,13 @@ pub struct SimConfig {
     pub serve_for: Option<Duration>,
     /// Random seed (SSRCs, sequence numbers, faults).
     pub seed: u64,
+    /// Operations (`external_media`, `create_bridge`, `add_channel`) failed with 500 with the
+    /// given probability, to exercise the application's unwinding.
+    pub fail: Vec<(String, f64)>,
 }
+
+/// Operations `--fail` can break.
+pub const FAILABLE: [&str; 3] = ["external_media", "create_bridge", "add_channel"];
 
 /// How a call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -154,6 +160,8 @@ pub struct SimReport {
     pub rtt: LatencySummary,
     /// First answer attempts failed on purpose.
     pub answer_404_injected: u64,
+    /// Requests failed on purpose with 500 (`--fail`), by operation.
+    pub injected_failures: BTreeMap<String, u64>,
     /// Times the events WebSockets were dropped on purpose.
     pub ws_drops: u64,
     /// WebSocket connections accepted.
@@ -304,6 +312,8 @@ struct Sim {
     injected_404: AtomicU64,
     /// WebSocket drops.
     ws_drops: AtomicU64,
+    /// Requests failed on purpose, by operation.
+    injected: Mutex<BTreeMap<String, u64>>,
     /// WebSocket connections.
     ws_connections: AtomicU64,
     /// Start of the run, for ids.
@@ -334,6 +344,37 @@ impl Sim {
         event["application"] = json!(app);
         event["asterisk_id"] = json!("00:00:00:00:00:01");
         let _ = self.events.send((app.to_owned(), event.to_string().into()));
+    }
+
+    /// A 500 reply for `op` when `--fail` says this request fails.
+    fn inject(&self, op: &str) -> Option<Response> {
+        let p = self
+            .cfg
+            .fail
+            .iter()
+            .find(|(o, _)| o == op)
+            .map_or(0.0, |(_, p)| *p);
+        if p <= 0.0 {
+            return None;
+        }
+        let roll = self
+            .world()
+            .rng
+            .get_or_insert_with(|| SplitMix64::new(self.cfg.seed))
+            .unit();
+        if roll >= p {
+            return None;
+        }
+        *self
+            .injected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(op.to_owned())
+            .or_default() += 1;
+        Some(ari_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error (injected by --fail)",
+        ))
     }
 
     fn authorised(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
@@ -831,6 +872,9 @@ async fn answer(
 
 async fn external_media(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
     auth!(sim, headers, q);
+    if let Some(r) = sim.inject("external_media") {
+        return r;
+    }
     let (Some(app), Some(host), Some(format)) =
         (q.get("app"), q.get("external_host"), q.get("format"))
     else {
@@ -954,6 +998,9 @@ fn make_bridge(sim: &Sim, id: String, q: &HashMap<String, String>) -> Response {
 
 async fn create_bridge(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
     auth!(sim, headers, q);
+    if let Some(r) = sim.inject("create_bridge") {
+        return r;
+    }
     let id = q.get("bridgeId").cloned().unwrap_or_else(|| sim.new_id());
     make_bridge(&sim, id, &q)
 }
@@ -965,6 +1012,9 @@ async fn create_bridge_with_id(
     Path(id): Path<String>,
 ) -> Response {
     auth!(sim, headers, q);
+    if let Some(r) = sim.inject("create_bridge") {
+        return r;
+    }
     make_bridge(&sim, id, &q)
 }
 
@@ -994,6 +1044,9 @@ async fn add_channel(
     Path(id): Path<String>,
 ) -> Response {
     auth!(sim, headers, q);
+    if let Some(r) = sim.inject("add_channel") {
+        return r;
+    }
     let Some(list) = q.get("channel") else {
         return ari_error(StatusCode::BAD_REQUEST, "Missing parameter channel");
     };
@@ -1051,6 +1104,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         next_id: AtomicU64::new(1),
         injected_404: AtomicU64::new(0),
         ws_drops: AtomicU64::new(0),
+        injected: Mutex::new(BTreeMap::new()),
         ws_connections: AtomicU64::new(0),
         epoch: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1225,6 +1279,11 @@ fn report(sim: &Sim) -> SimReport {
         malformed: sum(|c| c.malformed),
         rtt: all.summary(),
         answer_404_injected: sim.injected_404.load(Ordering::Relaxed),
+        injected_failures: sim
+            .injected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone(),
         ws_drops: sim.ws_drops.load(Ordering::Relaxed),
         ws_connections: sim.ws_connections.load(Ordering::Relaxed),
         channels_left: w.channels.len(),
@@ -1242,7 +1301,7 @@ pub fn render(r: &SimReport) -> String {
          RTP: sent {} received {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}\n\
          end-to-end RTT (Asterisk -> relay -> echo -> relay -> Asterisk), {} samples:\n  \
          p50 {:.3} ms  p95 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms\n\
-         faults: {} answers failed with 404, {} WebSocket drops ({} connections)\n\
+         faults: {} answers failed with 404, {} WebSocket drops ({} connections), failed on purpose {:?}\n\
          left over: {} channels, {} bridges",
         r.calls,
         r.answered,
@@ -1264,6 +1323,7 @@ pub fn render(r: &SimReport) -> String {
         r.answer_404_injected,
         r.ws_drops,
         r.ws_connections,
+        r.injected_failures,
         r.channels_left,
         r.bridges_left,
     )

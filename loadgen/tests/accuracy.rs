@@ -5,56 +5,14 @@
 //! tests competing for the machine's two cores.
 #![allow(clippy::cast_precision_loss)] // report figures
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::Value;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// A binary of this workspace, built next to loadgen's (built here if a narrower `cargo test`
-/// did not build it).
-fn bin(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadgen"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let path = dir.join(name);
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", name])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building {name}");
-    }
-    path
-}
-
-use testkit::uring_available;
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `bin` and waits for the log line containing `ready`, returning the value of `key=`.
-fn start(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String) {
-    let mut child = Command::new(bin(name))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let v = testkit::ready_value(&mut child, name, ready, key);
-    (Proc(child), v)
-}
+use testkit::{bin, start, uring_available};
 
 /// One run: echo with `echo_args`, relay on `backend`, loadgen with `lg_args`; returns
 /// (loadgen's JSON report, echo's summary).

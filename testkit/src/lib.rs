@@ -74,3 +74,107 @@ pub fn ready_value(child: &mut Child, name: &str, ready: &str, key: &str) -> Str
     rx.recv_timeout(Duration::from_secs(20))
         .unwrap_or_else(|_| panic!("{missing}"))
 }
+
+/// A binary of this workspace, next to the running test's own directory (`target/<profile>`);
+/// built with `cargo build -p <name>` if a narrower `cargo test` did not build it.
+#[must_use]
+pub fn bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    if !path.exists() {
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "-p", name])
+                .status()
+                .expect("cargo runs");
+        assert!(status.success(), "building {name}");
+    }
+    path
+}
+
+/// A child process, killed (SIGKILL) and reaped on drop.
+#[derive(Debug)]
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// The process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends SIGTERM and waits (up to `deadline`) for the process to exit; its exit status.
+    pub fn terminate(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the workspace binary `name` with `args` (stdout and stderr piped, `RUST_LOG=info`),
+/// waits for its log line containing `ready` and returns the value of `key=` on it.
+#[must_use]
+pub fn start(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String) {
+    let mut child = std::process::Command::new(bin(name))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let v = ready_value(&mut child, name, ready, key);
+    (Proc(child), v)
+}
+
+/// Open file descriptors of process `pid`.
+#[must_use]
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// `GET path` on `addr` (HTTP/1.1, one request); (status code, body).
+///
+/// # Errors
+/// The connection or the read failed, or the reply is not HTTP.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let bad = || std::io::Error::other(format!("not an HTTP reply: {reply:.80}"));
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .ok_or_else(bad)?;
+    Ok((status, body))
+}

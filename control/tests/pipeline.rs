@@ -1,0 +1,546 @@
+//! The full pipeline over loopback, as a user runs it: `loadgen sim-asterisk` (playing Asterisk 22),
+//! `control`, `relay` (io_uring, strict: it only accepts the address control gives it) and `echo`,
+//! each its own process. Every test ends by checking that nothing leaked: no channel or bridge
+//! left in the simulated Asterisk, no relay channel, every port back in the pool.
+//!
+//! The tests run one at a time (a lock): each drives real-time RTP on a two-core machine.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use loadgen::ctl::RelayClient;
+use serde_json::Value;
+use testkit::{fd_count, http_get, start, uring_available, wait_for, Proc};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PASS: &str = "pipeline-secret";
+
+/// The four processes of a run.
+struct Pipeline {
+    echo_addr: String,
+    relay: Option<Proc>,
+    control: Proc,
+    control_http: String,
+    sim: Proc,
+    sim_url: String,
+    sim_json: PathBuf,
+    ctl: PathBuf,
+    ports: usize,
+    _echo: Proc,
+}
+
+impl Pipeline {
+    /// Starts echo, relay, sim-asterisk (with `sim_args`) and control (with `ports`, a range such
+    /// as `21000-21099`); returns once control reports both links up.
+    fn launch(name: &str, sim_args: &[&str], ports: &str) -> Self {
+        let tmp = std::env::temp_dir();
+        let ctl = tmp.join(format!("rtp-pipeline-{}-{name}.sock", std::process::id()));
+        let sim_json = tmp.join(format!("rtp-pipeline-{}-{name}.json", std::process::id()));
+        let _ = std::fs::remove_file(&sim_json);
+        let (echo, echo_addr) = start(
+            "echo",
+            &["--listen", "127.0.0.1:0", "--metrics", "off"],
+            "echo ready",
+            "listen",
+        );
+        let mut p = Self {
+            relay: None,
+            control: Proc(std::process::Command::new("true").spawn().unwrap()),
+            control_http: String::new(),
+            sim: Proc(std::process::Command::new("true").spawn().unwrap()),
+            sim_url: String::new(),
+            sim_json,
+            ctl,
+            ports: 0,
+            echo_addr,
+            _echo: echo,
+        };
+        p.start_relay();
+        let json = p.sim_json.to_str().unwrap().to_owned();
+        let (sim, sim_addr) = start(
+            "loadgen",
+            &[
+                &[
+                    "sim-asterisk",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--ari-pass",
+                    PASS,
+                    "--json",
+                    &json,
+                    "--grace",
+                    "5s",
+                ][..],
+                sim_args,
+            ]
+            .concat(),
+            "sim-asterisk ready",
+            "listen",
+        );
+        p.sim = sim;
+        p.sim_url = format!("http://{sim_addr}");
+        let (lo, hi) = ports.split_once('-').unwrap();
+        p.ports = usize::from(hi.parse::<u16>().unwrap() - lo.parse::<u16>().unwrap() + 1);
+        let (echo_host, echo_port) = p.echo_addr.rsplit_once(':').unwrap();
+        let (control, http) = start(
+            "control",
+            &[
+                "--ari-url",
+                &p.sim_url,
+                "--ari-pass",
+                PASS,
+                "--relay-socket",
+                p.ctl.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:0",
+                "--port-range",
+                ports,
+                "--echo-host",
+                echo_host,
+                "--echo-port",
+                echo_port,
+                "--metrics-interval-sec",
+                "2",
+            ],
+            "control ready",
+            "metrics",
+        );
+        p.control = control;
+        p.control_http = http;
+        wait_for(
+            "control's links up (/healthz 200)",
+            Duration::from_secs(10),
+            || {
+                http_get(&p.control_http, "/healthz")
+                    .ok()
+                    .filter(|(s, _)| *s == 200)
+            },
+        );
+        p
+    }
+
+    fn start_relay(&mut self) {
+        let (relay, _) = start(
+            "relay",
+            &[
+                "--ctl",
+                self.ctl.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:0",
+                "--echo",
+                &self.echo_addr,
+                "--strict",
+            ],
+            "relay ready",
+            "backend",
+        );
+        self.relay = Some(relay);
+    }
+
+    fn relay_pid(&self) -> u32 {
+        self.relay.as_ref().unwrap().pid()
+    }
+
+    fn relay(&self) -> RelayClient {
+        RelayClient::connect(&self.ctl).unwrap()
+    }
+
+    /// Control's `/stats`.
+    fn stats(&self) -> Value {
+        let (status, body) = http_get(&self.control_http, "/stats").unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Control's `/metrics`.
+    fn metrics(&self) -> String {
+        http_get(&self.control_http, "/metrics").unwrap().1
+    }
+
+    /// Waits until every relay channel control made has Asterisk's address and RTP flowing
+    /// both ways; returns the channel count.
+    fn wait_flowing(&self, calls: usize, deadline: Duration) {
+        let mut relay = self.relay();
+        wait_for(
+            &format!("{calls} relay channels with RTP both ways"),
+            deadline,
+            || {
+                let list = relay.list().ok()?;
+                (list.len() == calls
+                    && list.iter().all(|c| {
+                        c.asterisk.is_some()
+                            && c.traffic.to_echo.packets > 0
+                            && c.traffic.to_asterisk.packets > 0
+                    }))
+                .then_some(())
+            },
+        );
+    }
+
+    /// Waits for sim-asterisk to finish; its JSON report.
+    fn finish(&mut self, deadline: Duration) -> Value {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.sim.0.try_wait().unwrap() {
+                assert!(status.success(), "sim-asterisk failed: {status}");
+                break;
+            }
+            assert!(Instant::now() < end, "sim-asterisk did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&self.sim_json).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Nothing left anywhere: the simulated Asterisk's channels and bridges, the relay's
+    /// channels, control's calls and ports.
+    fn assert_clean(&self, report: &Value) {
+        assert_eq!(report["channels_left"], 0, "channels left in Asterisk");
+        assert_eq!(report["bridges_left"], 0, "bridges left in Asterisk");
+        let mut relay = self.relay();
+        wait_for(
+            "the relay to have no channel",
+            Duration::from_secs(5),
+            || relay.list().ok().filter(Vec::is_empty),
+        );
+        wait_for(
+            "control to have no call and a full pool",
+            Duration::from_secs(5),
+            || {
+                let s = self.stats();
+                (s["calls"]["active"] == 0
+                    && s["ports"]["free"] == self.ports
+                    && s["ports"]["in_use"] == 0
+                    && s["links"]["relay_channels"] == 0)
+                    .then_some(())
+            },
+        );
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.sim_json);
+    }
+}
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in /metrics"))
+}
+
+#[test]
+fn fifty_calls_are_bridged_measured_and_leave_nothing_behind() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch(
+        "fifty",
+        &["--calls", "50", "--ramp", "1s", "--hold", "10s"],
+        "21000-21099",
+    );
+    let (relay_fds, control_fds) = (fd_count(p.relay_pid()), fd_count(p.control.pid()));
+    p.wait_flowing(50, Duration::from_secs(10));
+    // The relay measures the round trip of every call.
+    let mut relay = p.relay();
+    for c in relay.list().unwrap() {
+        let s = relay.channel(c.channel.as_str()).unwrap();
+        assert!(s.rtt.count > 0, "no RTT measured on {}", c.channel.as_str());
+        assert_eq!(
+            s.drops.total(),
+            0,
+            "drops on {}: {:?}",
+            c.channel.as_str(),
+            s.drops
+        );
+    }
+    drop(relay);
+    let r = p.finish(Duration::from_secs(30));
+    assert_eq!(u(&r["calls"]), 50);
+    assert_eq!(u(&r["bridged"]), 50, "{r}");
+    assert_eq!(u(&r["strict_rtp_drops"]), 0);
+    assert_eq!(u(&r["malformed"]), 0);
+    for c in r["per_call"].as_array().unwrap() {
+        assert_eq!(c["end"], "completed", "{c}");
+        // 10 s at 50/s; the first packets leave once the bridge is up.
+        assert!(u(&c["sent"]) >= 450, "{c}");
+        assert!(u(&c["received"]) + 2 >= u(&c["sent"]), "RTP lost: {c}");
+    }
+    p.assert_clean(&r);
+    let s = p.stats();
+    assert_eq!(u(&s["calls"]["completed"]), 50, "{s}");
+    assert_eq!(u(&s["calls"]["bridged"]), 50);
+    assert!(u(&s["relay"]["rtt"]["count"]) > 50 * 400, "{s}");
+    wait_for(
+        "the relay's descriptors back to their count",
+        Duration::from_secs(5),
+        || (fd_count(p.relay_pid()) == relay_fds).then_some(()),
+    );
+    wait_for(
+        "control's descriptors back to their count",
+        Duration::from_secs(10),
+        || (fd_count(p.control.pid()) <= control_fds).then_some(()),
+    );
+}
+
+#[test]
+fn calls_keep_flowing_within_two_seconds_of_a_relay_restart() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch(
+        "restart",
+        &["--calls", "10", "--ramp", "0s", "--hold", "10s"],
+        "21100-21199",
+    );
+    p.wait_flowing(10, Duration::from_secs(10));
+    drop(p.relay.take()); // SIGKILL: no goodbye, the socket file stays behind
+    wait_for(
+        "control to see the relay gone",
+        Duration::from_secs(5),
+        || {
+            http_get(&p.control_http, "/healthz")
+                .ok()
+                .filter(|(s, _)| *s == 503)
+        },
+    );
+    p.start_relay();
+    let restarted = Instant::now();
+    p.wait_flowing(10, Duration::from_secs(2));
+    eprintln!("flowing again {:?} after the restart", restarted.elapsed());
+    let s = p.stats();
+    assert!(u(&s["links"]["relay_resyncs"]) >= 1, "{s}");
+    let r = p.finish(Duration::from_secs(30));
+    assert_eq!(u(&r["bridged"]), 10, "{r}");
+    assert_eq!(u(&r["strict_rtp_drops"]), 0);
+    p.assert_clean(&r);
+    assert!(
+        metric(
+            &p.metrics(),
+            "rtprelay_control_relay_channels_readded_total"
+        ) >= 10.0
+    );
+}
+
+#[test]
+fn a_dropped_websocket_is_reconnected_and_new_calls_are_handled() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch(
+        "wsdrop",
+        &[
+            "--calls",
+            "20",
+            "--ramp",
+            "4s",
+            "--hold",
+            "2s",
+            "--drop-ws-at",
+            "2s",
+        ],
+        "21200-21299",
+    );
+    let r = p.finish(Duration::from_secs(30));
+    assert_eq!(u(&r["ws_drops"]), 1);
+    assert!(u(&r["ws_connections"]) >= 2, "{r}");
+    // Calls originated after the drop (half of them) were handled too.
+    assert_eq!(u(&r["bridged"]), 20, "{r}");
+    assert_eq!(u(&r["strict_rtp_drops"]), 0);
+    p.assert_clean(&r);
+    let s = p.stats();
+    assert!(u(&s["links"]["ws_reconnects"]) >= 1, "{s}");
+    assert_eq!(u(&s["calls"]["completed"]), 20, "{s}");
+}
+
+#[test]
+fn five_ports_for_ten_calls_bridge_five_and_hang_up_five_cleanly() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch(
+        "fiveports",
+        &["--calls", "10", "--ramp", "0s", "--hold", "3s"],
+        "21300-21304",
+    );
+    let r = p.finish(Duration::from_secs(30));
+    assert_eq!(u(&r["bridged"]), 5, "{r}");
+    assert_eq!(u(&r["hung_up_by_app"]), 5, "{r}");
+    for c in r["per_call"].as_array().unwrap() {
+        let bridged = c["bridged"] == true;
+        assert_eq!(
+            c["end"],
+            if bridged {
+                "completed"
+            } else {
+                "hung_up_by_app"
+            },
+            "{c}"
+        );
+    }
+    p.assert_clean(&r);
+    let s = p.stats();
+    assert_eq!(u(&s["calls"]["no_port"]), 5, "{s}");
+    assert_eq!(u(&s["ports"]["exhausted"]), 5, "{s}");
+    assert_eq!(
+        metric(
+            &p.metrics(),
+            "rtprelay_control_setup_failures_total{stage=\"port\"}"
+        ),
+        5.0
+    );
+}
+
+#[test]
+fn an_answer_failing_with_404_is_retried() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch(
+        "answer404",
+        &[
+            "--calls",
+            "5",
+            "--ramp",
+            "0s",
+            "--hold",
+            "2s",
+            "--answer-404",
+            "1",
+        ],
+        "21400-21409",
+    );
+    let r = p.finish(Duration::from_secs(30));
+    assert_eq!(u(&r["answer_404_injected"]), 5, "{r}");
+    assert_eq!(u(&r["answered"]), 5, "{r}");
+    assert_eq!(u(&r["bridged"]), 5, "{r}");
+    p.assert_clean(&r);
+    let m = p.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "rtprelay_control_ari_requests_total{op=\"answer\",status=\"404\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rtprelay_control_ari_requests_total{op=\"answer\",status=\"204\"}"
+        ),
+        5.0
+    );
+}
+
+#[test]
+fn failures_at_every_stage_unwind_without_leaking() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch(
+        "unwind",
+        &[
+            "--calls",
+            "30",
+            "--ramp",
+            "1s",
+            "--hold",
+            "2s",
+            "--seed",
+            "3",
+            "--fail",
+            "external_media=0.25",
+            "--fail",
+            "create_bridge=0.25",
+            "--fail",
+            "add_channel=0.25",
+        ],
+        "21500-21599",
+    );
+    let r = p.finish(Duration::from_secs(30));
+    let injected = |op: &str| r["injected_failures"][op].as_u64().unwrap_or(0);
+    let (em, br, add) = (
+        injected("external_media"),
+        injected("create_bridge"),
+        injected("add_channel"),
+    );
+    assert!(
+        em > 0 && br > 0 && add > 0,
+        "every stage failed at least once: {r}"
+    );
+    assert_eq!(u(&r["bridged"]) + em + br + add, 30, "{r}");
+    assert_eq!(u(&r["hung_up_by_app"]), em + br + add, "{r}");
+    p.assert_clean(&r);
+    let m = p.metrics();
+    let stage = |s: &str| {
+        metric(
+            &m,
+            &format!("rtprelay_control_setup_failures_total{{stage=\"{s}\"}}"),
+        )
+    };
+    assert_eq!(stage("external_media"), em as f64);
+    assert_eq!(stage("bridge"), (br + add) as f64);
+    assert_eq!(u(&p.stats()["calls"]["failed"]), em + br + add);
+}
+
+#[test]
+fn loadgen_ari_originates_calls_and_prints_both_summaries() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch("ari", &["--calls", "0", "--serve-for", "6s"], "21600-21609");
+    let out = std::process::Command::new(testkit::bin("loadgen"))
+        .args([
+            "ari",
+            "--ari-url",
+            &p.sim_url,
+            "--ari-pass",
+            PASS,
+            "--endpoint",
+            "Local/s@load",
+            "--calls",
+            "3",
+            "--ramp",
+            "0s",
+            "--hold",
+            "2s",
+            "--relay-ctl",
+            p.ctl.to_str().unwrap(),
+            "--control",
+            &format!("http://{}", p.control_http),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(u(&v["originated"]), 3, "{v}");
+    assert_eq!(u(&v["hung_up"]), 3, "{v}");
+    assert!(u(&v["relay"]["channels_opened"]) >= 3, "{v}");
+    assert!(u(&v["relay"]["rtt"]["count"]) > 0, "{v}");
+    assert_eq!(u(&v["control"]["calls"]["completed"]), 3, "{v}");
+    let r = p.finish(Duration::from_secs(20));
+    assert_eq!(u(&r["bridged"]), 3, "{r}");
+    p.assert_clean(&r);
+}
