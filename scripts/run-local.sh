@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
 # The main job: the whole pipeline on loopback, printing a latency report.
 #
-#   scripts/run-local.sh [loadgen rtp flags...]
+#   scripts/run-local.sh [extra flags for the driver...]
 #
-# Builds in release mode, starts the echo and the relay (pinned to its own core where the
-# machine has two), drives them with `loadgen rtp`, prints the report, and stops everything it
-# started, also on Ctrl-C and on failure. Settings from the environment:
-#   CHANNELS (200), DURATION (20s), BACKEND (uring|tokio, default uring), ECHO_ARGS (extra echo
-#   flags, e.g. "--delay 5ms"). Extra arguments go to loadgen, e.g. --max-loss 0.001 --json r.json
+# Builds in release mode and starts echo, relay (pinned to its own core where the machine has
+# two, strict: it only accepts the RTP address control gives it), a simulated Asterisk 22
+# (`loadgen sim-asterisk`) and control between them. The simulated Asterisk originates the calls;
+# control answers each, bridges it to an externalMedia channel on a relay port, and tears it all
+# down when the call ends. Prints the report (end-to-end RTT at Asterisk, the relay's RTT, what
+# the relay adds, loss, strict-RTP drops, relay CPU per packet, leftovers), and stops everything
+# it started, also on Ctrl-C and on failure. Settings from the environment:
+#   CALLS (100), HOLD (30s: each call's length), RAMP (2s), BACKEND (uring|tokio, default uring),
+#   ECHO_ARGS (extra echo flags, e.g. "--delay 5ms").
+#   MODE=rtp runs the relay without Asterisk or control instead: `loadgen rtp` adds the channels
+#   itself (CHANNELS, default 200; DURATION, default 20s).
+# Extra arguments go to the driver (sim-asterisk, or loadgen rtp), e.g. --json report.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+MODE=${MODE:-pipeline}
+CALLS=${CALLS:-100}
+HOLD=${HOLD:-30s}
+RAMP=${RAMP:-2s}
 CHANNELS=${CHANNELS:-200}
 DURATION=${DURATION:-20s}
 BACKEND=${BACKEND:-uring}
 ECHO_ARGS=${ECHO_ARGS:-}
 
 echo "==> building (release)" >&2
-cargo build --release --quiet -p relay -p echo -p loadgen
+cargo build --release --quiet -p relay -p echo -p loadgen -p control
 
 tmp=$(mktemp -d)
 pids=()
@@ -60,14 +71,38 @@ pids+=($!)
 echo_addr=$(await "$tmp/echo.log" "echo ready" listen)
 
 target/release/relay --backend "$BACKEND" --ctl "$tmp/relay.sock" --metrics 127.0.0.1:0 \
-  --echo "$echo_addr" "${relay_core[@]}" 2>"$tmp/relay.log" &
+  --echo "$echo_addr" --strict "${relay_core[@]}" 2>"$tmp/relay.log" &
 pids+=($!)
 relay_pid=$!
 metrics=$(await "$tmp/relay.log" "relay ready" metrics)
 
-echo "==> echo on $echo_addr, relay ($BACKEND) metrics at $metrics; $CHANNELS channels for $DURATION" >&2
-# In the background and waited for, so that a signal to this script is handled at once.
-target/release/loadgen rtp --relay-ctl "$tmp/relay.sock" --channels "$CHANNELS" \
-  --duration "$DURATION" --ramp 0 --relay-pid "$relay_pid" "${other_core[@]}" "$@" &
+if [[ $MODE == rtp ]]; then
+  echo "==> echo on $echo_addr, relay ($BACKEND) metrics at $metrics; $CHANNELS channels for $DURATION" >&2
+  # In the background and waited for, so that a signal to this script is handled at once.
+  target/release/loadgen rtp --relay-ctl "$tmp/relay.sock" --channels "$CHANNELS" \
+    --duration "$DURATION" --ramp 0 --relay-pid "$relay_pid" "${other_core[@]}" "$@" &
+  pids+=($!)
+  wait "${pids[-1]}"
+  exit
+fi
+[[ $MODE == pipeline ]] || { echo "run-local: MODE must be pipeline or rtp, not '$MODE'" >&2; exit 2; }
+
+pass=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+ports="21000-$((21000 + CALLS + 99))"
+pin=(); if [[ ${#other_core[@]} -gt 0 ]] && command -v taskset >/dev/null; then pin=(taskset -c 0); fi
+"${pin[@]}" target/release/loadgen sim-asterisk --listen 127.0.0.1:0 --ari-pass "$pass" \
+  --calls "$CALLS" --hold "$HOLD" --ramp "$RAMP" --relay-ctl "$tmp/relay.sock" \
+  --relay-pid "$relay_pid" "$@" 2>"$tmp/sim.log" &
 pids+=($!)
-wait "${pids[-1]}"
+sim_pid=$!
+ari=$(await "$tmp/sim.log" "sim-asterisk ready" listen)
+
+ARI_PASS=$pass "${pin[@]}" target/release/control --ari-url "http://$ari" \
+  --relay-socket "$tmp/relay.sock" --metrics 127.0.0.1:0 --port-range "$ports" \
+  --echo-host "${echo_addr%:*}" --echo-port "${echo_addr##*:}" 2>"$tmp/control.log" &
+pids+=($!)
+control=$(await "$tmp/control.log" "control ready" metrics)
+
+echo "==> echo on $echo_addr, relay ($BACKEND) metrics at $metrics, control at http://$control," \
+  "simulated Asterisk at http://$ari: $CALLS calls of $HOLD, ramp $RAMP" >&2
+wait "$sim_pid"

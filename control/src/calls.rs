@@ -53,6 +53,8 @@ pub struct Call {
     caller_gone: std::sync::atomic::AtomicBool,
     /// The externalMedia channel is gone.
     em_gone: std::sync::atomic::AtomicBool,
+    /// When the caller's StasisStart arrived.
+    created: Instant,
 }
 
 impl Call {
@@ -65,6 +67,7 @@ impl Call {
             em_ready: watch::Sender::new(false),
             caller_gone: false.into(),
             em_gone: false.into(),
+            created: Instant::now(),
         }
     }
 
@@ -259,7 +262,10 @@ impl Controller {
                 let _ = ended.wait_for(|e| *e).await;
                 Outcome::Completed
             }
-            Err(SetupError::Ended) => Outcome::Abandoned,
+            Err(SetupError::Ended) => {
+                tracing::info!(caller = %call.caller, "call ended during set-up");
+                Outcome::Abandoned
+            }
             Err(SetupError::Failed(stage, why)) => {
                 self.metrics
                     .setup_failures
@@ -439,13 +445,15 @@ impl Controller {
     /// ARI could not list channels or bridges.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), RestError> {
         use std::sync::atomic::Ordering::Relaxed;
+        // Only calls that existed before the listing can be judged by it.
+        let listed_at = Instant::now();
         let channels = self.ari.channels().await?;
         let bridges = self.ari.bridges().await?;
         let present: HashSet<&str> = channels.iter().map(|c| c.id.as_str()).collect();
         let (stale_channels, stale_bridges) = {
             let r = lock(&self.registry);
             for call in r.by_caller.values() {
-                if !present.contains(call.caller.as_str()) {
+                if call.created < listed_at && !present.contains(call.caller.as_str()) {
                     call.caller_gone.store(true, Relaxed);
                     call.end();
                     self.metrics.reconciled.with_label_values(&["call"]).inc();

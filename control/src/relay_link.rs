@@ -15,12 +15,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use relay_proto::control::{
-    AddChannel, Hello, RemoveChannel, StatsQuery, UpdateChannel, PROTOCOL_VERSION,
+    AddChannel, Frame, Hello, LineDecoder, RemoveChannel, StatsQuery, UpdateChannel,
+    PROTOCOL_VERSION,
 };
 use relay_proto::{
     ChannelId, ChannelStats, Command, Format, GlobalStats, Reply, Request, Response,
 };
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -189,10 +190,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// One connection's state.
+/// Longest reply line accepted (a `list` of every channel is one line).
+const MAX_REPLY: usize = 64 * 1024 * 1024;
+
+/// One connection's state. Reading is cancel-safe (the partial line lives here, not in a
+/// future), because [`serve`] waits on replies and new requests at once.
 struct Conn {
     write: tokio::net::unix::OwnedWriteHalf,
-    read: BufReader<tokio::net::unix::OwnedReadHalf>,
+    read: tokio::net::unix::OwnedReadHalf,
+    decoder: LineDecoder,
+    lines: std::collections::VecDeque<Frame>,
+    chunk: Vec<u8>,
     next_id: u64,
 }
 
@@ -201,7 +209,10 @@ impl Conn {
         let (read, write) = UnixStream::connect(path).await?.into_split();
         let mut c = Self {
             write,
-            read: BufReader::new(read),
+            read,
+            decoder: LineDecoder::new(MAX_REPLY),
+            lines: std::collections::VecDeque::new(),
+            chunk: vec![0; 64 * 1024],
             next_id: 1,
         };
         c.call(Command::Hello(Hello {
@@ -225,18 +236,33 @@ impl Conn {
         Ok(id)
     }
 
-    async fn reply(&mut self, line: &mut String) -> std::io::Result<Reply> {
-        line.clear();
-        if self.read.read_line(line).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+    /// The next reply. Cancel-safe: `read` consumes nothing when it does not complete.
+    async fn reply(&mut self) -> std::io::Result<Reply> {
+        loop {
+            match self.lines.pop_front() {
+                Some(Frame::Line(line)) => {
+                    return Reply::decode(&line).map_err(std::io::Error::other)
+                }
+                Some(Frame::TooLong) => {
+                    return Err(std::io::Error::other("a reply line exceeds 64 MiB"))
+                }
+                None => {}
+            }
+            let n = self.read.read(&mut self.chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let mut frames = Vec::new();
+            self.decoder
+                .push(self.chunk.get(..n).unwrap_or_default(), &mut frames);
+            self.lines.extend(frames);
         }
-        Reply::decode(line.as_bytes()).map_err(std::io::Error::other)
     }
 
     /// One request, waiting for its reply (only while nothing else is in flight).
     async fn call(&mut self, command: Command) -> std::io::Result<Result<Response, String>> {
         self.send(command).await?;
-        let reply = self.reply(&mut String::new()).await?;
+        let reply = self.reply().await?;
         Ok(reply.outcome.map_err(|e| e.to_string()))
     }
 }
@@ -380,7 +406,6 @@ async fn resync(
 /// Pipelines requests until the connection fails (`Some(error)`) or every handle is gone (`None`).
 async fn serve(conn: &mut Conn, rx: &mut mpsc::UnboundedReceiver<Pending>) -> Option<String> {
     let mut waiting: HashMap<u64, (&'static str, ReplyTo)> = HashMap::new();
-    let mut line = String::new();
     let error = loop {
         tokio::select! {
             p = rx.recv() => {
@@ -394,7 +419,7 @@ async fn serve(conn: &mut Conn, rx: &mut mpsc::UnboundedReceiver<Pending>) -> Op
                     }
                 }
             }
-            r = conn.reply(&mut line) => match r {
+            r = conn.reply() => match r {
                 Ok(reply) => {
                     if let Some((name, tx)) = reply.id.and_then(|id| waiting.remove(&id)) {
                         let _ = tx.send(reply.outcome.map_err(|e| RelayError::Refused {

@@ -232,6 +232,15 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The report without its per-call list, for failure messages.
+fn brief(r: &Value) -> Value {
+    let mut v = r.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("per_call");
+    }
+    v
+}
+
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
@@ -271,7 +280,7 @@ fn fifty_calls_are_bridged_measured_and_leave_nothing_behind() {
     drop(relay);
     let r = p.finish(Duration::from_secs(30));
     assert_eq!(u(&r["calls"]), 50);
-    assert_eq!(u(&r["bridged"]), 50, "{r}");
+    assert_eq!(u(&r["bridged"]), 50, "{}", brief(&r));
     assert_eq!(u(&r["strict_rtp_drops"]), 0);
     assert_eq!(u(&r["malformed"]), 0);
     for c in r["per_call"].as_array().unwrap() {
@@ -326,7 +335,7 @@ fn calls_keep_flowing_within_two_seconds_of_a_relay_restart() {
     let s = p.stats();
     assert!(u(&s["links"]["relay_resyncs"]) >= 1, "{s}");
     let r = p.finish(Duration::from_secs(30));
-    assert_eq!(u(&r["bridged"]), 10, "{r}");
+    assert_eq!(u(&r["bridged"]), 10, "{}", brief(&r));
     assert_eq!(u(&r["strict_rtp_drops"]), 0);
     p.assert_clean(&r);
     assert!(
@@ -359,9 +368,9 @@ fn a_dropped_websocket_is_reconnected_and_new_calls_are_handled() {
     );
     let r = p.finish(Duration::from_secs(30));
     assert_eq!(u(&r["ws_drops"]), 1);
-    assert!(u(&r["ws_connections"]) >= 2, "{r}");
+    assert!(u(&r["ws_connections"]) >= 2, "{}", brief(&r));
     // Calls originated after the drop (half of them) were handled too.
-    assert_eq!(u(&r["bridged"]), 20, "{r}");
+    assert_eq!(u(&r["bridged"]), 20, "{}", brief(&r));
     assert_eq!(u(&r["strict_rtp_drops"]), 0);
     p.assert_clean(&r);
     let s = p.stats();
@@ -381,8 +390,8 @@ fn five_ports_for_ten_calls_bridge_five_and_hang_up_five_cleanly() {
         "21300-21304",
     );
     let r = p.finish(Duration::from_secs(30));
-    assert_eq!(u(&r["bridged"]), 5, "{r}");
-    assert_eq!(u(&r["hung_up_by_app"]), 5, "{r}");
+    assert_eq!(u(&r["bridged"]), 5, "{}", brief(&r));
+    assert_eq!(u(&r["hung_up_by_app"]), 5, "{}", brief(&r));
     for c in r["per_call"].as_array().unwrap() {
         let bridged = c["bridged"] == true;
         assert_eq!(
@@ -429,9 +438,9 @@ fn an_answer_failing_with_404_is_retried() {
         "21400-21409",
     );
     let r = p.finish(Duration::from_secs(30));
-    assert_eq!(u(&r["answer_404_injected"]), 5, "{r}");
-    assert_eq!(u(&r["answered"]), 5, "{r}");
-    assert_eq!(u(&r["bridged"]), 5, "{r}");
+    assert_eq!(u(&r["answer_404_injected"]), 5, "{}", brief(&r));
+    assert_eq!(u(&r["answered"]), 5, "{}", brief(&r));
+    assert_eq!(u(&r["bridged"]), 5, "{}", brief(&r));
     p.assert_clean(&r);
     let m = p.metrics();
     assert_eq!(
@@ -485,10 +494,11 @@ fn failures_at_every_stage_unwind_without_leaking() {
     );
     assert!(
         em > 0 && br > 0 && add > 0,
-        "every stage failed at least once: {r}"
+        "every stage failed at least once: {}",
+        brief(&r)
     );
-    assert_eq!(u(&r["bridged"]) + em + br + add, 30, "{r}");
-    assert_eq!(u(&r["hung_up_by_app"]), em + br + add, "{r}");
+    assert_eq!(u(&r["bridged"]) + em + br + add, 30, "{}", brief(&r));
+    assert_eq!(u(&r["hung_up_by_app"]), em + br + add, "{}", brief(&r));
     p.assert_clean(&r);
     let m = p.metrics();
     let stage = |s: &str| {
@@ -541,6 +551,42 @@ fn loadgen_ari_originates_calls_and_prints_both_summaries() {
     assert!(u(&v["relay"]["rtt"]["count"]) > 0, "{v}");
     assert_eq!(u(&v["control"]["calls"]["completed"]), 3, "{v}");
     let r = p.finish(Duration::from_secs(20));
-    assert_eq!(u(&r["bridged"]), 3, "{r}");
+    assert_eq!(u(&r["bridged"]), 3, "{}", brief(&r));
+    p.assert_clean(&r);
+}
+
+#[test]
+fn two_hundred_calls_arriving_together_are_set_up_concurrently() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    // Every ARI request takes 50 ms: a call needs at least five in a row (answer, externalMedia,
+    // bridge, addChannel, plus the wait for StasisStart), so 200 set-ups one after another would
+    // take 50 s or more; side by side they take well under a second each.
+    let mut p = Pipeline::launch(
+        "together",
+        &[
+            "--calls",
+            "200",
+            "--ramp",
+            "0s",
+            "--hold",
+            "3s",
+            "--latency",
+            "50ms",
+        ],
+        "21700-21999",
+    );
+    let r = p.finish(Duration::from_secs(60));
+    assert_eq!(u(&r["bridged"]), 200, "{}", brief(&r));
+    let slowest = u(&r["setup"]["max_ns"]) as f64 / 1e9;
+    let fastest = u(&r["setup"]["min_ns"]) as f64 / 1e9;
+    eprintln!("set-up of 200 simultaneous calls: {fastest:.3} s to {slowest:.3} s");
+    assert!(fastest >= 0.2, "the 50 ms latency applies: {fastest} s");
+    assert!(
+        slowest < 5.0,
+        "set-ups queued behind each other: slowest {slowest} s"
+    );
     p.assert_clean(&r);
 }

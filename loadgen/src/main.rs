@@ -73,6 +73,15 @@ struct SimArgs {
     /// Drop every events WebSocket once, this long after the first call.
     #[arg(long, value_parser = parse_duration)]
     drop_ws_at: Option<Duration>,
+    /// Every REST request takes at least this long (a busy Asterisk).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    latency: Duration,
+    /// The relay's control socket: add the relay's statistics to the report.
+    #[arg(long)]
+    relay_ctl: Option<PathBuf>,
+    /// The relay's process id: add its CPU time per forwarded packet to the report.
+    #[arg(long)]
+    relay_pid: Option<u32>,
     /// Fail an operation with 500 with a probability, e.g. `external_media=0.3` (repeatable;
     /// operations: external_media, create_bridge, add_channel).
     #[arg(long, value_parser = parse_fail)]
@@ -196,6 +205,9 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
         serve_for: a.serve_for,
         seed: a.seed,
         fail: a.fail,
+        relay_ctl: a.relay_ctl,
+        relay_pid: a.relay_pid,
+        latency: a.latency,
     };
     let report = match runtime()
         .map_err(anyhow::Error::from)
@@ -207,7 +219,7 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{}", loadgen::sim::render(&report));
+    print!("{}", loadgen::sim::render(&report));
     if let Some(path) = &a.json {
         if !write_json(
             path,

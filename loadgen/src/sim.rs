@@ -40,7 +40,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use relay_proto::rng::SplitMix64;
 use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc};
-use relay_proto::stats::{LatencyHistogram, LatencySummary};
+use relay_proto::stats::{LatencyHistogram, LatencySummary, PerDirection};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::UdpSocket;
@@ -84,6 +84,13 @@ pub struct SimConfig {
     pub serve_for: Option<Duration>,
     /// Random seed (SSRCs, sequence numbers, faults).
     pub seed: u64,
+    /// Every REST request takes at least this long (a busy Asterisk); shows whether the
+    /// application sets calls up concurrently.
+    pub latency: Duration,
+    /// The relay's control socket: its statistics join the report.
+    pub relay_ctl: Option<std::path::PathBuf>,
+    /// The relay's process id: its CPU time per forwarded packet joins the report.
+    pub relay_pid: Option<u32>,
     /// Operations (`external_media`, `create_bridge`, `add_channel`) failed with 500 with the
     /// given probability, to exercise the application's unwinding.
     pub fail: Vec<(String, f64)>,
@@ -158,6 +165,8 @@ pub struct SimReport {
     pub malformed: u64,
     /// End-to-end round trip, all calls.
     pub rtt: LatencySummary,
+    /// Call set-up as Asterisk sees it: StasisStart of the caller to both channels bridged.
+    pub setup: LatencySummary,
     /// First answer attempts failed on purpose.
     pub answer_404_injected: u64,
     /// Requests failed on purpose with 500 (`--fail`), by operation.
@@ -170,8 +179,34 @@ pub struct SimReport {
     pub channels_left: usize,
     /// Bridges still existing when the report was made (should be 0).
     pub bridges_left: usize,
+    /// What the relay measured, with `--relay-ctl`.
+    pub relay: Option<RelayView>,
     /// Every call.
     pub per_call: Vec<CallReport>,
+}
+
+/// The relay's side of the run (its global statistics, so a relay dedicated to the run).
+#[derive(Clone, Debug, Serialize)]
+pub struct RelayView {
+    /// The echo round trip the relay measured (T1 - T0).
+    pub rtt: LatencySummary,
+    /// Its receive-to-send forwarding time, per direction.
+    pub forward: PerDirection<LatencySummary>,
+    /// Datagrams forwarded, both directions.
+    pub forwarded: u64,
+    /// Round trips measured.
+    pub measured: u64,
+    /// Packets sent to the echo that never came back.
+    pub echo_timeouts: u64,
+    /// Datagrams dropped, all reasons.
+    pub drops: u64,
+    /// End to end minus the relay's RTT, percentile by percentile (p50, p99): the two extra
+    /// hops through the relay, an estimate.
+    pub added_p50_ns: u64,
+    /// See `added_p50_ns`.
+    pub added_p99_ns: u64,
+    /// Relay CPU time (user + system) per forwarded packet over the run, with `--relay-pid`.
+    pub cpu_ns_per_packet: Option<f64>,
 }
 
 /// What a channel is.
@@ -276,6 +311,10 @@ struct CallRecord {
     end: Option<CallEnd>,
     /// RTP figures, once the call's externalMedia channel is gone.
     figures: RtpFigures,
+    /// When the caller entered Stasis.
+    originated: Option<Instant>,
+    /// StasisStart to the media flowing (both channels bridged).
+    setup: Option<Duration>,
 }
 
 /// Everything the simulator holds.
@@ -421,7 +460,11 @@ impl Sim {
             }
             w.channels.insert(id.clone(), ch);
             let key = w.calls.len() as u64;
-            w.calls.insert(key, (id.clone(), CallRecord::default()));
+            let rec = CallRecord {
+                originated: Some(Instant::now()),
+                ..CallRecord::default()
+            };
+            w.calls.insert(key, (id.clone(), rec));
             w.call_index.insert(id, key);
         }
         self.emit(
@@ -528,6 +571,7 @@ impl Sim {
         if let Some(key) = caller.and_then(|c| w.call_index.get(c).copied()) {
             if let Some((_, rec)) = w.calls.get_mut(&key) {
                 rec.bridged = true;
+                rec.setup = rec.setup.or_else(|| rec.originated.map(|t| t.elapsed()));
             }
         }
         for m in members {
@@ -710,7 +754,23 @@ fn router(sim: Arc<Sim>) -> Router {
                 .delete(delete_bridge),
         )
         .route("/ari/bridges/{id}/addChannel", post(add_channel))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&sim),
+            slow_down,
+        ))
         .with_state(sim)
+}
+
+/// Holds every REST request for `--latency` (not the events WebSocket).
+async fn slow_down(
+    State(sim): State<Arc<Sim>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !sim.cfg.latency.is_zero() && req.uri().path() != "/ari/events" {
+        tokio::time::sleep(sim.cfg.latency).await;
+    }
+    next.run(req).await
 }
 
 macro_rules! auth {
@@ -1114,6 +1174,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
     let server = tokio::spawn(axum::serve(listener, router(Arc::clone(&sim))).into_future());
     tracing::info!("sim-asterisk ready listen={addr} app={}", sim.cfg.app);
     let cfg = sim.cfg.clone();
+    let mut relay_cpu_start = cfg.relay_pid.and_then(process_cpu_ns);
 
     if cfg.calls == 0 {
         match cfg.serve_for {
@@ -1142,6 +1203,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let start = tokio::time::Instant::now();
+        relay_cpu_start = cfg.relay_pid.and_then(process_cpu_ns);
         if let Some(at) = cfg.drop_ws_at {
             let sim = Arc::clone(&sim);
             tokio::spawn(async move {
@@ -1201,7 +1263,44 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         }
     }
     server.abort();
-    Ok(report(&sim))
+    let relay_cpu = cfg
+        .relay_pid
+        .and_then(process_cpu_ns)
+        .zip(relay_cpu_start)
+        .map(|(end, start)| end.saturating_sub(start));
+    let global = match cfg.relay_ctl.clone() {
+        Some(path) => tokio::task::spawn_blocking(move || {
+            crate::ctl::RelayClient::connect(&path).and_then(|mut c| c.global())
+        })
+        .await?
+        .map_err(|e| tracing::warn!("no relay statistics: {e:#}"))
+        .ok(),
+        None => None,
+    };
+    let mut r = report(&sim);
+    r.relay = global.map(|g| {
+        let forwarded = g.traffic.to_echo.packets + g.traffic.to_asterisk.packets;
+        RelayView {
+            rtt: g.rtt,
+            forward: g.forward,
+            forwarded,
+            measured: g.round_trip.matched,
+            echo_timeouts: g.round_trip.timeouts,
+            drops: g.drops.total(),
+            added_p50_ns: r.rtt.p50_ns.saturating_sub(g.rtt.p50_ns),
+            added_p99_ns: r.rtt.p99_ns.saturating_sub(g.rtt.p99_ns),
+            #[allow(clippy::cast_precision_loss)] // a ratio
+            cpu_ns_per_packet: relay_cpu
+                .filter(|_| forwarded > 0)
+                .map(|c| c as f64 / forwarded as f64),
+        }
+    });
+    Ok(r)
+}
+
+/// CPU time of process `pid` so far, in nanoseconds.
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    relay::cpu_time_ns(std::path::Path::new(&format!("/proc/{pid}/stat")))
 }
 
 /// Stops an externalMedia channel's RTP (keeping the channel), waiting for its last packets, and
@@ -1239,7 +1338,11 @@ fn report(sim: &Sim) -> SimReport {
     let w = sim.world();
     let mut all = LatencyHistogram::<u64>::new(3);
     let mut per_call = Vec::new();
+    let mut setup = LatencyHistogram::<u64>::new(3);
     for (id, rec) in w.calls.values() {
+        if let Some(d) = rec.setup {
+            setup.record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        }
         let f = &rec.figures;
         all.merge(&f.rtt);
         per_call.push(CallReport {
@@ -1278,6 +1381,7 @@ fn report(sim: &Sim) -> SimReport {
         strict_rtp_drops: sum(|c| c.strict_rtp_drops),
         malformed: sum(|c| c.malformed),
         rtt: all.summary(),
+        setup: setup.summary(),
         answer_404_injected: sim.injected_404.load(Ordering::Relaxed),
         injected_failures: sim
             .injected
@@ -1288,6 +1392,7 @@ fn report(sim: &Sim) -> SimReport {
         ws_connections: sim.ws_connections.load(Ordering::Relaxed),
         channels_left: w.channels.len(),
         bridges_left: w.bridges.len(),
+        relay: None,
         per_call,
     }
 }
@@ -1295,14 +1400,26 @@ fn report(sim: &Sim) -> SimReport {
 /// The report as text.
 #[must_use]
 pub fn render(r: &SimReport) -> String {
+    use std::fmt::Write as _;
     let ms = |ns: u64| ns as f64 / 1e6;
-    format!(
-        "sim-asterisk: {} calls, {} answered, {} bridged, {} hung up by the application\n\
-         RTP: sent {} received {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}\n\
-         end-to-end RTT (Asterisk -> relay -> echo -> relay -> Asterisk), {} samples:\n  \
-         p50 {:.3} ms  p95 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms\n\
+    let row = |name: &str, s: &LatencySummary| {
+        format!(
+            "  {name:<28} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}  ({} samples)\n",
+            ms(s.p50_ns),
+            ms(s.p95_ns),
+            ms(s.p99_ns),
+            ms(s.p999_ns),
+            ms(s.max_ns),
+            s.count
+        )
+    };
+    let mut out = format!(
+        "rtp-relay pipeline report (sim-asterisk -> control -> relay -> echo)\n\
+         calls: {} originated, {} answered, {} bridged, {} hung up by control\n\
+         RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}\n\
          faults: {} answers failed with 404, {} WebSocket drops ({} connections), failed on purpose {:?}\n\
-         left over: {} channels, {} bridges",
+         left over: {} channels, {} bridges\n\
+         latency (ms)                      p50      p95      p99    p99.9      max\n",
         r.calls,
         r.answered,
         r.bridged,
@@ -1314,19 +1431,37 @@ pub fn render(r: &SimReport) -> String {
         r.duplicates,
         r.strict_rtp_drops,
         r.malformed,
-        r.rtt.count,
-        ms(r.rtt.p50_ns),
-        ms(r.rtt.p95_ns),
-        ms(r.rtt.p99_ns),
-        ms(r.rtt.p999_ns),
-        ms(r.rtt.max_ns),
         r.answer_404_injected,
         r.ws_drops,
         r.ws_connections,
         r.injected_failures,
         r.channels_left,
         r.bridges_left,
-    )
+    );
+    out.push_str(&row("call set-up (StasisStart..RTP)", &r.setup));
+    out.push_str(&row("end to end (at Asterisk)", &r.rtt));
+    if let Some(v) = &r.relay {
+        out.push_str(&row("relay RTT (T1 - T0)", &v.rtt));
+        let _ = writeln!(
+            out,
+            "  {:<28} {:>8.3} {:>17.3}",
+            "added by the relay",
+            ms(v.added_p50_ns),
+            ms(v.added_p99_ns)
+        );
+        out.push_str(&row("relay forward to echo", &v.forward.to_echo));
+        out.push_str(&row("relay forward to Asterisk", &v.forward.to_asterisk));
+        let _ = write!(
+            out,
+            "relay: forwarded {}, measured {}, echo timeouts {}, drops {}",
+            v.forwarded, v.measured, v.echo_timeouts, v.drops
+        );
+        if let Some(c) = v.cpu_ns_per_packet {
+            let _ = write!(out, ", CPU {c:.0} ns per forwarded packet");
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
