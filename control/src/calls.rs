@@ -335,7 +335,7 @@ impl Controller {
         let id = ChannelId::try_from(call.em.as_str()).map_err(|e| fail(Stage::Relay)(&e))?;
         held.relay = Some(id.clone());
         self.relay
-            .add(&id, port, self.cfg.echo)
+            .add(&id, port, self.cfg.echo, self.cfg.format)
             .await
             .map_err(|e| fail(Stage::Relay)(&e))?;
         Self::check(call)?;
@@ -344,7 +344,7 @@ impl Controller {
         let host = SocketAddr::new(self.cfg.bind_ip, port).to_string();
         let em = self
             .ari
-            .external_media(&call.em, &host, "ulaw")
+            .external_media(&call.em, &host, self.cfg.format.as_str())
             .await
             .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
         let source = em

@@ -1,6 +1,7 @@
 //! Control's configuration, from flags or from the environment variables operators already use
 //! (`ARI_URL`, `ARI_USER`, `ARI_PASS`, `APP_NAME`, `BIND_IP`, `PORT_RANGE`, `ECHO_HOST`,
-//! `ECHO_PORT`, `METRICS_INTERVAL_SEC`, `RELAY_SOCKET`, `CONTROL_METRICS`); `.env.example` at
+//! `ECHO_PORT`, `METRICS_INTERVAL_SEC`, `MEDIA_FORMAT`, `RELAY_SOCKET`, `CONTROL_METRICS`);
+//! `.env.example` at
 //! the repository root documents each one.
 //!
 //! The ARI password is held in a [`Secret`], whose `Debug` and `Display` print `***`, so no log
@@ -100,6 +101,10 @@ pub struct Args {
     /// Echo server port.
     #[arg(long, env = "ECHO_PORT", default_value_t = 4000)]
     pub echo_port: u16,
+    /// Media format of the externalMedia channels (ulaw, alaw, g722, slin, slin16, opus); sets
+    /// the RTP clock the relay measures with.
+    #[arg(long, env = "MEDIA_FORMAT", default_value = "ulaw")]
+    pub format: relay_proto::Format,
     /// Seconds between summary log lines (0: none).
     #[arg(long, env = "METRICS_INTERVAL_SEC", default_value_t = 10)]
     pub metrics_interval_sec: u64,
@@ -142,6 +147,8 @@ pub struct Config {
     pub port_range: RangeInclusive<u16>,
     /// The echo server.
     pub echo: SocketAddr,
+    /// externalMedia format.
+    pub format: relay_proto::Format,
     /// Summary log interval; `None` for none.
     pub summary_interval: Option<Duration>,
     /// The relay's control socket.
@@ -214,6 +221,7 @@ impl TryFrom<Args> for Config {
             bind_ip: a.bind_ip,
             port_range: a.port_range,
             echo: SocketAddr::new(a.echo_host, a.echo_port),
+            format: a.format,
             summary_interval: (a.metrics_interval_sec > 0)
                 .then(|| Duration::from_secs(a.metrics_interval_sec)),
             relay_socket: a.relay_socket,
@@ -261,7 +269,7 @@ mod tests {
             .get_arguments()
             .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
             .collect();
-        assert!(names.len() >= 11, "{names:?}");
+        assert!(names.len() >= 12, "{names:?}");
         for name in names {
             assert!(
                 example.lines().any(|l| l.starts_with(&format!("{name}="))),

@@ -53,6 +53,7 @@ struct Spec {
     port: u16,
     asterisk: Option<SocketAddr>,
     echo: SocketAddr,
+    format: Format,
 }
 
 /// Where a reply goes.
@@ -95,14 +96,20 @@ impl RelayLink {
     ///
     /// # Errors
     /// See [`RelayError`].
-    pub async fn add(&self, id: &ChannelId, port: u16, echo: SocketAddr) -> Result<(), RelayError> {
+    pub async fn add(
+        &self,
+        id: &ChannelId,
+        port: u16,
+        echo: SocketAddr,
+        format: Format,
+    ) -> Result<(), RelayError> {
         match self
             .request(Command::Add(AddChannel {
                 channel: id.clone(),
                 port,
                 asterisk: None,
                 echo: Some(echo),
-                format: Format::Ulaw,
+                format,
             }))
             .await?
         {
@@ -113,6 +120,7 @@ impl RelayLink {
                         port,
                         asterisk: None,
                         echo,
+                        format,
                     },
                 );
                 Ok(())
@@ -381,7 +389,7 @@ async fn resync(
                     port: spec.port,
                     asterisk: spec.asterisk,
                     echo: Some(spec.echo),
-                    format: Format::Ulaw,
+                    format: spec.format,
                 }))
                 .await?
             {

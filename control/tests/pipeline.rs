@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use loadgen::ctl::RelayClient;
 use serde_json::Value;
-use testkit::{fd_count, http_get, start, uring_available, wait_for, Proc};
+use testkit::{fd_count, http_get, start, start_logged, uring_available, wait_for, Log, Proc};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -23,6 +23,7 @@ struct Pipeline {
     relay: Option<Proc>,
     control: Proc,
     control_http: String,
+    control_log: Log,
     sim: Proc,
     sim_url: String,
     sim_json: PathBuf,
@@ -49,6 +50,7 @@ impl Pipeline {
             relay: None,
             control: Proc(std::process::Command::new("true").spawn().unwrap()),
             control_http: String::new(),
+            control_log: Log::default(),
             sim: Proc(std::process::Command::new("true").spawn().unwrap()),
             sim_url: String::new(),
             sim_json,
@@ -84,7 +86,7 @@ impl Pipeline {
         let (lo, hi) = ports.split_once('-').unwrap();
         p.ports = usize::from(hi.parse::<u16>().unwrap() - lo.parse::<u16>().unwrap() + 1);
         let (echo_host, echo_port) = p.echo_addr.rsplit_once(':').unwrap();
-        let (control, http) = start(
+        let (control, http, log) = start_logged(
             "control",
             &[
                 "--ari-url",
@@ -109,6 +111,7 @@ impl Pipeline {
         );
         p.control = control;
         p.control_http = http;
+        p.control_log = log;
         wait_for(
             "control's links up (/healthz 200)",
             Duration::from_secs(10),
@@ -197,6 +200,13 @@ impl Pipeline {
     /// Nothing left anywhere: the simulated Asterisk's channels and bridges, the relay's
     /// channels, control's calls and ports.
     fn assert_clean(&self, report: &Value) {
+        let log = self.control_log.lock().unwrap();
+        assert!(log.len() > 3, "control logged");
+        assert!(
+            log.iter().all(|l| !l.contains(PASS)),
+            "the ARI password appeared in control's log"
+        );
+        drop(log);
         assert_eq!(report["channels_left"], 0, "channels left in Asterisk");
         assert_eq!(report["bridges_left"], 0, "bridges left in Asterisk");
         let mut relay = self.relay();
@@ -589,4 +599,34 @@ fn two_hundred_calls_arriving_together_are_set_up_concurrently() {
         "set-ups queued behind each other: slowest {slowest} s"
     );
     p.assert_clean(&r);
+}
+
+#[test]
+fn stopping_control_tears_every_call_down() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch(
+        "stop",
+        &["--calls", "5", "--ramp", "0s", "--hold", "6s"],
+        "21800-21809",
+    );
+    p.wait_flowing(5, Duration::from_secs(10));
+    let status = p.control.terminate(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "control exits cleanly: {status:?}"
+    );
+    let mut relay = p.relay();
+    wait_for(
+        "the relay to have no channel",
+        Duration::from_secs(1),
+        || relay.list().ok().filter(Vec::is_empty),
+    );
+    let r = p.finish(Duration::from_secs(30));
+    assert_eq!(u(&r["bridged"]), 5, "{}", brief(&r));
+    assert_eq!(u(&r["hung_up_by_app"]), 5, "{}", brief(&r));
+    assert_eq!(r["channels_left"], 0);
+    assert_eq!(r["bridges_left"], 0);
 }

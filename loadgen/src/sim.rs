@@ -1404,7 +1404,7 @@ pub fn render(r: &SimReport) -> String {
     let ms = |ns: u64| ns as f64 / 1e6;
     let row = |name: &str, s: &LatencySummary| {
         format!(
-            "  {name:<28} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}  ({} samples)\n",
+            "  {name:<31} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}  ({} samples)\n",
             ms(s.p50_ns),
             ms(s.p95_ns),
             ms(s.p99_ns),
@@ -1419,7 +1419,7 @@ pub fn render(r: &SimReport) -> String {
          RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}\n\
          faults: {} answers failed with 404, {} WebSocket drops ({} connections), failed on purpose {:?}\n\
          left over: {} channels, {} bridges\n\
-         latency (ms)                      p50      p95      p99    p99.9      max\n",
+         latency (ms){:>30}{:>9}{:>9}{:>9}{:>9}\n",
         r.calls,
         r.answered,
         r.bridged,
@@ -1437,6 +1437,11 @@ pub fn render(r: &SimReport) -> String {
         r.injected_failures,
         r.channels_left,
         r.bridges_left,
+        "p50",
+        "p95",
+        "p99",
+        "p99.9",
+        "max",
     );
     out.push_str(&row("call set-up (StasisStart..RTP)", &r.setup));
     out.push_str(&row("end to end (at Asterisk)", &r.rtt));
@@ -1444,7 +1449,7 @@ pub fn render(r: &SimReport) -> String {
         out.push_str(&row("relay RTT (T1 - T0)", &v.rtt));
         let _ = writeln!(
             out,
-            "  {:<28} {:>8.3} {:>17.3}",
+            "  {:<31} {:>8.3} {:>17.3}",
             "added by the relay",
             ms(v.added_p50_ns),
             ms(v.added_p99_ns)

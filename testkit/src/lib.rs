@@ -52,6 +52,21 @@ pub fn recv(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr
 /// failing test shows the log. Panics after 20 s without the line.
 #[must_use]
 pub fn ready_value(child: &mut Child, name: &str, ready: &str, key: &str) -> String {
+    ready_value_logged(child, name, ready, key, None)
+}
+
+/// Every line a child has logged so far (see [`start_logged`]).
+pub type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`ready_value`], also keeping every line in `log`.
+#[must_use]
+pub fn ready_value_logged(
+    child: &mut Child,
+    name: &str,
+    ready: &str,
+    key: &str,
+    log: Option<Log>,
+) -> String {
     let stderr = child.stderr.take().expect("the child's stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     let (label, wanted, key) = (name.to_owned(), ready.to_owned(), format!("{key}="));
@@ -60,6 +75,11 @@ pub fn ready_value(child: &mut Child, name: &str, ready: &str, key: &str) -> Str
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("[{label}] {line}");
+            if let Some(log) = &log {
+                log.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(line.clone());
+            }
             if line.contains(&wanted) {
                 if let (Some(i), Some(tx)) = (line.find(&key), tx.take()) {
                     let value = line[i + key.len()..]
@@ -135,6 +155,14 @@ impl Drop for Proc {
 /// waits for its log line containing `ready` and returns the value of `key=` on it.
 #[must_use]
 pub fn start(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String) {
+    let (p, v, _) = start_logged(name, args, ready, key);
+    (p, v)
+}
+
+/// [`start`], also returning the child's log as it grows.
+#[must_use]
+pub fn start_logged(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String, Log) {
+    let log = Log::default();
     let mut child = std::process::Command::new(bin(name))
         .args(args)
         .env("RUST_LOG", "info")
@@ -142,8 +170,8 @@ pub fn start(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-    let v = ready_value(&mut child, name, ready, key);
-    (Proc(child), v)
+    let v = ready_value_logged(&mut child, name, ready, key, Some(log.clone()));
+    (Proc(child), v, log)
 }
 
 /// Open file descriptors of process `pid`.
