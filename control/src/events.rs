@@ -44,7 +44,10 @@ pub async fn run(cfg: Config, ctl: Arc<Controller>, metrics: Arc<Metrics>) {
                     match msg {
                         Ok(Message::Text(text)) => match parse_event(&text) {
                             Ok(ev) => ctl.handle_event(ev),
-                            Err(e) => tracing::warn!("unreadable ARI event ({e}): dropped"),
+                            Err(e) => {
+                                metrics.events.with_label_values(&["unreadable"]).inc();
+                                tracing::warn!("unreadable ARI event ({e}): dropped");
+                            }
                         },
                         Ok(Message::Close(_)) | Err(_) => break,
                         Ok(_) => {}

@@ -46,6 +46,15 @@ impl RestError {
     }
 }
 
+/// A DELETE's result: `true` when it deleted, `false` when the object was already gone (404).
+fn gone_is_fine(r: Result<reqwest::Response, RestError>) -> Result<bool, RestError> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if e.status() == Some(StatusCode::NOT_FOUND.as_u16()) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// A bridge as ARI lists it (the fields control reads).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Bridge {
@@ -173,14 +182,10 @@ impl Ari {
     /// # Errors
     /// See [`RestError`].
     pub async fn hangup(&self, channel: &str) -> Result<bool, RestError> {
-        match self
-            .send("hangup", Method::DELETE, &["channels", channel], &[])
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.status() == Some(StatusCode::NOT_FOUND.as_u16()) => Ok(false),
-            Err(e) => Err(e),
-        }
+        gone_is_fine(
+            self.send("hangup", Method::DELETE, &["channels", channel], &[])
+                .await,
+        )
     }
 
     /// `POST /channels/externalMedia`: RTP over UDP to `external_host`, `format`, both
@@ -250,14 +255,10 @@ impl Ari {
     /// # Errors
     /// See [`RestError`].
     pub async fn destroy_bridge(&self, id: &str) -> Result<bool, RestError> {
-        match self
-            .send("destroy_bridge", Method::DELETE, &["bridges", id], &[])
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.status() == Some(StatusCode::NOT_FOUND.as_u16()) => Ok(false),
-            Err(e) => Err(e),
-        }
+        gone_is_fine(
+            self.send("destroy_bridge", Method::DELETE, &["bridges", id], &[])
+                .await,
+        )
     }
 
     /// `GET /channels`.

@@ -57,6 +57,30 @@ impl RelaySide {
         }
     }
 
+    /// Everything from the relay's global statistics: for a relay dedicated to the run, whose
+    /// closed channels' counts are in its totals.
+    #[must_use]
+    pub fn from_global_totals(g: &GlobalStats) -> Self {
+        Self {
+            lost: g.streams.to_asterisk.lost,
+            duplicates: g.streams.to_asterisk.duplicates,
+            reordered: g.streams.to_asterisk.reordered,
+            echo_timeouts: g.round_trip.timeouts,
+            measured: g.round_trip.matched,
+            drops: g.drops.total(),
+            unknown_source_drops: g.drops.get(relay_proto::DropReason::UnknownSource),
+            ..Self::from_global(g)
+        }
+    }
+
+    /// Sets the CPU figures from the relay's CPU time over the run.
+    pub fn set_cpu(&mut self, cpu_ns: Option<u64>) {
+        self.cpu_ns = cpu_ns;
+        self.cpu_ns_per_packet = cpu_ns
+            .filter(|_| self.forwarded > 0)
+            .map(|c| c as f64 / self.forwarded as f64);
+    }
+
     /// Adds one removed channel's final counts.
     pub fn add_channel(&mut self, s: &ChannelStats) {
         self.lost += s.streams.to_asterisk.lost;
@@ -80,6 +104,19 @@ pub struct Added {
     pub p99_ns: u64,
     /// p99.9 difference.
     pub p999_ns: u64,
+}
+
+impl Added {
+    /// `outer - inner`, percentile by percentile.
+    #[must_use]
+    pub const fn between(outer: &LatencySummary, inner: &LatencySummary) -> Self {
+        Self {
+            p50_ns: outer.p50_ns.saturating_sub(inner.p50_ns),
+            p95_ns: outer.p95_ns.saturating_sub(inner.p95_ns),
+            p99_ns: outer.p99_ns.saturating_sub(inner.p99_ns),
+            p999_ns: outer.p999_ns.saturating_sub(inner.p999_ns),
+        }
+    }
 }
 
 /// The report of a run.
@@ -132,10 +169,7 @@ impl Report {
         e2e: &LatencyHistogram<u64>,
         mut relay: RelaySide,
     ) -> Self {
-        relay.cpu_ns_per_packet = relay
-            .cpu_ns
-            .filter(|_| relay.forwarded > 0)
-            .map(|c| c as f64 / relay.forwarded as f64);
+        relay.set_cpu(relay.cpu_ns);
         let sum = |f: fn(&ChanTotals) -> u64| chans.iter().map(f).sum::<u64>();
         let sent = sum(|c| c.sent);
         let received = sum(|c| c.matched);
@@ -160,12 +194,7 @@ impl Report {
             reordered: sum(|c| c.reordered),
             corrupt: sum(|c| c.corrupt),
             wrong_source: sum(|c| c.wrong_source),
-            added_by_relay: Added {
-                p50_ns: e2e.p50_ns.saturating_sub(r.p50_ns),
-                p95_ns: e2e.p95_ns.saturating_sub(r.p95_ns),
-                p99_ns: e2e.p99_ns.saturating_sub(r.p99_ns),
-                p999_ns: e2e.p999_ns.saturating_sub(r.p999_ns),
-            },
+            added_by_relay: Added::between(&e2e, &r),
             e2e_rtt: e2e,
             relay,
         }

@@ -40,7 +40,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use relay_proto::rng::SplitMix64;
 use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc};
-use relay_proto::stats::{LatencyHistogram, LatencySummary, PerDirection};
+use relay_proto::stats::{LatencyHistogram, LatencySummary};
+
+use crate::report::{Added, RelaySide};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::UdpSocket;
@@ -179,34 +181,13 @@ pub struct SimReport {
     pub channels_left: usize,
     /// Bridges still existing when the report was made (should be 0).
     pub bridges_left: usize,
-    /// What the relay measured, with `--relay-ctl`.
-    pub relay: Option<RelayView>,
+    /// What the relay measured (its global statistics), with `--relay-ctl`.
+    pub relay: Option<RelaySide>,
+    /// End to end minus the relay's RTT, percentile by percentile: the two extra hops through
+    /// the relay (an estimate), with `--relay-ctl`.
+    pub added_by_relay: Option<Added>,
     /// Every call.
     pub per_call: Vec<CallReport>,
-}
-
-/// The relay's side of the run (its global statistics, so a relay dedicated to the run).
-#[derive(Clone, Debug, Serialize)]
-pub struct RelayView {
-    /// The echo round trip the relay measured (T1 - T0).
-    pub rtt: LatencySummary,
-    /// Its receive-to-send forwarding time, per direction.
-    pub forward: PerDirection<LatencySummary>,
-    /// Datagrams forwarded, both directions.
-    pub forwarded: u64,
-    /// Round trips measured.
-    pub measured: u64,
-    /// Packets sent to the echo that never came back.
-    pub echo_timeouts: u64,
-    /// Datagrams dropped, all reasons.
-    pub drops: u64,
-    /// End to end minus the relay's RTT, percentile by percentile (p50, p99): the two extra
-    /// hops through the relay, an estimate.
-    pub added_p50_ns: u64,
-    /// See `added_p50_ns`.
-    pub added_p99_ns: u64,
-    /// Relay CPU time (user + system) per forwarded packet over the run, with `--relay-pid`.
-    pub cpu_ns_per_packet: Option<f64>,
 }
 
 /// What a channel is.
@@ -754,46 +735,35 @@ fn router(sim: Arc<Sim>) -> Router {
                 .delete(delete_bridge),
         )
         .route("/ari/bridges/{id}/addChannel", post(add_channel))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&sim),
-            slow_down,
-        ))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&sim), gate))
         .with_state(sim)
 }
 
-/// Holds every REST request for `--latency` (not the events WebSocket).
-async fn slow_down(
+/// In front of every request: authentication (401 without valid credentials), then the
+/// `--latency` hold for REST requests (not the events WebSocket).
+async fn gate(
     State(sim): State<Arc<Sim>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let query = Query::<HashMap<String, String>>::try_from_uri(req.uri())
+        .map(|Query(q)| q)
+        .unwrap_or_default();
+    if !sim.authorised(req.headers(), &query) {
+        return ari_error(StatusCode::UNAUTHORIZED, "Authentication required");
+    }
     if !sim.cfg.latency.is_zero() && req.uri().path() != "/ari/events" {
         tokio::time::sleep(sim.cfg.latency).await;
     }
     next.run(req).await
 }
 
-macro_rules! auth {
-    ($sim:expr, $headers:expr, $q:expr) => {
-        if !$sim.authorised(&$headers, &$q) {
-            return ari_error(StatusCode::UNAUTHORIZED, "Authentication required");
-        }
-    };
-}
-
-async fn info(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
-    auth!(sim, headers, q);
+async fn info() -> Response {
     Json(json!({"system": {"version": "22.0.0-sim", "entity_id": "00:00:00:00:00:01"}}))
         .into_response()
 }
 
-async fn events(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Query(q): Q,
-    ws: WebSocketUpgrade,
-) -> Response {
-    auth!(sim, headers, q);
+async fn events(State(sim): State<Arc<Sim>>, Query(q): Q, ws: WebSocketUpgrade) -> Response {
     let Some(app) = q.get("app").filter(|a| !a.is_empty()).cloned() else {
         return ari_error(StatusCode::BAD_REQUEST, "Missing parameter app");
     };
@@ -840,8 +810,7 @@ async fn serve_events(sim: Arc<Sim>, app: String, mut socket: WebSocket) {
     let _ = socket.send(Message::Close(None)).await;
 }
 
-async fn list_channels(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
-    auth!(sim, headers, q);
+async fn list_channels(State(sim): State<Arc<Sim>>) -> Response {
     let list: Vec<Value> = sim
         .world()
         .channels
@@ -851,21 +820,14 @@ async fn list_channels(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q)
     Json(list).into_response()
 }
 
-async fn get_channel(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Query(q): Q,
-    Path(id): Path<String>,
-) -> Response {
-    auth!(sim, headers, q);
+async fn get_channel(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
     match sim.world().channels.get(&id) {
         Some(c) => Json(c.json()).into_response(),
         None => ari_error(StatusCode::NOT_FOUND, "Channel not found"),
     }
 }
 
-async fn originate(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
-    auth!(sim, headers, q);
+async fn originate(State(sim): State<Arc<Sim>>, Query(q): Q) -> Response {
     if !q.contains_key("endpoint") {
         return ari_error(StatusCode::BAD_REQUEST, "Endpoint must be specified");
     }
@@ -881,13 +843,7 @@ async fn originate(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q)
     }
 }
 
-async fn delete_channel(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Query(q): Q,
-    Path(id): Path<String>,
-) -> Response {
-    auth!(sim, headers, q);
+async fn delete_channel(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
     if sim.hangup(&id, true).await {
         StatusCode::NO_CONTENT.into_response()
     } else {
@@ -895,13 +851,7 @@ async fn delete_channel(
     }
 }
 
-async fn answer(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Query(q): Q,
-    Path(id): Path<String>,
-) -> Response {
-    auth!(sim, headers, q);
+async fn answer(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
     let mut w = sim.world();
     let fraction = sim.cfg.answer_404;
     let roll = w
@@ -930,8 +880,7 @@ async fn answer(
     StatusCode::NO_CONTENT.into_response()
 }
 
-async fn external_media(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
-    auth!(sim, headers, q);
+async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> Response {
     if let Some(r) = sim.inject("external_media") {
         return r;
     }
@@ -1021,19 +970,12 @@ async fn external_media(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q
     Json(v).into_response()
 }
 
-async fn list_bridges(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
-    auth!(sim, headers, q);
+async fn list_bridges(State(sim): State<Arc<Sim>>) -> Response {
     let list: Vec<Value> = sim.world().bridges.values().map(SimBridge::json).collect();
     Json(list).into_response()
 }
 
-async fn get_bridge(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Query(q): Q,
-    Path(id): Path<String>,
-) -> Response {
-    auth!(sim, headers, q);
+async fn get_bridge(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
     match sim.world().bridges.get(&id) {
         Some(b) => Json(b.json()).into_response(),
         None => ari_error(StatusCode::NOT_FOUND, "Bridge not found"),
@@ -1056,8 +998,7 @@ fn make_bridge(sim: &Sim, id: String, q: &HashMap<String, String>) -> Response {
     Json(v).into_response()
 }
 
-async fn create_bridge(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q): Q) -> Response {
-    auth!(sim, headers, q);
+async fn create_bridge(State(sim): State<Arc<Sim>>, Query(q): Q) -> Response {
     if let Some(r) = sim.inject("create_bridge") {
         return r;
     }
@@ -1067,24 +1008,16 @@ async fn create_bridge(State(sim): State<Arc<Sim>>, headers: HeaderMap, Query(q)
 
 async fn create_bridge_with_id(
     State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
     Query(q): Q,
     Path(id): Path<String>,
 ) -> Response {
-    auth!(sim, headers, q);
     if let Some(r) = sim.inject("create_bridge") {
         return r;
     }
     make_bridge(&sim, id, &q)
 }
 
-async fn delete_bridge(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Query(q): Q,
-    Path(id): Path<String>,
-) -> Response {
-    auth!(sim, headers, q);
+async fn delete_bridge(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response {
     let mut w = sim.world();
     let Some(b) = w.bridges.remove(&id) else {
         return ari_error(StatusCode::NOT_FOUND, "Bridge not found");
@@ -1097,13 +1030,7 @@ async fn delete_bridge(
     StatusCode::NO_CONTENT.into_response()
 }
 
-async fn add_channel(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Query(q): Q,
-    Path(id): Path<String>,
-) -> Response {
-    auth!(sim, headers, q);
+async fn add_channel(State(sim): State<Arc<Sim>>, Query(q): Q, Path(id): Path<String>) -> Response {
     if let Some(r) = sim.inject("add_channel") {
         return r;
     }
@@ -1278,22 +1205,11 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         None => None,
     };
     let mut r = report(&sim);
+    r.added_by_relay = global.as_ref().map(|g| Added::between(&r.rtt, &g.rtt));
     r.relay = global.map(|g| {
-        let forwarded = g.traffic.to_echo.packets + g.traffic.to_asterisk.packets;
-        RelayView {
-            rtt: g.rtt,
-            forward: g.forward,
-            forwarded,
-            measured: g.round_trip.matched,
-            echo_timeouts: g.round_trip.timeouts,
-            drops: g.drops.total(),
-            added_p50_ns: r.rtt.p50_ns.saturating_sub(g.rtt.p50_ns),
-            added_p99_ns: r.rtt.p99_ns.saturating_sub(g.rtt.p99_ns),
-            #[allow(clippy::cast_precision_loss)] // a ratio
-            cpu_ns_per_packet: relay_cpu
-                .filter(|_| forwarded > 0)
-                .map(|c| c as f64 / forwarded as f64),
-        }
+        let mut side = RelaySide::from_global_totals(&g);
+        side.set_cpu(relay_cpu);
+        side
     });
     Ok(r)
 }
@@ -1393,6 +1309,7 @@ fn report(sim: &Sim) -> SimReport {
         channels_left: w.channels.len(),
         bridges_left: w.bridges.len(),
         relay: None,
+        added_by_relay: None,
         per_call,
     }
 }
@@ -1445,21 +1362,21 @@ pub fn render(r: &SimReport) -> String {
     );
     out.push_str(&row("call set-up (StasisStart..RTP)", &r.setup));
     out.push_str(&row("end to end (at Asterisk)", &r.rtt));
-    if let Some(v) = &r.relay {
+    if let (Some(v), Some(added)) = (&r.relay, &r.added_by_relay) {
         out.push_str(&row("relay RTT (T1 - T0)", &v.rtt));
         let _ = writeln!(
             out,
             "  {:<31} {:>8.3} {:>17.3}",
             "added by the relay",
-            ms(v.added_p50_ns),
-            ms(v.added_p99_ns)
+            ms(added.p50_ns),
+            ms(added.p99_ns)
         );
         out.push_str(&row("relay forward to echo", &v.forward.to_echo));
         out.push_str(&row("relay forward to Asterisk", &v.forward.to_asterisk));
         let _ = write!(
             out,
-            "relay: forwarded {}, measured {}, echo timeouts {}, drops {}",
-            v.forwarded, v.measured, v.echo_timeouts, v.drops
+            "relay: forwarded {}, measured {}, lost {}, echo timeouts {}, drops {} (unknown source {})",
+            v.forwarded, v.measured, v.lost, v.echo_timeouts, v.drops, v.unknown_source_drops
         );
         if let Some(c) = v.cpu_ns_per_packet {
             let _ = write!(out, ", CPU {c:.0} ns per forwarded packet");
