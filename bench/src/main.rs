@@ -1,14 +1,173 @@
-//! `bench`: the backend comparison binary (`bench compare`), which arrives with the io_uring and
-//! tokio backends. Until then the criterion micro-benchmarks of the core live in `benches/`:
-//! `cargo bench -p bench --bench core`.
-#![forbid(unsafe_code)]
+//! `bench`: measures rtp-relay against what it competes with.
+//!
+//! - `bench compare`: the relay's two backends, a minimal io_uring forwarder and rtpengine, side
+//!   by side in one run (see [`bench::compare`]); prints a table, writes JSON and an SVG chart.
+//! - `bench floor`: that minimal forwarder, run as its own process by `bench compare`.
+//!
+//! The criterion benches are in `benches/`: `cargo bench -p bench --bench core` (the core per
+//! packet) and `--bench backends` (the two backends forwarding the same burst).
 
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use bench::compare::{CompareConfig, Mode, Target};
+use clap::{Parser, Subcommand};
+use relay_proto::time::parse_duration;
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    version,
+    about = "rtp-relay against a floor forwarder and rtpengine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure every target side by side: CPU per packet, enters per packet, loss, added latency.
+    Compare(CompareArgs),
+    /// The minimal io_uring forwarder (started by `bench compare`).
+    Floor(FloorArgs),
+}
+
+/// `bench compare` flags.
+#[derive(Debug, clap::Args)]
+struct CompareArgs {
+    /// Targets, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "uring,tokio,floor,rtpengine"
+    )]
+    targets: Vec<Target>,
+    /// Channel counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,500,1000,2000")]
+    channels: Vec<u32>,
+    /// Measured time per point.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Warm-up per point.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// `paced` (50 packets/s per direction per channel) or `drain` (maximum rate).
+    #[arg(long, value_enum, default_value = "paced")]
+    mode: Mode,
+    /// Drain mode: datagrams queued per socket.
+    #[arg(long, default_value_t = 16)]
+    burst: u32,
+    /// Directory for compare.json and compare.svg.
+    #[arg(long, default_value = "target/bench-compare")]
+    out: PathBuf,
+    /// The forwarder's core (loadgen and the echo take the other).
+    #[arg(long, default_value_t = 1)]
+    core: usize,
+}
+
+/// `bench floor` flags.
+#[derive(Debug, clap::Args)]
+struct FloorArgs {
+    /// Address the sockets bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Socket i binds this port + i.
+    #[arg(long, default_value_t = 30_000)]
+    port_base: u16,
+    /// Sockets.
+    #[arg(long, default_value_t = 100)]
+    channels: u32,
+    /// The echo server.
+    #[arg(long)]
+    echo: SocketAddr,
+    /// Pin to this core.
+    #[arg(long)]
+    core: Option<usize>,
+    /// Provided buffers (a power of two).
+    #[arg(long, default_value_t = 8192)]
+    buffers: u16,
+    /// Stop after this long (default: until killed).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+}
 
 fn main() -> ExitCode {
-    eprintln!(
-        "bench: `bench compare` needs the relay's data-plane backends, which are not built yet; \
-         run the core micro-benchmarks with `cargo bench -p bench --bench core`"
-    );
-    ExitCode::from(2)
+    match Cli::parse().command {
+        Command::Floor(a) => {
+            if a.channels == 0 || !a.buffers.is_power_of_two() {
+                eprintln!(
+                    "bench floor: invalid value for --channels or --buffers (a power of two)"
+                );
+                return ExitCode::from(2);
+            }
+            let cfg = bench::floor::FloorConfig {
+                bind: a.bind,
+                port_base: a.port_base,
+                channels: a.channels,
+                echo: a.echo,
+                core: a.core,
+                buffers: a.buffers,
+                duration: a.duration,
+            };
+            match bench::floor::run(&cfg) {
+                Ok(n) => {
+                    eprintln!("floor: forwarded {n} datagrams");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bench floor: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Compare(a) => {
+            if a.channels.is_empty() || a.channels.contains(&0) || a.targets.is_empty() {
+                eprintln!("bench compare: invalid value for --channels or --targets: at least one, none zero");
+                return ExitCode::from(2);
+            }
+            if a.core > 1
+                && std::thread::available_parallelism().map_or(1, std::num::NonZero::get) <= a.core
+            {
+                eprintln!(
+                    "bench compare: invalid value for --core: this machine has no core {}",
+                    a.core
+                );
+                return ExitCode::from(2);
+            }
+            let cfg = CompareConfig {
+                targets: a.targets,
+                channels: a.channels,
+                duration: a.duration,
+                warmup: a.warmup,
+                mode: a.mode,
+                burst: a.burst,
+                out: a.out,
+                core: a.core,
+            };
+            match bench::compare::run(&cfg) {
+                Ok(r) => {
+                    print!("{}", bench::compare::table(&r));
+                    bench::compare::flush();
+                    eprintln!(
+                        "bench: wrote {}/compare.json{}",
+                        cfg.out.display(),
+                        if cfg.mode == Mode::Paced {
+                            " and compare.svg"
+                        } else {
+                            ""
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bench compare: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
 }

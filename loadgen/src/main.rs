@@ -339,6 +339,16 @@ struct RtpArgs {
     /// The relay's process id: report its CPU time per forwarded packet.
     #[arg(long)]
     relay_pid: Option<u32>,
+    /// Send to these addresses instead of a relay's channels: IP:PORT (all channels), IP:LO-HI
+    /// (channel i to LO + i) or @FILE (one address a line). For other forwarders and baselines.
+    #[arg(long, value_parser = rtp::parse_targets)]
+    to: Option<rtp::Targets>,
+    /// Bind channel i's socket to this port + i (default: any free port).
+    #[arg(long)]
+    local_port_base: Option<u16>,
+    /// Send this long before measuring (latency and relay CPU cover only what follows).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    warmup: Duration,
     /// Fail (exit 1) when the end-to-end p99 exceeds this (e.g. 5ms).
     #[arg(long, value_parser = parse_duration)]
     max_p99: Option<Duration>,
@@ -406,6 +416,9 @@ fn main() -> ExitCode {
         grace: a.grace,
         progress: std::io::stderr().is_terminal(),
         relay_pid: a.relay_pid,
+        targets: a.to.map(|t| t.0),
+        local_port_base: a.local_port_base,
+        warmup: a.warmup,
     };
     let report = match rtp::run(&cfg) {
         Ok(r) => r,

@@ -119,6 +119,15 @@ impl Added {
     }
 }
 
+/// Packets of the measured window (after the warm-up).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Window {
+    /// Sent.
+    pub sent: u64,
+    /// Returned.
+    pub returned: u64,
+}
+
 /// The report of a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -157,6 +166,8 @@ pub struct Report {
     pub relay: RelaySide,
     /// End to end minus relay RTT.
     pub added_by_relay: Added,
+    /// The measured window (after `--warmup`): end-to-end latency and relay CPU cover it.
+    pub window: Window,
 }
 
 impl Report {
@@ -168,8 +179,15 @@ impl Report {
         chans: &[ChanTotals],
         e2e: &LatencyHistogram<u64>,
         mut relay: RelaySide,
+        window: Window,
     ) -> Self {
-        relay.set_cpu(relay.cpu_ns);
+        // Per packet crossing the forwarder (both directions) in the measured window: the same
+        // for the relay and for a static target that keeps no count.
+        let crossings = window.sent + window.returned;
+        relay.cpu_ns_per_packet = relay
+            .cpu_ns
+            .filter(|_| crossings > 0)
+            .map(|c| c as f64 / crossings as f64);
         let sum = |f: fn(&ChanTotals) -> u64| chans.iter().map(f).sum::<u64>();
         let sent = sum(|c| c.sent);
         let received = sum(|c| c.matched);
@@ -197,6 +215,7 @@ impl Report {
             added_by_relay: Added::between(&e2e, &r),
             e2e_rtt: e2e,
             relay,
+            window,
         }
     }
 
@@ -299,7 +318,7 @@ impl fmt::Display for Report {
                 f,
                 "  relay CPU: {:.3} s for {} packets forwarded = {:.0} ns per packet",
                 self.relay.cpu_ns.unwrap_or(0) as f64 / 1e9,
-                self.relay.forwarded,
+                self.window.sent + self.window.returned,
                 c
             ),
             None => writeln!(f, "  relay CPU: not measured (give --relay-pid)"),

@@ -63,6 +63,56 @@ pub struct RtpConfig {
     pub progress: bool,
     /// The relay's process, to measure its CPU time over the run.
     pub relay_pid: Option<u32>,
+    /// Send to these addresses instead of adding channels to a relay (another forwarder, or the
+    /// echo itself for a baseline): channel i uses entry `i % len`. Returns must come from there.
+    pub targets: Option<Vec<SocketAddr>>,
+    /// Bind channel i's socket to this port + i (default: any port).
+    pub local_port_base: Option<u16>,
+    /// Send this long before measuring: latency, CPU and the window counts start after it.
+    pub warmup: Duration,
+}
+
+/// Parses a target list: `IP:PORT` (every channel to one address), `IP:LO-HI` (channel i to
+/// port LO + i), or `@FILE` (one address a line).
+///
+/// # Errors
+/// The text is none of those, or the file cannot be read.
+pub fn parse_targets(s: &str) -> Result<Targets, String> {
+    parse_target_list(s).map(Targets)
+}
+
+/// A list of target addresses (see [`parse_targets`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Targets(pub Vec<SocketAddr>);
+
+fn parse_target_list(s: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Some(path) = s.strip_prefix('@') {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        return text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                l.trim()
+                    .parse()
+                    .map_err(|_| format!("{path}: {l:?} is not IP:PORT"))
+            })
+            .collect();
+    }
+    let (ip, ports) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not IP:PORT, IP:LO-HI or @FILE"))?;
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} is not an IP address"))?;
+    let port = |p: &str| p.parse::<u16>().map_err(|_| format!("{p:?} is not a port"));
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => (port(ports)?, port(ports)?),
+    };
+    if lo == 0 || lo > hi {
+        return Err(format!("{ports:?} is not a port range"));
+    }
+    Ok((lo..=hi).map(|p| SocketAddr::new(ip, p)).collect())
 }
 
 const RECV: u64 = 1 << 56;
@@ -116,8 +166,13 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         }
     }
     let sockets: Vec<UdpSocket> = (0..n)
-        .map(|_| {
-            relay::dataplane::bind_channel_socket(cfg.bind, 0, 1 << 20).map_err(|e| {
+        .map(|i| {
+            let port = match cfg.local_port_base {
+                Some(base) => u16::try_from(usize::from(base) + i)
+                    .map_err(|_| anyhow!("--local-port-base + --channels passes 65535"))?,
+                None => 0,
+            };
+            relay::dataplane::bind_channel_socket(cfg.bind, port, 1 << 20).map_err(|e| {
                 anyhow!(
                     "binding a channel socket on --bind {}: {}",
                     cfg.bind,
@@ -158,13 +213,28 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         .map(|i| format!("lg{}-{i}", std::process::id()))
         .collect();
 
+    // Static targets: nothing to add.
+    if let Some(targets) = &cfg.targets {
+        if targets.is_empty() {
+            return Err(anyhow!("--to names no address"));
+        }
+        for (i, c) in chans.iter_mut().enumerate() {
+            c.relay = targets.get(i % targets.len()).copied();
+        }
+    }
     // Channels are added at the ramp rate by a helper thread, on a connection made here so that
     // an unreachable relay fails the run at once.
-    let mut ctl = RelayClient::connect(&cfg.relay_ctl)?;
+    let mut ctl = match cfg.targets {
+        Some(_) => None,
+        None => Some(RelayClient::connect(&cfg.relay_ctl)?),
+    };
     let (added_tx, added_rx) = mpsc::channel::<anyhow::Result<(usize, u16)>>();
     let helper = {
         let (cfg, names, locals) = (cfg.clone(), names.clone(), locals.clone());
-        std::thread::spawn(move || -> anyhow::Result<RelayClient> {
+        std::thread::spawn(move || -> anyhow::Result<Option<RelayClient>> {
+            let Some(mut ctl) = ctl.take() else {
+                return Ok(None);
+            };
             let start = Instant::now();
             for (i, (name, local)) in names.iter().zip(&locals).enumerate() {
                 if cfg.ramp > 0.0 {
@@ -178,17 +248,20 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
                     break;
                 }
             }
-            Ok(ctl)
+            Ok(Some(ctl))
         })
     };
 
     let clock = Instant::now();
-    let relay_cpu_start = cfg.relay_pid.and_then(process_cpu_ns);
+    let mut relay_cpu_start = cfg.relay_pid.and_then(process_cpu_ns);
+    let warmup_end = duration_nanos(cfg.warmup);
+    let mut warm = cfg.warmup.is_zero();
+    let mut window_start = (0u64, 0u64);
     let now_ns = || duration_nanos(clock.elapsed());
     let ptime_ns = duration_nanos(cfg.ptime).max(1);
     let ticks_per_packet =
         u32::try_from(duration_nanos(cfg.ptime) * 8_000 / 1_000_000_000).unwrap_or(160);
-    let send_end = duration_nanos(cfg.duration);
+    let send_end = duration_nanos(cfg.warmup + cfg.duration);
     let stop_at = send_end + duration_nanos(cfg.grace);
     let slot_time = |g: u64| g / n as u64 * ptime_ns + (g % n as u64) * ptime_ns / n as u64;
     let mut g: u64 = 0;
@@ -217,6 +290,19 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         }
         if let Some(e) = add_error.take() {
             return Err(e.context("adding a channel to the relay"));
+        }
+        if cfg.targets.is_some() {
+            added = n;
+        }
+        if !warm && now >= warmup_end {
+            // The measured window starts: latency from here, CPU from here, counts from here.
+            warm = true;
+            e2e = LatencyHistogram::new(3);
+            relay_cpu_start = cfg.relay_pid.and_then(process_cpu_ns);
+            window_start = (
+                chans.iter().map(|c| c.sent).sum(),
+                chans.iter().map(|c| c.matched).sum(),
+            );
         }
         if helper_done && added < n {
             return Err(anyhow!(
@@ -302,24 +388,32 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         .and_then(process_cpu_ns)
         .zip(relay_cpu_start)
         .map(|(end, start)| end.saturating_sub(start));
-    let mut ctl = helper
+    let ctl = helper
         .join()
         .map_err(|_| anyhow!("the control thread panicked"))??;
-    let global = ctl.global()?;
-    let mut relay_side = RelaySide::from_global(&global);
-    relay_side.cpu_ns = relay_cpu;
-    for (c, name) in chans.iter().zip(&names) {
-        if c.relay.is_some() {
-            let s = ctl.remove(name)?;
-            relay_side.add_channel(&s);
+    let mut relay_side = RelaySide::default();
+    if let Some(mut ctl) = ctl {
+        let global = ctl.global()?;
+        relay_side = RelaySide::from_global(&global);
+        for (c, name) in chans.iter().zip(&names) {
+            if c.relay.is_some() {
+                let s = ctl.remove(name)?;
+                relay_side.add_channel(&s);
+            }
         }
     }
+    relay_side.cpu_ns = relay_cpu;
+    let window = crate::report::Window {
+        sent: chans.iter().map(|c| c.sent).sum::<u64>() - window_start.0,
+        returned: chans.iter().map(|c| c.matched).sum::<u64>() - window_start.1,
+    };
     Ok(Report::build(
         cfg,
         added,
         &chans.iter().map(ChanTotals::from).collect::<Vec<_>>(),
         &e2e,
         relay_side,
+        window,
     ))
 }
 

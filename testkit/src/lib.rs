@@ -67,6 +67,21 @@ pub fn ready_value_logged(
     key: &str,
     log: Option<Log>,
 ) -> String {
+    try_ready_value(child, name, ready, key, log).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`ready_value_logged`], returning an error instead of panicking (for binaries, whose
+/// release profile aborts on panic and would leave children running).
+///
+/// # Errors
+/// The line did not come within 20 s.
+pub fn try_ready_value(
+    child: &mut Child,
+    name: &str,
+    ready: &str,
+    key: &str,
+    log: Option<Log>,
+) -> Result<String, String> {
     let stderr = child.stderr.take().expect("the child's stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     let (label, wanted, key) = (name.to_owned(), ready.to_owned(), format!("{key}="));
@@ -92,24 +107,25 @@ pub fn ready_value_logged(
         }
     });
     rx.recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("{missing}"))
+        .map_err(|_| missing)
 }
 
-/// A binary of this workspace, next to the running test's own directory (`target/<profile>`);
+/// A binary of this workspace, in the running test's (or binary's) `target/<profile>`;
 /// built with `cargo build -p <name>` if a narrower `cargo test` did not build it.
 #[must_use]
 pub fn bin(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/<test> -> target/<profile>
-    let dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("the test binary lives in target/<profile>/deps");
+    let exe = std::env::current_exe().expect("the running binary's path");
+    // A test runs from target/<profile>/deps/, a binary (bench) from target/<profile>/.
+    let mut dir = exe.parent().expect("the binary has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps has a parent");
+    }
     let path = dir.join(name);
     if !path.exists() {
         let status =
             std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
                 .args(["build", "-p", name])
+                .args(dir.ends_with("release").then_some("--release"))
                 .status()
                 .expect("cargo runs");
         assert!(status.success(), "building {name}");
@@ -157,6 +173,32 @@ impl Drop for Proc {
 pub fn start(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String) {
     let (p, v, _) = start_logged(name, args, ready, key);
     (p, v)
+}
+
+/// [`start`], returning an error instead of panicking (the child is killed).
+///
+/// # Errors
+/// The binary cannot be started or did not log its ready line within 20 s.
+pub fn try_start(
+    name: &str,
+    args: &[&str],
+    ready: &str,
+    key: &str,
+) -> Result<(Proc, String), String> {
+    let mut child = std::process::Command::new(bin(name))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
+    match try_ready_value(&mut child, name, ready, key, None) {
+        Ok(v) => Ok((Proc(child), v)),
+        Err(e) => {
+            drop(Proc(child));
+            Err(e)
+        }
+    }
 }
 
 /// [`start`], also returning the child's log as it grows.

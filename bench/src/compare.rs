@@ -1,0 +1,669 @@
+//! `bench compare`: what users care about, for each forwarder side by side in one run.
+//!
+//! For each channel count, first a baseline (loadgen straight to the echo, no forwarder), then
+//! each target in turn, alone on the forwarder core: `uring` and `tokio` (this project's relay),
+//! `floor` (`bench floor`, the minimal io_uring forwarder) and `rtpengine` (the Debian daemon in
+//! userspace mode, set up over its ng protocol). loadgen and the echo share the other core.
+//! loadgen plays N channels at 50 packets/s each way, warms up, then measures for `--duration`:
+//! - CPU per forwarded packet: the forwarder process's user + system time over the window divided
+//!   by the packets that crossed it (both directions);
+//! - `io_uring_enter` calls per packet where the forwarder counts them (the relay's wake-ups);
+//! - packets lost (sent and never returned);
+//! - latency added: loadgen's end-to-end round trip through the forwarder minus the baseline's,
+//!   percentile by percentile (p50, p99, max).
+//!
+//! `--mode drain` instead measures the maximum forwarding rate: every socket gets a burst queued
+//! while the forwarder is stopped (SIGSTOP); it is resumed and timed until the last echo is back.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use serde::Serialize;
+use serde_json::Value;
+use testkit::Proc;
+
+/// A forwarder to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The relay, io_uring backend.
+    Uring,
+    /// The relay, tokio backend.
+    Tokio,
+    /// The minimal io_uring forwarder (`bench floor`).
+    Floor,
+    /// rtpengine in userspace mode.
+    Rtpengine,
+}
+
+impl Target {
+    /// Its name.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Uring => "uring",
+            Self::Tokio => "tokio",
+            Self::Floor => "floor",
+            Self::Rtpengine => "rtpengine",
+        }
+    }
+}
+
+/// What is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Paced load: 50 packets/s per direction per channel.
+    Paced,
+    /// Maximum rate: queued bursts drained.
+    Drain,
+}
+
+/// `bench compare` settings.
+#[derive(Clone, Debug)]
+pub struct CompareConfig {
+    /// Targets, in order.
+    pub targets: Vec<Target>,
+    /// Channel counts.
+    pub channels: Vec<u32>,
+    /// Measured time per point.
+    pub duration: Duration,
+    /// Warm-up per point.
+    pub warmup: Duration,
+    /// Paced or drain.
+    pub mode: Mode,
+    /// Datagrams queued per socket in drain mode.
+    pub burst: u32,
+    /// Where the JSON and the chart go.
+    pub out: PathBuf,
+    /// The forwarder's core; loadgen and the echo take the other one.
+    pub core: usize,
+}
+
+/// One measured point.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Point {
+    /// Target name.
+    pub target: String,
+    /// Channels.
+    pub channels: u32,
+    /// Packets that crossed the forwarder in the window (both directions).
+    pub packets: u64,
+    /// Forwarder CPU time over the window, nanoseconds.
+    pub cpu_ns: u64,
+    /// `cpu_ns / packets`.
+    pub cpu_ns_per_packet: f64,
+    /// io_uring_enter calls (or wake-ups) per packet, where counted.
+    pub enters_per_packet: Option<f64>,
+    /// Packets sent and not returned (whole run).
+    pub lost: u64,
+    /// End-to-end p50 minus the baseline's, microseconds.
+    pub added_p50_us: f64,
+    /// End-to-end p99 minus the baseline's, microseconds.
+    pub added_p99_us: f64,
+    /// End-to-end max minus the baseline's, microseconds.
+    pub added_max_us: f64,
+    /// Drain mode: packets per second forwarded.
+    pub drain_pps: Option<f64>,
+    /// Why the point is missing, if it is.
+    pub skipped: Option<String>,
+}
+
+/// The whole result.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    /// The mode.
+    pub mode: Mode,
+    /// Measured seconds per point.
+    pub duration_s: f64,
+    /// Machine description.
+    pub machine: String,
+    /// Every point.
+    pub points: Vec<Point>,
+}
+
+const FLOOR_BASE: u16 = 30_000;
+const RTPENGINE_LOCAL_BASE: u16 = 40_000;
+const RTPENGINE_NG: &str = "127.0.0.1:22222";
+
+/// Starts a workspace binary and waits for its ready line; an error (never a panic: the release
+/// profile aborts, which would leave the children running).
+fn start(name: &str, args: &[&str], ready: &str, key: &str) -> anyhow::Result<(Proc, String)> {
+    testkit::try_start(name, args, ready, key).map_err(|e| anyhow!(e))
+}
+
+fn other_core(core: usize) -> usize {
+    usize::from(core == 0)
+}
+
+/// Runs the comparison; prints the table, writes `compare.json` and `compare.svg` in `out`.
+///
+/// # Errors
+/// A process could not be started or a run failed.
+pub fn run(cfg: &CompareConfig) -> anyhow::Result<Results> {
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("cannot create {}", cfg.out.display()))?;
+    let mut points = Vec::new();
+    for &n in &cfg.channels {
+        let baseline = match cfg.mode {
+            Mode::Paced => Some(paced(cfg, None, n).context("baseline run")?),
+            Mode::Drain => None,
+        };
+        for &t in &cfg.targets {
+            eprintln!("bench: {} with {n} channels", t.name());
+            let p = match cfg.mode {
+                Mode::Paced => paced(cfg, Some(t), n),
+                Mode::Drain => drain(cfg, t, n),
+            };
+            let mut p = match p {
+                Ok(p) => p,
+                Err(e) if t == Target::Rtpengine && !rtpengine_installed() => Point {
+                    skipped: Some(format!(
+                        "rtpengine is not installed ({e}); scripts/bench.sh installs it"
+                    )),
+                    ..Point::default()
+                },
+                Err(e) => return Err(e.context(format!("{} with {n} channels", t.name()))),
+            };
+            p.target = t.name().into();
+            p.channels = n;
+            if let (Some(b), None) = (&baseline, &p.skipped) {
+                p.added_p50_us -= b.added_p50_us;
+                p.added_p99_us -= b.added_p99_us;
+                p.added_max_us -= b.added_max_us;
+            }
+            points.push(p);
+        }
+    }
+    let results = Results {
+        mode: cfg.mode,
+        duration_s: cfg.duration.as_secs_f64(),
+        machine: machine(),
+        points,
+    };
+    std::fs::write(
+        cfg.out.join("compare.json"),
+        serde_json::to_string_pretty(&results)? + "\n",
+    )?;
+    if cfg.mode == Mode::Paced {
+        crate::chart::draw(&results, &cfg.out.join("compare.svg"))?;
+    }
+    Ok(results)
+}
+
+fn rtpengine_installed() -> bool {
+    std::process::Command::new("rtpengine")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpu}, {} cores, Linux {}",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        kernel.trim()
+    )
+}
+
+/// A forwarder running, and how loadgen reaches it.
+struct Running {
+    /// Killed (and reaped) when the point is done.
+    _procs: Vec<Proc>,
+    pid: u32,
+    loadgen_args: Vec<String>,
+    metrics: Option<String>,
+}
+
+fn start_echo(cfg: &CompareConfig) -> anyhow::Result<(Proc, String)> {
+    start(
+        "echo",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--core",
+            &other_core(cfg.core).to_string(),
+        ],
+        "echo ready",
+        "listen",
+    )
+}
+
+fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::Result<Running> {
+    let core = cfg.core.to_string();
+    Ok(match t {
+        Target::Uring | Target::Tokio => {
+            let ctl = std::env::temp_dir().join(format!(
+                "bench-{}-{}.sock",
+                std::process::id(),
+                t.name()
+            ));
+            let ctl_s = ctl.to_string_lossy().into_owned();
+            let (p, metrics) = start(
+                "relay",
+                &[
+                    "--backend",
+                    t.name(),
+                    "--ctl",
+                    &ctl_s,
+                    "--metrics",
+                    "127.0.0.1:0",
+                    "--echo",
+                    echo,
+                    "--core",
+                    &core,
+                    "--max-channels",
+                    &n.max(16).to_string(),
+                ],
+                "relay ready",
+                "metrics",
+            )?;
+            Running {
+                pid: p.pid(),
+                _procs: vec![p],
+                loadgen_args: vec!["--relay-ctl".into(), ctl_s],
+                metrics: Some(metrics),
+            }
+        }
+        Target::Floor => {
+            let (p, _) = start(
+                "bench",
+                &[
+                    "floor",
+                    "--port-base",
+                    &FLOOR_BASE.to_string(),
+                    "--channels",
+                    &n.to_string(),
+                    "--echo",
+                    echo,
+                    "--core",
+                    &core,
+                ],
+                "floor ready",
+                "ports",
+            )?;
+            Running {
+                pid: p.pid(),
+                _procs: vec![p],
+                loadgen_args: vec![
+                    "--to".into(),
+                    format!("127.0.0.1:{FLOOR_BASE}-{}", u32::from(FLOOR_BASE) + n - 1),
+                ],
+                metrics: None,
+            }
+        }
+        Target::Rtpengine => {
+            if !rtpengine_installed() {
+                bail!("no rtpengine binary");
+            }
+            if UdpSocket::bind(RTPENGINE_NG).is_err() {
+                bail!("{RTPENGINE_NG} is taken: is another rtpengine running?");
+            }
+            let child = std::process::Command::new("taskset")
+                .args([
+                    "-c",
+                    &core,
+                    "rtpengine",
+                    "--config-file=none",
+                    "-f",
+                    "-E",
+                    "-L",
+                    "4",
+                ])
+                .args([
+                    "-t",
+                    "-1",
+                    "-i",
+                    "127.0.0.1",
+                    "-n",
+                    RTPENGINE_NG,
+                    "-m",
+                    "50000",
+                    "-M",
+                    "59999",
+                ])
+                .args(["--num-threads", "1", "--delete-delay", "0"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting rtpengine")?;
+            let p = Proc(child);
+            let ng_addr: SocketAddr = RTPENGINE_NG.parse()?;
+            let mut ng = crate::ng::NgClient::new(ng_addr)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Err(e) = ng.call("ping", vec![]) {
+                if Instant::now() > deadline {
+                    return Err(e.context("rtpengine did not answer ping within 10 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let echo: SocketAddr = echo.parse()?;
+            let mut lines = String::new();
+            for i in 0..n as usize {
+                let local = SocketAddr::new(
+                    "127.0.0.1".parse()?,
+                    u16::try_from(usize::from(RTPENGINE_LOCAL_BASE) + i)?,
+                );
+                let to = crate::ng::setup_call(&mut ng, i, local, echo)?;
+                lines.push_str(&format!("{to}\n"));
+            }
+            let file = std::env::temp_dir()
+                .join(format!("bench-{}-rtpengine.targets", std::process::id()));
+            std::fs::write(&file, lines)?;
+            Running {
+                pid: p.pid(),
+                _procs: vec![p],
+                loadgen_args: vec![
+                    "--to".into(),
+                    format!("@{}", file.display()),
+                    "--local-port-base".into(),
+                    RTPENGINE_LOCAL_BASE.to_string(),
+                ],
+                metrics: None,
+            }
+        }
+    })
+}
+
+/// The relay's wake-up counter (one `io_uring_enter` each), from its `/metrics`.
+fn wakeups(metrics_url: &str) -> Option<f64> {
+    let addr = metrics_url
+        .strip_prefix("http://")?
+        .split('/')
+        .next()?
+        .to_owned();
+    let (_, body) = testkit::http_get(&addr, "/metrics").ok()?;
+    body.lines().find_map(|l| {
+        l.strip_prefix("rtprelay_batch_size_count ")
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+fn paced(cfg: &CompareConfig, t: Option<Target>, n: u32) -> anyhow::Result<Point> {
+    let (_echo, echo_addr) = start_echo(cfg)?;
+    let running = match t {
+        Some(t) => Some(start_target(cfg, t, n, &echo_addr)?),
+        None => None,
+    };
+    let mut args: Vec<String> = vec![
+        "rtp".into(),
+        "--channels".into(),
+        n.to_string(),
+        "--duration".into(),
+        format!("{}ms", cfg.duration.as_millis()),
+        "--warmup".into(),
+        format!("{}ms", cfg.warmup.as_millis()),
+        "--ramp".into(),
+        "0".into(),
+        "--core".into(),
+        other_core(cfg.core).to_string(),
+        "--json".into(),
+        "-".into(),
+    ];
+    match &running {
+        Some(r) => {
+            args.extend(r.loadgen_args.iter().cloned());
+            args.extend(["--relay-pid".into(), r.pid.to_string()]);
+        }
+        None => args.extend(["--to".into(), echo_addr.clone()]),
+    }
+    let before = running
+        .as_ref()
+        .and_then(|r| r.metrics.as_deref())
+        .and_then(wakeups);
+    let out = std::process::Command::new(testkit::bin("loadgen"))
+        .args(&args)
+        .output()
+        .context("running loadgen")?;
+    let after = running
+        .as_ref()
+        .and_then(|r| r.metrics.as_deref())
+        .and_then(wakeups);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "loadgen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+        );
+    }
+    let json = &stdout[stdout.find("\n{").map_or(0, |i| i + 1)..];
+    let r: Value = serde_json::from_str(json).context("loadgen's JSON report")?;
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    let packets = u(&r["window"]["sent"]) + u(&r["window"]["returned"]);
+    let cpu_ns = u(&r["relay"]["cpu_ns"]);
+    let us = |v: &Value| u(v) as f64 / 1e3;
+    let total_packets = u(&r["packets_sent"]) + u(&r["packets_received"]);
+    drop(running);
+    Ok(Point {
+        packets,
+        cpu_ns,
+        #[allow(clippy::cast_precision_loss)] // a ratio
+        cpu_ns_per_packet: if packets == 0 { 0.0 } else { cpu_ns as f64 / packets as f64 },
+        enters_per_packet: before
+            .zip(after)
+            .filter(|_| total_packets > 0)
+            .map(|(b, a)| (a - b) / total_packets as f64),
+        lost: u(&r["lost"]),
+        added_p50_us: us(&r["e2e_rtt"]["p50_ns"]),
+        added_p99_us: us(&r["e2e_rtt"]["p99_ns"]),
+        added_max_us: us(&r["e2e_rtt"]["max_ns"]),
+        ..Point::default()
+    })
+}
+
+/// Drain: `burst` datagrams queued on each of `n` sockets while the forwarder is stopped, then
+/// timed from SIGCONT until every echo is back (or 10 s).
+fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
+    let (_echo, echo_addr) = start_echo(cfg)?;
+    let running = start_target(cfg, t, n, &echo_addr)?;
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|i| {
+            let port = if t == Target::Rtpengine {
+                u16::try_from(u32::from(RTPENGINE_LOCAL_BASE) + i)?
+            } else {
+                0
+            };
+            let s = relay::dataplane::bind_channel_socket("127.0.0.1".parse()?, port, 8 << 20)
+                .map_err(|e| anyhow!("{}", e.message))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let targets = drain_targets(&running, &sockets, t)?;
+    // Let the forwarder learn each socket (latching) with one round trip first.
+    send_burst(&sockets, &targets, 1)?;
+    let mut got = 0u64;
+    wait_back(&sockets, u64::from(n), &mut got, Duration::from_secs(5))?;
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &running.pid.to_string()])
+        .status();
+    send_burst(&sockets, &targets, cfg.burst)?;
+    let cpu0 = relay::cpu_time_ns(Path::new(&format!("/proc/{}/stat", running.pid))).unwrap_or(0);
+    let start = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &running.pid.to_string()])
+        .status();
+    let mut back = 0u64;
+    let want = u64::from(n) * u64::from(cfg.burst);
+    wait_back(&sockets, want, &mut back, Duration::from_secs(10))?;
+    let took = start.elapsed();
+    let cpu =
+        relay::cpu_time_ns(Path::new(&format!("/proc/{}/stat", running.pid))).unwrap_or(0) - cpu0;
+    drop(running);
+    #[allow(clippy::cast_precision_loss)] // rates
+    Ok(Point {
+        packets: back * 2,
+        cpu_ns: cpu,
+        cpu_ns_per_packet: if back == 0 {
+            0.0
+        } else {
+            cpu as f64 / (back * 2) as f64
+        },
+        lost: want - back.min(want),
+        drain_pps: Some(back as f64 * 2.0 / took.as_secs_f64()),
+        ..Point::default()
+    })
+}
+
+fn drain_targets(r: &Running, sockets: &[UdpSocket], t: Target) -> anyhow::Result<Vec<SocketAddr>> {
+    match t {
+        Target::Uring | Target::Tokio => {
+            let ctl = PathBuf::from(&r.loadgen_args[1]);
+            let mut c = loadgen::ctl::RelayClient::connect(&ctl)?;
+            sockets
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let port = c.add(&format!("drain-{i}"), 0, s.local_addr()?, None)?;
+                    Ok(SocketAddr::new("127.0.0.1".parse()?, port))
+                })
+                .collect()
+        }
+        Target::Floor | Target::Rtpengine => {
+            let spec = &r.loadgen_args[1];
+            let list = loadgen::rtp::parse_targets(spec).map_err(|e| anyhow!(e))?.0;
+            Ok((0..sockets.len()).map(|i| list[i % list.len()]).collect())
+        }
+    }
+}
+
+fn send_burst(sockets: &[UdpSocket], targets: &[SocketAddr], burst: u32) -> anyhow::Result<()> {
+    let mut pkt = [0u8; 172];
+    for k in 0..burst {
+        for (i, (s, to)) in sockets.iter().zip(targets).enumerate() {
+            #[allow(clippy::cast_possible_truncation)] // sequence numbers wrap
+            relay_proto::RtpHeader {
+                marker: false,
+                payload_type: 0,
+                sequence: k as u16,
+                timestamp: k.wrapping_mul(160),
+                ssrc: relay_proto::Ssrc(i as u32 + 1),
+            }
+            .write(&mut pkt);
+            loop {
+                match s.send_to(&pkt, to) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::yield_now();
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wait_back(
+    sockets: &[UdpSocket],
+    want: u64,
+    got: &mut u64,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let end = Instant::now() + limit;
+    let mut buf = [0u8; 2048];
+    while *got < want && Instant::now() < end {
+        let mut any = false;
+        for s in sockets {
+            while s.recv_from(&mut buf).is_ok() {
+                *got += 1;
+                any = true;
+            }
+        }
+        if !any {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(())
+}
+
+/// The table: one block per channel count, ratios against `uring`.
+#[must_use]
+pub fn table(r: &Results) -> String {
+    let mut out = String::new();
+    let mut by_n: BTreeMap<u32, Vec<&Point>> = BTreeMap::new();
+    for p in &r.points {
+        by_n.entry(p.channels).or_default().push(p);
+    }
+    let _ = writeln!(
+        out,
+        "machine: {}; {:?} mode, {:.0} s measured per point",
+        r.machine, r.mode, r.duration_s
+    );
+    for (n, ps) in by_n {
+        let uring = ps
+            .iter()
+            .find(|p| p.target == "uring")
+            .map(|p| p.cpu_ns_per_packet);
+        let _ = writeln!(
+            out,
+            "\n{n} channels ({} packets/s through the forwarder)",
+            u64::from(n) * 100
+        );
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>12} {:>10} {:>12} {:>8} {:>12} {:>12} {:>12} {:>12}",
+            "target",
+            "CPU ns/pkt",
+            "vs uring",
+            "enters/pkt",
+            "lost",
+            "added p50 µs",
+            "added p99 µs",
+            "added max µs",
+            "drain pps"
+        );
+        for p in ps {
+            if let Some(why) = &p.skipped {
+                let _ = writeln!(out, "  {:<10} skipped: {why}", p.target);
+                continue;
+            }
+            let ratio = uring.filter(|u| *u > 0.0).map_or_else(
+                || "-".into(),
+                |u| format!("{:.2}x", p.cpu_ns_per_packet / u),
+            );
+            let opt = |v: Option<f64>, prec: usize| {
+                v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"))
+            };
+            let _ = writeln!(
+                out,
+                "  {:<10} {:>12.0} {:>10} {:>12} {:>8} {:>12.1} {:>12.1} {:>12.1} {:>12}",
+                p.target,
+                p.cpu_ns_per_packet,
+                ratio,
+                opt(p.enters_per_packet, 3),
+                p.lost,
+                p.added_p50_us,
+                p.added_p99_us,
+                p.added_max_us,
+                opt(p.drain_pps, 0),
+            );
+        }
+    }
+    out
+}
+
+/// Flushes standard output (the table is printed before the chart is drawn).
+pub fn flush() {
+    let _ = std::io::stdout().flush();
+}

@@ -1,0 +1,128 @@
+//! `bench floor`: the least a forwarder can do on io_uring, kept to show what the relay's
+//! measurement costs. The same batching as the relay's data plane (one multishot RecvMsg per
+//! fixed-file socket on a shared provided-buffer ring, a zero-copy SendMsg from the receive
+//! buffer, buffers recycled on send completion, one `io_uring_enter` per batch), and nothing
+//! else: no parsing, no T0 table, no statistics, no control socket. Each socket forwards datagrams
+//! from the echo to the last other source it saw (latched), and anything else to the echo.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use relay::ring::Ring;
+
+const RECV: u64 = 1 << 32;
+const SEND: u64 = 2 << 32;
+const KIND: u64 = 0xffff_ffff << 32;
+
+/// `bench floor` settings.
+#[derive(Clone, Debug)]
+pub struct FloorConfig {
+    /// Address the sockets bind.
+    pub bind: IpAddr,
+    /// First port; socket i binds `port_base + i`.
+    pub port_base: u16,
+    /// Sockets.
+    pub channels: u32,
+    /// The echo server.
+    pub echo: SocketAddr,
+    /// Pin to this core.
+    pub core: Option<usize>,
+    /// Provided buffers.
+    pub buffers: u16,
+    /// Stop after this long (`None`: until killed).
+    pub duration: Option<Duration>,
+}
+
+/// Runs the forwarder; returns the datagrams forwarded.
+///
+/// # Errors
+/// A socket cannot be bound or the ring cannot be set up.
+pub fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
+    if let Some(core) = cfg.core {
+        if !relay::pin_current_thread(core) {
+            eprintln!("floor: cannot pin to core {core}");
+        }
+    }
+    let _ = relay::ring::raise_nofile_limit();
+    let n = usize::try_from(cfg.channels)?;
+    let sockets: Vec<UdpSocket> = (0..cfg.channels)
+        .map(|i| {
+            let port = u16::try_from(u32::from(cfg.port_base) + i)
+                .map_err(|_| anyhow!("--port-base + --channels passes 65535"))?;
+            relay::dataplane::bind_channel_socket(cfg.bind, port, 4 << 20)
+                .map_err(|e| anyhow!("binding port {port}: {}", e.message))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut ring = Ring::new(4096, cfg.buffers, cfg.channels).context("io_uring")?;
+    for (i, s) in sockets.iter().enumerate() {
+        let slot = u32::try_from(i)?;
+        ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
+        ring.arm_recv(slot, RECV | u64::from(slot))?;
+    }
+    ring.submit()?;
+    eprintln!(
+        "floor ready ports={}-{} echo={}",
+        cfg.port_base,
+        u32::from(cfg.port_base) + cfg.channels - 1,
+        cfg.echo
+    );
+    let mut peer: Vec<Option<SocketAddr>> = vec![None; n];
+    let mut rearm = Vec::new();
+    let mut forwarded = 0u64;
+    let end = cfg.duration.map(|d| Instant::now() + d);
+    loop {
+        let wait = end.map_or(Duration::from_millis(100), |e| {
+            e.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100))
+        });
+        if end.is_some_and(|e| Instant::now() >= e) {
+            break;
+        }
+        ring.submit_and_wait(Some(wait.max(Duration::from_micros(1))))?;
+        let completions = ring.drain_completions();
+        for c in &completions {
+            match c.user_data & KIND {
+                RECV => {
+                    let slot = (c.user_data & 0xffff_ffff) as u32;
+                    if !c.more() {
+                        rearm.push(slot);
+                    }
+                    let Some(bid) = c.buffer() else { continue };
+                    let len = usize::try_from(c.result).unwrap_or(0);
+                    let to = match ring.received(bid, len).and_then(|r| r.from) {
+                        Some(from) if from == cfg.echo => {
+                            peer.get(slot as usize).copied().flatten()
+                        }
+                        Some(from) => {
+                            if let Some(p) = peer.get_mut(slot as usize) {
+                                *p = Some(from);
+                            }
+                            Some(cfg.echo)
+                        }
+                        None => None,
+                    };
+                    let payload = ring.received(bid, len).map_or(0, |r| r.payload.len());
+                    match to {
+                        Some(to)
+                            if ring
+                                .send(slot, bid, payload, to, SEND | u64::from(bid))
+                                .is_ok() =>
+                        {
+                            forwarded += 1;
+                        }
+                        _ => ring.recycle(bid),
+                    }
+                }
+                SEND => ring.recycle((c.user_data & 0xffff) as u16),
+                _ => {}
+            }
+        }
+        ring.give_back(completions);
+        ring.sync_buffers();
+        for slot in rearm.drain(..) {
+            ring.arm_recv(slot, RECV | u64::from(slot))?;
+        }
+    }
+    Ok(forwarded)
+}
