@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -83,6 +83,8 @@ pub struct CompareConfig {
     pub out: PathBuf,
     /// The forwarder's core; loadgen and the echo take the other one.
     pub core: usize,
+    /// Extra flags for the relay (`uring` and `tokio` targets), e.g. `--batch=16`.
+    pub relay_args: Vec<String>,
 }
 
 /// One measured point.
@@ -108,6 +110,9 @@ pub struct Point {
     pub added_p99_us: f64,
     /// End-to-end max minus the baseline's, microseconds.
     pub added_max_us: f64,
+    /// The relay's own receive-to-send time, p99 over both directions' worst, microseconds
+    /// (relay targets only: the others do not measure themselves).
+    pub forward_p99_us: Option<f64>,
     /// Drain mode: packets per second forwarded.
     pub drain_pps: Option<f64>,
     /// Why the point is missing, if it is.
@@ -271,7 +276,10 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
                     &core,
                     "--max-channels",
                     &n.max(16).to_string(),
-                ],
+                ]
+                .into_iter()
+                .chain(cfg.relay_args.iter().map(String::as_str))
+                .collect::<Vec<_>>(),
                 "relay ready",
                 "metrics",
             )?;
@@ -464,6 +472,10 @@ fn paced(cfg: &CompareConfig, t: Option<Target>, n: u32) -> anyhow::Result<Point
             .filter(|_| total_packets > 0)
             .map(|(b, a)| (a - b) / total_packets as f64),
         lost: u(&r["lost"]),
+        forward_p99_us: (u(&r["relay"]["forward"]["to_echo"]["count"]) > 0).then(|| {
+            us(&r["relay"]["forward"]["to_echo"]["p99_ns"])
+                .max(us(&r["relay"]["forward"]["to_asterisk"]["p99_ns"]))
+        }),
         added_p50_us: us(&r["e2e_rtt"]["p50_ns"]),
         added_p99_us: us(&r["e2e_rtt"]["p99_ns"]),
         added_max_us: us(&r["e2e_rtt"]["max_ns"]),
@@ -474,6 +486,8 @@ fn paced(cfg: &CompareConfig, t: Option<Target>, n: u32) -> anyhow::Result<Point
 /// Drain: `burst` datagrams queued on each of `n` sockets while the forwarder is stopped, then
 /// timed from SIGCONT until every echo is back (or 10 s).
 fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
+    // This thread plays loadgen: on the other core, with the echo.
+    let _ = relay::pin_current_thread(other_core(cfg.core));
     let (_echo, echo_addr) = start_echo(cfg)?;
     let running = start_target(cfg, t, n, &echo_addr)?;
     let sockets: Vec<UdpSocket> = (0..n)
@@ -494,21 +508,34 @@ fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
     send_burst(&sockets, &targets, 1)?;
     let mut got = 0u64;
     wait_back(&sockets, u64::from(n), &mut got, Duration::from_secs(5))?;
-    let _ = std::process::Command::new("kill")
-        .args(["-STOP", &running.pid.to_string()])
-        .status();
-    send_burst(&sockets, &targets, cfg.burst)?;
-    let cpu0 = relay::cpu_time_ns(Path::new(&format!("/proc/{}/stat", running.pid))).unwrap_or(0);
-    let start = Instant::now();
-    let _ = std::process::Command::new("kill")
-        .args(["-CONT", &running.pid.to_string()])
-        .status();
-    let mut back = 0u64;
-    let want = u64::from(n) * u64::from(cfg.burst);
-    wait_back(&sockets, want, &mut back, Duration::from_secs(10))?;
-    let took = start.elapsed();
-    let cpu =
-        relay::cpu_time_ns(Path::new(&format!("/proc/{}/stat", running.pid))).unwrap_or(0) - cpu0;
+    // Rounds until a second of forwarding has been timed (the CPU clock ticks in 10 ms).
+    let pid = running.pid.to_string();
+    let stat = PathBuf::from(format!("/proc/{}/stat", running.pid));
+    let per_round = u64::from(n) * u64::from(cfg.burst);
+    let (mut took, mut cpu, mut back, mut want) = (Duration::ZERO, 0u64, 0u64, 0u64);
+    for _ in 0..200 {
+        if took >= Duration::from_secs(1) {
+            break;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status();
+        send_burst(&sockets, &targets, cfg.burst)?;
+        want += per_round;
+        let cpu0 = relay::cpu_time_ns(&stat).unwrap_or(0);
+        let start = Instant::now();
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status();
+        let mut got = 0u64;
+        wait_back(&sockets, per_round, &mut got, Duration::from_secs(10))?;
+        took += start.elapsed();
+        cpu += relay::cpu_time_ns(&stat).unwrap_or(0).saturating_sub(cpu0);
+        back += got;
+        if got < per_round {
+            break; // datagrams lost: the rate is what came back
+        }
+    }
     drop(running);
     #[allow(clippy::cast_precision_loss)] // rates
     Ok(Point {
@@ -520,7 +547,7 @@ fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
             cpu as f64 / (back * 2) as f64
         },
         lost: want - back.min(want),
-        drain_pps: Some(back as f64 * 2.0 / took.as_secs_f64()),
+        drain_pps: Some(back as f64 * 2.0 / took.as_secs_f64().max(1e-9)),
         ..Point::default()
     })
 }
@@ -597,7 +624,7 @@ fn wait_back(
     Ok(())
 }
 
-/// The table: one block per channel count, ratios against `uring`.
+/// The table: one block per channel count, CPU ratios against `uring`.
 #[must_use]
 pub fn table(r: &Results) -> String {
     let mut out = String::new();
@@ -605,34 +632,56 @@ pub fn table(r: &Results) -> String {
     for p in &r.points {
         by_n.entry(p.channels).or_default().push(p);
     }
-    let _ = writeln!(
-        out,
-        "machine: {}; {:?} mode, {:.0} s measured per point",
-        r.machine, r.mode, r.duration_s
-    );
+    let paced = r.mode == Mode::Paced;
+    let _ = if paced {
+        writeln!(
+            out,
+            "machine: {}; paced, {:.0} s measured per point after a warm-up",
+            r.machine, r.duration_s
+        )
+    } else {
+        writeln!(
+            out,
+            "machine: {}; drain: bursts queued on every socket while the forwarder is stopped",
+            r.machine
+        )
+    };
+    let opt = |v: Option<f64>, prec: usize| v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"));
     for (n, ps) in by_n {
         let uring = ps
             .iter()
             .find(|p| p.target == "uring")
             .map(|p| p.cpu_ns_per_packet);
-        let _ = writeln!(
-            out,
-            "\n{n} channels ({} packets/s through the forwarder)",
-            u64::from(n) * 100
-        );
-        let _ = writeln!(
-            out,
-            "  {:<10} {:>12} {:>10} {:>12} {:>8} {:>12} {:>12} {:>12} {:>12}",
-            "target",
-            "CPU ns/pkt",
-            "vs uring",
-            "enters/pkt",
-            "lost",
-            "added p50 µs",
-            "added p99 µs",
-            "added max µs",
-            "drain pps"
-        );
+        let _ = if paced {
+            writeln!(
+                out,
+                "\n{n} channels ({} packets/s through the forwarder)",
+                u64::from(n) * 100
+            )
+        } else {
+            writeln!(out, "\n{n} channels")
+        };
+        let _ = if paced {
+            writeln!(
+                out,
+                "  {:<10} {:>11} {:>9} {:>11} {:>7} {:>13} {:>13} {:>13} {:>13}",
+                "target",
+                "CPU ns/pkt",
+                "vs uring",
+                "enters/pkt",
+                "lost",
+                "added p50 µs",
+                "added p99 µs",
+                "added max µs",
+                "fwd p99 µs"
+            )
+        } else {
+            writeln!(
+                out,
+                "  {:<10} {:>11} {:>9} {:>7} {:>14}",
+                "target", "CPU ns/pkt", "vs uring", "lost", "packets/s"
+            )
+        };
         for p in ps {
             if let Some(why) = &p.skipped {
                 let _ = writeln!(out, "  {:<10} skipped: {why}", p.target);
@@ -642,22 +691,31 @@ pub fn table(r: &Results) -> String {
                 || "-".into(),
                 |u| format!("{:.2}x", p.cpu_ns_per_packet / u),
             );
-            let opt = |v: Option<f64>, prec: usize| {
-                v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"))
+            let _ = if paced {
+                writeln!(
+                    out,
+                    "  {:<10} {:>11.0} {:>9} {:>11} {:>7} {:>13.1} {:>13.1} {:>13.1} {:>13}",
+                    p.target,
+                    p.cpu_ns_per_packet,
+                    ratio,
+                    opt(p.enters_per_packet, 3),
+                    p.lost,
+                    p.added_p50_us,
+                    p.added_p99_us,
+                    p.added_max_us,
+                    opt(p.forward_p99_us, 1),
+                )
+            } else {
+                writeln!(
+                    out,
+                    "  {:<10} {:>11.0} {:>9} {:>7} {:>14}",
+                    p.target,
+                    p.cpu_ns_per_packet,
+                    ratio,
+                    p.lost,
+                    opt(p.drain_pps, 0),
+                )
             };
-            let _ = writeln!(
-                out,
-                "  {:<10} {:>12.0} {:>10} {:>12} {:>8} {:>12.1} {:>12.1} {:>12.1} {:>12}",
-                p.target,
-                p.cpu_ns_per_packet,
-                ratio,
-                opt(p.enters_per_packet, 3),
-                p.lost,
-                p.added_p50_us,
-                p.added_p99_us,
-                p.added_max_us,
-                opt(p.drain_pps, 0),
-            );
         }
     }
     out

@@ -67,6 +67,9 @@ struct CompareArgs {
     /// The forwarder's core (loadgen and the echo take the other).
     #[arg(long, default_value_t = 1)]
     core: usize,
+    /// An extra flag for the relay (repeatable), e.g. --relay-arg=--batch=16.
+    #[arg(long, allow_hyphen_values = true)]
+    relay_arg: Vec<String>,
 }
 
 /// `bench floor` flags.
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
                 burst: a.burst,
                 out: a.out,
                 core: a.core,
+                relay_args: a.relay_arg,
             };
             match bench::compare::run(&cfg) {
                 Ok(r) => {

@@ -83,6 +83,13 @@ pub struct Args {
     /// Receive buffers in the provided-buffer ring (power of two, at most 32768).
     #[arg(long, env = "RELAY_BUFFERS", default_value_t = 4096)]
     pub buffers: u32,
+    /// io_uring backend: completions a wait gathers before waking (1: wake on the first).
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 1)]
+    pub batch: u32,
+    /// io_uring backend: with --batch above 1, the longest a wait holds for the batch before
+    /// returning on what has arrived (Linux 6.12+ min_wait): added latency, at most this.
+    #[arg(long, env = "RELAY_BATCH_WAIT", default_value = "0us", value_parser = parse_duration)]
+    pub batch_wait: Duration,
     /// Receive buffer (SO_RCVBUF) of each channel socket, in bytes.
     #[arg(long, env = "RELAY_SOCKET_RCVBUF", default_value_t = 2 << 20)]
     pub socket_rcvbuf: usize,
@@ -115,6 +122,10 @@ pub struct RingConfig {
     pub sq_entries: u32,
     /// Provided receive buffers.
     pub buffers: u16,
+    /// Completions a wait gathers.
+    pub batch: usize,
+    /// How long a wait holds for them.
+    pub batch_wait: Duration,
 }
 
 /// Everything the relay needs, validated.
@@ -197,6 +208,15 @@ impl TryFrom<Args> for Config {
             ring: RingConfig {
                 sq_entries: a.sq_entries,
                 buffers,
+                batch: match a.batch {
+                    1..=256 => a.batch as usize,
+                    _ => return Err(bad("batch", "must be in 1..=256")),
+                },
+                batch_wait: if a.batch_wait <= Duration::from_millis(10) {
+                    a.batch_wait
+                } else {
+                    return Err(bad("batch-wait", "must be at most 10ms"));
+                },
             },
             socket_rcvbuf: a.socket_rcvbuf,
             publish_interval: positive("publish-interval", a.publish_interval)?,

@@ -114,7 +114,11 @@ pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
                 Backend::Uring => {
                     match ring::Ring::new(ring_config.sq_entries, ring_config.buffers, max_channels)
                     {
-                        Ok(ring) => {
+                        Ok(mut ring) => {
+                            ring.set_batching(ring_config.batch, ring_config.batch_wait);
+                            if ring_config.batch > 1 && !ring.batching_supported() {
+                                tracing::warn!("--batch needs Linux 6.12 (io_uring min_wait); waking on every completion");
+                            }
                             let _ = ready_tx.send(Ok(Some(ring.waker())));
                             uring::run(ring, relay, rx, publisher, bind)
                         }
