@@ -153,6 +153,8 @@ fn other_core(core: usize) -> usize {
 pub fn run(cfg: &CompareConfig) -> anyhow::Result<Results> {
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create {}", cfg.out.display()))?;
+    // Before any thread is pinned (the core count follows this thread's affinity).
+    let machine = machine();
     let mut points = Vec::new();
     for &n in &cfg.channels {
         let baseline = match cfg.mode {
@@ -188,7 +190,7 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Results> {
     let results = Results {
         mode: cfg.mode,
         duration_s: cfg.duration.as_secs_f64(),
-        machine: machine(),
+        machine,
         points,
     };
     std::fs::write(
