@@ -49,6 +49,9 @@ impl Direction {
 pub struct LatencyHistogram<T: Counter = u64> {
     /// The histogram; never resized after creation.
     hist: Histogram<T>,
+    /// Sum of the values recorded (as recorded, after clamping), for an exact mean without a
+    /// pass over the histogram.
+    sum_ns: u128,
 }
 
 impl<T: Counter> LatencyHistogram<T> {
@@ -57,19 +60,22 @@ impl<T: Counter> LatencyHistogram<T> {
     pub fn new(sigfig: u8) -> Self {
         let hist = Histogram::new_with_bounds(1, HISTOGRAM_MAX_NS, sigfig.clamp(1, 5))
             .unwrap_or_else(|_| unreachable!("constant, valid bounds"));
-        Self { hist }
+        Self { hist, sum_ns: 0 }
     }
 
     /// Records one value, saturating at the histogram's bounds. Never allocates.
     pub fn record(&mut self, ns: u64) {
-        self.hist.saturating_record(ns.clamp(1, HISTOGRAM_MAX_NS));
+        let ns = ns.clamp(1, HISTOGRAM_MAX_NS);
+        self.hist.saturating_record(ns);
+        self.sum_ns += u128::from(ns);
     }
 
     /// Records `count` copies of one value. Never allocates.
     pub fn record_n(&mut self, ns: u64, count: u64) {
-        if let Some(count) = T::from_u64(count) {
-            self.hist
-                .saturating_record_n(ns.clamp(1, HISTOGRAM_MAX_NS), count);
+        if let Some(c) = T::from_u64(count) {
+            let ns = ns.clamp(1, HISTOGRAM_MAX_NS);
+            self.hist.saturating_record_n(ns, c);
+            self.sum_ns += u128::from(ns) * u128::from(count);
         }
     }
 
@@ -91,6 +97,13 @@ impl<T: Counter> LatencyHistogram<T> {
             self.hist
                 .saturating_record_n(v.value_iterated_to(), v.count_at_value());
         }
+        self.sum_ns += other.sum_ns;
+    }
+
+    /// Sum of every value recorded, in nanoseconds.
+    #[must_use]
+    pub const fn sum_ns(&self) -> u128 {
+        self.sum_ns
     }
 
     /// The underlying histogram, for exporters that need its buckets.
@@ -106,16 +119,26 @@ impl<T: Counter> LatencyHistogram<T> {
         if h.is_empty() {
             return LatencySummary::default();
         }
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // mean of u64 values
-        let mean_ns = h.mean().round() as u64;
+        // One pass over the counts for every percentile (the metrics publisher summarises
+        // several histograms twice a second), and the mean from the running sum.
+        let mut q = h.value_at_quantiles([0.50, 0.95, 0.99, 0.999]);
+        let (p50_ns, p95_ns, p99_ns, p999_ns) = (
+            q.next().unwrap_or(0),
+            q.next().unwrap_or(0),
+            q.next().unwrap_or(0),
+            q.next().unwrap_or(0),
+        );
+        let mean_ns =
+            u64::try_from((self.sum_ns + u128::from(h.len() / 2)) / u128::from(h.len().max(1)))
+                .unwrap_or(u64::MAX);
         LatencySummary {
             count: h.len(),
             min_ns: h.min(),
             mean_ns,
-            p50_ns: h.value_at_quantile(0.50),
-            p95_ns: h.value_at_quantile(0.95),
-            p99_ns: h.value_at_quantile(0.99),
-            p999_ns: h.value_at_quantile(0.999),
+            p50_ns,
+            p95_ns,
+            p99_ns,
+            p999_ns,
             max_ns: h.max(),
         }
     }
@@ -493,4 +516,37 @@ pub struct GlobalStats {
     pub jitter: PerDirection<LatencySummary>,
     /// Distribution of per-packet lateness (transit above baseline), per direction.
     pub lateness: PerDirection<LatencySummary>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pass_summary_matches_each_quantile_and_the_exact_mean() {
+        let mut h = LatencyHistogram::<u64>::new(3);
+        let mut rng = crate::rng::SplitMix64::new(9);
+        let mut sum = 0u128;
+        for _ in 0..50_000 {
+            let v = 1_000 + rng.below(5_000_000);
+            h.record(v);
+            sum += u128::from(v);
+        }
+        h.record_n(7_000_000, 3);
+        sum += 21_000_000;
+        let s = h.summary();
+        for (q, got) in [
+            (0.5, s.p50_ns),
+            (0.95, s.p95_ns),
+            (0.99, s.p99_ns),
+            (0.999, s.p999_ns),
+        ] {
+            assert_eq!(got, h.histogram().value_at_quantile(q), "q {q}");
+        }
+        assert_eq!(u128::from(s.mean_ns), (sum + 25_001) / 50_003);
+        assert_eq!(h.sum_ns(), sum);
+        let mut m = LatencyHistogram::<u64>::new(3);
+        m.merge(&h);
+        assert_eq!((m.sum_ns(), m.summary()), (h.sum_ns(), s));
+    }
 }

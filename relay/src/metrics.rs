@@ -95,7 +95,7 @@ impl Buckets {
         Self {
             cumulative,
             count: hist.len(),
-            sum_seconds: hist.mean() * hist.len() as f64 / 1e9,
+            sum_seconds: h.sum_ns() as f64 / 1e9,
         }
     }
 }
