@@ -1,5 +1,5 @@
 //! The comparison chart: CPU per forwarded packet and p99 added latency against channel count,
-//! one line per target, as SVG (plotters; no font files needed).
+//! one line per target, as SVG (plotters; no font files needed). Both y axes are logarithmic.
 
 use std::path::Path;
 
@@ -30,12 +30,12 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     for (area, title, value) in [
         (
             &left,
-            "CPU per forwarded packet (ns)",
+            "CPU per forwarded packet (ns, log)",
             (|p: &crate::compare::Point| p.cpu_ns_per_packet) as fn(&crate::compare::Point) -> f64,
         ),
         (
             &right,
-            "p99 latency added (µs)",
+            "p99 latency added (µs, log; below the axis shown on it)",
             |p: &crate::compare::Point| p.added_p99_us.max(0.0),
         ),
     ] {
@@ -45,13 +45,26 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
             .filter(|p| p.skipped.is_none())
             .map(value)
             .fold(1.0_f64, f64::max)
-            * 1.1;
+            * 1.5;
+        // A log axis: the points span two to four decades (latency at 2,000 channels).
+        let smallest = results
+            .points
+            .iter()
+            .filter(|p| p.skipped.is_none())
+            .map(value)
+            .filter(|v| *v >= 1.0)
+            .fold(f64::MAX, f64::min);
+        let bottom = if smallest == f64::MAX {
+            1.0
+        } else {
+            10f64.powf(smallest.log10().floor())
+        };
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(35)
             .y_label_area_size(60)
-            .build_cartesian_2d(0u32..max_n + max_n / 10, 0.0..top)
+            .build_cartesian_2d(0u32..max_n + max_n / 10, (bottom..top).log_scale())
             .map_err(|e| anyhow!("{e}"))?;
         chart
             .configure_mesh()
@@ -64,7 +77,7 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
                 .points
                 .iter()
                 .filter(|p| p.target == *t && p.skipped.is_none())
-                .map(|p| (p.channels, value(p)))
+                .map(|p| (p.channels, value(p).max(bottom)))
                 .collect();
             pts.sort_by_key(|p| p.0);
             chart
@@ -81,6 +94,11 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
         }
         chart
             .configure_series_labels()
+            .position(if title.starts_with("CPU") {
+                SeriesLabelPosition::UpperRight
+            } else {
+                SeriesLabelPosition::UpperLeft
+            })
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()

@@ -34,6 +34,13 @@ enum Command {
     Compare(CompareArgs),
     /// The minimal io_uring forwarder (started by `bench compare`).
     Floor(FloorArgs),
+    /// Print the table and redraw the chart of an earlier run's compare.json.
+    Plot {
+        /// The JSON `bench compare` wrote.
+        json: PathBuf,
+        /// The SVG to write.
+        svg: PathBuf,
+    },
 }
 
 /// `bench compare` flags.
@@ -100,6 +107,20 @@ struct FloorArgs {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Plot { json, svg } => {
+            let r: anyhow::Result<()> = (|| {
+                let r: bench::compare::Results = serde_json::from_slice(&std::fs::read(&json)?)?;
+                print!("{}", bench::compare::table(&r));
+                bench::chart::draw(&r, &svg)
+            })();
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bench plot: {}: {e:#}", json.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Floor(a) => {
             if a.channels == 0 || !a.buffers.is_power_of_two() {
                 eprintln!(
