@@ -4,8 +4,9 @@
 #   scripts/test.sh
 #
 # Works on a fresh Debian machine with the Rust toolchain; it installs anything else it needs.
-# Steps: formatting, clippy (warnings are errors), every test in the workspace, the benchmarks
-# and fuzz targets built (not run) so they cannot rot.
+# Steps: formatting, clippy (warnings are errors), Prometheus and docker-compose installed when
+# missing, every test in the workspace, the benchmarks and fuzz targets built (not run) so they
+# cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,22 @@ cargo fmt --all --check
 
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+
+# Tools some tests need: a Prometheus server and promtool (control/tests/pipeline.rs and ops.rs),
+# docker-compose (validating docker/docker-compose.yml). Installed from Debian where possible;
+# elsewhere the tests that need them print SKIPPED.
+need=()
+{ command -v prometheus && command -v promtool; } >/dev/null || need+=(prometheus)
+command -v docker-compose >/dev/null || need+=(docker-compose)
+if ((${#need[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    step "installing ${need[*]} (Debian packages)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >/dev/null \
+      || echo "test.sh: could not install ${need[*]}; the tests that need them print SKIPPED"
+  else
+    echo "test.sh: ${need[*]} missing and not installable here (needs root and apt-get); the tests that need them print SKIPPED"
+  fi
+fi
 
 step "cargo test --workspace"
 test_log=$(mktemp)

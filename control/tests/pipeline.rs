@@ -20,6 +20,10 @@ const PASS: &str = "pipeline-secret";
 /// The four processes of a run.
 struct Pipeline {
     echo_addr: String,
+    /// The echo's metrics URL.
+    echo_metrics: String,
+    /// The relay's metrics URL.
+    relay_metrics: String,
     relay: Option<Proc>,
     control: Proc,
     control_http: String,
@@ -40,12 +44,13 @@ impl Pipeline {
         let ctl = tmp.join(format!("rtp-pipeline-{}-{name}.sock", std::process::id()));
         let sim_json = tmp.join(format!("rtp-pipeline-{}-{name}.json", std::process::id()));
         let _ = std::fs::remove_file(&sim_json);
-        let (echo, echo_addr) = start(
+        let (echo, echo_addr, echo_log) = start_logged(
             "echo",
-            &["--listen", "127.0.0.1:0", "--metrics", "off"],
+            &["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
             "echo ready",
             "listen",
         );
+        let echo_metrics = log_value(&echo_log, "echo ready", "metrics");
         let mut p = Self {
             relay: None,
             control: Proc(std::process::Command::new("true").spawn().unwrap()),
@@ -57,6 +62,8 @@ impl Pipeline {
             ctl,
             ports: 0,
             echo_addr,
+            echo_metrics,
+            relay_metrics: String::new(),
             _echo: echo,
         };
         p.start_relay();
@@ -125,7 +132,7 @@ impl Pipeline {
     }
 
     fn start_relay(&mut self) {
-        let (relay, _) = start(
+        let (relay, metrics) = start(
             "relay",
             &[
                 "--ctl",
@@ -137,9 +144,10 @@ impl Pipeline {
                 "--strict",
             ],
             "relay ready",
-            "backend",
+            "metrics",
         );
         self.relay = Some(relay);
+        self.relay_metrics = metrics;
     }
 
     fn relay_pid(&self) -> u32 {
@@ -234,6 +242,17 @@ impl Drop for Pipeline {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.sim_json);
     }
+}
+
+/// The value of `key=` on the first logged line containing `line`.
+fn log_value(log: &Log, line: &str, key: &str) -> String {
+    let log = log.lock().unwrap();
+    let l = log
+        .iter()
+        .find(|l| l.contains(line))
+        .expect("the ready line");
+    let at = l.find(&format!("{key}=")).expect("the key") + key.len() + 1;
+    l[at..].split_whitespace().next().unwrap_or("").to_owned()
 }
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -629,4 +648,243 @@ fn stopping_control_tears_every_call_down() {
     assert_eq!(u(&r["hung_up_by_app"]), 5, "{}", brief(&r));
     assert_eq!(r["channels_left"], 0);
     assert_eq!(r["bridges_left"], 0);
+}
+
+/// `host:port` of a `http://host:port/metrics` URL.
+fn host_port(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A real Prometheus server scraping relay, control and echo every second.
+struct Prometheus {
+    _proc: Proc,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(p: &Pipeline) -> Option<Self> {
+        let Ok(path) = which("prometheus") else {
+            eprintln!("SKIPPED (prometheus is not installed; scripts/test.sh installs the Debian package `prometheus` where it can)");
+            return None;
+        };
+        let dir = std::env::temp_dir().join(format!("rtp-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let alerts =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docker/prometheus/alerts.yml");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n\
+             \x20 - job_name: relay\n    static_configs:\n      - targets: [\"{}\"]\n\
+             \x20 - job_name: control\n    static_configs:\n      - targets: [\"{}\"]\n\
+             \x20 - job_name: echo\n    static_configs:\n      - targets: [\"{}\"]\n",
+            alerts.display(),
+            host_port(&p.relay_metrics),
+            p.control_http,
+            host_port(&p.echo_metrics),
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = std::process::Command::new(path)
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let prom = Self {
+            _proc: Proc(child),
+            addr,
+            dir,
+        };
+        wait_for("Prometheus to answer", Duration::from_secs(30), || {
+            http_get(&prom.addr, "/-/ready")
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        });
+        Some(prom)
+    }
+
+    /// An instant query; its result vector.
+    fn query(&self, promql: &str) -> Vec<Value> {
+        let path = format!("/api/v1/query?query={}", urlencode(promql));
+        let (status, body) = http_get(&self.addr, &path).unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(status, 200, "query {promql}: {body}");
+        assert_eq!(v["status"], "success", "query {promql}: {body}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The single value of a query returning one series.
+    fn scalar(&self, promql: &str) -> Option<f64> {
+        let r = self.query(promql);
+        r.first()?["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Ok(log) = std::fs::read_to_string(self.dir.join("prometheus.log")) {
+            if std::thread::panicking() {
+                eprintln!("--- prometheus.log\n{log}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The index of the bucket (sorted upper bounds) a value falls in.
+fn bucket_of(bounds: &[f64], v: f64) -> usize {
+    bounds.iter().position(|&b| v <= b).unwrap_or(bounds.len())
+}
+
+#[test]
+fn prometheus_agrees_with_the_relay_and_every_dashboard_panel_has_data() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let mut p = Pipeline::launch(
+        "prometheus",
+        &["--calls", "20", "--ramp", "1s", "--hold", "8s"],
+        "21900-21999",
+    );
+    let Some(prom) = Prometheus::start(&p) else {
+        return;
+    };
+    wait_for(
+        "Prometheus to scrape relay, control and echo",
+        Duration::from_secs(20),
+        || {
+            let up = prom.query("up");
+            (up.len() == 3 && up.iter().all(|s| s["value"][1] == "1")).then_some(())
+        },
+    );
+    let r = p.finish(Duration::from_secs(40));
+    assert_eq!(u(&r["bridged"]), 20, "{}", brief(&r));
+    // The calls are over: the relay's counters are final once Prometheus has scraped them.
+    let (sent, received) = (u(&r["sent"]), u(&r["received"]));
+    wait_for(
+        "Prometheus to see every packet the simulated Asterisk sent",
+        Duration::from_secs(15),
+        || {
+            (prom.scalar("sum(rtprelay_packets_total{direction=\"to_echo\"})")? == sent as f64)
+                .then_some(())
+        },
+    );
+    let back = prom
+        .scalar("sum(rtprelay_packets_total{direction=\"to_asterisk\"})")
+        .unwrap();
+    if u(&r["lost"]) == 0 {
+        assert_eq!(
+            back, received as f64,
+            "forwarded back = received by Asterisk"
+        );
+    } else {
+        assert!((received as f64..=sent as f64).contains(&back));
+    }
+    wait_for(
+        "Prometheus to see the echo's count reach every packet",
+        Duration::from_secs(10),
+        || (prom.scalar("sum(rtpecho_received_total)")? == sent as f64).then_some(()),
+    );
+
+    // histogram_quantile over the relay's buckets lands within one bucket of its HdrHistogram.
+    let global = p.relay().global().unwrap();
+    let mut bounds: Vec<f64> = prom
+        .query("rtprelay_rtt_seconds_bucket")
+        .iter()
+        .filter_map(|s| s["metric"]["le"].as_str()?.parse::<f64>().ok())
+        .filter(|b| b.is_finite())
+        .collect();
+    bounds.sort_by(f64::total_cmp);
+    assert!(bounds.len() > 10, "{bounds:?}");
+    for (q, hdr_ns) in [(0.5, global.rtt.p50_ns), (0.99, global.rtt.p99_ns)] {
+        let promql = prom
+            .scalar(&format!(
+                "histogram_quantile({q}, sum by (le) (rtprelay_rtt_seconds_bucket))"
+            ))
+            .unwrap();
+        let hdr = hdr_ns as f64 / 1e9;
+        let (a, b) = (bucket_of(&bounds, promql), bucket_of(&bounds, hdr));
+        eprintln!(
+            "RTT q{q}: Prometheus {promql:.6} s (bucket {a}), HdrHistogram {hdr:.6} s (bucket {b})"
+        );
+        assert!(
+            a.abs_diff(b) <= 1,
+            "q{q}: Prometheus {promql} s vs relay {hdr} s, buckets {a} and {b}"
+        );
+    }
+
+    // Every panel of the Grafana dashboard evaluates, with data.
+    let dashboard: Value = serde_json::from_str(include_str!(
+        "../../docker/grafana/dashboards/rtp-relay.json"
+    ))
+    .unwrap();
+    let mut exprs = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m");
+            let result = prom.query(&expr);
+            assert!(
+                !result.is_empty(),
+                "panel {:?}: `{expr}` returned no data",
+                panel["title"]
+            );
+            exprs += 1;
+        }
+    }
+    assert!(exprs >= 12, "{exprs} queries");
+
+    // The alert rules are loaded and evaluate without error.
+    let (_, rules) = http_get(&prom.addr, "/api/v1/rules").unwrap();
+    let rules: Value = serde_json::from_str(&rules).unwrap();
+    let group = &rules["data"]["groups"][0];
+    assert_eq!(group["name"], "rtp-relay");
+    let list = group["rules"].as_array().unwrap();
+    assert_eq!(list.len(), 6);
+    for rule in list {
+        assert_eq!(rule["health"], "ok", "{rule}");
+    }
+    p.assert_clean(&r);
 }
