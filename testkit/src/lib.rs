@@ -175,6 +175,12 @@ pub fn start(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String
     (p, v)
 }
 
+/// [`start`], also returning the child's log as it grows.
+#[must_use]
+pub fn start_logged(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String, Log) {
+    try_start_logged(name, args, ready, key).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// [`start`], returning an error instead of panicking (the child is killed).
 ///
 /// # Errors
@@ -185,25 +191,19 @@ pub fn try_start(
     ready: &str,
     key: &str,
 ) -> Result<(Proc, String), String> {
-    let mut child = std::process::Command::new(bin(name))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {name}: {e}"))?;
-    match try_ready_value(&mut child, name, ready, key, None) {
-        Ok(v) => Ok((Proc(child), v)),
-        Err(e) => {
-            drop(Proc(child));
-            Err(e)
-        }
-    }
+    try_start_logged(name, args, ready, key).map(|(p, v, _)| (p, v))
 }
 
-/// [`start`], also returning the child's log as it grows.
-#[must_use]
-pub fn start_logged(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc, String, Log) {
+/// [`start_logged`], returning an error instead of panicking (the child is killed).
+///
+/// # Errors
+/// The binary cannot be started or did not log its ready line within 20 s.
+pub fn try_start_logged(
+    name: &str,
+    args: &[&str],
+    ready: &str,
+    key: &str,
+) -> Result<(Proc, String, Log), String> {
     let log = Log::default();
     let mut child = std::process::Command::new(bin(name))
         .args(args)
@@ -211,9 +211,14 @@ pub fn start_logged(name: &str, args: &[&str], ready: &str, key: &str) -> (Proc,
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-    let v = ready_value_logged(&mut child, name, ready, key, Some(log.clone()));
-    (Proc(child), v, log)
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
+    match try_ready_value(&mut child, name, ready, key, Some(log.clone())) {
+        Ok(v) => Ok((Proc(child), v, log)),
+        Err(e) => {
+            drop(Proc(child));
+            Err(e)
+        }
+    }
 }
 
 /// Open file descriptors of process `pid`.
