@@ -73,6 +73,10 @@ struct SimArgs {
     /// Drop every events WebSocket once, this long after the first call.
     #[arg(long, value_parser = parse_duration)]
     drop_ws_at: Option<Duration>,
+    /// How long after the externalMedia request its channel enters Stasis (Asterisk: about 1 ms;
+    /// addChannel before then answers 422).
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    stasis_delay: Duration,
     /// Every REST request takes at least this long (a busy Asterisk).
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     latency: Duration,
@@ -208,6 +212,7 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
         relay_ctl: a.relay_ctl,
         relay_pid: a.relay_pid,
         latency: a.latency,
+        stasis_delay: a.stasis_delay,
     };
     let report = match runtime()
         .map_err(anyhow::Error::from)

@@ -86,6 +86,8 @@ pub struct SimConfig {
     pub serve_for: Option<Duration>,
     /// Random seed (SSRCs, sequence numbers, faults).
     pub seed: u64,
+    /// How long after the externalMedia request its channel enters Stasis (Asterisk: ~1 ms).
+    pub stasis_delay: Duration,
     /// Every REST request takes at least this long (a busy Asterisk); shows whether the
     /// application sets calls up concurrently.
     pub latency: Duration,
@@ -932,7 +934,8 @@ async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> Response {
         id: id.clone(),
         name: format!("UnicastRTP/{external_host}-{n:08x}"),
         state: "Up",
-        app: Some(app.clone()),
+        // Not in Stasis until its StasisStart: addChannel before that answers 422, as Asterisk does.
+        app: None,
         bridge: None,
         created: now_stamp(),
         kind: Kind::External {
@@ -952,19 +955,28 @@ async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> Response {
                 "Channel with given unique ID already exists",
             );
         }
-        w.channels.insert(id, ch);
+        w.channels.insert(id.clone(), ch);
         w.rng
             .get_or_insert_with(|| SplitMix64::new(sim.cfg.seed))
             .below(3_000)
     };
-    // The channel enters Stasis on its own, about 1 ms later, racing the reply.
-    let (sim2, app2, v2) = (Arc::clone(&sim), app.clone(), v.clone());
+    // The channel enters Stasis on its own, about 1 ms later (--stasis-delay), racing the reply.
+    let (sim2, app2, id2) = (Arc::clone(&sim), app.clone(), id.clone());
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        sim2.emit(
-            &app2,
-            json!({"type": "StasisStart", "args": [], "channel": v2}),
-        );
+        tokio::time::sleep(sim2.cfg.stasis_delay).await;
+        let entered = {
+            let mut w = sim2.world();
+            w.channels.get_mut(&id2).map(|c| {
+                c.app = Some(app2.clone());
+                c.json()
+            })
+        };
+        if let Some(v) = entered {
+            sim2.emit(
+                &app2,
+                json!({"type": "StasisStart", "args": [], "channel": v}),
+            );
+        }
     });
     tokio::time::sleep(Duration::from_micros(reply_delay)).await;
     Json(v).into_response()
