@@ -76,3 +76,22 @@ fn redact(text: &str, cfg: &Config) -> String {
         text.replace(pass, "***")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_tungstenite::tungstenite::error::{Error, UrlError};
+
+    #[tokio::test]
+    async fn wss_urls_are_supported() {
+        crate::install_tls_provider();
+        // Nothing listens on port 1: the connection fails, but not for want of TLS support.
+        let e = tokio_tungstenite::connect_async("wss://127.0.0.1:1/ari/events")
+            .await
+            .unwrap_err();
+        assert!(
+            !matches!(e, Error::Url(UrlError::TlsFeatureNotEnabled)),
+            "wss is not compiled in: {e}"
+        );
+        assert!(matches!(e, Error::Io(_)), "{e}");
+    }
+}

@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 /// # Errors
 /// The metrics address cannot be bound, or the ARI URL is unusable.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    install_tls_provider();
     let metrics = Arc::new(Metrics::new());
     let ari = rest::Ari::new(&cfg, Arc::clone(&metrics))?;
     let relay = relay_link::RelayLink::spawn(cfg.relay_socket.clone(), Arc::clone(&metrics));
@@ -83,6 +84,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ctl.shutdown(Duration::from_secs(10)).await;
     log_summary(&ctl, &metrics).await;
     Ok(())
+}
+
+/// Makes ring the process's TLS provider, for `https://` and `wss://` ARI URLs (reqwest and
+/// tokio-tungstenite both use rustls). Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 async fn log_summary(ctl: &Controller, m: &Metrics) {

@@ -283,3 +283,33 @@ impl Ari {
         Self::json("list_bridges", r).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn https_urls_are_supported() {
+        crate::install_tls_provider();
+        let args = <crate::config::Args as clap::Parser>::try_parse_from([
+            "control",
+            "--ari-pass",
+            "x",
+            "--ari-url",
+            "https://127.0.0.1:1",
+        ])
+        .unwrap();
+        let cfg = Config::try_from(args).unwrap();
+        assert!(cfg
+            .events_url()
+            .starts_with("wss://127.0.0.1:1/ari/events?"));
+        let ari = Ari::new(&cfg, Arc::new(Metrics::new())).unwrap();
+        // Nothing listens on port 1: a connection error, not an unsupported scheme.
+        match ari.channels().await {
+            Err(RestError::Transport { message, .. }) => {
+                assert!(!message.contains("scheme"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

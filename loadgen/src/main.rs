@@ -164,6 +164,8 @@ fn parse_fail(s: &str) -> Result<(String, f64), String> {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // reqwest uses rustls for https ARI URLs; ring is the process's provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
