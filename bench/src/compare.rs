@@ -228,13 +228,44 @@ fn machine() -> String {
     )
 }
 
+/// How traffic reaches a forwarder.
+enum Reach {
+    /// The relay: channels are added on its control socket.
+    Relay(PathBuf),
+    /// Fixed addresses (`loadgen rtp --to` syntax), with the callers' first port when the
+    /// forwarder was told the callers' addresses in advance.
+    Static {
+        targets: String,
+        local_port_base: Option<u16>,
+    },
+}
+
 /// A forwarder running, and how loadgen reaches it.
 struct Running {
     /// Killed (and reaped) when the point is done.
     _procs: Vec<Proc>,
     pid: u32,
-    loadgen_args: Vec<String>,
+    reach: Reach,
     metrics: Option<String>,
+}
+
+impl Running {
+    /// The `loadgen rtp` flags that reach it.
+    fn loadgen_args(&self) -> Vec<String> {
+        match &self.reach {
+            Reach::Relay(ctl) => vec!["--relay-ctl".into(), ctl.to_string_lossy().into_owned()],
+            Reach::Static {
+                targets,
+                local_port_base,
+            } => {
+                let mut a = vec!["--to".into(), targets.clone()];
+                if let Some(p) = local_port_base {
+                    a.extend(["--local-port-base".into(), p.to_string()]);
+                }
+                a
+            }
+        }
+    }
 }
 
 fn start_echo(cfg: &CompareConfig) -> anyhow::Result<(Proc, String)> {
@@ -288,7 +319,7 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
             Running {
                 pid: p.pid(),
                 _procs: vec![p],
-                loadgen_args: vec!["--relay-ctl".into(), ctl_s],
+                reach: Reach::Relay(ctl),
                 metrics: Some(metrics),
             }
         }
@@ -312,10 +343,10 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
             Running {
                 pid: p.pid(),
                 _procs: vec![p],
-                loadgen_args: vec![
-                    "--to".into(),
-                    format!("127.0.0.1:{FLOOR_BASE}-{}", u32::from(FLOOR_BASE) + n - 1),
-                ],
+                reach: Reach::Static {
+                    targets: format!("127.0.0.1:{FLOOR_BASE}-{}", u32::from(FLOOR_BASE) + n - 1),
+                    local_port_base: None,
+                },
                 metrics: None,
             }
         }
@@ -380,12 +411,10 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
             Running {
                 pid: p.pid(),
                 _procs: vec![p],
-                loadgen_args: vec![
-                    "--to".into(),
-                    format!("@{}", file.display()),
-                    "--local-port-base".into(),
-                    RTPENGINE_LOCAL_BASE.to_string(),
-                ],
+                reach: Reach::Static {
+                    targets: format!("@{}", file.display()),
+                    local_port_base: Some(RTPENGINE_LOCAL_BASE),
+                },
                 metrics: None,
             }
         }
@@ -429,7 +458,7 @@ fn paced(cfg: &CompareConfig, t: Option<Target>, n: u32) -> anyhow::Result<Point
     ];
     match &running {
         Some(r) => {
-            args.extend(r.loadgen_args.iter().cloned());
+            args.extend(r.loadgen_args());
             args.extend(["--relay-pid".into(), r.pid.to_string()]);
         }
         None => args.extend(["--to".into(), echo_addr.clone()]),
@@ -505,7 +534,7 @@ fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
             Ok(s)
         })
         .collect::<anyhow::Result<_>>()?;
-    let targets = drain_targets(&running, &sockets, t)?;
+    let targets = drain_targets(&running, &sockets)?;
     // Let the forwarder learn each socket (latching) with one round trip first.
     send_burst(&sockets, &targets, 1)?;
     let mut got = 0u64;
@@ -554,11 +583,10 @@ fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
     })
 }
 
-fn drain_targets(r: &Running, sockets: &[UdpSocket], t: Target) -> anyhow::Result<Vec<SocketAddr>> {
-    match t {
-        Target::Uring | Target::Tokio => {
-            let ctl = PathBuf::from(&r.loadgen_args[1]);
-            let mut c = loadgen::ctl::RelayClient::connect(&ctl)?;
+fn drain_targets(r: &Running, sockets: &[UdpSocket]) -> anyhow::Result<Vec<SocketAddr>> {
+    match &r.reach {
+        Reach::Relay(ctl) => {
+            let mut c = loadgen::ctl::RelayClient::connect(ctl)?;
             sockets
                 .iter()
                 .enumerate()
@@ -568,10 +596,12 @@ fn drain_targets(r: &Running, sockets: &[UdpSocket], t: Target) -> anyhow::Resul
                 })
                 .collect()
         }
-        Target::Floor | Target::Rtpengine => {
-            let spec = &r.loadgen_args[1];
-            let list = loadgen::rtp::parse_targets(spec).map_err(|e| anyhow!(e))?.0;
-            Ok((0..sockets.len()).map(|i| list[i % list.len()]).collect())
+        Reach::Static { targets, .. } => {
+            let list = loadgen::rtp::parse_targets(targets)
+                .map_err(|e| anyhow!(e))?
+                .0;
+            anyhow::ensure!(!list.is_empty(), "{targets} names no address");
+            Ok(list.iter().copied().cycle().take(sockets.len()).collect())
         }
     }
 }

@@ -90,7 +90,11 @@ pub fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
                     }
                     let Some(bid) = c.buffer() else { continue };
                     let len = usize::try_from(c.result).unwrap_or(0);
-                    let to = match ring.received(bid, len).and_then(|r| r.from) {
+                    let (from, payload) = match ring.received(bid, len) {
+                        Some(r) => (r.from, r.payload.len()),
+                        None => (None, 0),
+                    };
+                    let to = match from {
                         Some(from) if from == cfg.echo => {
                             peer.get(slot as usize).copied().flatten()
                         }
@@ -102,7 +106,6 @@ pub fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
                         }
                         None => None,
                     };
-                    let payload = ring.received(bid, len).map_or(0, |r| r.payload.len());
                     match to {
                         Some(to)
                             if ring

@@ -149,6 +149,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Compare(a) => {
+            if a.burst == 0 {
+                eprintln!("bench compare: invalid value for --burst: at least 1");
+                return ExitCode::from(2);
+            }
             if a.channels.is_empty() || a.channels.contains(&0) || a.targets.is_empty() {
                 eprintln!("bench compare: invalid value for --channels or --targets: at least one, none zero");
                 return ExitCode::from(2);

@@ -212,6 +212,8 @@ enum Kind {
         stop: Option<oneshot::Sender<()>>,
         /// The RTP task.
         task: Option<tokio::task::JoinHandle<RtpFigures>>,
+        /// The caller it was first bridged with: its RTP figures are that call's.
+        caller: Option<String>,
     },
 }
 
@@ -311,8 +313,16 @@ struct World {
     calls: BTreeMap<u64, (String, CallRecord)>,
     /// Caller id → key in `calls`.
     call_index: HashMap<String, u64>,
-    /// Figures of externalMedia channels, kept until attributed to a call.
+    /// Random numbers (SSRCs, first sequence numbers, faults), seeded with `--seed` on first use.
     rng: Option<SplitMix64>,
+}
+
+impl World {
+    /// The record of caller `id`.
+    fn call_mut(&mut self, id: &str) -> Option<&mut CallRecord> {
+        let key = *self.call_index.get(id)?;
+        self.calls.get_mut(&key).map(|(_, rec)| rec)
+    }
 }
 
 /// Shared state of the server.
@@ -460,26 +470,7 @@ impl Sim {
     /// Hangs a channel up: stops its RTP (waiting for the figures), takes it out of its bridge,
     /// sends StasisEnd and ChannelDestroyed. `by_app` marks a caller as hung up by the application.
     async fn hangup(&self, id: &str, by_app: bool) -> bool {
-        let (stop, task) = {
-            let mut w = self.world();
-            match w.channels.get_mut(id) {
-                None => return false,
-                Some(SimChannel {
-                    kind: Kind::External { stop, task, .. },
-                    ..
-                }) => (stop.take(), task.take()),
-                Some(_) => (None, None),
-            }
-        };
-        let figures = match task {
-            Some(task) => {
-                if let Some(stop) = stop {
-                    let _ = stop.send(());
-                }
-                task.await.unwrap_or_default()
-            }
-            None => RtpFigures::default(),
-        };
+        self.stop_media(id).await;
         let removed = {
             let mut w = self.world();
             let Some(ch) = w.channels.remove(id) else {
@@ -488,27 +479,9 @@ impl Sim {
             if let Some(b) = ch.bridge.as_ref().and_then(|b| w.bridges.get_mut(b)) {
                 b.channels.retain(|c| c != id);
             }
-            let owner = match &ch.kind {
-                Kind::External { .. } => w.channels.values().find_map(|c| {
-                    (c.bridge.is_some()
-                        && c.bridge == ch.bridge
-                        && matches!(c.kind, Kind::Caller { .. }))
-                    .then(|| c.id.clone())
-                }),
-                Kind::Caller { .. } => Some(id.to_owned()),
-            };
-            // RTP figures belong to the caller the externalMedia channel was bridged with; the
-            // externalMedia id control chooses also names it.
-            let owner = owner.or_else(|| {
-                w.call_index
-                    .keys()
-                    .find(|c| id.ends_with(c.as_str()))
-                    .cloned()
-            });
-            if let Some(key) = owner.and_then(|o| w.call_index.get(&o).copied()) {
-                if let Some((_, rec)) = w.calls.get_mut(&key) {
-                    rec.figures.merge(&figures);
-                    if matches!(ch.kind, Kind::Caller { .. }) && rec.end.is_none() {
+            if matches!(ch.kind, Kind::Caller { .. }) {
+                if let Some(rec) = w.call_mut(id) {
+                    if rec.end.is_none() {
                         rec.end = Some(if by_app {
                             CallEnd::HungUpByApp
                         } else {
@@ -530,6 +503,34 @@ impl Sim {
         true
     }
 
+    /// Stops a channel's RTP if it sends any (keeping the channel), waits for its last packets,
+    /// and files its figures under the call it was bridged with.
+    async fn stop_media(&self, id: &str) {
+        let (stop, task, caller) = {
+            let mut w = self.world();
+            match w.channels.get_mut(id) {
+                Some(SimChannel {
+                    kind:
+                        Kind::External {
+                            stop, task, caller, ..
+                        },
+                    ..
+                }) => (stop.take(), task.take(), caller.clone()),
+                _ => return,
+            }
+        };
+        let (Some(stop), Some(task)) = (stop, task) else {
+            return;
+        };
+        let _ = stop.send(());
+        let figures = task.await.unwrap_or_default();
+        if let Some(caller) = caller {
+            if let Some(rec) = self.world().call_mut(&caller) {
+                rec.figures.merge(&figures);
+            }
+        }
+    }
+
     /// Starts the RTP of every externalMedia channel in `bridge` that shares it with another
     /// channel and is not sending yet.
     fn start_media(self: &Arc<Self>, bridge: &str) {
@@ -546,16 +547,17 @@ impl Sim {
             .rng
             .get_or_insert_with(|| SplitMix64::new(self.cfg.seed))
             .next_u64();
-        let caller = members.iter().find(|m| {
-            w.channels
-                .get(*m)
-                .is_some_and(|c| matches!(c.kind, Kind::Caller { .. }))
-        });
-        if let Some(key) = caller.and_then(|c| w.call_index.get(c).copied()) {
-            if let Some((_, rec)) = w.calls.get_mut(&key) {
-                rec.bridged = true;
-                rec.setup = rec.setup.or_else(|| rec.originated.map(|t| t.elapsed()));
-            }
+        let caller = members
+            .iter()
+            .find(|m| {
+                w.channels
+                    .get(*m)
+                    .is_some_and(|c| matches!(c.kind, Kind::Caller { .. }))
+            })
+            .cloned();
+        if let Some(rec) = caller.as_deref().and_then(|c| w.call_mut(c)) {
+            rec.bridged = true;
+            rec.setup = rec.setup.or_else(|| rec.originated.map(|t| t.elapsed()));
         }
         for m in members {
             if let Some(SimChannel {
@@ -565,12 +567,14 @@ impl Sim {
                         socket,
                         stop,
                         task,
+                        caller: owner,
                         ..
                     },
                 ..
             }) = w.channels.get_mut(&m)
             {
                 if let Some(sock) = socket.take() {
+                    owner.clone_from(&caller);
                     let (tx, rx) = oneshot::channel();
                     *stop = Some(tx);
                     *task = Some(tokio::spawn(rtp_stream(sock, *external_host, seed, rx)));
@@ -874,10 +878,8 @@ async fn answer(State(sim): State<Arc<Sim>>, Path(id): Path<String>) -> Response
         }
     }
     ch.state = "Up";
-    if let Some(key) = w.call_index.get(&id).copied() {
-        if let Some((_, rec)) = w.calls.get_mut(&key) {
-            rec.answered = true;
-        }
+    if let Some(rec) = w.call_mut(&id) {
+        rec.answered = true;
     }
     StatusCode::NO_CONTENT.into_response()
 }
@@ -944,6 +946,7 @@ async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> Response {
             local,
             stop: None,
             task: None,
+            caller: None,
         },
     };
     let v = ch.json();
@@ -1180,7 +1183,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
                         })
                 };
                 if let Some(em) = em {
-                    stop_media(&sim, &em).await;
+                    sim.stop_media(&em).await;
                 }
                 sim.hangup(&id, false).await;
             }));
@@ -1229,37 +1232,6 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
 /// CPU time of process `pid` so far, in nanoseconds.
 fn process_cpu_ns(pid: u32) -> Option<u64> {
     relay::cpu_time_ns(std::path::Path::new(&format!("/proc/{pid}/stat")))
-}
-
-/// Stops an externalMedia channel's RTP (keeping the channel), waiting for its last packets, and
-/// files its figures under the call.
-async fn stop_media(sim: &Sim, em: &str) {
-    let (stop, task, bridge) = {
-        let mut w = sim.world();
-        match w.channels.get_mut(em) {
-            Some(SimChannel {
-                kind: Kind::External { stop, task, .. },
-                bridge,
-                ..
-            }) => (stop.take(), task.take(), bridge.clone()),
-            _ => return,
-        }
-    };
-    let (Some(stop), Some(task)) = (stop, task) else {
-        return;
-    };
-    let _ = stop.send(());
-    let figures = task.await.unwrap_or_default();
-    let mut w = sim.world();
-    let owner = w.channels.values().find_map(|c| {
-        (c.bridge.is_some() && c.bridge == bridge && matches!(c.kind, Kind::Caller { .. }))
-            .then(|| c.id.clone())
-    });
-    if let Some(key) = owner.and_then(|o| w.call_index.get(&o).copied()) {
-        if let Some((_, rec)) = w.calls.get_mut(&key) {
-            rec.figures.merge(&figures);
-        }
-    }
 }
 
 fn report(sim: &Sim) -> SimReport {

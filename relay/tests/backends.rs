@@ -201,7 +201,11 @@ fn adding_and_removing_channels_returns_fds_and_memory(backend: &str) {
             })
             .collect();
         pipelined(&mut ctl, adds);
-        assert_eq!(relay.fds(), fds_start + N, "one socket per channel");
+        // Exactly one socket per channel, once any descriptor the runtime holds for a moment
+        // (seen once in many CI runs: +4 for an instant on tokio) is gone.
+        wait_for("one socket per channel", Duration::from_secs(5), || {
+            (relay.fds() == fds_start + N).then_some(())
+        });
         let removes = (0..N)
             .map(|i| format!("{{\"cmd\":\"remove\",\"channel\":\"r{round}c{i}\"}}\n"))
             .collect();
