@@ -31,8 +31,8 @@ impl Rig {
             "bench-backends-{}-{backend}.sock",
             std::process::id()
         ));
-        let sink = relay::dataplane::bind_channel_socket("127.0.0.1".parse().unwrap(), 0, 16 << 20)
-            .expect("sink socket");
+        let sink =
+            relay_io::bind_udp("127.0.0.1".parse().unwrap(), 0, 16 << 20).expect("sink socket");
         let sink_addr = sink.local_addr().unwrap();
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let core = if cores > 1 { "1" } else { "0" };
@@ -104,7 +104,7 @@ impl Rig {
 }
 
 fn backends(c: &mut Criterion) {
-    let uring = relay::ring::probe().is_ok();
+    let uring = relay_io::ring::probe().is_ok();
     let mut group = c.benchmark_group("rtp-relay");
     group
         .sample_size(20)
@@ -112,7 +112,7 @@ fn backends(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4));
     if let Ok(cores) = std::thread::available_parallelism() {
         if cores.get() > 1 {
-            let _ = relay::pin_current_thread(0);
+            let _ = relay_io::pin_current_thread(0);
         }
     }
     for n in [100usize, 1_000] {

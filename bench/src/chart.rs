@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::anyhow;
 use plotters::prelude::*;
 
-use crate::compare::Results;
+use crate::results::{Point, Results};
 
 /// Draws `results` to `path`.
 ///
@@ -19,7 +19,7 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     let mut targets: Vec<&str> = results
         .points
         .iter()
-        .filter(|p| p.skipped.is_none())
+        .filter(|p| p.measured())
         .map(|p| p.target.as_str())
         .collect();
     targets.dedup();
@@ -31,27 +31,27 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
         (
             &left,
             "CPU per forwarded packet (ns, log)",
-            (|p: &crate::compare::Point| p.cpu_ns_per_packet) as fn(&crate::compare::Point) -> f64,
+            (|p: &Point| Some(p.cpu_ns_per_packet)) as fn(&Point) -> Option<f64>,
         ),
         (
             &right,
             "p99 latency added (µs, log; below the axis shown on it)",
-            |p: &crate::compare::Point| p.added_p99_us.max(0.0),
+            |p: &Point| p.added_p99_us.map(|v| v.max(0.0)),
         ),
     ] {
         let top = results
             .points
             .iter()
-            .filter(|p| p.skipped.is_none())
-            .map(value)
+            .filter(|p| p.measured())
+            .filter_map(value)
             .fold(1.0_f64, f64::max)
             * 1.5;
         // A log axis: the points span two to four decades (latency at 2,000 channels).
         let smallest = results
             .points
             .iter()
-            .filter(|p| p.skipped.is_none())
-            .map(value)
+            .filter(|p| p.measured())
+            .filter_map(value)
             .filter(|v| *v >= 1.0)
             .fold(f64::MAX, f64::min);
         let bottom = if smallest == f64::MAX {
@@ -76,8 +76,8 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
             let mut pts: Vec<(u32, f64)> = results
                 .points
                 .iter()
-                .filter(|p| p.target == *t && p.skipped.is_none())
-                .map(|p| (p.channels, value(p).max(bottom)))
+                .filter(|p| p.target == *t && p.measured())
+                .filter_map(|p| value(p).map(|v| (p.channels, v.max(bottom))))
                 .collect();
             pts.sort_by_key(|p| p.0);
             chart

@@ -15,17 +15,18 @@
 //! `--mode drain` instead measures the maximum forwarding rate: every socket gets a burst queued
 //! while the forwarder is stopped (SIGSTOP); it is resumed and timed until the last echo is back.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use testkit::Proc;
+
+pub use crate::results::{table, Mode, Point, Results};
 
 /// A forwarder to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -54,16 +55,6 @@ impl Target {
     }
 }
 
-/// What is measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Paced load: 50 packets/s per direction per channel.
-    Paced,
-    /// Maximum rate: queued bursts drained.
-    Drain,
-}
-
 /// `bench compare` settings.
 #[derive(Clone, Debug)]
 pub struct CompareConfig {
@@ -87,54 +78,27 @@ pub struct CompareConfig {
     pub relay_args: Vec<String>,
 }
 
-/// One measured point.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Point {
-    /// Target name.
-    pub target: String,
-    /// Channels.
-    pub channels: u32,
-    /// Packets that crossed the forwarder in the window (both directions).
-    pub packets: u64,
-    /// Forwarder CPU time over the window, nanoseconds.
-    pub cpu_ns: u64,
-    /// `cpu_ns / packets`.
-    pub cpu_ns_per_packet: f64,
-    /// io_uring_enter calls (or wake-ups) per packet, where counted.
-    pub enters_per_packet: Option<f64>,
-    /// Packets sent and not returned (whole run).
-    pub lost: u64,
-    /// End-to-end p50 minus the baseline's, microseconds.
-    pub added_p50_us: f64,
-    /// End-to-end p99 minus the baseline's, microseconds.
-    pub added_p99_us: f64,
-    /// End-to-end max minus the baseline's, microseconds.
-    pub added_max_us: f64,
-    /// The relay's own receive-to-send time, p99 over both directions' worst, microseconds
-    /// (relay targets only: the others do not measure themselves).
-    pub forward_p99_us: Option<f64>,
-    /// Drain mode: packets per second forwarded.
-    pub drain_pps: Option<f64>,
-    /// Why the point is missing, if it is.
-    pub skipped: Option<String>,
-}
-
-/// The whole result.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Results {
-    /// The mode.
-    pub mode: Mode,
-    /// Measured seconds per point.
-    pub duration_s: f64,
-    /// Machine description.
-    pub machine: String,
-    /// Every point.
-    pub points: Vec<Point>,
-}
-
+/// `bench floor`'s first port (channel i on FLOOR_BASE + i).
 const FLOOR_BASE: u16 = 30_000;
-const RTPENGINE_LOCAL_BASE: u16 = 40_000;
+/// loadgen's first port toward rtpengine (call i's caller on RTPENGINE_LOCAL_BASE + i): rtpengine
+/// is told the callers' addresses in advance.
+const RTPENGINE_LOCAL_BASE: u16 = 10_000;
+/// rtpengine's first media port; its range is sized for the call count.
+const RTPENGINE_MEDIA_BASE: u16 = 16_000;
+/// Media ports rtpengine takes per call: RTP and RTCP on each of its two legs.
+const RTPENGINE_PORTS_PER_CALL: u32 = 4;
 const RTPENGINE_NG: &str = "127.0.0.1:22222";
+
+/// rtpengine's media port range for `calls` calls: 4 a call and a quarter more for the ports it
+/// finds taken, from [`RTPENGINE_MEDIA_BASE`]; an error when that passes 65535.
+fn rtpengine_ports(calls: u32) -> anyhow::Result<(u16, u16)> {
+    let need = calls * RTPENGINE_PORTS_PER_CALL;
+    let last = u32::from(RTPENGINE_MEDIA_BASE) + need + need / 4 + 64;
+    let last = u16::try_from(last).map_err(|_| {
+        anyhow!("rtpengine needs {need} media ports for {calls} calls, more than fit above {RTPENGINE_MEDIA_BASE}")
+    })?;
+    Ok((RTPENGINE_MEDIA_BASE, last))
+}
 
 /// Starts a workspace binary and waits for its ready line; an error (never a panic: the release
 /// profile aborts, which would leave the children running).
@@ -146,26 +110,51 @@ fn other_core(core: usize) -> usize {
     usize::from(core == 0)
 }
 
-/// Runs the comparison; prints the table, writes `compare.json` and `compare.svg` in `out`.
+/// Runs the comparison, writing `compare.json` (and in paced mode `compare.svg`) in `out` after
+/// every point, so what was measured survives anything that stops the run. A point that fails
+/// (refused set-up, a crash, no traffic) becomes a failed cell and the run goes on; once `stop`
+/// is set (Ctrl-C, SIGTERM) the point under way is abandoned and the run ends with what it has.
 ///
 /// # Errors
-/// A process could not be started or a run failed.
-pub fn run(cfg: &CompareConfig) -> anyhow::Result<Results> {
+/// The output directory or its files cannot be written.
+pub fn run(cfg: &CompareConfig, stop: &AtomicBool) -> anyhow::Result<Results> {
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create {}", cfg.out.display()))?;
     // Before any thread is pinned (the core count follows this thread's affinity).
-    let machine = machine();
-    let mut points = Vec::new();
-    for &n in &cfg.channels {
+    let mut results = Results {
+        mode: cfg.mode,
+        duration_s: cfg.duration.as_secs_f64(),
+        machine: machine(),
+        points: Vec::new(),
+        interrupted: false,
+    };
+    let why = |e: &anyhow::Error| {
+        if stop.load(Ordering::Relaxed) {
+            "interrupted".to_owned()
+        } else {
+            format!("{e:#}")
+        }
+    };
+    'run: for &n in &cfg.channels {
         let baseline = match cfg.mode {
-            Mode::Paced => Some(paced(cfg, None, n).context("baseline run")?),
-            Mode::Drain => None,
+            Mode::Paced if !stop.load(Ordering::Relaxed) => match paced(cfg, None, n, stop) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    eprintln!("bench: the baseline with {n} channels failed: {}", why(&e));
+                    results.points.push(Point::failed("baseline", n, why(&e)));
+                    None
+                }
+            },
+            _ => None,
         };
         for &t in &cfg.targets {
+            if stop.load(Ordering::Relaxed) {
+                break 'run;
+            }
             eprintln!("bench: {} with {n} channels", t.name());
             let p = match cfg.mode {
-                Mode::Paced => paced(cfg, Some(t), n),
-                Mode::Drain => drain(cfg, t, n),
+                Mode::Paced => paced(cfg, Some(t), n, stop),
+                Mode::Drain => drain(cfg, t, n, stop),
             };
             let mut p = match p {
                 Ok(p) => p,
@@ -175,32 +164,38 @@ pub fn run(cfg: &CompareConfig) -> anyhow::Result<Results> {
                     )),
                     ..Point::default()
                 },
-                Err(e) => return Err(e.context(format!("{} with {n} channels", t.name()))),
+                Err(e) => {
+                    eprintln!("bench: {} with {n} channels failed: {}", t.name(), why(&e));
+                    Point::failed(t.name(), n, why(&e))
+                }
             };
             p.target = t.name().into();
             p.channels = n;
-            if let (Some(b), None) = (&baseline, &p.skipped) {
-                p.added_p50_us -= b.added_p50_us;
-                p.added_p99_us -= b.added_p99_us;
-                p.added_max_us -= b.added_max_us;
+            if p.measured() && cfg.mode == Mode::Paced {
+                let minus = |v: Option<f64>, b: Option<f64>| v.zip(b).map(|(v, b)| v - b);
+                let b = baseline.as_ref();
+                p.added_p50_us = minus(p.added_p50_us, b.and_then(|b| b.added_p50_us));
+                p.added_p99_us = minus(p.added_p99_us, b.and_then(|b| b.added_p99_us));
+                p.added_max_us = minus(p.added_max_us, b.and_then(|b| b.added_max_us));
             }
-            points.push(p);
+            results.points.push(p);
+            write(cfg, &results)?;
         }
     }
-    let results = Results {
-        mode: cfg.mode,
-        duration_s: cfg.duration.as_secs_f64(),
-        machine,
-        points,
-    };
-    std::fs::write(
-        cfg.out.join("compare.json"),
-        serde_json::to_string_pretty(&results)? + "\n",
-    )?;
-    if cfg.mode == Mode::Paced {
-        crate::chart::draw(&results, &cfg.out.join("compare.svg"))?;
-    }
+    results.interrupted = stop.load(Ordering::Relaxed);
+    write(cfg, &results)?;
     Ok(results)
+}
+
+/// Writes `compare.json` and, in paced mode, `compare.svg` for the points so far.
+fn write(cfg: &CompareConfig, results: &Results) -> anyhow::Result<()> {
+    let json = cfg.out.join("compare.json");
+    std::fs::write(&json, serde_json::to_string_pretty(results)? + "\n")
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    if cfg.mode == Mode::Paced {
+        crate::chart::draw(results, &cfg.out.join("compare.svg"))?;
+    }
+    Ok(())
 }
 
 fn rtpengine_installed() -> bool {
@@ -357,6 +352,7 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
             if UdpSocket::bind(RTPENGINE_NG).is_err() {
                 bail!("{RTPENGINE_NG} is taken: is another rtpengine running?");
             }
+            let (first, last) = rtpengine_ports(n)?;
             let child = std::process::Command::new("taskset")
                 .args([
                     "-c",
@@ -376,9 +372,9 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
                     "-n",
                     RTPENGINE_NG,
                     "-m",
-                    "50000",
+                    &first.to_string(),
                     "-M",
-                    "59999",
+                    &last.to_string(),
                 ])
                 .args(["--num-threads", "1", "--delete-delay", "0"])
                 .stdout(std::process::Stdio::null())
@@ -435,7 +431,12 @@ fn wakeups(metrics_url: &str) -> Option<f64> {
     })
 }
 
-fn paced(cfg: &CompareConfig, t: Option<Target>, n: u32) -> anyhow::Result<Point> {
+fn paced(
+    cfg: &CompareConfig,
+    t: Option<Target>,
+    n: u32,
+    stop: &AtomicBool,
+) -> anyhow::Result<Point> {
     let (_echo, echo_addr) = start_echo(cfg)?;
     let running = match t {
         Some(t) => Some(start_target(cfg, t, n, &echo_addr)?),
@@ -467,10 +468,14 @@ fn paced(cfg: &CompareConfig, t: Option<Target>, n: u32) -> anyhow::Result<Point
         .as_ref()
         .and_then(|r| r.metrics.as_deref())
         .and_then(wakeups);
-    let out = std::process::Command::new(testkit::bin("loadgen"))
-        .args(&args)
-        .output()
-        .context("running loadgen")?;
+    // loadgen ends by itself after the warm-up and the window; a minute more is a hang.
+    let limit = cfg.warmup + cfg.duration + Duration::from_secs(60);
+    let out = testkit::output(
+        std::process::Command::new(testkit::bin("loadgen")).args(&args),
+        limit,
+        Some(stop),
+    )
+    .context("running loadgen")?;
     let after = running
         .as_ref()
         .and_then(|r| r.metrics.as_deref())
@@ -493,6 +498,9 @@ fn paced(cfg: &CompareConfig, t: Option<Target>, n: u32) -> anyhow::Result<Point
     let us = |v: &Value| u(v) as f64 / 1e3;
     let total_packets = u(&r["packets_sent"]) + u(&r["packets_received"]);
     drop(running);
+    if packets == 0 {
+        bail!("no packet crossed the forwarder in the measured window");
+    }
     Ok(Point {
         packets,
         cpu_ns,
@@ -507,18 +515,18 @@ fn paced(cfg: &CompareConfig, t: Option<Target>, n: u32) -> anyhow::Result<Point
             us(&r["relay"]["forward"]["to_echo"]["p99_ns"])
                 .max(us(&r["relay"]["forward"]["to_asterisk"]["p99_ns"]))
         }),
-        added_p50_us: us(&r["e2e_rtt"]["p50_ns"]),
-        added_p99_us: us(&r["e2e_rtt"]["p99_ns"]),
-        added_max_us: us(&r["e2e_rtt"]["max_ns"]),
+        added_p50_us: Some(us(&r["e2e_rtt"]["p50_ns"])),
+        added_p99_us: Some(us(&r["e2e_rtt"]["p99_ns"])),
+        added_max_us: Some(us(&r["e2e_rtt"]["max_ns"])),
         ..Point::default()
     })
 }
 
 /// Drain: `burst` datagrams queued on each of `n` sockets while the forwarder is stopped, then
 /// timed from SIGCONT until every echo is back (or 10 s).
-fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
+fn drain(cfg: &CompareConfig, t: Target, n: u32, stop: &AtomicBool) -> anyhow::Result<Point> {
     // This thread plays loadgen: on the other core, with the echo.
-    let _ = relay::pin_current_thread(other_core(cfg.core));
+    let _ = relay_io::pin_current_thread(other_core(cfg.core));
     let (_echo, echo_addr) = start_echo(cfg)?;
     let running = start_target(cfg, t, n, &echo_addr)?;
     let sockets: Vec<UdpSocket> = (0..n)
@@ -528,8 +536,7 @@ fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
             } else {
                 0
             };
-            let s = relay::dataplane::bind_channel_socket("127.0.0.1".parse()?, port, 8 << 20)
-                .map_err(|e| anyhow!("{}", e.message))?;
+            let s = relay_io::bind_udp("127.0.0.1".parse()?, port, 8 << 20)?;
             s.set_nonblocking(true)?;
             Ok(s)
         })
@@ -548,12 +555,15 @@ fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
         if took >= Duration::from_secs(1) {
             break;
         }
+        if stop.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
         let _ = std::process::Command::new("kill")
             .args(["-STOP", &pid])
             .status();
         send_burst(&sockets, &targets, cfg.burst)?;
         want += per_round;
-        let cpu0 = relay::cpu_time_ns(&stat).unwrap_or(0);
+        let cpu0 = relay_io::cpu_time_ns(&stat).unwrap_or(0);
         let start = Instant::now();
         let _ = std::process::Command::new("kill")
             .args(["-CONT", &pid])
@@ -561,13 +571,18 @@ fn drain(cfg: &CompareConfig, t: Target, n: u32) -> anyhow::Result<Point> {
         let mut got = 0u64;
         wait_back(&sockets, per_round, &mut got, Duration::from_secs(10))?;
         took += start.elapsed();
-        cpu += relay::cpu_time_ns(&stat).unwrap_or(0).saturating_sub(cpu0);
+        cpu += relay_io::cpu_time_ns(&stat)
+            .unwrap_or(0)
+            .saturating_sub(cpu0);
         back += got;
         if got < per_round {
             break; // datagrams lost: the rate is what came back
         }
     }
     drop(running);
+    if back == 0 {
+        bail!("no packet came back through the forwarder");
+    }
     #[allow(clippy::cast_precision_loss)] // rates
     Ok(Point {
         packets: back * 2,
@@ -654,103 +669,6 @@ fn wait_back(
         }
     }
     Ok(())
-}
-
-/// The table: one block per channel count, CPU ratios against `uring`.
-#[must_use]
-pub fn table(r: &Results) -> String {
-    let mut out = String::new();
-    let mut by_n: BTreeMap<u32, Vec<&Point>> = BTreeMap::new();
-    for p in &r.points {
-        by_n.entry(p.channels).or_default().push(p);
-    }
-    let paced = r.mode == Mode::Paced;
-    let _ = if paced {
-        writeln!(
-            out,
-            "machine: {}; paced, {:.0} s measured per point after a warm-up",
-            r.machine, r.duration_s
-        )
-    } else {
-        writeln!(
-            out,
-            "machine: {}; drain: bursts queued on every socket while the forwarder is stopped",
-            r.machine
-        )
-    };
-    let opt = |v: Option<f64>, prec: usize| v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"));
-    for (n, ps) in by_n {
-        let uring = ps
-            .iter()
-            .find(|p| p.target == "uring")
-            .map(|p| p.cpu_ns_per_packet);
-        let _ = if paced {
-            writeln!(
-                out,
-                "\n{n} channels ({} packets/s through the forwarder)",
-                u64::from(n) * 100
-            )
-        } else {
-            writeln!(out, "\n{n} channels")
-        };
-        let _ = if paced {
-            writeln!(
-                out,
-                "  {:<10} {:>11} {:>9} {:>11} {:>7} {:>13} {:>13} {:>13} {:>13}",
-                "target",
-                "CPU ns/pkt",
-                "vs uring",
-                "enters/pkt",
-                "lost",
-                "added p50 µs",
-                "added p99 µs",
-                "added max µs",
-                "fwd p99 µs"
-            )
-        } else {
-            writeln!(
-                out,
-                "  {:<10} {:>11} {:>9} {:>7} {:>14}",
-                "target", "CPU ns/pkt", "vs uring", "lost", "packets/s"
-            )
-        };
-        for p in ps {
-            if let Some(why) = &p.skipped {
-                let _ = writeln!(out, "  {:<10} skipped: {why}", p.target);
-                continue;
-            }
-            let ratio = uring.filter(|u| *u > 0.0).map_or_else(
-                || "-".into(),
-                |u| format!("{:.2}x", p.cpu_ns_per_packet / u),
-            );
-            let _ = if paced {
-                writeln!(
-                    out,
-                    "  {:<10} {:>11.0} {:>9} {:>11} {:>7} {:>13.1} {:>13.1} {:>13.1} {:>13}",
-                    p.target,
-                    p.cpu_ns_per_packet,
-                    ratio,
-                    opt(p.enters_per_packet, 3),
-                    p.lost,
-                    p.added_p50_us,
-                    p.added_p99_us,
-                    p.added_max_us,
-                    opt(p.forward_p99_us, 1),
-                )
-            } else {
-                writeln!(
-                    out,
-                    "  {:<10} {:>11.0} {:>9} {:>7} {:>14}",
-                    p.target,
-                    p.cpu_ns_per_packet,
-                    ratio,
-                    p.lost,
-                    opt(p.drain_pps, 0),
-                )
-            };
-        }
-    }
-    out
 }
 
 /// Flushes standard output (the table is printed before the chart is drawn).

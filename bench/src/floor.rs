@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
-use relay::ring::Ring;
+use relay_io::ring::Ring;
 
 const RECV: u64 = 1 << 32;
 const SEND: u64 = 2 << 32;
@@ -40,18 +40,18 @@ pub struct FloorConfig {
 /// A socket cannot be bound or the ring cannot be set up.
 pub fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
     if let Some(core) = cfg.core {
-        if !relay::pin_current_thread(core) {
+        if !relay_io::pin_current_thread(core) {
             eprintln!("floor: cannot pin to core {core}");
         }
     }
-    let _ = relay::ring::raise_nofile_limit();
+    let _ = relay_io::raise_nofile_limit();
     let n = usize::try_from(cfg.channels)?;
     let sockets: Vec<UdpSocket> = (0..cfg.channels)
         .map(|i| {
             let port = u16::try_from(u32::from(cfg.port_base) + i)
                 .map_err(|_| anyhow!("--port-base + --channels passes 65535"))?;
-            relay::dataplane::bind_channel_socket(cfg.bind, port, 4 << 20)
-                .map_err(|e| anyhow!("binding port {port}: {}", e.message))
+            relay_io::bind_udp(cfg.bind, port, 4 << 20)
+                .map_err(|e| anyhow!("binding port {port}: {e}"))
         })
         .collect::<anyhow::Result<_>>()?;
     let mut ring = Ring::new(4096, cfg.buffers, cfg.channels).context("io_uring")?;

@@ -10,11 +10,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
+use appkit::flags::parse_duration;
 use bench::compare::{CompareConfig, Mode, Target};
 use clap::{Parser, Subcommand};
-use relay_proto::time::parse_duration;
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -109,8 +111,8 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Plot { json, svg } => {
             let r: anyhow::Result<()> = (|| {
-                let r: bench::compare::Results = serde_json::from_slice(&std::fs::read(&json)?)?;
-                print!("{}", bench::compare::table(&r));
+                let r: bench::results::Results = serde_json::from_slice(&std::fs::read(&json)?)?;
+                print!("{}", bench::results::table(&r));
                 bench::chart::draw(&r, &svg)
             })();
             match r {
@@ -177,7 +179,15 @@ fn main() -> ExitCode {
                 core: a.core,
                 relay_args: a.relay_arg,
             };
-            match bench::compare::run(&cfg) {
+            // Ctrl-C or SIGTERM ends the run with what it measured (the children, which a
+            // terminal's Ctrl-C reaches too, are stopped and reaped by their guards).
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {
+                    eprintln!("bench compare: cannot catch signal {sig}: {e}");
+                }
+            }
+            match bench::compare::run(&cfg, &stop) {
                 Ok(r) => {
                     print!("{}", bench::compare::table(&r));
                     bench::compare::flush();
@@ -190,6 +200,14 @@ fn main() -> ExitCode {
                             ""
                         }
                     );
+                    let failed = r.failures().count();
+                    if failed > 0 || r.interrupted {
+                        eprintln!(
+                            "bench compare: {failed} point(s) failed{}",
+                            if r.interrupted { ", interrupted" } else { "" }
+                        );
+                        return ExitCode::FAILURE;
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

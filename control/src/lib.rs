@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use appkit::http;
+use axum::http::StatusCode;
 pub use relay_proto::control as protocol;
 use serde_json::json;
 
@@ -48,10 +50,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     {
         let ctl = Arc::clone(&ctl);
         let metrics = Arc::clone(&metrics);
-        tokio::spawn(relay::http::serve(listener, move |path| {
-            let (ctl, metrics) = (Arc::clone(&ctl), Arc::clone(&metrics));
-            async move { page(&ctl, &metrics, &path).await }
-        }));
+        tokio::spawn(http::serve(listener, router(ctl, metrics)));
     }
     tokio::spawn(events::run(
         cfg.clone(),
@@ -120,50 +119,69 @@ async fn log_summary(ctl: &Controller, m: &Metrics) {
 
 /// `/metrics`, `/healthz` (200 when both the events WebSocket and the relay are connected) and
 /// `/stats` (JSON: calls, ports, links, set-up times, the relay's global statistics).
-async fn page(ctl: &Controller, m: &Metrics, path: &str) -> relay::http::Page {
-    match path {
-        "/metrics" => ("200 OK", relay::http::PROMETHEUS_TEXT, m.render()),
-        "/healthz" => {
-            let (ws, relay) = (m.ws_connected.get() == 1, m.relay_connected.get() == 1);
-            let body = format!("events_ws {}\nrelay {}\n", up(ws), up(relay));
-            if ws && relay {
-                ("200 OK", "text/plain", body)
-            } else {
-                ("503 Service Unavailable", "text/plain", body)
-            }
+fn router(ctl: Arc<Controller>, m: Arc<Metrics>) -> axum::Router {
+    use axum::routing::get;
+    let metrics = {
+        let m = Arc::clone(&m);
+        move || {
+            let m = Arc::clone(&m);
+            async move { http::prometheus_text(m.render()) }
         }
-        "/stats" => {
-            let (free, in_use, exhausted) = ctl.ports();
-            let outcome = |o: &str| m.calls.with_label_values(&[o]).get();
-            let relay = ctl.relay().global().await.ok();
-            let body = json!({
-                "calls": {
-                    "active": ctl.active(),
-                    "bridged": m.calls_bridged.get(),
-                    "completed": outcome("completed"),
-                    "abandoned": outcome("abandoned"),
-                    "no_port": outcome("no_port"),
-                    "failed": outcome("failed"),
-                    "setup": m.setup_summary(),
-                },
-                "ports": {"free": free, "in_use": in_use, "exhausted": exhausted},
-                "links": {
-                    "events_ws": m.ws_connected.get() == 1,
-                    "ws_reconnects": m.ws_reconnects.get(),
-                    "relay": m.relay_connected.get() == 1,
-                    "relay_resyncs": m.relay_resyncs.get(),
-                    "relay_channels": ctl.relay().len(),
-                },
-                "relay": relay,
-            });
-            ("200 OK", "application/json", format!("{body:#}\n"))
+    };
+    let healthz = {
+        let m = Arc::clone(&m);
+        move || {
+            let m = Arc::clone(&m);
+            async move { healthz(&m) }
         }
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics, /healthz or /stats\n".into(),
-        ),
-    }
+    };
+    let stats = move || {
+        let (ctl, m) = (Arc::clone(&ctl), Arc::clone(&m));
+        async move { stats(&ctl, &m).await }
+    };
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/stats", get(stats))
+        .fallback(http::not_found("/metrics, /healthz or /stats"))
+}
+
+fn healthz(m: &Metrics) -> axum::response::Response {
+    let (ws, relay) = (m.ws_connected.get() == 1, m.relay_connected.get() == 1);
+    let body = format!("events_ws {}\nrelay {}\n", up(ws), up(relay));
+    let status = if ws && relay {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    http::text(status, body)
+}
+
+async fn stats(ctl: &Controller, m: &Metrics) -> axum::response::Response {
+    let (free, in_use, exhausted) = ctl.ports();
+    let outcome = |o: &str| m.calls.with_label_values(&[o]).get();
+    let relay = ctl.relay().global().await.ok();
+    let body = json!({
+        "calls": {
+            "active": ctl.active(),
+            "bridged": m.calls_bridged.get(),
+            "completed": outcome("completed"),
+            "abandoned": outcome("abandoned"),
+            "no_port": outcome("no_port"),
+            "failed": outcome("failed"),
+            "setup": m.setup_summary(),
+        },
+        "ports": {"free": free, "in_use": in_use, "exhausted": exhausted},
+        "links": {
+            "events_ws": m.ws_connected.get() == 1,
+            "ws_reconnects": m.ws_reconnects.get(),
+            "relay": m.relay_connected.get() == 1,
+            "relay_resyncs": m.relay_resyncs.get(),
+            "relay_channels": ctl.relay().len(),
+        },
+        "relay": relay,
+    });
+    http::json_text(format!("{body:#}\n"))
 }
 
 const fn up(b: bool) -> &'static str {

@@ -8,6 +8,7 @@
 //!
 //! Counts are published to atomics once per batch for `/metrics`, and printed as a JSON line on
 //! standard output when the echo exits (SIGTERM, SIGINT, or `--duration`).
+#![forbid(unsafe_code)]
 
 pub mod faults;
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use relay::ring::{Completion, Ring};
+use relay_io::ring::{Completion, Ring};
 use serde::Serialize;
 
 use crate::faults::{Action, EchoCounts, FaultConfig, Faults};
@@ -74,8 +75,8 @@ impl SharedCounts {
     /// Prometheus text.
     #[must_use]
     pub fn render(&self) -> String {
+        use appkit::prom::{counter_metric, encode, gauge_metric, named_family};
         use prometheus::proto::MetricType::{COUNTER, GAUGE};
-        use relay::metrics::{counter_metric, encode, gauge_metric, named_family};
         let counter = |name: &str, help: &str, v: &AtomicU64| {
             named_family(
                 name,
@@ -169,19 +170,15 @@ pub fn run(
     config: &Config,
     stop: &AtomicBool,
     shared: &SharedCounts,
-    ready: impl FnOnce(SocketAddr, Arc<relay::ring::EventFd>),
+    ready: impl FnOnce(SocketAddr, Arc<relay_io::ring::EventFd>),
 ) -> anyhow::Result<Summary> {
     if let Some(id) = config.core {
-        if !relay::pin_current_thread(id) {
+        if !relay_io::pin_current_thread(id) {
             tracing::warn!(core = id, "cannot pin the echo to this core");
         }
     }
-    let socket = relay::dataplane::bind_channel_socket(
-        config.listen.ip(),
-        config.listen.port(),
-        config.rcvbuf,
-    )
-    .map_err(|e| anyhow::anyhow!("--listen {}: {}", config.listen, e.message))?;
+    let socket = relay_io::bind_udp(config.listen.ip(), config.listen.port(), config.rcvbuf)
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", config.listen))?;
     let listen = socket.local_addr()?;
     let mut ring = Ring::with_tx(4096, config.buffers, 1, 1024).context("io_uring")?;
     ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&socket))?;
@@ -193,8 +190,7 @@ pub fn run(
     let mut faults: Faults<Item> = Faults::new(config.faults.clone());
     let mut clean_counts = EchoCounts::default();
     let start = Instant::now();
-    let thread_stat = std::path::Path::new("/proc/thread-self/stat");
-    let cpu_start = relay::cpu_time_ns(thread_stat);
+    let cpu_start = relay_io::thread_cpu_ns();
     let deadline = config.duration.map(|d| start + d);
     let mut rearm = false;
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
@@ -249,7 +245,7 @@ pub fn run(
     let counts = if clean { clean_counts } else { faults.counts() };
     shared.store(&counts, faults.held());
     let secs = start.elapsed().as_secs_f64();
-    let cpu = relay::cpu_time_ns(thread_stat)
+    let cpu = relay_io::thread_cpu_ns()
         .zip(cpu_start)
         .map(|(b, a)| b.saturating_sub(a) as f64 / 1e9);
     Ok(Summary {

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use appkit::flags::parse_duration;
 use clap::Parser;
 use echo::faults::FaultConfig;
 use echo::{Config, SharedCounts};
-use relay_proto::time::parse_duration;
 
 /// The echo's command line.
 #[derive(Debug, Parser)]
@@ -132,7 +132,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    relay::init_logging();
+    appkit::init_logging();
     match run(&config) {
         Ok(summary) => {
             println!("{}", serde_json::to_string(&summary).unwrap_or_default());
@@ -175,16 +175,7 @@ fn run(config: &Config) -> anyhow::Result<echo::Summary> {
                     .map_err(|e| anyhow::anyhow!("cannot listen on --metrics {addr}: {e}"))?;
                 let local = l.local_addr()?;
                 let shared = Arc::clone(&shared);
-                let task = tokio::spawn(relay::http::serve(l, move |path: String| {
-                    let shared = Arc::clone(&shared);
-                    async move {
-                        match path.as_str() {
-                            "/metrics" => ("200 OK", relay::http::PROMETHEUS_TEXT, shared.render()),
-                            "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                            _ => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_owned()),
-                        }
-                    }
-                }));
+                let task = tokio::spawn(appkit::http::serve(l, metrics_router(shared)));
                 Some((local, task))
             }
             None => None,
@@ -214,4 +205,23 @@ fn run(config: &Config) -> anyhow::Result<echo::Summary> {
     })?;
     io.join()
         .map_err(|_| anyhow::anyhow!("the echo thread panicked"))?
+}
+
+/// `/metrics` (the echo's counters) and `/healthz`.
+fn metrics_router(shared: Arc<SharedCounts>) -> axum::Router {
+    use appkit::http;
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let shared = Arc::clone(&shared);
+                async move { http::prometheus_text(shared.render()) }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(|| async { http::text(axum::http::StatusCode::OK, "ok\n") }),
+        )
+        .fallback(http::not_found("/metrics or /healthz"))
 }

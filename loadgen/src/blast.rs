@@ -10,7 +10,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
-use relay::ring::Ring;
+use relay_io::ring::Ring;
 use relay_proto::rtp::{RtpHeader, RTP_HEADER_LEN};
 use relay_proto::Ssrc;
 use serde::Serialize;
@@ -53,7 +53,7 @@ const KIND: u64 = 0xff << 56;
 /// Set-up or the ring failed.
 pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
     if let Some(id) = cfg.core {
-        if !relay::pin_current_thread(id) {
+        if !relay_io::pin_current_thread(id) {
             eprintln!("loadgen: cannot pin to core {id}");
         }
     }
@@ -62,10 +62,7 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
     let tx = u16::try_from(in_flight.next_power_of_two().min(1 << 15))
         .map_err(|_| anyhow!("--sockets × --window too large"))?;
     let sockets: Vec<UdpSocket> = (0..n)
-        .map(|_| {
-            relay::dataplane::bind_channel_socket([127, 0, 0, 1].into(), 0, 8 << 20)
-                .map_err(|e| anyhow!("{}", e.message))
-        })
+        .map(|_| relay_io::bind_udp([127, 0, 0, 1].into(), 0, 8 << 20).map_err(anyhow::Error::from))
         .collect::<Result<_, _>>()?;
     let mut ring = Ring::with_tx(4096, tx, n, tx).context("io_uring")?;
     for (i, s) in sockets.iter().enumerate() {

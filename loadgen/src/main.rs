@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use appkit::flags::parse_duration;
 use clap::{Parser, Subcommand};
 use loadgen::rtp;
-use relay_proto::time::parse_duration;
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -194,7 +194,7 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
         eprintln!("loadgen: invalid value for --max-loss: a fraction in 0..=1");
         return ExitCode::from(2);
     }
-    relay::init_logging();
+    appkit::init_logging();
     let cfg = loadgen::sim::SimConfig {
         listen: a.listen,
         user: a.ari_user,

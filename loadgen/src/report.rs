@@ -14,7 +14,37 @@ use relay_proto::stats::{LatencyHistogram, PerDirection};
 use relay_proto::{ChannelStats, GlobalStats, LatencySummary};
 use serde::Serialize;
 
-use crate::rtp::{ChanTotals, RtpConfig};
+/// The run as it was planned: what the report states beside what was measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// Channels asked for.
+    pub channels: u32,
+    /// How long they sent.
+    pub duration: std::time::Duration,
+    /// Packet interval.
+    pub ptime: std::time::Duration,
+}
+
+/// What one channel saw, for the report.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChanTotals {
+    /// Packets sent.
+    pub sent: u64,
+    /// Packets whose first return was measured.
+    pub matched: u64,
+    /// RTP loss of the returned stream (A.1).
+    pub lost: u64,
+    /// Duplicates returned.
+    pub duplicates: u64,
+    /// Reordered returns.
+    pub reordered: u64,
+    /// Late returns.
+    pub late: u64,
+    /// Returns with a wrong payload.
+    pub corrupt: u64,
+    /// Datagrams from a wrong source or SSRC.
+    pub wrong_source: u64,
+}
 
 /// What the relay reported about the run.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -174,7 +204,7 @@ impl Report {
     /// Assembles the report.
     #[must_use]
     pub fn build(
-        cfg: &RtpConfig,
+        cfg: &Plan,
         added: usize,
         chans: &[ChanTotals],
         e2e: &LatencyHistogram<u64>,

@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
-use relay::ring::{Completion, Ring};
+use relay_io::ring::{Completion, Ring};
 use relay_proto::rng::SplitMix64;
 use relay_proto::rtp::{parse_rtp, RtpHeader, RTP_HEADER_LEN};
 use relay_proto::seq::{SeqEvent, SequenceTracker};
@@ -34,7 +34,7 @@ use relay_proto::timing::{LatenessConfig, Timing};
 use relay_proto::{Format, MonoTime, Ssrc};
 
 use crate::ctl::RelayClient;
-use crate::report::{RelaySide, Report};
+use crate::report::{ChanTotals, Plan, RelaySide, Report};
 
 /// Settings of a run.
 #[derive(Clone, Debug)]
@@ -161,7 +161,7 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         return Err(anyhow!("--channels must be at least 1"));
     }
     if let Some(id) = cfg.core {
-        if !relay::pin_current_thread(id) {
+        if !relay_io::pin_current_thread(id) {
             eprintln!("loadgen: cannot pin to core {id}");
         }
     }
@@ -172,13 +172,8 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
                     .map_err(|_| anyhow!("--local-port-base + --channels passes 65535"))?,
                 None => 0,
             };
-            relay::dataplane::bind_channel_socket(cfg.bind, port, 1 << 20).map_err(|e| {
-                anyhow!(
-                    "binding a channel socket on --bind {}: {}",
-                    cfg.bind,
-                    e.message
-                )
-            })
+            relay_io::bind_udp(cfg.bind, port, 1 << 20)
+                .map_err(|e| anyhow!("binding a channel socket on --bind {}: {e}", cfg.bind))
         })
         .collect::<Result<_, _>>()?;
     let locals: Vec<SocketAddr> = sockets
@@ -253,7 +248,7 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
     };
 
     let clock = Instant::now();
-    let mut relay_cpu_start = cfg.relay_pid.and_then(process_cpu_ns);
+    let mut relay_cpu_start = cfg.relay_pid.and_then(relay_io::process_cpu_ns);
     let warmup_end = duration_nanos(cfg.warmup);
     let mut warm = cfg.warmup.is_zero();
     let mut window_start = (0u64, 0u64);
@@ -298,7 +293,7 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
             // The measured window starts: latency from here, CPU from here, counts from here.
             warm = true;
             e2e = LatencyHistogram::new(3);
-            relay_cpu_start = cfg.relay_pid.and_then(process_cpu_ns);
+            relay_cpu_start = cfg.relay_pid.and_then(relay_io::process_cpu_ns);
             window_start = (
                 chans.iter().map(|c| c.sent).sum(),
                 chans.iter().map(|c| c.matched).sum(),
@@ -385,7 +380,7 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
 
     let relay_cpu = cfg
         .relay_pid
-        .and_then(process_cpu_ns)
+        .and_then(relay_io::process_cpu_ns)
         .zip(relay_cpu_start)
         .map(|(end, start)| end.saturating_sub(start));
     let ctl = helper
@@ -407,19 +402,19 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         sent: chans.iter().map(|c| c.sent).sum::<u64>() - window_start.0,
         returned: chans.iter().map(|c| c.matched).sum::<u64>() - window_start.1,
     };
+    let plan = Plan {
+        channels: cfg.channels,
+        duration: cfg.duration,
+        ptime: cfg.ptime,
+    };
     Ok(Report::build(
-        cfg,
+        &plan,
         added,
         &chans.iter().map(ChanTotals::from).collect::<Vec<_>>(),
         &e2e,
         relay_side,
         window,
     ))
-}
-
-/// CPU time of process `pid` so far, in nanoseconds.
-fn process_cpu_ns(pid: u32) -> Option<u64> {
-    relay::cpu_time_ns(std::path::Path::new(&format!("/proc/{pid}/stat")))
 }
 
 fn relay_ip(bind: IpAddr) -> IpAddr {
@@ -482,27 +477,6 @@ fn on_recv(
         }
     }
     ring.recycle(bid);
-}
-
-/// What one channel saw, for the report.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ChanTotals {
-    /// Packets sent.
-    pub sent: u64,
-    /// Packets whose first return was measured.
-    pub matched: u64,
-    /// RTP loss of the returned stream (A.1).
-    pub lost: u64,
-    /// Duplicates returned.
-    pub duplicates: u64,
-    /// Reordered returns.
-    pub reordered: u64,
-    /// Late returns.
-    pub late: u64,
-    /// Returns with a wrong payload.
-    pub corrupt: u64,
-    /// Datagrams from a wrong source or SSRC.
-    pub wrong_source: u64,
 }
 
 impl From<&Chan> for ChanTotals {

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use crate::channel_id::{BadChannelId, ChannelId, MAX_CHANNEL_ID};
 use crate::format::Format;
 use crate::stats::{ChannelStats, GlobalStats, PerDirection, TrafficCounters};
 
@@ -26,58 +27,6 @@ use crate::stats::{ChannelStats, GlobalStats, PerDirection, TrafficCounters};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Default longest request line, newline excluded.
 pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
-/// Longest channel identifier, in bytes.
-pub const MAX_CHANNEL_ID: usize = 128;
-
-/// A channel's identifier, chosen by control (for example the Asterisk channel id): 1–128
-/// printable ASCII characters, no spaces.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ChannelId(String);
-
-impl ChannelId {
-    /// The identifier as text.
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A channel identifier that is empty, too long, or not printable ASCII.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("channel id must be 1-{MAX_CHANNEL_ID} printable ASCII characters without spaces")]
-pub struct BadChannelId;
-
-impl TryFrom<String> for ChannelId {
-    type Error = BadChannelId;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        if s.is_empty() || s.len() > MAX_CHANNEL_ID || !s.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(BadChannelId);
-        }
-        Ok(Self(s))
-    }
-}
-
-impl TryFrom<&str> for ChannelId {
-    type Error = BadChannelId;
-
-    fn try_from(s: &str) -> Result<Self, Self::Error> {
-        Self::try_from(s.to_owned())
-    }
-}
-
-impl From<ChannelId> for String {
-    fn from(id: ChannelId) -> Self {
-        id.0
-    }
-}
-
-impl fmt::Display for ChannelId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// `hello`: the version handshake.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

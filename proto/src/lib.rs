@@ -15,9 +15,11 @@
 //! | [`stats`] | counters, HdrHistograms and the serialisable summaries |
 //! | [`relay`] | the state machine: channels, verdicts, commands, timers |
 //! | [`control`] | the newline-delimited JSON control protocol and its bounded decoder |
+//! | [`channel_id`] | the validated channel identifier both the protocol and the statistics use |
 //! | [`format`], [`time`], [`rng`] | media formats with their RTP clocks; monotonic time as a value; a seedable generator |
 #![forbid(unsafe_code)]
 
+pub mod channel_id;
 pub mod control;
 pub mod format;
 pub mod relay;

@@ -456,7 +456,7 @@ impl CloseReason {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChannelStats {
     /// The channel's identifier.
-    pub channel: crate::control::ChannelId,
+    pub channel: crate::channel_id::ChannelId,
     /// Its socket slot.
     pub socket: u32,
     /// Its local UDP port.

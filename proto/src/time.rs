@@ -56,50 +56,9 @@ pub fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Parses a duration as the binaries' flags take it: a number and a unit, `ns`, `us`, `ms`, `s`
-/// or `m` (`20ms`, `1.5s`, `2m`); a bare number is seconds.
-///
-/// # Errors
-/// A message saying what was expected.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let scale = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?} (use ns, us, ms, s or m)"
-            ))
-        }
-    };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 20ms, 1.5s or 2m"))?;
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("20ms"), Ok(Duration::from_millis(20)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1_500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        for bad in ["", "ms", "-1s", "5 parsecs", "1e3s", "1.2.3s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn arithmetic_saturates_instead_of_wrapping() {

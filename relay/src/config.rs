@@ -9,8 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use appkit::flags::parse_duration;
 use clap::{Parser, ValueEnum};
-use relay_proto::time::parse_duration;
 use relay_proto::RelayConfig;
 
 /// Which I/O layer drives the core.

@@ -3,16 +3,15 @@
 //! events against the core, so that the io_uring and tokio backends differ only in their I/O.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Instant;
 
 use relay_proto::{ChannelStats, Command, ErrorCode, ErrorReply, GlobalStats, MonoTime, Response};
 use serde::Serialize;
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ring::EventFd;
+use relay_io::ring::EventFd;
 
 /// A request from the control thread to the data plane.
 #[derive(Debug)]
@@ -122,35 +121,20 @@ impl Default for Clock {
     }
 }
 
-/// Binds a channel's UDP socket on `ip:port`, non-blocking, with a receive buffer of `rcvbuf`
-/// bytes (SO_RCVBUFFORCE when permitted, so a burst fits even above `net.core.rmem_max`).
+/// Binds a channel's UDP socket on `ip:port` (see [`relay_io::bind_udp`]) and turns a failure
+/// into the reply control gets.
 ///
 /// # Errors
 /// `port_in_use` when the port is taken, `io` for anything else, with the system's message.
 pub fn bind_channel_socket(ip: IpAddr, port: u16, rcvbuf: usize) -> Result<UdpSocket, ErrorReply> {
-    let addr = SocketAddr::new(ip, port);
-    let io = |what: &str, e: io::Error| {
+    relay_io::bind_udp(ip, port, rcvbuf).map_err(|e| {
         let code = if e.kind() == io::ErrorKind::AddrInUse {
             ErrorCode::PortInUse
         } else {
             ErrorCode::Io
         };
-        ErrorReply::new(code, format!("{what} {addr}: {e}"))
-    };
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::DGRAM.cloexec(),
-        Some(Protocol::UDP),
-    )
-    .map_err(|e| io("socket for", e))?;
-    if crate::ring::set_rcvbuf_force(&socket, rcvbuf).is_err() {
-        let _ = socket.set_recv_buffer_size(rcvbuf);
-    }
-    socket
-        .set_nonblocking(true)
-        .map_err(|e| io("non-blocking", e))?;
-    socket.bind(&addr.into()).map_err(|e| io("bind", e))?;
-    Ok(socket.into())
+        ErrorReply::new(code, e.to_string())
+    })
 }
 
 /// Counters only the backend can keep.

@@ -7,16 +7,15 @@
 //! requests travel on a queue ([`dataplane::Handle`]), metrics are snapshots the data plane
 //! publishes.
 //!
-//! `unsafe` code lives only in [`ring`].
-#![deny(unsafe_code)]
+//! The crate is the data plane and nothing else: the io_uring plumbing, socket set-up, pinning
+//! and CPU time are `relay-io`'s (the workspace's only `unsafe`), logging and the HTTP endpoint
+//! are `appkit`'s.
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod ctl;
 pub mod dataplane;
-pub mod http;
 pub mod metrics;
-#[allow(unsafe_code)] // the one module that talks to io_uring and libc directly
-pub mod ring;
 pub mod tokio_backend;
 pub mod uring;
 
@@ -31,45 +30,12 @@ use crate::config::{Backend, Config};
 use crate::dataplane::{BindConfig, CtlMsg, Handle};
 use crate::metrics::{Publisher, Snapshot};
 
-/// Logs to standard error, colored only on a terminal, at the level `RUST_LOG` sets (`info`
-/// by default). Shared by every binary of the workspace.
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-}
-
-/// CPU time (user + system) consumed so far by what `stat` describes: `/proc/PID/stat` for a
-/// process, `/proc/thread-self/stat` for the calling thread. In nanoseconds; `/proc` counts in
-/// USER_HZ, which is 100 on Linux, so the resolution is 10 ms. `None` if it cannot be read.
-#[must_use]
-pub fn cpu_time_ns(stat: &std::path::Path) -> Option<u64> {
-    let text = std::fs::read_to_string(stat).ok()?;
-    // Fields after the command name, which is in parentheses and may itself contain spaces.
-    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) * 10_000_000)
-}
-
-/// Pins the calling thread to CPU core `id`; false when the core does not exist or the
-/// system refuses.
-#[must_use]
-pub fn pin_current_thread(id: usize) -> bool {
-    core_affinity::set_for_current(core_affinity::CoreId { id })
-}
-
 /// Runs the relay until SIGTERM or SIGINT; returns the final global statistics.
 ///
 /// # Errors
 /// Set-up failed (control socket, metrics address, io_uring), or the data plane failed.
 pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
-    match ring::raise_nofile_limit() {
+    match relay_io::raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "file limit raised"),
         Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
@@ -106,13 +72,13 @@ pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
         .spawn(move || {
             let _exit = exit_tx; // dropped when this thread ends, whatever the reason
             if let Some(id) = core {
-                if !pin_current_thread(id) {
+                if !relay_io::pin_current_thread(id) {
                     tracing::warn!(core = id, "cannot pin the data plane to this core");
                 }
             }
             match backend {
                 Backend::Uring => {
-                    match ring::Ring::new(ring_config.sq_entries, ring_config.buffers, max_channels)
+                    match relay_io::ring::Ring::new(ring_config.sq_entries, ring_config.buffers, max_channels)
                     {
                         Ok(mut ring) => {
                             ring.set_batching(ring_config.batch, ring_config.batch_wait);
@@ -193,35 +159,5 @@ pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
         (_, Err(e)) => Err(anyhow::Error::new(e).context("the data plane failed")),
         (Some(stats), Ok(_)) => Ok(stats),
         (None, Ok(_)) => Err(anyhow!("the data plane stopped without being asked to")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cpu_time_reads_proc_and_grows_with_work() {
-        let me = std::path::Path::new("/proc/thread-self/stat");
-        let before = super::cpu_time_ns(me).expect("readable on Linux");
-        // Spin until the reading grows (it has 10 ms resolution), failing after 5 s.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut x = 0u64;
-        let after = loop {
-            for _ in 0..100_000 {
-                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-            }
-            let now = super::cpu_time_ns(me).expect("still readable");
-            if now > before {
-                break now;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "CPU time never grew from {before}"
-            );
-        };
-        assert_eq!((after - before) % 10_000_000, 0, "whole USER_HZ ticks");
-        assert_eq!(
-            super::cpu_time_ns(std::path::Path::new("/proc/none/stat")),
-            None
-        );
     }
 }

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    relay::init_logging();
+    appkit::init_logging();
     match relay::run(&config) {
         Ok(g) => {
             tracing::info!(

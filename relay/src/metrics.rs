@@ -10,14 +10,17 @@
 //! `/stats` is for people and tests: it asks the data plane for every channel's statistics
 //! through the control queue, which costs the data plane a pass over the channels.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use appkit::http;
+use appkit::prom::{counter_metric, encode, gauge_metric, label, named_family};
 use arc_swap::ArcSwap;
-use prometheus::proto::{
-    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
-};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 use relay_proto::relay::GlobalHistograms;
 use relay_proto::stats::{CloseReason, LatencyHistogram, PerDirection};
 use relay_proto::{Direction, DropReason, GlobalStats, MonoTime, Relay};
@@ -190,51 +193,8 @@ impl Publisher {
     }
 }
 
-fn label(name: &str, value: &str) -> LabelPair {
-    let mut l = LabelPair::default();
-    l.set_name(name.into());
-    l.set_value(value.into());
-    l
-}
-
 fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
     named_family(&format!("rtprelay_{name}"), help, kind, metrics)
-}
-
-/// A metric family named `name` in full (for other binaries' namespaces, e.g. `rtpecho_`).
-#[must_use]
-pub fn named_family(
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    metrics: Vec<Metric>,
-) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.into());
-    f.set_help(help.into());
-    f.set_field_type(kind);
-    f.set_metric(metrics);
-    f
-}
-
-/// A counter sample with `labels`.
-#[must_use]
-pub fn counter_metric(labels: Vec<LabelPair>, v: u64) -> Metric {
-    let mut c = Counter::default();
-    c.set_value(v as f64);
-    let mut m = Metric::from_label(labels);
-    m.set_counter(c);
-    m
-}
-
-/// A gauge sample with `labels`.
-#[must_use]
-pub fn gauge_metric(labels: Vec<LabelPair>, v: f64) -> Metric {
-    let mut g = Gauge::default();
-    g.set_value(v);
-    let mut m = Metric::from_gauge(g);
-    m.set_label(labels);
-    m
 }
 
 fn histogram_metric(labels: Vec<LabelPair>, b: &Buckets, bounds: &[f64]) -> Metric {
@@ -365,63 +325,45 @@ pub fn render(s: &Snapshot) -> String {
     encode(&families(s))
 }
 
-/// Metric families in the Prometheus text exposition format.
-#[must_use]
-pub fn encode(families: &[MetricFamily]) -> String {
-    let mut out = String::new();
-    if prometheus::TextEncoder::new()
-        .encode_utf8(families, &mut out)
-        .is_err()
-    {
-        let _ = writeln!(out, "# encoding failed");
-    }
-    out
-}
-
-/// Serves `/metrics`, `/stats` and `/healthz` until the task is dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<ArcSwap<Snapshot>>, handle: Handle) {
-    crate::http::serve(listener, move |path: String| {
-        let shared = Arc::clone(&shared);
-        let handle = handle.clone();
-        async move { page(&path, &shared, &handle).await }
-    })
-    .await;
-}
-
-async fn page(path: &str, shared: &ArcSwap<Snapshot>, handle: &Handle) -> crate::http::Page {
-    let unavailable = || {
-        (
-            "503 Service Unavailable",
-            "text/plain",
-            "data plane stopped\n".to_owned(),
+/// The endpoint's routes: `/metrics` (the current snapshot), `/stats` (every channel, asked of
+/// the data plane) and `/healthz`.
+pub fn router(shared: Arc<ArcSwap<Snapshot>>, handle: Handle) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let shared = Arc::clone(&shared);
+                async move { http::prometheus_text(render(&shared.load())) }
+            }),
         )
-    };
-    match path {
-        "/metrics" => (
-            "200 OK",
-            crate::http::PROMETHEUS_TEXT,
-            render(&shared.load()),
-        ),
-        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/stats" => {
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            if handle.send(CtlMsg::Snapshot { reply }).is_err() {
-                return unavailable();
-            }
-            match rx.await {
-                Ok(doc) => (
-                    "200 OK",
-                    "application/json",
-                    serde_json::to_string_pretty(&doc).unwrap_or_default(),
-                ),
-                Err(_) => unavailable(),
-            }
-        }
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics, /stats or /healthz\n".into(),
-        ),
+        .route(
+            "/healthz",
+            get(|| async { http::text(StatusCode::OK, "ok\n") }),
+        )
+        .route(
+            "/stats",
+            get(move || {
+                let handle = handle.clone();
+                async move { stats_page(&handle).await }
+            }),
+        )
+        .fallback(http::not_found("/metrics, /stats or /healthz"))
+}
+
+/// Serves [`router`] until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<ArcSwap<Snapshot>>, handle: Handle) {
+    http::serve(listener, router(shared, handle)).await;
+}
+
+async fn stats_page(handle: &Handle) -> Response {
+    let unavailable = || http::text(StatusCode::SERVICE_UNAVAILABLE, "data plane stopped\n");
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if handle.send(CtlMsg::Snapshot { reply }).is_err() {
+        return unavailable();
+    }
+    match rx.await {
+        Ok(doc) => http::json_text(serde_json::to_string_pretty(&doc).unwrap_or_default()),
+        Err(_) => unavailable(),
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::task::{AbortHandle, LocalSet};
 
 use crate::dataplane::{self, BackendCounters, BindConfig, Clock, CtlMsg, SocketTable};
 use crate::metrics::Publisher;
-use crate::ring::MAX_PAYLOAD;
+use relay_io::ring::MAX_PAYLOAD;
 
 /// The state the tasks share.
 struct Shared {

@@ -25,7 +25,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::dataplane::{self, BackendCounters, BindConfig, Clock, CtlMsg, SocketTable};
 use crate::metrics::Publisher;
-use crate::ring::{Completion, Ring, MAX_PAYLOAD};
+use relay_io::ring::{Completion, Ring, MAX_PAYLOAD};
 
 const KIND_SHIFT: u32 = 56;
 const RECV: u64 = 1;

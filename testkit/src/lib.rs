@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// Whether io_uring can be set up here; prints why not, so a skipped test says so.
 #[must_use]
 pub fn uring_available() -> bool {
-    match relay::ring::probe() {
+    match relay_io::ring::probe() {
         Ok(()) => true,
         Err(e) => {
             eprintln!("SKIPPED (io_uring unavailable here): {e}");
@@ -249,4 +249,77 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         .map(|(_, b)| b.to_owned())
         .ok_or_else(bad)?;
     Ok((status, body))
+}
+
+/// Why [`output`] gave up on a child.
+#[derive(Debug)]
+pub enum RunError {
+    /// It could not be started.
+    Start(std::io::Error),
+    /// It was still running at the deadline (it was killed).
+    TimedOut(Duration),
+    /// `cancel` was set while it ran (it was killed).
+    Cancelled,
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Start(e) => write!(f, "cannot start: {e}"),
+            Self::TimedOut(d) => write!(f, "still running after {d:?}, killed"),
+            Self::Cancelled => f.write_str("interrupted"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// Runs `cmd` to its end like [`std::process::Command::output`], but held in a [`Proc`] the
+/// whole time: killed and reaped if it outlives `deadline`, if `cancel` is set, or if the caller
+/// unwinds, so no child outlives the test (or the benchmark) that started it.
+///
+/// # Errors
+/// The child could not start, ran past `deadline`, or was cancelled.
+pub fn output(
+    cmd: &mut std::process::Command,
+    deadline: Duration,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<std::process::Output, RunError> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Proc(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(RunError::Start)?,
+    );
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.0.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.0.stderr.take().map(|p| Box::new(p) as _));
+    let end = Instant::now() + deadline;
+    let status = loop {
+        if let Ok(Some(s)) = child.0.try_wait() {
+            break s;
+        }
+        if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(RunError::Cancelled);
+        }
+        if Instant::now() >= end {
+            return Err(RunError::TimedOut(deadline));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }

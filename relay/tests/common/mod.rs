@@ -292,13 +292,8 @@ impl OneChannel {
 
 /// A UDP socket on loopback with a large receive buffer and a read timeout.
 pub fn udp() -> UdpSocket {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
-    if relay::ring::set_rcvbuf_force(&s, 8 << 20).is_err() {
-        let _ = s.set_recv_buffer_size(8 << 20);
-    }
-    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    let s: UdpSocket = s.into();
+    let s = relay_io::bind_udp([127, 0, 0, 1].into(), 0, 8 << 20).unwrap();
+    s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s
 }

@@ -1,5 +1,5 @@
-//! The one module of the relay with `unsafe` code: the io_uring instance, its provided-buffer
-//! ring, the per-buffer send headers, the eventfd that wakes the ring, and the file-limit raise.
+//! The io_uring instance, its provided-buffer ring, the per-buffer send headers and the eventfd
+//! that wakes the ring: what the relay, the echo, loadgen and the floor forwarder all drive.
 //!
 //! Everything here is exposed through safe methods whose invariants the module keeps:
 //! - receive buffers live in one contiguous allocation owned by [`Ring`] for as long as the ring
@@ -32,8 +32,6 @@ pub const BUFFER_SIZE: usize = 2048;
 const NAME_LEN_SOCKLEN: libc::socklen_t = NAME_LEN as libc::socklen_t;
 #[allow(clippy::cast_possible_truncation)] // checked by the assertions below
 const SIN_LEN: libc::socklen_t = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-#[allow(clippy::cast_possible_truncation)] // checked by the assertions below
-const INT_LEN: libc::socklen_t = size_of::<libc::c_int>() as libc::socklen_t;
 #[allow(clippy::cast_possible_truncation)] // checked by the assertions below
 const BUFFER_SIZE_U32: u32 = BUFFER_SIZE as u32;
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // AF_* are small positive
@@ -72,53 +70,6 @@ fn classify(step: &'static str, e: io::Error) -> SetupError {
         Some(libc::ENOSYS) => SetupError::NotSupported,
         Some(libc::EPERM) => SetupError::NotPermitted,
         _ => SetupError::Other { step, source: e },
-    }
-}
-
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
-///
-/// # Errors
-/// The system call failed.
-pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid rlimit for the duration of the call.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
-}
-
-/// Sets a socket's receive buffer with SO_RCVBUFFORCE, which may exceed `net.core.rmem_max`
-/// (needs CAP_NET_ADMIN).
-///
-/// # Errors
-/// Not permitted, or another failure; the caller falls back to SO_RCVBUF.
-pub fn set_rcvbuf_force(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
-    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: passes a pointer to a live c_int and its exact size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            std::ptr::from_ref(&v).cast(),
-            INT_LEN,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -1,0 +1,15 @@
+//! `relay-io`: the workspace's I/O plumbing, and its only `unsafe` code.
+//!
+//! The relay's data plane, the echo, loadgen and the benchmark's floor forwarder all need the
+//! same few things from the kernel: an io_uring with a provided-buffer ring and multishot
+//! receives ([`ring`]), UDP sockets bound with large receive buffers ([`socket`]), and threads
+//! pinned to a core whose CPU time can be read ([`cpu`]). They live here, behind safe APIs, so
+//! that every other crate can be `#![forbid(unsafe_code)]` and the relay crate is the data plane
+//! and nothing else. Each `unsafe` block says why it is sound in a `// SAFETY:` line.
+
+pub mod cpu;
+pub mod ring;
+pub mod socket;
+
+pub use cpu::{cpu_time_ns, pin_current_thread, process_cpu_ns, thread_cpu_ns};
+pub use socket::{bind_udp, raise_nofile_limit, set_rcvbuf_force};

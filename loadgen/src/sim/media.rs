@@ -1,0 +1,132 @@
+//! An externalMedia channel's RTP as Asterisk 22 sends it (172-byte ulaw packets, payload type
+//! 0, 50 a second, random SSRC and first sequence number, first timestamp 160), and what the
+//! simulator measures of what comes back: round trip, loss, duplicates, strict-RTP drops.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use relay_proto::rng::SplitMix64;
+use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc};
+use relay_proto::stats::LatencyHistogram;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+
+/// RTP packet size Asterisk sends for 20 ms of ulaw.
+pub const PACKET_LEN: usize = 172;
+/// Packets per second.
+pub(super) const PACKETS_PER_SECOND: u32 = 50;
+/// How long a hung-up call waits for its last packets to come back.
+pub(super) const DRAIN: Duration = Duration::from_millis(100);
+
+/// One externalMedia channel's RTP figures.
+#[derive(Debug)]
+pub(super) struct RtpFigures {
+    pub(super) sent: u64,
+    pub(super) received: u64,
+    pub(super) duplicates: u64,
+    pub(super) strict_drops: u64,
+    pub(super) malformed: u64,
+    pub(super) rtt: LatencyHistogram<u64>,
+}
+
+impl Default for RtpFigures {
+    fn default() -> Self {
+        Self {
+            sent: 0,
+            received: 0,
+            duplicates: 0,
+            strict_drops: 0,
+            malformed: 0,
+            rtt: LatencyHistogram::new(3),
+        }
+    }
+}
+
+impl RtpFigures {
+    pub(super) fn merge(&mut self, o: &Self) {
+        self.sent += o.sent;
+        self.received += o.received;
+        self.duplicates += o.duplicates;
+        self.strict_drops += o.strict_drops;
+        self.malformed += o.malformed;
+        self.rtt.merge(&o.rtt);
+    }
+}
+
+/// Sends 50 packets a second from `sock` to `to` until stopped, then waits up to [`DRAIN`] for
+/// the last ones; measures what comes back.
+pub(super) async fn rtp_stream(
+    sock: UdpSocket,
+    to: SocketAddr,
+    seed: u64,
+    mut stop: oneshot::Receiver<()>,
+) -> RtpFigures {
+    let mut rng = SplitMix64::new(seed);
+    let ssrc = Ssrc(rng.next_u32());
+    #[allow(clippy::cast_possible_truncation)] // 16 random bits
+    let first_seq = rng.next_u32() as u16;
+    let mut f = RtpFigures::default();
+    // Send time of each sequence number in flight (1,024 covers 20 s of 50/s).
+    let mut t0: Vec<Option<(u16, Instant)>> = vec![None; 1024];
+    let mut packet = [0u8; PACKET_LEN];
+    let mut buf = [0u8; 2048];
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / PACKETS_PER_SECOND);
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let mut n: u32 = 0;
+    loop {
+        let drain_end =
+            stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = tick.tick(), if stopping.is_none() => {
+                #[allow(clippy::cast_possible_truncation)] // sequence numbers wrap
+                let seq = first_seq.wrapping_add(n as u16);
+                let header = RtpHeader {
+                    marker: n == 0,
+                    payload_type: 0,
+                    sequence: seq,
+                    timestamp: 160u32.wrapping_add(n.wrapping_mul(160)),
+                    ssrc,
+                };
+                let _ = header.write(&mut packet);
+                packet[12..].fill(0xff);
+                if sock.send_to(&packet, to).await.is_ok() {
+                    f.sent += 1;
+                    t0[usize::from(seq) % 1024] = Some((seq, Instant::now()));
+                }
+                n = n.wrapping_add(1);
+            }
+            r = sock.recv_from(&mut buf) => {
+                let Ok((len, from)) = r else { continue };
+                if from != to {
+                    f.strict_drops += 1;
+                    continue;
+                }
+                match buf.get(..len).map(parse_rtp) {
+                    Some(Ok(p)) if p.ssrc == ssrc => {
+                        let slot = &mut t0[usize::from(p.sequence) % 1024];
+                        match *slot {
+                            Some((s, at)) if s == p.sequence => {
+                                f.rtt.record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                                f.received += 1;
+                                *slot = None;
+                            }
+                            _ => f.duplicates += 1,
+                        }
+                    }
+                    _ => f.malformed += 1,
+                }
+                if stopping.is_some() && f.received + f.duplicates >= f.sent {
+                    break;
+                }
+            }
+            _ = &mut stop, if stopping.is_none() => {
+                if f.received >= f.sent {
+                    break;
+                }
+                stopping = Some(tokio::time::Instant::now() + DRAIN);
+            }
+            () = tokio::time::sleep_until(drain_end), if stopping.is_some() => break,
+        }
+    }
+    f
+}

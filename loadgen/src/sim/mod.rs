@@ -1,0 +1,240 @@
+//! `loadgen sim-asterisk`: an ARI server that behaves like Asterisk 22 for everything control
+//! uses, so the whole pipeline (control, relay, echo) runs and is tested on a machine without
+//! Asterisk.
+//!
+//! What it reproduces, because control depends on it:
+//! - the REST URLs, JSON shapes, authentication (HTTP basic or `api_key=user:pass`) and error codes
+//!   (401, 404 "Channel not found", 422 "Channel not in Stasis application", 409, 400);
+//! - the events WebSocket `/ari/events?app=…`, one JSON event per message;
+//! - an externalMedia channel's own StasisStart about 1 ms after the request, racing the HTTP reply
+//!   (the reply is held back 0–3 ms, so either can come first);
+//! - channel variables `UNICASTRTP_LOCAL_ADDRESS` / `UNICASTRTP_LOCAL_PORT` (the port a string);
+//! - RTP only once the externalMedia channel shares a bridge with another channel, sent from
+//!   exactly `UNICASTRTP_LOCAL_ADDRESS:PORT` to `external_host`: 172-byte packets, payload type 0,
+//!   50 per second, random SSRC and first sequence number, first timestamp 160;
+//! - strict RTP: packets coming back from anywhere but `external_host` are dropped and counted.
+//!
+//! It originates `--calls` caller channels over `--ramp`, holds each for `--hold`, then stops its
+//! RTP, lets the last packets return (100 ms at most) and hangs up (StasisEnd, ChannelDestroyed).
+//! It measures each call's round trip (sent → back from the relay), loss and strict-RTP drops, and
+//! once every call has ended and control has cleaned up (or `--grace` has passed) prints a report.
+//! Fault options: `--answer-404` fails that fraction of first answer attempts with 404, and
+//! `--drop-ws-at` closes every events WebSocket once at that time.
+//!
+//! Not a hot path: a multi-thread tokio runtime, one task per externalMedia channel, one mutex
+//! over the call state (never held across an await).
+//!
+//! By concern: [`world`] (the state and the operations on it), [`rest`] (the REST handlers),
+//! [`events`] (the events WebSocket), [`media`] (RTP and what is measured of it), [`report`];
+//! this module holds the settings and the run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::{broadcast, watch};
+
+use crate::report::{Added, RelaySide};
+use world::{Kind, Sim, World};
+
+mod events;
+mod media;
+mod report;
+mod rest;
+mod world;
+
+pub use media::PACKET_LEN;
+pub use report::{render, CallEnd, CallReport, SimReport};
+
+/// `loadgen sim-asterisk` settings.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// HTTP and WebSocket listen address (port 0: any).
+    pub listen: SocketAddr,
+    /// ARI user.
+    pub user: String,
+    /// ARI password.
+    pub pass: String,
+    /// The Stasis application calls are sent to.
+    pub app: String,
+    /// Caller channels to originate (0: only serve, for `loadgen ari` or a manual run).
+    pub calls: u32,
+    /// Spread the originations over this long.
+    pub ramp: Duration,
+    /// Each call lasts this long.
+    pub hold: Duration,
+    /// Address the externalMedia channels send RTP from (`UNICASTRTP_LOCAL_ADDRESS`).
+    pub rtp_ip: IpAddr,
+    /// Fraction of first answer attempts that fail with 404.
+    pub answer_404: f64,
+    /// Close every events WebSocket once, this long after the first call was originated.
+    pub drop_ws_at: Option<Duration>,
+    /// After the last call ends, wait this long at most for control to clean up.
+    pub grace: Duration,
+    /// How long to wait for the application to connect before originating.
+    pub wait_app: Duration,
+    /// With `calls` = 0: serve this long (`None`: until interrupted).
+    pub serve_for: Option<Duration>,
+    /// Random seed (SSRCs, sequence numbers, faults).
+    pub seed: u64,
+    /// How long after the externalMedia request its channel enters Stasis (Asterisk: ~1 ms).
+    pub stasis_delay: Duration,
+    /// Every REST request takes at least this long (a busy Asterisk); shows whether the
+    /// application sets calls up concurrently.
+    pub latency: Duration,
+    /// The relay's control socket: its statistics join the report.
+    pub relay_ctl: Option<std::path::PathBuf>,
+    /// The relay's process id: its CPU time per forwarded packet joins the report.
+    pub relay_pid: Option<u32>,
+    /// Operations (`external_media`, `create_bridge`, `add_channel`) failed with 500 with the
+    /// given probability, to exercise the application's unwinding.
+    pub fail: Vec<(String, f64)>,
+}
+
+/// Operations `--fail` can break.
+pub const FAILABLE: [&str; 3] = ["external_media", "create_bridge", "add_channel"];
+
+/// Runs the simulator: serves ARI, originates the calls, and returns the report.
+///
+/// # Errors
+/// The listen address cannot be bound.
+pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let (events, _) = broadcast::channel(65_536);
+    let sim = Arc::new(Sim {
+        world: Mutex::new(World::default()),
+        events,
+        ws_generation: watch::Sender::new(0),
+        apps: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        injected_404: AtomicU64::new(0),
+        ws_drops: AtomicU64::new(0),
+        injected: Mutex::new(BTreeMap::new()),
+        ws_connections: AtomicU64::new(0),
+        epoch: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        cfg,
+    });
+    let server = tokio::spawn(axum::serve(listener, rest::router(Arc::clone(&sim))).into_future());
+    tracing::info!("sim-asterisk ready listen={addr} app={}", sim.cfg.app);
+    let cfg = sim.cfg.clone();
+    let mut relay_cpu_start = cfg.relay_pid.and_then(relay_io::process_cpu_ns);
+
+    if cfg.calls == 0 {
+        match cfg.serve_for {
+            Some(d) => tokio::time::sleep(d).await,
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    } else {
+        // Asterisk refuses Stasis() for an application nobody is connected to: wait for it.
+        let connected = || {
+            sim.apps
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&cfg.app)
+                .is_some_and(|&n| n > 0)
+        };
+        let deadline = Instant::now() + cfg.wait_app;
+        while !connected() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "application {:?} did not connect to /ari/events within {:?}",
+                cfg.app,
+                cfg.wait_app
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let start = tokio::time::Instant::now();
+        relay_cpu_start = cfg.relay_pid.and_then(relay_io::process_cpu_ns);
+        if let Some(at) = cfg.drop_ws_at {
+            let sim = Arc::clone(&sim);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start + at).await;
+                tracing::info!("dropping every events WebSocket (--drop-ws-at)");
+                sim.ws_drops.fetch_add(1, Ordering::Relaxed);
+                sim.ws_generation.send_modify(|g| *g += 1);
+            });
+        }
+        let mut calls = Vec::new();
+        for i in 0..cfg.calls {
+            let at = start + cfg.ramp.mul_f64(f64::from(i) / f64::from(cfg.calls));
+            tokio::time::sleep_until(at).await;
+            let id = sim.new_id();
+            if let Err(e) = sim.originate(&cfg.app, Some(id.clone())) {
+                tracing::warn!(status = %e.status(), "cannot originate");
+                continue;
+            }
+            let sim = Arc::clone(&sim);
+            let hold = cfg.hold;
+            calls.push(tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                // Stop the media first so the last packets can come back, then hang up.
+                let em = {
+                    let w = sim.world();
+                    w.channels
+                        .get(&id)
+                        .and_then(|c| c.bridge.clone())
+                        .and_then(|b| {
+                            w.channels.values().find_map(|c| {
+                                (c.bridge.as_deref() == Some(b.as_str())
+                                    && matches!(c.kind, Kind::External { .. }))
+                                .then(|| c.id.clone())
+                            })
+                        })
+                };
+                if let Some(em) = em {
+                    sim.stop_media(&em).await;
+                }
+                sim.hangup(&id, false).await;
+            }));
+        }
+        for c in calls {
+            let _ = c.await;
+        }
+        // Control hangs up the externalMedia channels and destroys the bridges.
+        let deadline = Instant::now() + cfg.grace;
+        while Instant::now() < deadline {
+            let clean = {
+                let w = sim.world();
+                w.channels.is_empty() && w.bridges.is_empty()
+            };
+            if clean {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    server.abort();
+    let relay_cpu = cfg
+        .relay_pid
+        .and_then(relay_io::process_cpu_ns)
+        .zip(relay_cpu_start)
+        .map(|(end, start)| end.saturating_sub(start));
+    let global = match cfg.relay_ctl.clone() {
+        Some(path) => tokio::task::spawn_blocking(move || {
+            crate::ctl::RelayClient::connect(&path).and_then(|mut c| c.global())
+        })
+        .await?
+        .map_err(|e| tracing::warn!("no relay statistics: {e:#}"))
+        .ok(),
+        None => None,
+    };
+    let mut r = report::report(&sim);
+    r.added_by_relay = global.as_ref().map(|g| Added::between(&r.rtt, &g.rtt));
+    r.relay = global.map(|g| {
+        let mut side = RelaySide::from_global_totals(&g);
+        side.set_cpu(relay_cpu);
+        side
+    });
+    Ok(r)
+}

@@ -1,0 +1,416 @@
+//! The simulated Asterisk's state of the world: its channels (callers and externalMedia),
+//! bridges and call records behind one mutex, the events it announces, and the operations on
+//! them that more than one handler needs (originate, hang up, start and stop a channel's media).
+//! The REST handlers ([`super::rest`]) and the events WebSocket ([`super::events`]) act through
+//! [`Sim`]; the report ([`super::report`]) reads it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use relay_proto::rng::SplitMix64;
+use serde_json::{json, Value};
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, oneshot, watch};
+
+use super::media::{rtp_stream, RtpFigures};
+use super::report::CallEnd;
+use super::SimConfig;
+
+/// What a channel is.
+#[derive(Debug)]
+pub(super) enum Kind {
+    /// A caller: its answer attempts so far.
+    Caller {
+        /// Answer requests received.
+        answer_attempts: u32,
+    },
+    /// An externalMedia channel.
+    External {
+        /// Where its RTP goes.
+        external_host: SocketAddr,
+        /// Where it sends from (bound, waiting for the bridge).
+        socket: Option<UdpSocket>,
+        /// Its address.
+        local: SocketAddr,
+        /// Stops the RTP task, which hands back its figures.
+        stop: Option<oneshot::Sender<()>>,
+        /// The RTP task.
+        task: Option<tokio::task::JoinHandle<RtpFigures>>,
+        /// The caller it was first bridged with: its RTP figures are that call's.
+        caller: Option<String>,
+    },
+}
+
+/// A channel.
+#[derive(Debug)]
+pub(super) struct SimChannel {
+    /// Id.
+    pub(super) id: String,
+    /// Name.
+    pub(super) name: String,
+    /// `Ring`, `Up`.
+    pub(super) state: &'static str,
+    /// The Stasis application it is in.
+    pub(super) app: Option<String>,
+    /// Its bridge.
+    pub(super) bridge: Option<String>,
+    /// Creation time, ARI format.
+    pub(super) created: String,
+    /// Caller or externalMedia.
+    pub(super) kind: Kind,
+}
+
+impl SimChannel {
+    /// The channel as ARI shows it.
+    pub(super) fn json(&self) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "protocol_id": "",
+            "caller": {"name": "", "number": "100"},
+            "connected": {"name": "", "number": ""},
+            "accountcode": "",
+            "dialplan": {"context": "load", "exten": "s", "priority": 1,
+                         "app_name": "Stasis", "app_data": self.app.clone().unwrap_or_default()},
+            "creationtime": self.created,
+            "language": "en",
+        });
+        if let Kind::External { local, .. } = &self.kind {
+            v["channelvars"] = json!({
+                "UNICASTRTP_LOCAL_ADDRESS": local.ip().to_string(),
+                "UNICASTRTP_LOCAL_PORT": local.port().to_string(),
+            });
+        }
+        v
+    }
+}
+
+/// A bridge.
+#[derive(Debug)]
+pub(super) struct SimBridge {
+    /// Id.
+    pub(super) id: String,
+    /// `mixing`, …
+    pub(super) bridge_type: String,
+    /// Name.
+    pub(super) name: String,
+    /// Members.
+    pub(super) channels: Vec<String>,
+}
+
+impl SimBridge {
+    pub(super) fn json(&self) -> Value {
+        json!({
+            "id": self.id, "technology": "simple_bridge", "bridge_type": self.bridge_type,
+            "bridge_class": "stasis", "creator": "Stasis", "name": self.name,
+            "channels": self.channels, "creationtime": now_stamp(), "video_mode": "none",
+        })
+    }
+}
+
+/// A caller's life as the simulator records it.
+#[derive(Debug, Default)]
+pub(super) struct CallRecord {
+    /// Answered.
+    pub(super) answered: bool,
+    /// Its externalMedia channel's RTP started.
+    pub(super) bridged: bool,
+    /// How it ended, once it has.
+    pub(super) end: Option<CallEnd>,
+    /// RTP figures, once the call's externalMedia channel is gone.
+    pub(super) figures: RtpFigures,
+    /// When the caller entered Stasis.
+    pub(super) originated: Option<Instant>,
+    /// StasisStart to the media flowing (both channels bridged).
+    pub(super) setup: Option<Duration>,
+}
+
+/// Everything the simulator holds.
+#[derive(Debug, Default)]
+pub(super) struct World {
+    /// Channels by id.
+    pub(super) channels: HashMap<String, SimChannel>,
+    /// Bridges by id.
+    pub(super) bridges: HashMap<String, SimBridge>,
+    /// Callers by id, in origination order.
+    pub(super) calls: BTreeMap<u64, (String, CallRecord)>,
+    /// Caller id → key in `calls`.
+    pub(super) call_index: HashMap<String, u64>,
+    /// Random numbers (SSRCs, first sequence numbers, faults), seeded with `--seed` on first use.
+    pub(super) rng: Option<SplitMix64>,
+}
+
+impl World {
+    /// The record of caller `id`.
+    pub(super) fn call_mut(&mut self, id: &str) -> Option<&mut CallRecord> {
+        let key = *self.call_index.get(id)?;
+        self.calls.get_mut(&key).map(|(_, rec)| rec)
+    }
+}
+
+/// Shared state of the server.
+#[derive(Debug)]
+pub(super) struct Sim {
+    /// Settings.
+    pub(super) cfg: SimConfig,
+    /// The world.
+    pub(super) world: Mutex<World>,
+    /// Events: (application, JSON text).
+    pub(super) events: broadcast::Sender<(String, Arc<str>)>,
+    /// Bumped to close every WebSocket.
+    pub(super) ws_generation: watch::Sender<u64>,
+    /// Applications connected: count of WebSockets per app.
+    pub(super) apps: Mutex<HashMap<String, usize>>,
+    /// Channel id counter.
+    pub(super) next_id: AtomicU64,
+    /// First answers failed on purpose.
+    pub(super) injected_404: AtomicU64,
+    /// WebSocket drops.
+    pub(super) ws_drops: AtomicU64,
+    /// Requests failed on purpose, by operation.
+    pub(super) injected: Mutex<BTreeMap<String, u64>>,
+    /// WebSocket connections.
+    pub(super) ws_connections: AtomicU64,
+    /// Start of the run, for ids.
+    pub(super) epoch: u64,
+}
+
+pub(super) fn now_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", secs.as_secs(), secs.subsec_millis())
+}
+
+/// An ARI error reply.
+pub(super) fn ari_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "message": message }))).into_response()
+}
+
+impl Sim {
+    pub(super) fn world(&self) -> MutexGuard<'_, World> {
+        self.world
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn emit(&self, app: &str, mut event: Value) {
+        event["timestamp"] = json!(now_stamp());
+        event["application"] = json!(app);
+        event["asterisk_id"] = json!("00:00:00:00:00:01");
+        let _ = self.events.send((app.to_owned(), event.to_string().into()));
+    }
+
+    /// A 500 reply for `op` when `--fail` says this request fails.
+    pub(super) fn inject(&self, op: &str) -> Option<Response> {
+        let p = self
+            .cfg
+            .fail
+            .iter()
+            .find(|(o, _)| o == op)
+            .map_or(0.0, |(_, p)| *p);
+        if p <= 0.0 {
+            return None;
+        }
+        let roll = self
+            .world()
+            .rng
+            .get_or_insert_with(|| SplitMix64::new(self.cfg.seed))
+            .unit();
+        if roll >= p {
+            return None;
+        }
+        *self
+            .injected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(op.to_owned())
+            .or_default() += 1;
+        Some(ari_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error (injected by --fail)",
+        ))
+    }
+
+    pub(super) fn authorised(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
+        let pair = format!("{}:{}", self.cfg.user, self.cfg.pass);
+        if query.get("api_key") == Some(&pair) {
+            return true;
+        }
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Basic "))
+            .is_some_and(|b| b.trim() == base64::engine::general_purpose::STANDARD.encode(&pair))
+    }
+
+    pub(super) fn new_id(&self) -> String {
+        format!(
+            "{}.{}",
+            self.epoch,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Creates a caller channel in `app` and announces it.
+    pub(super) fn originate(&self, app: &str, id: Option<String>) -> Result<Value, Box<Response>> {
+        let id = id.unwrap_or_else(|| self.new_id());
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ch = SimChannel {
+            id: id.clone(),
+            name: format!("PJSIP/load-{n:08x}"),
+            state: "Ring",
+            app: Some(app.to_owned()),
+            bridge: None,
+            created: now_stamp(),
+            kind: Kind::Caller { answer_attempts: 0 },
+        };
+        let v = ch.json();
+        {
+            let mut w = self.world();
+            if w.channels.contains_key(&id) {
+                return Err(Box::new(ari_error(
+                    StatusCode::CONFLICT,
+                    "Channel with given unique ID already exists",
+                )));
+            }
+            w.channels.insert(id.clone(), ch);
+            let key = w.calls.len() as u64;
+            let rec = CallRecord {
+                originated: Some(Instant::now()),
+                ..CallRecord::default()
+            };
+            w.calls.insert(key, (id.clone(), rec));
+            w.call_index.insert(id, key);
+        }
+        self.emit(
+            app,
+            json!({"type": "StasisStart", "args": [], "channel": v}),
+        );
+        Ok(v)
+    }
+
+    /// Hangs a channel up: stops its RTP (waiting for the figures), takes it out of its bridge,
+    /// sends StasisEnd and ChannelDestroyed. `by_app` marks a caller as hung up by the application.
+    pub(super) async fn hangup(&self, id: &str, by_app: bool) -> bool {
+        self.stop_media(id).await;
+        let removed = {
+            let mut w = self.world();
+            let Some(ch) = w.channels.remove(id) else {
+                return false;
+            };
+            if let Some(b) = ch.bridge.as_ref().and_then(|b| w.bridges.get_mut(b)) {
+                b.channels.retain(|c| c != id);
+            }
+            if matches!(ch.kind, Kind::Caller { .. }) {
+                if let Some(rec) = w.call_mut(id) {
+                    if rec.end.is_none() {
+                        rec.end = Some(if by_app {
+                            CallEnd::HungUpByApp
+                        } else {
+                            CallEnd::Completed
+                        });
+                    }
+                }
+            }
+            ch
+        };
+        let v = removed.json();
+        if let Some(app) = &removed.app {
+            self.emit(app, json!({"type": "StasisEnd", "channel": v}));
+            self.emit(
+                app,
+                json!({"type": "ChannelDestroyed", "cause": 16, "cause_txt": "Normal Clearing", "channel": v}),
+            );
+        }
+        true
+    }
+
+    /// Stops a channel's RTP if it sends any (keeping the channel), waits for its last packets,
+    /// and files its figures under the call it was bridged with.
+    pub(super) async fn stop_media(&self, id: &str) {
+        let (stop, task, caller) = {
+            let mut w = self.world();
+            match w.channels.get_mut(id) {
+                Some(SimChannel {
+                    kind:
+                        Kind::External {
+                            stop, task, caller, ..
+                        },
+                    ..
+                }) => (stop.take(), task.take(), caller.clone()),
+                _ => return,
+            }
+        };
+        let (Some(stop), Some(task)) = (stop, task) else {
+            return;
+        };
+        let _ = stop.send(());
+        let figures = task.await.unwrap_or_default();
+        if let Some(caller) = caller {
+            if let Some(rec) = self.world().call_mut(&caller) {
+                rec.figures.merge(&figures);
+            }
+        }
+    }
+
+    /// Starts the RTP of every externalMedia channel in `bridge` that shares it with another
+    /// channel and is not sending yet.
+    pub(super) fn start_media(self: &Arc<Self>, bridge: &str) {
+        let mut w = self.world();
+        let members: Vec<String> = w
+            .bridges
+            .get(bridge)
+            .map(|b| b.channels.clone())
+            .unwrap_or_default();
+        if members.len() < 2 {
+            return;
+        }
+        let seed = w
+            .rng
+            .get_or_insert_with(|| SplitMix64::new(self.cfg.seed))
+            .next_u64();
+        let caller = members
+            .iter()
+            .find(|m| {
+                w.channels
+                    .get(*m)
+                    .is_some_and(|c| matches!(c.kind, Kind::Caller { .. }))
+            })
+            .cloned();
+        if let Some(rec) = caller.as_deref().and_then(|c| w.call_mut(c)) {
+            rec.bridged = true;
+            rec.setup = rec.setup.or_else(|| rec.originated.map(|t| t.elapsed()));
+        }
+        for m in members {
+            if let Some(SimChannel {
+                kind:
+                    Kind::External {
+                        external_host,
+                        socket,
+                        stop,
+                        task,
+                        caller: owner,
+                        ..
+                    },
+                ..
+            }) = w.channels.get_mut(&m)
+            {
+                if let Some(sock) = socket.take() {
+                    owner.clone_from(&caller);
+                    let (tx, rx) = oneshot::channel();
+                    *stop = Some(tx);
+                    *task = Some(tokio::spawn(rtp_stream(sock, *external_host, seed, rx)));
+                }
+            }
+        }
+    }
+}
