@@ -26,11 +26,12 @@ fn tool(name: &str) -> Option<PathBuf> {
 }
 
 fn run(program: &Path, args: &[&str], dir: &Path) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
+    let out = testkit::output(
+        Command::new(program).args(args).current_dir(dir),
+        std::time::Duration::from_secs(120),
+        None,
+    )
+    .unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -190,10 +191,12 @@ fn the_dashboard_has_every_panel_on_the_provisioned_datasource() {
 #[test]
 fn tune_host_dry_run_prints_the_plan_and_changes_nothing() {
     let before = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default();
-    let out = Command::new(root().join("scripts/tune-host.sh"))
-        .args(["--dry-run", "--core", "1"])
-        .output()
-        .unwrap();
+    let out = testkit::output(
+        Command::new(root().join("scripts/tune-host.sh")).args(["--dry-run", "--core", "1"]),
+        std::time::Duration::from_secs(120),
+        None,
+    )
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     for s in [
@@ -209,10 +212,12 @@ fn tune_host_dry_run_prints_the_plan_and_changes_nothing() {
         std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default(),
         before
     );
-    let bad = Command::new(root().join("scripts/tune-host.sh"))
-        .arg("--bogus")
-        .output()
-        .unwrap();
+    let bad = testkit::output(
+        Command::new(root().join("scripts/tune-host.sh")).arg("--bogus"),
+        std::time::Duration::from_secs(120),
+        None,
+    )
+    .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--bogus"));
 }

@@ -548,8 +548,8 @@ fn loadgen_ari_originates_calls_and_prints_both_summaries() {
         return;
     }
     let mut p = Pipeline::launch("ari", &["--calls", "0", "--serve-for", "6s"], "21600-21609");
-    let out = std::process::Command::new(testkit::bin("loadgen"))
-        .args([
+    let out = testkit::output(
+        std::process::Command::new(testkit::bin("loadgen")).args([
             "ari",
             "--ari-url",
             &p.sim_url,
@@ -567,9 +567,11 @@ fn loadgen_ari_originates_calls_and_prints_both_summaries() {
             p.ctl.to_str().unwrap(),
             "--control",
             &format!("http://{}", p.control_http),
-        ])
-        .output()
-        .unwrap();
+        ]),
+        Duration::from_secs(120),
+        None,
+    )
+    .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());

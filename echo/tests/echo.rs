@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use relay_proto::rtp::{parse_rtp, RtpHeader};
@@ -14,42 +14,24 @@ fn skip_without_uring() -> bool {
     !testkit::uring_available()
 }
 
-/// Starts the echo on a free port with `args`; returns it and its address.
-fn start(args: &[&str]) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_echo"))
-        .args(["--listen", "127.0.0.1:0", "--metrics", "off"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = testkit::ready_value(&mut child, "echo", "echo ready", "listen")
-        .parse()
-        .unwrap();
-    (child, addr)
+/// Starts the echo on a free port with `args`; returns it (killed on drop) and its address.
+fn start(args: &[&str]) -> (testkit::Proc, SocketAddr) {
+    let mut all = vec!["--listen", "127.0.0.1:0", "--metrics", "off"];
+    all.extend_from_slice(args);
+    let (echo, addr) = testkit::start("echo", &all, "echo ready", "listen");
+    (echo, addr.parse().unwrap())
 }
 
-/// Stops the echo and parses its summary line.
-fn stop(mut child: Child) -> serde_json::Value {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let out = child.wait_with_output_stdout();
+/// Stops the echo (SIGTERM) and parses its summary line.
+fn stop(mut echo: testkit::Proc) -> serde_json::Value {
+    let status = echo.terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "echo exited: {status:?}"
+    );
+    let mut out = String::new();
+    std::io::Read::read_to_string(echo.0.stdout.as_mut().unwrap(), &mut out).unwrap();
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary {out:?}: {e}"))
-}
-
-trait WaitStdout {
-    fn wait_with_output_stdout(&mut self) -> String;
-}
-
-impl WaitStdout for Child {
-    fn wait_with_output_stdout(&mut self) -> String {
-        let mut s = String::new();
-        std::io::Read::read_to_string(self.stdout.as_mut().unwrap(), &mut s).unwrap();
-        assert!(self.wait().unwrap().success());
-        s
-    }
 }
 
 fn packet(seq: u16) -> Vec<u8> {
@@ -83,11 +65,11 @@ fn clean_echo_returns_every_datagram_byte_identical() {
     let mut buf = [0u8; 2048];
     for seq in 0..300 {
         c.send_to(&packet(seq), addr).unwrap();
-        let (n, from) = c.recv_from(&mut buf).unwrap();
+        let (n, from) = testkit::recv(&c, &mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&packet(seq)[..], addr));
     }
     c.send_to(b"not rtp", addr).unwrap();
-    let (n, _) = c.recv_from(&mut buf).unwrap();
+    let (n, _) = testkit::recv(&c, &mut buf).unwrap();
     assert_eq!(&buf[..n], b"not rtp");
     let s = stop(echo);
     assert_eq!(
@@ -115,7 +97,7 @@ fn faulted_run(seed: &str, n: u16) -> (Vec<u16>, serde_json::Value) {
     let receiver = std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
         let mut got = Vec::new();
-        while let Ok((len, _)) = rx.recv_from(&mut buf) {
+        while let Ok((len, _)) = testkit::recv(&rx, &mut buf) {
             got.push(parse_rtp(&buf[..len]).unwrap().sequence);
         }
         got
@@ -168,10 +150,12 @@ fn bad_flags_exit_non_zero_naming_the_flag() {
         (&["--buffers", "1000"], "--buffers"),
         (&["--delay", "soon"], "--delay"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_echo"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = testkit::output(
+            Command::new(env!("CARGO_BIN_EXE_echo")).args(args),
+            Duration::from_secs(20),
+            None,
+        )
+        .unwrap();
         assert!(!out.status.success());
         assert!(
             String::from_utf8_lossy(&out.stderr).contains(flag),

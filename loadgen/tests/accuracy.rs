@@ -47,11 +47,14 @@ fn run(backend: &str, echo_args: &[&str], lg_args: &[&str]) -> (Value, Value) {
         "relay ready",
         "backend",
     );
-    let out = Command::new(bin("loadgen"))
-        .args(["rtp", "--relay-ctl", ctl_s, "--json", "-", "--grace", "1s"])
-        .args(lg_args)
-        .output()
-        .unwrap();
+    let out = testkit::output(
+        Command::new(bin("loadgen"))
+            .args(["rtp", "--relay-ctl", ctl_s, "--json", "-", "--grace", "1s"])
+            .args(lg_args),
+        std::time::Duration::from_secs(120),
+        None,
+    )
+    .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "loadgen failed");

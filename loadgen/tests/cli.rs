@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 fn loadgen(args: &[&str]) -> (i32, String, Duration) {
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = testkit::output(
+        Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args),
+        Duration::from_secs(60),
+        None,
+    )
+    .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -326,11 +326,14 @@ fn sigterm_stops_cleanly_and_removes_the_socket(backend: &str) {
         0o660
     );
     // A second relay on the same path is refused while the first lives.
-    let second = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args(["--backend", backend, "--metrics", "127.0.0.1:0", "--ctl"])
-        .arg(&ctl_path)
-        .output()
-        .unwrap();
+    let second = testkit::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(["--backend", backend, "--metrics", "127.0.0.1:0", "--ctl"])
+            .arg(&ctl_path),
+        Duration::from_secs(20),
+        None,
+    )
+    .unwrap();
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("another relay"));
     let status = relay.terminate();
@@ -349,10 +352,12 @@ fn a_bad_flag_exits_non_zero_naming_it() {
         (&["--buffers", "1000"][..], "--buffers"),
         (&["--backend", "epoll"], "--backend"),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = testkit::output(
+            std::process::Command::new(env!("CARGO_BIN_EXE_relay")).args(args),
+            Duration::from_secs(20),
+            None,
+        )
+        .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag), "{args:?}: {err}");

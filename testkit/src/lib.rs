@@ -86,6 +86,7 @@ pub fn try_ready_value(
     let (tx, rx) = std::sync::mpsc::channel();
     let (label, wanted, key) = (name.to_owned(), ready.to_owned(), format!("{key}="));
     let missing = format!("{name} did not log `{ready}` with `{key}` within 20 s");
+    let exited = format!("{name} closed its log (exited?) before logging `{ready}` with `{key}`");
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -107,7 +108,10 @@ pub fn try_ready_value(
         }
     });
     rx.recv_timeout(Duration::from_secs(20))
-        .map_err(|_| missing)
+        .map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => missing,
+            std::sync::mpsc::RecvTimeoutError::Disconnected => exited,
+        })
 }
 
 /// A binary of this workspace, in the running test's (or binary's) `target/<profile>`;
@@ -322,4 +326,91 @@ pub fn output(
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
+}
+
+/// `n` TCP connections to `addr` that each trickle a request one byte a second (slowloris),
+/// from one thread, until dropped; they count how many the server has closed.
+#[derive(Debug)]
+pub struct SlowClients {
+    /// Set to stop the thread.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections the server has closed so far.
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The trickling thread.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowClients {
+    /// Opens the `n` connections (each sends its first byte at once), then trickles.
+    ///
+    /// # Panics
+    /// A connection cannot be opened.
+    #[must_use]
+    pub fn open(addr: &str, n: usize) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let request = b"GET /metrics HTTP/1.1\r\nHost: slow\r\nX-Slow: ";
+        let mut conns: Vec<Option<std::net::TcpStream>> = (0..n)
+            .map(|i| {
+                let mut s = std::net::TcpStream::connect(addr)
+                    .unwrap_or_else(|e| panic!("slow connection {i} to {addr}: {e}"));
+                s.set_nonblocking(true).expect("non-blocking");
+                let _ = s.write(&request[..1]);
+                Some(s)
+            })
+            .collect();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let closed = std::sync::Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (stop, closed) = (stop.clone(), closed.clone());
+            std::thread::spawn(move || {
+                let mut sent = 1;
+                let mut buf = [0u8; 512];
+                while !stop.load(Ordering::Relaxed) {
+                    for c in &mut conns {
+                        let Some(s) = c else { continue };
+                        // The server closing shows as end of file or an error; anything it sends
+                        // (an error reply) is read and ignored.
+                        let gone = match s.read(&mut buf) {
+                            Ok(0) => true,
+                            Ok(_) => false,
+                            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                        };
+                        let byte = request.get(sent..=sent).unwrap_or(b"x");
+                        if gone || s.write(byte).is_err() {
+                            *c = None;
+                            closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    sent += 1;
+                    for _ in 0..20 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            closed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections the server has closed so far.
+    #[must_use]
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SlowClients {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

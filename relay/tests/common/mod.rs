@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -26,7 +26,8 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A running relay process.
 pub struct RelayProc {
-    pub child: Child,
+    /// Killed and reaped on drop.
+    pub child: testkit::Proc,
     pub ctl: PathBuf,
     pub metrics: SocketAddr,
     pub backend: String,
@@ -43,7 +44,7 @@ impl RelayProc {
 
     /// Starts a relay whose control socket is `ctl` (an existing file there is its business).
     pub fn start_at(backend: &str, ctl: PathBuf, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+        let child = Command::new(env!("CARGO_BIN_EXE_relay"))
             .args([
                 "--backend",
                 backend,
@@ -60,8 +61,10 @@ impl RelayProc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("relay starts");
+        // Held by its guard before anything can panic, so no relay outlives its test.
+        let mut child = testkit::Proc(child);
         // The ready line names the metrics endpoint: metrics=http://ADDR/metrics.
-        let url = testkit::ready_value(&mut child, "relay", "relay ready", "metrics");
+        let url = testkit::ready_value(&mut child.0, "relay", "relay ready", "metrics");
         let metrics = url
             .trim_start_matches("http://")
             .trim_end_matches("/metrics")
@@ -76,7 +79,7 @@ impl RelayProc {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Open descriptors of the relay process.
@@ -106,7 +109,7 @@ impl RelayProc {
             .args(["-TERM", &self.pid().to_string()])
             .status();
         let status = wait_for("the relay to exit", Duration::from_secs(10), || {
-            self.child.try_wait().unwrap()
+            self.child.0.try_wait().unwrap()
         });
         std::mem::forget(self);
         status
@@ -115,7 +118,11 @@ impl RelayProc {
     /// GET `path` from the metrics endpoint.
     pub fn http_get(&self, path: &str) -> (u16, String) {
         let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut body = String::new();
         std::io::Read::read_to_string(&mut s, &mut body).unwrap();
         let status = body[9..12].parse().unwrap();
@@ -143,8 +150,6 @@ impl RelayProc {
 
 impl Drop for RelayProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.ctl);
     }
 }
