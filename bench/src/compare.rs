@@ -385,7 +385,11 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
             let ng_addr: SocketAddr = RTPENGINE_NG.parse()?;
             let mut ng = crate::ng::NgClient::new(ng_addr)?;
             let deadline = Instant::now() + Duration::from_secs(10);
-            while let Err(e) = ng.call("ping", vec![]) {
+            let ping = crate::ng::Request {
+                command: "ping",
+                ..crate::ng::Request::default()
+            };
+            while let Err(e) = ng.call(&ping) {
                 if Instant::now() > deadline {
                     return Err(e.context("rtpengine did not answer ping within 10 s"));
                 }

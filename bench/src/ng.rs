@@ -2,126 +2,49 @@
 //! prefixed by a cookie) to set up calls that forward loadgen ↔ echo exactly like the relay does:
 //! an `offer` with loadgen's SDP, an `answer` with the echo's, and a `delete` at the end.
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
+use serde::{Deserialize, Serialize};
 
-/// A bencoded value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Bencode {
-    /// A byte string.
-    Bytes(Vec<u8>),
-    /// An integer.
-    Int(i64),
-    /// A list.
-    List(Vec<Bencode>),
-    /// A dictionary (keys sorted, as bencode requires).
-    Dict(BTreeMap<Vec<u8>, Bencode>),
+/// An ng request. Absent fields are left out; `serde_bencode` writes the keys sorted, as
+/// bencode requires.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Request<'a> {
+    /// `ping`, `offer`, `answer`, `delete`.
+    pub command: &'a str,
+    /// The call.
+    #[serde(rename = "call-id", skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<&'a str>,
+    /// The offering side's tag.
+    #[serde(rename = "from-tag", skip_serializing_if = "Option::is_none")]
+    pub from_tag: Option<&'a str>,
+    /// The answering side's tag.
+    #[serde(rename = "to-tag", skip_serializing_if = "Option::is_none")]
+    pub to_tag: Option<&'a str>,
+    /// The side's SDP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sdp: Option<&'a str>,
+    /// What to do with ICE attributes (`remove`).
+    #[serde(rename = "ICE", skip_serializing_if = "Option::is_none")]
+    pub ice: Option<&'a str>,
+    /// Flags such as `asymmetric`.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub flags: &'a [&'a str],
 }
 
-impl Bencode {
-    /// A byte string from text.
-    #[must_use]
-    pub fn text(s: &str) -> Self {
-        Self::Bytes(s.as_bytes().to_vec())
-    }
-
-    /// Appends the encoding to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        match self {
-            Self::Bytes(b) => {
-                out.extend_from_slice(b.len().to_string().as_bytes());
-                out.push(b':');
-                out.extend_from_slice(b);
-            }
-            Self::Int(i) => out.extend_from_slice(format!("i{i}e").as_bytes()),
-            Self::List(l) => {
-                out.push(b'l');
-                for v in l {
-                    v.encode(out);
-                }
-                out.push(b'e');
-            }
-            Self::Dict(d) => {
-                out.push(b'd');
-                for (k, v) in d {
-                    Self::Bytes(k.clone()).encode(out);
-                    v.encode(out);
-                }
-                out.push(b'e');
-            }
-        }
-    }
-
-    /// Decodes one value from the front of `input`; returns it and the rest.
-    ///
-    /// # Errors
-    /// Not bencode.
-    pub fn decode(input: &[u8]) -> anyhow::Result<(Self, &[u8])> {
-        let (&first, rest) = input
-            .split_first()
-            .ok_or_else(|| anyhow!("empty bencode"))?;
-        match first {
-            b'i' => {
-                let end = rest
-                    .iter()
-                    .position(|&b| b == b'e')
-                    .ok_or_else(|| anyhow!("unterminated integer"))?;
-                let n = std::str::from_utf8(&rest[..end])?.parse()?;
-                Ok((Self::Int(n), &rest[end + 1..]))
-            }
-            b'l' => {
-                let mut items = Vec::new();
-                let mut rest = rest;
-                while rest.first() != Some(&b'e') {
-                    let (v, r) = Self::decode(rest)?;
-                    items.push(v);
-                    rest = r;
-                }
-                Ok((Self::List(items), &rest[1..]))
-            }
-            b'd' => {
-                let mut map = BTreeMap::new();
-                let mut rest = rest;
-                while rest.first() != Some(&b'e') {
-                    let (k, r) = Self::decode(rest)?;
-                    let Self::Bytes(k) = k else {
-                        bail!("a dictionary key is not a string")
-                    };
-                    let (v, r) = Self::decode(r)?;
-                    map.insert(k, v);
-                    rest = r;
-                }
-                Ok((Self::Dict(map), &rest[1..]))
-            }
-            b'0'..=b'9' => {
-                let colon = input
-                    .iter()
-                    .position(|&b| b == b':')
-                    .ok_or_else(|| anyhow!("a string without a length"))?;
-                let len: usize = std::str::from_utf8(&input[..colon])?.parse()?;
-                let body = input
-                    .get(colon + 1..colon + 1 + len)
-                    .ok_or_else(|| anyhow!("a string longer than the message"))?;
-                Ok((Self::Bytes(body.to_vec()), &input[colon + 1 + len..]))
-            }
-            other => bail!("unexpected byte {other:#04x} in bencode"),
-        }
-    }
-
-    /// The value of `key` in a dictionary, as text.
-    #[must_use]
-    pub fn get_text(&self, key: &str) -> Option<String> {
-        match self {
-            Self::Dict(d) => match d.get(key.as_bytes()) {
-                Some(Self::Bytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
+/// What rtpengine answers (fields this client does not read are ignored).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Reply {
+    /// `ok`, `pong` or `error`.
+    pub result: String,
+    /// Why, when `result` is `error`.
+    #[serde(rename = "error-reason", default)]
+    pub error_reason: Option<String>,
+    /// rtpengine's SDP, for `offer` and `answer`.
+    #[serde(default)]
+    pub sdp: Option<String>,
 }
 
 /// A client of rtpengine's ng port.
@@ -143,38 +66,37 @@ impl NgClient {
         Ok(Self { sock, next: 1 })
     }
 
-    /// Sends `command` with `fields`; returns the reply dictionary (an error if its result is
-    /// not `ok` or `pong`).
+    /// Sends `request`; returns the reply (an error if its result is not `ok` or `pong`).
     ///
     /// # Errors
     /// No reply, or an error reply.
-    pub fn call(&mut self, command: &str, fields: Vec<(&str, Bencode)>) -> anyhow::Result<Bencode> {
+    pub fn call(&mut self, request: &Request<'_>) -> anyhow::Result<Reply> {
+        let command = request.command;
         let cookie = format!("c{}", self.next);
         self.next += 1;
-        let mut map = BTreeMap::new();
-        map.insert(b"command".to_vec(), Bencode::text(command));
-        for (k, v) in fields {
-            map.insert(k.as_bytes().to_vec(), v);
-        }
         let mut msg = format!("{cookie} ").into_bytes();
-        Bencode::Dict(map).encode(&mut msg);
+        msg.extend(serde_bencode::to_bytes(request)?);
         self.sock.send(&msg)?;
         let mut buf = vec![0u8; 65_536];
         loop {
-            let n = self
-                .sock
-                .recv(&mut buf)
-                .with_context(|| format!("no reply from rtpengine to `{command}`"))?;
-            let reply = &buf[..n];
+            let n = loop {
+                match self.sock.recv(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    r => break r,
+                }
+            }
+            .with_context(|| format!("no reply from rtpengine to `{command}`"))?;
+            let reply = buf.get(..n).unwrap_or_default();
             let Some(body) = reply.strip_prefix(format!("{cookie} ").as_bytes()) else {
                 continue; // a late reply to an earlier request
             };
-            let (v, _) = Bencode::decode(body)?;
-            match v.get_text("result").as_deref() {
-                Some("ok" | "pong") => return Ok(v),
+            let v: Reply = serde_bencode::from_bytes(body)
+                .with_context(|| format!("rtpengine's reply to `{command}`"))?;
+            match v.result.as_str() {
+                "ok" | "pong" => return Ok(v),
                 _ => bail!(
                     "rtpengine refused `{command}`: {}",
-                    v.get_text("error-reason").unwrap_or_default()
+                    v.error_reason.unwrap_or_default()
                 ),
             }
         }
@@ -221,34 +143,33 @@ pub fn setup_call(
     callee: SocketAddr,
 ) -> anyhow::Result<SocketAddr> {
     let call = format!("bench-{i}");
-    let flags = || Bencode::List(vec![Bencode::text("asymmetric")]);
-    let offer = ng.call(
-        "offer",
-        vec![
-            ("call-id", Bencode::text(&call)),
-            ("from-tag", Bencode::text("caller")),
-            ("sdp", Bencode::text(&sdp(caller, i as u64))),
-            ("ICE", Bencode::text("remove")),
-            ("flags", flags()),
-        ],
-    )?;
+    let flags = ["asymmetric"];
+    let offer_sdp = sdp(caller, i as u64);
+    let offer = ng.call(&Request {
+        command: "offer",
+        call_id: Some(&call),
+        from_tag: Some("caller"),
+        sdp: Some(&offer_sdp),
+        ice: Some("remove"),
+        flags: &flags,
+        ..Request::default()
+    })?;
     offer
-        .get_text("sdp")
+        .sdp
         .ok_or_else(|| anyhow!("offer reply without SDP"))?;
-    let answer = ng.call(
-        "answer",
-        vec![
-            ("call-id", Bencode::text(&call)),
-            ("from-tag", Bencode::text("caller")),
-            ("to-tag", Bencode::text("callee")),
-            ("sdp", Bencode::text(&sdp(callee, i as u64 + 1_000_000))),
-            ("ICE", Bencode::text("remove")),
-            ("flags", flags()),
-        ],
-    )?;
+    let answer_sdp = sdp(callee, i as u64 + 1_000_000);
+    let answer = ng.call(&Request {
+        command: "answer",
+        call_id: Some(&call),
+        from_tag: Some("caller"),
+        to_tag: Some("callee"),
+        sdp: Some(&answer_sdp),
+        ice: Some("remove"),
+        flags: &flags,
+    })?;
     media_addr(
         &answer
-            .get_text("sdp")
+            .sdp
             .ok_or_else(|| anyhow!("answer reply without SDP"))?,
     )
 }
@@ -258,24 +179,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bencode_round_trips_and_rejects_garbage() {
-        let mut d = BTreeMap::new();
-        d.insert(b"result".to_vec(), Bencode::text("ok"));
-        d.insert(b"n".to_vec(), Bencode::Int(-3));
-        d.insert(
-            b"l".to_vec(),
-            Bencode::List(vec![Bencode::text("a"), Bencode::Int(1)]),
+    fn requests_are_canonical_bencode_and_replies_decode() {
+        let flags = ["asymmetric"];
+        let r = Request {
+            command: "offer",
+            call_id: Some("c"),
+            sdp: Some("v=0"),
+            flags: &flags,
+            ..Request::default()
+        };
+        assert_eq!(
+            serde_bencode::to_bytes(&r).unwrap(),
+            b"d7:call-id1:c7:command5:offer5:flagsl10:asymmetrice3:sdp3:v=0e"
         );
-        let v = Bencode::Dict(d);
-        let mut out = Vec::new();
-        v.encode(&mut out);
-        assert_eq!(out, b"d1:ll1:ai1ee1:ni-3e6:result2:oke");
-        let (back, rest) = Bencode::decode(&out).unwrap();
-        assert_eq!(back, v);
-        assert!(rest.is_empty());
-        assert_eq!(back.get_text("result").as_deref(), Some("ok"));
-        for bad in [&b""[..], b"x", b"5:ab", b"i12", b"d1:a"] {
-            assert!(Bencode::decode(bad).is_err(), "{bad:?}");
+        let ping = serde_bencode::to_bytes(&Request {
+            command: "ping",
+            ..Request::default()
+        })
+        .unwrap();
+        assert_eq!(ping, b"d7:command4:pinge");
+        let reply: Reply =
+            serde_bencode::from_bytes(b"d7:createdi1e6:result5:error12:error-reason4:nopee")
+                .unwrap();
+        assert_eq!(
+            (reply.result.as_str(), reply.error_reason.as_deref()),
+            ("error", Some("nope"))
+        );
+        for bad in [&b""[..], b"x", b"5:ab", b"i12", b"d1:a", b"d6:resulti1ee"] {
+            assert!(serde_bencode::from_bytes::<Reply>(bad).is_err(), "{bad:?}");
         }
     }
 
