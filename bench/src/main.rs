@@ -6,6 +6,7 @@
 //!
 //! The criterion benches are in `benches/`: `cargo bench -p bench --bench core` (the core per
 //! packet) and `--bench backends` (the two backends forwarding the same burst).
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -1,4 +1,5 @@
 //! `echo`: parse the command line, run until stopped, print the summary.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

@@ -8,7 +8,9 @@
 //! and nothing else. Each `unsafe` block says why it is sound in a `// SAFETY:` line.
 
 pub mod cpu;
+#[allow(unsafe_code)] // io_uring, the mapped buffer ring, eventfd, sockaddr layouts
 pub mod ring;
+#[allow(unsafe_code)] // setsockopt and rlimit calls
 pub mod socket;
 
 pub use cpu::{cpu_time_ns, pin_current_thread, process_cpu_ns, thread_cpu_ns};

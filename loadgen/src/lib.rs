@@ -6,6 +6,7 @@
 //! - [`ctl`]: a blocking client of the relay's control socket;
 //! - [`sim`]: `loadgen sim-asterisk`, an ARI server that behaves like Asterisk 22;
 //! - [`ari`]: `loadgen ari`, calls originated on a real Asterisk.
+#![forbid(unsafe_code)]
 
 pub mod ari;
 pub mod blast;

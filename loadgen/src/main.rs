@@ -2,6 +2,7 @@
 //! running relay and prints a latency report; `loadgen sim-asterisk` is an ARI server that behaves
 //! like Asterisk 22 (calls, externalMedia, bridges, RTP) for control to drive; `loadgen ari`
 //! originates calls on a real Asterisk; `loadgen blast` loads a reflector.
+#![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};

@@ -2,6 +2,7 @@
 //! connections of that application, closed when the client lags (as Asterisk does) or when
 //! `--drop-ws-at` drops every connection.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,12 +11,11 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 
-use super::rest::Q;
 use super::world::{ari_error, Sim};
 
 pub(super) async fn events(
     State(sim): State<Arc<Sim>>,
-    Query(q): Q,
+    Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let Some(app) = q.get("app").filter(|a| !a.is_empty()).cloned() else {

@@ -8,20 +8,9 @@ use std::sync::atomic::Ordering;
 use relay_proto::stats::{LatencyHistogram, LatencySummary};
 use serde::Serialize;
 
+pub use super::world::CallEnd;
 use super::world::Sim;
 use crate::report::{Added, RelaySide};
-
-/// How a call ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CallEnd {
-    /// Held for its duration and hung up by the simulator.
-    Completed,
-    /// Hung up by the application (control) before its duration.
-    HungUpByApp,
-    /// Still up when the report was made.
-    Active,
-}
 
 /// One caller's record in the report.
 #[derive(Clone, Debug, Serialize)]

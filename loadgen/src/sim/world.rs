@@ -15,13 +15,25 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use relay_proto::rng::SplitMix64;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::media::{rtp_stream, RtpFigures};
-use super::report::CallEnd;
 use super::SimConfig;
+
+/// How a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallEnd {
+    /// Held for its duration and hung up by the simulator.
+    Completed,
+    /// Hung up by the application (control) before its duration.
+    HungUpByApp,
+    /// Still up when the report was made.
+    Active,
+}
 
 /// What a channel is.
 #[derive(Debug)]
