@@ -231,6 +231,36 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
+/// Open file descriptors of process `pid` that are UDP sockets (IPv4 or IPv6), read in the same
+/// pass as [`fd_count`] would: (all descriptors, UDP sockets among them).
+#[must_use]
+pub fn fd_counts(pid: u32) -> (usize, usize) {
+    let mut udp = std::collections::HashSet::new();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        // Columns: sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+        udp.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().nth(9).map(str::to_owned)),
+        );
+    }
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return (0, 0);
+    };
+    let (mut all, mut socks) = (0, 0);
+    for e in dir.filter_map(Result::ok) {
+        all += 1;
+        let link = std::fs::read_link(e.path()).unwrap_or_default();
+        let inode = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("socket:["))
+            .and_then(|l| l.strip_suffix(']'));
+        socks += usize::from(inode.is_some_and(|i| udp.contains(i)));
+    }
+    (all, socks)
+}
+
 /// `GET path` on `addr` (HTTP/1.1, one request); (status code, body).
 ///
 /// # Errors
