@@ -24,7 +24,13 @@ use io_uring::{cqueue, opcode, IoUring};
 const BGID: u16 = 0;
 /// Bytes reserved for the source address in each received buffer (a `sockaddr_in6`).
 const NAME_LEN: usize = size_of::<libc::sockaddr_in6>();
-/// Size of one receive buffer: the `io_uring_recvmsg_out` header, the address, the payload.
+/// Bytes reserved for control messages (the kernel's receive timestamp) in each buffer.
+const CONTROL_LEN: usize = crate::socket::CONTROL_LEN;
+/// Where the payload starts in a receive buffer: after the `io_uring_recvmsg_out` header, the
+/// address and the control messages.
+const PAYLOAD_OFFSET: usize = 16 + NAME_LEN + CONTROL_LEN;
+/// Size of one receive buffer: the `io_uring_recvmsg_out` header, the address, the control
+/// messages, the payload.
 pub const BUFFER_SIZE: usize = 2048;
 
 // Kernel ABI sizes and constants, checked to fit the narrower types the kernel wants.
@@ -38,9 +44,11 @@ const BUFFER_SIZE_U32: u32 = BUFFER_SIZE as u32;
 const FAMILY_INET: libc::sa_family_t = libc::AF_INET as libc::sa_family_t;
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // AF_* are small positive
 const FAMILY_INET6: libc::sa_family_t = libc::AF_INET6 as libc::sa_family_t;
-const _: () = assert!(NAME_LEN < 256 && BUFFER_SIZE < 1 << 20 && libc::AF_INET6 < 256);
+const _: () = assert!(
+    NAME_LEN < 256 && BUFFER_SIZE < 1 << 20 && libc::AF_INET6 < 256 && PAYLOAD_OFFSET < BUFFER_SIZE
+);
 /// Largest datagram payload a buffer holds (larger ones are truncated and dropped).
-pub const MAX_PAYLOAD: usize = BUFFER_SIZE - 16 - NAME_LEN;
+pub const MAX_PAYLOAD: usize = BUFFER_SIZE - PAYLOAD_OFFSET;
 
 /// Why io_uring could not be set up, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +162,9 @@ pub struct Received<'a> {
     pub payload: &'a [u8],
     /// Whether the payload was longer than the buffer and cut.
     pub truncated: bool,
+    /// The control messages the kernel attached (the receive timestamp, where the socket asked
+    /// for it: see [`crate::cmsg::rx_timestamp`]).
+    pub control: &'a [u8],
 }
 
 /// The io_uring, its buffer ring and everything the kernel may read or write through it.
@@ -264,6 +275,7 @@ impl Ring {
         // SAFETY: msghdr is plain old data; all-zero is a valid (empty) header.
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msg.msg_namelen = NAME_LEN_SOCKLEN;
+        recv_msg.msg_controllen = CONTROL_LEN;
         let slots = |n: u16| -> Box<[SendSlot]> {
             (0..n)
                 // SAFETY: all three fields are plain old data; all-zero is valid for each.
@@ -386,6 +398,11 @@ impl Ring {
         Ok(())
     }
 
+    /// Whether the submission queue is full, so that the next push submits what it holds first.
+    pub fn submission_full(&mut self) -> bool {
+        self.ring.submission().is_full()
+    }
+
     /// Arms a multishot receive on fixed-file `slot`.
     ///
     /// # Errors
@@ -429,18 +446,21 @@ impl Ring {
         let start = usize::from(bid).checked_mul(BUFFER_SIZE)?;
         let buf = self.buffers.get(start..start + len.min(BUFFER_SIZE))?;
         let out = RecvMsgOut::parse(buf, &self.recv_msg).ok()?;
-        let (from, n, truncated) = (
+        let (from, n, c, truncated) = (
             sockaddr_from_bytes(out.name_data()),
             out.payload_data().len(),
+            out.control_data().len(),
             out.is_payload_truncated(),
         );
-        // The parser's views borrow it, not the buffer; the payload starts right after the
-        // header and the fixed-size name field (no control data is asked for).
-        let payload = buf.get(16 + NAME_LEN..16 + NAME_LEN + n)?;
+        // The parser's views borrow it, not the buffer; the layout is fixed: header, name field,
+        // control field, payload.
+        let payload = buf.get(PAYLOAD_OFFSET..PAYLOAD_OFFSET + n)?;
+        let control = buf.get(16 + NAME_LEN..16 + NAME_LEN + c.min(CONTROL_LEN))?;
         Some(Received {
             from,
             payload,
             truncated,
+            control,
         })
     }
 
@@ -458,7 +478,7 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
-        let offset = usize::from(bid) * BUFFER_SIZE + 16 + NAME_LEN;
+        let offset = usize::from(bid) * BUFFER_SIZE + PAYLOAD_OFFSET;
         let len = len.min(MAX_PAYLOAD);
         let payload = self
             .buffers
@@ -491,7 +511,7 @@ impl Ring {
     pub fn tx_copy_from(&mut self, bid: u16, len: usize) -> Option<(u16, usize)> {
         let n = self.received(bid, len)?.payload.len();
         let i = self.tx_acquire()?;
-        let src = usize::from(bid) * BUFFER_SIZE + 16 + NAME_LEN;
+        let src = usize::from(bid) * BUFFER_SIZE + PAYLOAD_OFFSET;
         let dst = usize::from(i) * BUFFER_SIZE;
         let payload = self.buffers.get(src..src + n)?;
         self.tx.get_mut(dst..dst + n)?.copy_from_slice(payload);
@@ -651,7 +671,7 @@ fn prepare_send(
 }
 
 /// Reads a `sockaddr_in` or `sockaddr_in6` from the bytes the kernel wrote.
-fn sockaddr_from_bytes(b: &[u8]) -> Option<SocketAddr> {
+pub(crate) fn sockaddr_from_bytes(b: &[u8]) -> Option<SocketAddr> {
     let family = u16::from_ne_bytes(b.get(0..2)?.try_into().ok()?);
     let port = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?);
     match i32::from(family) {
@@ -736,6 +756,51 @@ mod tests {
             assert_eq!(sockaddr_from_bytes(bytes), Some(a));
         }
         assert_eq!(sockaddr_from_bytes(&[0; 3]), None);
+    }
+
+    #[test]
+    fn a_multishot_receive_carries_the_kernels_receive_time() {
+        if probe().is_err() {
+            eprintln!("SKIPPED (io_uring unavailable here)");
+            return;
+        }
+        let mut ring = Ring::new(8, 4, 1).unwrap();
+        let rx = crate::bind_udp("127.0.0.1".parse().unwrap(), 0, 65_536).unwrap();
+        crate::enable_rx_timestamps(&rx).unwrap();
+        ring.register_socket(0, rx.as_raw_fd()).unwrap();
+        ring.arm_recv(0, 7).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let wall = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        };
+        let before = wall();
+        tx.send_to(&[0x80; 172], rx.local_addr().unwrap()).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            ring.submit_and_wait(Some(Duration::from_millis(50)))
+                .unwrap();
+            got = ring.drain_completions();
+            if !got.is_empty() {
+                break;
+            }
+        }
+        let after = wall();
+        let c = got
+            .iter()
+            .find(|c| c.user_data == 7)
+            .expect("a receive completion");
+        let r = ring
+            .received(c.buffer().unwrap(), usize::try_from(c.result).unwrap())
+            .unwrap();
+        assert_eq!(r.payload, &[0x80; 172][..]);
+        assert_eq!(r.from, Some(tx.local_addr().unwrap()));
+        let t = crate::cmsg::rx_timestamp(r.control)
+            .unwrap()
+            .expect("a timestamp");
+        assert!((before..=after).contains(&u128::from(t.0)));
     }
 
     #[test]

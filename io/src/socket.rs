@@ -84,6 +84,93 @@ pub fn set_rcvbuf_force(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     }
 }
 
+/// Asks the kernel to stamp every datagram `fd` receives with its software receive time
+/// (`SO_TIMESTAMPNS`: a `CLOCK_REALTIME` timespec in a control message; see
+/// [`crate::cmsg::rx_timestamp`]).
+///
+/// # Errors
+/// The kernel refused the option (the caller falls back to user-space time).
+pub fn enable_rx_timestamps(fd: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            std::ptr::from_ref(&on).cast(),
+            INT_LEN,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Control-message room a receive needs for a timestamp (and, later, a GRO segment size).
+pub const CONTROL_LEN: usize = 64;
+
+/// What one [`recv_msg`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecvMeta {
+    /// Payload bytes written to the buffer.
+    pub len: usize,
+    /// The source address (IPv4 or IPv6).
+    pub from: Option<SocketAddr>,
+    /// Control bytes written to the control buffer.
+    pub control_len: usize,
+    /// The datagram was longer than the buffer and was cut.
+    pub truncated: bool,
+}
+
+/// `recvmsg` on a non-blocking socket: the datagram into `buf`, its control messages into
+/// `control`. Retries `EINTR`; `WouldBlock` when nothing is queued.
+///
+/// # Errors
+/// What `recvmsg` returns.
+pub fn recv_msg(fd: &impl AsRawFd, buf: &mut [u8], control: &mut [u8]) -> io::Result<RecvMeta> {
+    // SAFETY: sockaddr_in6 is plain old data; all-zero is valid.
+    let mut name: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = std::ptr::from_mut(&mut name).cast();
+    #[allow(clippy::cast_possible_truncation)] // 28 bytes
+    let namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    msg.msg_namelen = namelen;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    loop {
+        // SAFETY: every pointer in `msg` refers to a live, writable buffer of the stated length
+        // (`name`, `buf` through `iov`, `control`) for the duration of the call.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) };
+        if n >= 0 {
+            let name_len = (msg.msg_namelen as usize).min(size_of::<libc::sockaddr_in6>());
+            // SAFETY: reading the bytes of a plain-old-data struct we own, within its size.
+            let name_bytes = unsafe {
+                std::slice::from_raw_parts(std::ptr::from_ref(&name).cast::<u8>(), name_len)
+            };
+            return Ok(RecvMeta {
+                len: usize::try_from(n).unwrap_or(0),
+                from: crate::ring::sockaddr_from_bytes(name_bytes),
+                control_len: msg.msg_controllen.min(control.len()),
+                truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+            });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +182,54 @@ mod tests {
         let e = bind_udp("127.0.0.1".parse().unwrap(), port, 65_536).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         assert!(e.to_string().contains(&port.to_string()), "{e}");
+    }
+
+    #[test]
+    fn received_datagrams_carry_the_kernels_receive_time() {
+        let rx = bind_udp("127.0.0.1".parse().unwrap(), 0, 65_536).unwrap();
+        enable_rx_timestamps(&rx).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        tx.send_to(b"hello", rx.local_addr().unwrap()).unwrap();
+        let (mut buf, mut control) = ([0u8; 64], [0u8; CONTROL_LEN]);
+        let meta = loop {
+            match recv_msg(&rx, &mut buf, &mut control) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                r => break r.unwrap(),
+            }
+        };
+        let after = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        assert_eq!(
+            (&buf[..meta.len], meta.from),
+            (&b"hello"[..], Some(tx.local_addr().unwrap()))
+        );
+        assert!(!meta.truncated);
+        let t = crate::cmsg::rx_timestamp(&control[..meta.control_len])
+            .unwrap()
+            .expect("a timestamp");
+        let (lo, hi) = (before.as_nanos(), after.as_nanos());
+        assert!(
+            (lo..=hi).contains(&u128::from(t.0)),
+            "{lo} <= {} <= {hi}",
+            t.0
+        );
+        // Without the option: no timestamp.
+        let plain = bind_udp("127.0.0.1".parse().unwrap(), 0, 65_536).unwrap();
+        tx.send_to(b"x", plain.local_addr().unwrap()).unwrap();
+        let meta = loop {
+            match recv_msg(&plain, &mut buf, &mut control) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(
+            crate::cmsg::rx_timestamp(&control[..meta.control_len]),
+            Ok(None)
+        );
     }
 
     #[test]

@@ -350,8 +350,11 @@ impl Channel {
 pub struct GlobalHistograms {
     /// Round-trip times.
     pub rtt: LatencyHistogram,
-    /// Time inside the relay, per direction.
+    /// Time inside the relay, per direction: arrival to the submission of the forwarded send.
     pub forward: PerDirection<LatencyHistogram>,
+    /// Arrival (the kernel's receive stamp) to the moment the relay's user space handled the
+    /// datagram, per direction: the wake-up part of `forward` (deferred path only).
+    pub receive_delay: PerDirection<LatencyHistogram>,
     /// Jitter estimate after each packet, per direction.
     pub jitter: PerDirection<LatencyHistogram>,
     /// Lateness of each packet, per direction.
@@ -368,6 +371,7 @@ impl GlobalHistograms {
         Self {
             rtt: h(),
             forward: pair(),
+            receive_delay: pair(),
             jitter: pair(),
             lateness: pair(),
         }
@@ -418,7 +422,26 @@ pub struct Relay {
     echo_timeout_ns: u64,
     /// `rtt_threshold` in nanoseconds.
     rtt_threshold_ns: u64,
+    /// Datagrams forwarded by [`Relay::handle_received`] whose send is not submitted yet; their
+    /// forward time and T0 are settled by [`Relay::submitted`].
+    unsubmitted: Vec<Unsubmitted>,
 }
+
+/// A forwarded datagram waiting for its send's submission.
+#[derive(Clone, Copy, Debug)]
+struct Unsubmitted {
+    /// Its channel's slot.
+    socket: SocketId,
+    /// Its arrival.
+    arrival: MonoTime,
+    /// Its direction.
+    direction: Direction,
+    /// The T0 entry it made, if it made one (an RTP packet toward the echo).
+    t0: Option<(Ssrc, u16)>,
+}
+
+/// Unsubmitted datagrams kept without growing: more than a batch ever holds (the rings' CQ).
+const UNSUBMITTED_CAPACITY: usize = 16_384;
 
 impl Relay {
     /// A relay with no channels.
@@ -441,6 +464,7 @@ impl Relay {
             next_timer: MonoTime::ZERO,
             echo_timeout_ns: duration_nanos(config.echo_timeout),
             rtt_threshold_ns: duration_nanos(config.rtt_threshold),
+            unsubmitted: Vec::with_capacity(UNSUBMITTED_CAPACITY),
             config,
         })
     }
@@ -463,7 +487,9 @@ impl Relay {
         self.by_id.get(channel).copied()
     }
 
-    /// Decides the fate of one datagram that arrived on `socket` from `from` at `now`.
+    /// Decides the fate of one datagram that arrived on `socket` from `from` at `now`, taking
+    /// `now` as its arrival and, for a packet toward the echo, as its T0 (the send is taken to
+    /// leave at once). For tests and for `--timestamps user`.
     pub fn handle_datagram(
         &mut self,
         now: MonoTime,
@@ -471,9 +497,74 @@ impl Relay {
         from: SocketAddr,
         bytes: &[u8],
     ) -> Verdict {
+        self.handle(now, socket, from, bytes).0
+    }
+
+    /// Decides the fate of one datagram the kernel received at `arrival` (its receive stamp) and
+    /// the relay handled at `handled`. Jitter, lateness and a returning echo's T1 use `arrival`;
+    /// a forwarded datagram's forward time and (toward the echo) T0 are settled when the backend
+    /// reports its send submitted ([`Relay::submitted`]).
+    pub fn handle_received(
+        &mut self,
+        arrival: MonoTime,
+        handled: MonoTime,
+        socket: SocketId,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) -> Verdict {
+        let (verdict, t0) = self.handle(arrival, socket, from, bytes);
+        if let Verdict::Forward { direction, .. } = verdict {
+            self.hist
+                .receive_delay
+                .get_mut(direction)
+                .record(handled.nanos_since(arrival));
+            if self.unsubmitted.len() < self.unsubmitted.capacity() {
+                self.unsubmitted.push(Unsubmitted {
+                    socket,
+                    arrival,
+                    direction,
+                    t0,
+                });
+            } else {
+                // More than a batch can hold: settle what is queued as submitted now.
+                self.submitted(handled);
+            }
+        }
+        verdict
+    }
+
+    /// Every datagram forwarded since the last call has had its send submitted at `at`: each
+    /// one's forward time (arrival to `at`) is recorded and each T0 toward the echo becomes `at`.
+    pub fn submitted(&mut self, at: MonoTime) {
+        for u in self.unsubmitted.drain(..) {
+            self.hist
+                .forward
+                .get_mut(u.direction)
+                .record(at.nanos_since(u.arrival));
+            if let (Some((ssrc, seq)), Some(Some(ch))) =
+                (u.t0, self.channels.get_mut(u.socket.index()))
+            {
+                ch.t0.restamp(ssrc, seq, at);
+            }
+        }
+    }
+
+    /// Datagrams forwarded whose send has not been reported submitted.
+    #[must_use]
+    pub fn unsubmitted(&self) -> usize {
+        self.unsubmitted.len()
+    }
+
+    fn handle(
+        &mut self,
+        now: MonoTime,
+        socket: SocketId,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) -> (Verdict, Option<(Ssrc, u16)>) {
         let Some(Some(ch)) = self.channels.get_mut(socket.index()) else {
             self.drops.add(DropReason::NoChannel);
-            return Verdict::Drop(DropReason::NoChannel);
+            return (Verdict::Drop(DropReason::NoChannel), None);
         };
         let (direction, latch) = if from == ch.echo {
             (Direction::ToAsterisk, false)
@@ -482,17 +573,25 @@ impl Relay {
         } else if ch.asterisk.is_none() && !self.config.strict_source {
             (Direction::ToEcho, true)
         } else {
-            return drop_packet(&mut self.drops, ch, DropReason::UnknownSource);
+            return (
+                drop_packet(&mut self.drops, ch, DropReason::UnknownSource),
+                None,
+            );
         };
         let packet = match rtp::parse(bytes) {
             Ok(p) => p,
-            Err(e) => return drop_packet(&mut self.drops, ch, e.into()),
+            Err(e) => return (drop_packet(&mut self.drops, ch, e.into()), None),
         };
         let to = match direction {
             Direction::ToEcho => ch.echo,
             Direction::ToAsterisk => match ch.asterisk {
                 Some(a) => a,
-                None => return drop_packet(&mut self.drops, ch, DropReason::NoAsteriskAddress),
+                None => {
+                    return (
+                        drop_packet(&mut self.drops, ch, DropReason::NoAsteriskAddress),
+                        None,
+                    )
+                }
             },
         };
         if latch {
@@ -503,8 +602,11 @@ impl Relay {
         let traffic = ch.traffic.get_mut(direction);
         traffic.packets += 1;
         traffic.bytes += bytes.len() as u64;
-        match packet {
-            Packet::Rtcp(_) => traffic.rtcp += 1,
+        let t0 = match packet {
+            Packet::Rtcp(_) => {
+                traffic.rtcp += 1;
+                None
+            }
             Packet::Rtp(p) => measure(
                 ch,
                 &mut self.hist,
@@ -513,9 +615,10 @@ impl Relay {
                 now,
                 direction,
                 &p,
-            ),
-        }
-        Verdict::Forward { to, direction }
+            )
+            .then_some((p.ssrc, p.sequence)),
+        };
+        (Verdict::Forward { to, direction }, t0)
     }
 
     /// Counts a datagram the backend dropped before it could reach the core (for instance one
@@ -804,6 +907,7 @@ impl Relay {
             drops: self.drops,
             rtt: h.rtt.summary(),
             forward: per(&h.forward),
+            receive_delay: per(&h.receive_delay),
             jitter: per(&h.jitter),
             lateness: per(&h.lateness),
         }
@@ -872,7 +976,8 @@ fn count_unreturned_tail(ch: &mut Channel) {
     }
 }
 
-/// Sequence, jitter and lateness of an RTP packet, and its T0 or round trip.
+/// Sequence, jitter and lateness of an RTP packet, and its T0 or round trip; true when it
+/// recorded a T0 (a packet toward the echo that is not a duplicate of one still pending).
 fn measure(
     ch: &mut Channel,
     hist: &mut GlobalHistograms,
@@ -881,7 +986,7 @@ fn measure(
     now: MonoTime,
     direction: Direction,
     p: &RtpPacket<'_>,
-) {
+) -> bool {
     if direction == Direction::ToEcho {
         match &mut ch.anchor {
             Some(a) if a.ssrc == p.ssrc => {
@@ -925,16 +1030,18 @@ fn measure(
     match direction {
         Direction::ToEcho => {
             // A duplicate from Asterisk keeps the first copy's T0.
-            if event != SeqEvent::Duplicate {
-                match ch.t0.insert(now, p.ssrc, p.sequence) {
-                    Insert::Recorded => ch.round_trip.sent += 1,
-                    Insert::Overwrote => {
-                        ch.round_trip.sent += 1;
-                        ch.round_trip.timeouts += 1;
-                    }
-                    Insert::AlreadyPending => {}
-                }
+            if event == SeqEvent::Duplicate {
+                return false;
             }
+            match ch.t0.insert(now, p.ssrc, p.sequence) {
+                Insert::Recorded => ch.round_trip.sent += 1,
+                Insert::Overwrote => {
+                    ch.round_trip.sent += 1;
+                    ch.round_trip.timeouts += 1;
+                }
+                Insert::AlreadyPending => return false,
+            }
+            return true;
         }
         Direction::ToAsterisk => match ch.t0.lookup(now, p.ssrc, p.sequence) {
             Lookup::Matched { rtt_ns } if rtt_ns <= echo_timeout_ns => {
@@ -953,4 +1060,5 @@ fn measure(
             Lookup::Unknown => ch.round_trip.unmatched += 1,
         },
     }
+    false
 }

@@ -509,9 +509,14 @@ pub struct GlobalStats {
     pub drops: DropCounts,
     /// Round-trip time distribution.
     pub rtt: LatencySummary,
-    /// Time inside the relay (receive completion to send submission), per direction, as the
-    /// backend reports it.
+    /// Time inside the relay, per direction: the datagram's arrival (the kernel's receive stamp,
+    /// or with `--timestamps user` the wake-up that found it) to the submission of its
+    /// forwarded send.
     pub forward: PerDirection<LatencySummary>,
+    /// The wake-up part of `forward`: kernel arrival to the moment the relay's user space
+    /// handled the datagram, per direction (empty with `--timestamps user`).
+    #[serde(default)]
+    pub receive_delay: PerDirection<LatencySummary>,
     /// Distribution of the per-packet jitter estimate, per direction.
     pub jitter: PerDirection<LatencySummary>,
     /// Distribution of per-packet lateness (transit above baseline), per direction.

@@ -136,6 +136,22 @@ impl T0Table {
         outcome
     }
 
+    /// Moves the T0 of packet (`ssrc`, `seq`), still pending, to `t0`: the moment its send was
+    /// actually submitted, known only after [`T0Table::insert`] (the backend submits a batch's
+    /// sends together). False when the entry is no longer this packet's or no longer pending.
+    pub fn restamp(&mut self, ssrc: Ssrc, seq: u16, t0: MonoTime) -> bool {
+        let i = usize::from(seq) & self.mask;
+        match self.slots.get_mut(i) {
+            Some(slot)
+                if slot.ssrc == ssrc.0 && slot.seq == seq && slot.state == State::Pending =>
+            {
+                slot.t0 = t0.as_nanos();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Matches an echo of packet (`ssrc`, `seq`) arriving at `now`.
     pub fn lookup(&mut self, now: MonoTime, ssrc: Ssrc, seq: u16) -> Lookup {
         let i = usize::from(seq) & self.mask;

@@ -102,3 +102,52 @@ fn handle_datagram_allocates_nothing_and_a_channel_costs_under_64_kib() {
     assert!(s.round_trip.timeouts > 0 && s.streams.to_echo.reordered > 0);
     assert_eq!(allocs, 0, "the packet path allocated {allocs} times");
 }
+
+#[test]
+fn the_kernel_timestamp_path_allocates_nothing_either() {
+    let mut relay = Relay::new(RelayConfig {
+        idle_timeout: std::time::Duration::from_secs(3_600),
+        ..RelayConfig::default()
+    })
+    .unwrap();
+    let echo = relay.config().default_echo;
+    let asterisk = "127.0.0.2:5000".parse().unwrap();
+    let socket = open(
+        &mut relay,
+        MonoTime::ZERO,
+        AddChannel {
+            channel: ChannelId::try_from("k").unwrap(),
+            port: 21_000,
+            asterisk: Some(asterisk),
+            echo: None,
+            format: Format::Ulaw,
+        },
+    );
+    let built: Vec<Vec<u8>> = (0..3_000u32)
+        .map(|k| rtp(u16::try_from(k).unwrap(), 160 * k, 9))
+        .collect();
+    let allocs = allocation_counter::measure(|| {
+        // Batches of 50: handled 30 µs after arrival, submitted together 20 µs later.
+        for (b, batch) in built.chunks(50).enumerate() {
+            let now = MonoTime::from_nanos(1_000 * MS + b as u64 * 20 * MS);
+            let handled = MonoTime::from_nanos(now.as_nanos() + 30_000);
+            for p in batch {
+                let _ = relay.handle_received(now, handled, socket, asterisk, p);
+            }
+            relay.submitted(MonoTime::from_nanos(handled.as_nanos() + 20_000));
+            let back = MonoTime::from_nanos(now.as_nanos() + 3 * MS);
+            for p in batch {
+                let _ = relay.handle_received(back, back, socket, echo, p);
+            }
+            relay.submitted(back);
+            relay.handle_timeout(now);
+        }
+    })
+    .count_total;
+    let g = relay.global_stats();
+    assert_eq!(g.round_trip.matched, 3_000, "{:?}", g.round_trip);
+    assert_eq!(
+        allocs, 0,
+        "the deferred packet path allocated {allocs} times"
+    );
+}

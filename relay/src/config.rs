@@ -33,6 +33,27 @@ impl Backend {
     }
 }
 
+/// Where a datagram's arrival time comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Timestamps {
+    /// The kernel's software receive stamp (SO_TIMESTAMPNS); T0 is the submission of the send.
+    Kernel,
+    /// The moment user space handles the datagram, for T0 as well (the relay's own scheduling
+    /// included): kept for comparison.
+    User,
+}
+
+impl Timestamps {
+    /// The name used on the command line and in metrics.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::User => "user",
+        }
+    }
+}
+
 /// The relay's raw command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +74,9 @@ pub struct Args {
     /// I/O backend.
     #[arg(long, env = "RELAY_BACKEND", value_enum, default_value = "uring")]
     pub backend: Backend,
+    /// Arrival times: the kernel's receive stamps, or user-space reads of the clock.
+    #[arg(long, env = "RELAY_TIMESTAMPS", value_enum, default_value = "kernel")]
+    pub timestamps: Timestamps,
     /// Address the channel sockets bind.
     #[arg(long, env = "RELAY_BIND", default_value = "127.0.0.1")]
     pub bind: IpAddr,
@@ -139,6 +163,9 @@ pub struct Config {
     pub core: Option<usize>,
     /// I/O backend.
     pub backend: Backend,
+    /// Where arrival times come from (as asked; the relay falls back to `user` where the kernel
+    /// refuses).
+    pub timestamps: Timestamps,
     /// Address channel sockets bind.
     pub bind: IpAddr,
     /// The core's settings.
@@ -203,6 +230,7 @@ impl TryFrom<Args> for Config {
             metrics: a.metrics,
             core: a.core,
             backend: a.backend,
+            timestamps: a.timestamps,
             bind: a.bind,
             relay,
             ring: RingConfig {
@@ -238,6 +266,11 @@ mod tests {
     fn defaults_are_valid() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.backend, Backend::Uring);
+        assert_eq!(c.timestamps, Timestamps::Kernel);
+        assert_eq!(
+            parse(&["--timestamps", "user"]).unwrap().timestamps,
+            Timestamps::User
+        );
         assert_eq!(c.metrics, "127.0.0.1:9100".parse().unwrap());
         assert_eq!(c.relay.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.ring.buffers, 4096);
@@ -254,6 +287,7 @@ mod tests {
             (&["--rtt-threshold", "50 parsecs"], "--rtt-threshold"),
             (&["--echo", "127.0.0.1:0"], "--echo"),
             (&["--backend", "epoll"], "--backend"),
+            (&["--timestamps", "gps"], "--timestamps"),
             (&["--bind", "not-an-ip"], "--bind"),
             (&["--publish-interval", "0ms"], "--publish-interval"),
         ] {

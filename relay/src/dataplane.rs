@@ -5,7 +5,6 @@
 use std::io;
 use std::net::{IpAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::Instant;
 
 use relay_proto::{ChannelStats, Command, ErrorCode, ErrorReply, GlobalStats, MonoTime, Response};
 use serde::Serialize;
@@ -92,32 +91,64 @@ impl Handle {
 #[error("the data plane has stopped")]
 pub struct Stopped;
 
-/// The monotonic clock the I/O layer reads, as [`MonoTime`] since the relay started.
-#[derive(Clone, Copy, Debug)]
+/// The monotonic clock the I/O layer reads, as [`MonoTime`] since the relay started, and the
+/// conversion of the kernel's receive stamps to it.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Clock {
-    /// The origin.
-    base: Instant,
+    /// The monotonic clock.
+    mono: relay_io::Clock,
+    /// Kernel stamps → monotonic time, re-sampled every batch.
+    wall: relay_io::WallToMono,
 }
 
 impl Clock {
-    /// A clock starting now.
+    /// A clock starting now, with no sample yet.
     #[must_use]
     pub fn new() -> Self {
-        Self {
-            base: Instant::now(),
-        }
+        Self::default()
     }
 
     /// Now.
     #[must_use]
     pub fn now(&self) -> MonoTime {
-        MonoTime::from_nanos(u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX))
+        MonoTime::from_nanos(self.mono.now_ns())
     }
-}
 
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
+    /// Re-samples the realtime − monotonic offset (once per batch, after the wait and before
+    /// the batch's datagrams are read); returns now, and counts a wall-clock step in `counters`.
+    pub fn resample(&mut self, counters: &mut BackendCounters) -> MonoTime {
+        let s = self.mono.sample();
+        if self.wall.resample(s) {
+            counters.clock_steps += 1;
+            tracing::warn!(
+                "the wall clock stepped: this batch's arrivals are taken at handling time \
+                 (rtprelay_clock_steps_total)"
+            );
+        }
+        MonoTime::from_nanos(s.mono_after)
+    }
+
+    /// The arrival of a datagram whose control messages are `control`: the kernel's stamp on
+    /// the monotonic clock, or `handled` where there is none or it cannot be trusted (counted).
+    pub fn arrival(
+        &self,
+        control: &[u8],
+        handled: MonoTime,
+        counters: &mut BackendCounters,
+    ) -> MonoTime {
+        match relay_io::rx_timestamp(control) {
+            Ok(Some(t)) => match self.wall.to_mono(t) {
+                Some(ns) => MonoTime::from_nanos(ns),
+                None => {
+                    counters.untrusted_timestamps += 1;
+                    handled
+                }
+            },
+            Ok(None) | Err(_) => {
+                counters.missing_timestamps += 1;
+                handled
+            }
+        }
     }
 }
 
@@ -157,6 +188,14 @@ pub struct BackendCounters {
     pub rearm_nobufs: u64,
     /// Multishot receives re-armed for any other reason (CQ overflow, errors).
     pub rearm_other: u64,
+    /// Steps of the wall clock seen while converting kernel stamps.
+    pub clock_steps: u64,
+    /// Datagrams that came without a kernel timestamp (kernel mode): their arrival is the
+    /// moment they were handled.
+    pub missing_timestamps: u64,
+    /// Kernel stamps refused (in the future, too old, or in a batch with a clock step): their
+    /// arrival is the moment they were handled.
+    pub untrusted_timestamps: u64,
 }
 
 /// Batch-size buckets: 1, 2, 4, … 2^15 and above.
@@ -224,6 +263,8 @@ pub struct BindConfig {
     pub ip: IpAddr,
     /// SO_RCVBUF in bytes.
     pub rcvbuf: usize,
+    /// Ask the kernel for receive timestamps on every channel socket.
+    pub timestamps: bool,
 }
 
 /// Executes one command against the core, opening or closing sockets as it says.
@@ -244,6 +285,11 @@ pub fn execute(
             let id = pending.socket();
             let mut opened = false;
             let bound = bind_channel_socket(bind.ip, pending.port(), bind.rcvbuf).and_then(|s| {
+                if bind.timestamps {
+                    if let Err(e) = relay_io::enable_rx_timestamps(&s) {
+                        warn_timestamps_refused(&e);
+                    }
+                }
                 let port = s
                     .local_addr()
                     .map_err(|e| ErrorReply::new(ErrorCode::Io, format!("local address: {e}")))?
@@ -262,6 +308,24 @@ pub fn execute(
             reply
         }
     }
+}
+
+/// Logs, once per process, that a channel socket refused kernel timestamps (its datagrams are
+/// then taken at handling time and counted in `rtprelay_timestamps_missing_total`).
+fn warn_timestamps_refused(e: &io::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!("a channel socket refused SO_TIMESTAMPNS ({e}); its arrivals are user time");
+    });
+}
+
+/// Whether the kernel gives UDP sockets receive timestamps here; why not, if it does not.
+///
+/// # Errors
+/// The probe socket could not be made, or the option was refused.
+pub fn probe_timestamps(ip: IpAddr) -> io::Result<()> {
+    let s = relay_io::bind_udp(ip, 0, 4096)?;
+    relay_io::enable_rx_timestamps(&s)
 }
 
 /// Closes the sockets of channels the core closed on its own (idle), logging their statistics.

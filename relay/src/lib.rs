@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 use relay_proto::{GlobalStats, Relay};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, Timestamps};
 use crate::dataplane::{BindConfig, CtlMsg, Handle};
 use crate::metrics::{Publisher, Snapshot};
 
@@ -46,19 +46,35 @@ pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
     let metrics_addr = metrics_listener.local_addr()?;
 
     let backend = config.backend;
+    let timestamps = match config.timestamps {
+        Timestamps::Kernel => match dataplane::probe_timestamps(config.bind) {
+            Ok(()) => Timestamps::Kernel,
+            Err(e) => {
+                tracing::warn!(
+                    "the kernel gives no receive timestamps here ({e}): --timestamps user, \
+                     arrivals and T0 are read in user space"
+                );
+                Timestamps::User
+            }
+        },
+        Timestamps::User => Timestamps::User,
+    };
     let shared = Arc::new(ArcSwap::from_pointee(Snapshot {
         backend: backend.as_str(),
+        timestamps: timestamps.as_str(),
         ..Snapshot::default()
     }));
     let publisher = Publisher::new(
         Arc::clone(&shared),
         backend.as_str(),
+        timestamps.as_str(),
         config.publish_interval,
     );
     let relay = Relay::new(config.relay.clone())?;
     let bind = BindConfig {
         ip: config.bind,
         rcvbuf: config.socket_rcvbuf,
+        timestamps: timestamps == Timestamps::Kernel,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -113,6 +129,7 @@ pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
     let handle = Handle::new(tx, waker);
     tracing::info!(
         backend = backend.as_str(),
+        timestamps = timestamps.as_str(),
         ctl = %ctl.path().display(),
         metrics = %format!("http://{metrics_addr}/metrics"),
         core = ?core,

@@ -108,6 +108,8 @@ impl Buckets {
 pub struct Snapshot {
     /// The backend's name.
     pub backend: &'static str,
+    /// Where arrival times come from (`kernel` or `user`).
+    pub timestamps: &'static str,
     /// When it was taken, on the relay's clock.
     pub taken: MonoTime,
     /// The core's global statistics.
@@ -118,6 +120,8 @@ pub struct Snapshot {
     pub rtt: Buckets,
     /// Time inside the relay, per direction.
     pub forward: PerDirection<Buckets>,
+    /// Kernel arrival to user-space handling, per direction.
+    pub receive_delay: PerDirection<Buckets>,
     /// Jitter estimates, per direction.
     pub jitter: PerDirection<Buckets>,
     /// Lateness, per direction.
@@ -134,6 +138,8 @@ pub struct Publisher {
     shared: Arc<ArcSwap<Snapshot>>,
     /// The backend's name.
     backend: &'static str,
+    /// Where arrival times come from.
+    timestamps: &'static str,
     /// How often to publish.
     interval: Duration,
     /// When to publish next.
@@ -143,10 +149,16 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher for `backend` into `shared`, every `interval`.
     #[must_use]
-    pub fn new(shared: Arc<ArcSwap<Snapshot>>, backend: &'static str, interval: Duration) -> Self {
+    pub fn new(
+        shared: Arc<ArcSwap<Snapshot>>,
+        backend: &'static str,
+        timestamps: &'static str,
+        interval: Duration,
+    ) -> Self {
         Self {
             shared,
             backend,
+            timestamps,
             interval,
             next: MonoTime::ZERO,
         }
@@ -181,11 +193,13 @@ impl Publisher {
         };
         self.shared.store(Arc::new(Snapshot {
             backend: self.backend,
+            timestamps: self.timestamps,
             taken: now,
             global: Some(global),
             counters: counters.clone(),
             rtt: Buckets::from_hdr(&h.rtt),
             forward: per(&h.forward),
+            receive_delay: per(&h.receive_delay),
             jitter: per(&h.jitter),
             lateness: per(&h.lateness),
             lost,
@@ -273,13 +287,19 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
     };
     vec![
         family("info", "Relay build and backend (value 1).", GAUGE, vec![gauge_metric(
-            vec![label("backend", s.backend), label("version", env!("CARGO_PKG_VERSION"))],
+            vec![
+                label("backend", s.backend),
+                label("timestamps", s.timestamps),
+                label("version", env!("CARGO_PKG_VERSION")),
+            ],
             1.0,
         )]),
         family("rtt_seconds", "Echo round-trip time, T1 - T0, of every RTP packet measured.", HISTOGRAM,
             vec![histogram_metric(vec![], &s.rtt, &lat_bounds)]),
-        family("forward_seconds", "Time inside the relay, from receive completion to send submission.", HISTOGRAM,
+        family("forward_seconds", "Time inside the relay: the datagram's kernel arrival to the submission of its forwarded send (wake-up and batch included).", HISTOGRAM,
             per_direction(&s.forward, |l, b| histogram_metric(l, b, &lat_bounds))),
+        family("receive_delay_seconds", "Kernel arrival of a datagram to the moment the relay's user space handled it (the wake-up part of forward_seconds; empty with --timestamps user).", HISTOGRAM,
+            per_direction(&s.receive_delay, |l, b| histogram_metric(l, b, &lat_bounds))),
         family("jitter_seconds", "RFC 3550 interarrival jitter estimate after each packet, by the direction the packet travelled.", HISTOGRAM,
             per_direction(&s.jitter, |l, b| histogram_metric(l, b, &lat_bounds))),
         family("lateness_seconds", "Transit of each packet above the stream's baseline transit.", HISTOGRAM,
@@ -312,6 +332,11 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
             vec![histogram_metric(vec![], &batch, &batch_bounds)]),
         total("send_errors_total", "Sends the kernel refused.", c.send_errors),
         total("recv_errors_total", "Receives that failed.", c.recv_errors),
+        total("clock_steps_total", "Steps of the wall clock seen while converting kernel receive stamps (the batch's arrivals were taken at handling time).", c.clock_steps),
+        family("timestamps_fallback_total", "Datagrams whose arrival was taken at handling time with --timestamps kernel, by cause.", COUNTER, vec![
+            counter(vec![label("cause", "missing")], c.missing_timestamps),
+            counter(vec![label("cause", "untrusted")], c.untrusted_timestamps),
+        ]),
         family("recv_rearms_total", "Multishot receives re-armed, by cause.", COUNTER, vec![
             counter(vec![label("cause", "no_buffers")], c.rearm_nobufs),
             counter(vec![label("cause", "other")], c.rearm_other),
@@ -411,6 +436,9 @@ mod tests {
             "rtprelay_batch_size_bucket{le=\"1\"}",
             "rtprelay_rtt_high_total",
             "rtprelay_info{backend=\"uring\"",
+            "rtprelay_receive_delay_seconds_bucket{direction=\"to_echo\"",
+            "rtprelay_clock_steps_total 0",
+            "rtprelay_timestamps_fallback_total{cause=\"missing\"}",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -9,6 +9,12 @@
 //! It exists so that `bench` compares only the I/O layer: same core, same sockets, same
 //! measurement; the differences are readiness + one syscall per datagram each way here, against
 //! batched completions there.
+//!
+//! Time (`--timestamps kernel`): datagrams are read with `recvmsg` and their control messages;
+//! the realtime − monotonic offset is re-sampled right after each read (so every stamp precedes
+//! its sample), the arrival is the kernel's stamp, and T0 is the clock read just before the
+//! `sendmsg` that forwards it. With `--timestamps user`, arrival and T0 are the read of the
+//! clock after the datagram was read.
 
 use std::cell::RefCell;
 use std::net::UdpSocket as StdUdpSocket;
@@ -30,6 +36,10 @@ struct Shared {
     relay: Relay,
     /// Backend counters.
     counters: BackendCounters,
+    /// The clock and the conversion of kernel stamps (one for all tasks of this thread).
+    clock: Clock,
+    /// Kernel timestamps asked for.
+    kernel_time: bool,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
@@ -40,8 +50,6 @@ struct Tasks {
     shared: SharedRef,
     /// Abort handles by slot.
     tasks: Vec<Option<AbortHandle>>,
-    /// The clock.
-    clock: Clock,
 }
 
 impl SocketTable for Tasks {
@@ -52,8 +60,7 @@ impl SocketTable for Tasks {
             .tasks
             .get_mut(id.0 as usize)
             .ok_or_else(|| ErrorReply::new(ErrorCode::Internal, "socket slot out of range"))?;
-        let task =
-            tokio::task::spawn_local(channel(socket, id, Rc::clone(&self.shared), self.clock));
+        let task = tokio::task::spawn_local(channel(socket, id, Rc::clone(&self.shared)));
         *entry = Some(task.abort_handle());
         Ok(())
     }
@@ -94,11 +101,12 @@ async fn main_loop(
     let shared = Rc::new(RefCell::new(Shared {
         relay,
         counters: BackendCounters::default(),
+        clock,
+        kernel_time: bind.timestamps,
     }));
     let mut tasks = Tasks {
         shared: Rc::clone(&shared),
         tasks: (0..n).map(|_| None).collect(),
-        clock,
     };
     loop {
         let next = {
@@ -138,7 +146,7 @@ async fn main_loop(
                     sh.relay.handle_timeout(now);
                     dataplane::close_expired(&mut sh.relay, &mut tasks);
                 }
-                let Shared { relay, counters } = &*sh;
+                let Shared { relay, counters, .. } = &*sh;
                 publisher.maybe_publish(now, relay, counters);
             }
         }
@@ -146,17 +154,21 @@ async fn main_loop(
 }
 
 /// One channel's socket: drain on readiness, forward from the same socket.
-async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef, clock: Clock) {
+async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef) {
     // One byte more than the largest payload, to tell an oversize datagram from a full one.
     let mut buf = vec![0u8; MAX_PAYLOAD + 1];
+    let mut control = [0u8; relay_io::socket::CONTROL_LEN];
     loop {
         if socket.readable().await.is_err() {
             return;
         }
         let mut drained = 0usize;
         loop {
-            let (n, from) = match socket.try_recv_from(&mut buf) {
-                Ok(x) => x,
+            let got = socket.try_io(tokio::io::Interest::READABLE, || {
+                relay_io::recv_msg(&socket, &mut buf, &mut control)
+            });
+            let meta = match got {
+                Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     shared.borrow_mut().counters.recv_errors += 1;
@@ -164,19 +176,46 @@ async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef, clock: Cloc
                 }
             };
             drained += 1;
-            if n > MAX_PAYLOAD {
+            if meta.truncated || meta.len > MAX_PAYLOAD {
                 shared.borrow_mut().counters.oversize += 1;
                 continue;
             }
-            let now = clock.now();
-            let Some(payload) = buf.get(..n) else {
+            let (Some(payload), Some(from)) = (buf.get(..meta.len), meta.from) else {
+                shared.borrow_mut().counters.recv_errors += 1;
                 continue;
             };
-            let verdict = shared
-                .borrow_mut()
-                .relay
-                .handle_datagram(now, id, from, payload);
+            // (user time: when handling started, the start of the forward time)
+            let (verdict, started) = {
+                let mut sh = shared.borrow_mut();
+                let Shared {
+                    relay,
+                    counters,
+                    clock,
+                    kernel_time,
+                } = &mut *sh;
+                if *kernel_time {
+                    let handled = clock.resample(counters);
+                    let ctl = control.get(..meta.control_len).unwrap_or_default();
+                    let arrival = clock.arrival(ctl, handled, counters);
+                    (
+                        relay.handle_received(arrival, handled, id, from, payload),
+                        handled,
+                    )
+                } else {
+                    let now = clock.now();
+                    (relay.handle_datagram(now, id, from, payload), now)
+                }
+            };
             if let Verdict::Forward { to, direction } = verdict {
+                // Kernel time: T0 and the end of the forward time are just before the send.
+                let kernel_time = {
+                    let mut sh = shared.borrow_mut();
+                    if sh.kernel_time {
+                        let t0 = sh.clock.now();
+                        sh.relay.submitted(t0);
+                    }
+                    sh.kernel_time
+                };
                 let sent = match socket.try_send_to(payload, to) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         socket.send_to(payload, to).await
@@ -185,9 +224,11 @@ async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef, clock: Cloc
                 };
                 let mut sh = shared.borrow_mut();
                 match sent {
-                    Ok(_) => sh
-                        .relay
-                        .record_forward(direction, clock.now().nanos_since(now)),
+                    Ok(_) if !kernel_time => {
+                        let elapsed = sh.clock.now().nanos_since(started);
+                        sh.relay.record_forward(direction, elapsed);
+                    }
+                    Ok(_) => {}
                     Err(_) => sh.counters.send_errors += 1,
                 }
             }

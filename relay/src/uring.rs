@@ -8,8 +8,15 @@
 //! back to the ring when its send completes (or at once when the datagram is dropped).
 //!
 //! One loop iteration is one batch: one `io_uring_enter` submits every send queued by the last
-//! batch and waits for completions (or the next timer); the clock is read once per batch, and the
-//! buffer ring's tail is published once per batch.
+//! batch and waits for completions (or the next timer); the buffer ring's tail is published once
+//! per batch.
+//!
+//! Time (`--timestamps kernel`, the default): each socket asks for the kernel's receive stamp,
+//! which lands in the buffer's control field; a datagram's arrival is that stamp on the
+//! monotonic clock (the offset re-sampled once per batch, right after the wait). The clock is
+//! read again just before the `io_uring_enter` that submits a batch's sends: that is their T0
+//! (toward the echo) and the end of their forward time. `--timestamps user` keeps the old way:
+//! one clock read after the wait stands for every datagram's arrival and T0.
 //!
 //! A multishot receive ends when the buffer ring is empty (`ENOBUFS`) or the completion queue
 //! overflowed; the datagram stays queued in the socket, and the receive is re-armed once buffers
@@ -26,6 +33,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::dataplane::{self, BackendCounters, BindConfig, Clock, CtlMsg, SocketTable};
 use crate::metrics::Publisher;
 use relay_io::ring::{Completion, Ring, MAX_PAYLOAD};
+use relay_proto::MonoTime;
 
 const KIND_SHIFT: u32 = 56;
 const RECV: u64 = 1;
@@ -111,7 +119,8 @@ pub fn run(
     mut publisher: Publisher,
     bind: BindConfig,
 ) -> std::io::Result<GlobalStats> {
-    let clock = Clock::new();
+    let mut clock = Clock::new();
+    let kernel_time = bind.timestamps;
     let slots = (0..relay.config().max_channels)
         .map(|_| Slot::default())
         .collect();
@@ -131,14 +140,31 @@ pub fn run(
             .poll_timeout()
             .map_or(publisher.deadline(), |t| t.min(publisher.deadline()));
         let wait = Duration::from_nanos(next.nanos_since(now).max(1));
+        if kernel_time {
+            // This enter submits the last batch's sends: now is their T0.
+            relay.submitted(clock.now());
+        }
         s.ring.submit_and_wait(Some(wait))?;
 
-        let now = clock.now();
+        let now = if kernel_time {
+            clock.resample(&mut counters)
+        } else {
+            clock.now()
+        };
         let completions = s.ring.drain_completions();
         counters.batch(completions.len());
         for c in &completions {
             match c.user_data >> KIND_SHIFT {
-                RECV => on_recv(&mut s, &mut relay, &mut counters, &mut forwarded, now, c)?,
+                RECV => {
+                    let mut io = Io {
+                        s: &mut s,
+                        relay: &mut relay,
+                        counters: &mut counters,
+                        forwarded: &mut forwarded,
+                        clock: kernel_time.then_some(&clock),
+                    };
+                    on_recv(&mut io, now, c)?;
+                }
                 SEND => {
                     if let Ok(bid) = u16::try_from(c.user_data & 0xffff) {
                         s.ring.recycle(bid);
@@ -177,7 +203,7 @@ pub fn run(
             }
         }
 
-        if forwarded != [0, 0] {
+        if forwarded != [0, 0] && !kernel_time {
             let elapsed = clock.now().nanos_since(now);
             for d in Direction::ALL {
                 let n = forwarded[d.index()];
@@ -185,8 +211,8 @@ pub fn run(
                     relay.record_forward_n(d, elapsed, n);
                 }
             }
-            forwarded = [0, 0];
         }
+        forwarded = [0, 0];
 
         if relay.poll_timeout().is_some_and(|t| t <= now) {
             relay.handle_timeout(now);
@@ -227,57 +253,75 @@ fn handle_msg(
     }
 }
 
-fn on_recv(
-    s: &mut Sockets,
-    relay: &mut Relay,
-    counters: &mut BackendCounters,
-    forwarded: &mut [u64; 2],
-    now: relay_proto::MonoTime,
-    c: &Completion,
-) -> std::io::Result<()> {
+/// The loop's state a receive completion touches.
+struct Io<'a> {
+    /// The ring and its slots.
+    s: &'a mut Sockets,
+    /// The core.
+    relay: &'a mut Relay,
+    /// Backend counters.
+    counters: &'a mut BackendCounters,
+    /// Datagrams forwarded this batch, per direction (user time only).
+    forwarded: &'a mut [u64; 2],
+    /// With kernel timestamps: the clock that converts them.
+    clock: Option<&'a Clock>,
+}
+
+fn on_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Result<()> {
     let slot = (c.user_data & 0xffff_ffff) as u32;
     let gen = ((c.user_data >> 32) & 0xff_ffff) as u32;
-    let current = s
-        .slots
-        .get(slot as usize)
-        .is_some_and(|st| st.socket.is_some() && st.gen & 0xff_ffff == gen);
+    let current =
+        io.s.slots
+            .get(slot as usize)
+            .is_some_and(|st| st.socket.is_some() && st.gen & 0xff_ffff == gen);
     if c.result < 0 {
         match -c.result {
-            libc::ENOBUFS => counters.rearm_nobufs += 1,
+            libc::ENOBUFS => io.counters.rearm_nobufs += 1,
             libc::ECANCELED => {}
             _ => {
-                counters.recv_errors += 1;
-                counters.rearm_other += 1;
+                io.counters.recv_errors += 1;
+                io.counters.rearm_other += 1;
             }
         }
     } else if let Some(bid) = c.buffer() {
         let len = usize::try_from(c.result).unwrap_or(0);
-        forward(s, relay, counters, forwarded, now, slot, bid, len, current)?;
+        forward(io, now, slot, bid, len, current)?;
     }
     if !c.more() && current {
-        if let Some(st) = s.slots.get_mut(slot as usize) {
+        if let Some(st) = io.s.slots.get_mut(slot as usize) {
             st.armed = false;
         }
         if c.result >= 0 {
-            counters.rearm_other += 1; // ended without an error: CQ overflow
+            io.counters.rearm_other += 1; // ended without an error: CQ overflow
         }
-        s.rearm.push(slot);
+        io.s.rearm.push(slot);
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)] // the loop's state, passed apart to satisfy the borrow checker
 fn forward(
-    s: &mut Sockets,
-    relay: &mut Relay,
-    counters: &mut BackendCounters,
-    forwarded: &mut [u64; 2],
-    now: relay_proto::MonoTime,
+    io: &mut Io<'_>,
+    now: MonoTime,
     slot: u32,
     bid: u16,
     len: usize,
     current: bool,
 ) -> std::io::Result<()> {
+    let Io {
+        s,
+        relay,
+        counters,
+        forwarded,
+        clock,
+    } = io;
+    if let Some(clock) = clock {
+        if s.ring.submission_full() {
+            // The send this datagram may need would submit the queued ones early: they leave
+            // now, so now is their T0.
+            relay.submitted(clock.now());
+            s.ring.submit()?;
+        }
+    }
     let verdict = match s.ring.received(bid, len) {
         Some(_) if !current => {
             // A previous channel's datagram, in flight when it closed.
@@ -288,12 +332,19 @@ fn forward(
             counters.oversize += 1;
             None
         }
-        Some(r) => match r.from {
-            Some(from) => Some((
+        Some(r) => match (r.from, clock) {
+            (Some(from), Some(clock)) => {
+                let arrival = clock.arrival(r.control, now, counters);
+                Some((
+                    relay.handle_received(arrival, now, SocketId(slot), from, r.payload),
+                    r.payload.len(),
+                ))
+            }
+            (Some(from), None) => Some((
                 relay.handle_datagram(now, SocketId(slot), from, r.payload),
                 r.payload.len(),
             )),
-            None => {
+            (None, _) => {
                 counters.recv_errors += 1;
                 None
             }

@@ -1,0 +1,236 @@
+//! One clock for every measurement: the kernel stamps received packets with `CLOCK_REALTIME`
+//! (which NTP or an operator may step), while the relay's core and the tools keep
+//! `CLOCK_MONOTONIC` (which never jumps). [`Clock`] reads the monotonic clock; [`WallToMono`]
+//! converts kernel stamps to it with a realtime − monotonic offset re-sampled every batch.
+//!
+//! **Error bound.** The offset is sampled as (monotonic, realtime, monotonic) and the realtime
+//! reading is taken to belong to the middle of the two monotonic ones, so one sample is off by at
+//! most half the time between the two monotonic reads (reported as [`WallToMono::uncertainty_ns`],
+//! typically 20–60 ns through the vDSO). Between samples the two clocks drift apart only by NTP's
+//! slew, at most 500 ppm: 50 µs over a 100 ms batch at the very worst, nanoseconds at the
+//! batch intervals a loaded relay runs at.
+//!
+//! **Steps.** A change of the offset by more than [`STEP_BOUND_NS`] between two samples is a step
+//! of the wall clock, not a slew. It is counted, and the packets stamped around it cannot be
+//! trusted (the kernel may have stamped them before the step and we convert after it): for the
+//! batch in which a step is seen, and for any single stamp that converts to a time in the future
+//! or more than [`MAX_AGE_NS`] in the past, [`WallToMono::to_mono`] answers `None` and the caller
+//! uses the time it handled the packet instead. A step is never turned into a wrong round trip.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::cmsg::WallTime;
+
+/// Largest change of the realtime − monotonic offset between two samples that is still a slew:
+/// 1 ms. NTP slews at most 500 ppm, 1 ms only over 2 s without a sample, which a running data
+/// plane never goes (its timer wakes it every 100 ms or sooner).
+pub const STEP_BOUND_NS: u64 = 1_000_000;
+
+/// Oldest a kernel stamp may be, relative to the sample, before it is rejected: 10 s. A datagram
+/// waits in a socket buffer for milliseconds at worst; anything older is a clock step.
+pub const MAX_AGE_NS: u64 = 10_000_000_000;
+
+/// The monotonic clock, in nanoseconds since the clock was made (its origin is arbitrary, as
+/// the core's `MonoTime` allows).
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// The origin.
+    base: Instant,
+}
+
+impl Clock {
+    /// A clock starting now.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            base: Instant::now(),
+        }
+    }
+
+    /// Nanoseconds since the origin.
+    #[must_use]
+    pub fn now_ns(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// One sample of both clocks: (monotonic before, realtime, monotonic after).
+    #[must_use]
+    pub fn sample(&self) -> Sample {
+        let before = self.now_ns();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let after = self.now_ns();
+        Sample {
+            mono_before: before,
+            wall: WallTime(wall),
+            mono_after: after,
+        }
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Both clocks read back to back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Monotonic nanoseconds just before the realtime read.
+    pub mono_before: u64,
+    /// The realtime read.
+    pub wall: WallTime,
+    /// Monotonic nanoseconds just after it.
+    pub mono_after: u64,
+}
+
+/// Converts kernel (realtime) stamps to monotonic time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WallToMono {
+    /// realtime − monotonic, nanoseconds, at the last sample (`None` before the first).
+    offset: Option<i128>,
+    /// The monotonic time of the last sample (its midpoint).
+    at: u64,
+    /// Half the last sample's window.
+    uncertainty: u64,
+    /// The last sample saw a step: stamps are not converted until the next one.
+    stepped: bool,
+    /// Steps seen.
+    steps: u64,
+}
+
+impl WallToMono {
+    /// A converter with no sample yet.
+    #[must_use]
+    pub const fn new() -> Self {
+        Self {
+            offset: None,
+            at: 0,
+            uncertainty: 0,
+            stepped: false,
+            steps: 0,
+        }
+    }
+
+    /// Takes a new sample (once per batch, before its completions are handled); true when it
+    /// shows a step of the wall clock.
+    pub fn resample(&mut self, s: Sample) -> bool {
+        let mid = s.mono_before / 2 + s.mono_after / 2 + (s.mono_before % 2 + s.mono_after % 2) / 2;
+        let offset = i128::from(s.wall.0) - i128::from(mid);
+        let stepped = self
+            .offset
+            .is_some_and(|prev| (offset - prev).unsigned_abs() > u128::from(STEP_BOUND_NS));
+        self.offset = Some(offset);
+        self.at = mid;
+        self.uncertainty = s.mono_after.saturating_sub(s.mono_before).div_ceil(2);
+        self.stepped = stepped;
+        self.steps += u64::from(stepped);
+        stepped
+    }
+
+    /// Kernel stamp `t` in monotonic nanoseconds, or `None` when it cannot be trusted (no sample
+    /// yet, a step in this batch, or a result in the future or older than [`MAX_AGE_NS`]).
+    #[must_use]
+    pub fn to_mono(&self, t: WallTime) -> Option<u64> {
+        let offset = self.offset.filter(|_| !self.stepped)?;
+        let mono = u64::try_from(i128::from(t.0) - offset).ok()?;
+        // The packet arrived before the sample was taken (give the sample's own uncertainty).
+        let latest = self.at.saturating_add(self.uncertainty);
+        (mono <= latest && latest - mono <= MAX_AGE_NS).then_some(mono)
+    }
+
+    /// Steps seen so far.
+    #[must_use]
+    pub const fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Half the last sample's window: the conversion's error bound, nanoseconds.
+    #[must_use]
+    pub const fn uncertainty_ns(&self) -> u64 {
+        self.uncertainty
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample where the wall clock reads `wall_at_zero + mono` at monotonic `mono`.
+    fn sample(mono: u64, wall_at_zero: u64) -> Sample {
+        Sample {
+            mono_before: mono - 20,
+            wall: WallTime(wall_at_zero + mono),
+            mono_after: mono + 20,
+        }
+    }
+
+    const EPOCH: u64 = 1_764_600_000_000_000_000;
+
+    #[test]
+    fn stamps_convert_exactly_with_a_steady_offset() {
+        let mut c = WallToMono::new();
+        assert_eq!(c.to_mono(WallTime(EPOCH)), None, "no sample yet");
+        assert!(!c.resample(sample(5_000_000, EPOCH)));
+        // A packet stamped 1.234 ms before the sample.
+        assert_eq!(c.to_mono(WallTime(EPOCH + 3_766_000)), Some(3_766_000));
+        assert_eq!(c.uncertainty_ns(), 20);
+        // NTP slewing by 100 µs between samples is not a step, and is followed.
+        assert!(!c.resample(sample(105_000_000, EPOCH + 100_000)));
+        assert_eq!(
+            c.to_mono(WallTime(EPOCH + 100_000 + 100_000_000)),
+            Some(100_000_000)
+        );
+        assert_eq!(c.steps(), 0);
+    }
+
+    #[test]
+    fn a_wall_clock_step_is_counted_and_never_becomes_a_time() {
+        let mut c = WallToMono::new();
+        c.resample(sample(1_000_000_000, EPOCH));
+        // The wall clock jumps back by one hour between two batches.
+        let back = EPOCH - 3_600_000_000_000;
+        assert!(c.resample(sample(1_100_000_000, back)));
+        assert_eq!(c.steps(), 1);
+        // Packets of this batch, stamped before or after the jump, are not converted.
+        assert_eq!(c.to_mono(WallTime(EPOCH + 1_099_000_000)), None);
+        assert_eq!(c.to_mono(WallTime(back + 1_099_000_000)), None);
+        // From the next sample on, the new offset holds.
+        assert!(!c.resample(sample(1_200_000_000, back)));
+        assert_eq!(
+            c.to_mono(WallTime(back + 1_199_000_000)),
+            Some(1_199_000_000)
+        );
+        // A forward jump is a step too.
+        assert!(c.resample(sample(1_300_000_000, back + 5_000_000)));
+        assert_eq!(c.steps(), 2);
+    }
+
+    #[test]
+    fn stamps_from_the_future_or_the_distant_past_are_refused() {
+        let mut c = WallToMono::new();
+        c.resample(sample(20_000_000_000, EPOCH));
+        // Stamped after the sample: the clock stepped between the kernel's stamp and our read.
+        assert_eq!(c.to_mono(WallTime(EPOCH + 20_001_000_000)), None);
+        // Within the sample's uncertainty is still now.
+        assert_eq!(
+            c.to_mono(WallTime(EPOCH + 20_000_000_010)),
+            Some(20_000_000_010)
+        );
+        assert_eq!(c.to_mono(WallTime(EPOCH + 9_000_000_000)), None, "11 s old");
+        assert_eq!(c.to_mono(WallTime(0)), None, "before the monotonic origin");
+    }
+
+    #[test]
+    fn the_real_clocks_agree_with_themselves() {
+        let clock = Clock::new();
+        let mut c = WallToMono::new();
+        let s = clock.sample();
+        c.resample(s);
+        let t = c.to_mono(s.wall).expect("a fresh stamp converts");
+        assert!(t.abs_diff(s.mono_before) <= s.mono_after - s.mono_before + 1);
+        assert!(c.uncertainty_ns() < 1_000_000, "{}", c.uncertainty_ns());
+    }
+}

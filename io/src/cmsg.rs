@@ -1,0 +1,203 @@
+//! Reading the control messages (cmsgs) the kernel attaches to a received datagram: here, its
+//! software receive timestamp (`SO_TIMESTAMPNS`, or `SO_TIMESTAMPING`'s software slot), which is
+//! when the packet reached the socket, before any wake-up of ours. A pure, bounds-checked parser
+//! of the bytes the kernel wrote (Linux's `struct cmsghdr` layout), so it can be tested on
+//! crafted input: truncated headers, lengths past the end, other messages first.
+//!
+//! Layout (Linux, `man 3 cmsg`): each message is a header `{ cmsg_len: usize, cmsg_level: i32,
+//! cmsg_type: i32 }` followed by its data; `cmsg_len` counts the header and the data; the next
+//! message starts at `cmsg_len` rounded up to the alignment of `usize`.
+
+/// `SOL_SOCKET`.
+const SOL_SOCKET: i32 = libc::SOL_SOCKET;
+/// `SCM_TIMESTAMPNS` (= `SO_TIMESTAMPNS`): one `struct timespec`.
+const SCM_TIMESTAMPNS: i32 = libc::SO_TIMESTAMPNS;
+/// `SCM_TIMESTAMPING` (= `SO_TIMESTAMPING`): three `struct timespec`, software first.
+const SCM_TIMESTAMPING: i32 = libc::SO_TIMESTAMPING;
+/// Size of `struct cmsghdr` on this platform.
+const HEADER: usize = size_of::<libc::cmsghdr>();
+/// Alignment of control messages.
+const ALIGN: usize = size_of::<usize>();
+/// Size of a `struct timespec` (two 64-bit fields on the 64-bit Linux this project targets).
+const TIMESPEC: usize = 16;
+
+/// A wall-clock (`CLOCK_REALTIME`) instant, nanoseconds since the Unix epoch, as the kernel
+/// stamps received packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WallTime(pub u64);
+
+/// Why control data could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CmsgError {
+    /// A header or its data runs past the end of what the kernel wrote.
+    #[error("a control message runs past the end of the control data")]
+    Truncated,
+    /// A timestamp message whose data is not a timespec (negative or out-of-range fields).
+    #[error("a timestamp control message holds no valid timespec")]
+    BadTimestamp,
+}
+
+/// The software receive timestamp among `control`'s messages, if there is one.
+///
+/// # Errors
+/// The messages are malformed (see [`CmsgError`]); a caller treats that like a missing timestamp.
+pub fn rx_timestamp(control: &[u8]) -> Result<Option<WallTime>, CmsgError> {
+    let mut rest = control;
+    while !rest.is_empty() {
+        if rest.len() < HEADER {
+            return Err(CmsgError::Truncated);
+        }
+        let len = read_usize(rest, 0).ok_or(CmsgError::Truncated)?;
+        let level = read_i32(rest, ALIGN).ok_or(CmsgError::Truncated)?;
+        let kind = read_i32(rest, ALIGN + 4).ok_or(CmsgError::Truncated)?;
+        if len < HEADER || len > rest.len() {
+            return Err(CmsgError::Truncated);
+        }
+        let data = rest.get(HEADER..len).ok_or(CmsgError::Truncated)?;
+        if level == SOL_SOCKET && (kind == SCM_TIMESTAMPNS || kind == SCM_TIMESTAMPING) {
+            // SCM_TIMESTAMPING's first timespec is the software stamp; zero means "none".
+            let t = timespec(data)?;
+            if t != WallTime(0) {
+                return Ok(Some(t));
+            }
+        }
+        let next = len.div_ceil(ALIGN) * ALIGN;
+        rest = rest.get(next..).unwrap_or_default();
+    }
+    Ok(None)
+}
+
+fn timespec(data: &[u8]) -> Result<WallTime, CmsgError> {
+    if data.len() < TIMESPEC {
+        return Err(CmsgError::Truncated);
+    }
+    let secs = read_i64(data, 0).ok_or(CmsgError::Truncated)?;
+    let nanos = read_i64(data, 8).ok_or(CmsgError::Truncated)?;
+    let secs = u64::try_from(secs).map_err(|_| CmsgError::BadTimestamp)?;
+    let nanos = u64::try_from(nanos)
+        .ok()
+        .filter(|&n| n < 1_000_000_000)
+        .ok_or(CmsgError::BadTimestamp)?;
+    secs.checked_mul(1_000_000_000)
+        .and_then(|s| s.checked_add(nanos))
+        .map(WallTime)
+        .ok_or(CmsgError::BadTimestamp)
+}
+
+fn read_usize(b: &[u8], at: usize) -> Option<usize> {
+    Some(usize::from_ne_bytes(
+        b.get(at..at + ALIGN)?.try_into().ok()?,
+    ))
+}
+
+fn read_i32(b: &[u8], at: usize) -> Option<i32> {
+    Some(i32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn read_i64(b: &[u8], at: usize) -> Option<i64> {
+    Some(i64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Builds control data as the kernel lays it out (for tests of this and other crates).
+#[must_use]
+pub fn encode(messages: &[(i32, i32, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(level, kind, data) in messages {
+        let len = HEADER + data.len();
+        out.extend_from_slice(&len.to_ne_bytes());
+        out.extend_from_slice(&level.to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.resize(out.len() + (HEADER - ALIGN - 8), 0);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+    }
+    out
+}
+
+/// A timestamp message's data for `t` (one timespec).
+#[must_use]
+pub fn timespec_bytes(t: WallTime) -> [u8; TIMESPEC] {
+    let mut b = [0u8; TIMESPEC];
+    #[allow(clippy::cast_possible_wrap)] // seconds since 1970 fit an i64 for 292 billion years
+    let secs = (t.0 / 1_000_000_000) as i64;
+    #[allow(clippy::cast_possible_wrap)] // below 10^9
+    let nanos = (t.0 % 1_000_000_000) as i64;
+    b[..8].copy_from_slice(&secs.to_ne_bytes());
+    b[8..].copy_from_slice(&nanos.to_ne_bytes());
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: WallTime = WallTime(1_764_600_000_123_456_789);
+
+    #[test]
+    fn a_timestampns_message_gives_the_time() {
+        let c = encode(&[(SOL_SOCKET, SCM_TIMESTAMPNS, &timespec_bytes(T))]);
+        assert_eq!(rx_timestamp(&c), Ok(Some(T)));
+    }
+
+    #[test]
+    fn timestamping_gives_its_software_slot() {
+        let mut three = timespec_bytes(T).to_vec();
+        three.extend_from_slice(&[0u8; 32]); // the deprecated and hardware slots, empty
+        let c = encode(&[(SOL_SOCKET, SCM_TIMESTAMPING, &three)]);
+        assert_eq!(rx_timestamp(&c), Ok(Some(T)));
+    }
+
+    #[test]
+    fn other_messages_first_are_skipped() {
+        // UDP_GRO's segment size (level SOL_UDP, one int), then an IP_TOS byte, then the time.
+        let c = encode(&[
+            (libc::SOL_UDP, libc::UDP_GRO, &1400i32.to_ne_bytes()),
+            (libc::IPPROTO_IP, libc::IP_TOS, &[0x2e]),
+            (SOL_SOCKET, SCM_TIMESTAMPNS, &timespec_bytes(T)),
+        ]);
+        assert_eq!(rx_timestamp(&c), Ok(Some(T)));
+    }
+
+    #[test]
+    fn no_timestamp_is_none() {
+        assert_eq!(rx_timestamp(&[]), Ok(None));
+        let c = encode(&[(libc::SOL_UDP, libc::UDP_GRO, &1400i32.to_ne_bytes())]);
+        assert_eq!(rx_timestamp(&c), Ok(None));
+        let zero = encode(&[(SOL_SOCKET, SCM_TIMESTAMPNS, &[0u8; 16])]);
+        assert_eq!(rx_timestamp(&zero), Ok(None), "a zero stamp is no stamp");
+    }
+
+    #[test]
+    fn truncated_or_lying_messages_are_errors_not_panics() {
+        let good = encode(&[(SOL_SOCKET, SCM_TIMESTAMPNS, &timespec_bytes(T))]);
+        for cut in 1..good.len() {
+            let r = rx_timestamp(&good[..cut]);
+            assert_eq!(r, Err(CmsgError::Truncated), "cut at {cut}");
+        }
+        // A length that claims more than there is, and one shorter than a header.
+        let mut long = good.clone();
+        long[..8].copy_from_slice(&(good.len() + 8).to_ne_bytes());
+        assert_eq!(rx_timestamp(&long), Err(CmsgError::Truncated));
+        let mut short = good.clone();
+        short[..8].copy_from_slice(&4usize.to_ne_bytes());
+        assert_eq!(rx_timestamp(&short), Err(CmsgError::Truncated));
+        // A timespec with nanoseconds out of range.
+        let mut bad = timespec_bytes(T);
+        bad[8..].copy_from_slice(&2_000_000_000i64.to_ne_bytes());
+        let c = encode(&[(SOL_SOCKET, SCM_TIMESTAMPNS, &bad)]);
+        assert_eq!(rx_timestamp(&c), Err(CmsgError::BadTimestamp));
+        // Arbitrary bytes never panic.
+        let mut x = 0x1234_5678_u64;
+        for n in 0..2_000 {
+            let bytes: Vec<u8> = (0..n % 97)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[0]
+                })
+                .collect();
+            let _ = rx_timestamp(&bytes);
+        }
+    }
+}
