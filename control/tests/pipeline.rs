@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use loadgen::ctl::RelayClient;
 use serde_json::Value;
-use testkit::{fd_count, fd_counts, http_get, start, start_logged, uring_available, wait_for, Log, Proc};
+use testkit::{
+    fd_count, fd_counts, http_get, start, start_logged, uring_available, wait_for, Log, Proc,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -141,6 +141,55 @@ pub struct Summary {
     pub packets_per_second: f64,
     /// CPU seconds used by the I/O thread per datagram received, in nanoseconds.
     pub cpu_ns_per_packet: Option<f64>,
+    /// How long each reflected datagram stayed in the echo: its kernel arrival to the submission
+    /// of its reflection (`--delay`, `--jitter` and `--pace` included). The reference a relay's
+    /// round trip is compared with.
+    pub hold: relay_proto::LatencySummary,
+    /// Where arrival times came from: `kernel` (receive stamps) or `user` (the kernel refused).
+    pub timestamps: &'static str,
+    /// Steps of the wall clock seen (their batches' arrivals were taken at handling time).
+    pub clock_steps: u64,
+}
+
+/// The echo's clock: arrivals from the kernel's receive stamps, and the hold of every datagram
+/// it reflects, measured from that arrival to the submission of the reflection.
+#[derive(Debug)]
+struct Timing {
+    /// The monotonic clock (nanoseconds since the echo started).
+    clock: relay_io::Clock,
+    /// Kernel stamps → monotonic, re-sampled each batch.
+    wall: relay_io::WallToMono,
+    /// Whether the socket gives stamps.
+    kernel: bool,
+    /// Arrivals of the reflections queued since the last submission.
+    queued: Vec<u64>,
+    /// Holds.
+    hold: relay_proto::stats::LatencyHistogram<u64>,
+}
+
+impl Timing {
+    /// The arrival of a datagram with control messages `control`, handled at `now`.
+    fn arrival(&self, control: &[u8], now: u64) -> u64 {
+        if !self.kernel {
+            return now;
+        }
+        relay_io::rx_timestamp(control)
+            .ok()
+            .flatten()
+            .and_then(|t| self.wall.to_mono(t))
+            .unwrap_or(now)
+    }
+
+    /// Every queued reflection is submitted now.
+    fn submitted(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let now = self.clock.now_ns();
+        for a in self.queued.drain(..) {
+            self.hold.record(now.saturating_sub(a));
+        }
+    }
 }
 
 const RECV: u64 = 1 << 56;
@@ -160,6 +209,8 @@ struct Item {
     len: usize,
     /// Where it came from, and goes back to.
     from: SocketAddr,
+    /// Its arrival (the kernel's stamp), nanoseconds on the echo's clock.
+    arrival: u64,
 }
 
 /// Runs the echo until `stop` is set or `--duration` passes; returns the summary.
@@ -181,6 +232,13 @@ pub fn run(
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", config.listen))?;
     let listen = socket.local_addr()?;
     let mut ring = Ring::with_tx(4096, config.buffers, 1, 1024).context("io_uring")?;
+    let kernel = match relay_io::enable_rx_timestamps(&socket) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("no kernel receive timestamps ({e}): --delay counts from handling");
+            false
+        }
+    };
     ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&socket))?;
     ring.arm_recv(0, RECV)?;
     ring.arm_waker(WAKE)?;
@@ -193,8 +251,15 @@ pub fn run(
     let cpu_start = relay_io::thread_cpu_ns();
     let deadline = config.duration.map(|d| start + d);
     let mut rearm = false;
+    let mut timing = Timing {
+        clock: relay_io::Clock::new(),
+        wall: relay_io::WallToMono::new(),
+        kernel,
+        queued: Vec::with_capacity(usize::from(config.buffers) + 1024),
+        hold: relay_proto::stats::LatencyHistogram::new(3),
+    };
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
-        let now_ns = relay_proto::time::duration_nanos(start.elapsed());
+        let now_ns = timing.clock.now_ns();
         let mut wait = Duration::from_millis(100);
         if let Some(due) = faults.next_due() {
             wait = wait.min(Duration::from_nanos(due.saturating_sub(now_ns).max(1)));
@@ -205,13 +270,22 @@ pub fn run(
                     .max(Duration::from_nanos(1)),
             );
         }
+        // This enter submits the reflections queued by the last batch.
+        timing.submitted();
         ring.submit_and_wait(Some(wait))?;
-        let now_ns = relay_proto::time::duration_nanos(start.elapsed());
+        let sample = timing.clock.sample();
+        timing.wall.resample(sample);
+        let now_ns = sample.mono_after;
         let completions = ring.drain_completions();
         for c in &completions {
             match c.user_data & KIND {
                 RECV => {
-                    on_recv(&mut ring, &mut faults, &mut clean_counts, clean, now_ns, c);
+                    let mut io = Io {
+                        ring: &mut ring,
+                        faults: &mut faults,
+                        timing: &mut timing,
+                    };
+                    on_recv(&mut io, &mut clean_counts, clean, now_ns, c);
                     if !c.more() {
                         rearm = true;
                     }
@@ -232,7 +306,12 @@ pub fn run(
         }
         ring.give_back(completions);
         while let Some((item, copies)) = faults.pop_due(now_ns) {
-            send(&mut ring, &mut faults, item, copies);
+            let mut io = Io {
+                ring: &mut ring,
+                faults: &mut faults,
+                timing: &mut timing,
+            };
+            send(&mut io, item, copies);
         }
         ring.sync_buffers();
         if rearm {
@@ -255,12 +334,24 @@ pub fn run(
         cpu_ns_per_packet: cpu
             .filter(|_| counts.received > 0)
             .map(|c| c * 1e9 / counts.received as f64),
+        hold: timing.hold.summary(),
+        timestamps: if timing.kernel { "kernel" } else { "user" },
+        clock_steps: timing.wall.steps(),
     })
 }
 
+/// What handling a datagram touches.
+struct Io<'a> {
+    /// The ring.
+    ring: &'a mut Ring,
+    /// The fault model.
+    faults: &'a mut Faults<Item>,
+    /// Arrivals and holds.
+    timing: &'a mut Timing,
+}
+
 fn on_recv(
-    ring: &mut Ring,
-    faults: &mut Faults<Item>,
+    io: &mut Io<'_>,
     clean_counts: &mut EchoCounts,
     clean: bool,
     now_ns: u64,
@@ -271,21 +362,23 @@ fn on_recv(
     }
     let Some(bid) = c.buffer() else { return };
     let len = usize::try_from(c.result).unwrap_or(0);
-    let Some(r) = ring.received(bid, len) else {
-        ring.recycle(bid);
+    let Some(r) = io.ring.received(bid, len) else {
+        io.ring.recycle(bid);
         return;
     };
     let Some(from) = r.from else {
-        ring.recycle(bid);
+        io.ring.recycle(bid);
         return;
     };
     let n = r.payload.len();
+    let arrival = io.timing.arrival(r.control, now_ns);
     if clean {
         clean_counts.received += 1;
-        if ring.send(0, bid, n, from, SEND | u64::from(bid)).is_ok() {
+        if io.ring.send(0, bid, n, from, SEND | u64::from(bid)).is_ok() {
             clean_counts.sent += 1;
+            io.timing.queued.push(arrival);
         } else {
-            ring.recycle(bid);
+            io.ring.recycle(bid);
         }
         return;
     }
@@ -294,18 +387,25 @@ fn on_recv(
         total: len,
         len: n,
         from,
+        arrival,
     };
-    // The fault model reads the payload where it lies (the ring is borrowed only to read).
-    let action = faults.on_packet(now_ns, r.payload, item);
+    // The fault model reads the payload where it lies (the ring is borrowed only to read);
+    // delay, jitter and pacing count from the kernel's arrival.
+    let action = io.faults.on_packet(arrival, r.payload, item);
     match action {
-        Action::Send { item, copies } => send(ring, faults, item, copies),
-        Action::Drop(item) => ring.recycle(item.bid),
+        Action::Send { item, copies } => send(io, item, copies),
+        Action::Drop(item) => io.ring.recycle(item.bid),
         Action::Held => {}
     }
 }
 
 /// Sends a held or decided packet (and its copy), accounting for both as they leave.
-fn send(ring: &mut Ring, faults: &mut Faults<Item>, item: Item, copies: u8) {
+fn send(io: &mut Io<'_>, item: Item, copies: u8) {
+    let Io {
+        ring,
+        faults,
+        timing,
+    } = io;
     let key = ring
         .received(item.bid, item.total)
         .and_then(|r| faults::rtp_key(r.payload));
@@ -319,6 +419,7 @@ fn send(ring: &mut Ring, faults: &mut Faults<Item>, item: Item, copies: u8) {
         .is_ok()
     {
         faults.on_sent_key(key, false);
+        timing.queued.push(item.arrival);
     } else {
         ring.recycle(item.bid);
     }

@@ -182,6 +182,18 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         .collect::<Result<_, _>>()?;
     let buffers = u16::try_from((n * 2).next_power_of_two().clamp(256, 1 << 15)).unwrap_or(1 << 15);
     let mut ring = Ring::with_tx(4096, buffers, cfg.channels, 8192).context("io_uring")?;
+    // Returns are timed by the kernel's receive stamp, as the relay times them.
+    let mut kernel_time = true;
+    for s in &sockets {
+        if let Err(e) = relay_io::enable_rx_timestamps(s) {
+            if kernel_time {
+                eprintln!(
+                    "loadgen: no kernel receive timestamps ({e}); timing returns in user space"
+                );
+            }
+            kernel_time = false;
+        }
+    }
     for (i, s) in sockets.iter().enumerate() {
         let slot = u32::try_from(i)?;
         ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
@@ -247,12 +259,15 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         })
     };
 
-    let clock = Instant::now();
+    let clock = relay_io::Clock::new();
+    let mut wall = relay_io::WallToMono::new();
+    // Sends queued since the last submission: (channel, sequence), T0 settled at submission.
+    let mut queued: Vec<(usize, u16)> = Vec::with_capacity(8192);
     let mut relay_cpu_start = cfg.relay_pid.and_then(relay_io::process_cpu_ns);
     let warmup_end = duration_nanos(cfg.warmup);
     let mut warm = cfg.warmup.is_zero();
     let mut window_start = (0u64, 0u64);
-    let now_ns = || duration_nanos(clock.elapsed());
+    let now_ns = || clock.now_ns();
     let ptime_ns = duration_nanos(cfg.ptime).max(1);
     let ticks_per_packet =
         u32::try_from(duration_nanos(cfg.ptime) * 8_000 / 1_000_000_000).unwrap_or(160);
@@ -337,6 +352,7 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
                 SEND_TX | u64::from(tx),
             )?;
             let _ = c.t0.insert(MonoTime::from_nanos(now), c.ssrc, seq);
+            queued.push((i, seq));
             c.sent += 1;
         }
         if now >= stop_at {
@@ -347,14 +363,31 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         } else {
             stop_at
         };
-        let wait = Duration::from_nanos(next.saturating_sub(now_ns()).clamp(1, 100_000_000));
+        let t_submit = now_ns();
+        let wait = Duration::from_nanos(next.saturating_sub(t_submit).clamp(1, 100_000_000));
+        // This enter submits the queued sends: now is their T0.
+        for (i, seq) in queued.drain(..) {
+            if let Some(c) = chans.get_mut(i) {
+                c.t0.restamp(c.ssrc, seq, MonoTime::from_nanos(t_submit));
+            }
+        }
         ring.submit_and_wait(Some(wait))?;
 
-        let now = now_ns();
+        let sample = clock.sample();
+        wall.resample(sample);
+        let now = sample.mono_after;
         let completions = ring.drain_completions();
+        let stamps = kernel_time.then_some(&wall);
         for comp in &completions {
             match comp.user_data & KIND {
-                RECV => on_recv(&mut ring, &mut chans, &mut e2e, now, comp, &mut rearm),
+                RECV => on_recv(
+                    &mut ring,
+                    &mut chans,
+                    &mut e2e,
+                    (now, stamps),
+                    comp,
+                    &mut rearm,
+                ),
                 SEND_TX => ring.tx_release((comp.user_data & 0xffff) as u16),
                 _ => {}
             }
@@ -429,7 +462,7 @@ fn on_recv(
     ring: &mut Ring,
     chans: &mut [Chan],
     e2e: &mut LatencyHistogram<u64>,
-    now: u64,
+    (now, stamps): (u64, Option<&relay_io::WallToMono>),
     comp: &Completion,
     rearm: &mut Vec<u32>,
 ) {
@@ -444,7 +477,11 @@ fn on_recv(
     let len = usize::try_from(comp.result).unwrap_or(0);
     let i = slot as usize;
     if let (Some(c), Some(r)) = (chans.get_mut(i), ring.received(bid, len)) {
-        let now = MonoTime::from_nanos(now);
+        // The kernel's arrival stamp where there is one, else the moment it was handled.
+        let arrival = stamps
+            .and_then(|w| w.to_mono(relay_io::rx_timestamp(r.control).ok().flatten()?))
+            .unwrap_or(now);
+        let now = MonoTime::from_nanos(arrival);
         match (r.from, c.relay) {
             (Some(from), Some(relay)) if from == relay => {}
             _ => {

@@ -1,9 +1,13 @@
 //! An externalMedia channel's RTP as Asterisk 22 sends it (172-byte ulaw packets, payload type
 //! 0, 50 a second, random SSRC and first sequence number, first timestamp 160), and what the
 //! simulator measures of what comes back: round trip, loss, duplicates, strict-RTP drops.
+//!
+//! The round trip "at Asterisk" is timed like the relay's: T0 is the clock read just before the
+//! send, T1 the kernel's receive stamp of the return (`SO_TIMESTAMPNS`), converted to the same
+//! monotonic clock, so the relay's cost is not inflated by this task's own wake-ups.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use relay_proto::rng::SplitMix64;
 use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc};
@@ -66,8 +70,12 @@ pub(super) async fn rtp_stream(
     #[allow(clippy::cast_possible_truncation)] // 16 random bits
     let first_seq = rng.next_u32() as u16;
     let mut f = RtpFigures::default();
+    let clock = relay_io::Clock::new();
+    let mut wall = relay_io::WallToMono::new();
+    let kernel_time = relay_io::enable_rx_timestamps(&sock).is_ok();
+    let mut control = [0u8; relay_io::socket::CONTROL_LEN];
     // Send time of each sequence number in flight (1,024 covers 20 s of 50/s).
-    let mut t0: Vec<Option<(u16, Instant)>> = vec![None; 1024];
+    let mut t0: Vec<Option<(u16, u64)>> = vec![None; 1024];
     let mut packet = [0u8; PACKET_LEN];
     let mut buf = [0u8; 2048];
     let mut tick = tokio::time::interval(Duration::from_secs(1) / PACKETS_PER_SECOND);
@@ -89,15 +97,26 @@ pub(super) async fn rtp_stream(
                 };
                 let _ = header.write(&mut packet);
                 packet[12..].fill(0xff);
+                let sent_at = clock.now_ns();
                 if sock.send_to(&packet, to).await.is_ok() {
                     f.sent += 1;
-                    t0[usize::from(seq) % 1024] = Some((seq, Instant::now()));
+                    t0[usize::from(seq) % 1024] = Some((seq, sent_at));
                 }
                 n = n.wrapping_add(1);
             }
-            r = sock.recv_from(&mut buf) => {
-                let Ok((len, from)) = r else { continue };
-                if from != to {
+            r = sock.async_io(tokio::io::Interest::READABLE, || {
+                relay_io::recv_msg(&sock, &mut buf, &mut control)
+            }) => {
+                let Ok(meta) = r else { continue };
+                let sample = clock.sample();
+                wall.resample(sample);
+                let stamp = control.get(..meta.control_len).and_then(|c| relay_io::rx_timestamp(c).ok().flatten());
+                let arrival = stamp
+                    .filter(|_| kernel_time)
+                    .and_then(|t| wall.to_mono(t))
+                    .unwrap_or(sample.mono_after);
+                let (len, from) = (meta.len, meta.from);
+                if from != Some(to) {
                     f.strict_drops += 1;
                     continue;
                 }
@@ -106,7 +125,7 @@ pub(super) async fn rtp_stream(
                         let slot = &mut t0[usize::from(p.sequence) % 1024];
                         match *slot {
                             Some((s, at)) if s == p.sequence => {
-                                f.rtt.record(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                                f.rtt.record(arrival.saturating_sub(at));
                                 f.received += 1;
                                 *slot = None;
                             }
