@@ -536,7 +536,21 @@ impl Relay {
     /// Every datagram forwarded since the last call has had its send submitted at `at`: each
     /// one's forward time (arrival to `at`) is recorded and each T0 toward the echo becomes `at`.
     pub fn submitted(&mut self, at: MonoTime) {
-        for u in self.unsubmitted.drain(..) {
+        self.submitted_between(at, at);
+    }
+
+    /// Every datagram forwarded since the last call was sent by one system call that began at
+    /// `start` and returned at `end`, which issued the sends in the order they were forwarded
+    /// (io_uring issues a batch's UDP sends one after another, inline). The kernel reaches the
+    /// k-th of n (from 0) once the k before it are done: it is taken to leave at
+    /// `start + (end − start)·k/n`. Its forward time ends and (toward the echo) its T0 is set
+    /// there, so a large batch does not charge its last send's wait to the network.
+    pub fn submitted_between(&mut self, start: MonoTime, end: MonoTime) {
+        let n = self.unsubmitted.len() as u64;
+        let span = end.nanos_since(start);
+        for (k, u) in self.unsubmitted.drain(..).enumerate() {
+            let at =
+                MonoTime::from_nanos(start.as_nanos() + span.saturating_mul(k as u64) / n.max(1));
             self.hist
                 .forward
                 .get_mut(u.direction)

@@ -518,3 +518,35 @@ fn a_batch_submitted_together_shares_its_submission_time_and_survives_a_removal(
     // T0 is the submission (300 µs), not either copy's arrival.
     assert_eq!(s.rtt.mean_ns, 1_000_000, "{:?}", s.rtt);
 }
+
+#[test]
+fn sends_submitted_by_one_call_leave_one_after_another() {
+    let us = |n: u64| MonoTime::from_nanos(n * 1_000);
+    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut relay, t(0), add("a", Some(ast())));
+    // Four packets of one batch, all arrived at 100 µs, sent by one call from 200 to 240 µs:
+    // they leave at 200, 210, 220 and 230 µs.
+    for k in 0..4u16 {
+        let _ = relay.handle_received(us(100), us(150), s, ast(), &rtp(k, 160 * u32::from(k), 7));
+    }
+    relay.submitted_between(us(200), us(240));
+    for k in 0..4u16 {
+        let _ = relay.handle_received(
+            us(2_300),
+            us(2_300),
+            s,
+            ECHO,
+            &rtp(k, 160 * u32::from(k), 7),
+        );
+    }
+    relay.submitted(us(2_300));
+    let g = relay.global_stats();
+    // Forward times 100, 110, 120, 130 µs; RTTs 2.1, 2.09, 2.08, 2.07 ms: exact means.
+    assert_eq!(
+        g.forward.to_echo.mean_ns, 115_000,
+        "{:?}",
+        g.forward.to_echo
+    );
+    assert_eq!(g.rtt.mean_ns, 2_085_000, "{:?}", g.rtt);
+    assert_eq!((g.rtt.count, g.forward.to_echo.count), (4, 4));
+}

@@ -13,10 +13,12 @@
 //!
 //! Time (`--timestamps kernel`, the default): each socket asks for the kernel's receive stamp,
 //! which lands in the buffer's control field; a datagram's arrival is that stamp on the
-//! monotonic clock (the offset re-sampled once per batch, right after the wait). The clock is
-//! read again just before the `io_uring_enter` that submits a batch's sends: that is their T0
-//! (toward the echo) and the end of their forward time. `--timestamps user` keeps the old way:
-//! one clock read after the wait stands for every datagram's arrival and T0.
+//! monotonic clock (the offset re-sampled once per batch, right after the wait). A batch's sends
+//! are submitted by an `io_uring_enter` of their own, with the clock read just before and just
+//! after it: the kernel issues the sends one after another inside it, so the k-th of n (from 0)
+//! is taken to leave at before + (after − before)·k/n. That is its T0 (toward the echo) and the end
+//! of its forward time. `--timestamps user` keeps the old way: one clock read after the wait
+//! stands for every datagram's arrival and T0, and sends go with the next wait.
 //!
 //! A multishot receive ends when the buffer ring is empty (`ENOBUFS`) or the completion queue
 //! overflowed; the datagram stays queued in the socket, and the receive is re-armed once buffers
@@ -140,9 +142,12 @@ pub fn run(
             .poll_timeout()
             .map_or(publisher.deadline(), |t| t.min(publisher.deadline()));
         let wait = Duration::from_nanos(next.nanos_since(now).max(1));
-        if kernel_time {
-            // This enter submits the last batch's sends: now is their T0.
-            relay.submitted(clock.now());
+        if kernel_time && relay.unsubmitted() > 0 {
+            // The last batch's sends leave during this enter, one after another: each one's T0
+            // lies between the clock reads around it, by its place in the batch.
+            let start = clock.now();
+            s.ring.submit()?;
+            relay.submitted_between(start, clock.now());
         }
         s.ring.submit_and_wait(Some(wait))?;
 
@@ -317,9 +322,10 @@ fn forward(
     if let Some(clock) = clock {
         if s.ring.submission_full() {
             // The send this datagram may need would submit the queued ones early: they leave
-            // now, so now is their T0.
-            relay.submitted(clock.now());
+            // now, in this enter.
+            let start = clock.now();
             s.ring.submit()?;
+            relay.submitted_between(start, clock.now());
         }
     }
     let verdict = match s.ring.received(bid, len) {

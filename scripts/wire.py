@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""The wire's own timing of a relay run, from a loopback capture, beside the relay's figures.
+
+    scripts/wire.py CAPTURE.pcap LOADGEN.json ECHO_PORT [LABEL]
+
+CAPTURE is `tcpdump -i lo --time-stamp-precision=nano -w` of the run (the packets' kernel
+timestamps); LOADGEN is `loadgen rtp --json`'s report, whose `relay` part holds the relay's
+RTT and forward percentiles. Packets are matched by (relay port, RTP sequence number):
+
+- wire RTT: relay port -> echo, to echo -> relay port (the round trip the relay measures);
+- wire residence: Asterisk -> relay port, to relay port -> echo (time inside the relay).
+
+Prints one Markdown table row and, on standard error, the counts behind it. Exits 1 when a
+target is missed: relay RTT p50 within 5 µs + 2 % of the wire's, p99 within 10 µs + 5 %, forward
+p50 within 5 µs of the wire residence.
+"""
+
+import json
+import struct
+import sys
+
+
+def packets(path):
+    """(timestamp ns, src port, dst port, RTP sequence) of every IPv4 UDP packet."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic = struct.unpack_from("<I", data, 0)[0]
+    if magic != 0xA1B23C4D:
+        sys.exit(f"{path}: not a nanosecond pcap (magic {magic:#x}); capture with --time-stamp-precision=nano")
+    linktype = struct.unpack_from("<I", data, 20)[0]
+    link = {1: 14, 113: 16, 276: 20}.get(linktype)
+    if link is None:
+        sys.exit(f"{path}: link type {linktype} not handled")
+    off = 24
+    while off + 16 <= len(data):
+        sec, nsec, incl, _ = struct.unpack_from("<IIII", data, off)
+        off += 16
+        pkt = data[off : off + incl]
+        off += incl
+        ip = pkt[link:]
+        if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 17:
+            continue
+        ihl = (ip[0] & 15) * 4
+        udp = ip[ihl:]
+        if len(udp) < 12:
+            continue
+        sport, dport = struct.unpack_from("!HH", udp, 0)
+        rtp = udp[8:]
+        if len(rtp) < 4 or rtp[0] >> 6 != 2:
+            continue
+        seq = struct.unpack_from("!H", rtp, 2)[0]
+        yield sec * 1_000_000_000 + nsec, sport, dport, seq
+
+
+def pct(values, q):
+    """Nearest-rank percentile."""
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, int(round(q * len(values) + 0.5)) - 1))
+    return values[k]
+
+
+def main():
+    cap, report, echo_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    label = sys.argv[4] if len(sys.argv) > 4 else ""
+    to_echo, from_echo, from_ast = {}, {}, {}
+    relay_ports = set()
+    rows = list(packets(cap))
+    for _, sport, dport, _ in rows:
+        if dport == echo_port:
+            relay_ports.add(sport)
+    for ts, sport, dport, seq in rows:
+        if dport == echo_port:
+            to_echo.setdefault((sport, seq), ts)
+        elif sport == echo_port and dport in relay_ports:
+            from_echo.setdefault((dport, seq), ts)
+        elif dport in relay_ports:
+            from_ast.setdefault((dport, seq), ts)
+    rtt = [from_echo[k] - t for k, t in to_echo.items() if k in from_echo and from_echo[k] >= t]
+    res = [t - from_ast[k] for k, t in to_echo.items() if k in from_ast and t >= from_ast[k]]
+    r = json.load(open(report))
+    rl = r["relay"]
+    us = lambda ns: ns / 1e3
+    w50, w99 = us(pct(rtt, 0.50)), us(pct(rtt, 0.99))
+    r50, r99 = us(rl["rtt"]["p50_ns"]), us(rl["rtt"]["p99_ns"])
+    wres = us(pct(res, 0.50))
+    f50 = us(rl["forward"]["to_echo"]["p50_ns"])
+    ok50 = abs(r50 - w50) <= 5 + 0.02 * w50
+    ok99 = abs(r99 - w99) <= 10 + 0.05 * w99
+    okf = abs(f50 - wres) <= 5
+    mark = lambda ok: "yes" if ok else "**no**"
+    print(
+        f"| {label} | {len(relay_ports)} | {w50:.1f} | {r50:.1f} | {r50 - w50:+.1f} | {mark(ok50)} "
+        f"| {w99:.1f} | {r99:.1f} | {r99 - w99:+.1f} | {mark(ok99)} "
+        f"| {wres:.1f} | {f50:.1f} | {f50 - wres:+.1f} | {mark(okf)} |"
+    )
+    print(
+        f"wire: {len(to_echo)} to the echo, {len(rtt)} round trips matched, {len(res)} residences; "
+        f"relay: {rl['rtt']['count']} round trips",
+        file=sys.stderr,
+    )
+    sys.exit(0 if ok50 and ok99 and okf else 1)
+
+
+if __name__ == "__main__":
+    main()
