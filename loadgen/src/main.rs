@@ -34,6 +34,45 @@ enum Mode {
     SimAsterisk(SimArgs),
     /// Originate calls on a real Asterisk through ARI and print the relay's and control's summaries.
     Ari(AriArgs),
+    /// Keep a core busy in bursts (a noisy neighbour for tests of the relay's own scheduling;
+    /// run it under `chrt -f 1` so the relay cannot preempt it).
+    Burn(BurnArgs),
+}
+
+/// `loadgen burn` flags.
+#[derive(Debug, clap::Args)]
+struct BurnArgs {
+    /// Pin to this core.
+    #[arg(long)]
+    core: Option<usize>,
+    /// Spin this long...
+    #[arg(long, default_value = "4ms", value_parser = parse_duration)]
+    busy: Duration,
+    /// ...then sleep this long, and again.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    idle: Duration,
+    /// Stop after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+}
+
+fn burn(b: &BurnArgs) -> ExitCode {
+    if let Some(id) = b.core {
+        if !relay_io::pin_current_thread(id) {
+            eprintln!("loadgen burn: invalid value for --core: cannot pin to core {id}");
+            return ExitCode::from(2);
+        }
+    }
+    let end = std::time::Instant::now() + b.duration;
+    let mut x = 0u64;
+    while std::time::Instant::now() < end {
+        let spin_end = std::time::Instant::now() + b.busy;
+        while std::time::Instant::now() < spin_end {
+            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+        }
+        std::thread::sleep(b.idle);
+    }
+    ExitCode::SUCCESS
 }
 
 /// `loadgen sim-asterisk` flags.
@@ -388,6 +427,7 @@ fn main() -> ExitCode {
         Mode::Blast(b) => return blast(&b),
         Mode::SimAsterisk(a) => return sim_asterisk(a),
         Mode::Ari(a) => return ari(a),
+        Mode::Burn(b) => return burn(&b),
     };
     let bad = [
         (a.channels == 0, "--channels", "must be at least 1"),
