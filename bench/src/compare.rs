@@ -34,6 +34,11 @@ pub use crate::results::{table, Mode, Point, Results};
 pub enum Target {
     /// The relay, io_uring backend.
     Uring,
+    /// The relay, io_uring backend, timing in user space (`--timestamps user`): what kernel
+    /// timestamps cost, side by side.
+    #[serde(rename = "uring-user")]
+    #[value(name = "uring-user")]
+    UringUser,
     /// The relay, tokio backend.
     Tokio,
     /// The minimal io_uring forwarder (`bench floor`).
@@ -48,6 +53,7 @@ impl Target {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Uring => "uring",
+            Self::UringUser => "uring-user",
             Self::Tokio => "tokio",
             Self::Floor => "floor",
             Self::Rtpengine => "rtpengine",
@@ -282,7 +288,12 @@ fn start_echo(cfg: &CompareConfig) -> anyhow::Result<(Proc, String)> {
 fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::Result<Running> {
     let core = cfg.core.to_string();
     Ok(match t {
-        Target::Uring | Target::Tokio => {
+        Target::Uring | Target::UringUser | Target::Tokio => {
+            let (backend, timestamps) = match t {
+                Target::Tokio => ("tokio", "kernel"),
+                Target::UringUser => ("uring", "user"),
+                _ => ("uring", "kernel"),
+            };
             let ctl = std::env::temp_dir().join(format!(
                 "bench-{}-{}.sock",
                 std::process::id(),
@@ -293,7 +304,9 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
                 "relay",
                 &[
                     "--backend",
-                    t.name(),
+                    backend,
+                    "--timestamps",
+                    timestamps,
                     "--ctl",
                     &ctl_s,
                     "--metrics",
@@ -421,7 +434,7 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
     })
 }
 
-/// The relay's wake-up counter (one `io_uring_enter` each), from its `/metrics`.
+/// The relay's `io_uring_enter` count (tokio: its wake-ups), from its `/metrics`.
 fn wakeups(metrics_url: &str) -> Option<f64> {
     let addr = metrics_url
         .strip_prefix("http://")?
@@ -429,10 +442,16 @@ fn wakeups(metrics_url: &str) -> Option<f64> {
         .next()?
         .to_owned();
     let (_, body) = testkit::http_get(&addr, "/metrics").ok()?;
-    body.lines().find_map(|l| {
-        l.strip_prefix("rtprelay_batch_size_count ")
-            .and_then(|v| v.trim().parse().ok())
-    })
+    let read = |name: &str| {
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+    };
+    // io_uring counts its enters (waits and submissions); tokio its wake-ups.
+    read("rtprelay_enters_total ")
+        .filter(|&n| n > 0.0)
+        .or_else(|| read("rtprelay_batch_size_count "))
 }
 
 fn paced(

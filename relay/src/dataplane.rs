@@ -188,6 +188,9 @@ pub struct BackendCounters {
     pub rearm_nobufs: u64,
     /// Multishot receives re-armed for any other reason (CQ overflow, errors).
     pub rearm_other: u64,
+    /// `io_uring_enter` calls (io_uring backend): the waits, and the submissions of a batch's
+    /// sends that kernel timestamps give an enter of their own.
+    pub enters: u64,
     /// Steps of the wall clock seen while converting kernel stamps.
     pub clock_steps: u64,
     /// Datagrams that came without a kernel timestamp (kernel mode): their arrival is the

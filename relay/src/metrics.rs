@@ -332,6 +332,7 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
             vec![histogram_metric(vec![], &batch, &batch_bounds)]),
         total("send_errors_total", "Sends the kernel refused.", c.send_errors),
         total("recv_errors_total", "Receives that failed.", c.recv_errors),
+        total("enters_total", "io_uring_enter calls (io_uring backend): waits, and the submissions of sends that kernel timestamps give an enter of their own.", c.enters),
         total("clock_steps_total", "Steps of the wall clock seen while converting kernel receive stamps (the batch's arrivals were taken at handling time).", c.clock_steps),
         family("timestamps_fallback_total", "Datagrams whose arrival was taken at handling time with --timestamps kernel, by cause.", COUNTER, vec![
             counter(vec![label("cause", "missing")], c.missing_timestamps),

@@ -148,8 +148,10 @@ pub fn run(
             let start = clock.now();
             s.ring.submit()?;
             relay.submitted_between(start, clock.now());
+            counters.enters += 1;
         }
         s.ring.submit_and_wait(Some(wait))?;
+        counters.enters += 1;
 
         let now = if kernel_time {
             clock.resample(&mut counters)
@@ -326,6 +328,7 @@ fn forward(
             let start = clock.now();
             s.ring.submit()?;
             relay.submitted_between(start, clock.now());
+            counters.enters += 1;
         }
     }
     let verdict = match s.ring.received(bid, len) {
