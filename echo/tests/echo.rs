@@ -24,13 +24,7 @@ fn start(args: &[&str]) -> (testkit::Proc, SocketAddr) {
 
 /// Stops the echo (SIGTERM) and parses its summary line.
 fn stop(mut echo: testkit::Proc) -> serde_json::Value {
-    let status = echo.terminate(Duration::from_secs(10));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "echo exited: {status:?}"
-    );
-    let mut out = String::new();
-    std::io::Read::read_to_string(echo.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let out = echo.stop_for_stdout(Duration::from_secs(10));
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary {out:?}: {e}"))
 }
 

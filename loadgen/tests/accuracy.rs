@@ -60,11 +60,7 @@ fn run(backend: &str, echo_args: &[&str], lg_args: &[&str]) -> (Value, Value) {
     assert!(out.status.success(), "loadgen failed");
     let json = &stdout[stdout.find("\n{").map_or(0, |i| i + 1)..];
     let report: Value = serde_json::from_str(json).unwrap();
-    let _ = Command::new("kill")
-        .args(["-TERM", &echo.0.id().to_string()])
-        .status();
-    let mut s = String::new();
-    std::io::Read::read_to_string(echo.0.stdout.as_mut().unwrap(), &mut s).unwrap();
+    let s = echo.stop_for_stdout(std::time::Duration::from_secs(10));
     drop(relay);
     (report, serde_json::from_str(s.trim()).unwrap())
 }

@@ -84,13 +84,7 @@ fn run(backend: &str, timestamps: &str) -> (u64, u64) {
     );
     let json = &stdout[stdout.find("\n{").map_or(0, |i| i + 1)..];
     let report: Value = serde_json::from_str(json).unwrap();
-    let status = echo.terminate(Duration::from_secs(10));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "echo exited: {status:?}"
-    );
-    let mut summary = String::new();
-    std::io::Read::read_to_string(echo.0.stdout.as_mut().unwrap(), &mut summary).unwrap();
+    let summary = echo.stop_for_stdout(Duration::from_secs(10));
     let summary: Value = serde_json::from_str(summary.trim()).unwrap();
     assert_eq!(summary["timestamps"], "kernel", "{summary}");
     drop(relay);

@@ -164,6 +164,27 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Sends SIGTERM, waits (up to `deadline`) for a successful exit, and returns what the
+    /// process printed on its standard output (which must be piped), such as a summary line.
+    ///
+    /// # Panics
+    /// The process did not exit in time, exited with a failure, or its output is unreadable.
+    pub fn stop_for_stdout(&mut self, deadline: Duration) -> String {
+        let name = format!("process {}", self.pid());
+        let status = self.terminate(deadline);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{name} exited: {status:?}"
+        );
+        let mut out = String::new();
+        if let Some(stdout) = self.0.stdout.as_mut() {
+            std::io::Read::read_to_string(stdout, &mut out).expect("its standard output");
+        }
+        out
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
