@@ -21,7 +21,7 @@ use relay_proto::ChannelId;
 use tokio::sync::watch;
 
 use crate::ari::{Channel, Event, EXTERNAL_MEDIA_PREFIX};
-use crate::config::Config;
+use crate::config::{Config, MediaFormat};
 use crate::metrics::{Metrics, Outcome, Stage};
 use crate::pool::PortPool;
 use crate::relay_link::RelayLink;
@@ -332,10 +332,13 @@ impl Controller {
         })?;
         held.port = Some(port);
 
+        let format = self.media_format(call).await;
+        Self::check(call)?;
+
         let id = ChannelId::try_from(call.em.as_str()).map_err(|e| fail(Stage::Relay)(&e))?;
         held.relay = Some(id.clone());
         self.relay
-            .add(&id, port, self.cfg.echo, self.cfg.format)
+            .add(&id, port, self.cfg.echo, format)
             .await
             .map_err(|e| fail(Stage::Relay)(&e))?;
         Self::check(call)?;
@@ -344,7 +347,7 @@ impl Controller {
         let host = SocketAddr::new(self.cfg.bind_ip, port).to_string();
         let em = self
             .ari
-            .external_media(&call.em, &host, self.cfg.format.as_str())
+            .external_media(&call.em, &host, format.as_str())
             .await
             .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
         let source = em
@@ -390,6 +393,45 @@ impl Controller {
             }
         }
         Self::check(call)
+    }
+
+    /// The externalMedia channel's format: fixed, or (`auto`) the caller's native format where
+    /// the relay measures it, so that Asterisk transcodes nothing; otherwise the fallback, and
+    /// the call is counted and logged, because it measures Asterisk's transcoder too.
+    async fn media_format(&self, call: &Call) -> relay_proto::Format {
+        let MediaFormat::Fixed(f) = self.cfg.format else {
+            let native = self
+                .ari
+                .variable(&call.caller, "CHANNEL(audionativeformat)")
+                .await;
+            let (picked, native) = match native {
+                Ok(v) => (crate::config::pick_native(&v), v),
+                Err(e) => (None, format!("unknown: {e}")),
+            };
+            if let Some(f) = picked {
+                return f;
+            }
+            let fallback = self.cfg.media_fallback;
+            let label = native
+                .trim_start_matches('(')
+                .trim_end_matches(')')
+                .split([':', ' '])
+                .next()
+                .unwrap_or("unknown")
+                .to_owned();
+            self.metrics
+                .transcoded
+                .with_label_values(&[if label.is_empty() { "unknown" } else { &label }])
+                .inc();
+            tracing::info!(
+                caller = %call.caller,
+                native = %native,
+                "the caller's native format is none the relay measures: externalMedia in {fallback}, \
+                 so Asterisk transcodes this call (rtprelay_control_transcoded_calls_total)"
+            );
+            return fallback;
+        };
+        f
     }
 
     /// Releases everything `held` records: hangs up whichever channel is still there, destroys
@@ -450,12 +492,14 @@ impl Controller {
         let channels = self.ari.channels().await?;
         let bridges = self.ari.bridges().await?;
         let present: HashSet<&str> = channels.iter().map(|c| c.id.as_str()).collect();
+        let mut ended = 0usize;
         let (stale_channels, stale_bridges) = {
             let r = lock(&self.registry);
             for call in r.by_caller.values() {
                 if call.created < listed_at && !present.contains(call.caller.as_str()) {
                     call.caller_gone.store(true, Relaxed);
                     call.end();
+                    ended += 1;
                     self.metrics.reconciled.with_label_values(&["call"]).inc();
                 }
             }
@@ -482,24 +526,39 @@ impl Controller {
         };
         // Callers that entered the application while the WebSocket was down: their StasisStart
         // was lost, so start them now.
+        let mut adopted = 0usize;
         for c in &channels {
             if !c.is_ours() && c.in_stasis(&self.cfg.app_name) {
+                let known = lock(&self.registry).by_caller.contains_key(&c.id);
                 self.stasis_start(c);
+                adopted += usize::from(!known);
             }
         }
-        for id in stale_channels {
-            if self.ari.hangup(&id).await? {
+        let (mut hung_up, mut destroyed) = (0usize, 0usize);
+        for id in &stale_channels {
+            if self.ari.hangup(id).await? {
+                hung_up += 1;
                 self.metrics
                     .reconciled
                     .with_label_values(&["channel"])
                     .inc();
             }
         }
-        for id in stale_bridges {
-            if self.ari.destroy_bridge(&id).await? {
+        for id in &stale_bridges {
+            if self.ari.destroy_bridge(id).await? {
+                destroyed += 1;
                 self.metrics.reconciled.with_label_values(&["bridge"]).inc();
             }
         }
+        tracing::info!(
+            channels = channels.len(),
+            bridges = bridges.len(),
+            calls_ended = ended,
+            callers_adopted = adopted,
+            leftover_channels_hung_up = hung_up,
+            leftover_bridges_destroyed = destroyed,
+            "reconciled with Asterisk"
+        );
         Ok(())
     }
 

@@ -101,10 +101,15 @@ pub struct Args {
     /// Echo server port.
     #[arg(long, env = "ECHO_PORT", default_value_t = 4000)]
     pub echo_port: u16,
-    /// Media format of the externalMedia channels (ulaw, alaw, g722, slin, slin16, opus); sets
-    /// the RTP clock the relay measures with.
-    #[arg(long, env = "MEDIA_FORMAT", default_value = "ulaw")]
-    pub format: relay_proto::Format,
+    /// Media format of the externalMedia channels: `auto` (the caller's native format, where
+    /// the relay measures it, so Asterisk transcodes nothing) or a fixed one (ulaw, alaw, g722,
+    /// slin, slin16, opus); sets the RTP clock the relay measures with.
+    #[arg(long, env = "MEDIA_FORMAT", default_value = "auto", value_parser = parse_media_format)]
+    pub format: MediaFormat,
+    /// With `--format auto`: the format used when the caller's native format is none the relay
+    /// measures (the call is then transcoded by Asterisk, and counted).
+    #[arg(long, env = "MEDIA_FALLBACK", default_value = "ulaw")]
+    pub media_fallback: relay_proto::Format,
     /// Seconds between summary log lines (0: none).
     #[arg(long, env = "METRICS_INTERVAL_SEC", default_value_t = 10)]
     pub metrics_interval_sec: u64,
@@ -118,6 +123,36 @@ pub struct Args {
     /// Control's metrics endpoint (/metrics, /healthz, /stats).
     #[arg(long, env = "CONTROL_METRICS", default_value = "127.0.0.1:9102")]
     pub metrics: SocketAddr,
+}
+
+/// How control picks the externalMedia channel's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaFormat {
+    /// The caller's native format (`CHANNEL(audionativeformat)`), where the relay measures it.
+    Auto,
+    /// Always this one.
+    Fixed(relay_proto::Format),
+}
+
+fn parse_media_format(s: &str) -> Result<MediaFormat, String> {
+    if s == "auto" {
+        return Ok(MediaFormat::Auto);
+    }
+    s.parse()
+        .map(MediaFormat::Fixed)
+        .map_err(|e| format!("{e}, or auto"))
+}
+
+/// The first format of Asterisk's `CHANNEL(audionativeformat)` value (`(slin192)`, `(ulaw|alaw)`)
+/// that the relay measures; `None` when there is none.
+#[must_use]
+pub fn pick_native(value: &str) -> Option<relay_proto::Format> {
+    value
+        .trim()
+        .trim_start_matches('(')
+        .trim_end_matches(')')
+        .split('|')
+        .find_map(|f| f.trim().parse().ok())
 }
 
 /// A setting out of range.
@@ -147,8 +182,10 @@ pub struct Config {
     pub port_range: RangeInclusive<u16>,
     /// The echo server.
     pub echo: SocketAddr,
-    /// externalMedia format.
-    pub format: relay_proto::Format,
+    /// externalMedia format, or `auto`.
+    pub format: MediaFormat,
+    /// The format `auto` falls back to.
+    pub media_fallback: relay_proto::Format,
     /// Summary log interval; `None` for none.
     pub summary_interval: Option<Duration>,
     /// The relay's control socket.
@@ -222,6 +259,7 @@ impl TryFrom<Args> for Config {
             port_range: a.port_range,
             echo: SocketAddr::new(a.echo_host, a.echo_port),
             format: a.format,
+            media_fallback: a.media_fallback,
             summary_interval: (a.metrics_interval_sec > 0)
                 .then(|| Duration::from_secs(a.metrics_interval_sec)),
             relay_socket: a.relay_socket,
@@ -233,6 +271,38 @@ impl TryFrom<Args> for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn media_format_is_auto_by_default_or_fixed() {
+        let c = parse(&["--ari-pass", "x"]).unwrap();
+        assert_eq!(c.format, MediaFormat::Auto);
+        assert_eq!(c.media_fallback, relay_proto::Format::Ulaw);
+        let c = parse(&[
+            "--ari-pass",
+            "x",
+            "--format",
+            "alaw",
+            "--media-fallback",
+            "slin16",
+        ])
+        .unwrap();
+        assert_eq!(c.format, MediaFormat::Fixed(relay_proto::Format::Alaw));
+        assert_eq!(c.media_fallback, relay_proto::Format::Slin16);
+        let e = parse(&["--ari-pass", "x", "--format", "gsm"]).unwrap_err();
+        assert!(e.contains("--format") && e.contains("auto"), "{e}");
+    }
+
+    #[test]
+    fn the_first_measured_native_format_is_picked() {
+        use relay_proto::Format;
+        assert_eq!(pick_native("(ulaw)"), Some(Format::Ulaw));
+        assert_eq!(pick_native("(slin192)"), None);
+        assert_eq!(pick_native("(slin192|alaw)"), Some(Format::Alaw));
+        assert_eq!(pick_native("(ulaw|alaw)"), Some(Format::Ulaw));
+        assert_eq!(pick_native("(opus)"), Some(Format::Opus));
+        assert_eq!(pick_native(""), None);
+        assert_eq!(pick_native("()"), None);
+    }
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         let a = Args::try_parse_from(std::iter::once("control").chain(args.iter().copied()))

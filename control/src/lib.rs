@@ -169,6 +169,7 @@ async fn stats(ctl: &Controller, m: &Metrics) -> axum::response::Response {
             "abandoned": outcome("abandoned"),
             "no_port": outcome("no_port"),
             "failed": outcome("failed"),
+            "transcoded": m.transcoded_total(),
             "setup": m.setup_summary(),
         },
         "ports": {"free": free, "in_use": in_use, "exhausted": exhausted},

@@ -105,9 +105,17 @@ pub struct Metrics {
     pub reconciled: IntCounterVec,
     /// Events received, by type.
     pub events: IntCounterVec,
+    /// Calls whose externalMedia channel is not in the caller's native format (Asterisk
+    /// transcodes them), by the caller's native format.
+    pub transcoded: IntCounterVec,
     /// Set-up time percentiles for `/stats` (the histogram above is for Prometheus).
     setup_hdr: Mutex<LatencyHistogram<u64>>,
 }
+
+/// What reconciliation can clean up (the `kind` label of `rtprelay_control_reconciled_total`):
+/// a call whose caller vanished, a leftover externalMedia channel or bridge, a relay channel no
+/// call owns.
+pub const RECONCILED_KINDS: [&str; 4] = ["call", "channel", "bridge", "relay_channel"];
 
 fn buckets() -> Vec<f64> {
     // 1 ms to 10 s, about three a decade: ARI requests take milliseconds, set-ups tens of them.
@@ -212,6 +220,13 @@ impl Metrics {
                 ns("ari_events_total", "ARI events received, by type."),
                 &["type"]
             )),
+            transcoded: make!(IntCounterVec::new(
+                ns(
+                    "transcoded_calls_total",
+                    "Calls whose externalMedia format is not the caller's native format (Asterisk transcodes them, and the relay measures the transcoder too), by the caller's native format."
+                ),
+                &["caller_format"]
+            )),
             setup_hdr: Mutex::new(LatencyHistogram::new(2)),
             registry,
         };
@@ -232,6 +247,10 @@ impl Metrics {
         ] {
             m.setup_failures.with_label_values(&[s.label()]);
         }
+        // Every reconciliation kind exists from the start, at 0.
+        for kind in RECONCILED_KINDS {
+            m.reconciled.with_label_values(&[kind]);
+        }
         m
     }
 
@@ -242,6 +261,18 @@ impl Metrics {
         if let Ok(mut h) = self.setup_hdr.lock() {
             h.record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
         }
+    }
+
+    /// Calls transcoded so far, all native formats.
+    #[must_use]
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // whole, non-negative counts
+    pub fn transcoded_total(&self) -> u64 {
+        use prometheus::core::Collector as _;
+        self.transcoded
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
+            .sum::<f64>() as u64
     }
 
     /// Set-up time percentiles so far.

@@ -281,7 +281,9 @@ async fn run(
     channels: Arc<Mutex<HashMap<ChannelId, Spec>>>,
     metrics: Arc<Metrics>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    // Connecting to a Unix socket that is not there costs microseconds: retry often, so a
+    // restarted relay is reached (and resynced) within tens of milliseconds of listening.
+    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(20));
     let mut connected_before = false;
     loop {
         let conn = Conn::connect(&path).await;
@@ -291,24 +293,15 @@ async fn run(
                 if !connected_before {
                     tracing::debug!("relay socket {}: {e}", path.display());
                 }
-                // Fail what arrives while waiting: a set-up must not hang on a relay that is down.
-                let wait = tokio::time::sleep(backoff.next_delay());
-                tokio::pin!(wait);
-                loop {
-                    tokio::select! {
-                        () = &mut wait => break,
-                        p = rx.recv() => match p {
-                            Some((_, reply)) => { let _ = reply.send(Err(RelayError::Disconnected)); }
-                            None => return,
-                        },
-                    }
+                if !wait_failing(&mut rx, backoff.next_delay()).await {
+                    return;
                 }
                 continue;
             }
         };
-        backoff.reset();
         match resync(&mut conn, &channels).await {
             Ok((readded, removed)) => {
+                backoff.reset();
                 if connected_before {
                     metrics.relay_resyncs.inc();
                 }
@@ -326,6 +319,9 @@ async fn run(
             }
             Err(e) => {
                 tracing::warn!("relay resync failed: {e}");
+                if !wait_failing(&mut rx, backoff.next_delay()).await {
+                    return;
+                }
                 continue;
             }
         }
@@ -405,7 +401,8 @@ async fn resync(
         }
         todo = again;
         if !todo.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The old relay's ports are released by the kernel moments after it died.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     Ok((readded, removed))
@@ -444,6 +441,22 @@ async fn serve(conn: &mut Conn, rx: &mut mpsc::UnboundedReceiver<Pending>) -> Op
         let _ = tx.send(Err(RelayError::Disconnected));
     }
     Some(error)
+}
+
+/// Waits `delay`, failing every request that arrives meanwhile (a set-up must not hang on a
+/// relay that is down); false when the request queue has closed.
+async fn wait_failing(rx: &mut mpsc::UnboundedReceiver<Pending>, delay: Duration) -> bool {
+    let wait = tokio::time::sleep(delay);
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            () = &mut wait => return true,
+            p = rx.recv() => match p {
+                Some((_, reply)) => { let _ = reply.send(Err(RelayError::Disconnected)); }
+                None => return false,
+            },
+        }
+    }
 }
 
 /// Exponential backoff with ±50 % jitter.

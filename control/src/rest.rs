@@ -272,6 +272,29 @@ impl Ari {
         Self::json("list_channels", r).await
     }
 
+    /// `GET /channels/{id}/variable?variable=NAME`: the value of a channel variable or function
+    /// (`CHANNEL(audionativeformat)` answers `(ulaw)`, `(slin192)`, `(ulaw|alaw)`).
+    ///
+    /// # Errors
+    /// See [`RestError`] (404: no such channel or variable).
+    pub async fn variable(&self, channel: &str, name: &str) -> Result<String, RestError> {
+        #[derive(Deserialize)]
+        struct Value {
+            value: String,
+        }
+        let r = self
+            .send(
+                "get_variable",
+                Method::GET,
+                &["channels", channel, "variable"],
+                &[("variable", name)],
+            )
+            .await?;
+        Self::json::<Value>("get_variable", r)
+            .await
+            .map(|v| v.value)
+    }
+
     /// `GET /bridges`.
     ///
     /// # Errors

@@ -168,6 +168,11 @@ struct AriArgs {
     /// Endpoint to originate: a Local channel into a context that answers and plays a tone.
     #[arg(long, default_value = "Local/s@load")]
     endpoint: String,
+    /// `formats` for every originate: the caller's native format (default: ulaw, the format
+    /// control bridges with). Without it Asterisk gives a Local channel slin192 and transcodes
+    /// every call; an empty value leaves it out.
+    #[arg(long, default_value = "ulaw")]
+    formats: String,
     /// Calls.
     #[arg(long, default_value_t = 10)]
     calls: u32,
@@ -296,6 +301,7 @@ fn ari(a: AriArgs) -> ExitCode {
         pass: a.ari_pass,
         app: a.app,
         endpoint: a.endpoint,
+        formats: Some(a.formats).filter(|f| !f.is_empty()),
         calls: a.calls,
         ramp: a.ramp,
         hold: a.hold,

@@ -80,6 +80,52 @@ fn the_simulator_answers_like_asterisk() {
         request(&addr, "POST", "/ari/channels/caller-1/answer", Some(basic)).0,
         204
     );
+    // A Local channel originated without `formats` is slin192 natively (Asterisk 22); with
+    // `formats` it is what was asked for.
+    let native = |id: &str| {
+        request(
+            &addr,
+            "GET",
+            &format!("/ari/channels/{id}/variable?variable=CHANNEL(audionativeformat)"),
+            Some(basic),
+        )
+    };
+    let (status, body) = native("caller-1");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["value"],
+        "(slin192)"
+    );
+    let (status, body) = request(
+        &addr,
+        "POST",
+        &format!("/ari/channels?endpoint=Local/s@load&app=rtp-relay&channelId=caller-2&formats=ulaw,alaw&{key}"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = native("caller-2");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["value"],
+        "(ulaw|alaw)"
+    );
+    let (status, body) = native("nope");
+    assert_eq!(
+        (status, body.contains("Channel not found")),
+        (404, true),
+        "{body}"
+    );
+    let (status, body) = request(
+        &addr,
+        "GET",
+        "/ari/channels/caller-1/variable?variable=NO_SUCH_VARIABLE",
+        Some(basic),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("variable was not found"), "{body}");
+    assert_eq!(
+        request(&addr, "GET", "/ari/channels/caller-1/variable", Some(basic)).0,
+        400
+    );
 
     let (status, body) = request(
         &addr,

@@ -169,7 +169,7 @@ pub fn bind_channel_socket(ip: IpAddr, port: u16, rcvbuf: usize) -> Result<UdpSo
 }
 
 /// Counters only the backend can keep.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct BackendCounters {
     /// Wake-ups of the data plane (ring waits returning, or socket readiness events).
     pub wakeups: u64,
@@ -180,6 +180,9 @@ pub struct BackendCounters {
     pub batch_sum: u64,
     /// Sends the kernel refused.
     pub send_errors: u64,
+    /// Of those, by errno (index: the errno, up to [`ERRNO_SLOTS`]; larger ones in the last).
+    #[serde(serialize_with = "errno_counts")]
+    pub send_errnos: [u64; ERRNO_SLOTS],
     /// Receives that failed with an error other than running out of buffers.
     pub recv_errors: u64,
     /// Datagrams longer than a receive buffer, dropped.
@@ -201,8 +204,119 @@ pub struct BackendCounters {
     pub untrusted_timestamps: u64,
 }
 
+impl Default for BackendCounters {
+    fn default() -> Self {
+        Self {
+            wakeups: 0,
+            batch_buckets: [0; BATCH_BUCKETS],
+            batch_sum: 0,
+            send_errors: 0,
+            send_errnos: [0; ERRNO_SLOTS],
+            recv_errors: 0,
+            oversize: 0,
+            rearm_nobufs: 0,
+            rearm_other: 0,
+            enters: 0,
+            clock_steps: 0,
+            missing_timestamps: 0,
+            untrusted_timestamps: 0,
+        }
+    }
+}
+
 /// Batch-size buckets: 1, 2, 4, … 2^15 and above.
 pub const BATCH_BUCKETS: usize = 17;
+
+/// Errno values counted one by one (Linux's go up to 133); the last slot takes any above.
+pub const ERRNO_SLOTS: usize = 136;
+
+/// Serialises per-errno counts as `{"ECONNREFUSED": 3, …}`, the non-zero ones only.
+fn errno_counts<S: serde::Serializer>(
+    counts: &[u64; ERRNO_SLOTS],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(e, n)| (errno_name(e), n)),
+    )
+}
+
+/// The symbolic name of `errno`, as the `errno` label of `rtprelay_send_errors_total`.
+#[must_use]
+pub fn errno_name(errno: usize) -> String {
+    let known = [
+        (libc::EPERM, "EPERM"),
+        (libc::EINTR, "EINTR"),
+        (libc::EBADF, "EBADF"),
+        (libc::EAGAIN, "EAGAIN"),
+        (libc::ENOMEM, "ENOMEM"),
+        (libc::EACCES, "EACCES"),
+        (libc::EFAULT, "EFAULT"),
+        (libc::EINVAL, "EINVAL"),
+        (libc::EPIPE, "EPIPE"),
+        (libc::EMSGSIZE, "EMSGSIZE"),
+        (libc::ENOTCONN, "ENOTCONN"),
+        (libc::EDESTADDRREQ, "EDESTADDRREQ"),
+        (libc::ENOBUFS, "ENOBUFS"),
+        (libc::ECONNREFUSED, "ECONNREFUSED"),
+        (libc::ENETUNREACH, "ENETUNREACH"),
+        (libc::EHOSTUNREACH, "EHOSTUNREACH"),
+        (libc::EADDRNOTAVAIL, "EADDRNOTAVAIL"),
+        (libc::ECANCELED, "ECANCELED"),
+    ];
+    known
+        .iter()
+        .find(|(n, _)| usize::try_from(*n).is_ok_and(|n| n == errno))
+        .map_or_else(|| format!("errno_{errno}"), |(_, s)| (*s).to_owned())
+}
+
+/// Logs refused sends at most once a second, with their errno and what was suppressed.
+#[derive(Debug, Default)]
+pub struct SendErrorLog {
+    /// When the last line was written.
+    last: Option<MonoTime>,
+    /// Errors not logged since.
+    suppressed: u64,
+}
+
+impl SendErrorLog {
+    /// Counts a send refused with `errno` (positive) on channel slot `slot`, logging it unless
+    /// a line was written less than a second ago.
+    pub fn note(
+        &mut self,
+        counters: &mut BackendCounters,
+        now: MonoTime,
+        errno: i32,
+        slot: u32,
+        direction: relay_proto::Direction,
+    ) {
+        counters.send_errors += 1;
+        let i = usize::try_from(errno).unwrap_or(0).min(ERRNO_SLOTS - 1);
+        if let Some(n) = counters.send_errnos.get_mut(i) {
+            *n += 1;
+        }
+        if self
+            .last
+            .is_some_and(|t| now.nanos_since(t) < 1_000_000_000)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            errno = %errno_name(i),
+            slot,
+            direction = direction.as_str(),
+            suppressed = self.suppressed,
+            "a send was refused: {} (rtprelay_send_errors_total; at most one line a second)",
+            io::Error::from_raw_os_error(errno)
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
 
 impl BackendCounters {
     /// Records one wake-up that handled `n` completions.

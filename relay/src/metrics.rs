@@ -330,7 +330,20 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
         ]),
         family("batch_size", "Completions (io_uring) or datagrams (tokio) handled per data-plane wake-up.", HISTOGRAM,
             vec![histogram_metric(vec![], &batch, &batch_bounds)]),
-        total("send_errors_total", "Sends the kernel refused.", c.send_errors),
+        family("send_errors_total", "Sends the kernel refused, by errno (each one is logged, at most a line a second).", COUNTER, {
+            let mut v: Vec<Metric> = c
+                .send_errnos
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(e, &n)| counter(vec![label("errno", &crate::dataplane::errno_name(e))], n))
+                .collect();
+            if v.is_empty() {
+                // The family exists from the start (a series per errno appears when one happens).
+                v.push(counter(vec![label("errno", "none")], 0));
+            }
+            v
+        }),
         total("recv_errors_total", "Receives that failed.", c.recv_errors),
         total("enters_total", "io_uring_enter calls (io_uring backend): waits, and the submissions of sends that kernel timestamps give an enter of their own.", c.enters),
         total("clock_steps_total", "Steps of the wall clock seen while converting kernel receive stamps (the batch's arrivals were taken at handling time).", c.clock_steps),

@@ -40,6 +40,8 @@ struct Shared {
     clock: Clock,
     /// Kernel timestamps asked for.
     kernel_time: bool,
+    /// Refused sends, logged at most once a second.
+    send_log: dataplane::SendErrorLog,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
@@ -103,6 +105,7 @@ async fn main_loop(
         counters: BackendCounters::default(),
         clock,
         kernel_time: bind.timestamps,
+        send_log: dataplane::SendErrorLog::default(),
     }));
     let mut tasks = Tasks {
         shared: Rc::clone(&shared),
@@ -192,6 +195,7 @@ async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef) {
                     counters,
                     clock,
                     kernel_time,
+                    ..
                 } = &mut *sh;
                 if *kernel_time {
                     let handled = clock.resample(counters);
@@ -229,7 +233,19 @@ async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef) {
                         sh.relay.record_forward(direction, elapsed);
                     }
                     Ok(_) => {}
-                    Err(_) => sh.counters.send_errors += 1,
+                    Err(e) => {
+                        let now = sh.clock.now();
+                        let Shared {
+                            counters, send_log, ..
+                        } = &mut *sh;
+                        send_log.note(
+                            counters,
+                            now,
+                            e.raw_os_error().unwrap_or(0),
+                            id.0,
+                            direction,
+                        );
+                    }
                 }
             }
         }

@@ -135,6 +135,7 @@ pub fn run(
     s.ring.arm_waker(WAKE << KIND_SHIFT)?;
     let mut shutdown = None;
     let mut forwarded = [0u64; 2];
+    let mut send_log = dataplane::SendErrorLog::default();
 
     while shutdown.is_none() {
         let now = clock.now();
@@ -177,7 +178,9 @@ pub fn run(
                         s.ring.recycle(bid);
                     }
                     if c.result < 0 {
-                        counters.send_errors += 1;
+                        let slot = ((c.user_data >> 32) & 0xff_ffff) as u32;
+                        let d = Direction::ALL[((c.user_data >> 16) & 1) as usize];
+                        send_log.note(&mut counters, now, -c.result, slot, d);
                     }
                 }
                 WAKE => {

@@ -1,5 +1,5 @@
-//! An externalMedia channel's RTP as Asterisk 22 sends it (172-byte ulaw packets, payload type
-//! 0, 50 a second, random SSRC and first sequence number, first timestamp 160), and what the
+//! An externalMedia channel's RTP as Asterisk 22 sends it (172-byte packets, payload type 0 for
+//! ulaw or 8 for alaw, 50 a second, random SSRC and first sequence number, first timestamp 160), and what the
 //! simulator measures of what comes back: round trip, loss, duplicates, strict-RTP drops.
 //!
 //! The round trip "at Asterisk" is timed like the relay's: T0 is the clock read just before the
@@ -62,7 +62,7 @@ impl RtpFigures {
 pub(super) async fn rtp_stream(
     sock: UdpSocket,
     to: SocketAddr,
-    seed: u64,
+    (seed, payload_type): (u64, u8),
     mut stop: oneshot::Receiver<()>,
 ) -> RtpFigures {
     let mut rng = SplitMix64::new(seed);
@@ -90,7 +90,7 @@ pub(super) async fn rtp_stream(
                 let seq = first_seq.wrapping_add(n as u16);
                 let header = RtpHeader {
                     marker: n == 0,
-                    payload_type: 0,
+                    payload_type,
                     sequence: seq,
                     timestamp: 160u32.wrapping_add(n.wrapping_mul(160)),
                     ssrc,

@@ -170,7 +170,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
             let at = start + cfg.ramp.mul_f64(f64::from(i) / f64::from(cfg.calls));
             tokio::time::sleep_until(at).await;
             let id = sim.new_id();
-            if let Err(e) = sim.originate(&cfg.app, Some(id.clone())) {
+            if let Err(e) = sim.originate(&cfg.app, Some(id.clone()), "ulaw") {
                 tracing::warn!(status = %e.status(), "cannot originate");
                 continue;
             }

@@ -21,6 +21,9 @@ pub struct CallReport {
     pub answered: bool,
     /// Whether its externalMedia channel was bridged with it and RTP flowed.
     pub bridged: bool,
+    /// Its externalMedia channel's format is none of its native formats: Asterisk transcodes
+    /// the call (and the relay measures the transcoder too).
+    pub transcoding: bool,
     /// How it ended.
     pub end: CallEnd,
     /// RTP packets sent to the relay.
@@ -50,6 +53,9 @@ pub struct SimReport {
     pub bridged: u64,
     /// Calls the application hung up before their time.
     pub hung_up_by_app: u64,
+    /// Calls whose externalMedia format differs from the caller's native format ("transcoding
+    /// calls": a real Asterisk spends CPU on each and adds its transcoder to what is measured).
+    pub transcoding_calls: u64,
     /// Packets sent, all calls.
     pub sent: u64,
     /// Packets back, all calls.
@@ -104,6 +110,7 @@ pub(super) fn report(sim: &Sim) -> SimReport {
             id: id.clone(),
             answered: rec.answered,
             bridged: rec.bridged,
+            transcoding: rec.transcoding,
             end: rec.end.unwrap_or(CallEnd::Active),
             sent: f.sent,
             received: f.received,
@@ -128,6 +135,7 @@ pub(super) fn report(sim: &Sim) -> SimReport {
         answered: sum(|c| u64::from(c.answered)),
         bridged: sum(|c| u64::from(c.bridged)),
         hung_up_by_app: sum(|c| u64::from(c.end == CallEnd::HungUpByApp)),
+        transcoding_calls: sum(|c| u64::from(c.transcoding)),
         sent,
         received,
         lost,
@@ -171,7 +179,7 @@ pub fn render(r: &SimReport) -> String {
     };
     let mut out = format!(
         "rtp-relay pipeline report (sim-asterisk -> control -> relay -> echo)\n\
-         calls: {} originated, {} answered, {} bridged, {} hung up by control\n\
+         calls: {} originated, {} answered, {} bridged, {} hung up by control, {} transcoding\n\
          RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}\n\
          faults: {} answers failed with 404, {} WebSocket drops ({} connections), failed on purpose {:?}\n\
          left over: {} channels, {} bridges\n\
@@ -180,6 +188,7 @@ pub fn render(r: &SimReport) -> String {
         r.answered,
         r.bridged,
         r.hung_up_by_app,
+        r.transcoding_calls,
         r.sent,
         r.received,
         r.lost,

@@ -34,6 +34,7 @@ pub(super) fn router(sim: Arc<Sim>) -> Router {
             get(get_channel).delete(delete_channel),
         )
         .route("/ari/channels/{id}/answer", post(answer))
+        .route("/ari/channels/{id}/variable", get(get_variable))
         .route("/ari/bridges", get(list_bridges).post(create_bridge))
         .route(
             "/ari/bridges/{id}",
@@ -97,9 +98,47 @@ pub(super) async fn originate(State(sim): State<Arc<Sim>>, Query(q): Q) -> Respo
             "Application or extension must be specified",
         );
     };
-    match sim.originate(app, q.get("channelId").cloned()) {
+    // Asterisk 22 gives a Local channel originated without `formats` the native format slin192
+    // (what a real one answered); `formats=ulaw,alaw` gives (ulaw|alaw). Other endpoints are
+    // taken as SIP phones offering ulaw.
+    let native = match q.get("formats").filter(|f| !f.is_empty()) {
+        Some(f) => f.split(',').map(str::trim).collect::<Vec<_>>().join("|"),
+        None if q["endpoint"].starts_with("Local/") => "slin192".to_owned(),
+        None => "ulaw".to_owned(),
+    };
+    match sim.originate(app, q.get("channelId").cloned(), &native) {
         Ok(v) => Json(v).into_response(),
         Err(r) => *r,
+    }
+}
+
+/// `GET /channels/{id}/variable?variable=NAME`: `CHANNEL(audionativeformat)` for a caller, the
+/// `UNICASTRTP_LOCAL_*` variables for an externalMedia channel; 404 for an unknown channel or
+/// variable, 400 without `variable`, as Asterisk answers.
+pub(super) async fn get_variable(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    Query(q): Q,
+) -> Response {
+    let Some(name) = q.get("variable") else {
+        return ari_error(StatusCode::BAD_REQUEST, "Variable name is required");
+    };
+    let w = sim.world();
+    let Some(ch) = w.channels.get(&id) else {
+        return ari_error(StatusCode::NOT_FOUND, "Channel not found");
+    };
+    let value = match (&ch.kind, name.as_str()) {
+        (Kind::Caller { native, .. }, "CHANNEL(audionativeformat)") => Some(format!("({native})")),
+        (Kind::External { format, .. }, "CHANNEL(audionativeformat)") => {
+            Some(format!("({format})"))
+        }
+        (Kind::External { local, .. }, "UNICASTRTP_LOCAL_ADDRESS") => Some(local.ip().to_string()),
+        (Kind::External { local, .. }, "UNICASTRTP_LOCAL_PORT") => Some(local.port().to_string()),
+        _ => None,
+    };
+    match value {
+        Some(v) => Json(json!({ "value": v })).into_response(),
+        None => ari_error(StatusCode::NOT_FOUND, "Provided variable was not found"),
     }
 }
 
@@ -127,7 +166,10 @@ pub(super) async fn answer(State(sim): State<Arc<Sim>>, Path(id): Path<String>) 
     if ch.app.is_none() {
         return ari_error(StatusCode::CONFLICT, "Channel not in Stasis application");
     }
-    if let Kind::Caller { answer_attempts } = &mut ch.kind {
+    if let Kind::Caller {
+        answer_attempts, ..
+    } = &mut ch.kind
+    {
         *answer_attempts += 1;
         if *answer_attempts == 1 && roll < fraction {
             sim.injected_404.fetch_add(1, Ordering::Relaxed);
@@ -156,8 +198,11 @@ pub(super) async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> 
     let Ok(external_host) = host.parse::<SocketAddr>() else {
         return ari_error(StatusCode::BAD_REQUEST, "external_host must be host:port");
     };
-    if format != "ulaw" {
-        return ari_error(StatusCode::BAD_REQUEST, "the simulator plays ulaw only");
+    if format != "ulaw" && format != "alaw" {
+        return ari_error(
+            StatusCode::BAD_REQUEST,
+            "the simulator plays ulaw and alaw only",
+        );
     }
     for (k, v) in [
         ("encapsulation", "rtp"),
@@ -204,6 +249,7 @@ pub(super) async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> 
             stop: None,
             task: None,
             caller: None,
+            format: format.clone(),
         },
     };
     let v = ch.json();

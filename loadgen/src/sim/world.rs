@@ -42,6 +42,11 @@ pub(super) enum Kind {
     Caller {
         /// Answer requests received.
         answer_attempts: u32,
+        /// `CHANNEL(audionativeformat)` as Asterisk answers it, without the parentheses:
+        /// `slin192` for a Local channel originated without `formats` (as Asterisk 22 does),
+        /// the `formats` asked for otherwise (`ulaw|alaw`), `ulaw` for the simulator's own
+        /// SIP-like callers.
+        native: String,
     },
     /// An externalMedia channel.
     External {
@@ -57,6 +62,8 @@ pub(super) enum Kind {
         task: Option<tokio::task::JoinHandle<RtpFigures>>,
         /// The caller it was first bridged with: its RTP figures are that call's.
         caller: Option<String>,
+        /// Its media format (`ulaw` or `alaw`).
+        format: String,
     },
 }
 
@@ -143,6 +150,9 @@ pub(super) struct CallRecord {
     pub(super) originated: Option<Instant>,
     /// StasisStart to the media flowing (both channels bridged).
     pub(super) setup: Option<Duration>,
+    /// Its externalMedia channel's format is none of the caller's native formats: Asterisk
+    /// would transcode this call.
+    pub(super) transcoding: bool,
 }
 
 /// Everything the simulator holds.
@@ -273,7 +283,12 @@ impl Sim {
     }
 
     /// Creates a caller channel in `app` and announces it.
-    pub(super) fn originate(&self, app: &str, id: Option<String>) -> Result<Value, Box<Response>> {
+    pub(super) fn originate(
+        &self,
+        app: &str,
+        id: Option<String>,
+        native: &str,
+    ) -> Result<Value, Box<Response>> {
         let id = id.unwrap_or_else(|| self.new_id());
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ch = SimChannel {
@@ -283,7 +298,10 @@ impl Sim {
             app: Some(app.to_owned()),
             bridge: None,
             created: now_stamp(),
-            kind: Kind::Caller { answer_attempts: 0 },
+            kind: Kind::Caller {
+                answer_attempts: 0,
+                native: native.to_owned(),
+            },
         };
         let v = ch.json();
         {
@@ -398,9 +416,31 @@ impl Sim {
                     .is_some_and(|c| matches!(c.kind, Kind::Caller { .. }))
             })
             .cloned();
+        let native: Option<String> = caller.as_deref().and_then(|c| match w.channels.get(c) {
+            Some(SimChannel {
+                kind: Kind::Caller { native, .. },
+                ..
+            }) => Some(native.clone()),
+            _ => None,
+        });
+        let em_formats: Vec<String> = members
+            .iter()
+            .filter_map(|m| match w.channels.get(m) {
+                Some(SimChannel {
+                    kind: Kind::External { format, .. },
+                    ..
+                }) => Some(format.clone()),
+                _ => None,
+            })
+            .collect();
         if let Some(rec) = caller.as_deref().and_then(|c| w.call_mut(c)) {
             rec.bridged = true;
             rec.setup = rec.setup.or_else(|| rec.originated.map(|t| t.elapsed()));
+            rec.transcoding |= native.is_some_and(|n| {
+                em_formats
+                    .iter()
+                    .any(|f| !n.split('|').any(|x| x == f.as_str()))
+            });
         }
         for m in members {
             if let Some(SimChannel {
@@ -411,6 +451,7 @@ impl Sim {
                         stop,
                         task,
                         caller: owner,
+                        format,
                         ..
                     },
                 ..
@@ -420,7 +461,13 @@ impl Sim {
                     owner.clone_from(&caller);
                     let (tx, rx) = oneshot::channel();
                     *stop = Some(tx);
-                    *task = Some(tokio::spawn(rtp_stream(sock, *external_host, seed, rx)));
+                    let payload_type = if format == "alaw" { 8 } else { 0 };
+                    *task = Some(tokio::spawn(rtp_stream(
+                        sock,
+                        *external_host,
+                        (seed, payload_type),
+                        rx,
+                    )));
                 }
             }
         }
