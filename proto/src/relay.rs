@@ -311,6 +311,7 @@ struct Channel {
 
 impl Channel {
     fn stats(&self, now: MonoTime) -> ChannelStats {
+        let rtt = self.rtt.summary();
         ChannelStats {
             channel: self.id.clone(),
             socket: self.socket.0,
@@ -327,9 +328,22 @@ impl Channel {
                 to_asterisk: self.streams.to_asterisk.counters(),
             },
             round_trip: self.round_trip,
-            rtt: self.rtt.summary(),
+            rtt,
             drops: self.drops,
+            score: self.score(rtt.mean_ns),
         }
+    }
+
+    /// The E-model score of what the channel measured: its mean round trip, the jitter of the
+    /// echo's return as received (which carries both legs' variation) and its exact round-trip
+    /// loss.
+    fn score(&self, rtt_mean_ns: u64) -> crate::score::Score {
+        crate::score::score(crate::score::Measured {
+            rtt_mean_ns,
+            jitter_ns: self.streams.to_asterisk.timing.jitter_ns(),
+            sent: self.round_trip.sent,
+            returned: self.round_trip.matched,
+        })
     }
 
     fn info(&self) -> ChannelInfo {
@@ -359,6 +373,8 @@ pub struct GlobalHistograms {
     pub jitter: PerDirection<LatencyHistogram>,
     /// Lateness of each packet, per direction.
     pub lateness: PerDirection<LatencyHistogram>,
+    /// The score of every closed channel.
+    pub calls: crate::score::ScoreHistograms,
 }
 
 impl GlobalHistograms {
@@ -374,6 +390,7 @@ impl GlobalHistograms {
             receive_delay: pair(),
             jitter: pair(),
             lateness: pair(),
+            calls: crate::score::ScoreHistograms::new(),
         }
     }
 }
@@ -838,6 +855,7 @@ impl Relay {
             c.streams.get_mut(d).accumulate(stats.streams.get(d));
         }
         c.round_trip.accumulate(&stats.round_trip);
+        self.hist.calls.observe(stats.score);
         match reason {
             CloseReason::Removed => c.removed += 1,
             CloseReason::Idle => c.idle += 1,

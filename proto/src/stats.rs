@@ -483,6 +483,9 @@ pub struct ChannelStats {
     pub rtt: LatencySummary,
     /// Datagrams dropped on this channel's socket, by reason.
     pub drops: DropCounts,
+    /// The call's E-model score so far (final in the `remove` reply): see [`crate::score`].
+    #[serde(default)]
+    pub score: crate::score::Score,
 }
 
 /// Statistics of the whole relay, over open and closed channels.

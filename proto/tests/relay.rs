@@ -550,3 +550,37 @@ fn sends_submitted_by_one_call_leave_one_after_another() {
     assert_eq!(g.rtt.mean_ns, 2_085_000, "{:?}", g.rtt);
     assert_eq!((g.rtt.count, g.forward.to_echo.count), (4, 4));
 }
+
+#[test]
+fn a_channel_is_scored_at_its_close() {
+    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut relay, t(0), add("a", Some(ast())));
+    // 100 packets 20 ms apart, each echoed 40 ms later (RTT 40 ms, no jitter), 2 never echoed.
+    for k in 0..100u16 {
+        let at = 1_000 + 20 * u64::from(k);
+        let _ = relay.handle_datagram(t(at), s, ast(), &rtp(k, 160 * u32::from(k), 7));
+        if k % 50 != 49 {
+            let _ = relay.handle_datagram(t(at + 40), s, ECHO, &rtp(k, 160 * u32::from(k), 7));
+        }
+    }
+    let stats = match relay.handle_command(
+        t(10_000),
+        Command::Remove(RemoveChannel { channel: id("a") }),
+    ) {
+        CommandOutcome::Close {
+            reply: Ok(Response::Removed { stats, .. }),
+            ..
+        } => stats,
+        other => panic!("{other:?}"),
+    };
+    // Le = 20 + 0 + 10 ms: R = 93.2 − 0.75 − 2.5 × 2 % = 87.45.
+    assert!(
+        (stats.score.r_factor - 87.45).abs() < 0.01,
+        "{:?}",
+        stats.score
+    );
+    assert!((stats.score.mos - relay_proto::score::mos(87.45)).abs() < 1e-9);
+    let h = &relay.histograms().calls;
+    assert_eq!(h.count, 1);
+    assert_eq!(h.mos[h.mos.len() - 1], 1);
+}

@@ -126,6 +126,8 @@ pub struct Snapshot {
     pub jitter: PerDirection<Buckets>,
     /// Lateness, per direction.
     pub lateness: PerDirection<Buckets>,
+    /// Scores of closed channels.
+    pub calls: relay_proto::score::ScoreHistograms,
     /// Lost packets, per direction, never decreasing between snapshots (a late packet that
     /// fills a gap lowers the core's count; a Prometheus counter must not go down).
     pub lost: PerDirection<u64>,
@@ -202,6 +204,7 @@ impl Publisher {
             receive_delay: per(&h.receive_delay),
             jitter: per(&h.jitter),
             lateness: per(&h.lateness),
+            calls: h.calls.clone(),
             lost,
         }));
     }
@@ -304,6 +307,18 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
             per_direction(&s.jitter, |l, b| histogram_metric(l, b, &lat_bounds))),
         family("lateness_seconds", "Transit of each packet above the stream's baseline transit.", HISTOGRAM,
             per_direction(&s.lateness, |l, b| histogram_metric(l, b, &lat_bounds))),
+        family("call_mos", "MOS of each channel at its close (E-model from its mean RTT, jitter and round-trip loss; no RTCP).", HISTOGRAM,
+            vec![histogram_metric(vec![], &Buckets {
+                cumulative: s.calls.mos.clone(),
+                count: s.calls.count,
+                sum_seconds: s.calls.mos_sum,
+            }, &relay_proto::score::MOS_BOUNDS)]),
+        family("call_r_factor", "E-model R-factor of each channel at its close.", HISTOGRAM,
+            vec![histogram_metric(vec![], &Buckets {
+                cumulative: s.calls.r_factor.clone(),
+                count: s.calls.count,
+                sum_seconds: s.calls.r_sum,
+            }, &relay_proto::score::R_BOUNDS)]),
         family("packets_total", "Datagrams forwarded.", COUNTER,
             per_direction(&g.traffic, |l, t| counter(l, t.packets))),
         family("bytes_total", "UDP payload bytes forwarded.", COUNTER,
@@ -452,6 +467,8 @@ mod tests {
             "rtprelay_info{backend=\"uring\"",
             "rtprelay_receive_delay_seconds_bucket{direction=\"to_echo\"",
             "rtprelay_clock_steps_total 0",
+            "rtprelay_call_mos_bucket{le=\"4.5\"} 0",
+            "rtprelay_call_r_factor_count 0",
             "rtprelay_timestamps_fallback_total{cause=\"missing\"}",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
