@@ -103,6 +103,12 @@ pub enum Event {
     ChannelDestroyed {
         /// The channel.
         channel: Channel,
+        /// The hang-up cause (Q.850 number, 16 for normal clearing).
+        #[serde(default)]
+        cause: Option<u32>,
+        /// The cause's text (`Normal Clearing`).
+        #[serde(default)]
+        cause_txt: Option<String>,
     },
     /// Any other event type.
     #[serde(other)]

@@ -21,6 +21,7 @@ use relay_proto::ChannelId;
 use tokio::sync::watch;
 
 use crate::ari::{Channel, Event, EXTERNAL_MEDIA_PREFIX};
+use crate::call_log::{rfc3339, CallLog, CallRecord, RelayFigures};
 use crate::config::{Config, MediaFormat};
 use crate::metrics::{Metrics, Outcome, Stage};
 use crate::pool::PortPool;
@@ -55,11 +56,49 @@ pub struct Call {
     em_gone: std::sync::atomic::AtomicBool,
     /// When the caller's StasisStart arrived.
     created: Instant,
+    /// The caller channel's name.
+    pub name: String,
+    /// Wall-clock times for the call record: StasisStart, bridged.
+    started_at: std::time::SystemTime,
+    /// When both channels were bridged.
+    bridged_at: Mutex<Option<std::time::SystemTime>>,
+    /// Who ended the call and why, as first learnt (the cause may come later, with
+    /// ChannelDestroyed).
+    end_info: Mutex<EndInfo>,
+}
+
+/// Who ended a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedBy {
+    /// The caller hung up (its StasisEnd or ChannelDestroyed).
+    Caller,
+    /// The externalMedia channel went away.
+    ExternalMedia,
+    /// Asterisk no longer had the caller when control reconciled (an end it missed).
+    Asterisk,
+    /// Control: its set-up failed, no port was free, or control was stopping.
+    Control,
+}
+
+/// How a call ended.
+#[derive(Clone, Debug, Default)]
+pub struct EndInfo {
+    /// Who, once known.
+    pub by: Option<EndedBy>,
+    /// The hang-up cause, from ChannelDestroyed.
+    pub cause: Option<u32>,
+    /// Its text.
+    pub cause_txt: Option<String>,
 }
 
 impl Call {
-    fn new(caller: &str) -> Self {
+    fn new(caller: &str, name: &str) -> Self {
         Self {
+            name: name.to_owned(),
+            started_at: std::time::SystemTime::now(),
+            bridged_at: Mutex::new(None),
+            end_info: Mutex::new(EndInfo::default()),
             caller: caller.to_owned(),
             em: format!("{EXTERNAL_MEDIA_PREFIX}{caller}"),
             bridge: format!("{BRIDGE_PREFIX}{caller}"),
@@ -74,6 +113,12 @@ impl Call {
     /// Ends the call (idempotent).
     pub fn end(&self) {
         self.ended.send_replace(true);
+    }
+
+    /// Ends the call, recording who did if nobody has yet.
+    pub fn ended_by(&self, by: EndedBy) {
+        lock(&self.end_info).by.get_or_insert(by);
+        self.end();
     }
 
     fn is_ended(&self) -> bool {
@@ -92,6 +137,7 @@ struct Registry {
 #[derive(Debug, Default)]
 struct Held {
     port: Option<u16>,
+    format: Option<relay_proto::Format>,
     relay: Option<ChannelId>,
     em: bool,
     bridge: bool,
@@ -116,6 +162,7 @@ pub struct Controller {
     registry: Mutex<Registry>,
     metrics: Arc<Metrics>,
     tasks: tokio_util::task::TaskTracker,
+    call_log: Option<CallLog>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,7 +172,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Controller {
     /// A controller for `cfg`, using the given links.
     #[must_use]
-    pub fn new(cfg: Config, ari: Ari, relay: RelayLink, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        cfg: Config,
+        ari: Ari,
+        relay: RelayLink,
+        metrics: Arc<Metrics>,
+        call_log: Option<CallLog>,
+    ) -> Arc<Self> {
         let pool = PortPool::new(cfg.port_range.clone());
         metrics
             .ports_free
@@ -138,6 +191,7 @@ impl Controller {
             registry: Mutex::new(Registry::default()),
             metrics,
             tasks: tokio_util::task::TaskTracker::new(),
+            call_log,
         })
     }
 
@@ -183,12 +237,23 @@ impl Controller {
                 self.metrics.events.with_label_values(&["StasisEnd"]).inc();
                 self.channel_gone(&channel.id);
             }
-            Event::ChannelDestroyed { channel } => {
+            Event::ChannelDestroyed {
+                channel,
+                cause,
+                cause_txt,
+            } => {
                 self.metrics
                     .events
                     .with_label_values(&["ChannelDestroyed"])
                     .inc();
                 self.channel_gone(&channel.id);
+                if let Some(call) = self.call_of(&channel.id) {
+                    let mut end = lock(&call.end_info);
+                    if end.cause.is_none() {
+                        end.cause = cause;
+                        end.cause_txt = cause_txt;
+                    }
+                }
             }
             Event::Other => {
                 self.metrics.events.with_label_values(&["other"]).inc();
@@ -223,7 +288,7 @@ impl Controller {
             if r.by_caller.contains_key(&channel.id) {
                 return; // a repeat (after a reconnection): already handled
             }
-            let call = Arc::new(Call::new(&channel.id));
+            let call = Arc::new(Call::new(&channel.id, &channel.name));
             r.by_caller.insert(call.caller.clone(), Arc::clone(&call));
             r.by_em.insert(call.em.clone(), Arc::clone(&call));
             call
@@ -238,20 +303,30 @@ impl Controller {
         if let Some(call) = r.by_caller.get(id) {
             call.caller_gone
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            call.end();
+            call.ended_by(EndedBy::Caller);
         } else if let Some(call) = r.by_em.get(id) {
             call.em_gone
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            call.end();
+            call.ended_by(EndedBy::ExternalMedia);
         }
+    }
+
+    /// The call a channel (caller or externalMedia) belongs to.
+    fn call_of(&self, id: &str) -> Option<Arc<Call>> {
+        let r = lock(&self.registry);
+        r.by_caller.get(id).or_else(|| r.by_em.get(id)).cloned()
     }
 
     async fn run_call(self: Arc<Self>, call: Arc<Call>) {
         let started = Instant::now();
         let mut held = Held::default();
+        let mut failure: Option<(Stage, String)> = None;
+        let mut setup_ms = None;
         let outcome = match self.setup(&call, &mut held).await {
             Ok(()) => {
                 self.metrics.setup_done(started.elapsed());
+                setup_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+                *lock(&call.bridged_at) = Some(std::time::SystemTime::now());
                 tracing::info!(
                     caller = %call.caller,
                     port = held.port.unwrap_or(0),
@@ -271,17 +346,43 @@ impl Controller {
                     .setup_failures
                     .with_label_values(&[stage.label()])
                     .inc();
-                if stage == Stage::Port {
+                let outcome = if stage == Stage::Port {
                     self.metrics.ports_exhausted.inc();
                     tracing::warn!(caller = %call.caller, "no relay port free: hanging up ({why})");
                     Outcome::NoPort
                 } else {
                     tracing::warn!(caller = %call.caller, stage = stage.label(), "call set-up failed: {why}");
                     Outcome::Failed
-                }
+                };
+                call.ended_by(EndedBy::Control);
+                failure = Some((stage, why));
+                outcome
             }
         };
-        self.teardown(&call, held).await;
+        let port = held.port;
+        let format = held.format.map(|f| f.as_str().to_owned());
+        let relay_stats = self.teardown(&call, held).await;
+        if let Some(log) = &self.call_log {
+            let end = lock(&call.end_info).clone();
+            let record = CallRecord {
+                caller_id: call.caller.clone(),
+                caller_name: call.name.clone(),
+                external_media_id: call.em.clone(),
+                relay_port: port,
+                format,
+                started: rfc3339(call.started_at),
+                bridged: lock(&call.bridged_at).map(rfc3339),
+                ended: rfc3339(std::time::SystemTime::now()),
+                ended_by: end.by.unwrap_or(EndedBy::Control),
+                hangup_cause: end.cause,
+                hangup_cause_txt: end.cause_txt,
+                failure_stage: failure.as_ref().map(|(s, _)| s.label()),
+                failure: failure.map(|(_, why)| why),
+                setup_ms,
+                relay: relay_stats.as_ref().map(RelayFigures::from),
+            };
+            log.append(&record, &self.metrics).await;
+        }
         self.metrics
             .calls
             .with_label_values(&[outcome.label()])
@@ -333,6 +434,7 @@ impl Controller {
         held.port = Some(port);
 
         let format = self.media_format(call).await;
+        held.format = Some(format);
         Self::check(call)?;
 
         let id = ChannelId::try_from(call.em.as_str()).map_err(|e| fail(Stage::Relay)(&e))?;
@@ -435,8 +537,9 @@ impl Controller {
     }
 
     /// Releases everything `held` records: hangs up whichever channel is still there, destroys
-    /// the bridge, removes the relay channel (logging its final statistics), returns the port.
-    async fn teardown(&self, call: &Call, held: Held) {
+    /// the bridge, removes the relay channel (logging its final statistics, which it returns),
+    /// returns the port.
+    async fn teardown(&self, call: &Call, held: Held) -> Option<relay_proto::ChannelStats> {
         use std::sync::atomic::Ordering::Relaxed;
         let log = |what: &str, e: &RestError| {
             tracing::warn!(caller = %call.caller, "teardown: cannot {what}: {e}");
@@ -456,9 +559,11 @@ impl Controller {
                 log("destroy the bridge", &e);
             }
         }
+        let mut stats = None;
         if let Some(id) = &held.relay {
             match self.relay.remove(id).await {
-                Ok(s) => tracing::info!(
+                Ok(s) => {
+                    tracing::info!(
                     caller = %call.caller,
                     to_echo = s.traffic.to_echo.packets,
                     to_asterisk = s.traffic.to_asterisk.packets,
@@ -466,8 +571,11 @@ impl Controller {
                     rtt_p99_us = s.rtt.p99_ns / 1_000,
                     lost = s.streams.to_asterisk.lost,
                     echo_timeouts = s.round_trip.timeouts,
+                    mos = s.score.mos,
                     "call ended: relay channel statistics"
-                ),
+                    );
+                    stats = Some(s);
+                }
                 Err(e) => tracing::warn!(caller = %call.caller, "teardown: relay remove: {e}"),
             }
         }
@@ -478,6 +586,7 @@ impl Controller {
             }
             self.pool_gauges(&p);
         }
+        stats
     }
 
     /// Cleans up after a (re)connection: calls whose channels no longer exist end; control's
@@ -498,7 +607,7 @@ impl Controller {
             for call in r.by_caller.values() {
                 if call.created < listed_at && !present.contains(call.caller.as_str()) {
                     call.caller_gone.store(true, Relaxed);
-                    call.end();
+                    call.ended_by(EndedBy::Asterisk);
                     ended += 1;
                     self.metrics.reconciled.with_label_values(&["call"]).inc();
                 }
@@ -565,7 +674,7 @@ impl Controller {
     /// Ends every call and waits (up to `deadline`) for their teardowns.
     pub async fn shutdown(&self, deadline: Duration) {
         for call in lock(&self.registry).by_caller.values() {
-            call.end();
+            call.ended_by(EndedBy::Control);
         }
         self.tasks.close();
         if tokio::time::timeout(deadline, self.tasks.wait())

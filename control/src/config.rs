@@ -123,6 +123,9 @@ pub struct Args {
     /// Control's metrics endpoint (/metrics, /healthz, /stats).
     #[arg(long, env = "CONTROL_METRICS", default_value = "127.0.0.1:9102")]
     pub metrics: SocketAddr,
+    /// Append one JSON line per finished call to this file (empty: no call log).
+    #[arg(long, env = "CALL_LOG", default_value = "")]
+    pub call_log: PathBuf,
 }
 
 /// How control picks the externalMedia channel's format.
@@ -192,6 +195,8 @@ pub struct Config {
     pub relay_socket: PathBuf,
     /// Metrics endpoint.
     pub metrics: SocketAddr,
+    /// The call log, if any.
+    pub call_log: Option<PathBuf>,
 }
 
 impl Config {
@@ -264,6 +269,7 @@ impl TryFrom<Args> for Config {
                 .then(|| Duration::from_secs(a.metrics_interval_sec)),
             relay_socket: a.relay_socket,
             metrics: a.metrics,
+            call_log: (!a.call_log.as_os_str().is_empty()).then_some(a.call_log),
         })
     }
 }

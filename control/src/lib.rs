@@ -5,12 +5,14 @@
 //! - [`config`]: the operators' environment variables, the password kept secret;
 //! - [`ari`]: the ARI messages control reads; [`rest`]: the REST calls it makes;
 //! - [`events`]: the events WebSocket, reconnected with backoff, reconciled on each connection;
-//! - [`calls`]: the call lifecycle; [`pool`]: the port pool;
+//! - [`calls`]: the call lifecycle; [`pool`]: the port pool; [`call_log`]: one JSON line per
+//!   finished call;
 //! - [`relay_link`]: the pipelined, self-resyncing connection to the relay;
 //! - [`metrics`]: `rtprelay_control_*`, served with `/healthz` and `/stats` by [`run`].
 #![forbid(unsafe_code)]
 
 pub mod ari;
+pub mod call_log;
 pub mod calls;
 pub mod config;
 pub mod events;
@@ -46,7 +48,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on --metrics {}", cfg.metrics))?;
     let metrics_addr = listener.local_addr()?;
     let summary = cfg.summary_interval;
-    let ctl = Controller::new(cfg.clone(), ari, relay, Arc::clone(&metrics));
+    let call_log = match &cfg.call_log {
+        Some(path) => Some(
+            call_log::CallLog::open(path)
+                .with_context(|| format!("cannot open --call-log {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let ctl = Controller::new(cfg.clone(), ari, relay, Arc::clone(&metrics), call_log);
     {
         let ctl = Arc::clone(&ctl);
         let metrics = Arc::clone(&metrics);

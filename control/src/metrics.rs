@@ -105,6 +105,8 @@ pub struct Metrics {
     pub reconciled: IntCounterVec,
     /// Events received, by type.
     pub events: IntCounterVec,
+    /// Call records the call log could not write.
+    pub call_log_errors: IntCounter,
     /// Calls whose externalMedia channel is not in the caller's native format (Asterisk
     /// transcodes them), by the caller's native format.
     pub transcoded: IntCounterVec,
@@ -220,6 +222,10 @@ impl Metrics {
                 ns("ari_events_total", "ARI events received, by type."),
                 &["type"]
             )),
+            call_log_errors: make!(IntCounter::with_opts(ns(
+                "call_log_errors_total",
+                "Call records --call-log could not write (each is logged; calls go on)."
+            ))),
             transcoded: make!(IntCounterVec::new(
                 ns(
                     "transcoded_calls_total",

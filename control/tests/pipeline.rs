@@ -33,6 +33,8 @@ struct Pipeline {
     sim: Proc,
     sim_url: String,
     sim_json: PathBuf,
+    /// Control's call log.
+    call_log: PathBuf,
     ctl: PathBuf,
     ports: usize,
     _echo: Proc,
@@ -46,6 +48,11 @@ impl Pipeline {
         let ctl = tmp.join(format!("rtp-pipeline-{}-{name}.sock", std::process::id()));
         let sim_json = tmp.join(format!("rtp-pipeline-{}-{name}.json", std::process::id()));
         let _ = std::fs::remove_file(&sim_json);
+        let call_log = tmp.join(format!(
+            "rtp-pipeline-{}-{name}.calls.jsonl",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&call_log);
         let (echo, echo_addr, echo_log) = start_logged(
             "echo",
             &["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
@@ -61,6 +68,7 @@ impl Pipeline {
             sim: Proc(std::process::Command::new("true").spawn().unwrap()),
             sim_url: String::new(),
             sim_json,
+            call_log,
             ctl,
             ports: 0,
             echo_addr,
@@ -114,6 +122,8 @@ impl Pipeline {
                 echo_port,
                 "--metrics-interval-sec",
                 "2",
+                "--call-log",
+                p.call_log.to_str().unwrap(),
             ],
             "control ready",
             "metrics",
@@ -209,6 +219,29 @@ impl Pipeline {
 
     /// Nothing left anywhere: the simulated Asterisk's channels and bridges, the relay's
     /// channels, control's calls and ports.
+    /// Control's call records so far, each checked against `docs/call-record.schema.json`.
+    fn call_records(&self) -> Vec<Value> {
+        let schema: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../docs/call-record.schema.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+        let text = std::fs::read_to_string(&self.call_log).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+                let errors: Vec<String> =
+                    validator.iter_errors(&v).map(|e| e.to_string()).collect();
+                assert!(errors.is_empty(), "{errors:?} in {v}");
+                v
+            })
+            .collect()
+    }
+
     fn assert_clean(&self, report: &Value) {
         let log = self.control_log.lock().unwrap();
         assert!(log.len() > 3, "control logged");
@@ -317,6 +350,25 @@ fn fifty_calls_are_bridged_measured_and_leave_nothing_behind() {
     assert_eq!(u(&r["bridged"]), 50, "{}", brief(&r));
     // The main job's shape: MEDIA_FORMAT=auto bridges every call in its caller's native format.
     assert_eq!(u(&r["transcoding_calls"]), 0, "{}", brief(&r));
+    // One record per call, valid against the schema, with the relay's figures and a score.
+    let records = wait_for("50 call records", Duration::from_secs(10), || {
+        let v = p.call_records();
+        (v.len() == 50).then_some(v)
+    });
+    for c in &records {
+        assert_eq!(c["ended_by"], "caller", "{c}");
+        assert_eq!(c["hangup_cause"], 16, "{c}");
+        assert_eq!(c["format"], "ulaw", "{c}");
+        assert!(
+            c["failure_stage"].is_null() && c["bridged"].is_string(),
+            "{c}"
+        );
+        let relay = &c["relay"];
+        assert!(u(&relay["packets_to_echo"]) >= 450, "{c}");
+        assert!(u(&relay["rtt_count"]) >= 440, "{c}");
+        // Loopback with no loss: an excellent score.
+        assert!(relay["mos"].as_f64().unwrap() > 4.3, "{c}");
+    }
     assert_eq!(u(&r["strict_rtp_drops"]), 0);
     assert_eq!(u(&r["malformed"]), 0);
     for c in r["per_call"].as_array().unwrap() {
@@ -551,6 +603,15 @@ fn failures_at_every_stage_unwind_without_leaking() {
     assert_eq!(stage("external_media"), em as f64);
     assert_eq!(stage("bridge"), (br + add) as f64);
     assert_eq!(u(&p.stats()["calls"]["failed"]), em + br + add);
+    // Every call has its record; the failed ones say at which stage, and were ended by control.
+    let records = p.call_records();
+    let failed = |s: &str| records.iter().filter(|c| c["failure_stage"] == s).count() as u64;
+    assert_eq!(failed("external_media"), em);
+    assert_eq!(failed("bridge"), br + add);
+    assert!(records
+        .iter()
+        .filter(|c| !c["failure_stage"].is_null())
+        .all(|c| c["ended_by"] == "control" && c["failure"].is_string()));
 }
 
 /// `loadgen ari` against the pipeline, with `formats` as given (`""`: left out); its JSON.
