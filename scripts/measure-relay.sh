@@ -18,7 +18,7 @@ echo "| backend | channels | packets forwarded | relay CPU per packet | loss | a
 echo "|---|---|---|---|---|---|---|---|---|"
 for backend in $BACKENDS; do
   for n in $COUNTS; do
-    BACKEND=$backend CHANNELS=$n DURATION=$DURATION scripts/run-local.sh --json "$out/$backend-$n.json" \
+    MODE=rtp BACKEND=$backend CHANNELS=$n DURATION=$DURATION scripts/run-local.sh --json "$out/$backend-$n.json" \
       >"$out/$backend-$n.txt" 2>&1 || { cat "$out/$backend-$n.txt" >&2; exit 1; }
     python3 - "$out/$backend-$n.json" "$backend" "$n" <<'PY'
 import json, sys

@@ -11,7 +11,9 @@
 # the relay adds, loss, strict-RTP drops, relay CPU per packet, leftovers), and stops everything
 # it started, also on Ctrl-C and on failure. Settings from the environment:
 #   CALLS (100), HOLD (30s: each call's length), RAMP (2s), BACKEND (uring|tokio, default uring),
-#   ECHO_ARGS (extra echo flags, e.g. "--delay 5ms").
+#   ECHO_ARGS (extra echo flags, e.g. "--delay 5ms"), OUT (a directory for the run's files,
+#   default a new runs/<timestamp>: calls.jsonl (control's call log), report.json (sim-asterisk's
+#   report) and report.html (`loadgen report`); the last line printed says where).
 #   MODE=rtp runs the relay without Asterisk or control instead: `loadgen rtp` adds the channels
 #   itself (CHANNELS, default 200; DURATION, default 20s).
 # Extra arguments go to the driver (sim-asterisk, or loadgen rtp), e.g. --json report.json
@@ -87,22 +89,34 @@ if [[ $MODE == rtp ]]; then
 fi
 [[ $MODE == pipeline ]] || { echo "run-local: MODE must be pipeline or rtp, not '$MODE'" >&2; exit 2; }
 
+OUT=${OUT:-runs/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
 pass=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 ports="21000-$((21000 + CALLS + 99))"
 pin=(); if [[ ${#other_core[@]} -gt 0 ]] && command -v taskset >/dev/null; then pin=(taskset -c 0); fi
 "${pin[@]}" target/release/loadgen sim-asterisk --listen 127.0.0.1:0 --ari-pass "$pass" \
   --calls "$CALLS" --hold "$HOLD" --ramp "$RAMP" --relay-ctl "$tmp/relay.sock" \
-  --relay-pid "$relay_pid" "$@" 2>"$tmp/sim.log" &
+  --relay-pid "$relay_pid" --json "$OUT/report.json" "$@" 2>"$tmp/sim.log" &
 pids+=($!)
 sim_pid=$!
 ari=$(await "$tmp/sim.log" "sim-asterisk ready" listen)
 
 ARI_PASS=$pass "${pin[@]}" target/release/control --ari-url "http://$ari" \
   --relay-socket "$tmp/relay.sock" --metrics 127.0.0.1:0 --port-range "$ports" \
-  --echo-host "${echo_addr%:*}" --echo-port "${echo_addr##*:}" 2>"$tmp/control.log" &
+  --echo-host "${echo_addr%:*}" --echo-port "${echo_addr##*:}" --call-log "$OUT/calls.jsonl" \
+  2>"$tmp/control.log" &
 pids+=($!)
+control_pid=$!
 control=$(await "$tmp/control.log" "control ready" metrics)
 
 echo "==> echo on $echo_addr, relay ($BACKEND) metrics at $metrics, control at http://$control," \
   "simulated Asterisk at http://$ari: $CALLS calls of $HOLD, ramp $RAMP" >&2
-wait "$sim_pid"
+status=0
+wait "$sim_pid" || status=$?
+# Control tears down what is left and writes its last call records, then the report is drawn.
+kill -TERM "$control_pid" 2>/dev/null || true
+wait "$control_pid" 2>/dev/null || true
+target/release/loadgen report --calls "$OUT/calls.jsonl" --run "$OUT/report.json" \
+  --out "$OUT/report.html" 2>>"$tmp/report.log" || status=1
+echo "run files: $OUT/calls.jsonl, $OUT/report.json, $OUT/report.html"
+exit "$status"

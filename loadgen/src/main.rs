@@ -34,9 +34,25 @@ enum Mode {
     SimAsterisk(SimArgs),
     /// Originate calls on a real Asterisk through ARI and print the relay's and control's summaries.
     Ari(AriArgs),
+    /// Turn a call log (control --call-log) into a self-contained HTML report.
+    Report(ReportArgs),
     /// Keep a core busy in bursts (a noisy neighbour for tests of the relay's own scheduling;
     /// run it under `chrt -f 1` so the relay cannot preempt it).
     Burn(BurnArgs),
+}
+
+/// `loadgen report` flags.
+#[derive(Debug, clap::Args)]
+struct ReportArgs {
+    /// The call log (one JSON record a line).
+    #[arg(long)]
+    calls: PathBuf,
+    /// sim-asterisk's JSON report of the same run, for what Asterisk measured.
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// The HTML file to write.
+    #[arg(long, default_value = "report.html")]
+    out: PathBuf,
 }
 
 /// `loadgen burn` flags.
@@ -434,6 +450,18 @@ fn main() -> ExitCode {
         Mode::SimAsterisk(a) => return sim_asterisk(a),
         Mode::Ari(a) => return ari(a),
         Mode::Burn(b) => return burn(&b),
+        Mode::Report(r) => {
+            return match loadgen::html_report::run(&r.calls, r.run.as_deref(), &r.out) {
+                Ok(n) => {
+                    eprintln!("loadgen report: {n} calls -> {}", r.out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("loadgen report: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     };
     let bad = [
         (a.channels == 0, "--channels", "must be at least 1"),
