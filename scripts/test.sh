@@ -23,11 +23,13 @@ step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 # Tools some tests need: a Prometheus server and promtool (control/tests/pipeline.rs and ops.rs),
-# docker-compose (validating docker/docker-compose.yml). Installed from Debian where possible;
-# elsewhere the tests that need them print SKIPPED.
+# docker-compose (validating docker/docker-compose.yml), chromium (loadgen/tests/report.rs looks
+# at the HTML report in a real browser). Installed from Debian where possible; elsewhere the
+# tests that need them print SKIPPED. (rtpengine and tcpdump are the benchmark scripts' own.)
 need=()
 { command -v prometheus && command -v promtool; } >/dev/null || need+=(prometheus)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+command -v chromium >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     step "installing ${need[*]} (Debian packages)"

@@ -52,7 +52,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     };
     let dir = root().join("docker/prometheus");
     let checked = run(&promtool, &["check", "rules", "alerts.yml"], &dir);
-    assert!(checked.contains("SUCCESS: 6 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 7 rules found"), "{checked}");
     let tested = run(&promtool, &["test", "rules", "alerts_test.yml"], &dir);
     assert!(tested.contains("SUCCESS"), "{tested}");
     run(
@@ -167,6 +167,8 @@ fn the_dashboard_has_every_panel_on_the_provisioned_datasource() {
         "Call set-up latency",
         "failures by stage",
         "Port pool",
+        "Call MOS p50 / p10",
+        "Calls below MOS 3.6 per minute",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),

@@ -1037,6 +1037,18 @@ fn prometheus_agrees_with_the_relay_and_every_dashboard_panel_has_data() {
         );
     }
 
+    // Every call was scored at its close: 20 MOS observations, an excellent median on loopback,
+    // none at or below 3.6.
+    assert_eq!(prom.scalar("sum(rtprelay_call_mos_count)"), Some(20.0));
+    let median = prom
+        .scalar("histogram_quantile(0.5, sum by (le) (rtprelay_call_mos_bucket))")
+        .unwrap();
+    assert!(median > 4.0, "median MOS {median}");
+    assert_eq!(
+        prom.scalar("sum(rtprelay_call_mos_bucket{le=\"3.6\"})"),
+        Some(0.0)
+    );
+
     // Every panel of the Grafana dashboard evaluates, with data.
     let dashboard: Value = serde_json::from_str(include_str!(
         "../../docker/grafana/dashboards/rtp-relay.json"
@@ -1058,7 +1070,7 @@ fn prometheus_agrees_with_the_relay_and_every_dashboard_panel_has_data() {
             exprs += 1;
         }
     }
-    assert!(exprs >= 12, "{exprs} queries");
+    assert!(exprs >= 14, "{exprs} queries");
 
     // The alert rules are loaded and evaluate without error.
     let (_, rules) = http_get(&prom.addr, "/api/v1/rules").unwrap();
@@ -1066,7 +1078,7 @@ fn prometheus_agrees_with_the_relay_and_every_dashboard_panel_has_data() {
     let group = &rules["data"]["groups"][0];
     assert_eq!(group["name"], "rtp-relay");
     let list = group["rules"].as_array().unwrap();
-    assert_eq!(list.len(), 6);
+    assert_eq!(list.len(), 7);
     for rule in list {
         assert_eq!(rule["health"], "ok", "{rule}");
     }

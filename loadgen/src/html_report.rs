@@ -109,6 +109,11 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The decade at or below `v` (so a log axis starts on a labelled power of ten).
+fn decade_below(v: f64) -> f64 {
+    10f64.powf(v.max(1e-3).log10().floor())
+}
+
 fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e}")
 }
@@ -119,14 +124,14 @@ fn cdf_svg(p50: &[f64], p99: &[f64]) -> anyhow::Result<String> {
     {
         let root = SVGBackend::with_string(&mut svg, (760, 360)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let lo = p50.first().copied().unwrap_or(1.0).max(1.0);
+        let lo = decade_below(p50.first().copied().unwrap_or(1.0).max(1.0));
         let hi = p99.last().copied().unwrap_or(10.0).max(lo * 10.0);
         let mut chart = ChartBuilder::on(&root)
             .caption("RTT per call: CDF (µs, log)", ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(35)
             .y_label_area_size(50)
-            .build_cartesian_2d((lo / 1.5..hi * 1.5).log_scale(), 0.0..1.0)
+            .build_cartesian_2d((lo..hi * 1.5).log_scale(), 0.0..1.0)
             .map_err(plot_err)?;
         chart
             .configure_mesh()
@@ -139,7 +144,7 @@ fn cdf_svg(p50: &[f64], p99: &[f64]) -> anyhow::Result<String> {
             let pts: Vec<(f64, f64)> = values
                 .iter()
                 .enumerate()
-                .map(|(i, &v)| (v.max(lo / 1.5), (i + 1) as f64 / n))
+                .map(|(i, &v)| (v.max(lo), (i + 1) as f64 / n))
                 .collect();
             chart
                 .draw_series(LineSeries::new(pts, colour))
@@ -186,11 +191,13 @@ fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
         let root = SVGBackend::with_string(&mut svg, (760, 320)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let x_hi = windows.last().map_or(10.0, |w| w.0 + 10.0);
-        let y_lo = windows
-            .iter()
-            .map(|w| w.1)
-            .fold(f64::MAX, f64::min)
-            .clamp(1.0, f64::MAX / 4.0);
+        let y_lo = decade_below(
+            windows
+                .iter()
+                .map(|w| w.1)
+                .fold(f64::MAX, f64::min)
+                .clamp(1.0, 1e12),
+        );
         let y_hi = windows.iter().map(|w| w.2).fold(y_lo * 10.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
             .caption(
@@ -200,7 +207,7 @@ fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
             .margin(12)
             .x_label_area_size(35)
             .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_hi, (y_lo / 1.5..y_hi * 1.5).log_scale())
+            .build_cartesian_2d(0.0..x_hi, (y_lo..y_hi * 1.5).log_scale())
             .map_err(plot_err)?;
         chart
             .configure_mesh()
@@ -217,7 +224,7 @@ fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
         ] {
             let pts: Vec<(f64, f64)> = windows
                 .iter()
-                .map(|w| (w.0 + 5.0, get(w).max(y_lo / 1.5)))
+                .map(|w| (w.0 + 5.0, get(w).max(y_lo)))
                 .collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), colour))
