@@ -44,6 +44,17 @@ impl Pipeline {
     /// Starts echo, relay, sim-asterisk (with `sim_args`) and control (with `ports`, a range such
     /// as `21000-21099`); returns once control reports both links up.
     fn launch(name: &str, sim_args: &[&str], ports: &str) -> Self {
+        Self::launch_logging_to(name, sim_args, ports, None)
+    }
+
+    /// [`Pipeline::launch`], with control's call log at `call_log` (default: a fresh temporary
+    /// file).
+    fn launch_logging_to(
+        name: &str,
+        sim_args: &[&str],
+        ports: &str,
+        log_to: Option<&std::path::Path>,
+    ) -> Self {
         let tmp = std::env::temp_dir();
         let ctl = tmp.join(format!("rtp-pipeline-{}-{name}.sock", std::process::id()));
         let sim_json = tmp.join(format!("rtp-pipeline-{}-{name}.json", std::process::id()));
@@ -53,6 +64,7 @@ impl Pipeline {
             std::process::id()
         ));
         let _ = std::fs::remove_file(&call_log);
+        let call_log = log_to.map_or(call_log, std::path::Path::to_path_buf);
         let (echo, echo_addr, echo_log) = start_logged(
             "echo",
             &["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
@@ -694,6 +706,33 @@ fn loadgen_ari_originates_calls_and_reports_this_runs_figures_without_transcodin
         3,
         "only the calls originated without formats: {}",
         brief(&r)
+    );
+    p.assert_clean(&r);
+}
+
+#[test]
+fn a_call_log_that_cannot_be_written_is_counted_and_stops_no_call() {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    // /dev/full opens for appending and refuses every write (ENOSPC).
+    let mut p = Pipeline::launch_logging_to(
+        "full-log",
+        &["--calls", "3", "--ramp", "0s", "--hold", "2s"],
+        "21620-21629",
+        Some(std::path::Path::new("/dev/full")),
+    );
+    let r = p.finish(Duration::from_secs(20));
+    assert_eq!(u(&r["bridged"]), 3, "{}", brief(&r));
+    wait_for("3 call-log errors counted", Duration::from_secs(5), || {
+        (metric(&p.metrics(), "rtprelay_control_call_log_errors_total") == 3.0).then_some(())
+    });
+    assert_eq!(u(&p.stats()["calls"]["completed"]), 3);
+    let log = p.control_log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("call log /dev/full"),
+        "each failure is logged:\n{log}"
     );
     p.assert_clean(&r);
 }
