@@ -16,8 +16,21 @@ use std::time::SystemTime;
 use relay_proto::ChannelStats;
 use serde::Serialize;
 
-use crate::calls::EndedBy;
 use crate::metrics::Metrics;
+
+/// Who ended a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedBy {
+    /// The caller hung up (its StasisEnd or ChannelDestroyed).
+    Caller,
+    /// The externalMedia channel went away.
+    ExternalMedia,
+    /// Asterisk no longer had the caller when control reconciled (an end it missed).
+    Asterisk,
+    /// Control: its set-up failed, no port was free, or control was stopping.
+    Control,
+}
 
 /// One finished call.
 #[derive(Clone, Debug, Serialize)]

@@ -21,6 +21,7 @@ use relay_proto::ChannelId;
 use tokio::sync::watch;
 
 use crate::ari::{Channel, Event, EXTERNAL_MEDIA_PREFIX};
+pub use crate::call_log::EndedBy;
 use crate::call_log::{rfc3339, CallLog, CallRecord, RelayFigures};
 use crate::config::{Config, MediaFormat};
 use crate::metrics::{Metrics, Outcome, Stage};
@@ -65,20 +66,6 @@ pub struct Call {
     /// Who ended the call and why, as first learnt (the cause may come later, with
     /// ChannelDestroyed).
     end_info: Mutex<EndInfo>,
-}
-
-/// Who ended a call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EndedBy {
-    /// The caller hung up (its StasisEnd or ChannelDestroyed).
-    Caller,
-    /// The externalMedia channel went away.
-    ExternalMedia,
-    /// Asterisk no longer had the caller when control reconciled (an end it missed).
-    Asterisk,
-    /// Control: its set-up failed, no port was free, or control was stopping.
-    Control,
 }
 
 /// How a call ended.

@@ -8,6 +8,9 @@
 //! cmsg_type: i32 }` followed by its data; `cmsg_len` counts the header and the data; the next
 //! message starts at `cmsg_len` rounded up to the alignment of `usize`.
 
+/// Control-message room a receive needs for a timestamp (and, later, a GRO segment size).
+pub const CONTROL_LEN: usize = 64;
+
 /// `SOL_SOCKET`.
 const SOL_SOCKET: i32 = libc::SOL_SOCKET;
 /// `SCM_TIMESTAMPNS` (= `SO_TIMESTAMPNS`): one `struct timespec`.

@@ -25,7 +25,7 @@ const BGID: u16 = 0;
 /// Bytes reserved for the source address in each received buffer (a `sockaddr_in6`).
 const NAME_LEN: usize = size_of::<libc::sockaddr_in6>();
 /// Bytes reserved for control messages (the kernel's receive timestamp) in each buffer.
-const CONTROL_LEN: usize = crate::socket::CONTROL_LEN;
+const CONTROL_LEN: usize = crate::cmsg::CONTROL_LEN;
 /// Where the payload starts in a receive buffer: after the `io_uring_recvmsg_out` header, the
 /// address and the control messages.
 const PAYLOAD_OFFSET: usize = 16 + NAME_LEN + CONTROL_LEN;

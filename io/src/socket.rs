@@ -109,8 +109,7 @@ pub fn enable_rx_timestamps(fd: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
-/// Control-message room a receive needs for a timestamp (and, later, a GRO segment size).
-pub const CONTROL_LEN: usize = 64;
+pub use crate::cmsg::CONTROL_LEN;
 
 /// What one [`recv_msg`] got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
