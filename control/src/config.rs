@@ -123,9 +123,9 @@ pub struct Args {
     /// Control's metrics endpoint (/metrics, /healthz, /stats).
     #[arg(long, env = "CONTROL_METRICS", default_value = "127.0.0.1:9102")]
     pub metrics: SocketAddr,
-    /// Append one JSON line per finished call to this file (empty: no call log).
-    #[arg(long, env = "CALL_LOG", default_value = "")]
-    pub call_log: PathBuf,
+    /// Append one JSON line per finished call to this file (unset or empty: no call log).
+    #[arg(long, env = "CALL_LOG")]
+    pub call_log: Option<String>,
 }
 
 /// How control picks the externalMedia channel's format.
@@ -269,7 +269,7 @@ impl TryFrom<Args> for Config {
                 .then(|| Duration::from_secs(a.metrics_interval_sec)),
             relay_socket: a.relay_socket,
             metrics: a.metrics,
-            call_log: (!a.call_log.as_os_str().is_empty()).then_some(a.call_log),
+            call_log: a.call_log.filter(|p| !p.is_empty()).map(PathBuf::from),
         })
     }
 }
@@ -277,6 +277,16 @@ impl TryFrom<Args> for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_call_log_is_off_unless_given() {
+        assert_eq!(parse(&["--ari-pass", "x"]).unwrap().call_log, None);
+        let c = parse(&["--ari-pass", "x", "--call-log", "/tmp/calls.jsonl"]).unwrap();
+        assert_eq!(
+            c.call_log.as_deref(),
+            Some(std::path::Path::new("/tmp/calls.jsonl"))
+        );
+    }
 
     #[test]
     fn media_format_is_auto_by_default_or_fixed() {
