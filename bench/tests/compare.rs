@@ -18,6 +18,20 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// `bench compare ARGS --out OUT`, run to its end (5 minutes at most).
+fn compare(args: &[&str], out: &std::path::Path) -> std::process::Output {
+    testkit::output(
+        Command::new(env!("CARGO_BIN_EXE_bench"))
+            .arg("compare")
+            .args(args)
+            .arg("--out")
+            .arg(out),
+        Duration::from_secs(300),
+        None,
+    )
+    .unwrap()
+}
+
 fn read_json(path: &std::path::Path) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
@@ -29,23 +43,10 @@ fn a_short_comparison_measures_every_target_and_writes_json_and_a_chart() {
     }
     let _serial = serial();
     let out = std::env::temp_dir().join(format!("bench-compare-smoke-{}", std::process::id()));
-    let run = testkit::output(
-        Command::new(env!("CARGO_BIN_EXE_bench"))
-            .args([
-                "compare",
-                "--channels",
-                "10",
-                "--duration",
-                "1s",
-                "--warmup",
-                "300ms",
-            ])
-            .arg("--out")
-            .arg(&out),
-        Duration::from_secs(300),
-        None,
-    )
-    .unwrap();
+    let run = compare(
+        &["--channels", "10", "--duration", "1s", "--warmup", "300ms"],
+        &out,
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
     assert!(run.status.success(), "bench compare failed");
@@ -101,23 +102,20 @@ fn a_target_that_fails_becomes_a_failed_cell_and_the_run_goes_on() {
     let _serial = serial();
     let out = std::env::temp_dir().join(format!("bench-compare-fail-{}", std::process::id()));
     // The relay refuses the flag and exits: both relay targets fail, the floor is measured.
-    let run = testkit::output(
-        Command::new(env!("CARGO_BIN_EXE_bench"))
-            .args([
-                "compare",
-                "--targets",
-                "uring,floor,tokio",
-                "--channels",
-                "10",
-            ])
-            .args(["--duration", "1s", "--warmup", "300ms"])
-            .arg("--relay-arg=--no-such-flag")
-            .arg("--out")
-            .arg(&out),
-        Duration::from_secs(300),
-        None,
-    )
-    .unwrap();
+    let run = compare(
+        &[
+            "--targets",
+            "uring,floor,tokio",
+            "--channels",
+            "10",
+            "--duration",
+            "1s",
+            "--warmup",
+            "300ms",
+            "--relay-arg=--no-such-flag",
+        ],
+        &out,
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     eprintln!("{stdout}\n{stderr}");
