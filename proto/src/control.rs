@@ -150,8 +150,11 @@ impl Request {
 pub struct ChannelInfo {
     /// The channel's identifier.
     pub channel: ChannelId,
-    /// The relay's socket slot (the io_uring fixed-file index).
+    /// The relay's socket slot (the io_uring fixed-file index) in its shard.
     pub socket: u32,
+    /// The data-plane shard that holds the channel (0 for a one-shard relay).
+    #[serde(default)]
+    pub shard: u32,
     /// The local UDP port.
     pub port: u16,
     /// Asterisk's RTP address, once known.
@@ -181,8 +184,12 @@ pub enum Response {
         channel: ChannelId,
         /// The local UDP port it is bound to.
         port: u16,
-        /// Its socket slot.
+        /// Its socket slot in its shard.
         socket: u32,
+        /// The data-plane shard that holds it (0 for a one-shard relay, or a relay that predates
+        /// shards).
+        #[serde(default)]
+        shard: u32,
     },
     /// Asterisk's address was set.
     Updated {

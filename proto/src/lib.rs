@@ -38,7 +38,8 @@ pub use control::{
 };
 pub use format::{ClockRate, Format};
 pub use relay::{
-    CommandOutcome, ConfigError, Event, PendingOpen, Relay, RelayConfig, SocketId, Verdict,
+    merge_global, CommandOutcome, ConfigError, Event, PendingOpen, Relay, RelayConfig, SocketId,
+    Verdict,
 };
 pub use rtp::{RtpHeader, Ssrc};
 pub use stats::{ChannelStats, Direction, DropReason, GlobalStats, LatencySummary};

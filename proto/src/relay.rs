@@ -86,6 +86,9 @@ pub struct RelayConfig {
     pub rtt_threshold: Duration,
     /// How often the timer runs (echo-timeout sweep and idle check).
     pub timer_interval: Duration,
+    /// Which data-plane shard this relay is (0 for a one-shard relay): named in `add` and
+    /// `list` replies and in channel statistics.
+    pub shard: u32,
 }
 
 impl Default for RelayConfig {
@@ -101,6 +104,7 @@ impl Default for RelayConfig {
             lateness: LatenessConfig::default(),
             rtt_threshold: Duration::from_millis(50),
             timer_interval: Duration::from_millis(100),
+            shard: 0,
         }
     }
 }
@@ -279,6 +283,8 @@ struct Channel {
     id: ChannelId,
     /// The socket slot.
     socket: SocketId,
+    /// The shard (the relay's, copied for the statistics).
+    shard: u32,
     /// The bound local port.
     port: u16,
     /// The media format.
@@ -315,6 +321,7 @@ impl Channel {
         ChannelStats {
             channel: self.id.clone(),
             socket: self.socket.0,
+            shard: self.shard,
             port: self.port,
             format: self.format,
             asterisk: self.asterisk,
@@ -350,6 +357,7 @@ impl Channel {
         ChannelInfo {
             channel: self.id.clone(),
             socket: self.socket.0,
+            shard: self.shard,
             port: self.port,
             asterisk: self.asterisk,
             echo: self.echo,
@@ -360,7 +368,7 @@ impl Channel {
 }
 
 /// Global histograms, recorded per packet alongside the channel's own; exporters read them.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct GlobalHistograms {
     /// Round-trip times.
     pub rtt: LatencyHistogram,
@@ -378,7 +386,9 @@ pub struct GlobalHistograms {
 }
 
 impl GlobalHistograms {
-    fn new() -> Self {
+    /// Empty histograms.
+    #[must_use]
+    pub fn new() -> Self {
         let h = || LatencyHistogram::new(3);
         let pair = || PerDirection {
             to_echo: h(),
@@ -393,6 +403,66 @@ impl GlobalHistograms {
             calls: crate::score::ScoreHistograms::new(),
         }
     }
+
+    /// Adds every value of `other`.
+    pub fn merge(&mut self, other: &Self) {
+        self.rtt.merge(&other.rtt);
+        for d in Direction::ALL {
+            self.forward.get_mut(d).merge(other.forward.get(d));
+            self.receive_delay
+                .get_mut(d)
+                .merge(other.receive_delay.get(d));
+            self.jitter.get_mut(d).merge(other.jitter.get(d));
+            self.lateness.get_mut(d).merge(other.lateness.get(d));
+        }
+        self.calls.merge(&other.calls);
+    }
+
+    /// Writes these histograms' summaries into `stats`.
+    fn summarize_into(&self, stats: &mut GlobalStats) {
+        let per = |p: &PerDirection<LatencyHistogram>| PerDirection {
+            to_echo: p.to_echo.summary(),
+            to_asterisk: p.to_asterisk.summary(),
+        };
+        stats.rtt = self.rtt.summary();
+        stats.forward = per(&self.forward);
+        stats.receive_delay = per(&self.receive_delay);
+        stats.jitter = per(&self.jitter);
+        stats.lateness = per(&self.lateness);
+    }
+}
+
+impl Default for GlobalHistograms {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The statistics of several relays taken as one (the shards of a data plane): counters summed
+/// (jitter and lateness: the largest), `draining` if any is, histograms merged before their
+/// percentiles are read, so the merged p99 is the p99 of every packet, not a mean of p99s.
+#[must_use]
+pub fn merge_global<'a>(
+    parts: impl IntoIterator<Item = (&'a GlobalStats, &'a GlobalHistograms)>,
+) -> (GlobalStats, GlobalHistograms) {
+    let mut g = GlobalStats::default();
+    let mut h = GlobalHistograms::new();
+    for (s, hist) in parts {
+        g.channels += s.channels;
+        g.draining |= s.draining;
+        g.channels_opened += s.channels_opened;
+        g.channels_removed += s.channels_removed;
+        g.channels_idle += s.channels_idle;
+        for d in Direction::ALL {
+            g.traffic.get_mut(d).accumulate(s.traffic.get(d));
+            g.streams.get_mut(d).accumulate(s.streams.get(d));
+        }
+        g.round_trip.accumulate(&s.round_trip);
+        g.drops.accumulate(&s.drops);
+        h.merge(hist);
+    }
+    h.summarize_into(&mut g);
+    (g, h)
 }
 
 /// Counters of closed channels, so global statistics survive them.
@@ -788,6 +858,7 @@ impl Relay {
         *entry = Some(Box::new(Channel {
             id: request.channel.clone(),
             socket,
+            shard: config.shard,
             port,
             format: request.format,
             asterisk: request.asterisk,
@@ -812,6 +883,7 @@ impl Relay {
             channel: request.channel,
             port,
             socket: socket.0,
+            shard: self.config.shard,
         })
     }
 
@@ -922,12 +994,7 @@ impl Relay {
             }
             round_trip.accumulate(&ch.round_trip);
         }
-        let h = &self.hist;
-        let per = |p: &PerDirection<LatencyHistogram>| PerDirection {
-            to_echo: p.to_echo.summary(),
-            to_asterisk: p.to_asterisk.summary(),
-        };
-        GlobalStats {
+        let mut g = GlobalStats {
             channels: u32::try_from(self.by_id.len()).unwrap_or(u32::MAX),
             draining: self.draining,
             channels_opened: self.opened,
@@ -937,12 +1004,10 @@ impl Relay {
             streams,
             round_trip,
             drops: self.drops,
-            rtt: h.rtt.summary(),
-            forward: per(&h.forward),
-            receive_delay: per(&h.receive_delay),
-            jitter: per(&h.jitter),
-            lateness: per(&h.lateness),
-        }
+            ..GlobalStats::default()
+        };
+        self.hist.summarize_into(&mut g);
+        g
     }
 
     /// The global histograms (nanoseconds), for exporters.

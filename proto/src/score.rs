@@ -93,6 +93,24 @@ impl ScoreHistograms {
         self.r_sum += s.r_factor;
         self.count += 1;
     }
+
+    /// Adds `other`'s observations.
+    pub fn merge(&mut self, other: &Self) {
+        for (a, b) in [
+            (&mut self.mos, &other.mos),
+            (&mut self.r_factor, &other.r_factor),
+        ] {
+            if a.len() < b.len() {
+                a.resize(b.len(), 0);
+            }
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+        self.mos_sum += other.mos_sum;
+        self.r_sum += other.r_sum;
+        self.count += other.count;
+    }
 }
 
 /// The E-model's score for `m` (see the module header).

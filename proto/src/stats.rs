@@ -457,8 +457,11 @@ impl CloseReason {
 pub struct ChannelStats {
     /// The channel's identifier.
     pub channel: crate::channel_id::ChannelId,
-    /// Its socket slot.
+    /// Its socket slot in its shard.
     pub socket: u32,
+    /// The data-plane shard that held it.
+    #[serde(default)]
+    pub shard: u32,
     /// Its local UDP port.
     pub port: u16,
     /// Its media format.

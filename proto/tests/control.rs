@@ -92,12 +92,22 @@ fn wire_format_is_as_documented() {
             channel: id("c1"),
             port: 21_000,
             socket: 3,
+            shard: 1,
         }),
     };
     assert_eq!(
         ok.encode(),
-        "{\"id\":7,\"ok\":true,\"result\":{\"type\":\"added\",\"channel\":\"c1\",\"port\":21000,\"socket\":3}}\n"
+        "{\"id\":7,\"ok\":true,\"result\":{\"type\":\"added\",\"channel\":\"c1\",\"port\":21000,\"socket\":3,\"shard\":1}}\n"
     );
+    // A relay that predates shards sends no `shard`: its one shard is 0.
+    assert!(matches!(
+        Reply::decode(
+            br#"{"id":1,"ok":true,"result":{"type":"added","channel":"c1","port":2,"socket":0}}"#
+        )
+        .unwrap()
+        .outcome,
+        Ok(Response::Added { shard: 0, .. })
+    ));
     let err = Reply {
         id: None,
         outcome: Err(ErrorReply::new(ErrorCode::PortInUse, "busy")),
@@ -115,6 +125,7 @@ fn wire_format_is_as_documented() {
             channels: vec![ChannelInfo {
                 channel: id("x"),
                 socket: 0,
+                shard: 2,
                 port: 1,
                 asterisk: None,
                 echo: "127.0.0.1:4000".parse().unwrap(),

@@ -68,9 +68,14 @@ pub struct Args {
     /// Address of the metrics endpoint (/metrics, /stats, /healthz); port 0 picks one (logged).
     #[arg(long, env = "RELAY_METRICS", default_value = "127.0.0.1:9100")]
     pub metrics: SocketAddr,
-    /// Pin the data-plane thread to this CPU core.
-    #[arg(long, env = "RELAY_CORE")]
+    /// Pin the data-plane thread to this CPU core (the one-shard form of --cores).
+    #[arg(long, env = "RELAY_CORE", conflicts_with = "cores")]
     pub core: Option<usize>,
+    /// One data-plane shard per listed core, each pinned to its core: `2-5`, `1,3,5`, `0-1,4`.
+    /// A core may be listed twice (shards then share it). Without --cores or --core: one
+    /// shard, not pinned.
+    #[arg(long, env = "RELAY_CORES", value_parser = parse_cores)]
+    pub cores: Option<CoreList>,
     /// I/O backend.
     #[arg(long, env = "RELAY_BACKEND", value_enum, default_value = "uring")]
     pub backend: Backend,
@@ -83,7 +88,7 @@ pub struct Args {
     /// Echo server for channels whose `add` names none.
     #[arg(long, env = "RELAY_ECHO", default_value = "127.0.0.1:4000")]
     pub echo: SocketAddr,
-    /// Most channels open at once.
+    /// Most channels open at once, relay-wide (split evenly over the shards).
     #[arg(long, env = "RELAY_MAX_CHANNELS", default_value_t = 4096)]
     pub max_channels: u32,
     /// A channel with no media for this long is closed (20ms, 1.5s, 2m; a bare number is seconds).
@@ -101,10 +106,11 @@ pub struct Args {
     /// Refuse to latch Asterisk's address from traffic; control must give it.
     #[arg(long, env = "RELAY_STRICT")]
     pub strict: bool,
-    /// io_uring submission queue entries (power of two; the completion queue is 4x).
+    /// io_uring submission queue entries of each shard's ring (power of two; the completion
+    /// queue is 4x).
     #[arg(long, env = "RELAY_SQ_ENTRIES", default_value_t = 4096)]
     pub sq_entries: u32,
-    /// Receive buffers in the provided-buffer ring (power of two, at most 32768).
+    /// Receive buffers in each shard's provided-buffer ring (power of two, at most 32768).
     #[arg(long, env = "RELAY_BUFFERS", default_value_t = 4096)]
     pub buffers: u32,
     /// io_uring backend: completions a wait gathers before waking (1: wake on the first).
@@ -120,6 +126,46 @@ pub struct Args {
     /// How often the data plane publishes the snapshot /metrics serves.
     #[arg(long, env = "RELAY_PUBLISH_INTERVAL", default_value = "500ms", value_parser = parse_duration, allow_hyphen_values = true)]
     pub publish_interval: Duration,
+}
+
+/// A list of CPU cores, as `--cores` takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoreList(pub Vec<usize>);
+
+/// Most shards a relay runs.
+pub const MAX_SHARDS: usize = 256;
+
+/// Parses `2-5`, `1,3,5`, `0-1,4`, `1,1` (order kept, repeats allowed).
+///
+/// # Errors
+/// An empty list, a part that is not a core number or a rising range, or more than
+/// [`MAX_SHARDS`] cores.
+pub fn parse_cores(s: &str) -> Result<CoreList, String> {
+    let mut cores = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{t:?} in {s:?} is not a core number"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("range {part:?} in {s:?} runs backwards"));
+                }
+                if b - a >= MAX_SHARDS {
+                    return Err(format!("range {part:?} is more than {MAX_SHARDS} cores"));
+                }
+                cores.extend(a..=b);
+            }
+            None => cores.push(num(part)?),
+        }
+        if cores.len() > MAX_SHARDS {
+            return Err(format!("more than {MAX_SHARDS} cores"));
+        }
+    }
+    Ok(CoreList(cores))
 }
 
 /// A flag whose value is out of range.
@@ -159,8 +205,8 @@ pub struct Config {
     pub ctl: PathBuf,
     /// Metrics listen address.
     pub metrics: SocketAddr,
-    /// Core to pin the data plane to.
-    pub core: Option<usize>,
+    /// One entry per shard: the core it is pinned to (`None`: not pinned).
+    pub shards: Vec<Option<usize>>,
     /// I/O backend.
     pub backend: Backend,
     /// Where arrival times come from (as asked; the relay falls back to `user` where the kernel
@@ -209,6 +255,20 @@ impl TryFrom<Args> for Config {
         if a.socket_rcvbuf < 4096 {
             return Err(bad("socket-rcvbuf", "must be at least 4096"));
         }
+        let shards: Vec<Option<usize>> = match (&a.cores, a.core) {
+            (Some(list), _) => list.0.iter().copied().map(Some).collect(),
+            (None, core) => vec![core],
+        };
+        if a.max_channels < u32::try_from(shards.len()).unwrap_or(u32::MAX) {
+            return Err(bad(
+                "max-channels",
+                format!(
+                    "{} is fewer than the {} shards",
+                    a.max_channels,
+                    shards.len()
+                ),
+            ));
+        }
         let relay = RelayConfig {
             max_channels: a.max_channels,
             default_echo: a.echo,
@@ -228,7 +288,7 @@ impl TryFrom<Args> for Config {
         Ok(Self {
             ctl: a.ctl,
             metrics: a.metrics,
-            core: a.core,
+            shards,
             backend: a.backend,
             timestamps: a.timestamps,
             bind: a.bind,
@@ -277,6 +337,27 @@ mod tests {
     }
 
     #[test]
+    fn core_lists_give_one_shard_per_entry() {
+        assert_eq!(parse(&[]).unwrap().shards, [None]);
+        assert_eq!(parse(&["--core", "3"]).unwrap().shards, [Some(3)]);
+        for (list, want) in [
+            ("2-5", &[2, 3, 4, 5][..]),
+            ("1,3,5", &[1, 3, 5]),
+            ("0-1,4", &[0, 1, 4]),
+            ("1,1", &[1, 1]),
+            (" 0 , 1 ", &[0, 1]),
+        ] {
+            let got: Vec<usize> = parse(&["--cores", list])
+                .unwrap()
+                .shards
+                .into_iter()
+                .flatten()
+                .collect();
+            assert_eq!(got, want, "{list}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_their_flag() {
         for (args, flag) in [
             (&["--buffers", "1000"][..], "--buffers"),
@@ -290,6 +371,15 @@ mod tests {
             (&["--timestamps", "gps"], "--timestamps"),
             (&["--bind", "not-an-ip"], "--bind"),
             (&["--publish-interval", "0ms"], "--publish-interval"),
+            (&["--cores", ""], "--cores"),
+            (&["--cores", "1,x"], "--cores"),
+            (&["--cores", "3-1"], "--cores"),
+            (&["--cores", "0-100000"], "--cores"),
+            (&["--cores", "0,1", "--core", "1"], "--core"),
+            (
+                &["--cores", "0,1,2", "--max-channels", "2"],
+                "--max-channels",
+            ),
         ] {
             let e = parse(args).unwrap_err();
             assert!(e.contains(flag), "{args:?}: {e}");

@@ -2,8 +2,9 @@
 //! newline-delimited JSON commands, served on the control thread.
 //!
 //! Each connection gets a [`ControlSession`] from the core (framing, decoding, the handshake);
-//! each valid request goes to the data plane through its queue and the reply comes back on a
-//! oneshot channel, so serving control never takes a lock the packet path uses. Replies keep the
+//! each valid request goes to the shard that owns it ([`Router`]) through the shard's queue and
+//! the reply comes back on a oneshot channel, so serving control never takes a lock the packet
+//! path uses. Replies keep the
 //! order of their requests on a connection. A client that sends garbage gets error replies and the
 //! relay carries on; several clients may be connected at once.
 //!
@@ -20,7 +21,9 @@ use relay_proto::{ControlSession, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::dataplane::Handle;
+use std::sync::Arc;
+
+use crate::shards::Router;
 
 /// The control socket's file; removed on drop.
 #[derive(Debug)]
@@ -94,13 +97,13 @@ impl Drop for SocketFile {
 }
 
 /// Accepts control clients until the task is dropped.
-pub async fn serve(listener: UnixListener, handle: Handle) {
+pub async fn serve(listener: UnixListener, router: Arc<Router>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let handle = handle.clone();
+                let router = Arc::clone(&router);
                 tokio::spawn(async move {
-                    if let Err(e) = client(stream, handle).await {
+                    if let Err(e) = client(stream, &router).await {
                         tracing::debug!("control client: {e}");
                     }
                 });
@@ -113,7 +116,7 @@ pub async fn serve(listener: UnixListener, handle: Handle) {
     }
 }
 
-async fn client(mut stream: UnixStream, handle: Handle) -> io::Result<()> {
+async fn client(mut stream: UnixStream, router: &Router) -> io::Result<()> {
     let mut session = ControlSession::new(DEFAULT_MAX_LINE);
     let mut items = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
@@ -128,7 +131,7 @@ async fn client(mut stream: UnixStream, handle: Handle) -> io::Result<()> {
                 SessionItem::Reply(r) => r,
                 SessionItem::Execute(req) => Reply {
                     id: req.id,
-                    outcome: handle.command(req.command).await,
+                    outcome: router.command(req.command).await,
                 },
             };
             stream.write_all(reply.encode().as_bytes()).await?;

@@ -6,9 +6,14 @@ use std::io;
 use std::net::{IpAddr, UdpSocket};
 use std::sync::Arc;
 
-use relay_proto::{ChannelStats, Command, ErrorCode, ErrorReply, GlobalStats, MonoTime, Response};
+use relay_proto::relay::GlobalHistograms;
+use relay_proto::{
+    ChannelId, ChannelStats, Command, ErrorCode, ErrorReply, GlobalStats, MonoTime, Relay, Response,
+};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Publisher;
 
 use relay_io::ring::EventFd;
 
@@ -22,29 +27,57 @@ pub enum CtlMsg {
         /// Where the reply goes.
         reply: oneshot::Sender<Result<Response, ErrorReply>>,
     },
-    /// Send back global and per-channel statistics (for `/stats`).
+    /// Send back this shard's global and per-channel statistics (for `/stats`), and for the
+    /// relay-wide `stats`, its histograms.
     Snapshot {
         /// Where the statistics go.
-        reply: oneshot::Sender<StatsDoc>,
+        reply: oneshot::Sender<ShardDoc>,
     },
-    /// Stop: reply with the final global statistics.
+    /// Stop: reply with the final statistics.
     Shutdown {
         /// Where the final statistics go.
-        reply: oneshot::Sender<GlobalStats>,
+        reply: oneshot::Sender<ShardStats>,
     },
 }
 
-/// The `/stats` document.
-#[derive(Debug, Serialize)]
-pub struct StatsDoc {
-    /// Which backend runs.
-    pub backend: &'static str,
-    /// Global statistics.
-    pub global: GlobalStats,
-    /// The backend's own counters.
-    pub backend_counters: BackendCounters,
-    /// Every open channel.
+/// One shard's statistics with the histograms behind their percentiles, so that several shards'
+/// can be merged exactly ([`relay_proto::merge_global`]).
+#[derive(Debug)]
+pub struct ShardStats {
+    /// The shard's global statistics.
+    pub stats: GlobalStats,
+    /// Its global histograms.
+    pub hist: Box<GlobalHistograms>,
+}
+
+/// What one shard reports for `/stats`.
+#[derive(Debug)]
+pub struct ShardDoc {
+    /// Its global statistics and histograms.
+    pub global: ShardStats,
+    /// Its backend's counters.
+    pub counters: BackendCounters,
+    /// Its open channels.
     pub channels: Vec<ChannelStats>,
+}
+
+/// Where a shard reports the channels it closed on its own (idle), so the control thread's
+/// placement forgets them: (shard, channel).
+pub type ClosedTx = mpsc::UnboundedSender<(u32, ChannelId)>;
+
+/// Everything one shard's loop runs on, whichever backend drives it.
+#[derive(Debug)]
+pub struct Shard {
+    /// The core, with this shard's slice of the channel limit.
+    pub relay: Relay,
+    /// Control requests for this shard.
+    pub rx: mpsc::UnboundedReceiver<CtlMsg>,
+    /// Publishes this shard's metrics snapshot.
+    pub publisher: Publisher,
+    /// Where channel sockets bind.
+    pub bind: BindConfig,
+    /// Channels closed for idleness go here.
+    pub closed: ClosedTx,
 }
 
 /// How the control thread reaches the data plane: a lock-free queue, plus an eventfd for the
@@ -319,6 +352,47 @@ impl SendErrorLog {
 }
 
 impl BackendCounters {
+    /// Adds `other`'s counts (several shards as one relay).
+    pub fn accumulate(&mut self, other: &Self) {
+        // Destructured, so that a new counter cannot be left out of the sum.
+        let Self {
+            wakeups,
+            batch_buckets,
+            batch_sum,
+            send_errors,
+            send_errnos,
+            recv_errors,
+            oversize,
+            rearm_nobufs,
+            rearm_other,
+            enters,
+            clock_steps,
+            missing_timestamps,
+            untrusted_timestamps,
+        } = other;
+        for (a, b) in self.batch_buckets.iter_mut().zip(batch_buckets) {
+            *a += b;
+        }
+        for (a, b) in self.send_errnos.iter_mut().zip(send_errnos) {
+            *a += b;
+        }
+        for (a, b) in [
+            (&mut self.wakeups, wakeups),
+            (&mut self.batch_sum, batch_sum),
+            (&mut self.send_errors, send_errors),
+            (&mut self.recv_errors, recv_errors),
+            (&mut self.oversize, oversize),
+            (&mut self.rearm_nobufs, rearm_nobufs),
+            (&mut self.rearm_other, rearm_other),
+            (&mut self.enters, enters),
+            (&mut self.clock_steps, clock_steps),
+            (&mut self.missing_timestamps, missing_timestamps),
+            (&mut self.untrusted_timestamps, untrusted_timestamps),
+        ] {
+            *a += b;
+        }
+    }
+
     /// Records one wake-up that handled `n` completions.
     pub fn batch(&mut self, n: usize) {
         self.wakeups += 1;
@@ -386,7 +460,7 @@ pub struct BindConfig {
 
 /// Executes one command against the core, opening or closing sockets as it says.
 pub fn execute(
-    relay: &mut relay_proto::Relay,
+    relay: &mut Relay,
     table: &mut impl SocketTable,
     bind: BindConfig,
     now: MonoTime,
@@ -445,8 +519,9 @@ pub fn probe_timestamps(ip: IpAddr) -> io::Result<()> {
     relay_io::enable_rx_timestamps(&s)
 }
 
-/// Closes the sockets of channels the core closed on its own (idle), logging their statistics.
-pub fn close_expired(relay: &mut relay_proto::Relay, table: &mut impl SocketTable) {
+/// Closes the sockets of channels the core closed on its own (idle), logging their statistics
+/// and telling the control thread's placement.
+pub fn close_expired(relay: &mut Relay, table: &mut impl SocketTable, closed: &ClosedTx) {
     while let Some(relay_proto::Event::ChannelClosed {
         socket,
         reason,
@@ -454,8 +529,10 @@ pub fn close_expired(relay: &mut relay_proto::Relay, table: &mut impl SocketTabl
     }) = relay.poll_event()
     {
         table.close(socket);
+        let _ = closed.send((relay.config().shard, stats.channel.clone()));
         tracing::info!(
             channel = %stats.channel,
+            shard = relay.config().shard,
             reason = reason.as_str(),
             rtt_p50_us = stats.rtt.p50_ns / 1_000,
             lost = stats.streams.to_asterisk.lost,
@@ -464,18 +541,21 @@ pub fn close_expired(relay: &mut relay_proto::Relay, table: &mut impl SocketTabl
     }
 }
 
-/// The `/stats` document for the current state.
+/// This shard's final or current statistics, with its histograms.
 #[must_use]
-pub fn stats_doc(
-    relay: &relay_proto::Relay,
-    counters: &BackendCounters,
-    backend: &'static str,
-    now: MonoTime,
-) -> StatsDoc {
-    StatsDoc {
-        backend,
-        global: relay.global_stats(),
-        backend_counters: counters.clone(),
+pub fn shard_stats(relay: &Relay) -> ShardStats {
+    ShardStats {
+        stats: relay.global_stats(),
+        hist: Box::new(relay.histograms().clone()),
+    }
+}
+
+/// This shard's part of the `/stats` document.
+#[must_use]
+pub fn shard_doc(relay: &Relay, counters: &BackendCounters, now: MonoTime) -> ShardDoc {
+    ShardDoc {
+        global: shard_stats(relay),
+        counters: counters.clone(),
         channels: relay.all_channel_stats(now),
     }
 }

@@ -1,11 +1,15 @@
 //! `relay`: the data plane that drives [`relay_proto::Relay`] with real sockets.
 //!
-//! Two threads. The *data plane* runs on one pinned core and owns the core and every channel
-//! socket; it is either the io_uring backend ([`uring`]) or the tokio baseline
-//! ([`tokio_backend`]). The *control thread* runs a small tokio runtime serving the Unix control
-//! socket ([`ctl`]), the metrics endpoint ([`metrics`]) and signals. They share no lock: control
-//! requests travel on a queue ([`dataplane::Handle`]), metrics are snapshots the data plane
-//! publishes.
+//! The *data plane* is one or more shards ([`shards`]), each a thread pinned to its core that
+//! owns a core `Relay` and its channels' sockets, driven by the io_uring backend ([`uring`]) or
+//! the tokio baseline ([`tokio_backend`]). The *control thread* runs a small tokio runtime serving
+//! the Unix control socket ([`ctl`]), the metrics endpoint ([`metrics`]) and signals, and places
+//! channels on shards. Nothing is shared on the packet path: control requests travel on each
+//! shard's queue ([`dataplane::Handle`]), metrics are snapshots each shard publishes and the
+//! scrape merges.
+//!
+//! A shard that fails ends the relay, naming the shard: it never serves half its channels
+//! silently. SIGTERM stops every shard and reports the merged final statistics.
 //!
 //! The crate is the data plane and nothing else: the io_uring plumbing, socket set-up, pinning
 //! and CPU time are `relay-io`'s (the workspace's only `unsafe`), logging and the HTTP endpoint
@@ -16,6 +20,7 @@ pub mod config;
 pub mod ctl;
 pub mod dataplane;
 pub mod metrics;
+pub mod shards;
 pub mod tokio_backend;
 pub mod uring;
 
@@ -23,18 +28,118 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
 use arc_swap::ArcSwap;
-use relay_proto::{GlobalStats, Relay};
-use tokio::sync::{mpsc, oneshot};
+use relay_proto::{GlobalStats, Relay, RelayConfig};
+use tokio::sync::mpsc;
 
-use crate::config::{Backend, Config, Timestamps};
-use crate::dataplane::{BindConfig, CtlMsg, Handle};
+use crate::config::{Backend, Config, RingConfig, Timestamps};
+use crate::dataplane::{BindConfig, ClosedTx, Handle, Shard};
 use crate::metrics::{Publisher, Snapshot};
+use crate::shards::{Router, ShardInfo};
 
-/// Runs the relay until SIGTERM or SIGINT; returns the final global statistics.
+/// What a shard's thread runs: everything it needs, handed over at its start.
+#[derive(Debug)]
+pub struct ShardStart {
+    /// Its index.
+    pub index: u32,
+    /// The core to pin it to.
+    pub core: Option<usize>,
+    /// Which backend drives it.
+    pub backend: Backend,
+    /// io_uring sizes.
+    pub ring: RingConfig,
+    /// The loop's state.
+    pub shard: Shard,
+    /// Where it says it is ready (with the ring's waker) or why it cannot start.
+    pub ready: std::sync::mpsc::Sender<Result<Option<Arc<relay_io::ring::EventFd>>, String>>,
+}
+
+/// A shard's thread body: [`shard_main`], or a stand-in in tests of the relay's handling of a
+/// failing shard.
+pub type ShardBody = fn(ShardStart) -> std::io::Result<GlobalStats>;
+
+/// Runs one shard on the calling thread: pins it, builds its ring (or runtime), says it is
+/// ready, and serves until a shutdown message or a failure.
 ///
 /// # Errors
-/// Set-up failed (control socket, metrics address, io_uring), or the data plane failed.
+/// The shard's ring or runtime failed.
+pub fn shard_main(start: ShardStart) -> std::io::Result<GlobalStats> {
+    let ShardStart {
+        index,
+        core,
+        backend,
+        ring: ring_config,
+        shard,
+        ready,
+    } = start;
+    if let Some(id) = core {
+        if !relay_io::pin_current_thread(id) {
+            tracing::warn!(
+                shard = index,
+                core = id,
+                "cannot pin the shard to this core"
+            );
+        }
+    }
+    match backend {
+        Backend::Uring => {
+            let max_channels = shard.relay.config().max_channels;
+            match relay_io::ring::Ring::new(
+                ring_config.sq_entries,
+                ring_config.buffers,
+                max_channels,
+            ) {
+                Ok(mut ring) => {
+                    ring.set_batching(ring_config.batch, ring_config.batch_wait);
+                    if ring_config.batch > 1 && !ring.batching_supported() && index == 0 {
+                        tracing::warn!("--batch needs Linux 6.12 (io_uring min_wait); waking on every completion");
+                    }
+                    let _ = ready.send(Ok(Some(ring.waker())));
+                    uring::run(ring, shard)
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e.to_string()));
+                    Ok(GlobalStats::default())
+                }
+            }
+        }
+        Backend::Tokio => {
+            let _ = ready.send(Ok(None));
+            tokio_backend::run(shard)
+        }
+    }
+}
+
+/// Runs the relay until SIGTERM or SIGINT; returns the final global statistics (every shard's,
+/// merged).
+///
+/// # Errors
+/// Set-up failed (control socket, metrics address, io_uring), or a shard failed.
 pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
+    run_with(config, shard_main)
+}
+
+/// The shard each of `n` shards is, and its share of `max` channels (the first `max % n` get one
+/// more).
+fn share(max: u32, n: usize, i: usize) -> u32 {
+    let n = u32::try_from(n).unwrap_or(u32::MAX).max(1);
+    let i = u32::try_from(i).unwrap_or(u32::MAX);
+    max / n + u32::from(i < max % n)
+}
+
+/// A running shard thread.
+struct Running {
+    /// Its thread.
+    thread: std::thread::JoinHandle<std::io::Result<GlobalStats>>,
+    /// Its core.
+    core: Option<usize>,
+}
+
+/// [`run`] with each shard's thread running `body`.
+///
+/// # Errors
+/// As [`run`].
+#[allow(clippy::too_many_lines)] // set-up, serve, stop: one sequence, read top to bottom
+pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats> {
     match relay_io::raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "file limit raised"),
         Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
@@ -59,122 +164,219 @@ pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
         },
         Timestamps::User => Timestamps::User,
     };
-    let shared = Arc::new(ArcSwap::from_pointee(Snapshot {
-        backend: backend.as_str(),
-        timestamps: timestamps.as_str(),
-        ..Snapshot::default()
-    }));
-    let publisher = Publisher::new(
-        Arc::clone(&shared),
-        backend.as_str(),
-        timestamps.as_str(),
-        config.publish_interval,
-    );
-    let relay = Relay::new(config.relay.clone())?;
     let bind = BindConfig {
         ip: config.bind,
         rcvbuf: config.socket_rcvbuf,
         timestamps: timestamps == Timestamps::Kernel,
     };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (exit_tx, exit_rx) = oneshot::channel::<()>();
-    let core = config.core;
-    let ring_config = config.ring;
-    let max_channels = config.relay.max_channels;
-
-    let data_plane = std::thread::Builder::new()
-        .name("rtp-data-plane".into())
-        .spawn(move || {
-            let _exit = exit_tx; // dropped when this thread ends, whatever the reason
-            if let Some(id) = core {
-                if !relay_io::pin_current_thread(id) {
-                    tracing::warn!(core = id, "cannot pin the data plane to this core");
-                }
+    let n = config.shards.len();
+    for (i, c) in config.shards.iter().enumerate() {
+        if let Some(c) = c {
+            if let Some(j) = config.shards[..i].iter().position(|x| x == &Some(*c)) {
+                tracing::warn!(
+                    core = c,
+                    "core {c} is listed twice: shards {j} and {i} share it"
+                );
             }
-            match backend {
-                Backend::Uring => {
-                    match relay_io::ring::Ring::new(ring_config.sq_entries, ring_config.buffers, max_channels)
-                    {
-                        Ok(mut ring) => {
-                            ring.set_batching(ring_config.batch, ring_config.batch_wait);
-                            if ring_config.batch > 1 && !ring.batching_supported() {
-                                tracing::warn!("--batch needs Linux 6.12 (io_uring min_wait); waking on every completion");
-                            }
-                            let _ = ready_tx.send(Ok(Some(ring.waker())));
-                            uring::run(ring, relay, rx, publisher, bind)
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                            Ok(GlobalStats::default())
-                        }
+        }
+    }
+
+    let (closed_tx, closed_rx): (ClosedTx, _) = mpsc::unbounded_channel();
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<u32>();
+    let mut snapshots = Vec::with_capacity(n);
+    let mut infos = Vec::with_capacity(n);
+    let mut running: Vec<Running> = Vec::with_capacity(n);
+    let mut setup_error = None;
+    for (i, &core) in config.shards.iter().enumerate() {
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        let shared = Arc::new(ArcSwap::from_pointee(Snapshot {
+            backend: backend.as_str(),
+            timestamps: timestamps.as_str(),
+            shard: index,
+            ..Snapshot::default()
+        }));
+        snapshots.push(Arc::clone(&shared));
+        let relay = Relay::new(RelayConfig {
+            max_channels: share(config.relay.max_channels, n, i),
+            shard: index,
+            ..config.relay.clone()
+        })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let start = ShardStart {
+            index,
+            core,
+            backend,
+            ring: config.ring,
+            shard: Shard {
+                relay,
+                rx,
+                publisher: Publisher::new(
+                    shared,
+                    backend.as_str(),
+                    timestamps.as_str(),
+                    config.publish_interval,
+                    index,
+                ),
+                bind,
+                closed: closed_tx.clone(),
+            },
+            ready: ready_tx,
+        };
+        let exit = exit_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("rtp-shard-{i}"))
+            .spawn(move || {
+                // Says this shard ended, whatever the reason (a panic included).
+                struct Exit(mpsc::UnboundedSender<u32>, u32);
+                impl Drop for Exit {
+                    fn drop(&mut self) {
+                        let _ = self.0.send(self.1);
                     }
                 }
-                Backend::Tokio => {
-                    let _ = ready_tx.send(Ok(None));
-                    tokio_backend::run(relay, rx, publisher, bind)
-                }
+                let _exit = Exit(exit, index);
+                body(start)
+            })
+            .context("cannot start a shard thread")?;
+        running.push(Running { thread, core });
+        match ready_rx.recv() {
+            Ok(Ok(waker)) => infos.push(ShardInfo {
+                handle: Handle::new(tx, waker),
+                core,
+            }),
+            Ok(Err(e)) => {
+                setup_error = Some(anyhow!("shard {i} (core {}): {e}", core_name(core)));
+                break;
             }
-        })
-        .context("cannot start the data-plane thread")?;
-
-    let waker = match ready_rx.recv() {
-        Ok(Ok(w)) => w,
-        Ok(Err(e)) => {
-            let _ = data_plane.join();
-            return Err(anyhow!(e));
+            Err(_) => {
+                setup_error = Some(anyhow!(
+                    "shard {i} (core {}) exited during set-up",
+                    core_name(core)
+                ));
+                break;
+            }
         }
-        Err(_) => return Err(anyhow!("the data plane exited during set-up")),
-    };
-    let handle = Handle::new(tx, waker);
+    }
+    drop(closed_tx);
+    drop(exit_tx);
+    let router = Arc::new(Router::new(
+        infos,
+        config.relay.max_channels,
+        closed_rx,
+        backend.as_str(),
+    ));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if let Some(e) = setup_error {
+        rt.block_on(router.shutdown());
+        join_all(running);
+        return Err(e);
+    }
     tracing::info!(
         backend = backend.as_str(),
         timestamps = timestamps.as_str(),
         ctl = %ctl.path().display(),
         metrics = %format!("http://{metrics_addr}/metrics"),
-        core = ?core,
+        shards = n,
+        cores = %cores_name(&config.shards),
         "relay ready"
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let stopped = rt.block_on(async {
+    let outcome = rt.block_on(async {
         let listener = ctl
             .take_listener()
             .ok_or_else(|| anyhow!("control listener already taken"))?;
         let ctl_task = tokio::spawn(ctl::serve(
             tokio::net::UnixListener::from_std(listener)?,
-            handle.clone(),
+            Arc::clone(&router),
         ));
         let metrics_task = tokio::spawn(metrics::serve(
             tokio::net::TcpListener::from_std(metrics_listener)?,
-            Arc::clone(&shared),
-            handle.clone(),
+            snapshots.into(),
+            Arc::clone(&router),
         ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let died = tokio::select! {
-            _ = term.recv() => false,
-            _ = tokio::signal::ctrl_c() => false,
-            _ = exit_rx => true,
+            _ = term.recv() => None,
+            _ = tokio::signal::ctrl_c() => None,
+            i = exit_rx.recv() => Some(i.unwrap_or(0)),
         };
         ctl_task.abort();
         metrics_task.abort();
-        if died {
-            return Ok::<_, anyhow::Error>(None);
+        if died.is_none() {
+            tracing::info!("stopping");
         }
-        tracing::info!("stopping");
-        let (reply, rx) = oneshot::channel();
-        handle.send(CtlMsg::Shutdown { reply })?;
-        Ok(rx.await.ok())
-    })?;
-    let result = data_plane
-        .join()
-        .map_err(|_| anyhow!("the data plane panicked"))?;
+        // Every shard still running stops (after a failure too: the relay ends whole).
+        let stats = router.shutdown().await;
+        Ok::<_, anyhow::Error>((died, stats))
+    });
+    let results = join_all(running);
     drop(ctl); // removes the socket file
-    match (stopped, result) {
-        (_, Err(e)) => Err(anyhow::Error::new(e).context("the data plane failed")),
-        (Some(stats), Ok(_)) => Ok(stats),
-        (None, Ok(_)) => Err(anyhow!("the data plane stopped without being asked to")),
+    let (died, stats) = outcome?;
+    let died = died.map(|i| i as usize);
+    // A shard that failed, or stopped unasked, is the relay's failure; the first one reported.
+    for i in died.into_iter().chain(0..results.len()) {
+        let Some(ended) = results.get(i) else {
+            continue;
+        };
+        let shard = format!("shard {i} (core {})", core_name(ended.core));
+        match &ended.outcome {
+            Ended::Panicked => return Err(anyhow!("{shard} failed: it panicked")),
+            Ended::Failed(e) => return Err(anyhow!("{shard} failed: {e}")),
+            Ended::Stopped if died == Some(i) => {
+                return Err(anyhow!("{shard} stopped without being asked to"))
+            }
+            Ended::Stopped => {}
+        }
     }
+    Ok(stats)
+}
+
+/// How a shard thread ended.
+#[derive(Debug)]
+enum Ended {
+    /// Its loop returned.
+    Stopped,
+    /// Its ring or runtime failed.
+    Failed(std::io::Error),
+    /// It panicked.
+    Panicked,
+}
+
+/// A shard thread, joined.
+#[derive(Debug)]
+struct Joined {
+    /// Its core.
+    core: Option<usize>,
+    /// How it ended.
+    outcome: Ended,
+}
+
+/// Joins every shard thread.
+fn join_all(running: Vec<Running>) -> Vec<Joined> {
+    running
+        .into_iter()
+        .map(|r| Joined {
+            core: r.core,
+            outcome: match r.thread.join() {
+                Ok(Ok(_)) => Ended::Stopped,
+                Ok(Err(e)) => Ended::Failed(e),
+                Err(_) => Ended::Panicked,
+            },
+        })
+        .collect()
+}
+
+fn core_name(core: Option<usize>) -> String {
+    core.map_or_else(|| "unpinned".to_owned(), |c| c.to_string())
+}
+
+fn cores_name(shards: &[Option<usize>]) -> String {
+    shards
+        .iter()
+        .map(|&c| core_name(c))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -1,9 +1,11 @@
 //! Metrics: what the data plane publishes, how it becomes Prometheus text, and the HTTP endpoint.
 //!
-//! The data plane never shares a lock with a scrape. Every publish interval (default 500 ms) it
-//! builds a [`Snapshot`] (global counters, the backend's counters, and Prometheus buckets derived
-//! from the core's HdrHistograms) and swaps it into an [`ArcSwap`]; `/metrics` renders whatever
-//! snapshot is current. Deriving buckets from the HdrHistograms at publish time costs the packet
+//! The data plane never shares a lock with a scrape. Every publish interval (default 500 ms) each
+//! shard builds a [`Snapshot`] (global counters, the backend's counters, the thread's CPU time,
+//! and Prometheus buckets derived from the core's HdrHistograms) and swaps it into its own
+//! [`ArcSwap`]; `/metrics` merges whatever snapshots are current ([`Snapshot::merge`]: counters
+//! and bucket counts summed, on the scraping thread) into the relay-wide metrics, and adds the
+//! per-shard `rtprelay_shard_*` series. Deriving buckets from the HdrHistograms at publish time costs the packet
 //! path nothing, and the Prometheus quantiles agree with the relay's own percentiles to within
 //! one bucket because they come from the same data.
 //!
@@ -26,7 +28,8 @@ use relay_proto::stats::{CloseReason, LatencyHistogram, PerDirection};
 use relay_proto::{Direction, DropReason, GlobalStats, MonoTime, Relay};
 use tokio::net::TcpListener;
 
-use crate::dataplane::{BackendCounters, CtlMsg, Handle, BATCH_BUCKETS};
+use crate::dataplane::{BackendCounters, BATCH_BUCKETS};
+use crate::shards::Router as Shards;
 
 /// Upper bounds of the latency histograms' buckets, in nanoseconds: 10 µs to 1 s, six a decade.
 pub const LATENCY_BOUNDS_NS: [u64; 31] = [
@@ -75,6 +78,20 @@ pub struct Buckets {
 }
 
 impl Buckets {
+    /// Adds `other`'s counts (the same bounds).
+    pub fn accumulate(&mut self, other: &Self) {
+        if self.cumulative.len() < other.cumulative.len() {
+            // An empty one (a shard that has not published yet) has no bounds: take the other's
+            // shape, keeping this one's total in every bucket.
+            self.cumulative.resize(other.cumulative.len(), self.count);
+        }
+        for (a, b) in self.cumulative.iter_mut().zip(&other.cumulative) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum_seconds += other.sum_seconds;
+    }
+
     /// Bins every recorded value of `h` by its lowest equivalent value.
     #[must_use]
     pub fn from_hdr<T: hdrhistogram::Counter>(h: &LatencyHistogram<T>) -> Self {
@@ -131,6 +148,61 @@ pub struct Snapshot {
     /// Lost packets, per direction, never decreasing between snapshots (a late packet that
     /// fills a gap lowers the core's count; a Prometheus counter must not go down).
     pub lost: PerDirection<u64>,
+    /// The shard that published it.
+    pub shard: u32,
+    /// CPU time its thread has used, in nanoseconds (10 ms resolution: `/proc`'s).
+    pub cpu_ns: u64,
+}
+
+impl Snapshot {
+    /// Several shards' snapshots as one relay's: every counter and bucket count summed (the
+    /// global statistics' percentiles are not used by the metrics, so not merged here).
+    #[must_use]
+    pub fn merge(parts: &[Arc<Self>]) -> Self {
+        let Some(first) = parts.first() else {
+            return Self::default();
+        };
+        let mut m = Self {
+            backend: first.backend,
+            timestamps: first.timestamps,
+            taken: parts.iter().map(|p| p.taken).max().unwrap_or_default(),
+            calls: relay_proto::score::ScoreHistograms::new(),
+            ..Self::default()
+        };
+        let mut global = GlobalStats::default();
+        for p in parts {
+            if let Some(g) = &p.global {
+                global.channels += g.channels;
+                global.draining |= g.draining;
+                global.channels_opened += g.channels_opened;
+                global.channels_removed += g.channels_removed;
+                global.channels_idle += g.channels_idle;
+                for d in Direction::ALL {
+                    global.traffic.get_mut(d).accumulate(g.traffic.get(d));
+                    global.streams.get_mut(d).accumulate(g.streams.get(d));
+                }
+                global.round_trip.accumulate(&g.round_trip);
+                global.drops.accumulate(&g.drops);
+            }
+            m.counters.accumulate(&p.counters);
+            m.rtt.accumulate(&p.rtt);
+            for d in Direction::ALL {
+                for (a, b) in [
+                    (&mut m.forward, &p.forward),
+                    (&mut m.receive_delay, &p.receive_delay),
+                    (&mut m.jitter, &p.jitter),
+                    (&mut m.lateness, &p.lateness),
+                ] {
+                    a.get_mut(d).accumulate(b.get(d));
+                }
+                *m.lost.get_mut(d) += p.lost.get(d);
+            }
+            m.calls.merge(&p.calls);
+            m.cpu_ns += p.cpu_ns;
+        }
+        m.global = Some(global);
+        m
+    }
 }
 
 /// The data plane's side: builds and swaps in snapshots.
@@ -146,16 +218,19 @@ pub struct Publisher {
     interval: Duration,
     /// When to publish next.
     next: MonoTime,
+    /// The shard publishing.
+    shard: u32,
 }
 
 impl Publisher {
-    /// A publisher for `backend` into `shared`, every `interval`.
+    /// A publisher for shard `shard` of `backend` into `shared`, every `interval`.
     #[must_use]
     pub fn new(
         shared: Arc<ArcSwap<Snapshot>>,
         backend: &'static str,
         timestamps: &'static str,
         interval: Duration,
+        shard: u32,
     ) -> Self {
         Self {
             shared,
@@ -163,6 +238,7 @@ impl Publisher {
             timestamps,
             interval,
             next: MonoTime::ZERO,
+            shard,
         }
     }
 
@@ -179,7 +255,7 @@ impl Publisher {
         }
     }
 
-    /// Publishes now.
+    /// Publishes now (on the shard's own thread: it reads that thread's CPU time).
     pub fn publish(&mut self, now: MonoTime, relay: &Relay, counters: &BackendCounters) {
         self.next = now + self.interval;
         let global = relay.global_stats();
@@ -206,6 +282,8 @@ impl Publisher {
             lateness: per(&h.lateness),
             calls: h.calls.clone(),
             lost,
+            shard: self.shard,
+            cpu_ns: relay_io::thread_cpu_ns().unwrap_or(prev.cpu_ns),
         }));
     }
 }
@@ -271,23 +349,8 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
         .map(|&r| counter(vec![label("reason", r.as_str())], g.drops.get(r)))
         .collect();
     drops.push(counter(vec![label("reason", "oversize")], c.oversize));
-    let batch_bounds: Vec<f64> = (0..BATCH_BUCKETS - 1)
-        .map(|i| f64::from(1u32 << i))
-        .collect();
-    let mut acc = 0;
-    let batch = Buckets {
-        cumulative: c
-            .batch_buckets
-            .iter()
-            .take(BATCH_BUCKETS - 1)
-            .map(|&n| {
-                acc += n;
-                acc
-            })
-            .collect(),
-        count: c.wakeups,
-        sum_seconds: c.batch_sum as f64,
-    };
+    let batch = batch_buckets(c);
+    let batch_bounds = batch_bounds();
     vec![
         family("info", "Relay build and backend (value 1).", GAUGE, vec![gauge_metric(
             vec![
@@ -373,21 +436,117 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
     ]
 }
 
-/// The snapshot in the Prometheus text exposition format.
-#[must_use]
-pub fn render(s: &Snapshot) -> String {
-    encode(&families(s))
+/// Bounds of the batch-size histograms: 1, 2, 4, … 2^15.
+fn batch_bounds() -> Vec<f64> {
+    (0..BATCH_BUCKETS - 1)
+        .map(|i| f64::from(1u32 << i))
+        .collect()
 }
 
-/// The endpoint's routes: `/metrics` (the current snapshot), `/stats` (every channel, asked of
-/// the data plane) and `/healthz`.
-pub fn router(shared: Arc<ArcSwap<Snapshot>>, handle: Handle) -> Router {
+/// The batch sizes of `c` as a histogram (count: wake-ups; sum: completions).
+fn batch_buckets(c: &BackendCounters) -> Buckets {
+    let mut acc = 0;
+    Buckets {
+        cumulative: c
+            .batch_buckets
+            .iter()
+            .take(BATCH_BUCKETS - 1)
+            .map(|&n| {
+                acc += n;
+                acc
+            })
+            .collect(),
+        count: c.wakeups,
+        sum_seconds: c.batch_sum as f64,
+    }
+}
+
+/// The per-shard families: how the load is balanced over shards.
+#[must_use]
+pub fn shard_families(parts: &[Arc<Snapshot>]) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
+    let shard = |p: &Snapshot| label("shard", &p.shard.to_string());
+    let bounds = batch_bounds();
+    vec![
+        family(
+            "shard_channels",
+            "Channels open on each data-plane shard.",
+            GAUGE,
+            parts
+                .iter()
+                .map(|p| {
+                    gauge_metric(
+                        vec![shard(p)],
+                        f64::from(p.global.as_ref().map_or(0, |g| g.channels)),
+                    )
+                })
+                .collect(),
+        ),
+        family(
+            "shard_packets_total",
+            "Datagrams forwarded by each shard, per direction.",
+            COUNTER,
+            parts
+                .iter()
+                .flat_map(|p| {
+                    Direction::ALL.iter().map(move |&d| {
+                        counter_metric(
+                            vec![shard(p), label("direction", d.as_str())],
+                            p.global.as_ref().map_or(0, |g| g.traffic.get(d).packets),
+                        )
+                    })
+                })
+                .collect(),
+        ),
+        family(
+            "shard_batch_size",
+            "Completions (io_uring) or datagrams (tokio) handled per wake-up, per shard.",
+            HISTOGRAM,
+            parts
+                .iter()
+                .map(|p| histogram_metric(vec![shard(p)], &batch_buckets(&p.counters), &bounds))
+                .collect(),
+        ),
+        family(
+            "shard_cpu_seconds_total",
+            "CPU time (user + system) of each shard's thread, at 10 ms resolution.",
+            COUNTER,
+            parts
+                .iter()
+                .map(|p| {
+                    let mut m = Metric::from_label(vec![shard(p)]);
+                    let mut c = prometheus::proto::Counter::default();
+                    c.set_value(p.cpu_ns as f64 / 1e9);
+                    m.set_counter(c);
+                    m
+                })
+                .collect(),
+        ),
+    ]
+}
+
+/// The shards' snapshots in the Prometheus text exposition format: the relay-wide metrics
+/// (merged) and the per-shard ones.
+#[must_use]
+pub fn render(parts: &[Arc<Snapshot>]) -> String {
+    let mut f = families(&Snapshot::merge(parts));
+    f.extend(shard_families(parts));
+    encode(&f)
+}
+
+/// The endpoint's routes: `/metrics` (the current snapshots), `/stats` (every channel, asked of
+/// the shards) and `/healthz`.
+pub fn router(snapshots: Arc<[Arc<ArcSwap<Snapshot>>]>, shards: Arc<Shards>) -> Router {
     Router::new()
         .route(
             "/metrics",
             get(move || {
-                let shared = Arc::clone(&shared);
-                async move { http::prometheus_text(render(&shared.load())) }
+                let snapshots = Arc::clone(&snapshots);
+                async move {
+                    let parts: Vec<Arc<Snapshot>> =
+                        snapshots.iter().map(|s| s.load_full()).collect();
+                    http::prometheus_text(render(&parts))
+                }
             }),
         )
         .route(
@@ -397,27 +556,26 @@ pub fn router(shared: Arc<ArcSwap<Snapshot>>, handle: Handle) -> Router {
         .route(
             "/stats",
             get(move || {
-                let handle = handle.clone();
-                async move { stats_page(&handle).await }
+                let shards = Arc::clone(&shards);
+                async move { stats_page(&shards).await }
             }),
         )
         .fallback(http::not_found("/metrics, /stats or /healthz"))
 }
 
 /// Serves [`router`] until the task is dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<ArcSwap<Snapshot>>, handle: Handle) {
-    http::serve(listener, router(shared, handle)).await;
+pub async fn serve(
+    listener: TcpListener,
+    snapshots: Arc<[Arc<ArcSwap<Snapshot>>]>,
+    shards: Arc<Shards>,
+) {
+    http::serve(listener, router(snapshots, shards)).await;
 }
 
-async fn stats_page(handle: &Handle) -> Response {
-    let unavailable = || http::text(StatusCode::SERVICE_UNAVAILABLE, "data plane stopped\n");
-    let (reply, rx) = tokio::sync::oneshot::channel();
-    if handle.send(CtlMsg::Snapshot { reply }).is_err() {
-        return unavailable();
-    }
-    match rx.await {
+async fn stats_page(shards: &Shards) -> Response {
+    match shards.stats_doc().await {
         Ok(doc) => http::json_text(serde_json::to_string_pretty(&doc).unwrap_or_default()),
-        Err(_) => unavailable(),
+        Err(_) => http::text(StatusCode::SERVICE_UNAVAILABLE, "data plane stopped\n"),
     }
 }
 
@@ -442,10 +600,10 @@ mod tests {
 
     #[test]
     fn rendering_names_every_metric_the_readme_promises() {
-        let text = render(&Snapshot {
+        let text = render(&[Arc::new(Snapshot {
             backend: "uring",
             ..Snapshot::default()
-        });
+        })]);
         for name in [
             "rtprelay_rtt_seconds_bucket{le=\"0.00001\"}",
             "rtprelay_forward_seconds_bucket{direction=\"to_echo\"",
@@ -470,6 +628,10 @@ mod tests {
             "rtprelay_call_mos_bucket{le=\"4.5\"} 0",
             "rtprelay_call_r_factor_count 0",
             "rtprelay_timestamps_fallback_total{cause=\"missing\"}",
+            "rtprelay_shard_channels{shard=\"0\"} 0",
+            "rtprelay_shard_packets_total{shard=\"0\",direction=\"to_echo\"} 0",
+            "rtprelay_shard_batch_size_bucket{shard=\"0\",le=\"1\"} 0",
+            "rtprelay_shard_cpu_seconds_total{shard=\"0\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

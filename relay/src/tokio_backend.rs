@@ -1,7 +1,7 @@
 //! The tokio baseline: the same core driven the way a careful tokio user would drive it.
 //!
-//! A current-thread runtime on the same pinned core, one task per channel socket. Each task
-//! waits for readiness, then drains the socket with `try_recv_from` into a buffer it reuses, asks
+//! A current-thread runtime per shard, on the shard's pinned core, one task per channel socket.
+//! Each task waits for readiness, then drains the socket with `try_recv_from` into a buffer it reuses, asks
 //! the core, and answers with `try_send_to` (falling back to an awaited send only when the socket
 //! is full). No allocation per packet, no lock: the core lives in an `Rc<RefCell<_>>` shared by
 //! the tasks of this one thread, never borrowed across an `.await`.
@@ -23,11 +23,9 @@ use std::time::Duration;
 
 use relay_proto::{ErrorCode, ErrorReply, GlobalStats, Relay, SocketId, Verdict};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::{AbortHandle, LocalSet};
 
-use crate::dataplane::{self, BackendCounters, BindConfig, Clock, CtlMsg, SocketTable};
-use crate::metrics::Publisher;
+use crate::dataplane::{self, BackendCounters, Clock, CtlMsg, Shard, SocketTable};
 use relay_io::ring::MAX_PAYLOAD;
 
 /// The state the tasks share.
@@ -78,25 +76,22 @@ impl SocketTable for Tasks {
 ///
 /// # Errors
 /// The runtime could not be built.
-pub fn run(
-    relay: Relay,
-    rx: UnboundedReceiver<CtlMsg>,
-    publisher: Publisher,
-    bind: BindConfig,
-) -> std::io::Result<GlobalStats> {
+pub fn run(shard: Shard) -> std::io::Result<GlobalStats> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let local = LocalSet::new();
-    Ok(local.block_on(&rt, main_loop(relay, rx, publisher, bind)))
+    Ok(local.block_on(&rt, main_loop(shard)))
 }
 
-async fn main_loop(
-    relay: Relay,
-    mut rx: UnboundedReceiver<CtlMsg>,
-    mut publisher: Publisher,
-    bind: BindConfig,
-) -> GlobalStats {
+async fn main_loop(shard: Shard) -> GlobalStats {
+    let Shard {
+        relay,
+        mut rx,
+        mut publisher,
+        bind,
+        closed,
+    } = shard;
     let clock = Clock::new();
     let start = tokio::time::Instant::now();
     let n = relay.config().max_channels as usize;
@@ -130,14 +125,13 @@ async fn main_loop(
                     }
                     Some(CtlMsg::Snapshot { reply }) => {
                         let sh = shared.borrow();
-                        let _ = reply.send(dataplane::stats_doc(&sh.relay, &sh.counters, "tokio", now));
+                        let _ = reply.send(dataplane::shard_doc(&sh.relay, &sh.counters, now));
                     }
                     Some(CtlMsg::Shutdown { reply }) => {
                         let sh = shared.borrow();
                         publisher.publish(now, &sh.relay, &sh.counters);
-                        let stats = sh.relay.global_stats();
-                        let _ = reply.send(stats.clone());
-                        return stats;
+                        let _ = reply.send(dataplane::shard_stats(&sh.relay));
+                        return sh.relay.global_stats();
                     }
                     None => return shared.borrow().relay.global_stats(),
                 }
@@ -147,7 +141,7 @@ async fn main_loop(
                 let mut sh = shared.borrow_mut();
                 if sh.relay.poll_timeout().is_some_and(|t| t <= now) {
                     sh.relay.handle_timeout(now);
-                    dataplane::close_expired(&mut sh.relay, &mut tasks);
+                    dataplane::close_expired(&mut sh.relay, &mut tasks, &closed);
                 }
                 let Shared { relay, counters, .. } = &*sh;
                 publisher.maybe_publish(now, relay, counters);

@@ -1,4 +1,5 @@
-//! The io_uring data plane: every channel socket in one ring, on one pinned thread.
+//! The io_uring data plane: every channel socket of a shard in one ring, on the shard's pinned
+//! thread.
 //!
 //! Each channel socket sits in the ring's fixed-file table (slot = the core's `SocketId`) with one
 //! multishot `RecvMsg` armed on a shared provided-buffer ring. A completion hands us a buffer
@@ -30,10 +31,8 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use relay_proto::{Direction, ErrorCode, ErrorReply, GlobalStats, Relay, SocketId, Verdict};
-use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::dataplane::{self, BackendCounters, BindConfig, Clock, CtlMsg, SocketTable};
-use crate::metrics::Publisher;
+use crate::dataplane::{self, BackendCounters, BindConfig, Clock, CtlMsg, Shard, SocketTable};
 use relay_io::ring::{Completion, Ring, MAX_PAYLOAD};
 use relay_proto::MonoTime;
 
@@ -114,13 +113,14 @@ impl SocketTable for Sockets {
 ///
 /// # Errors
 /// The ring failed in a way the loop cannot recover from.
-pub fn run(
-    ring: Ring,
-    mut relay: Relay,
-    mut rx: UnboundedReceiver<CtlMsg>,
-    mut publisher: Publisher,
-    bind: BindConfig,
-) -> std::io::Result<GlobalStats> {
+pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
+    let Shard {
+        mut relay,
+        mut rx,
+        mut publisher,
+        bind,
+        closed,
+    } = shard;
     let mut clock = Clock::new();
     let kernel_time = bind.timestamps;
     let slots = (0..relay.config().max_channels)
@@ -226,7 +226,7 @@ pub fn run(
 
         if relay.poll_timeout().is_some_and(|t| t <= now) {
             relay.handle_timeout(now);
-            dataplane::close_expired(&mut relay, &mut s);
+            dataplane::close_expired(&mut relay, &mut s, &closed);
         }
         publisher.maybe_publish(now, &relay, &counters);
     }
@@ -235,12 +235,12 @@ pub fn run(
     publisher.publish(now, &relay, &counters);
     let stats = relay.global_stats();
     if let Some(reply) = shutdown {
-        let _ = reply.send(stats.clone());
+        let _ = reply.send(dataplane::shard_stats(&relay));
     }
     Ok(stats)
 }
 
-type ShutdownReply = Option<tokio::sync::oneshot::Sender<GlobalStats>>;
+type ShutdownReply = Option<tokio::sync::oneshot::Sender<dataplane::ShardStats>>;
 
 fn handle_msg(
     msg: CtlMsg,
@@ -257,7 +257,7 @@ fn handle_msg(
             let _ = reply.send(dataplane::execute(relay, s, bind, now, command));
         }
         CtlMsg::Snapshot { reply } => {
-            let _ = reply.send(dataplane::stats_doc(relay, counters, "uring", now));
+            let _ = reply.send(dataplane::shard_doc(relay, counters, now));
         }
         CtlMsg::Shutdown { reply } => *shutdown = Some(reply),
     }
