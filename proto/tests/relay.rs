@@ -584,3 +584,47 @@ fn a_channel_is_scored_at_its_close() {
     assert_eq!(h.count, 1);
     assert_eq!(h.mos[h.mos.len() - 1], 1);
 }
+
+#[test]
+fn shards_merge_into_the_statistics_of_every_packet() {
+    // Shard a: 3 calls through a 1 ms echo; shard b: 1 call through a 9 ms echo.
+    let run = |calls: usize, delay_ms: u64, seed: u64| {
+        let faults = common::EchoFaults {
+            delay: Duration::from_millis(delay_ms),
+            ..common::EchoFaults::default()
+        };
+        let mut sim = common::Sim::new(RelayConfig::default(), faults, seed);
+        for i in 0..calls {
+            let _ = sim.add_call(200, 100 * i as u16, i as u64 * MS, true);
+        }
+        sim.run();
+        sim.relay
+    };
+    let (a, b) = (run(3, 1, 1), run(1, 9, 2));
+    let (sa, sb) = (a.global_stats(), b.global_stats());
+    let (m, hist) = relay_proto::merge_global([(&sa, a.histograms()), (&sb, b.histograms())]);
+    assert_eq!(m.channels, 4);
+    assert_eq!(m.channels_opened, 4);
+    assert_eq!(m.traffic.to_echo.packets, 800);
+    assert_eq!(
+        m.round_trip.matched,
+        sa.round_trip.matched + sb.round_trip.matched
+    );
+    assert_eq!(m.rtt.count, 800);
+    assert_eq!(hist.rtt.len(), 800);
+    // Percentiles of every packet: three quarters took ~1 ms, so the median is ~1 ms (a mean of
+    // the shards' medians would say 5 ms); the p99 is the slow shard's ~9 ms.
+    let ms = |ns: u64| ns as f64 / 1e6;
+    assert!((ms(m.rtt.p50_ns) - 1.0).abs() < 0.01, "{:?}", m.rtt);
+    assert!((ms(m.rtt.p99_ns) - 9.0).abs() < 0.01, "{:?}", m.rtt);
+    assert_eq!(m.rtt.max_ns, sa.rtt.max_ns.max(sb.rtt.max_ns));
+    let mean = (sa.rtt.mean_ns * 600 + sb.rtt.mean_ns * 200) / 800;
+    assert!(
+        m.rtt.mean_ns.abs_diff(mean) <= 1,
+        "{} vs {mean}",
+        m.rtt.mean_ns
+    );
+    // One shard merged alone is itself.
+    let (one, _) = relay_proto::merge_global([(&sa, a.histograms())]);
+    assert_eq!(one, sa);
+}

@@ -636,4 +636,54 @@ mod tests {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
     }
+
+    #[test]
+    fn shard_snapshots_merge_by_summing_and_keep_their_own_series() {
+        let part = |shard: u32, packets: u64, rtt: &[u64]| {
+            let mut h = LatencyHistogram::<u64>::new(3);
+            for &ns in rtt {
+                h.record(ns);
+            }
+            let mut g = GlobalStats {
+                channels: shard + 1,
+                ..GlobalStats::default()
+            };
+            g.traffic.to_echo.packets = packets;
+            let mut counters = BackendCounters::default();
+            counters.batch(3);
+            Arc::new(Snapshot {
+                backend: "uring",
+                global: Some(g),
+                counters,
+                rtt: Buckets::from_hdr(&h),
+                shard,
+                cpu_ns: 20_000_000,
+                ..Snapshot::default()
+            })
+        };
+        let parts = [part(0, 10, &[12_000, 40_000]), part(1, 5, &[9_000])];
+        let m = Snapshot::merge(&parts);
+        let g = m.global.as_ref().unwrap();
+        assert_eq!((g.channels, g.traffic.to_echo.packets), (3, 15));
+        assert_eq!(m.rtt.count, 3);
+        assert_eq!(m.rtt.cumulative[0], 1, "≤ 10 µs: shard 1's");
+        assert_eq!(m.rtt.cumulative[1], 2, "≤ 15 µs");
+        assert_eq!(m.counters.wakeups, 2);
+        let text = render(&parts);
+        for line in [
+            "rtprelay_packets_total{direction=\"to_echo\"} 15",
+            "rtprelay_channels 3",
+            "rtprelay_shard_channels{shard=\"1\"} 2",
+            "rtprelay_shard_packets_total{shard=\"0\",direction=\"to_echo\"} 10",
+            "rtprelay_shard_cpu_seconds_total{shard=\"1\"} 0.02",
+            "rtprelay_shard_batch_size_count{shard=\"0\"} 1",
+            "rtprelay_rtt_seconds_count 3",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        // A shard that has not published yet (no buckets) adds nothing.
+        let fresh = Arc::new(Snapshot::default());
+        let m2 = Snapshot::merge(&[fresh, Arc::clone(&parts[0])]);
+        assert_eq!(m2.rtt, parts[0].rtt);
+    }
 }

@@ -27,6 +27,7 @@ both_backends!(
     strangers_short_and_v1_packets_are_dropped_by_reason,
     a_burst_larger_than_the_buffer_ring_is_forwarded_completely,
     adding_and_removing_channels_returns_fds_and_memory,
+    adding_and_removing_channels_across_shards_returns_fds_and_memory,
     control_garbage_gets_errors_and_other_clients_carry_on,
     metrics_endpoint_reports_what_was_forwarded,
     sigterm_stops_cleanly_and_removes_the_socket,
@@ -172,8 +173,16 @@ fn a_burst_larger_than_the_buffer_ring_is_forwarded_completely(backend: &str) {
 }
 
 fn adding_and_removing_channels_returns_fds_and_memory(backend: &str) {
+    adds_and_removes_return_fds_and_memory(backend, &[]);
+}
+
+fn adding_and_removing_channels_across_shards_returns_fds_and_memory(backend: &str) {
+    adds_and_removes_return_fds_and_memory(backend, &["--cores", "0,1"]);
+}
+
+fn adds_and_removes_return_fds_and_memory(backend: &str, extra: &[&str]) {
     const N: usize = 1_000;
-    let relay = RelayProc::start(backend, &[]);
+    let relay = RelayProc::start(backend, extra);
     let mut ctl = relay.client();
     let echo = udp();
     let fds_start = relay.fds();

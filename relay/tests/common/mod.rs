@@ -31,6 +31,8 @@ pub struct RelayProc {
     pub ctl: PathBuf,
     pub metrics: SocketAddr,
     pub backend: String,
+    /// Every line the relay has logged so far.
+    pub log: testkit::Log,
 }
 
 impl RelayProc {
@@ -64,7 +66,14 @@ impl RelayProc {
         // Held by its guard before anything can panic, so no relay outlives its test.
         let mut child = testkit::Proc(child);
         // The ready line names the metrics endpoint: metrics=http://ADDR/metrics.
-        let url = testkit::ready_value(&mut child.0, "relay", "relay ready", "metrics");
+        let log = testkit::Log::default();
+        let url = testkit::ready_value_logged(
+            &mut child.0,
+            "relay",
+            "relay ready",
+            "metrics",
+            Some(log.clone()),
+        );
         let metrics = url
             .trim_start_matches("http://")
             .trim_end_matches("/metrics")
@@ -75,6 +84,7 @@ impl RelayProc {
             ctl,
             metrics,
             backend: backend.into(),
+            log,
         }
     }
 
@@ -212,6 +222,16 @@ impl Ctl {
 
     /// Adds a channel on any port; returns the port.
     pub fn add(&mut self, channel: &str, asterisk: Option<SocketAddr>, echo: SocketAddr) -> u16 {
+        self.add_on(channel, asterisk, echo).0
+    }
+
+    /// Adds a channel on any port; returns the port and the shard that took it.
+    pub fn add_on(
+        &mut self,
+        channel: &str,
+        asterisk: Option<SocketAddr>,
+        echo: SocketAddr,
+    ) -> (u16, u32) {
         match self.request(relay_proto::Command::Add(AddChannel {
             channel: ChannelId::try_from(channel).unwrap(),
             port: 0,
@@ -219,7 +239,7 @@ impl Ctl {
             echo: Some(echo),
             format: Format::Ulaw,
         })) {
-            Ok(Response::Added { port, .. }) => port,
+            Ok(Response::Added { port, shard, .. }) => (port, shard),
             other => panic!("add {channel}: {other:?}"),
         }
     }
