@@ -39,6 +39,10 @@ pub enum Target {
     #[serde(rename = "uring-user")]
     #[value(name = "uring-user")]
     UringUser,
+    /// The relay, io_uring backend, one shard per `--shard-cores` entry (default: two shards on
+    /// the forwarder core, which shows what sharding costs; on a larger machine, distinct cores
+    /// show how it scales).
+    Sharded,
     /// The relay, tokio backend.
     Tokio,
     /// The minimal io_uring forwarder (`bench floor`).
@@ -54,6 +58,7 @@ impl Target {
         match self {
             Self::Uring => "uring",
             Self::UringUser => "uring-user",
+            Self::Sharded => "sharded",
             Self::Tokio => "tokio",
             Self::Floor => "floor",
             Self::Rtpengine => "rtpengine",
@@ -78,10 +83,17 @@ pub struct CompareConfig {
     pub burst: u32,
     /// Where the JSON and the chart go.
     pub out: PathBuf,
-    /// The forwarder's core; loadgen and the echo take the other one.
+    /// The forwarder's core; loadgen and the echo take the other one unless placed.
     pub core: usize,
-    /// Extra flags for the relay (`uring` and `tokio` targets), e.g. `--batch=16`.
+    /// Extra flags for the relay (every relay target), e.g. `--batch=16`. A `--cores` among them
+    /// replaces the relay's `--core`.
     pub relay_args: Vec<String>,
+    /// The `sharded` target's `--cores` list (default: the forwarder core twice).
+    pub shard_cores: Option<String>,
+    /// loadgen's core (default: the other of 0 and 1).
+    pub load_core: Option<usize>,
+    /// The echo's core (default: the other of 0 and 1).
+    pub echo_core: Option<usize>,
 }
 
 /// `bench floor`'s first port (channel i on FLOOR_BASE + i).
@@ -112,8 +124,14 @@ fn start(name: &str, args: &[&str], ready: &str, key: &str) -> anyhow::Result<(P
     testkit::try_start(name, args, ready, key).map_err(|e| anyhow!(e))
 }
 
-fn other_core(core: usize) -> usize {
-    usize::from(core == 0)
+/// The core of loadgen (or of the drain sender), and of the echo: `--load-core` and `--echo-core`,
+/// by default the other of cores 0 and 1 than the forwarder's.
+fn load_cores(cfg: &CompareConfig) -> (usize, usize) {
+    let other = usize::from(cfg.core == 0);
+    (
+        cfg.load_core.unwrap_or(other),
+        cfg.echo_core.unwrap_or(other),
+    )
 }
 
 /// Runs the comparison, writing `compare.json` (and in paced mode `compare.svg`) in `out` after
@@ -278,7 +296,7 @@ fn start_echo(cfg: &CompareConfig) -> anyhow::Result<(Proc, String)> {
             "--metrics",
             "off",
             "--core",
-            &other_core(cfg.core).to_string(),
+            &load_cores(cfg).1.to_string(),
         ],
         "echo ready",
         "listen",
@@ -288,11 +306,24 @@ fn start_echo(cfg: &CompareConfig) -> anyhow::Result<(Proc, String)> {
 fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::Result<Running> {
     let core = cfg.core.to_string();
     Ok(match t {
-        Target::Uring | Target::UringUser | Target::Tokio => {
+        Target::Uring | Target::UringUser | Target::Sharded | Target::Tokio => {
             let (backend, timestamps) = match t {
                 Target::Tokio => ("tokio", "kernel"),
                 Target::UringUser => ("uring", "user"),
                 _ => ("uring", "kernel"),
+            };
+            // Where its shards run: `--cores` for `sharded` (or given by --relay-arg), else the
+            // forwarder core.
+            let cores_given = cfg.relay_args.iter().any(|a| a.starts_with("--cores"));
+            let placement = match t {
+                Target::Sharded if !cores_given => [
+                    "--cores".to_owned(),
+                    cfg.shard_cores
+                        .clone()
+                        .unwrap_or_else(|| format!("{core},{core}")),
+                ],
+                _ if cores_given => [String::new(), String::new()],
+                _ => ["--core".to_owned(), core.clone()],
             };
             let ctl = std::env::temp_dir().join(format!(
                 "bench-{}-{}.sock",
@@ -313,12 +344,16 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
                     "127.0.0.1:0",
                     "--echo",
                     echo,
-                    "--core",
-                    &core,
                     "--max-channels",
                     &n.max(16).to_string(),
                 ]
                 .into_iter()
+                .chain(
+                    placement
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|a| !a.is_empty()),
+                )
                 .chain(cfg.relay_args.iter().map(String::as_str))
                 .collect::<Vec<_>>(),
                 "relay ready",
@@ -476,7 +511,7 @@ fn paced(
         "--ramp".into(),
         "0".into(),
         "--core".into(),
-        other_core(cfg.core).to_string(),
+        load_cores(cfg).0.to_string(),
         "--json".into(),
         "-".into(),
     ];
@@ -549,7 +584,7 @@ fn paced(
 /// timed from SIGCONT until every echo is back (or 10 s).
 fn drain(cfg: &CompareConfig, t: Target, n: u32, stop: &AtomicBool) -> anyhow::Result<Point> {
     // This thread plays loadgen: on the other core, with the echo.
-    let _ = relay_io::pin_current_thread(other_core(cfg.core));
+    let _ = relay_io::pin_current_thread(load_cores(cfg).0);
     let (_echo, echo_addr) = start_echo(cfg)?;
     let running = start_target(cfg, t, n, &echo_addr)?;
     let sockets: Vec<UdpSocket> = (0..n)

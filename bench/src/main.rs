@@ -77,9 +77,19 @@ struct CompareArgs {
     /// The forwarder's core (loadgen and the echo take the other).
     #[arg(long, default_value_t = 1)]
     core: usize,
-    /// An extra flag for the relay (repeatable), e.g. --relay-arg=--batch=16.
+    /// An extra flag for every relay target (repeatable), e.g. --relay-arg=--batch=16; a
+    /// --relay-arg=--cores=LIST replaces the relay's --core.
     #[arg(long, allow_hyphen_values = true)]
     relay_arg: Vec<String>,
+    /// The `sharded` target's --cores list, e.g. 2-5 (default: the forwarder core twice).
+    #[arg(long)]
+    shard_cores: Option<String>,
+    /// loadgen's core (drain mode: the sender's); default the other of cores 0 and 1.
+    #[arg(long)]
+    load_core: Option<usize>,
+    /// The echo's core; default the other of cores 0 and 1.
+    #[arg(long)]
+    echo_core: Option<usize>,
 }
 
 /// `bench floor` flags.
@@ -160,14 +170,18 @@ fn main() -> ExitCode {
                 eprintln!("bench compare: invalid value for --channels or --targets: at least one, none zero");
                 return ExitCode::from(2);
             }
-            if a.core > 1
-                && std::thread::available_parallelism().map_or(1, std::num::NonZero::get) <= a.core
-            {
-                eprintln!(
-                    "bench compare: invalid value for --core: this machine has no core {}",
-                    a.core
-                );
-                return ExitCode::from(2);
+            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            for (flag, c) in [
+                ("--core", Some(a.core)),
+                ("--load-core", a.load_core),
+                ("--echo-core", a.echo_core),
+            ] {
+                if let Some(c) = c.filter(|&c| c > 1 && c >= cores) {
+                    eprintln!(
+                        "bench compare: invalid value for {flag}: this machine has no core {c}"
+                    );
+                    return ExitCode::from(2);
+                }
             }
             let cfg = CompareConfig {
                 targets: a.targets,
@@ -179,6 +193,9 @@ fn main() -> ExitCode {
                 out: a.out,
                 core: a.core,
                 relay_args: a.relay_arg,
+                shard_cores: a.shard_cores,
+                load_core: a.load_core,
+                echo_core: a.echo_core,
             };
             // Ctrl-C or SIGTERM ends the run with what it measured (the children, which a
             // terminal's Ctrl-C reaches too, are stopped and reaped by their guards).

@@ -44,7 +44,16 @@ fn a_short_comparison_measures_every_target_and_writes_json_and_a_chart() {
     let _serial = serial();
     let out = std::env::temp_dir().join(format!("bench-compare-smoke-{}", std::process::id()));
     let run = compare(
-        &["--channels", "10", "--duration", "1s", "--warmup", "300ms"],
+        &[
+            "--targets",
+            "uring,sharded,tokio,floor,rtpengine",
+            "--channels",
+            "10",
+            "--duration",
+            "1s",
+            "--warmup",
+            "300ms",
+        ],
         &out,
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -58,7 +67,7 @@ fn a_short_comparison_measures_every_target_and_writes_json_and_a_chart() {
         .iter()
         .map(|p| p["target"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["uring", "tokio", "floor", "rtpengine"]);
+    assert_eq!(names, ["uring", "sharded", "tokio", "floor", "rtpengine"]);
     for p in points {
         if let Some(why) = p["skipped"].as_str() {
             assert_eq!(

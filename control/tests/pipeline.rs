@@ -37,6 +37,8 @@ struct Pipeline {
     call_log: PathBuf,
     ctl: PathBuf,
     ports: usize,
+    /// Extra flags for the relay (e.g. `--cores`).
+    relay_args: Vec<&'static str>,
     _echo: Proc,
 }
 
@@ -44,7 +46,7 @@ impl Pipeline {
     /// Starts echo, relay, sim-asterisk (with `sim_args`) and control (with `ports`, a range such
     /// as `21000-21099`); returns once control reports both links up.
     fn launch(name: &str, sim_args: &[&str], ports: &str) -> Self {
-        Self::launch_logging_to(name, sim_args, ports, None)
+        Self::launch_logging_to(name, sim_args, ports, None, &[])
     }
 
     /// [`Pipeline::launch`], with control's call log at `call_log` (default: a fresh temporary
@@ -54,6 +56,7 @@ impl Pipeline {
         sim_args: &[&str],
         ports: &str,
         log_to: Option<&std::path::Path>,
+        relay_args: &[&'static str],
     ) -> Self {
         let tmp = std::env::temp_dir();
         let ctl = tmp.join(format!("rtp-pipeline-{}-{name}.sock", std::process::id()));
@@ -83,6 +86,7 @@ impl Pipeline {
             call_log,
             ctl,
             ports: 0,
+            relay_args: relay_args.to_vec(),
             echo_addr,
             echo_metrics,
             relay_metrics: String::new(),
@@ -166,7 +170,10 @@ impl Pipeline {
                 "--echo",
                 &self.echo_addr,
                 "--strict",
-            ],
+            ]
+            .into_iter()
+            .chain(self.relay_args.iter().copied())
+            .collect::<Vec<_>>(),
             "relay ready",
             "metrics",
         );
@@ -722,6 +729,7 @@ fn a_call_log_that_cannot_be_written_is_counted_and_stops_no_call() {
         &["--calls", "3", "--ramp", "0s", "--hold", "2s"],
         "21620-21629",
         Some(std::path::Path::new("/dev/full")),
+        &[],
     );
     let r = p.finish(Duration::from_secs(20));
     assert_eq!(u(&r["bridged"]), 3, "{}", brief(&r));
@@ -1004,10 +1012,13 @@ fn prometheus_agrees_with_the_relay_and_every_dashboard_panel_has_data() {
     if !uring_available() {
         return;
     }
-    let mut p = Pipeline::launch(
+    // A relay of two shards: control needs nothing new, and the shard panels get two series.
+    let mut p = Pipeline::launch_logging_to(
         "prometheus",
         &["--calls", "20", "--ramp", "1s", "--hold", "8s"],
         "21900-21999",
+        None,
+        &["--cores", "0,1"],
     );
     let Some(prom) = Prometheus::start(&p) else {
         return;
@@ -1095,6 +1106,9 @@ fn prometheus_agrees_with_the_relay_and_every_dashboard_panel_has_data() {
     .unwrap();
     let mut exprs = 0;
     for panel in dashboard["panels"].as_array().unwrap() {
+        if panel["type"] == "row" {
+            continue;
+        }
         for target in panel["targets"].as_array().unwrap() {
             let expr = target["expr"]
                 .as_str()
@@ -1109,7 +1123,14 @@ fn prometheus_agrees_with_the_relay_and_every_dashboard_panel_has_data() {
             exprs += 1;
         }
     }
-    assert!(exprs >= 14, "{exprs} queries");
+    assert!(exprs >= 24, "{exprs} queries");
+    // The per-shard row shows both shards, and both carried calls.
+    let per_shard = prom.query("sum by (shard) (rtprelay_shard_packets_total)");
+    assert_eq!(per_shard.len(), 2, "{per_shard:?}");
+    for s in &per_shard {
+        let v: f64 = s["value"][1].as_str().unwrap().parse().unwrap();
+        assert!(v > 0.0, "every shard forwarded: {per_shard:?}");
+    }
 
     // The alert rules are loaded and evaluate without error.
     let (_, rules) = http_get(&prom.addr, "/api/v1/rules").unwrap();
