@@ -4,6 +4,9 @@
 #
 #   scripts/bench.sh [bench compare flags...]     e.g. --channels 100,1000 --duration 20s
 #   scripts/bench.sh --mode drain                  the maximum forwarding rate instead
+#   scripts/bench.sh --targets uring,sharded --core 2 --shard-cores 2-5 --load-core 0 --echo-core 1
+#                                                  one shard against four (cores: the relay's,
+#                                                  the sharded relay's list, loadgen's, the echo's)
 #
 # Installs rtpengine (Debian package rtpengine-daemon; userspace forwarding, no kernel module)
 # when it is missing and the machine allows it, builds everything in release mode, runs
