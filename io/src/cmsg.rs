@@ -1,6 +1,8 @@
-//! Reading the control messages (cmsgs) the kernel attaches to a received datagram: here, its
+//! Reading the control messages (cmsgs) the kernel attaches to a received datagram: its
 //! software receive timestamp (`SO_TIMESTAMPNS`, or `SO_TIMESTAMPING`'s software slot), which is
-//! when the packet reached the socket, before any wake-up of ours. A pure, bounds-checked parser
+//! when the packet reached the socket, before any wake-up of ours, and the segment size of a
+//! datagram UDP GRO coalesced ([`gro_segment`]); and writing the one a send carries, UDP GSO's
+//! segment size ([`segment_cmsg`]). A pure, bounds-checked parser
 //! of the bytes the kernel wrote (Linux's `struct cmsghdr` layout), so it can be tested on
 //! crafted input: truncated headers, lengths past the end, other messages first.
 //!
@@ -8,8 +10,19 @@
 //! cmsg_type: i32 }` followed by its data; `cmsg_len` counts the header and the data; the next
 //! message starts at `cmsg_len` rounded up to the alignment of `usize`.
 
-/// Control-message room a receive needs for a timestamp (and, later, a GRO segment size).
+/// Control-message room a receive needs for a timestamp (32 bytes) and a GRO segment size (24).
 pub const CONTROL_LEN: usize = 64;
+
+/// `SOL_UDP` (`IPPROTO_UDP`).
+pub const SOL_UDP: i32 = 17;
+/// `UDP_SEGMENT` (`linux/udp.h`; not in the libc crate for glibc targets): on a send, a `u16`
+/// control message giving the size of the segments the kernel cuts the payload into (UDP GSO).
+pub const UDP_SEGMENT: i32 = 103;
+/// `UDP_GRO`: the socket option that lets the kernel coalesce received datagrams of one flow and
+/// size; each coalesced receive carries an `int` control message with the segment size.
+pub const UDP_GRO: i32 = 104;
+/// Room of a `UDP_SEGMENT` control message: `CMSG_SPACE(sizeof(u16))`.
+pub const SEGMENT_CMSG_SPACE: usize = HEADER + ALIGN;
 
 /// `SOL_SOCKET`.
 const SOL_SOCKET: i32 = libc::SOL_SOCKET;
@@ -38,13 +51,16 @@ pub enum CmsgError {
     /// A timestamp message whose data is not a timespec (negative or out-of-range fields).
     #[error("a timestamp control message holds no valid timespec")]
     BadTimestamp,
+    /// A GRO message whose segment size is not in 1..=65535.
+    #[error("a UDP_GRO control message holds no valid segment size")]
+    BadSegment,
 }
 
-/// The software receive timestamp among `control`'s messages, if there is one.
-///
-/// # Errors
-/// The messages are malformed (see [`CmsgError`]); a caller treats that like a missing timestamp.
-pub fn rx_timestamp(control: &[u8]) -> Result<Option<WallTime>, CmsgError> {
+/// Walks `control`'s messages, giving each `(level, type, data)` to `f` until it answers.
+fn find<T>(
+    control: &[u8],
+    mut f: impl FnMut(i32, i32, &[u8]) -> Result<Option<T>, CmsgError>,
+) -> Result<Option<T>, CmsgError> {
     let mut rest = control;
     while !rest.is_empty() {
         if rest.len() < HEADER {
@@ -57,6 +73,21 @@ pub fn rx_timestamp(control: &[u8]) -> Result<Option<WallTime>, CmsgError> {
             return Err(CmsgError::Truncated);
         }
         let data = rest.get(HEADER..len).ok_or(CmsgError::Truncated)?;
+        if let Some(t) = f(level, kind, data)? {
+            return Ok(Some(t));
+        }
+        let next = len.div_ceil(ALIGN) * ALIGN;
+        rest = rest.get(next..).unwrap_or_default();
+    }
+    Ok(None)
+}
+
+/// The software receive timestamp among `control`'s messages, if there is one.
+///
+/// # Errors
+/// The messages are malformed (see [`CmsgError`]); a caller treats that like a missing timestamp.
+pub fn rx_timestamp(control: &[u8]) -> Result<Option<WallTime>, CmsgError> {
+    find(control, |level, kind, data| {
         if level == SOL_SOCKET && (kind == SCM_TIMESTAMPNS || kind == SCM_TIMESTAMPING) {
             // SCM_TIMESTAMPING's first timespec is the software stamp; zero means "none".
             let t = timespec(data)?;
@@ -64,10 +95,39 @@ pub fn rx_timestamp(control: &[u8]) -> Result<Option<WallTime>, CmsgError> {
                 return Ok(Some(t));
             }
         }
-        let next = len.div_ceil(ALIGN) * ALIGN;
-        rest = rest.get(next..).unwrap_or_default();
-    }
-    Ok(None)
+        Ok(None)
+    })
+}
+
+/// The segment size of a datagram UDP GRO coalesced (the payload is then segments of this size,
+/// the last possibly shorter), if `control` says it was coalesced.
+///
+/// # Errors
+/// The messages are malformed, or the GRO message holds no positive size below 65536.
+pub fn gro_segment(control: &[u8]) -> Result<Option<u16>, CmsgError> {
+    find(control, |level, kind, data| {
+        if level != SOL_UDP || kind != UDP_GRO {
+            return Ok(None);
+        }
+        let n = read_i32(data, 0).ok_or(CmsgError::Truncated)?;
+        u16::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .map(Some)
+            .ok_or(CmsgError::BadSegment)
+    })
+}
+
+/// Writes a `UDP_SEGMENT` control message for segments of `size` bytes into `out`, as the kernel
+/// reads it on a send; returns its length (the `msg_controllen` to pass).
+pub fn segment_cmsg(size: u16, out: &mut [u8; SEGMENT_CMSG_SPACE]) -> usize {
+    out.fill(0);
+    let len = HEADER + 2;
+    out[..ALIGN].copy_from_slice(&len.to_ne_bytes());
+    out[ALIGN..ALIGN + 4].copy_from_slice(&SOL_UDP.to_ne_bytes());
+    out[ALIGN + 4..ALIGN + 8].copy_from_slice(&UDP_SEGMENT.to_ne_bytes());
+    out[HEADER..HEADER + 2].copy_from_slice(&size.to_ne_bytes());
+    SEGMENT_CMSG_SPACE
 }
 
 fn timespec(data: &[u8]) -> Result<WallTime, CmsgError> {
@@ -202,5 +262,42 @@ mod tests {
                 .collect();
             let _ = rx_timestamp(&bytes);
         }
+    }
+
+    #[test]
+    fn a_gro_message_gives_the_segment_size_after_a_timestamp() {
+        let c = encode(&[
+            (SOL_SOCKET, SCM_TIMESTAMPNS, &timespec_bytes(T)),
+            (SOL_UDP, UDP_GRO, &172i32.to_ne_bytes()),
+        ]);
+        assert_eq!(gro_segment(&c), Ok(Some(172)));
+        assert_eq!(
+            rx_timestamp(&c),
+            Ok(Some(T)),
+            "the timestamp is still found"
+        );
+        assert_eq!(c.len(), 32 + 24, "both fit CONTROL_LEN");
+        assert_eq!(
+            gro_segment(&encode(&[(
+                SOL_SOCKET,
+                SCM_TIMESTAMPNS,
+                &timespec_bytes(T)
+            )])),
+            Ok(None)
+        );
+        for bad in [0i32, -1, 70_000] {
+            let c = encode(&[(SOL_UDP, UDP_GRO, &bad.to_ne_bytes())]);
+            assert_eq!(gro_segment(&c), Err(CmsgError::BadSegment), "{bad}");
+        }
+        let short = encode(&[(SOL_UDP, UDP_GRO, &[1, 0][..])]);
+        assert_eq!(gro_segment(&short), Err(CmsgError::Truncated));
+    }
+
+    #[test]
+    fn a_segment_message_is_laid_out_as_the_kernel_reads_it() {
+        let mut out = [0xffu8; SEGMENT_CMSG_SPACE];
+        assert_eq!(segment_cmsg(1_200, &mut out), 24);
+        let want = encode(&[(SOL_UDP, UDP_SEGMENT, &1_200u16.to_ne_bytes())]);
+        assert_eq!(&out[..], &want[..]);
     }
 }

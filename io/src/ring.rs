@@ -29,25 +29,30 @@ const CONTROL_LEN: usize = crate::cmsg::CONTROL_LEN;
 /// Where the payload starts in a receive buffer: after the `io_uring_recvmsg_out` header, the
 /// address and the control messages.
 const PAYLOAD_OFFSET: usize = 16 + NAME_LEN + CONTROL_LEN;
-/// Size of one receive buffer: the `io_uring_recvmsg_out` header, the address, the control
-/// messages, the payload.
+/// Size of one receive buffer by default: the `io_uring_recvmsg_out` header, the address, the
+/// control messages, the payload ([`Ring::with_buffer_size`] takes others, up to
+/// [`MAX_BUFFER_SIZE`], for UDP GRO's coalesced datagrams).
 pub const BUFFER_SIZE: usize = 2048;
+/// Largest buffer [`Ring::with_buffer_size`] takes: room for a 64 KiB coalesced datagram.
+pub const MAX_BUFFER_SIZE: usize = (64 << 10) + PAYLOAD_OFFSET;
 
 // Kernel ABI sizes and constants, checked to fit the narrower types the kernel wants.
 #[allow(clippy::cast_possible_truncation)] // checked by the assertions below
 const NAME_LEN_SOCKLEN: libc::socklen_t = NAME_LEN as libc::socklen_t;
 #[allow(clippy::cast_possible_truncation)] // checked by the assertions below
 const SIN_LEN: libc::socklen_t = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-#[allow(clippy::cast_possible_truncation)] // checked by the assertions below
-const BUFFER_SIZE_U32: u32 = BUFFER_SIZE as u32;
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // AF_* are small positive
 const FAMILY_INET: libc::sa_family_t = libc::AF_INET as libc::sa_family_t;
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // AF_* are small positive
 const FAMILY_INET6: libc::sa_family_t = libc::AF_INET6 as libc::sa_family_t;
 const _: () = assert!(
-    NAME_LEN < 256 && BUFFER_SIZE < 1 << 20 && libc::AF_INET6 < 256 && PAYLOAD_OFFSET < BUFFER_SIZE
+    NAME_LEN < 256
+        && MAX_BUFFER_SIZE < 1 << 20
+        && libc::AF_INET6 < 256
+        && PAYLOAD_OFFSET < BUFFER_SIZE
 );
-/// Largest datagram payload a buffer holds (larger ones are truncated and dropped).
+/// Largest datagram payload a buffer of the default size holds (larger ones are truncated and
+/// dropped); [`Ring::max_payload`] for a ring's own.
 pub const MAX_PAYLOAD: usize = BUFFER_SIZE - PAYLOAD_OFFSET;
 
 /// Why io_uring could not be set up, in words an operator can act on.
@@ -126,6 +131,8 @@ struct SendSlot {
     iov: libc::iovec,
     /// The destination.
     addr: libc::sockaddr_in6,
+    /// A `UDP_SEGMENT` control message, for a GSO send (u64s: cmsg alignment).
+    control: [u64; crate::cmsg::SEGMENT_CMSG_SPACE / 8],
 }
 
 /// One completion, copied out of the completion queue.
@@ -162,6 +169,9 @@ pub struct Received<'a> {
     pub payload: &'a [u8],
     /// Whether the payload was longer than the buffer and cut.
     pub truncated: bool,
+    /// With UDP GRO: the datagrams coalesced into this payload are this size each (the last may
+    /// be shorter); `None` for a single datagram.
+    pub segment: Option<u16>,
     /// The control messages the kernel attached (the receive timestamp, where the socket asked
     /// for it: see [`crate::cmsg::rx_timestamp`]).
     pub control: &'a [u8],
@@ -179,12 +189,14 @@ pub struct Ring {
     entries: u16,
     /// Our copy of the buffer ring's tail.
     tail: u16,
-    /// The receive buffers, `entries` × BUFFER_SIZE bytes.
+    /// Size of each receive and transmit buffer.
+    buffer_size: usize,
+    /// The receive buffers, `entries` × `buffer_size` bytes.
     buffers: Box<[u8]>,
     /// Send headers, one per receive buffer.
     sends: Box<[SendSlot]>,
     /// Transmit buffers for datagrams that did not arrive in a receive buffer (generated or
-    /// copied), `tx_count` × BUFFER_SIZE bytes.
+    /// copied), `tx_count` × `buffer_size` bytes.
     tx: Box<[u8]>,
     /// Send headers, one per transmit buffer.
     tx_sends: Box<[SendSlot]>,
@@ -239,6 +251,25 @@ impl Ring {
         files: u32,
         tx_count: u16,
     ) -> Result<Self, SetupError> {
+        Self::with_buffer_size(sq_entries, buffers, files, tx_count, BUFFER_SIZE)
+    }
+
+    /// Like [`Ring::with_tx`], with receive and transmit buffers of `buffer_size` bytes (clamped
+    /// to [`BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`]): a socket with UDP GRO needs room for a whole
+    /// coalesced datagram, and a GSO send for all its segments.
+    ///
+    /// # Errors
+    /// What failed, in words that name the cause and the way out.
+    pub fn with_buffer_size(
+        sq_entries: u32,
+        buffers: u16,
+        files: u32,
+        tx_count: u16,
+        buffer_size: usize,
+    ) -> Result<Self, SetupError> {
+        let buffer_size = buffer_size
+            .clamp(BUFFER_SIZE, MAX_BUFFER_SIZE)
+            .next_multiple_of(64);
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
@@ -289,9 +320,10 @@ impl Ring {
             ring_len,
             entries,
             tail: 0,
-            buffers: vec![0u8; usize::from(entries) * BUFFER_SIZE].into_boxed_slice(),
+            buffer_size,
+            buffers: vec![0u8; usize::from(entries) * buffer_size].into_boxed_slice(),
             sends,
-            tx: vec![0u8; usize::from(tx_count) * BUFFER_SIZE].into_boxed_slice(),
+            tx: vec![0u8; usize::from(tx_count) * buffer_size].into_boxed_slice(),
             tx_sends: slots(tx_count),
             tx_free: (0..tx_count).rev().collect(),
             recv_msg,
@@ -334,14 +366,20 @@ impl Ring {
         self.entries
     }
 
+    /// Largest payload a receive buffer holds (a transmit buffer holds its whole size).
+    #[must_use]
+    pub const fn max_payload(&self) -> usize {
+        self.buffer_size - PAYLOAD_OFFSET
+    }
+
     fn push_buffer(&mut self, bid: u16) {
         let idx = usize::from(self.tail & (self.entries - 1));
-        let addr = self.buffers[usize::from(bid) * BUFFER_SIZE..].as_ptr() as u64;
+        let addr = self.buffers[usize::from(bid) * self.buffer_size..].as_ptr() as u64;
         // SAFETY: idx < entries, so the entry lies inside the mapping, which we own; the kernel
         // reads entries only up to the tail we publish in `sync_buffers`, after this write.
         let entry = unsafe { &mut *self.ring_mem.as_ptr().add(idx) };
         entry.set_addr(addr);
-        entry.set_len(BUFFER_SIZE_U32);
+        entry.set_len(u32::try_from(self.buffer_size).unwrap_or(u32::MAX));
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
     }
@@ -443,8 +481,8 @@ impl Ring {
     /// The datagram in buffer `bid`, whose completion reported `len` bytes.
     #[must_use]
     pub fn received(&self, bid: u16, len: usize) -> Option<Received<'_>> {
-        let start = usize::from(bid).checked_mul(BUFFER_SIZE)?;
-        let buf = self.buffers.get(start..start + len.min(BUFFER_SIZE))?;
+        let start = usize::from(bid).checked_mul(self.buffer_size)?;
+        let buf = self.buffers.get(start..start + len.min(self.buffer_size))?;
         let out = RecvMsgOut::parse(buf, &self.recv_msg).ok()?;
         let (from, n, c, truncated) = (
             sockaddr_from_bytes(out.name_data()),
@@ -460,6 +498,7 @@ impl Ring {
             from,
             payload,
             truncated,
+            segment: crate::cmsg::gro_segment(control).ok().flatten(),
             control,
         })
     }
@@ -478,8 +517,26 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
-        let offset = usize::from(bid) * BUFFER_SIZE + PAYLOAD_OFFSET;
-        let len = len.min(MAX_PAYLOAD);
+        self.send_gso(slot, bid, len, None, to, user_data)
+    }
+
+    /// [`Ring::send`], with UDP GSO when `segment` is given: the kernel cuts the payload into
+    /// datagrams of `segment` bytes (the last may be shorter), e.g. to reflect a coalesced
+    /// receive in one send.
+    ///
+    /// # Errors
+    /// The submission queue could not take it.
+    pub fn send_gso(
+        &mut self,
+        slot: u32,
+        bid: u16,
+        len: usize,
+        segment: Option<u16>,
+        to: SocketAddr,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let offset = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
+        let len = len.min(self.max_payload());
         let payload = self
             .buffers
             .get_mut(offset..offset + len)
@@ -488,7 +545,7 @@ impl Ring {
             .sends
             .get_mut(usize::from(bid))
             .ok_or_else(|| io::Error::other("buffer id out of range"))?;
-        let e = prepare_send(s, payload, to, slot, user_data);
+        let e = prepare_send(s, payload, to, slot, user_data, segment);
         self.push(&e)?;
         self.unwaited_sends += 1;
         Ok(())
@@ -500,10 +557,10 @@ impl Ring {
         self.tx_free.pop()
     }
 
-    /// Transmit buffer `i`, `BUFFER_SIZE` bytes.
+    /// Transmit buffer `i`, the ring's buffer size.
     pub fn tx_buffer(&mut self, i: u16) -> Option<&mut [u8]> {
-        let start = usize::from(i) * BUFFER_SIZE;
-        self.tx.get_mut(start..start + BUFFER_SIZE)
+        let start = usize::from(i) * self.buffer_size;
+        self.tx.get_mut(start..start + self.buffer_size)
     }
 
     /// Copies the payload of receive buffer `bid` (completion length `len`) into a free transmit
@@ -511,8 +568,8 @@ impl Ring {
     pub fn tx_copy_from(&mut self, bid: u16, len: usize) -> Option<(u16, usize)> {
         let n = self.received(bid, len)?.payload.len();
         let i = self.tx_acquire()?;
-        let src = usize::from(bid) * BUFFER_SIZE + PAYLOAD_OFFSET;
-        let dst = usize::from(i) * BUFFER_SIZE;
+        let src = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
+        let dst = usize::from(i) * self.buffer_size;
         let payload = self.buffers.get(src..src + n)?;
         self.tx.get_mut(dst..dst + n)?.copy_from_slice(payload);
         Some((i, n))
@@ -537,16 +594,32 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
-        let start = usize::from(i) * BUFFER_SIZE;
+        self.send_tx_gso(slot, i, len, None, to, user_data)
+    }
+
+    /// [`Ring::send_tx`], with UDP GSO when `segment` is given (see [`Ring::send_gso`]).
+    ///
+    /// # Errors
+    /// The submission queue could not take it, or `i` is not a transmit buffer.
+    pub fn send_tx_gso(
+        &mut self,
+        slot: u32,
+        i: u16,
+        len: usize,
+        segment: Option<u16>,
+        to: SocketAddr,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let start = usize::from(i) * self.buffer_size;
         let payload = self
             .tx
-            .get_mut(start..start + len.min(BUFFER_SIZE))
+            .get_mut(start..start + len.min(self.buffer_size))
             .ok_or_else(|| io::Error::other("transmit buffer out of range"))?;
         let s = self
             .tx_sends
             .get_mut(usize::from(i))
             .ok_or_else(|| io::Error::other("transmit buffer out of range"))?;
-        let e = prepare_send(s, payload, to, slot, user_data);
+        let e = prepare_send(s, payload, to, slot, user_data, segment);
         self.push(&e)?;
         self.unwaited_sends += 1;
         Ok(())
@@ -643,14 +716,16 @@ impl Drop for Ring {
     }
 }
 
-/// Fills a send slot for `payload` to `to` and builds its SendMsg. The slot and the payload must
-/// stay put until the send completes (both live in the ring's boxed arrays).
+/// Fills a send slot for `payload` to `to` (cut into `segment`-byte datagrams by UDP GSO when
+/// given) and builds its SendMsg. The slot and the payload must stay put until the send completes
+/// (both live in the ring's boxed arrays).
 fn prepare_send(
     s: &mut SendSlot,
     payload: &mut [u8],
     to: SocketAddr,
     slot: u32,
     user_data: u64,
+    segment: Option<u16>,
 ) -> io_uring::squeue::Entry {
     let namelen = write_sockaddr(to, &mut s.addr);
     s.iov = libc::iovec {
@@ -661,8 +736,21 @@ fn prepare_send(
     s.msg.msg_namelen = namelen;
     s.msg.msg_iov = &mut s.iov;
     s.msg.msg_iovlen = 1;
-    s.msg.msg_control = std::ptr::null_mut();
-    s.msg.msg_controllen = 0;
+    match segment {
+        Some(size) => {
+            let mut c = [0u8; crate::cmsg::SEGMENT_CMSG_SPACE];
+            let n = crate::cmsg::segment_cmsg(size, &mut c);
+            for (w, b) in s.control.iter_mut().zip(c.chunks_exact(8)) {
+                *w = u64::from_ne_bytes(b.try_into().unwrap_or_default());
+            }
+            s.msg.msg_control = s.control.as_mut_ptr().cast();
+            s.msg.msg_controllen = n;
+        }
+        None => {
+            s.msg.msg_control = std::ptr::null_mut();
+            s.msg.msg_controllen = 0;
+        }
+    }
     s.msg.msg_flags = 0;
     opcode::SendMsg::new(Fixed(slot), &s.msg)
         .flags(libc::MSG_NOSIGNAL as u32)
@@ -801,6 +889,76 @@ mod tests {
             .unwrap()
             .expect("a timestamp");
         assert!((before..=after).contains(&u128::from(t.0)));
+    }
+
+    #[test]
+    fn a_gso_send_arrives_coalesced_by_gro_and_splits_into_its_datagrams() {
+        if probe().is_err() {
+            eprintln!("SKIPPED (io_uring unavailable here)");
+            return;
+        }
+        let mut ring = Ring::with_buffer_size(8, 4, 2, 2, MAX_BUFFER_SIZE).unwrap();
+        assert!(ring.max_payload() >= 64 << 10);
+        let rx = crate::bind_udp("127.0.0.1".parse().unwrap(), 0, 1 << 20).unwrap();
+        let tx = crate::bind_udp("127.0.0.1".parse().unwrap(), 0, 1 << 20).unwrap();
+        crate::enable_udp_gro(&rx).unwrap();
+        crate::enable_rx_timestamps(&rx).unwrap();
+        ring.register_socket(0, rx.as_raw_fd()).unwrap();
+        ring.register_socket(1, tx.as_raw_fd()).unwrap();
+        ring.arm_recv(0, 7).unwrap();
+        // 20 datagrams of 172 bytes and a last of 100, each numbered, in one send.
+        let i = ring.tx_acquire().unwrap();
+        let b = ring.tx_buffer(i).unwrap();
+        for (k, chunk) in b[..20 * 172 + 100].chunks_mut(172).enumerate() {
+            chunk.fill(u8::try_from(k).unwrap());
+        }
+        ring.send_tx_gso(1, i, 20 * 172 + 100, Some(172), rx.local_addr().unwrap(), 9)
+            .unwrap();
+        let (mut datagrams, mut sent, mut coalesced) = (Vec::new(), false, 0);
+        for _ in 0..100 {
+            ring.submit_and_wait(Some(Duration::from_millis(20)))
+                .unwrap();
+            let got = ring.drain_completions();
+            for c in &got {
+                if c.user_data == 9 {
+                    assert_eq!(c.result, 20 * 172 + 100, "the whole payload was sent");
+                    sent = true;
+                }
+                if c.user_data == 7 {
+                    let bid = c.buffer().unwrap();
+                    let r = ring
+                        .received(bid, usize::try_from(c.result).unwrap())
+                        .unwrap();
+                    assert!(crate::cmsg::rx_timestamp(r.control).unwrap().is_some());
+                    coalesced += usize::from(r.segment == Some(172));
+                    let seg = usize::from(r.segment.unwrap_or(u16::MAX));
+                    datagrams.extend(
+                        r.payload
+                            .chunks(seg.min(r.payload.len().max(1)))
+                            .map(<[u8]>::to_vec),
+                    );
+                    ring.recycle(bid);
+                }
+            }
+            ring.give_back(got);
+            ring.sync_buffers();
+            if sent && datagrams.len() >= 21 {
+                break;
+            }
+        }
+        assert_eq!(
+            datagrams.len(),
+            21,
+            "every segment arrives, coalesced or not"
+        );
+        for (k, d) in datagrams.iter().enumerate() {
+            let want = if k == 20 { 100 } else { 172 };
+            assert_eq!(d.len(), want, "datagram {k}");
+            assert!(
+                d.iter().all(|&x| usize::from(x) == k),
+                "datagram {k} intact, in order"
+            );
+        }
     }
 
     #[test]

@@ -80,6 +80,17 @@ pub fn enable_rx_timestamps(fd: &impl AsRawFd) -> io::Result<()> {
     set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
 }
 
+/// Lets the kernel coalesce datagrams of one flow and size that `fd` receives (UDP GRO; on
+/// loopback, the segments of a GSO send): a receive then holds several datagrams, with their
+/// segment size in a control message ([`crate::cmsg::gro_segment`]). The receive buffer must
+/// have room for a coalesced datagram (up to 64 KiB), or it is truncated.
+///
+/// # Errors
+/// The kernel refused the option (before Linux 5.0).
+pub fn enable_udp_gro(fd: &impl AsRawFd) -> io::Result<()> {
+    set_int_option(fd, crate::cmsg::SOL_UDP, crate::cmsg::UDP_GRO, 1)
+}
+
 /// `setsockopt(fd, level, name, &value, sizeof(int))`: the form every option here takes.
 fn set_int_option(
     fd: &impl AsRawFd,
