@@ -6,6 +6,10 @@
 //! With faults ([`faults`]), held packets keep their buffer until they leave; duplicates are
 //! copied into a transmit buffer.
 //!
+//! With `--gro` (no faults) the socket has UDP GRO: the segments of a sender's GSO send arrive
+//! as one receive in a 64 KiB buffer, and go back as one GSO send of the same segment size, so
+//! a batch costs the echo one receive and one send however many datagrams it holds.
+//!
 //! Counts are published to atomics once per batch for `/metrics`, and printed as a JSON line on
 //! standard output when the echo exits (SIGTERM, SIGINT, or `--duration`).
 #![forbid(unsafe_code)]
@@ -40,7 +44,12 @@ pub struct Config {
     pub rcvbuf: usize,
     /// Stop after this long.
     pub duration: Option<Duration>,
+    /// Receive with UDP GRO and reflect coalesced batches with UDP GSO (clean only).
+    pub gro: bool,
 }
+
+/// Receive buffers with `--gro`: each holds a coalesced batch of up to 64 KiB.
+const GRO_BUFFERS: u16 = 512;
 
 /// Counters shared with the metrics endpoint.
 #[derive(Debug, Default)]
@@ -149,6 +158,10 @@ pub struct Summary {
     pub timestamps: &'static str,
     /// Steps of the wall clock seen (their batches' arrivals were taken at handling time).
     pub clock_steps: u64,
+    /// Whether it received with UDP GRO.
+    pub gro: bool,
+    /// Receives that held more than one datagram (UDP GRO coalesced them).
+    pub coalesced: u64,
 }
 
 /// The echo's clock: arrivals from the kernel's receive stamps, and the hold of every datagram
@@ -161,8 +174,11 @@ struct Timing {
     wall: relay_io::WallToMono,
     /// Whether the socket gives stamps.
     kernel: bool,
-    /// Arrivals of the reflections queued since the last submission.
-    queued: Vec<u64>,
+    /// Arrivals of the reflections queued since the last submission, with how many datagrams
+    /// arrived then (a coalesced batch is one entry).
+    queued: Vec<(u64, u64)>,
+    /// Receives that held more than one datagram.
+    coalesced: u64,
     /// Holds.
     hold: relay_proto::stats::LatencyHistogram<u64>,
 }
@@ -186,8 +202,8 @@ impl Timing {
             return;
         }
         let now = self.clock.now_ns();
-        for a in self.queued.drain(..) {
-            self.hold.record(now.saturating_sub(a));
+        for (a, n) in self.queued.drain(..) {
+            self.hold.record_n(now.saturating_sub(a), n);
         }
     }
 }
@@ -231,7 +247,21 @@ pub fn run(
     let socket = relay_io::bind_udp(config.listen.ip(), config.listen.port(), config.rcvbuf)
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", config.listen))?;
     let listen = socket.local_addr()?;
-    let mut ring = Ring::with_tx(4096, config.buffers, 1, 1024).context("io_uring")?;
+    let clean = config.faults.is_clean();
+    let gro = config.gro && clean;
+    let mut ring = if gro {
+        relay_io::enable_udp_gro(&socket).context("--gro: UDP_GRO")?;
+        Ring::with_buffer_size(
+            4096,
+            config.buffers.min(GRO_BUFFERS),
+            1,
+            0,
+            relay_io::ring::MAX_BUFFER_SIZE,
+        )
+    } else {
+        Ring::with_tx(4096, config.buffers, 1, 1024)
+    }
+    .context("io_uring")?;
     let kernel = match relay_io::enable_rx_timestamps(&socket) {
         Ok(()) => true,
         Err(e) => {
@@ -244,7 +274,6 @@ pub fn run(
     ring.arm_waker(WAKE)?;
     ready(listen, ring.waker());
 
-    let clean = config.faults.is_clean();
     let mut faults: Faults<Item> = Faults::new(config.faults.clone());
     let mut clean_counts = EchoCounts::default();
     let start = Instant::now();
@@ -256,6 +285,7 @@ pub fn run(
         wall: relay_io::WallToMono::new(),
         kernel,
         queued: Vec::with_capacity(usize::from(config.buffers) + 1024),
+        coalesced: 0,
         hold: relay_proto::stats::LatencyHistogram::new(3),
     };
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
@@ -337,6 +367,8 @@ pub fn run(
         hold: timing.hold.summary(),
         timestamps: if timing.kernel { "kernel" } else { "user" },
         clock_steps: timing.wall.steps(),
+        gro,
+        coalesced: timing.coalesced,
     })
 }
 
@@ -373,10 +405,19 @@ fn on_recv(
     let n = r.payload.len();
     let arrival = io.timing.arrival(r.control, now_ns);
     if clean {
-        clean_counts.received += 1;
-        if io.ring.send(0, bid, n, from, SEND | u64::from(bid)).is_ok() {
-            clean_counts.sent += 1;
-            io.timing.queued.push(arrival);
+        // A GRO receive holds `datagrams` of `segment` bytes (the last may be shorter): one GSO
+        // send reflects them all, from the buffer they arrived in.
+        let segment = r.segment.filter(|&s| usize::from(s) < n);
+        let datagrams = segment.map_or(1, |s| n.div_ceil(usize::from(s))) as u64;
+        clean_counts.received += datagrams;
+        io.timing.coalesced += u64::from(datagrams > 1);
+        if io
+            .ring
+            .send_gso(0, bid, n, segment, from, SEND | u64::from(bid))
+            .is_ok()
+        {
+            clean_counts.sent += datagrams;
+            io.timing.queued.push((arrival, datagrams));
         } else {
             io.ring.recycle(bid);
         }
@@ -419,7 +460,7 @@ fn send(io: &mut Io<'_>, item: Item, copies: u8) {
         .is_ok()
     {
         faults.on_sent_key(key, false);
-        timing.queued.push(item.arrival);
+        timing.queued.push((item.arrival, 1));
     } else {
         ring.recycle(item.bid);
     }

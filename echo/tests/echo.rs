@@ -72,6 +72,58 @@ fn clean_echo_returns_every_datagram_byte_identical() {
     );
 }
 
+#[test]
+fn with_gro_a_gso_batch_comes_back_as_its_datagrams_byte_identical() {
+    if skip_without_uring() {
+        return;
+    }
+    let (echo, addr) = start(&["--gro"]);
+    // The client sends 10 packets in one GSO send from a ring; its plain socket gets the echo's
+    // reflection (one GSO send) cut back into the 10 datagrams by the kernel.
+    let c = client();
+    let mut ring = relay_io::ring::Ring::with_buffer_size(8, 2, 1, 2, 1 << 16).unwrap();
+    ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&c))
+        .unwrap();
+    let i = ring.tx_acquire().unwrap();
+    let b = ring.tx_buffer(i).unwrap();
+    for seq in 0..10u16 {
+        let at = usize::from(seq) * 172;
+        b[at..at + 172].copy_from_slice(&packet(seq));
+    }
+    ring.send_tx_gso(0, i, 1720, Some(172), addr, 1).unwrap();
+    ring.submit_and_wait(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    for seq in 0..10 {
+        let (n, from) = testkit::recv(&c, &mut buf).unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&packet(seq)[..], addr),
+            "datagram {seq}"
+        );
+    }
+    // A plain datagram still goes back as itself.
+    c.send_to(&packet(99), addr).unwrap();
+    let (n, _) = testkit::recv(&c, &mut buf).unwrap();
+    assert_eq!(&buf[..n], &packet(99)[..]);
+    let s = stop(echo);
+    assert_eq!(s["gro"], true, "{s}");
+    assert_eq!(
+        (s["received"].as_u64(), s["sent"].as_u64()),
+        (Some(11), Some(11)),
+        "{s}"
+    );
+    assert!(
+        s["coalesced"].as_u64().unwrap() >= 1,
+        "the batch arrived coalesced: {s}"
+    );
+    assert_eq!(
+        s["hold"]["count"].as_u64(),
+        Some(11),
+        "a hold per datagram: {s}"
+    );
+}
+
 /// Sends `n` packets 2 ms apart through an echo with faults; returns what came back, in order.
 fn faulted_run(seed: &str, n: u16) -> (Vec<u16>, serde_json::Value) {
     let (echo, addr) = start(&[
@@ -143,6 +195,7 @@ fn bad_flags_exit_non_zero_naming_the_flag() {
         (&["--loss", "1.5"][..], "--loss"),
         (&["--buffers", "1000"], "--buffers"),
         (&["--delay", "soon"], "--delay"),
+        (&["--gro", "--loss", "0.1"], "--gro"),
     ] {
         let out = testkit::output(
             Command::new(env!("CARGO_BIN_EXE_echo")).args(args),

@@ -4,6 +4,10 @@
 //! target; every packet that comes back is answered with a new one from the same socket. The rate
 //! of returns is the rate the target sustains (if loadgen's own core is not the limit: compare the
 //! target's CPU per packet). Used to show the echo is never a benchmark's bottleneck.
+//!
+//! With `--gso N` each send is a UDP GSO batch of N packets and the sockets receive with UDP
+//! GRO, the way the shared echo leg talks to the echo: a returned batch (however the kernel
+//! coalesced it) is answered with a batch of as many new packets.
 #![allow(clippy::cast_possible_truncation)] // sequence numbers wrap by design
 
 use std::net::{SocketAddr, UdpSocket};
@@ -28,6 +32,8 @@ pub struct BlastConfig {
     pub duration: Duration,
     /// Core to pin to.
     pub core: Option<usize>,
+    /// Packets per UDP GSO send (0: plain sends and receives).
+    pub gso: u32,
 }
 
 /// The result.
@@ -41,6 +47,10 @@ pub struct BlastReport {
     pub seconds: f64,
     /// Returns per second.
     pub packets_per_second: f64,
+    /// Packets per GSO send (0: none).
+    pub gso: u32,
+    /// Receives that held more than one packet (GRO coalesced them).
+    pub coalesced: u64,
 }
 
 const RECV: u64 = 1 << 56;
@@ -58,42 +68,71 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
         }
     }
     let n = cfg.sockets.max(1);
-    let in_flight = n * cfg.window.max(1);
-    let tx = u16::try_from(in_flight.next_power_of_two().min(1 << 15))
+    let window = cfg.window.max(1);
+    // Packets a send carries (1 without GSO).
+    let per_send = cfg.gso.clamp(1, 64);
+    let gso = cfg.gso > 0;
+    let sends_in_flight = n * window.div_ceil(per_send);
+    let tx = u16::try_from(sends_in_flight.next_power_of_two().min(1 << 15))
         .map_err(|_| anyhow!("--sockets × --window too large"))?;
     let sockets: Vec<UdpSocket> = (0..n)
         .map(|_| relay_io::bind_udp([127, 0, 0, 1].into(), 0, 8 << 20).map_err(anyhow::Error::from))
         .collect::<Result<_, _>>()?;
-    let mut ring = Ring::with_tx(4096, tx, n, tx).context("io_uring")?;
+    let mut ring = if gso {
+        for s in &sockets {
+            relay_io::enable_udp_gro(s).context("UDP_GRO")?;
+        }
+        // A receive may hold a whole coalesced batch; a send holds one batch.
+        Ring::with_buffer_size(4096, tx, n, tx, relay_io::ring::MAX_BUFFER_SIZE)
+    } else {
+        Ring::with_tx(4096, tx, n, tx)
+    }
+    .context("io_uring")?;
     for (i, s) in sockets.iter().enumerate() {
         let slot = u32::try_from(i)?;
         ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
         ring.arm_recv(slot, RECV | u64::from(slot))?;
     }
     let mut seq = 0u16;
-    let mut pkt = [0u8; RTP_HEADER_LEN + 160];
-    let mut send = |ring: &mut Ring, slot: u32| -> anyhow::Result<bool> {
+    const LEN: usize = RTP_HEADER_LEN + 160;
+    // Sends `k` packets from `slot` (one GSO send when k > 1); false when no buffer is free.
+    let mut send = |ring: &mut Ring, slot: u32, k: u32| -> anyhow::Result<bool> {
         let Some(i) = ring.tx_acquire() else {
             return Ok(false);
         };
-        seq = seq.wrapping_add(1);
-        RtpHeader {
-            sequence: seq,
-            timestamp: u32::from(seq) * 160,
-            ssrc: Ssrc(slot),
-            ..RtpHeader::default()
-        }
-        .write(&mut pkt);
+        let k = k.clamp(1, 64) as usize;
         if let Some(b) = ring.tx_buffer(i) {
-            b[..pkt.len()].copy_from_slice(&pkt);
+            for chunk in b.chunks_exact_mut(LEN).take(k) {
+                seq = seq.wrapping_add(1);
+                RtpHeader {
+                    sequence: seq,
+                    timestamp: u32::from(seq) * 160,
+                    ssrc: Ssrc(slot),
+                    ..RtpHeader::default()
+                }
+                .write(chunk);
+            }
         }
-        ring.send_tx(slot, i, pkt.len(), cfg.target, SEND_TX | u64::from(i))?;
+        let segment = (gso && k > 1).then_some(LEN as u16);
+        ring.send_tx_gso(
+            slot,
+            i,
+            k * LEN,
+            segment,
+            cfg.target,
+            SEND_TX | u64::from(i),
+        )?;
         Ok(true)
     };
-    let (mut sent, mut received) = (0u64, 0u64);
+    let (mut sent, mut received, mut coalesced) = (0u64, 0u64, 0u64);
     for slot in 0..n {
-        for _ in 0..cfg.window.max(1) {
-            sent += u64::from(send(&mut ring, slot)?);
+        let mut left = window;
+        while left > 0 {
+            let k = left.min(per_send);
+            if send(&mut ring, slot, k)? {
+                sent += u64::from(k);
+            }
+            left -= k;
         }
     }
     let start = Instant::now();
@@ -115,9 +154,23 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
                         rearm.push(slot);
                     }
                     if let Some(bid) = c.buffer() {
+                        let len = usize::try_from(c.result).unwrap_or(0);
+                        let k = ring.received(bid, len).map_or(1, |r| {
+                            r.segment
+                                .map_or(1, |s| r.payload.len().div_ceil(usize::from(s).max(1)))
+                        }) as u32;
                         ring.recycle(bid);
-                        received += 1;
-                        sent += u64::from(send(&mut ring, slot)?);
+                        received += u64::from(k);
+                        coalesced += u64::from(k > 1);
+                        // Answer with as many, in batches of at most --gso.
+                        let mut left = k;
+                        while left > 0 {
+                            let b = left.min(per_send);
+                            if send(&mut ring, slot, b)? {
+                                sent += u64::from(b);
+                            }
+                            left -= b;
+                        }
                     }
                 }
                 SEND_TX => ring.tx_release((c.user_data & 0xffff) as u16),
@@ -137,5 +190,7 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
         received,
         seconds,
         packets_per_second: counted as f64 / seconds.max(1e-9),
+        gso: cfg.gso,
+        coalesced,
     })
 }

@@ -364,6 +364,10 @@ struct BlastArgs {
     /// Pin to this core.
     #[arg(long)]
     core: Option<usize>,
+    /// Send in UDP GSO batches of this many packets and receive with UDP GRO (0: one datagram
+    /// a send, plain receives); at most 64. The window must be a multiple of it.
+    #[arg(long, default_value_t = 0)]
+    gso: u32,
 }
 
 /// `loadgen rtp` flags.
@@ -430,7 +434,14 @@ fn blast(b: &BlastArgs) -> ExitCode {
         window: b.window,
         duration: b.duration,
         core: b.core,
+        gso: b.gso,
     };
+    if b.gso > 64 || (b.gso > 0 && b.window % b.gso != 0) {
+        eprintln!(
+            "loadgen: invalid value for --gso: at most 64, and --window must be a multiple of it"
+        );
+        return ExitCode::from(2);
+    }
     match loadgen::blast::run(&cfg) {
         Ok(r) => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
