@@ -53,3 +53,61 @@ fn an_unreachable_relay_fails_at_once() {
     assert!(err.contains("/nonexistent/relay.sock"), "{err}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
+
+#[test]
+fn blast_with_gso_loads_a_gro_echo_in_batches() {
+    if !testkit::uring_available() {
+        return;
+    }
+    for (gso, window) in [("65", "65"), ("16", "40")] {
+        let (code, err, _) = loadgen(&["blast", "--gso", gso, "--window", window]);
+        assert_eq!(code, 2, "--gso {gso} --window {window}: {err}");
+        assert!(err.contains("--gso"), "{err}");
+    }
+    let (mut echo, addr) = testkit::start(
+        "echo",
+        &["--listen", "127.0.0.1:0", "--metrics", "off", "--gro"],
+        "echo ready",
+        "listen",
+    );
+    let out = testkit::output(
+        Command::new(env!("CARGO_BIN_EXE_loadgen")).args([
+            "blast",
+            "--target",
+            &addr,
+            "--gso",
+            "16",
+            "--sockets",
+            "4",
+            "--window",
+            "32",
+            "--duration",
+            "1s",
+        ]),
+        Duration::from_secs(30),
+        None,
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = echo.stop_for_stdout(Duration::from_secs(10));
+    let s: serde_json::Value = serde_json::from_str(summary.trim()).unwrap();
+    eprintln!("blast {r}\necho {s}");
+    assert!(r["received"].as_u64().unwrap() > 10_000, "{r}");
+    assert!(
+        r["coalesced"].as_u64().unwrap() > 0,
+        "returns arrive coalesced: {r}"
+    );
+    assert!(
+        s["coalesced"].as_u64().unwrap() > 0,
+        "the echo received batches: {s}"
+    );
+    assert!(
+        s["received"].as_u64().unwrap() >= r["received"].as_u64().unwrap(),
+        "the echo saw every packet that came back"
+    );
+}
