@@ -946,10 +946,10 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(
-            datagrams.len(),
-            21,
-            "every segment arrives, coalesced or not"
+        assert_eq!(datagrams.len(), 21, "every segment arrives");
+        assert!(
+            coalesced > 0,
+            "loopback GRO coalesced the GSO send (Linux 5.0+)"
         );
         for (k, d) in datagrams.iter().enumerate() {
             let want = if k == 20 { 100 } else { 172 };

@@ -30,6 +30,7 @@ pub mod score;
 pub mod seq;
 pub mod stats;
 pub mod t0;
+pub mod tag;
 pub mod time;
 pub mod timing;
 

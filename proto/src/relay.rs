@@ -285,6 +285,10 @@ struct Channel {
     socket: SocketId,
     /// The shard (the relay's, copied for the statistics).
     shard: u32,
+    /// Its echo-leg tag ([`crate::tag`]): slot and generation.
+    tag: u32,
+    /// Asterisk's SSRCs replaced by the tag, restored on the way back: RTP's and RTCP's.
+    tagged: [Option<u32>; 2],
     /// The bound local port.
     port: u16,
     /// The media format.
@@ -743,6 +747,59 @@ impl Relay {
             .record_n(elapsed_ns, count);
     }
 
+    /// Shared echo leg, on the way out: replaces the SSRC of `packet`, a datagram of channel
+    /// `socket` just forwarded toward the echo, with the channel's tag, remembering Asterisk's
+    /// SSRC to restore. False (the packet untouched) when the channel is gone or the packet has no
+    /// SSRC field (the core forwards only what it parsed, so this does not happen for its own
+    /// verdicts).
+    pub fn tag_for_echo(&mut self, socket: SocketId, packet: &mut [u8]) -> bool {
+        let Some(ch) = self
+            .channels
+            .get_mut(socket.index())
+            .and_then(Option::as_mut)
+        else {
+            return false;
+        };
+        let Ok(kind) = crate::tag::kind(packet) else {
+            return false;
+        };
+        let Some(ssrc) = crate::tag::read(packet, kind) else {
+            return false;
+        };
+        ch.tagged[usize::from(kind == crate::tag::Kind::Rtcp)] = Some(ssrc);
+        crate::tag::write(packet, kind, ch.tag)
+    }
+
+    /// Shared echo leg, on the way back: finds the channel `packet`'s tag names, puts Asterisk's
+    /// SSRC back in its place, and returns the channel's socket slot, through which the caller
+    /// then hands the packet to [`Relay::handle_received`] as that channel's return. `None`, the
+    /// packet dropped and counted (`unknown_tag`, or why it has no SSRC), when the tag names no
+    /// open channel: one closed since (its slot has moved on a generation), or a forgery.
+    pub fn untag_from_echo(&mut self, packet: &mut [u8]) -> Option<SocketId> {
+        let kind = match crate::tag::kind(packet) {
+            Ok(k) => k,
+            Err(reason) => {
+                self.drops.add(reason);
+                return None;
+            }
+        };
+        let tag = crate::tag::read(packet, kind)?;
+        let slot = crate::tag::slot(tag);
+        let restored = self
+            .channels
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .filter(|ch| ch.tag == tag)
+            .and_then(|ch| ch.tagged[usize::from(kind == crate::tag::Kind::Rtcp)]);
+        match restored {
+            Some(ssrc) if crate::tag::write(packet, kind, ssrc) => Some(SocketId(slot)),
+            _ => {
+                self.drops.add(DropReason::UnknownTag);
+                None
+            }
+        }
+    }
+
     /// Executes a control command.
     pub fn handle_command(&mut self, now: MonoTime, command: Command) -> CommandOutcome {
         match command {
@@ -859,6 +916,8 @@ impl Relay {
             id: request.channel.clone(),
             socket,
             shard: config.shard,
+            tag: crate::tag::make(socket.0, u32::try_from(self.opened).unwrap_or(0)),
+            tagged: [None; 2],
             port,
             format: request.format,
             asterisk: request.asterisk,

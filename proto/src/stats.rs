@@ -282,11 +282,14 @@ pub enum DropReason {
     BadPadding,
     /// The RTCP length runs past the end.
     RtcpLength,
+    /// A return on the shared echo leg whose tag names no open channel (a channel closed since,
+    /// or a packet the relay never sent).
+    UnknownTag,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::NoChannel,
         Self::UnknownSource,
         Self::NoAsteriskAddress,
@@ -296,6 +299,7 @@ impl DropReason {
         Self::ExtensionOverrun,
         Self::BadPadding,
         Self::RtcpLength,
+        Self::UnknownTag,
     ];
 
     /// The metric label.
@@ -311,6 +315,7 @@ impl DropReason {
             Self::ExtensionOverrun => "extension_overrun",
             Self::BadPadding => "bad_padding",
             Self::RtcpLength => "rtcp_length",
+            Self::UnknownTag => "unknown_tag",
         }
     }
 

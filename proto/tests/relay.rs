@@ -628,3 +628,136 @@ fn shards_merge_into_the_statistics_of_every_packet() {
     let (one, _) = relay_proto::merge_global([(&sa, a.histograms())]);
     assert_eq!(one, sa);
 }
+
+/// The shared echo leg's round trip of one packet through channel `socket`, as a backend does it:
+/// forward, tag, (the echo reflects the bytes), untag, hand back as the channel's return.
+fn shared_round_trip(
+    r: &mut Relay,
+    socket: SocketId,
+    asterisk: SocketAddr,
+    seq: u16,
+    ssrc: u32,
+    at: u64,
+) -> (Vec<u8>, Option<Verdict>) {
+    let mut p = rtp(seq, 160 * u32::from(seq), ssrc);
+    assert_eq!(
+        r.handle_datagram(t(at), socket, asterisk, &p),
+        forward(ECHO, Direction::ToEcho)
+    );
+    assert!(r.tag_for_echo(socket, &mut p));
+    let on_the_echo_leg = p.clone();
+    let back = r.untag_from_echo(&mut p);
+    let verdict = back.map(|s| {
+        assert_eq!(s, socket, "the tag names the channel");
+        r.handle_datagram(t(at + 3), s, ECHO, &p)
+    });
+    assert_eq!(
+        p,
+        rtp(seq, 160 * u32::from(seq), ssrc),
+        "Asterisk's SSRC is back"
+    );
+    (on_the_echo_leg, verdict)
+}
+
+#[test]
+fn on_the_shared_echo_leg_two_calls_with_one_ssrc_are_told_apart_by_their_tags() {
+    let mut r = Relay::new(RelayConfig::default()).unwrap();
+    let (a_addr, b_addr): (SocketAddr, SocketAddr) = (
+        "127.0.0.2:5000".parse().unwrap(),
+        "127.0.0.2:5002".parse().unwrap(),
+    );
+    let a = open(
+        &mut r,
+        t(0),
+        AddChannel {
+            port: 21_000,
+            ..add("a", Some(a_addr))
+        },
+    );
+    let b = open(
+        &mut r,
+        t(0),
+        AddChannel {
+            port: 21_002,
+            ..add("b", Some(b_addr))
+        },
+    );
+    let mut tags = Vec::new();
+    for seq in 0..10 {
+        for (s, addr) in [(a, a_addr), (b, b_addr)] {
+            let (leg, v) = shared_round_trip(&mut r, s, addr, seq, 0x1234, 20 * u64::from(seq));
+            assert_eq!(
+                v,
+                Some(forward(addr, Direction::ToAsterisk)),
+                "back to its own Asterisk"
+            );
+            let tag = u32::from_be_bytes(leg[8..12].try_into().unwrap());
+            assert_ne!(tag, 0x1234, "the echo never sees Asterisk's SSRC");
+            tags.push((s, tag));
+        }
+    }
+    let (ta, tb) = (tags[0].1, tags[1].1);
+    assert_ne!(ta, tb, "one SSRC, two tags");
+    assert!(
+        tags.iter().all(|&(s, t)| t == if s == a { ta } else { tb }),
+        "a tag per channel"
+    );
+    for name in ["a", "b"] {
+        let s = r.channel_stats(t(500), &id(name)).unwrap();
+        assert_eq!(
+            (s.round_trip.matched, s.rtt.count),
+            (10, 10),
+            "{name} measured every packet"
+        );
+        assert_eq!(s.streams.to_asterisk.lost, 0);
+        assert!(
+            s.rtt.p50_ns.abs_diff(3 * MS) < 3 * MS / 100,
+            "{name}: {:?}",
+            s.rtt
+        );
+    }
+
+    // RTCP's sender SSRC is tagged and restored the same way.
+    let mut rtcp = vec![0x80, 201, 0, 1, 0, 0, 0x12, 0x34];
+    assert!(matches!(
+        r.handle_datagram(t(600), a, a_addr, &rtcp),
+        Verdict::Forward { .. }
+    ));
+    assert!(r.tag_for_echo(a, &mut rtcp));
+    assert_eq!(u32::from_be_bytes(rtcp[4..8].try_into().unwrap()), ta);
+    assert_eq!(r.untag_from_echo(&mut rtcp), Some(a));
+    assert_eq!(rtcp, [0x80, 201, 0, 1, 0, 0, 0x12, 0x34]);
+}
+
+#[test]
+fn a_forged_or_stale_tag_is_dropped_and_counted() {
+    let mut r = Relay::new(RelayConfig::default()).unwrap();
+    let a = open(&mut r, t(0), add("a", Some(ast())));
+    let (leg, _) = shared_round_trip(&mut r, a, ast(), 1, 7, 0);
+    // Forged: a slot with no channel, and the right slot with another generation.
+    for forged in [
+        relay_proto::tag::make(99, 0),
+        relay_proto::tag::make(a.0, 77),
+    ] {
+        let mut p = leg.clone();
+        p[8..12].copy_from_slice(&forged.to_be_bytes());
+        assert_eq!(r.untag_from_echo(&mut p), None);
+    }
+    // Stale: the channel closed and its slot went to a new channel; its old tag finds nothing.
+    assert!(matches!(
+        r.handle_command(t(10), Command::Remove(RemoveChannel { channel: id("a") })),
+        CommandOutcome::Close { .. }
+    ));
+    let again = open(&mut r, t(20), add("again", Some(ast())));
+    assert_eq!(again, a, "the slot is reused");
+    let mut p = leg.clone();
+    assert_eq!(r.untag_from_echo(&mut p), None, "the old generation's tag");
+    assert_eq!(
+        r.untag_from_echo(&mut [0x80, 0, 1][..].to_vec()),
+        None,
+        "too short"
+    );
+    let g = r.global_stats();
+    assert_eq!(g.drops.get(DropReason::UnknownTag), 3);
+    assert_eq!(g.drops.get(DropReason::TooShort), 1);
+}
