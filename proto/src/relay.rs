@@ -452,17 +452,7 @@ pub fn merge_global<'a>(
     let mut g = GlobalStats::default();
     let mut h = GlobalHistograms::new();
     for (s, hist) in parts {
-        g.channels += s.channels;
-        g.draining |= s.draining;
-        g.channels_opened += s.channels_opened;
-        g.channels_removed += s.channels_removed;
-        g.channels_idle += s.channels_idle;
-        for d in Direction::ALL {
-            g.traffic.get_mut(d).accumulate(s.traffic.get(d));
-            g.streams.get_mut(d).accumulate(s.streams.get(d));
-        }
-        g.round_trip.accumulate(&s.round_trip);
-        g.drops.accumulate(&s.drops);
+        g.accumulate_counters(s);
         h.merge(hist);
     }
     h.summarize_into(&mut g);

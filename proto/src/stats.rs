@@ -534,6 +534,25 @@ pub struct GlobalStats {
     pub lateness: PerDirection<LatencySummary>,
 }
 
+impl GlobalStats {
+    /// Adds `other`'s counters (channels, traffic, streams, round trips, drops; `draining` if
+    /// either is). The percentiles are left alone: they cannot be added, only recomputed from
+    /// merged histograms ([`crate::merge_global`]).
+    pub fn accumulate_counters(&mut self, other: &Self) {
+        self.channels += other.channels;
+        self.draining |= other.draining;
+        self.channels_opened += other.channels_opened;
+        self.channels_removed += other.channels_removed;
+        self.channels_idle += other.channels_idle;
+        for d in Direction::ALL {
+            self.traffic.get_mut(d).accumulate(other.traffic.get(d));
+            self.streams.get_mut(d).accumulate(other.streams.get(d));
+        }
+        self.round_trip.accumulate(&other.round_trip);
+        self.drops.accumulate(&other.drops);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

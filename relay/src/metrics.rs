@@ -172,17 +172,7 @@ impl Snapshot {
         let mut global = GlobalStats::default();
         for p in parts {
             if let Some(g) = &p.global {
-                global.channels += g.channels;
-                global.draining |= g.draining;
-                global.channels_opened += g.channels_opened;
-                global.channels_removed += g.channels_removed;
-                global.channels_idle += g.channels_idle;
-                for d in Direction::ALL {
-                    global.traffic.get_mut(d).accumulate(g.traffic.get(d));
-                    global.streams.get_mut(d).accumulate(g.streams.get(d));
-                }
-                global.round_trip.accumulate(&g.round_trip);
-                global.drops.accumulate(&g.drops);
+                global.accumulate_counters(g);
             }
             m.counters.accumulate(&p.counters);
             m.rtt.accumulate(&p.rtt);
