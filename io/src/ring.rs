@@ -22,6 +22,8 @@ use io_uring::{cqueue, opcode, IoUring};
 
 /// Buffer group id of the receive buffers.
 const BGID: u16 = 0;
+/// Buffer group id of the large receive buffers ([`Ring::add_large`]).
+const BGID_LARGE: u16 = 1;
 /// Bytes reserved for the source address in each received buffer (a `sockaddr_in6`).
 const NAME_LEN: usize = size_of::<libc::sockaddr_in6>();
 /// Bytes reserved for control messages (the kernel's receive timestamp) in each buffer.
@@ -220,6 +222,29 @@ pub struct Ring {
     batch_wait_usec: u32,
     /// Whether the kernel supports min_wait.
     min_timeout: bool,
+    /// A second group of receive buffers of [`MAX_BUFFER_SIZE`], with transmit buffers of that
+    /// size, for one socket with UDP GRO and GSO among sockets with small buffers.
+    large: Option<Large>,
+}
+
+/// The large buffer group: its buffer ring, receive buffers and transmit buffers.
+struct Large {
+    /// Page-aligned buffer-ring entries (mmap).
+    ring_mem: NonNull<BufRingEntry>,
+    /// Length of the mapping.
+    ring_len: usize,
+    /// Number of receive buffers.
+    entries: u16,
+    /// Our copy of the buffer ring's tail.
+    tail: u16,
+    /// Receive buffers, `entries` × [`MAX_BUFFER_SIZE`].
+    buffers: Box<[u8]>,
+    /// Transmit buffers, `tx_sends.len()` × [`MAX_BUFFER_SIZE`].
+    tx: Box<[u8]>,
+    /// Send headers, one per transmit buffer.
+    tx_sends: Box<[SendSlot]>,
+    /// Free transmit buffers.
+    tx_free: Vec<u16>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -334,6 +359,7 @@ impl Ring {
             batch: 1,
             batch_wait_usec: 0,
             min_timeout: false,
+            large: None,
         };
         this.min_timeout = this.ring.params().is_feature_min_timeout();
         // SAFETY: the mapping is page-aligned, zeroed, `entries` long, and lives in `self`;
@@ -391,6 +417,208 @@ impl Ring {
         }
     }
 
+    /// Adds a second group of `count` receive buffers and `tx_count` transmit buffers, each of
+    /// [`MAX_BUFFER_SIZE`] (room for a GRO-coalesced receive, or a GSO send of up to 64 KiB), for
+    /// the sockets armed with [`Ring::arm_recv_large`].
+    ///
+    /// # Errors
+    /// A second group exists already, or the kernel refused it.
+    pub fn add_large(&mut self, count: u16, tx_count: u16) -> Result<(), SetupError> {
+        if self.large.is_some() {
+            return Err(SetupError::Other {
+                step: "add_large",
+                source: io::Error::other("the large group exists already"),
+            });
+        }
+        let entries = count.max(1).next_power_of_two();
+        let ring_len = usize::from(entries) * size_of::<BufRingEntry>();
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ring_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if mem == libc::MAP_FAILED {
+            return Err(classify("mmap", io::Error::last_os_error()));
+        }
+        let ring_mem =
+            NonNull::new(mem.cast::<BufRingEntry>()).ok_or_else(|| SetupError::Other {
+                step: "mmap",
+                source: io::Error::other("null mapping"),
+            })?;
+        // SAFETY: the mapping is page-aligned, zeroed, `entries` long, and lives in `self.large`;
+        // `Drop` unregisters this group before unmapping it.
+        let registered = unsafe {
+            self.ring.submitter().register_buf_ring_with_flags(
+                ring_mem.as_ptr() as u64,
+                entries,
+                BGID_LARGE,
+                0,
+            )
+        };
+        if let Err(e) = registered {
+            // SAFETY: the mapping was made above with this length and is not registered.
+            unsafe { libc::munmap(ring_mem.as_ptr().cast(), ring_len) };
+            return Err(classify("register_buf_ring", e));
+        }
+        let tx_sends: Box<[SendSlot]> = (0..tx_count)
+            // SAFETY: all fields are plain old data; all-zero is valid for each.
+            .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
+            .collect();
+        self.large = Some(Large {
+            ring_mem,
+            ring_len,
+            entries,
+            tail: 0,
+            buffers: vec![0u8; usize::from(entries) * MAX_BUFFER_SIZE].into_boxed_slice(),
+            tx: vec![0u8; usize::from(tx_count) * MAX_BUFFER_SIZE].into_boxed_slice(),
+            tx_sends,
+            tx_free: (0..tx_count).rev().collect(),
+        });
+        for bid in 0..entries {
+            self.recycle_large(bid);
+        }
+        self.sync_buffers();
+        Ok(())
+    }
+
+    /// Gives large receive buffer `bid` back to the kernel (visible after
+    /// [`Ring::sync_buffers`]).
+    pub fn recycle_large(&mut self, bid: u16) {
+        let Some(l) = self.large.as_mut() else { return };
+        if bid >= l.entries {
+            return;
+        }
+        let idx = usize::from(l.tail & (l.entries - 1));
+        let addr = l.buffers[usize::from(bid) * MAX_BUFFER_SIZE..].as_ptr() as u64;
+        // SAFETY: idx < entries, inside the mapping we own; the kernel reads entries only up to
+        // the tail published in `sync_buffers`, after this write.
+        let entry = unsafe { &mut *l.ring_mem.as_ptr().add(idx) };
+        entry.set_addr(addr);
+        entry.set_len(u32::try_from(MAX_BUFFER_SIZE).unwrap_or(u32::MAX));
+        entry.set_bid(bid);
+        l.tail = l.tail.wrapping_add(1);
+    }
+
+    /// Arms a multishot receive on fixed-file `slot` into the large buffers.
+    ///
+    /// # Errors
+    /// No large group ([`Ring::add_large`]), or the submission queue could not take it.
+    pub fn arm_recv_large(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
+        if self.large.is_none() {
+            return Err(io::Error::other("no large buffer group"));
+        }
+        let e = opcode::RecvMsgMulti::new(Fixed(slot), &*self.recv_msg, BGID_LARGE)
+            .build()
+            .user_data(user_data);
+        self.push(&e)
+    }
+
+    /// The datagram (or GRO-coalesced datagrams) in large buffer `bid`, whose completion
+    /// reported `len` bytes.
+    #[must_use]
+    pub fn received_large(&self, bid: u16, len: usize) -> Option<Received<'_>> {
+        let l = self.large.as_ref()?;
+        let start = usize::from(bid).checked_mul(MAX_BUFFER_SIZE)?;
+        parse_received(
+            l.buffers.get(start..start + len.min(MAX_BUFFER_SIZE))?,
+            &self.recv_msg,
+        )
+    }
+
+    /// Copies `n` bytes at `offset` of large buffer `bid`'s payload (completion length `len`)
+    /// into a free small transmit buffer; returns it. For the segments of a coalesced receive,
+    /// each of which leaves on its own socket.
+    pub fn tx_copy_from_large(
+        &mut self,
+        bid: u16,
+        len: usize,
+        offset: usize,
+        n: usize,
+    ) -> Option<u16> {
+        let payload_len = self.received_large(bid, len)?.payload.len();
+        if offset + n > payload_len || n > self.buffer_size {
+            return None;
+        }
+        let src = usize::from(bid) * MAX_BUFFER_SIZE + PAYLOAD_OFFSET + offset;
+        let i = self.tx_acquire()?;
+        let dst = usize::from(i) * self.buffer_size;
+        let copied = match (self.large.as_ref(), self.tx.get_mut(dst..dst + n)) {
+            (Some(l), Some(out)) => l
+                .buffers
+                .get(src..src + n)
+                .map(|seg| out.copy_from_slice(seg))
+                .is_some(),
+            _ => false,
+        };
+        if copied {
+            Some(i)
+        } else {
+            self.tx_release(i);
+            None
+        }
+    }
+
+    /// A free large transmit buffer, if any.
+    pub fn large_tx_acquire(&mut self) -> Option<u16> {
+        self.large.as_mut()?.tx_free.pop()
+    }
+
+    /// Large transmit buffer `i`, [`MAX_BUFFER_SIZE`] bytes.
+    pub fn large_tx_buffer(&mut self, i: u16) -> Option<&mut [u8]> {
+        let start = usize::from(i) * MAX_BUFFER_SIZE;
+        self.large
+            .as_mut()?
+            .tx
+            .get_mut(start..start + MAX_BUFFER_SIZE)
+    }
+
+    /// Returns large transmit buffer `i` to the pool.
+    pub fn large_tx_release(&mut self, i: u16) {
+        if let Some(l) = self.large.as_mut() {
+            if usize::from(i) < l.tx_sends.len() {
+                l.tx_free.push(i);
+            }
+        }
+    }
+
+    /// Sends the first `len` bytes of large transmit buffer `i` from fixed-file `slot` to `to`,
+    /// cut into `segment`-byte datagrams by UDP GSO when given.
+    ///
+    /// # Errors
+    /// The submission queue could not take it, or `i` is not a large transmit buffer.
+    pub fn send_large_tx(
+        &mut self,
+        slot: u32,
+        i: u16,
+        len: usize,
+        segment: Option<u16>,
+        to: SocketAddr,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let l = self
+            .large
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no large buffer group"))?;
+        let start = usize::from(i) * MAX_BUFFER_SIZE;
+        let payload =
+            l.tx.get_mut(start..start + len.min(MAX_BUFFER_SIZE))
+                .ok_or_else(|| io::Error::other("large transmit buffer out of range"))?;
+        let s = l
+            .tx_sends
+            .get_mut(usize::from(i))
+            .ok_or_else(|| io::Error::other("large transmit buffer out of range"))?;
+        let e = prepare_send(s, payload, to, slot, user_data, segment);
+        self.push(&e)?;
+        self.unwaited_sends += 1;
+        Ok(())
+    }
+
     /// Publishes recycled buffers to the kernel: one release store per batch.
     pub fn sync_buffers(&mut self) {
         // SAFETY: the tail field overlays the first entry's `resv`, inside the mapping; the
@@ -398,6 +626,13 @@ impl Ring {
         unsafe {
             let tail = BufRingEntry::tail(self.ring_mem.as_ptr()).cast::<AtomicU16>();
             (*tail).store(self.tail, Ordering::Release);
+        }
+        if let Some(l) = &self.large {
+            // SAFETY: as above, for the large group's own mapping.
+            unsafe {
+                let tail = BufRingEntry::tail(l.ring_mem.as_ptr()).cast::<AtomicU16>();
+                (*tail).store(l.tail, Ordering::Release);
+            }
         }
     }
 
@@ -482,25 +717,10 @@ impl Ring {
     #[must_use]
     pub fn received(&self, bid: u16, len: usize) -> Option<Received<'_>> {
         let start = usize::from(bid).checked_mul(self.buffer_size)?;
-        let buf = self.buffers.get(start..start + len.min(self.buffer_size))?;
-        let out = RecvMsgOut::parse(buf, &self.recv_msg).ok()?;
-        let (from, n, c, truncated) = (
-            sockaddr_from_bytes(out.name_data()),
-            out.payload_data().len(),
-            out.control_data().len(),
-            out.is_payload_truncated(),
-        );
-        // The parser's views borrow it, not the buffer; the layout is fixed: header, name field,
-        // control field, payload.
-        let payload = buf.get(PAYLOAD_OFFSET..PAYLOAD_OFFSET + n)?;
-        let control = buf.get(16 + NAME_LEN..16 + NAME_LEN + c.min(CONTROL_LEN))?;
-        Some(Received {
-            from,
-            payload,
-            truncated,
-            segment: crate::cmsg::gro_segment(control).ok().flatten(),
-            control,
-        })
+        parse_received(
+            self.buffers.get(start..start + len.min(self.buffer_size))?,
+            &self.recv_msg,
+        )
     }
 
     /// Sends the payload of buffer `bid` (`len` bytes at its payload offset) from fixed-file
@@ -708,12 +928,41 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        if let Some(l) = self.large.take() {
+            let _ = self.ring.submitter().unregister_buf_ring(BGID_LARGE);
+            // SAFETY: made in `add_large` with this length, no longer registered.
+            unsafe {
+                libc::munmap(l.ring_mem.as_ptr().cast(), l.ring_len);
+            }
+        }
         let _ = self.ring.submitter().unregister_buf_ring(BGID);
         // SAFETY: the mapping was created in `new` with this length and is no longer registered.
         unsafe {
             libc::munmap(self.ring_mem.as_ptr().cast(), self.ring_len);
         }
     }
+}
+
+/// Reads a multishot receive's buffer: header, name field, control field, payload.
+fn parse_received<'a>(buf: &'a [u8], recv_msg: &libc::msghdr) -> Option<Received<'a>> {
+    let out = RecvMsgOut::parse(buf, recv_msg).ok()?;
+    let (from, n, c, truncated) = (
+        sockaddr_from_bytes(out.name_data()),
+        out.payload_data().len(),
+        out.control_data().len(),
+        out.is_payload_truncated(),
+    );
+    // The parser's views borrow it, not the buffer; the layout is fixed: header, name field,
+    // control field, payload.
+    let payload = buf.get(PAYLOAD_OFFSET..PAYLOAD_OFFSET + n)?;
+    let control = buf.get(16 + NAME_LEN..16 + NAME_LEN + c.min(CONTROL_LEN))?;
+    Some(Received {
+        from,
+        payload,
+        truncated,
+        segment: crate::cmsg::gro_segment(control).ok().flatten(),
+        control,
+    })
 }
 
 /// Fills a send slot for `payload` to `to` (cut into `segment`-byte datagrams by UDP GSO when
@@ -959,6 +1208,93 @@ mod tests {
                 "datagram {k} intact, in order"
             );
         }
+    }
+
+    #[test]
+    fn a_large_group_takes_coalesced_batches_beside_small_buffers() {
+        if probe().is_err() {
+            eprintln!("SKIPPED (io_uring unavailable here)");
+            return;
+        }
+        let ip = "127.0.0.1".parse().unwrap();
+        let mut ring = Ring::with_tx(8, 4, 3, 4).unwrap();
+        ring.add_large(4, 2).unwrap();
+        assert!(ring.add_large(4, 2).is_err(), "one large group");
+        let (gro, small, out) = (
+            crate::bind_udp(ip, 0, 1 << 20).unwrap(),
+            crate::bind_udp(ip, 0, 1 << 20).unwrap(),
+            crate::bind_udp(ip, 0, 1 << 20).unwrap(),
+        );
+        crate::enable_udp_gro(&gro).unwrap();
+        for (slot, s) in [(0, &gro), (1, &small), (2, &out)] {
+            ring.register_socket(slot, s.as_raw_fd()).unwrap();
+        }
+        ring.arm_recv_large(0, 10).unwrap();
+        ring.arm_recv(1, 11).unwrap();
+        // 8 numbered datagrams of 200 bytes, one GSO send from a large buffer.
+        let i = ring.large_tx_acquire().unwrap();
+        for (k, c) in ring.large_tx_buffer(i).unwrap()[..1600]
+            .chunks_mut(200)
+            .enumerate()
+        {
+            c.fill(u8::try_from(k).unwrap());
+        }
+        ring.send_large_tx(2, i, 1600, Some(200), gro.local_addr().unwrap(), 20)
+            .unwrap();
+        let (mut seen, mut forwarded, mut got_small) = (0, false, None);
+        for _ in 0..100 {
+            ring.submit_and_wait(Some(Duration::from_millis(20)))
+                .unwrap();
+            let cs = ring.drain_completions();
+            for c in &cs {
+                let len = usize::try_from(c.result.max(0)).unwrap();
+                match c.user_data {
+                    10 => {
+                        let bid = c.buffer().unwrap();
+                        let r = ring.received_large(bid, len).unwrap();
+                        let seg = usize::from(r.segment.unwrap_or(200));
+                        let n = r.payload.len();
+                        // Each segment of the batch, wherever it lies, is whole.
+                        for (k, d) in r.payload.chunks(seg).enumerate() {
+                            assert_eq!(d.len(), 200);
+                            assert!(d.iter().all(|&x| usize::from(x) == seen + k));
+                        }
+                        // Segment 3 leaves on its own from a small buffer.
+                        if !forwarded && seen <= 3 && 3 < seen + n / seg {
+                            let off = (3 - seen) * seg;
+                            let t = ring.tx_copy_from_large(bid, len, off, 200).unwrap();
+                            ring.send_tx(2, t, 200, small.local_addr().unwrap(), 21)
+                                .unwrap();
+                            forwarded = true;
+                        }
+                        assert!(
+                            ring.tx_copy_from_large(bid, len, n - 10, 200).is_none(),
+                            "past the end"
+                        );
+                        seen += n / seg;
+                        ring.recycle_large(bid);
+                    }
+                    11 => {
+                        let bid = c.buffer().unwrap();
+                        got_small = ring.received(bid, len).map(|r| r.payload.to_vec());
+                        ring.recycle(bid);
+                    }
+                    20 => ring.large_tx_release(i),
+                    _ => {}
+                }
+            }
+            ring.give_back(cs);
+            ring.sync_buffers();
+            if seen == 8 && got_small.is_some() {
+                break;
+            }
+        }
+        assert_eq!(seen, 8, "every datagram arrived in the large group");
+        assert_eq!(
+            got_small,
+            Some(vec![3u8; 200]),
+            "segment 3 arrived in a small buffer"
+        );
     }
 
     #[test]
