@@ -564,6 +564,22 @@ impl Ring {
         }
     }
 
+    /// Copies the payload of small receive buffer `bid` (completion length `len`) into large
+    /// transmit buffer `i` at byte `at`; returns the bytes copied. For packets gathered into one
+    /// GSO send.
+    pub fn copy_to_large_tx(&mut self, bid: u16, len: usize, i: u16, at: usize) -> Option<usize> {
+        let n = self.received(bid, len)?.payload.len();
+        if at + n > MAX_BUFFER_SIZE {
+            return None;
+        }
+        let src = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
+        let dst = usize::from(i) * MAX_BUFFER_SIZE + at;
+        let payload = self.buffers.get(src..src + n)?;
+        let l = self.large.as_mut()?;
+        l.tx.get_mut(dst..dst + n)?.copy_from_slice(payload);
+        Some(n)
+    }
+
     /// A free large transmit buffer, if any.
     pub fn large_tx_acquire(&mut self) -> Option<u16> {
         self.large.as_mut()?.tx_free.pop()

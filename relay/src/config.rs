@@ -33,6 +33,27 @@ impl Backend {
     }
 }
 
+/// How the relay reaches the echo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EchoLeg {
+    /// From each channel's own socket, one datagram a send (any echo that answers its source).
+    PerChannel,
+    /// One socket per shard toward the echo: UDP GSO batches out, UDP GRO back, the SSRC
+    /// replaced by a relay-owned tag on that leg (the echo must return the bytes unchanged).
+    Shared,
+}
+
+impl EchoLeg {
+    /// The name used on the command line and in metrics.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PerChannel => "per-channel",
+            Self::Shared => "shared",
+        }
+    }
+}
+
 /// Where a datagram's arrival time comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Timestamps {
@@ -82,6 +103,15 @@ pub struct Args {
     /// Arrival times: the kernel's receive stamps, or user-space reads of the clock.
     #[arg(long, env = "RELAY_TIMESTAMPS", value_enum, default_value = "kernel")]
     pub timestamps: Timestamps,
+    /// How packets reach the echo: from each channel's socket, or one shared socket per shard
+    /// with UDP GSO/GRO and an SSRC tag (io_uring backend only).
+    #[arg(
+        long,
+        env = "RELAY_ECHO_LEG",
+        value_enum,
+        default_value = "per-channel"
+    )]
+    pub echo_leg: EchoLeg,
     /// Address the channel sockets bind.
     #[arg(long, env = "RELAY_BIND", default_value = "127.0.0.1")]
     pub bind: IpAddr,
@@ -214,6 +244,8 @@ pub struct Config {
     pub timestamps: Timestamps,
     /// Address channel sockets bind.
     pub bind: IpAddr,
+    /// How packets reach the echo.
+    pub echo_leg: EchoLeg,
     /// The core's settings.
     pub relay: RelayConfig,
     /// io_uring sizes.
@@ -255,6 +287,12 @@ impl TryFrom<Args> for Config {
         if a.socket_rcvbuf < 4096 {
             return Err(bad("socket-rcvbuf", "must be at least 4096"));
         }
+        if a.echo_leg == EchoLeg::Shared && a.backend == Backend::Tokio {
+            return Err(bad(
+                "echo-leg",
+                "shared needs --backend uring (the tokio backend has only per-channel)",
+            ));
+        }
         let shards: Vec<Option<usize>> = match (&a.cores, a.core) {
             (Some(list), _) => list.0.iter().copied().map(Some).collect(),
             (None, core) => vec![core],
@@ -292,6 +330,7 @@ impl TryFrom<Args> for Config {
             backend: a.backend,
             timestamps: a.timestamps,
             bind: a.bind,
+            echo_leg: a.echo_leg,
             relay,
             ring: RingConfig {
                 sq_entries: a.sq_entries,

@@ -456,6 +456,8 @@ pub struct BindConfig {
     pub rcvbuf: usize,
     /// Ask the kernel for receive timestamps on every channel socket.
     pub timestamps: bool,
+    /// One shared socket per shard toward the echo (`--echo-leg shared`).
+    pub shared_echo: bool,
 }
 
 /// Executes one command against the core, opening or closing sockets as it says.

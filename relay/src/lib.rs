@@ -53,6 +53,12 @@ pub struct ShardStart {
     pub ready: std::sync::mpsc::Sender<Result<Option<Arc<relay_io::ring::EventFd>>, String>>,
 }
 
+/// Small transmit buffers of a shard with a shared echo leg: the returns of a batch, each copied
+/// out of its coalesced receive to leave from its channel's socket.
+const SHARED_TX: u16 = 8192;
+/// Large (64 KiB) receive and transmit buffers of a shard with a shared echo leg.
+const SHARED_LARGE: u16 = 256;
+
 /// A shard's thread body: [`shard_main`], or a stand-in in tests of the relay's handling of a
 /// failing shard.
 pub type ShardBody = fn(ShardStart) -> std::io::Result<GlobalStats>;
@@ -83,11 +89,22 @@ pub fn shard_main(start: ShardStart) -> std::io::Result<GlobalStats> {
     match backend {
         Backend::Uring => {
             let max_channels = shard.relay.config().max_channels;
-            match relay_io::ring::Ring::new(
+            let shared = shard.bind.shared_echo;
+            // The shared echo socket takes the slot after the channels', small transmit buffers
+            // for returns cut out of coalesced batches, and the large buffer group.
+            let made = relay_io::ring::Ring::with_tx(
                 ring_config.sq_entries,
                 ring_config.buffers,
-                max_channels,
-            ) {
+                max_channels + u32::from(shared),
+                if shared { SHARED_TX } else { 0 },
+            )
+            .and_then(|mut r| {
+                if shared {
+                    r.add_large(SHARED_LARGE, SHARED_LARGE)?;
+                }
+                Ok(r)
+            });
+            match made {
                 Ok(mut ring) => {
                     ring.set_batching(ring_config.batch, ring_config.batch_wait);
                     if ring_config.batch > 1 && !ring.batching_supported() && index == 0 {
@@ -168,6 +185,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
         ip: config.bind,
         rcvbuf: config.socket_rcvbuf,
         timestamps: timestamps == Timestamps::Kernel,
+        shared_echo: config.echo_leg == config::EchoLeg::Shared,
     };
     let n = config.shards.len();
     for (i, c) in config.shards.iter().enumerate() {
@@ -277,6 +295,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
     tracing::info!(
         backend = backend.as_str(),
         timestamps = timestamps.as_str(),
+        echo_leg = config.echo_leg.as_str(),
         ctl = %ctl.path().display(),
         metrics = %format!("http://{metrics_addr}/metrics"),
         shards = n,

@@ -41,6 +41,16 @@ const RECV: u64 = 1;
 const SEND: u64 = 2;
 const WAKE: u64 = 3;
 const CANCEL: u64 = 4;
+/// A receive on the shared echo socket (large buffers).
+const ECHO_RECV: u64 = 5;
+/// A send from a small transmit buffer (a return cut out of a coalesced batch).
+const SEND_TX: u64 = 6;
+/// A GSO send of a batch toward the echo from a large transmit buffer.
+const LARGE_TX: u64 = 7;
+/// Most datagrams in one GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
+const MAX_SEGMENTS: usize = 64;
+/// Most bytes in one GSO send.
+const MAX_GSO_BYTES: usize = 65_000;
 
 fn recv_data(slot: u32, gen: u32) -> u64 {
     (RECV << KIND_SHIFT) | (u64::from(gen & 0xff_ffff) << 32) | u64::from(slot)
@@ -72,6 +82,52 @@ struct Sockets {
     slots: Vec<Slot>,
     /// Slots whose receive ended and must be re-armed.
     rearm: Vec<u32>,
+    /// The shared echo leg, with `--echo-leg shared`.
+    shared: Option<SharedLeg>,
+}
+
+/// The shard's one socket toward the echo, and the GSO batch being gathered for it.
+struct SharedLeg {
+    /// The socket (the ring holds it in fixed-file slot `slot`).
+    _socket: UdpSocket,
+    /// Its fixed-file slot (after the channels').
+    slot: u32,
+    /// Whether its multishot receive is armed.
+    armed: bool,
+    /// The batch being gathered: equal-size packets to one address in one large buffer.
+    batch: Option<Batch>,
+}
+
+/// Packets gathered for one GSO send.
+#[derive(Clone, Copy, Debug)]
+struct Batch {
+    /// Large transmit buffer.
+    buffer: u16,
+    /// Where they go.
+    to: std::net::SocketAddr,
+    /// Size of each (the last may be shorter, which ends the batch).
+    size: usize,
+    /// How many.
+    count: usize,
+    /// Bytes used.
+    used: usize,
+}
+
+impl SharedLeg {
+    /// Sends the gathered batch, if any: one `sendmsg` with UDP_SEGMENT when it holds more than
+    /// one packet.
+    fn flush(&mut self, ring: &mut Ring, counters: &mut BackendCounters) {
+        let Some(b) = self.batch.take() else { return };
+        let segment = (b.count > 1).then(|| u16::try_from(b.size).unwrap_or(u16::MAX));
+        let ud = (LARGE_TX << KIND_SHIFT) | u64::from(b.buffer);
+        if ring
+            .send_large_tx(self.slot, b.buffer, b.used, segment, b.to, ud)
+            .is_err()
+        {
+            counters.send_errors += b.count as u64;
+            ring.large_tx_release(b.buffer);
+        }
+    }
 }
 
 impl SocketTable for Sockets {
@@ -130,9 +186,27 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         ring,
         slots,
         rearm: Vec::new(),
+        shared: None,
     };
     let mut counters = BackendCounters::default();
     s.ring.arm_waker(WAKE << KIND_SHIFT)?;
+    if bind.shared_echo {
+        let slot = relay.config().max_channels;
+        let socket = relay_io::bind_udp(bind.ip, 0, bind.rcvbuf)?;
+        if bind.timestamps {
+            relay_io::enable_rx_timestamps(&socket)?;
+        }
+        relay_io::enable_udp_gro(&socket)?;
+        s.ring.register_socket(slot, socket.as_raw_fd())?;
+        s.ring.arm_recv_large(slot, ECHO_RECV << KIND_SHIFT)?;
+        tracing::info!(shard = relay.config().shard, local = %socket.local_addr()?, "shared echo leg");
+        s.shared = Some(SharedLeg {
+            _socket: socket,
+            slot,
+            armed: true,
+            batch: None,
+        });
+    }
     let mut shutdown = None;
     let mut forwarded = [0u64; 2];
     let mut send_log = dataplane::SendErrorLog::default();
@@ -173,6 +247,36 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                     };
                     on_recv(&mut io, now, c)?;
                 }
+                ECHO_RECV => {
+                    let mut io = Io {
+                        s: &mut s,
+                        relay: &mut relay,
+                        counters: &mut counters,
+                        forwarded: &mut forwarded,
+                        clock: kernel_time.then_some(&clock),
+                    };
+                    on_echo_recv(&mut io, now, c);
+                }
+                SEND_TX | LARGE_TX => {
+                    let i = (c.user_data & 0xffff) as u16;
+                    let tx = c.user_data >> KIND_SHIFT == SEND_TX;
+                    if tx {
+                        s.ring.tx_release(i);
+                    } else {
+                        s.ring.large_tx_release(i);
+                    }
+                    if c.result < 0 {
+                        let (slot, d) = if tx {
+                            (
+                                ((c.user_data >> 32) & 0xff_ffff) as u32,
+                                Direction::ToAsterisk,
+                            )
+                        } else {
+                            (relay.config().max_channels, Direction::ToEcho)
+                        };
+                        send_log.note(&mut counters, now, -c.result, slot, d);
+                    }
+                }
                 SEND => {
                     if let Ok(bid) = u16::try_from(c.user_data & 0xffff) {
                         s.ring.recycle(bid);
@@ -200,8 +304,15 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                 _ => {}
             }
         }
+        if let Some(sh) = s.shared.as_mut() {
+            sh.flush(&mut s.ring, &mut counters);
+        }
         s.ring.give_back(completions);
         s.ring.sync_buffers();
+        if let Some(sh) = s.shared.as_mut().filter(|sh| !sh.armed) {
+            s.ring.arm_recv_large(sh.slot, ECHO_RECV << KIND_SHIFT)?;
+            sh.armed = true;
+        }
 
         for slot in std::mem::take(&mut s.rearm) {
             let Some(st) = s.slots.get_mut(slot as usize) else {
@@ -367,6 +478,18 @@ fn forward(
         }
     };
     match verdict {
+        Some((
+            Verdict::Forward {
+                to,
+                direction: Direction::ToEcho,
+            },
+            n,
+        )) if s.shared.is_some() => {
+            if gather(s, relay, counters, slot, bid, len, n, to) {
+                forwarded[Direction::ToEcho.index()] += 1;
+            }
+            s.ring.recycle(bid);
+        }
         Some((Verdict::Forward { to, direction }, n)) => {
             if s.ring
                 .send(slot, bid, n, to, send_data(slot, bid, direction))
@@ -381,4 +504,156 @@ fn forward(
         _ => s.ring.recycle(bid),
     }
     Ok(())
+}
+
+/// Shared echo leg, on the way out: copies the datagram in `bid` (payload `n` bytes) into the
+/// batch for `to` and writes the channel's tag over its SSRC there; starts a new batch when the
+/// size or the address differs, or the batch is full. False when no large buffer is free (the
+/// datagram is then counted as a refused send).
+#[allow(clippy::too_many_arguments)] // the loop's state a datagram touches, passed apart for the borrow checker
+fn gather(
+    s: &mut Sockets,
+    relay: &mut Relay,
+    counters: &mut BackendCounters,
+    slot: u32,
+    bid: u16,
+    len: usize,
+    n: usize,
+    to: std::net::SocketAddr,
+) -> bool {
+    let Some(sh) = s.shared.as_mut() else {
+        return false;
+    };
+    if let Some(b) = sh.batch {
+        let fits =
+            b.to == to && b.size == n && b.count < MAX_SEGMENTS && b.used + n <= MAX_GSO_BYTES;
+        if !fits {
+            sh.flush(&mut s.ring, counters);
+        }
+    }
+    let b = match sh.batch {
+        Some(b) => b,
+        None => {
+            let Some(buffer) = s.ring.large_tx_acquire() else {
+                counters.send_errors += 1;
+                return false;
+            };
+            Batch {
+                buffer,
+                to,
+                size: n,
+                count: 0,
+                used: 0,
+            }
+        }
+    };
+    let Some(copied) = s.ring.copy_to_large_tx(bid, len, b.buffer, b.used) else {
+        if b.count == 0 {
+            s.ring.large_tx_release(b.buffer);
+        }
+        counters.send_errors += 1;
+        return false;
+    };
+    if let Some(buf) = s.ring.large_tx_buffer(b.buffer) {
+        relay.tag_for_echo(SocketId(slot), &mut buf[b.used..b.used + copied]);
+    }
+    sh.batch = Some(Batch {
+        count: b.count + 1,
+        used: b.used + copied,
+        ..b
+    });
+    true
+}
+
+/// Shared echo leg, on the way back: a receive on the shared socket holds one datagram or, with
+/// GRO, several of one size; each is copied into a small transmit buffer, its tag replaced by
+/// Asterisk's SSRC, handed to the core as its channel's return (arrival: the receive's kernel
+/// stamp), and sent from that channel's socket.
+fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) {
+    let Io {
+        s,
+        relay,
+        counters,
+        forwarded,
+        clock,
+    } = io;
+    if !c.more() {
+        if let Some(sh) = s.shared.as_mut() {
+            sh.armed = false;
+        }
+        if c.result == -libc::ENOBUFS {
+            counters.rearm_nobufs += 1;
+        } else {
+            counters.rearm_other += 1;
+        }
+    }
+    if c.result < 0 {
+        if c.result != -libc::ENOBUFS && c.result != -libc::ECANCELED {
+            counters.recv_errors += 1;
+        }
+        return;
+    }
+    let Some(bid) = c.buffer() else { return };
+    let len = usize::try_from(c.result).unwrap_or(0);
+    let Some((from, arrival, n, segment, truncated)) = s.ring.received_large(bid, len).map(|r| {
+        let arrival = clock.map_or(now, |cl| cl.arrival(r.control, now, counters));
+        (r.from, arrival, r.payload.len(), r.segment, r.truncated)
+    }) else {
+        counters.recv_errors += 1;
+        s.ring.recycle_large(bid);
+        return;
+    };
+    let Some(from) = from.filter(|_| !truncated) else {
+        counters.oversize += u64::from(truncated);
+        s.ring.recycle_large(bid);
+        return;
+    };
+    let seg = segment.map_or(n, usize::from).max(1);
+    let mut off = 0;
+    while off < n {
+        let m = seg.min(n - off);
+        let at = off;
+        off += m;
+        let Some(i) = s.ring.tx_copy_from_large(bid, len, at, m) else {
+            counters.oversize += 1; // longer than a small buffer, or none free
+            continue;
+        };
+        let Some(buf) = s.ring.tx_buffer(i).and_then(|b| b.get_mut(..m)) else {
+            s.ring.tx_release(i);
+            continue;
+        };
+        let Some(socket) = relay.untag_from_echo(buf) else {
+            s.ring.tx_release(i);
+            continue;
+        };
+        let open = s
+            .slots
+            .get(socket.0 as usize)
+            .is_some_and(|st| st.socket.is_some());
+        if !open {
+            relay.count_drop(relay_proto::DropReason::NoChannel);
+            s.ring.tx_release(i);
+            continue;
+        }
+        let verdict = if clock.is_some() {
+            relay.handle_received(arrival, now, socket, from, buf)
+        } else {
+            relay.handle_datagram(now, socket, from, buf)
+        };
+        match verdict {
+            Verdict::Forward { to, direction } => {
+                let ud = (SEND_TX << KIND_SHIFT)
+                    | (u64::from(socket.0 & 0xff_ffff) << 32)
+                    | u64::from(i);
+                if s.ring.send_tx(socket.0, i, m, to, ud).is_ok() {
+                    forwarded[direction.index()] += 1;
+                } else {
+                    counters.send_errors += 1;
+                    s.ring.tx_release(i);
+                }
+            }
+            Verdict::Drop(_) => s.ring.tx_release(i),
+        }
+    }
+    s.ring.recycle_large(bid);
 }
