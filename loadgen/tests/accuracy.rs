@@ -1,5 +1,7 @@
 //! End to end over loopback: echo, relay and loadgen as separate processes, as a user runs them,
-//! against both relay backends. The relay's numbers must match what the echo did, exactly.
+//! against both relay backends, and the io_uring one with the shared echo leg (`shared`: GSO
+//! batches to the echo, tags on that leg; the echo runs `--gro` where it injects no fault). The
+//! relay's numbers must match what the echo did, exactly.
 //!
 //! The tests run one at a time (a lock), so their latency assertions are not skewed by sibling
 //! tests competing for the machine's two cores.
@@ -14,9 +16,19 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 use testkit::{bin, start, uring_available};
 
-/// One run: echo with `echo_args`, relay on `backend`, loadgen with `lg_args`; returns
-/// (loadgen's JSON report, echo's summary).
+/// One run: echo with `echo_args`, relay on `backend` (`uring`, `tokio`, or `shared`: uring
+/// with `--echo-leg shared`), loadgen with `lg_args`; returns (loadgen's JSON report, echo's
+/// summary).
 fn run(backend: &str, echo_args: &[&str], lg_args: &[&str]) -> (Value, Value) {
+    let (backend, leg) = match backend {
+        "shared" => ("uring", "shared"),
+        b => (b, "per-channel"),
+    };
+    let gro: &[&str] = if leg == "shared" && echo_args.is_empty() {
+        &["--gro"]
+    } else {
+        &[]
+    };
     let ctl = std::env::temp_dir().join(format!(
         "rtp-accuracy-{}-{backend}.sock",
         std::process::id()
@@ -26,6 +38,7 @@ fn run(backend: &str, echo_args: &[&str], lg_args: &[&str]) -> (Value, Value) {
         &[
             &["--listen", "127.0.0.1:0", "--metrics", "off"][..],
             echo_args,
+            gro,
         ]
         .concat(),
         "echo ready",
@@ -43,6 +56,8 @@ fn run(backend: &str, echo_args: &[&str], lg_args: &[&str]) -> (Value, Value) {
             "127.0.0.1:0",
             "--echo",
             &echo_addr,
+            "--echo-leg",
+            leg,
         ],
         "relay ready",
         "backend",
@@ -169,6 +184,9 @@ fn a_clean_run_of_200_channels_loses_nothing_and_measures_everything(backend: &s
     assert_eq!(r["relay"]["unknown_source_drops"], 0);
     assert_eq!(r["relay"]["echo_timeouts"], 0);
     assert_eq!(u(&e["received"]), sent);
+    if e["gro"] == true {
+        assert!(u(&e["coalesced"]) > 0, "the shared leg sent batches: {e}");
+    }
 }
 
 macro_rules! both_backends {
@@ -178,6 +196,9 @@ macro_rules! both_backends {
         }
         mod tokio {
             $(#[test] fn $name() { super::$name("tokio") })*
+        }
+        mod shared {
+            $(#[test] fn $name() { if super::uring_available() { super::$name("shared") } })*
         }
     };
 }
