@@ -10,6 +10,11 @@ RTT and forward percentiles. Packets are matched by (relay port, RTP sequence nu
 - wire RTT: relay port -> echo, to echo -> relay port (the round trip the relay measures);
 - wire residence: Asterisk -> relay port, to relay port -> echo (time inside the relay).
 
+With a shared echo leg (`relay --echo-leg shared`: one relay port talks to the echo, seen here
+as a single relay port) the echo leg is matched by (tag SSRC, sequence) instead, and the
+residence by (sequence, first payload bytes), the first time such a packet is seen away from the
+echo being its way in from Asterisk (the relay changes only the SSRC on the echo leg).
+
 Prints one Markdown table row and, on standard error, the counts behind it. Exits 1 when a
 target is missed: relay RTT p50 within 5 µs + 2 % of the wire's, p99 within 10 µs + 5 %, forward
 p50 within 5 µs of the wire residence.
@@ -21,7 +26,8 @@ import sys
 
 
 def packets(path):
-    """(timestamp ns, src port, dst port, RTP sequence) of every IPv4 UDP packet."""
+    """(timestamp ns, src port, dst port, RTP sequence, SSRC, payload head) of every IPv4 UDP
+    packet that looks like RTP."""
     with open(path, "rb") as f:
         data = f.read()
     magic = struct.unpack_from("<I", data, 0)[0]
@@ -49,7 +55,8 @@ def packets(path):
         if len(rtp) < 4 or rtp[0] >> 6 != 2:
             continue
         seq = struct.unpack_from("!H", rtp, 2)[0]
-        yield sec * 1_000_000_000 + nsec, sport, dport, seq
+        ssrc = struct.unpack_from("!I", rtp, 8)[0] if len(rtp) >= 12 else 0
+        yield sec * 1_000_000_000 + nsec, sport, dport, seq, ssrc, bytes(rtp[12:20])
 
 
 def pct(values, q):
@@ -67,18 +74,30 @@ def main():
     to_echo, from_echo, from_ast = {}, {}, {}
     relay_ports = set()
     rows = list(packets(cap))
-    for _, sport, dport, _ in rows:
+    for _, sport, dport, *_ in rows:
         if dport == echo_port:
             relay_ports.add(sport)
-    for ts, sport, dport, seq in rows:
-        if dport == echo_port:
+    shared = len(relay_ports) == 1
+    res_to = {}
+    for ts, sport, dport, seq, ssrc, head in rows:
+        if shared:
+            if dport == echo_port:
+                to_echo.setdefault((ssrc, seq), ts)
+                res_to.setdefault((seq, head), ts)
+            elif sport == echo_port and dport in relay_ports:
+                from_echo.setdefault((ssrc, seq), ts)
+            elif sport != echo_port:
+                from_ast.setdefault((seq, head), ts)
+        elif dport == echo_port:
             to_echo.setdefault((sport, seq), ts)
         elif sport == echo_port and dport in relay_ports:
             from_echo.setdefault((dport, seq), ts)
         elif dport in relay_ports:
             from_ast.setdefault((dport, seq), ts)
+    if not shared:
+        res_to = to_echo
     rtt = [from_echo[k] - t for k, t in to_echo.items() if k in from_echo and from_echo[k] >= t]
-    res = [t - from_ast[k] for k, t in to_echo.items() if k in from_ast and t >= from_ast[k]]
+    res = [t - from_ast[k] for k, t in res_to.items() if k in from_ast and t >= from_ast[k]]
     r = json.load(open(report))
     rl = r["relay"]
     us = lambda ns: ns / 1e3
@@ -91,7 +110,7 @@ def main():
     okf = abs(f50 - wres) <= 5
     mark = lambda ok: "yes" if ok else "**no**"
     print(
-        f"| {label} | {len(relay_ports)} | {w50:.1f} | {r50:.1f} | {r50 - w50:+.1f} | {mark(ok50)} "
+        f"| {label}{' (shared leg)' if shared else ''} | {len(relay_ports)} | {w50:.1f} | {r50:.1f} | {r50 - w50:+.1f} | {mark(ok50)} "
         f"| {w99:.1f} | {r99:.1f} | {r99 - w99:+.1f} | {mark(ok99)} "
         f"| {wres:.1f} | {f50:.1f} | {f50 - wres:+.1f} | {mark(okf)} |"
     )

@@ -43,6 +43,10 @@ pub enum Target {
     /// the forwarder core, which shows what sharding costs; on a larger machine, distinct cores
     /// show how it scales).
     Sharded,
+    /// The relay, io_uring backend, with `--echo-leg shared` (one socket toward the echo, GSO
+    /// batches out, GRO back; the echo runs `--gro`). `uring` stays per-channel, so earlier
+    /// tables remain comparable.
+    Shared,
     /// The relay, tokio backend.
     Tokio,
     /// The minimal io_uring forwarder (`bench floor`).
@@ -59,6 +63,7 @@ impl Target {
             Self::Uring => "uring",
             Self::UringUser => "uring-user",
             Self::Sharded => "sharded",
+            Self::Shared => "shared",
             Self::Tokio => "tokio",
             Self::Floor => "floor",
             Self::Rtpengine => "rtpengine",
@@ -287,26 +292,27 @@ impl Running {
     }
 }
 
-fn start_echo(cfg: &CompareConfig) -> anyhow::Result<(Proc, String)> {
-    start(
-        "echo",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-            "--core",
-            &load_cores(cfg).1.to_string(),
-        ],
-        "echo ready",
-        "listen",
-    )
+/// The echo for a point; with `gro` (the `shared` target) it takes the relay's GSO batches whole.
+fn start_echo(cfg: &CompareConfig, gro: bool) -> anyhow::Result<(Proc, String)> {
+    let core = load_cores(cfg).1.to_string();
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+        "--core",
+        &core,
+    ];
+    if gro {
+        args.push("--gro");
+    }
+    start("echo", &args, "echo ready", "listen")
 }
 
 fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::Result<Running> {
     let core = cfg.core.to_string();
     Ok(match t {
-        Target::Uring | Target::UringUser | Target::Sharded | Target::Tokio => {
+        Target::Uring | Target::UringUser | Target::Sharded | Target::Shared | Target::Tokio => {
             let (backend, timestamps) = match t {
                 Target::Tokio => ("tokio", "kernel"),
                 Target::UringUser => ("uring", "user"),
@@ -324,6 +330,11 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
                 ],
                 _ if cores_given => [String::new(), String::new()],
                 _ => ["--core".to_owned(), core.clone()],
+            };
+            let leg = if t == Target::Shared {
+                "shared"
+            } else {
+                "per-channel"
             };
             let ctl = std::env::temp_dir().join(format!(
                 "bench-{}-{}.sock",
@@ -346,6 +357,8 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
                     echo,
                     "--max-channels",
                     &n.max(16).to_string(),
+                    "--echo-leg",
+                    leg,
                 ]
                 .into_iter()
                 .chain(
@@ -495,7 +508,7 @@ fn paced(
     n: u32,
     stop: &AtomicBool,
 ) -> anyhow::Result<Point> {
-    let (_echo, echo_addr) = start_echo(cfg)?;
+    let (_echo, echo_addr) = start_echo(cfg, t == Some(Target::Shared))?;
     let running = match t {
         Some(t) => Some(start_target(cfg, t, n, &echo_addr)?),
         None => None,
@@ -585,7 +598,7 @@ fn paced(
 fn drain(cfg: &CompareConfig, t: Target, n: u32, stop: &AtomicBool) -> anyhow::Result<Point> {
     // This thread plays loadgen: on the other core, with the echo.
     let _ = relay_io::pin_current_thread(load_cores(cfg).0);
-    let (_echo, echo_addr) = start_echo(cfg)?;
+    let (_echo, echo_addr) = start_echo(cfg, t == Target::Shared)?;
     let running = start_target(cfg, t, n, &echo_addr)?;
     let sockets: Vec<UdpSocket> = (0..n)
         .map(|i| {
