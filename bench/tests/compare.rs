@@ -46,7 +46,7 @@ fn a_short_comparison_measures_every_target_and_writes_json_and_a_chart() {
     let run = compare(
         &[
             "--targets",
-            "uring,sharded,tokio,floor,rtpengine",
+            "uring,sharded,shared,tokio,floor,rtpengine",
             "--channels",
             "10",
             "--duration",
@@ -67,7 +67,10 @@ fn a_short_comparison_measures_every_target_and_writes_json_and_a_chart() {
         .iter()
         .map(|p| p["target"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["uring", "sharded", "tokio", "floor", "rtpengine"]);
+    assert_eq!(
+        names,
+        ["uring", "sharded", "shared", "tokio", "floor", "rtpengine"]
+    );
     for p in points {
         if let Some(why) = p["skipped"].as_str() {
             assert_eq!(
