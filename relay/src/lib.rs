@@ -210,6 +210,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
         let shared = Arc::new(ArcSwap::from_pointee(Snapshot {
             backend: backend.as_str(),
             timestamps: timestamps.as_str(),
+            echo_leg: config.echo_leg.as_str(),
             shard: index,
             ..Snapshot::default()
         }));

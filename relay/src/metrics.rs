@@ -127,6 +127,8 @@ pub struct Snapshot {
     pub backend: &'static str,
     /// Where arrival times come from (`kernel` or `user`).
     pub timestamps: &'static str,
+    /// How packets reach the echo (`per-channel` or `shared`).
+    pub echo_leg: &'static str,
     /// When it was taken, on the relay's clock.
     pub taken: MonoTime,
     /// The core's global statistics.
@@ -165,6 +167,7 @@ impl Snapshot {
         let mut m = Self {
             backend: first.backend,
             timestamps: first.timestamps,
+            echo_leg: first.echo_leg,
             taken: parts.iter().map(|p| p.taken).max().unwrap_or_default(),
             calls: relay_proto::score::ScoreHistograms::new(),
             ..Self::default()
@@ -262,6 +265,7 @@ impl Publisher {
         self.shared.store(Arc::new(Snapshot {
             backend: self.backend,
             timestamps: self.timestamps,
+            echo_leg: prev.echo_leg,
             taken: now,
             global: Some(global),
             counters: counters.clone(),
@@ -346,6 +350,7 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
             vec![
                 label("backend", s.backend),
                 label("timestamps", s.timestamps),
+                label("echo_leg", s.echo_leg),
                 label("version", env!("CARGO_PKG_VERSION")),
             ],
             1.0,
@@ -592,6 +597,7 @@ mod tests {
     fn rendering_names_every_metric_the_readme_promises() {
         let text = render(&[Arc::new(Snapshot {
             backend: "uring",
+            echo_leg: "per-channel",
             ..Snapshot::default()
         })]);
         for name in [
@@ -613,6 +619,7 @@ mod tests {
             "rtprelay_batch_size_bucket{le=\"1\"}",
             "rtprelay_rtt_high_total",
             "rtprelay_info{backend=\"uring\"",
+            "echo_leg=\"per-channel\"",
             "rtprelay_receive_delay_seconds_bucket{direction=\"to_echo\"",
             "rtprelay_clock_steps_total 0",
             "rtprelay_call_mos_bucket{le=\"4.5\"} 0",

@@ -136,4 +136,5 @@ fn a_forged_tag_is_dropped_and_counted() {
         "nothing forged reaches Asterisk"
     );
     assert_eq!(ctl.remove("c").round_trip.matched, 1);
+    assert_eq!(relay.metric("rtprelay_info", "echo_leg=\"shared\""), 1.0);
 }
