@@ -307,26 +307,7 @@ impl Ring {
             .map_err(|e| classify("register_files_sparse", e))?;
 
         let entries = buffers.max(1);
-        let ring_len = usize::from(entries) * size_of::<BufRingEntry>();
-        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ring_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if mem == libc::MAP_FAILED {
-            return Err(classify("mmap", io::Error::last_os_error()));
-        }
-        let ring_mem =
-            NonNull::new(mem.cast::<BufRingEntry>()).ok_or_else(|| SetupError::Other {
-                step: "mmap",
-                source: io::Error::other("null mapping"),
-            })?;
+        let (ring_mem, ring_len) = map_buf_ring(entries)?;
         let waker = EventFd::new().map_err(|e| classify("eventfd", e))?;
         // SAFETY: msghdr is plain old data; all-zero is a valid (empty) header.
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
@@ -431,26 +412,7 @@ impl Ring {
             });
         }
         let entries = count.max(1).next_power_of_two();
-        let ring_len = usize::from(entries) * size_of::<BufRingEntry>();
-        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ring_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if mem == libc::MAP_FAILED {
-            return Err(classify("mmap", io::Error::last_os_error()));
-        }
-        let ring_mem =
-            NonNull::new(mem.cast::<BufRingEntry>()).ok_or_else(|| SetupError::Other {
-                step: "mmap",
-                source: io::Error::other("null mapping"),
-            })?;
+        let (ring_mem, ring_len) = map_buf_ring(entries)?;
         // SAFETY: the mapping is page-aligned, zeroed, `entries` long, and lives in `self.large`;
         // `Drop` unregisters this group before unmapping it.
         let registered = unsafe {
@@ -957,6 +919,31 @@ impl Drop for Ring {
             libc::munmap(self.ring_mem.as_ptr().cast(), self.ring_len);
         }
     }
+}
+
+/// Maps the memory of a buffer ring of `entries` entries (page-aligned, zeroed); returns it and
+/// its length, for `munmap` once the ring is unregistered.
+fn map_buf_ring(entries: u16) -> Result<(NonNull<BufRingEntry>, usize), SetupError> {
+    let ring_len = usize::from(entries) * size_of::<BufRingEntry>();
+    // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            ring_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        return Err(classify("mmap", io::Error::last_os_error()));
+    }
+    let ring_mem = NonNull::new(mem.cast::<BufRingEntry>()).ok_or_else(|| SetupError::Other {
+        step: "mmap",
+        source: io::Error::other("null mapping"),
+    })?;
+    Ok((ring_mem, ring_len))
 }
 
 /// Reads a multishot receive's buffer: header, name field, control field, payload.
