@@ -297,6 +297,22 @@ pub struct ErrorReply {
 }
 
 impl ErrorReply {
+    /// `unknown_channel`: no channel has identifier `id` (the one wording for the core and for a
+    /// sharded relay's router).
+    #[must_use]
+    pub fn unknown_channel(id: &ChannelId) -> Self {
+        Self::new(ErrorCode::UnknownChannel, format!("no channel {id}"))
+    }
+
+    /// `duplicate_channel`: a channel already has identifier `id`.
+    #[must_use]
+    pub fn duplicate_channel(id: &ChannelId) -> Self {
+        Self::new(
+            ErrorCode::DuplicateChannel,
+            format!("channel {id} already exists"),
+        )
+    }
+
     /// An error with `code` and `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {

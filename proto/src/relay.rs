@@ -804,7 +804,7 @@ impl Relay {
                     socket,
                     reply: Ok(Response::Removed { stats }),
                 },
-                None => CommandOutcome::Reply(Err(unknown_channel(&r.channel))),
+                None => CommandOutcome::Reply(Err(ErrorReply::unknown_channel(&r.channel))),
             },
             Command::List => {
                 let mut channels: Vec<ChannelInfo> =
@@ -821,7 +821,7 @@ impl Relay {
                     .map(|c| Response::Channel {
                         stats: Box::new(c.stats(now)),
                     })
-                    .ok_or_else(|| unknown_channel(&id)),
+                    .ok_or_else(|| ErrorReply::unknown_channel(&id)),
             }),
             Command::Drain => {
                 self.draining = true;
@@ -841,10 +841,7 @@ impl Relay {
             ));
         }
         if self.by_id.contains_key(&add.channel) {
-            return Err(ErrorReply::new(
-                ErrorCode::DuplicateChannel,
-                format!("channel {} already exists", add.channel),
-            ));
+            return Err(ErrorReply::duplicate_channel(&add.channel));
         }
         let echo = add.echo.unwrap_or(self.config.default_echo);
         if !usable(echo) {
@@ -942,7 +939,7 @@ impl Relay {
             .get(id)
             .and_then(|s| self.channels.get_mut(s.index()))
             .and_then(Option::as_mut)
-            .ok_or_else(|| unknown_channel(id))?;
+            .ok_or_else(|| ErrorReply::unknown_channel(id))?;
         check_asterisk(asterisk, ch.echo)?;
         ch.asterisk = Some(asterisk);
         ch.latched = false;
@@ -1083,10 +1080,6 @@ fn drop_packet(global: &mut DropCounts, ch: &mut Channel, reason: DropReason) ->
     global.add(reason);
     ch.drops.add(reason);
     Verdict::Drop(reason)
-}
-
-fn unknown_channel(id: &ChannelId) -> ErrorReply {
-    ErrorReply::new(ErrorCode::UnknownChannel, format!("no channel {id}"))
 }
 
 fn check_asterisk(asterisk: SocketAddr, echo: SocketAddr) -> Result<(), ErrorReply> {

@@ -57,10 +57,7 @@ impl Placement {
     /// `duplicate_channel` when the id is placed already; `limit` at `--max-channels`.
     pub fn place(&mut self, id: &ChannelId) -> Result<u32, ErrorReply> {
         if self.owner.contains_key(id) {
-            return Err(ErrorReply::new(
-                ErrorCode::DuplicateChannel,
-                format!("channel {id} already exists"),
-            ));
+            return Err(ErrorReply::duplicate_channel(id));
         }
         let total: u32 = self.load.iter().sum();
         if total >= self.max_channels {
@@ -129,10 +126,6 @@ pub struct Router {
 /// The data plane's answer never came.
 fn stopped() -> ErrorReply {
     ErrorReply::new(ErrorCode::Internal, "the data plane has stopped")
-}
-
-fn unknown_channel(id: &ChannelId) -> ErrorReply {
-    ErrorReply::new(ErrorCode::UnknownChannel, format!("no channel {id}"))
 }
 
 impl Router {
@@ -239,7 +232,7 @@ impl Router {
                 let id = r.channel.clone();
                 let shard = self
                     .placement(|p| p.owner(&id))
-                    .ok_or_else(|| unknown_channel(&id))?;
+                    .ok_or_else(|| ErrorReply::unknown_channel(&id))?;
                 let reply = self.on(shard, Command::Remove(r)).await;
                 if matches!(reply, Ok(Response::Removed { .. }))
                     || matches!(&reply, Err(e) if e.code == ErrorCode::UnknownChannel)
@@ -251,14 +244,14 @@ impl Router {
             Command::Update(u) => {
                 let shard = self
                     .placement(|p| p.owner(&u.channel))
-                    .ok_or_else(|| unknown_channel(&u.channel))?;
+                    .ok_or_else(|| ErrorReply::unknown_channel(&u.channel))?;
                 self.on(shard, Command::Update(u)).await
             }
             Command::Stats(q) => match q.channel.clone() {
                 Some(id) => {
                     let shard = self
                         .placement(|p| p.owner(&id))
-                        .ok_or_else(|| unknown_channel(&id))?;
+                        .ok_or_else(|| ErrorReply::unknown_channel(&id))?;
                     self.on(shard, Command::Stats(q)).await
                 }
                 None if self.shards.len() == 1 => self.on(0, Command::Stats(q)).await,
