@@ -69,7 +69,7 @@ for ts in $TIMESTAMPS; do
       2>"$dir/relay.log" & pids+=($!)
     relay_pid=$!
     ready "$dir/relay.log" "relay ready" metrics >/dev/null
-    tcpdump -i lo -n -q --time-stamp-precision=nano -s 96 -B 262144 -w "$dir/cap.pcap" \
+    tcpdump -i lo -n -q --time-stamp-precision=nano -s 0 -B 262144 -w "$dir/cap.pcap" \
       "udp and not port 53" 2>"$dir/tcpdump.log" & pids+=($!)
     tcpdump_pid=$!
     for _ in $(seq 1 200); do grep -q "listening on" "$dir/tcpdump.log" && break; sleep 0.05; done

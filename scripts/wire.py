@@ -25,9 +25,8 @@ import struct
 import sys
 
 
-def packets(path):
-    """(timestamp ns, src port, dst port, RTP sequence, SSRC, payload head) of every IPv4 UDP
-    packet that looks like RTP."""
+def datagrams(path):
+    """(timestamp ns, src port, dst port, UDP payload) of every IPv4 UDP packet."""
     with open(path, "rb") as f:
         data = f.read()
     magic = struct.unpack_from("<I", data, 0)[0]
@@ -48,15 +47,58 @@ def packets(path):
             continue
         ihl = (ip[0] & 15) * 4
         udp = ip[ihl:]
-        if len(udp) < 12:
+        if len(udp) < 8:
             continue
         sport, dport = struct.unpack_from("!HH", udp, 0)
-        rtp = udp[8:]
-        if len(rtp) < 4 or rtp[0] >> 6 != 2:
+        yield sec * 1_000_000_000 + nsec, sport, dport, bytes(udp[8:])
+
+
+def segments(payload, sizes):
+    """A UDP GSO send (or a GRO-coalesced receive) is one packet on loopback: the kernel never
+    cuts it, so the capture holds its datagrams back to back, each sized as the first (the last
+    may be shorter), all of one moment. The segment size is not in the packet: it is taken from
+    the sizes seen on the Asterisk leg (never coalesced), the most common first, when every cut
+    lands on an RTP header of the first one's payload type."""
+    n = len(payload)
+    if n < 24 or payload[0] >> 6 != 2:
+        return [payload]
+    pt = payload[1] & 0x7F
+    for size in sizes:
+        if size >= n or size < 12:
             continue
-        seq = struct.unpack_from("!H", rtp, 2)[0]
-        ssrc = struct.unpack_from("!I", rtp, 8)[0] if len(rtp) >= 12 else 0
-        yield sec * 1_000_000_000 + nsec, sport, dport, seq, ssrc, bytes(rtp[12:20])
+        cuts = range(0, n, size)
+        if n - cuts[-1] >= 12 and all(payload[c] >> 6 == 2 and payload[c + 1] & 0x7F == pt for c in cuts):
+            return [payload[c : c + size] for c in cuts]
+    return [payload]
+
+
+def rtp_fields(rtp):
+    """(RTP sequence, SSRC, payload head) of a datagram that looks like RTP, else None."""
+    if len(rtp) < 4 or rtp[0] >> 6 != 2:
+        return None
+    seq = struct.unpack_from("!H", rtp, 2)[0]
+    ssrc = struct.unpack_from("!I", rtp, 8)[0] if len(rtp) >= 12 else 0
+    return seq, ssrc, bytes(rtp[12:20])
+
+
+def packets(path, echo_port):
+    """(timestamp ns, src port, dst port, RTP sequence, SSRC, payload head) of every RTP datagram,
+    the echo leg's GSO/GRO packets cut into their datagrams; and how many were so cut."""
+    raw = list(datagrams(path))
+    counts = {}
+    for _, sport, dport, payload in raw:
+        if echo_port not in (sport, dport):
+            counts[len(payload)] = counts.get(len(payload), 0) + 1
+    sizes = sorted(counts, key=lambda k: -counts[k])
+    rows, cut = [], 0
+    for ts, sport, dport, payload in raw:
+        parts = segments(payload, sizes) if echo_port in (sport, dport) else [payload]
+        cut += len(parts) > 1
+        for part in parts:
+            f = rtp_fields(part)
+            if f is not None:
+                rows.append((ts, sport, dport, *f))
+    return rows, cut
 
 
 def pct(values, q):
@@ -73,7 +115,7 @@ def main():
     label = sys.argv[4] if len(sys.argv) > 4 else ""
     to_echo, from_echo, from_ast = {}, {}, {}
     relay_ports = set()
-    rows = list(packets(cap))
+    rows, cut = packets(cap, echo_port)
     for _, sport, dport, *_ in rows:
         if dport == echo_port:
             relay_ports.add(sport)
@@ -115,7 +157,8 @@ def main():
         f"| {wres:.1f} | {f50:.1f} | {f50 - wres:+.1f} | {mark(okf)} |"
     )
     print(
-        f"wire: {len(to_echo)} to the echo, {len(rtt)} round trips matched, {len(res)} residences; "
+        f"wire: {len(to_echo)} to the echo ({cut} GSO/GRO packets cut into datagrams), "
+        f"{len(rtt)} round trips matched, {len(res)} residences; "
         f"relay: {rl['rtt']['count']} round trips",
         file=sys.stderr,
     )

@@ -78,6 +78,10 @@ pub struct EchoCounts {
     pub delayed: u64,
     /// Datagrams that were not RTP (returned untouched, unfaulted).
     pub not_rtp: u64,
+    /// Datagrams lost for want of a transmit buffer (`--gro` with faults copies each segment of
+    /// a coalesced receive into one; more held at once than the pool has). Zero in any run whose
+    /// fault counts are to be trusted.
+    pub no_buffer: u64,
 }
 
 /// What to do with a packet now.

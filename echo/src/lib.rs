@@ -6,9 +6,12 @@
 //! With faults ([`faults`]), held packets keep their buffer until they leave; duplicates are
 //! copied into a transmit buffer.
 //!
-//! With `--gro` (no faults) the socket has UDP GRO: the segments of a sender's GSO send arrive
-//! as one receive in a 64 KiB buffer, and go back as one GSO send of the same segment size, so
-//! a batch costs the echo one receive and one send however many datagrams it holds.
+//! With `--gro` the socket has UDP GRO: the segments of a sender's GSO send arrive as one
+//! receive in a 64 KiB buffer. Without faults they go back as one GSO send of the same segment
+//! size, so a batch costs the echo one receive and one send however many datagrams it holds.
+//! With faults each segment is a datagram of its own to the fault model: it is copied into a
+//! 2 KiB transmit buffer (the coalesced buffer goes back to the kernel at once) and dropped,
+//! held, duplicated or sent one by one like any other, with the same counts.
 //!
 //! Counts are published to atomics once per batch for `/metrics`, and printed as a JSON line on
 //! standard output when the echo exits (SIGTERM, SIGINT, or `--duration`).
@@ -212,14 +215,39 @@ const RECV: u64 = 1 << 56;
 const SEND: u64 = 2 << 56;
 const SEND_TX: u64 = 3 << 56;
 const WAKE: u64 = 4 << 56;
+/// A receive into the large (GRO) buffers, with faults.
+const RECV_LARGE: u64 = 5 << 56;
 const KIND: u64 = 0xff << 56;
+
+/// Transmit buffers with `--gro` and faults: every held segment lives in one (16 MiB).
+const FAULT_TX: u16 = 8192;
+
+/// Where a datagram the echo holds lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buf {
+    /// In the receive buffer it arrived in.
+    Rx(u16),
+    /// In a transmit buffer (a segment cut out of a coalesced receive).
+    Tx(u16),
+}
+
+impl Buf {
+    /// Gives the buffer back (a datagram dropped, or a send refused).
+    fn release(self, ring: &mut Ring) {
+        match self {
+            Self::Rx(bid) => ring.recycle(bid),
+            Self::Tx(i) => ring.tx_release(i),
+        }
+    }
+}
 
 /// A datagram the echo holds: its buffer, sizes and source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Item {
-    /// Receive buffer.
-    bid: u16,
-    /// The completion's length (header, address and payload).
+    /// Its buffer.
+    buf: Buf,
+    /// The completion's length (header, address and payload; the payload's, in a transmit
+    /// buffer).
     total: usize,
     /// The payload's length.
     len: usize,
@@ -248,9 +276,14 @@ pub fn run(
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", config.listen))?;
     let listen = socket.local_addr()?;
     let clean = config.faults.is_clean();
-    let gro = config.gro && clean;
-    let mut ring = if gro {
+    let gro = config.gro;
+    // Coalesced receives kept whole (clean), or cut into transmit buffers (faults).
+    let gro_clean = gro && clean;
+    let gro_faults = gro && !clean;
+    if gro {
         relay_io::enable_udp_gro(&socket).context("--gro: UDP_GRO")?;
+    }
+    let mut ring = if gro_clean {
         Ring::with_buffer_size(
             4096,
             config.buffers.min(GRO_BUFFERS),
@@ -258,10 +291,22 @@ pub fn run(
             0,
             relay_io::ring::MAX_BUFFER_SIZE,
         )
+    } else if gro_faults {
+        Ring::with_tx(4096, 16, 1, FAULT_TX).and_then(|mut r| {
+            r.add_large(GRO_BUFFERS.min(config.buffers), 0)?;
+            Ok(r)
+        })
     } else {
         Ring::with_tx(4096, config.buffers, 1, 1024)
     }
     .context("io_uring")?;
+    let arm = |ring: &mut Ring| {
+        if gro_faults {
+            ring.arm_recv_large(0, RECV_LARGE)
+        } else {
+            ring.arm_recv(0, RECV)
+        }
+    };
     let kernel = match relay_io::enable_rx_timestamps(&socket) {
         Ok(()) => true,
         Err(e) => {
@@ -270,12 +315,14 @@ pub fn run(
         }
     };
     ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&socket))?;
-    ring.arm_recv(0, RECV)?;
+    arm(&mut ring)?;
     ring.arm_waker(WAKE)?;
     ready(listen, ring.waker());
 
     let mut faults: Faults<Item> = Faults::new(config.faults.clone());
     let mut clean_counts = EchoCounts::default();
+    // Segments lost for want of a transmit buffer (with faults and --gro).
+    let mut no_buffer = 0u64;
     let start = Instant::now();
     let cpu_start = relay_io::thread_cpu_ns();
     let deadline = config.duration.map(|d| start + d);
@@ -320,6 +367,17 @@ pub fn run(
                         rearm = true;
                     }
                 }
+                RECV_LARGE => {
+                    let mut io = Io {
+                        ring: &mut ring,
+                        faults: &mut faults,
+                        timing: &mut timing,
+                    };
+                    no_buffer += on_recv_segments(&mut io, now_ns, c);
+                    if !c.more() {
+                        rearm = true;
+                    }
+                }
                 SEND => {
                     if let Ok(bid) = u16::try_from(c.user_data & 0xffff) {
                         ring.recycle(bid);
@@ -345,13 +403,13 @@ pub fn run(
         }
         ring.sync_buffers();
         if rearm {
-            ring.arm_recv(0, RECV)?;
+            arm(&mut ring)?;
             rearm = false;
         }
-        let counts = if clean { clean_counts } else { faults.counts() };
+        let counts = counts(clean, clean_counts, &faults, no_buffer);
         shared.store(&counts, faults.held());
     }
-    let counts = if clean { clean_counts } else { faults.counts() };
+    let counts = counts(clean, clean_counts, &faults, no_buffer);
     shared.store(&counts, faults.held());
     let secs = start.elapsed().as_secs_f64();
     let cpu = relay_io::thread_cpu_ns()
@@ -370,6 +428,22 @@ pub fn run(
         gro,
         coalesced: timing.coalesced,
     })
+}
+
+/// The counts so far: the clean path's own, or the fault model's plus the segments it never saw.
+fn counts(
+    clean: bool,
+    clean_counts: EchoCounts,
+    faults: &Faults<Item>,
+    no_buffer: u64,
+) -> EchoCounts {
+    if clean {
+        return clean_counts;
+    }
+    let mut c = faults.counts();
+    c.received += no_buffer;
+    c.no_buffer = no_buffer;
+    c
 }
 
 /// What handling a datagram touches.
@@ -424,7 +498,7 @@ fn on_recv(
         return;
     }
     let item = Item {
-        bid,
+        buf: Buf::Rx(bid),
         total: len,
         len: n,
         from,
@@ -435,9 +509,61 @@ fn on_recv(
     let action = io.faults.on_packet(arrival, r.payload, item);
     match action {
         Action::Send { item, copies } => send(io, item, copies),
-        Action::Drop(item) => io.ring.recycle(item.bid),
+        Action::Drop(item) => item.buf.release(io.ring),
         Action::Held => {}
     }
+}
+
+/// With faults and `--gro`: a receive into a large buffer holds one datagram or several of one
+/// size; each is copied into a transmit buffer and given to the fault model as a datagram of its
+/// own, and the large buffer goes back at once. Returns how many found no transmit buffer.
+fn on_recv_segments(io: &mut Io<'_>, now_ns: u64, c: &Completion) -> u64 {
+    if c.result < 0 {
+        return 0; // ENOBUFS and the like: re-armed after this batch
+    }
+    let Some(bid) = c.buffer() else { return 0 };
+    let len = usize::try_from(c.result).unwrap_or(0);
+    let Some((from, n, segment, arrival)) = io.ring.received_large(bid, len).and_then(|r| {
+        let arrival = io.timing.arrival(r.control, now_ns);
+        r.from
+            .filter(|_| !r.truncated)
+            .map(|from| (from, r.payload.len(), r.segment, arrival))
+    }) else {
+        io.ring.recycle_large(bid);
+        return 0;
+    };
+    let seg = segment.map_or(n, usize::from).clamp(1, n.max(1));
+    io.timing.coalesced += u64::from(seg < n);
+    let mut lost = 0;
+    let mut off = 0;
+    while off < n {
+        let m = seg.min(n - off);
+        let at = off;
+        off += m;
+        let Some(i) = io.ring.tx_copy_from_large(bid, len, at, m) else {
+            lost += 1;
+            continue;
+        };
+        let item = Item {
+            buf: Buf::Tx(i),
+            total: m,
+            len: m,
+            from,
+            arrival,
+        };
+        let Some(payload) = io.ring.tx_buffer(i).and_then(|b| b.get(..m)) else {
+            io.ring.tx_release(i);
+            lost += 1;
+            continue;
+        };
+        match io.faults.on_packet(arrival, payload, item) {
+            Action::Send { item, copies } => send(io, item, copies),
+            Action::Drop(item) => item.buf.release(io.ring),
+            Action::Held => {}
+        }
+    }
+    io.ring.recycle_large(bid);
+    lost
 }
 
 /// Sends a held or decided packet (and its copy), accounting for both as they leave.
@@ -447,22 +573,29 @@ fn send(io: &mut Io<'_>, item: Item, copies: u8) {
         faults,
         timing,
     } = io;
-    let key = ring
-        .received(item.bid, item.total)
-        .and_then(|r| faults::rtp_key(r.payload));
-    let copy = if copies > 1 {
-        ring.tx_copy_from(item.bid, item.total)
-    } else {
-        None
+    let key = match item.buf {
+        Buf::Rx(bid) => ring
+            .received(bid, item.total)
+            .and_then(|r| faults::rtp_key(r.payload)),
+        Buf::Tx(i) => ring
+            .tx_buffer(i)
+            .and_then(|b| b.get(..item.len))
+            .and_then(faults::rtp_key),
     };
-    if ring
-        .send(0, item.bid, item.len, item.from, SEND | u64::from(item.bid))
-        .is_ok()
-    {
+    let copy = match (copies > 1, item.buf) {
+        (false, _) => None,
+        (true, Buf::Rx(bid)) => ring.tx_copy_from(bid, item.total),
+        (true, Buf::Tx(i)) => ring.tx_copy_tx(i, item.len).map(|j| (j, item.len)),
+    };
+    let sent = match item.buf {
+        Buf::Rx(bid) => ring.send(0, bid, item.len, item.from, SEND | u64::from(bid)),
+        Buf::Tx(i) => ring.send_tx(0, i, item.len, item.from, SEND_TX | u64::from(i)),
+    };
+    if sent.is_ok() {
         faults.on_sent_key(key, false);
         timing.queued.push((item.arrival, 1));
     } else {
-        ring.recycle(item.bid);
+        item.buf.release(ring);
     }
     if let Some((i, n)) = copy {
         if ring
@@ -491,6 +624,7 @@ mod tests {
             reordered: 3,
             delayed: 4,
             not_rtp: 0,
+            no_buffer: 0,
         };
         shared.store(&counts, 5);
         let text = shared.render();

@@ -74,9 +74,9 @@ struct Args {
     /// SO_RCVBUF of the socket, in bytes (SO_RCVBUFFORCE when permitted).
     #[arg(long, env = "ECHO_RCVBUF", default_value_t = 32 << 20)]
     rcvbuf: usize,
-    /// Receive with UDP GRO and reflect each coalesced batch with one UDP GSO send (for GSO
-    /// senders: the shared echo leg, `loadgen blast --gso`). Buffers become 64 KiB, at most
-    /// 512 of them. Only without faults (they decide per datagram).
+    /// Receive with UDP GRO (for GSO senders: the shared echo leg, `loadgen blast --gso`):
+    /// buffers become 64 KiB, at most 512 of them. Without faults each coalesced batch goes back
+    /// as one UDP GSO send; with faults each of its datagrams is faulted and sent on its own.
     #[arg(long, env = "ECHO_GRO")]
     gro: bool,
     /// Stop after this long (default: run until SIGTERM or SIGINT).
@@ -128,13 +128,6 @@ fn config(a: &Args) -> Result<Config, String> {
         rcvbuf: a.rcvbuf,
         duration: a.duration,
         gro: a.gro,
-    })
-    .and_then(|c| {
-        if c.gro && !c.faults.is_clean() {
-            Err("invalid value for --gro: it reflects coalesced batches whole, so it takes no fault (--delay, --jitter, --loss, --duplicate, --reorder, --pace)".into())
-        } else {
-            Ok(c)
-        }
     })
 }
 

@@ -126,7 +126,13 @@ fn with_gro_a_gso_batch_comes_back_as_its_datagrams_byte_identical() {
 
 /// Sends `n` packets 2 ms apart through an echo with faults; returns what came back, in order.
 fn faulted_run(seed: &str, n: u16) -> (Vec<u16>, serde_json::Value) {
-    let (echo, addr) = start(&[
+    faulted_run_in(seed, n, 1)
+}
+
+/// [`faulted_run`], the packets sent `gso` at a time by one UDP GSO send (`2·gso` ms apart) to an
+/// echo with `--gro` when `gso` > 1.
+fn faulted_run_in(seed: &str, n: u16, gso: u16) -> (Vec<u16>, serde_json::Value) {
+    let mut args = vec![
         "--loss",
         "0.05",
         "--duplicate",
@@ -137,7 +143,11 @@ fn faulted_run(seed: &str, n: u16) -> (Vec<u16>, serde_json::Value) {
         "3ms",
         "--seed",
         seed,
-    ]);
+    ];
+    if gso > 1 {
+        args.push("--gro");
+    }
+    let (echo, addr) = start(&args);
     let c = client();
     let rx = c.try_clone().unwrap();
     let receiver = std::thread::spawn(move || {
@@ -148,22 +158,42 @@ fn faulted_run(seed: &str, n: u16) -> (Vec<u16>, serde_json::Value) {
         }
         got
     });
-    for seq in 0..n {
-        c.send_to(&packet(seq), addr).unwrap();
-        std::thread::sleep(Duration::from_millis(2));
+    if gso > 1 {
+        let mut ring = relay_io::ring::Ring::with_buffer_size(8, 2, 1, 2, 1 << 16).unwrap();
+        ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&c))
+            .unwrap();
+        for first in (0..n).step_by(usize::from(gso)) {
+            let i = ring.tx_acquire().unwrap();
+            let b = ring.tx_buffer(i).unwrap();
+            let count = gso.min(n - first);
+            for k in 0..count {
+                let at = usize::from(k) * 172;
+                b[at..at + 172].copy_from_slice(&packet(first + k));
+            }
+            ring.send_tx_gso(0, i, usize::from(count) * 172, Some(172), addr, 1)
+                .unwrap();
+            ring.submit_and_wait(Some(Duration::from_millis(100)))
+                .unwrap();
+            for cq in ring.drain_completions() {
+                assert!(cq.result > 0, "GSO send: {}", cq.result);
+            }
+            ring.tx_release(i);
+            std::thread::sleep(Duration::from_millis(2 * u64::from(gso)));
+        }
+    } else {
+        for seq in 0..n {
+            c.send_to(&packet(seq), addr).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
     let got = receiver.join().unwrap(); // ends 500 ms after the last echo
     (got, stop(echo))
 }
 
-#[test]
-fn fault_counts_equal_what_the_client_sees_and_the_seed_reproduces_them() {
-    if skip_without_uring() {
-        return;
-    }
-    let (got, s) = faulted_run("11", 600);
+/// What a client saw: (lost, duplicates, reordered) of `n` packets sent in order.
+fn observed(got: &[u16], n: u16) -> (u64, u64, u64) {
     let (mut seen, mut max, mut reordered, mut dups) = (HashSet::new(), None, 0u64, 0u64);
-    for &q in &got {
+    for &q in got {
         if !seen.insert(q) {
             dups += 1;
             continue;
@@ -173,7 +203,47 @@ fn fault_counts_equal_what_the_client_sees_and_the_seed_reproduces_them() {
         }
         max = Some(max.map_or(q, |m: u16| m.max(q)));
     }
-    let lost = 600 - seen.len() as u64;
+    (u64::from(n) - seen.len() as u64, dups, reordered)
+}
+
+#[test]
+fn with_gro_faults_apply_to_each_datagram_of_a_coalesced_batch() {
+    if skip_without_uring() {
+        return;
+    }
+    // 600 packets in GSO sends of 8: the echo receives 75 coalesced batches and decides on each
+    // datagram in them as if it had come alone.
+    let (got, s) = faulted_run_in("11", 600, 8);
+    assert_eq!(s["gro"], true, "{s}");
+    assert!(
+        s["coalesced"].as_u64().unwrap() >= 60,
+        "batches arrived coalesced: {s}"
+    );
+    assert_eq!(s["no_buffer"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["received"].as_u64(), Some(600), "{s}");
+    let (lost, dups, reordered) = observed(&got, 600);
+    assert!(
+        lost > 0 && dups > 0 && reordered > 0,
+        "faults happened: {s}"
+    );
+    assert_eq!(s["dropped"].as_u64(), Some(lost), "{s}");
+    assert_eq!(s["duplicated"].as_u64(), Some(dups), "{s}");
+    assert_eq!(s["reordered"].as_u64(), Some(reordered), "{s}");
+    assert_eq!(s["sent"].as_u64(), Some(got.len() as u64), "{s}");
+    // The seed decides per datagram, so the same packets sent one by one meet the same fates.
+    let (_, plain) = faulted_run("11", 600);
+    for k in ["dropped", "duplicated"] {
+        assert_eq!(plain[k], s[k], "{k}: plain {plain}, coalesced {s}");
+    }
+}
+
+#[test]
+fn fault_counts_equal_what_the_client_sees_and_the_seed_reproduces_them() {
+    if skip_without_uring() {
+        return;
+    }
+    let (got, s) = faulted_run("11", 600);
+    let (lost, dups, reordered) = observed(&got, 600);
     assert!(
         lost > 0 && dups > 0 && reordered > 0,
         "faults happened: {s}"
@@ -195,7 +265,6 @@ fn bad_flags_exit_non_zero_naming_the_flag() {
         (&["--loss", "1.5"][..], "--loss"),
         (&["--buffers", "1000"], "--buffers"),
         (&["--delay", "soon"], "--delay"),
-        (&["--gro", "--loss", "0.1"], "--gro"),
     ] {
         let out = testkit::output(
             Command::new(env!("CARGO_BIN_EXE_echo")).args(args),

@@ -773,6 +773,23 @@ impl Ring {
         Some((i, n))
     }
 
+    /// Copies the first `n` bytes of transmit buffer `i` into a free transmit buffer; returns it.
+    /// For a second copy of a datagram that already lives in a transmit buffer.
+    pub fn tx_copy_tx(&mut self, i: u16, n: usize) -> Option<u16> {
+        if n > self.buffer_size || usize::from(i) >= self.tx_sends.len() {
+            return None;
+        }
+        let j = self.tx_acquire()?;
+        let src = usize::from(i) * self.buffer_size;
+        let dst = usize::from(j) * self.buffer_size;
+        if self.tx.get(src..src + n).is_none() || self.tx.get(dst..dst + n).is_none() {
+            self.tx_release(j);
+            return None;
+        }
+        self.tx.copy_within(src..src + n, dst);
+        Some(j)
+    }
+
     /// Returns transmit buffer `i` to the pool.
     pub fn tx_release(&mut self, i: u16) {
         if usize::from(i) < self.tx_sends.len() {

@@ -1,7 +1,7 @@
 //! End to end over loopback: echo, relay and loadgen as separate processes, as a user runs them,
-//! against both relay backends, and the io_uring one with the shared echo leg (`shared`: GSO
-//! batches to the echo, tags on that leg; the echo runs `--gro` where it injects no fault). The
-//! relay's numbers must match what the echo did, exactly.
+//! against both relay backends, each also with the shared echo leg (`shared`, `tokio_shared`:
+//! GSO batches to the echo, tags on that leg; the echo runs `--gro`, its faults applied to each
+//! datagram of a coalesced batch). The relay's numbers must match what the echo did, exactly.
 //!
 //! The tests run one at a time (a lock), so their latency assertions are not skewed by sibling
 //! tests competing for the machine's two cores.
@@ -22,13 +22,11 @@ use testkit::{bin, start, uring_available};
 fn run(backend: &str, echo_args: &[&str], lg_args: &[&str]) -> (Value, Value) {
     let (backend, leg) = match backend {
         "shared" => ("uring", "shared"),
+        "tokio-shared" => ("tokio", "shared"),
         b => (b, "per-channel"),
     };
-    let gro: &[&str] = if leg == "shared" && echo_args.is_empty() {
-        &["--gro"]
-    } else {
-        &[]
-    };
+    // The shared leg sends GSO batches; the echo takes them coalesced (and faults each datagram).
+    let gro: &[&str] = if leg == "shared" { &["--gro"] } else { &[] };
     let ctl = std::env::temp_dir().join(format!(
         "rtp-accuracy-{}-{backend}.sock",
         std::process::id()
@@ -199,6 +197,9 @@ macro_rules! both_backends {
         }
         mod shared {
             $(#[test] fn $name() { if super::uring_available() { super::$name("shared") } })*
+        }
+        mod tokio_shared {
+            $(#[test] fn $name() { if super::uring_available() { super::$name("tokio-shared") } })*
         }
     };
 }

@@ -525,7 +525,7 @@ fn sends_submitted_by_one_call_leave_one_after_another() {
     let mut relay = Relay::new(RelayConfig::default()).unwrap();
     let s = open(&mut relay, t(0), add("a", Some(ast())));
     // Four packets of one batch, all arrived at 100 µs, sent by one call from 200 to 240 µs:
-    // they leave at 200, 210, 220 and 230 µs.
+    // each takes 10 µs of it and leaves in the middle of its share, at 205, 215, 225 and 235 µs.
     for k in 0..4u16 {
         let _ = relay.handle_received(us(100), us(150), s, ast(), &rtp(k, 160 * u32::from(k), 7));
     }
@@ -541,14 +541,92 @@ fn sends_submitted_by_one_call_leave_one_after_another() {
     }
     relay.submitted(us(2_300));
     let g = relay.global_stats();
-    // Forward times 100, 110, 120, 130 µs; RTTs 2.1, 2.09, 2.08, 2.07 ms: exact means.
+    // Forward times 105, 115, 125, 135 µs; RTTs 2.095, 2.085, 2.075, 2.065 ms: exact means.
     assert_eq!(
-        g.forward.to_echo.mean_ns, 115_000,
+        g.forward.to_echo.mean_ns, 120_000,
         "{:?}",
         g.forward.to_echo
     );
-    assert_eq!(g.rtt.mean_ns, 2_085_000, "{:?}", g.rtt);
+    assert_eq!(g.rtt.mean_ns, 2_080_000, "{:?}", g.rtt);
     assert_eq!((g.rtt.count, g.forward.to_echo.count), (4, 4));
+}
+
+/// A shared echo leg gathers echo-bound datagrams into one GSO send queued after the others: the
+/// send's place in the queue, not the datagrams' order of arrival, says when they left, and all of
+/// them left together (one packet on the wire).
+#[test]
+fn datagrams_of_one_gathered_send_leave_together_at_its_place_in_the_queue() {
+    let us = |n: u64| MonoTime::from_nanos(n * 1_000);
+    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut relay, t(0), add("a", Some(ast())));
+    // Arrived at 100 µs: 0 and 2 get sends of their own, 1, 3 and 4 are gathered into batch 0,
+    // which is queued last. Three sends, submitted by one call from 200 to 230 µs, each leaving
+    // in the middle of its 10 µs: 0 at 205, 2 at 215, the batch (1, 3, 4) at 225.
+    for k in 0..5u16 {
+        let _ = relay.handle_received(us(100), us(150), s, ast(), &rtp(k, 160 * u32::from(k), 7));
+        if k % 2 == 1 || k == 4 {
+            relay.gathered_last(0);
+        }
+    }
+    relay.batch_queued(0);
+    relay.submitted_between(us(200), us(230));
+    assert_eq!(relay.unsubmitted(), 0);
+    for k in 0..5u16 {
+        let _ = relay.handle_received(
+            us(2_300),
+            us(2_300),
+            s,
+            ECHO,
+            &rtp(k, 160 * u32::from(k), 7),
+        );
+    }
+    relay.submitted(us(2_300));
+    let g = relay.global_stats();
+    // Forward 105, 125, 115, 125, 125 µs; RTTs 2.095, 2.075, 2.085, 2.075, 2.075 ms.
+    assert_eq!(
+        g.forward.to_echo.mean_ns, 119_000,
+        "{:?}",
+        g.forward.to_echo
+    );
+    assert_eq!(g.rtt.mean_ns, 2_081_000, "{:?}", g.rtt);
+    assert_eq!(g.rtt.count, 5);
+}
+
+#[test]
+fn a_gathered_send_not_queued_yet_waits_for_the_submission_that_carries_it() {
+    let us = |n: u64| MonoTime::from_nanos(n * 1_000);
+    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut relay, t(0), add("a", Some(ast())));
+    let _ = relay.handle_received(us(100), us(100), s, ast(), &rtp(1, 160, 7));
+    relay.gathered_last(3);
+    let _ = relay.handle_received(us(100), us(100), s, ast(), &rtp(2, 320, 7));
+    // The queue fills and is submitted while batch 3 is still gathering: only datagram 2 left.
+    relay.submitted_between(us(200), us(210));
+    assert_eq!(relay.unsubmitted(), 1);
+    relay.batch_queued(3);
+    relay.submitted_between(us(400), us(410));
+    assert_eq!(relay.unsubmitted(), 0);
+    for k in 1..3u16 {
+        let _ = relay.handle_received(
+            us(2_400),
+            us(2_400),
+            s,
+            ECHO,
+            &rtp(k, 160 * u32::from(k), 7),
+        );
+    }
+    relay.submitted(us(2_400));
+    let st = relay.channel_stats(us(3_000), &id("a")).unwrap();
+    // RTTs 2.195 ms (datagram 2, sent at 205 µs) and 1.995 ms (datagram 1, sent with batch 3
+    // at 405 µs). (Min and max carry the histogram's precision.)
+    assert_eq!(
+        (st.rtt.count, st.rtt.mean_ns),
+        (2, 2_095_000),
+        "{:?}",
+        st.rtt
+    );
+    assert!(st.rtt.min_ns.abs_diff(1_995_000) <= 10_000, "{:?}", st.rtt);
+    assert!(st.rtt.max_ns.abs_diff(2_195_000) <= 10_000, "{:?}", st.rtt);
 }
 
 #[test]

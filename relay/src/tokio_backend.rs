@@ -12,8 +12,8 @@
 //!
 //! Time (`--timestamps kernel`): datagrams are read with `recvmsg` and their control messages;
 //! the realtime − monotonic offset is re-sampled right after each read (so every stamp precedes
-//! its sample), the arrival is the kernel's stamp, and T0 is the clock read just before the
-//! `sendmsg` that forwards it. With `--timestamps user`, arrival and T0 are the read of the
+//! its sample), the arrival is the kernel's stamp, and T0 is the middle of the `sendmsg` that
+//! forwards it (the clock read just before and just after it). With `--timestamps user`, arrival and T0 are the read of the
 //! clock after the datagram was read.
 
 use std::cell::RefCell;
@@ -205,20 +205,26 @@ async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef) {
                 }
             };
             if let Verdict::Forward { to, direction } = verdict {
-                // Kernel time: T0 and the end of the forward time are just before the send.
-                let kernel_time = {
-                    let mut sh = shared.borrow_mut();
-                    if sh.kernel_time {
-                        let t0 = sh.clock.now();
-                        sh.relay.submitted(t0);
-                    }
-                    sh.kernel_time
-                };
+                // Kernel time: the send's packet meets the wire inside its `sendmsg`; T0 and the
+                // end of the forward time are the middle of that call (the clock read around it).
+                let kernel_time = shared.borrow().kernel_time;
+                let before = kernel_time.then(|| shared.borrow().clock.now());
                 let sent = match socket.try_send_to(payload, to) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if let Some(before) = before {
+                            // Other tasks run while this one waits: settle it first.
+                            shared.borrow_mut().relay.submitted(before);
+                        }
                         socket.send_to(payload, to).await
                     }
-                    r => r,
+                    r => {
+                        if let Some(before) = before {
+                            let mut sh = shared.borrow_mut();
+                            let after = sh.clock.now();
+                            sh.relay.submitted_between(before, after);
+                        }
+                        r
+                    }
                 };
                 let mut sh = shared.borrow_mut();
                 match sent {

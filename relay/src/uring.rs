@@ -114,9 +114,9 @@ struct Batch {
 }
 
 impl SharedLeg {
-    /// Sends the gathered batch, if any: one `sendmsg` with UDP_SEGMENT when it holds more than
-    /// one packet.
-    fn flush(&mut self, ring: &mut Ring, counters: &mut BackendCounters) {
+    /// Queues the gathered batch's send, if any: one `sendmsg` with UDP_SEGMENT when it holds
+    /// more than one packet. The core learns its place in the queue (its datagrams' T0).
+    fn flush(&mut self, ring: &mut Ring, relay: &mut Relay, counters: &mut BackendCounters) {
         let Some(b) = self.batch.take() else { return };
         let segment = (b.count > 1).then(|| u16::try_from(b.size).unwrap_or(u16::MAX));
         let ud = (LARGE_TX << KIND_SHIFT) | u64::from(b.buffer);
@@ -127,6 +127,9 @@ impl SharedLeg {
             counters.send_errors += b.count as u64;
             ring.large_tx_release(b.buffer);
         }
+        // Settled either way: a refused send's datagrams must not wait for a later batch that
+        // reuses the buffer.
+        relay.batch_queued(b.buffer);
     }
 }
 
@@ -255,7 +258,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                         forwarded: &mut forwarded,
                         clock: kernel_time.then_some(&clock),
                     };
-                    on_echo_recv(&mut io, now, c);
+                    on_echo_recv(&mut io, now, c)?;
                 }
                 SEND_TX | LARGE_TX => {
                     let i = (c.user_data & 0xffff) as u16;
@@ -305,7 +308,15 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
             }
         }
         if let Some(sh) = s.shared.as_mut() {
-            sh.flush(&mut s.ring, &mut counters);
+            if sh.batch.is_some() {
+                make_room(
+                    &mut s.ring,
+                    &mut relay,
+                    kernel_time.then_some(&clock),
+                    &mut counters,
+                )?;
+            }
+            sh.flush(&mut s.ring, &mut relay, &mut counters);
         }
         s.ring.give_back(completions);
         s.ring.sync_buffers();
@@ -435,16 +446,7 @@ fn forward(
         forwarded,
         clock,
     } = io;
-    if let Some(clock) = clock {
-        if s.ring.submission_full() {
-            // The send this datagram may need would submit the queued ones early: they leave
-            // now, in this enter.
-            let start = clock.now();
-            s.ring.submit()?;
-            relay.submitted_between(start, clock.now());
-            counters.enters += 1;
-        }
-    }
+    make_room(&mut s.ring, relay, *clock, counters)?;
     let verdict = match s.ring.received(bid, len) {
         Some(_) if !current => {
             // A previous channel's datagram, in flight when it closed.
@@ -506,6 +508,26 @@ fn forward(
     Ok(())
 }
 
+/// With kernel timestamps, before a send is queued: when the submission queue is full, queueing
+/// would submit the sends it holds without a clock read around it, so they are submitted here,
+/// between two, and leave now.
+fn make_room(
+    ring: &mut Ring,
+    relay: &mut Relay,
+    clock: Option<&Clock>,
+    counters: &mut BackendCounters,
+) -> std::io::Result<()> {
+    if let Some(clock) = clock {
+        if ring.submission_full() {
+            let start = clock.now();
+            ring.submit()?;
+            relay.submitted_between(start, clock.now());
+            counters.enters += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Shared echo leg, on the way out: copies the datagram in `bid` (payload `n` bytes) into the
 /// batch for `to` and writes the channel's tag over its SSRC there; starts a new batch when the
 /// size or the address differs, or the batch is full. False when no large buffer is free (the
@@ -528,7 +550,7 @@ fn gather(
         let fits =
             b.to == to && b.size == n && b.count < MAX_SEGMENTS && b.used + n <= MAX_GSO_BYTES;
         if !fits {
-            sh.flush(&mut s.ring, counters);
+            sh.flush(&mut s.ring, relay, counters);
         }
     }
     let b = match sh.batch {
@@ -557,6 +579,7 @@ fn gather(
     if let Some(buf) = s.ring.large_tx_buffer(b.buffer) {
         relay.tag_for_echo(SocketId(slot), &mut buf[b.used..b.used + copied]);
     }
+    relay.gathered_last(b.buffer);
     sh.batch = Some(Batch {
         count: b.count + 1,
         used: b.used + copied,
@@ -569,7 +592,7 @@ fn gather(
 /// GRO, several of one size; each is copied into a small transmit buffer, its tag replaced by
 /// Asterisk's SSRC, handed to the core as its channel's return (arrival: the receive's kernel
 /// stamp), and sent from that channel's socket.
-fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) {
+fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Result<()> {
     let Io {
         s,
         relay,
@@ -591,9 +614,11 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) {
         if c.result != -libc::ENOBUFS && c.result != -libc::ECANCELED {
             counters.recv_errors += 1;
         }
-        return;
+        return Ok(());
     }
-    let Some(bid) = c.buffer() else { return };
+    let Some(bid) = c.buffer() else {
+        return Ok(());
+    };
     let len = usize::try_from(c.result).unwrap_or(0);
     let Some((from, arrival, n, segment, truncated)) = s.ring.received_large(bid, len).map(|r| {
         let arrival = clock.map_or(now, |cl| cl.arrival(r.control, now, counters));
@@ -601,12 +626,12 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) {
     }) else {
         counters.recv_errors += 1;
         s.ring.recycle_large(bid);
-        return;
+        return Ok(());
     };
     let Some(from) = from.filter(|_| !truncated) else {
         counters.oversize += u64::from(truncated);
         s.ring.recycle_large(bid);
-        return;
+        return Ok(());
     };
     let seg = segment.map_or(n, usize::from).max(1);
     let mut off = 0;
@@ -614,6 +639,7 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) {
         let m = seg.min(n - off);
         let at = off;
         off += m;
+        make_room(&mut s.ring, relay, *clock, counters)?;
         let Some(i) = s.ring.tx_copy_from_large(bid, len, at, m) else {
             counters.oversize += 1; // longer than a small buffer, or none free
             continue;
@@ -656,4 +682,5 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) {
         }
     }
     s.ring.recycle_large(bid);
+    Ok(())
 }
