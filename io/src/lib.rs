@@ -20,6 +20,6 @@ pub use clock::{Clock, Sample, WallToMono};
 pub use cmsg::{gro_segment, rx_timestamp, WallTime};
 pub use cpu::{cpu_time_ns, pin_current_thread, process_cpu_ns, thread_cpu_ns};
 pub use socket::{
-    bind_udp, enable_rx_timestamps, enable_udp_gro, raise_nofile_limit, recv_msg, set_rcvbuf_force,
-    RecvMeta,
+    bind_udp, enable_rx_timestamps, enable_udp_gro, raise_nofile_limit, recv_msg, send_gso,
+    set_rcvbuf_force, RecvMeta,
 };

@@ -176,9 +176,78 @@ pub fn recv_msg(fd: &impl AsRawFd, buf: &mut [u8], control: &mut [u8]) -> io::Re
     }
 }
 
+/// Sends `payload` to `to` in one `sendmsg`; with `segment`, the kernel cuts it into datagrams of
+/// that many bytes (UDP GSO; the last may be shorter). For a readiness-driven socket (tokio);
+/// the ring has its own ([`crate::ring::Ring::send_large_tx`]).
+///
+/// # Errors
+/// What `sendmsg` reported (`WouldBlock` when the socket's buffer is full).
+pub fn send_gso(
+    fd: &impl std::os::fd::AsFd,
+    payload: &[u8],
+    segment: Option<u16>,
+    to: SocketAddr,
+) -> io::Result<usize> {
+    let sock = socket2::SockRef::from(fd);
+    let addr = socket2::SockAddr::from(to);
+    let bufs = [io::IoSlice::new(payload)];
+    let mut cmsg = [0u8; crate::cmsg::SEGMENT_CMSG_SPACE];
+    let mut msg = socket2::MsgHdr::new().with_addr(&addr).with_buffers(&bufs);
+    if let Some(size) = segment {
+        let n = crate::cmsg::segment_cmsg(size, &mut cmsg);
+        msg = msg.with_control(cmsg.get(..n).unwrap_or_default());
+    }
+    loop {
+        match sock.sendmsg(&msg, 0) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gso_send_arrives_as_its_datagrams_and_coalesced_with_gro() {
+        let lo = "127.0.0.1".parse().unwrap();
+        let plain = bind_udp(lo, 0, 1 << 20).unwrap();
+        let gro = bind_udp(lo, 0, 1 << 20).unwrap();
+        enable_udp_gro(&gro).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let payload: Vec<u8> = (0..500u32).map(|i| (i % 251) as u8).collect();
+        for to in [&plain, &gro] {
+            let sent = send_gso(&tx, &payload, Some(200), to.local_addr().unwrap()).unwrap();
+            assert_eq!(sent, 500);
+        }
+        // Without GRO: three datagrams, 200 + 200 + 100.
+        plain.set_nonblocking(false).unwrap();
+        plain
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let mut got = Vec::new();
+        for want in [200, 200, 100] {
+            let n = plain.recv(&mut buf).unwrap();
+            assert_eq!(n, want);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, payload);
+        // With GRO: one receive of all 500 bytes, segment size in the control message.
+        gro.set_nonblocking(false).unwrap();
+        gro.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut big = [0u8; 4096];
+        let mut control = [0u8; CONTROL_LEN];
+        let meta = recv_msg(&gro, &mut big, &mut control).unwrap();
+        assert_eq!(&big[..meta.len], &payload[..]);
+        let segment = crate::cmsg::gro_segment(&control[..meta.control_len]).unwrap();
+        assert_eq!(segment, Some(200));
+        // No segment: one plain datagram.
+        send_gso(&tx, &payload[..10], None, plain.local_addr().unwrap()).unwrap();
+        assert_eq!(plain.recv(&mut buf).unwrap(), 10);
+    }
 
     #[test]
     fn a_taken_port_is_addr_in_use_and_named() {

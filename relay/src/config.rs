@@ -287,12 +287,6 @@ impl TryFrom<Args> for Config {
         if a.socket_rcvbuf < 4096 {
             return Err(bad("socket-rcvbuf", "must be at least 4096"));
         }
-        if a.echo_leg == EchoLeg::Shared && a.backend == Backend::Tokio {
-            return Err(bad(
-                "echo-leg",
-                "shared needs --backend uring (the tokio backend has only per-channel)",
-            ));
-        }
         let shards: Vec<Option<usize>> = match (&a.cores, a.core) {
             (Some(list), _) => list.0.iter().copied().map(Some).collect(),
             (None, core) => vec![core],

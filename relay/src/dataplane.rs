@@ -447,6 +447,11 @@ pub trait SocketTable {
     fn close(&mut self, id: relay_proto::SocketId);
 }
 
+/// Shared echo leg: most datagrams in one GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
+pub const MAX_SEGMENTS: usize = 64;
+/// Shared echo leg: most bytes in one GSO send (under the 64 KiB of one UDP datagram).
+pub const MAX_GSO_BYTES: usize = 65_000;
+
 /// Where channel sockets bind.
 #[derive(Clone, Copy, Debug)]
 pub struct BindConfig {

@@ -13,20 +13,39 @@
 //! Time (`--timestamps kernel`): datagrams are read with `recvmsg` and their control messages;
 //! the realtime − monotonic offset is re-sampled right after each read (so every stamp precedes
 //! its sample), the arrival is the kernel's stamp, and T0 is the middle of the `sendmsg` that
-//! forwards it (the clock read just before and just after it). With `--timestamps user`, arrival and T0 are the read of the
-//! clock after the datagram was read.
+//! forwards it (the clock read just before and just after it). With `--timestamps user`, arrival
+//! and T0 are the read of the clock after the datagram was read.
+//!
+//! Shared echo leg (`--echo-leg shared`): channel tasks do not send toward the echo. Each writes
+//! its channel's tag over the SSRC and appends the datagram to the shard's one GSO batch (equal
+//! sizes to one address; anything else sends the batch first); the first datagram of a batch
+//! wakes a flusher task, which the scheduler runs after the tasks already woken by the same poll
+//! of the reactor, so a batch collects what one tick of the runtime received, and leaves as one
+//! `sendmsg` with UDP_SEGMENT (its datagrams' T0: the middle of that call). One more task reads the
+//! shared socket (UDP_GRO: a coalesced batch is one read), cuts each read by its segment size,
+//! restores each datagram's SSRC from its tag, and sends it from its channel's socket.
 
 use std::cell::RefCell;
-use std::net::UdpSocket as StdUdpSocket;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::os::fd::AsRawFd as _;
 use std::rc::Rc;
 use std::time::Duration;
 
-use relay_proto::{ErrorCode, ErrorReply, GlobalStats, Relay, SocketId, Verdict};
+use relay_proto::{
+    Direction, DropReason, ErrorCode, ErrorReply, GlobalStats, MonoTime, Relay, SocketId, Verdict,
+};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
 use tokio::task::{AbortHandle, LocalSet};
 
-use crate::dataplane::{self, BackendCounters, Clock, CtlMsg, Shard, SocketTable};
+use crate::dataplane::{
+    self, BackendCounters, Clock, CtlMsg, Shard, SocketTable, MAX_GSO_BYTES, MAX_SEGMENTS,
+};
 use relay_io::ring::MAX_PAYLOAD;
+
+/// The one GSO batch of a shard's shared echo leg, as the core numbers it.
+const BATCH: u16 = 0;
 
 /// The state the tasks share.
 struct Shared {
@@ -40,9 +59,33 @@ struct Shared {
     kernel_time: bool,
     /// Refused sends, logged at most once a second.
     send_log: dataplane::SendErrorLog,
+    /// The shared echo leg, with `--echo-leg shared`.
+    leg: Option<Leg>,
 }
 
 type SharedRef = Rc<RefCell<Shared>>;
+
+/// Channel sockets by slot, for the shared echo leg's returns (each leaves from its channel's
+/// socket). Apart from [`Shared`], which is borrowed while a command opens or closes a socket.
+type ChannelSockets = Rc<RefCell<Vec<Option<Rc<UdpSocket>>>>>;
+
+/// A shard's one socket toward the echo and the GSO batch being gathered for it.
+struct Leg {
+    /// The socket (UDP_GRO on).
+    socket: Rc<UdpSocket>,
+    /// The gathered datagrams, back to back ([`MAX_GSO_BYTES`] reserved once).
+    batch: Vec<u8>,
+    /// Where they go.
+    to: Option<SocketAddr>,
+    /// Size of each.
+    size: usize,
+    /// How many.
+    count: usize,
+    /// User time: when each was handled (its forward time ends at the send).
+    handled: [MonoTime; MAX_SEGMENTS],
+    /// Wakes the flusher when a batch starts.
+    flush: Rc<Notify>,
+}
 
 /// The channel tasks, by slot.
 struct Tasks {
@@ -50,16 +93,25 @@ struct Tasks {
     shared: SharedRef,
     /// Abort handles by slot.
     tasks: Vec<Option<AbortHandle>>,
+    /// With a shared echo leg: the channel sockets, for its returns.
+    sockets: Option<ChannelSockets>,
 }
 
 impl SocketTable for Tasks {
     fn open(&mut self, id: SocketId, socket: StdUdpSocket) -> Result<(), ErrorReply> {
-        let socket = UdpSocket::from_std(socket)
-            .map_err(|e| ErrorReply::new(ErrorCode::Io, format!("register with tokio: {e}")))?;
+        let socket =
+            Rc::new(UdpSocket::from_std(socket).map_err(|e| {
+                ErrorReply::new(ErrorCode::Io, format!("register with tokio: {e}"))
+            })?);
         let entry = self
             .tasks
             .get_mut(id.0 as usize)
             .ok_or_else(|| ErrorReply::new(ErrorCode::Internal, "socket slot out of range"))?;
+        if let Some(table) = &self.sockets {
+            if let Some(e) = table.borrow_mut().get_mut(id.0 as usize) {
+                *e = Some(Rc::clone(&socket));
+            }
+        }
         let task = tokio::task::spawn_local(channel(socket, id, Rc::clone(&self.shared)));
         *entry = Some(task.abort_handle());
         Ok(())
@@ -69,22 +121,38 @@ impl SocketTable for Tasks {
         if let Some(t) = self.tasks.get_mut(id.0 as usize).and_then(Option::take) {
             t.abort();
         }
+        if let Some(table) = &self.sockets {
+            if let Some(e) = table.borrow_mut().get_mut(id.0 as usize) {
+                *e = None;
+            }
+        }
     }
 }
 
 /// Runs the tokio data plane on the calling thread until a shutdown message.
 ///
 /// # Errors
-/// The runtime could not be built.
+/// The runtime could not be built, or the shared echo socket could not be set up.
 pub fn run(shard: Shard) -> std::io::Result<GlobalStats> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let local = LocalSet::new();
-    Ok(local.block_on(&rt, main_loop(shard)))
+    local.block_on(&rt, main_loop(shard))
 }
 
-async fn main_loop(shard: Shard) -> GlobalStats {
+/// Binds the shard's shared echo socket (kernel stamps, UDP_GRO).
+fn shared_socket(bind: dataplane::BindConfig) -> std::io::Result<UdpSocket> {
+    let socket = relay_io::bind_udp(bind.ip, 0, bind.rcvbuf)?;
+    if bind.timestamps {
+        relay_io::enable_rx_timestamps(&socket)?;
+    }
+    relay_io::enable_udp_gro(&socket)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
     let Shard {
         relay,
         mut rx,
@@ -95,17 +163,44 @@ async fn main_loop(shard: Shard) -> GlobalStats {
     let clock = Clock::new();
     let start = tokio::time::Instant::now();
     let n = relay.config().max_channels as usize;
+    let leg = if bind.shared_echo {
+        let socket = Rc::new(shared_socket(bind)?);
+        tracing::info!(shard = relay.config().shard, fd = socket.as_raw_fd(), local = %socket.local_addr()?, "shared echo leg");
+        Some(Leg {
+            socket,
+            batch: Vec::with_capacity(MAX_GSO_BYTES),
+            to: None,
+            size: 0,
+            count: 0,
+            handled: [MonoTime::ZERO; MAX_SEGMENTS],
+            flush: Rc::new(Notify::new()),
+        })
+    } else {
+        None
+    };
+    let leg_parts = leg
+        .as_ref()
+        .map(|l| (Rc::clone(&l.socket), Rc::clone(&l.flush)));
     let shared = Rc::new(RefCell::new(Shared {
         relay,
         counters: BackendCounters::default(),
         clock,
         kernel_time: bind.timestamps,
         send_log: dataplane::SendErrorLog::default(),
+        leg,
     }));
+    let sockets: Option<ChannelSockets> = leg_parts
+        .as_ref()
+        .map(|_| Rc::new(RefCell::new((0..n).map(|_| None).collect())));
     let mut tasks = Tasks {
         shared: Rc::clone(&shared),
         tasks: (0..n).map(|_| None).collect(),
+        sockets: sockets.clone(),
     };
+    if let (Some((socket, notify)), Some(table)) = (leg_parts, sockets) {
+        tokio::task::spawn_local(echo_leg(socket, table, Rc::clone(&shared)));
+        tokio::task::spawn_local(flusher(Rc::clone(&shared), notify));
+    }
     loop {
         let next = {
             let sh = shared.borrow();
@@ -128,12 +223,13 @@ async fn main_loop(shard: Shard) -> GlobalStats {
                         let _ = reply.send(dataplane::shard_doc(&sh.relay, &sh.counters, now));
                     }
                     Some(CtlMsg::Shutdown { reply }) => {
-                        let sh = shared.borrow();
+                        let mut sh = shared.borrow_mut();
+                        flush(&mut sh);
                         publisher.publish(now, &sh.relay, &sh.counters);
                         let _ = reply.send(dataplane::shard_stats(&sh.relay));
-                        return sh.relay.global_stats();
+                        return Ok(sh.relay.global_stats());
                     }
-                    None => return shared.borrow().relay.global_stats(),
+                    None => return Ok(shared.borrow().relay.global_stats()),
                 }
             }
             () = tokio::time::sleep_until(at) => {
@@ -150,8 +246,9 @@ async fn main_loop(shard: Shard) -> GlobalStats {
     }
 }
 
-/// One channel's socket: drain on readiness, forward from the same socket.
-async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef) {
+/// One channel's socket: drain on readiness, forward from the same socket (toward the echo: into
+/// the shared leg's batch, when there is one).
+async fn channel(socket: Rc<UdpSocket>, id: SocketId, shared: SharedRef) {
     // One byte more than the largest payload, to tell an oversize datagram from a full one.
     let mut buf = vec![0u8; MAX_PAYLOAD + 1];
     let mut control = [0u8; relay_io::socket::CONTROL_LEN];
@@ -161,8 +258,8 @@ async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef) {
         }
         let mut drained = 0usize;
         loop {
-            let got = socket.try_io(tokio::io::Interest::READABLE, || {
-                relay_io::recv_msg(&socket, &mut buf, &mut control)
+            let got = socket.try_io(Interest::READABLE, || {
+                relay_io::recv_msg(&*socket, &mut buf, &mut control)
             });
             let meta = match got {
                 Ok(m) => m,
@@ -177,7 +274,7 @@ async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef) {
                 shared.borrow_mut().counters.oversize += 1;
                 continue;
             }
-            let (Some(payload), Some(from)) = (buf.get(..meta.len), meta.from) else {
+            let (Some(payload), Some(from)) = (buf.get_mut(..meta.len), meta.from) else {
                 shared.borrow_mut().counters.recv_errors += 1;
                 continue;
             };
@@ -204,48 +301,232 @@ async fn channel(socket: UdpSocket, id: SocketId, shared: SharedRef) {
                     (relay.handle_datagram(now, id, from, payload), now)
                 }
             };
-            if let Verdict::Forward { to, direction } = verdict {
-                // Kernel time: the send's packet meets the wire inside its `sendmsg`; T0 and the
-                // end of the forward time are the middle of that call (the clock read around it).
-                let kernel_time = shared.borrow().kernel_time;
-                let before = kernel_time.then(|| shared.borrow().clock.now());
-                let sent = match socket.try_send_to(payload, to) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if let Some(before) = before {
-                            // Other tasks run while this one waits: settle it first.
-                            shared.borrow_mut().relay.submitted(before);
-                        }
-                        socket.send_to(payload, to).await
-                    }
-                    r => {
-                        if let Some(before) = before {
-                            let mut sh = shared.borrow_mut();
-                            let after = sh.clock.now();
-                            sh.relay.submitted_between(before, after);
-                        }
-                        r
-                    }
-                };
+            match verdict {
+                Verdict::Forward {
+                    to,
+                    direction: Direction::ToEcho,
+                } if shared.borrow().leg.is_some() => {
+                    gather(&mut shared.borrow_mut(), id, payload, to, started);
+                }
+                Verdict::Forward { to, direction } => {
+                    send_one(&socket, &shared, id, payload, to, direction, started).await;
+                }
+                Verdict::Drop(_) => {}
+            }
+        }
+        shared.borrow_mut().counters.batch(drained);
+    }
+}
+
+/// Sends one forwarded datagram from `socket` and settles its T0 / forward time: with kernel
+/// time, the middle of its `sendmsg` (the packet meets the wire inside it); with user time, the
+/// forward time from `started` to the send's return.
+async fn send_one(
+    socket: &UdpSocket,
+    shared: &SharedRef,
+    id: SocketId,
+    payload: &[u8],
+    to: SocketAddr,
+    direction: Direction,
+    started: MonoTime,
+) {
+    let kernel_time = shared.borrow().kernel_time;
+    let before = kernel_time.then(|| shared.borrow().clock.now());
+    let sent = match socket.try_send_to(payload, to) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            if let Some(before) = before {
+                // Other tasks run while this one waits: settle it first.
+                shared.borrow_mut().relay.submitted(before);
+            }
+            socket.send_to(payload, to).await
+        }
+        r => {
+            if let Some(before) = before {
                 let mut sh = shared.borrow_mut();
-                match sent {
-                    Ok(_) if !kernel_time => {
-                        let elapsed = sh.clock.now().nanos_since(started);
-                        sh.relay.record_forward(direction, elapsed);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let now = sh.clock.now();
-                        let Shared {
-                            counters, send_log, ..
-                        } = &mut *sh;
-                        send_log.note(
-                            counters,
-                            now,
-                            e.raw_os_error().unwrap_or(0),
-                            id.0,
-                            direction,
-                        );
-                    }
+                let after = sh.clock.now();
+                sh.relay.submitted_between(before, after);
+            }
+            r
+        }
+    };
+    let mut sh = shared.borrow_mut();
+    match sent {
+        Ok(_) if !kernel_time => {
+            let elapsed = sh.clock.now().nanos_since(started);
+            sh.relay.record_forward(direction, elapsed);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let now = sh.clock.now();
+            let Shared {
+                counters, send_log, ..
+            } = &mut *sh;
+            send_log.note(
+                counters,
+                now,
+                e.raw_os_error().unwrap_or(0),
+                id.0,
+                direction,
+            );
+        }
+    }
+}
+
+/// Shared echo leg, on the way out: writes the channel's tag over the datagram's SSRC and
+/// appends it to the batch, sending the batch first when the datagram's size or address differs
+/// or it is full. The first datagram of a batch wakes the flusher.
+fn gather(sh: &mut Shared, id: SocketId, payload: &mut [u8], to: SocketAddr, handled: MonoTime) {
+    let n = payload.len();
+    if let Some(leg) = sh.leg.as_ref() {
+        let fits = leg.to == Some(to)
+            && leg.size == n
+            && leg.count < MAX_SEGMENTS
+            && leg.batch.len() + n <= MAX_GSO_BYTES;
+        if leg.count > 0 && !fits {
+            flush(sh);
+        }
+    }
+    sh.relay.tag_for_echo(id, payload);
+    let Some(leg) = sh.leg.as_mut() else { return };
+    if leg.count == 0 {
+        leg.to = Some(to);
+        leg.size = n;
+        leg.flush.notify_one();
+    }
+    leg.batch.extend_from_slice(payload);
+    if let Some(h) = leg.handled.get_mut(leg.count) {
+        *h = handled;
+    }
+    leg.count += 1;
+    sh.relay.gathered_last(BATCH);
+}
+
+/// Sends the gathered batch, if any: one `sendmsg`, with UDP_SEGMENT when it holds more than one
+/// datagram. Its datagrams' T0 is the middle of that call. A refused send counts every datagram
+/// in it as a send error.
+fn flush(sh: &mut Shared) {
+    let Shared {
+        relay,
+        counters,
+        clock,
+        kernel_time,
+        send_log,
+        leg: Some(leg),
+    } = sh
+    else {
+        return;
+    };
+    let Some(to) = leg.to.take().filter(|_| leg.count > 0) else {
+        return;
+    };
+    let count = leg.count;
+    let segment = (count > 1).then(|| u16::try_from(leg.size).unwrap_or(u16::MAX));
+    let before = clock.now();
+    let sent = leg.socket.try_io(Interest::WRITABLE, || {
+        relay_io::send_gso(&*leg.socket, &leg.batch, segment, to)
+    });
+    let after = clock.now();
+    relay.batch_queued(BATCH);
+    if *kernel_time {
+        relay.submitted_between(before, after);
+    } else if sent.is_ok() {
+        for h in leg.handled.get(..count).unwrap_or_default() {
+            relay.record_forward(Direction::ToEcho, after.nanos_since(*h));
+        }
+    }
+    if let Err(e) = sent {
+        let errno = e.raw_os_error().unwrap_or(libc::EAGAIN);
+        let slot = relay.config().max_channels;
+        send_log.note(counters, after, errno, slot, Direction::ToEcho);
+        counters.send_errors += count as u64 - 1;
+    }
+    leg.batch.clear();
+    leg.count = 0;
+}
+
+/// Sends each batch once the tasks woken with its first datagram have run.
+async fn flusher(shared: SharedRef, notify: Rc<Notify>) {
+    loop {
+        notify.notified().await;
+        flush(&mut shared.borrow_mut());
+    }
+}
+
+/// Shared echo leg, on the way back: each read of the shared socket holds one datagram or, with
+/// GRO, several of one size; each is untagged (Asterisk's SSRC back in place), handed to the core
+/// as its channel's return (arrival: the read's kernel stamp), and sent from that channel's
+/// socket.
+async fn echo_leg(socket: Rc<UdpSocket>, channels: ChannelSockets, shared: SharedRef) {
+    let mut buf = vec![0u8; relay_io::ring::MAX_BUFFER_SIZE];
+    let mut control = [0u8; relay_io::socket::CONTROL_LEN];
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        let mut drained = 0usize;
+        loop {
+            let got = socket.try_io(Interest::READABLE, || {
+                relay_io::recv_msg(&*socket, &mut buf, &mut control)
+            });
+            let meta = match got {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    shared.borrow_mut().counters.recv_errors += 1;
+                    break;
+                }
+            };
+            drained += 1;
+            let (Some(bytes), Some(from)) = (
+                buf.get_mut(..meta.len).filter(|_| !meta.truncated),
+                meta.from,
+            ) else {
+                shared.borrow_mut().counters.oversize += 1;
+                continue;
+            };
+            let ctl = control.get(..meta.control_len).unwrap_or_default();
+            let segment = relay_io::gro_segment(ctl).ok().flatten();
+            let (arrival, handled) = {
+                let mut sh = shared.borrow_mut();
+                let Shared {
+                    counters,
+                    clock,
+                    kernel_time,
+                    ..
+                } = &mut *sh;
+                if *kernel_time {
+                    let handled = clock.resample(counters);
+                    (clock.arrival(ctl, handled, counters), handled)
+                } else {
+                    let now = clock.now();
+                    (now, now)
+                }
+            };
+            let seg = segment.map_or(meta.len, usize::from).max(1);
+            for datagram in bytes.chunks_mut(seg) {
+                if datagram.len() > MAX_PAYLOAD {
+                    shared.borrow_mut().counters.oversize += 1;
+                    continue;
+                }
+                let (out, id, verdict) = {
+                    let mut sh = shared.borrow_mut();
+                    let Some(id) = sh.relay.untag_from_echo(datagram) else {
+                        continue;
+                    };
+                    let Some(out) = channels.borrow().get(id.0 as usize).cloned().flatten() else {
+                        sh.relay.count_drop(DropReason::NoChannel);
+                        continue;
+                    };
+                    let v = if sh.kernel_time {
+                        sh.relay
+                            .handle_received(arrival, handled, id, from, datagram)
+                    } else {
+                        sh.relay.handle_datagram(handled, id, from, datagram)
+                    };
+                    (out, id, v)
+                };
+                if let Verdict::Forward { to, direction } = verdict {
+                    send_one(&out, &shared, id, datagram, to, direction, handled).await;
                 }
             }
         }

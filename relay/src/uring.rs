@@ -32,7 +32,10 @@ use std::time::Duration;
 
 use relay_proto::{Direction, ErrorCode, ErrorReply, GlobalStats, Relay, SocketId, Verdict};
 
-use crate::dataplane::{self, BackendCounters, BindConfig, Clock, CtlMsg, Shard, SocketTable};
+use crate::dataplane::{
+    self, BackendCounters, BindConfig, Clock, CtlMsg, Shard, SocketTable, MAX_GSO_BYTES,
+    MAX_SEGMENTS,
+};
 use relay_io::ring::{Completion, Ring, MAX_PAYLOAD};
 use relay_proto::MonoTime;
 
@@ -47,10 +50,6 @@ const ECHO_RECV: u64 = 5;
 const SEND_TX: u64 = 6;
 /// A GSO send of a batch toward the echo from a large transmit buffer.
 const LARGE_TX: u64 = 7;
-/// Most datagrams in one GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
-const MAX_SEGMENTS: usize = 64;
-/// Most bytes in one GSO send.
-const MAX_GSO_BYTES: usize = 65_000;
 
 fn recv_data(slot: u32, gen: u32) -> u64 {
     (RECV << KIND_SHIFT) | (u64::from(gen & 0xff_ffff) << 32) | u64::from(slot)

@@ -1,4 +1,5 @@
-//! `--echo-leg shared` (io_uring) over loopback with test sockets playing Asterisk and the echo:
+//! `--echo-leg shared`, on both backends, over loopback with test sockets playing Asterisk and the
+//! echo:
 //! the echo sees one relay socket and the relay's tags, Asterisk gets its own bytes back from its
 //! channel's port, two calls with one SSRC stay apart, mixed sizes survive the batching, and a
 //! forged tag is dropped and counted.
@@ -11,8 +12,9 @@ use std::time::Duration;
 
 use common::{recv, rtp, udp, wait_for, RelayProc};
 
-fn start() -> Option<RelayProc> {
-    testkit::uring_available().then(|| RelayProc::start("uring", &["--echo-leg", "shared"]))
+fn start(backend: &str) -> Option<RelayProc> {
+    (backend == "tokio" || testkit::uring_available())
+        .then(|| RelayProc::start(backend, &["--echo-leg", "shared"]))
 }
 
 /// An RTP packet of `len` bytes (≥ 12) for `seq`, its payload marking `mark` and `seq`.
@@ -37,9 +39,8 @@ fn reflect(echo: &UdpSocket, n: usize) -> Vec<(Vec<u8>, SocketAddr)> {
         .collect()
 }
 
-#[test]
-fn asterisk_gets_its_own_bytes_back_from_its_port_and_the_echo_sees_tags() {
-    let Some(relay) = start() else { return };
+fn asterisk_gets_its_own_bytes_back_from_its_port_and_the_echo_sees_tags(backend: &str) {
+    let Some(relay) = start(backend) else { return };
     let mut ctl = relay.client();
     let echo = udp();
     let (a, b) = (udp(), udp());
@@ -102,9 +103,8 @@ fn asterisk_gets_its_own_bytes_back_from_its_port_and_the_echo_sees_tags() {
     }
 }
 
-#[test]
-fn a_forged_tag_is_dropped_and_counted() {
-    let Some(relay) = start() else { return };
+fn a_forged_tag_is_dropped_and_counted(backend: &str) {
+    let Some(relay) = start(backend) else { return };
     let mut ctl = relay.client();
     let (ast, echo) = (udp(), udp());
     let port = ctl.add(
@@ -138,3 +138,19 @@ fn a_forged_tag_is_dropped_and_counted() {
     assert_eq!(ctl.remove("c").round_trip.matched, 1);
     assert_eq!(relay.metric("rtprelay_info", "echo_leg=\"shared\""), 1.0);
 }
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $(#[test] fn $name() { super::$name("uring") })*
+        }
+        mod tokio {
+            $(#[test] fn $name() { super::$name("tokio") })*
+        }
+    };
+}
+
+both_backends!(
+    asterisk_gets_its_own_bytes_back_from_its_port_and_the_echo_sees_tags,
+    a_forged_tag_is_dropped_and_counted,
+);
