@@ -8,6 +8,11 @@
 #   scripts/measure-truth.sh                       # 100, 300, 1000 channels, kernel and user
 #   COUNTS="300" DURATION=5s TIMESTAMPS=kernel scripts/measure-truth.sh
 #   ECHO_ARGS="--delay 5ms" COUNTS=100 scripts/measure-truth.sh
+#   RELAY_ARGS="--echo-leg shared" ECHO_ARGS="--gro" scripts/measure-truth.sh   # shared echo leg
+#
+# Packets are captured whole (SNAPLEN=0): a GSO send or a GRO-coalesced return is one packet on
+# loopback, and wire.py cuts it into its datagrams. SNAPLEN=96 captures headers only (less load
+# on the machine; enough for a per-channel leg).
 #
 # Installs tcpdump (Debian package) when it is missing and the machine allows it. Exits 1 when a
 # target is missed (every row is printed first).
@@ -69,7 +74,7 @@ for ts in $TIMESTAMPS; do
       2>"$dir/relay.log" & pids+=($!)
     relay_pid=$!
     ready "$dir/relay.log" "relay ready" metrics >/dev/null
-    tcpdump -i lo -n -q --time-stamp-precision=nano -s 0 -B 262144 -w "$dir/cap.pcap" \
+    tcpdump -i lo -n -q --time-stamp-precision=nano -s "${SNAPLEN:-0}" -B 262144 -w "$dir/cap.pcap" \
       "udp and not port 53" 2>"$dir/tcpdump.log" & pids+=($!)
     tcpdump_pid=$!
     for _ in $(seq 1 200); do grep -q "listening on" "$dir/tcpdump.log" && break; sleep 0.05; done

@@ -49,6 +49,9 @@ pub enum Target {
     Shared,
     /// The relay, tokio backend.
     Tokio,
+    /// The relay, tokio backend, with `--echo-leg shared` (the echo runs `--gro`).
+    #[value(name = "tokio-shared")]
+    TokioShared,
     /// The minimal io_uring forwarder (`bench floor`).
     Floor,
     /// rtpengine in userspace mode.
@@ -56,6 +59,12 @@ pub enum Target {
 }
 
 impl Target {
+    /// Whether it is a relay with `--echo-leg shared` (its echo then runs `--gro`).
+    #[must_use]
+    pub const fn shared_leg(self) -> bool {
+        matches!(self, Self::Shared | Self::TokioShared)
+    }
+
     /// Its name.
     #[must_use]
     pub const fn name(self) -> &'static str {
@@ -65,6 +74,7 @@ impl Target {
             Self::Sharded => "sharded",
             Self::Shared => "shared",
             Self::Tokio => "tokio",
+            Self::TokioShared => "tokio-shared",
             Self::Floor => "floor",
             Self::Rtpengine => "rtpengine",
         }
@@ -312,9 +322,14 @@ fn start_echo(cfg: &CompareConfig, gro: bool) -> anyhow::Result<(Proc, String)> 
 fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::Result<Running> {
     let core = cfg.core.to_string();
     Ok(match t {
-        Target::Uring | Target::UringUser | Target::Sharded | Target::Shared | Target::Tokio => {
+        Target::Uring
+        | Target::UringUser
+        | Target::Sharded
+        | Target::Shared
+        | Target::Tokio
+        | Target::TokioShared => {
             let (backend, timestamps) = match t {
-                Target::Tokio => ("tokio", "kernel"),
+                Target::Tokio | Target::TokioShared => ("tokio", "kernel"),
                 Target::UringUser => ("uring", "user"),
                 _ => ("uring", "kernel"),
             };
@@ -331,7 +346,7 @@ fn start_target(cfg: &CompareConfig, t: Target, n: u32, echo: &str) -> anyhow::R
                 _ if cores_given => [String::new(), String::new()],
                 _ => ["--core".to_owned(), core.clone()],
             };
-            let leg = if t == Target::Shared {
+            let leg = if t.shared_leg() {
                 "shared"
             } else {
                 "per-channel"
@@ -508,7 +523,7 @@ fn paced(
     n: u32,
     stop: &AtomicBool,
 ) -> anyhow::Result<Point> {
-    let (_echo, echo_addr) = start_echo(cfg, t == Some(Target::Shared))?;
+    let (_echo, echo_addr) = start_echo(cfg, t.is_some_and(Target::shared_leg))?;
     let running = match t {
         Some(t) => Some(start_target(cfg, t, n, &echo_addr)?),
         None => None,
@@ -598,7 +613,7 @@ fn paced(
 fn drain(cfg: &CompareConfig, t: Target, n: u32, stop: &AtomicBool) -> anyhow::Result<Point> {
     // This thread plays loadgen: on the other core, with the echo.
     let _ = relay_io::pin_current_thread(load_cores(cfg).0);
-    let (_echo, echo_addr) = start_echo(cfg, t == Target::Shared)?;
+    let (_echo, echo_addr) = start_echo(cfg, t.shared_leg())?;
     let running = start_target(cfg, t, n, &echo_addr)?;
     let sockets: Vec<UdpSocket> = (0..n)
         .map(|i| {

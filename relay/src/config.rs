@@ -104,7 +104,7 @@ pub struct Args {
     #[arg(long, env = "RELAY_TIMESTAMPS", value_enum, default_value = "kernel")]
     pub timestamps: Timestamps,
     /// How packets reach the echo: from each channel's socket, or one shared socket per shard
-    /// with UDP GSO/GRO and an SSRC tag (io_uring backend only).
+    /// with UDP GSO/GRO and an SSRC tag (both backends).
     #[arg(
         long,
         env = "RELAY_ECHO_LEG",

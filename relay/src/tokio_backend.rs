@@ -12,8 +12,8 @@
 //!
 //! Time (`--timestamps kernel`): datagrams are read with `recvmsg` and their control messages;
 //! the realtime − monotonic offset is re-sampled right after each read (so every stamp precedes
-//! its sample), the arrival is the kernel's stamp, and T0 is the middle of the `sendmsg` that
-//! forwards it (the clock read just before and just after it). With `--timestamps user`, arrival
+//! its sample), the arrival is the kernel's stamp, and T0 is a quarter into the `sendmsg` that
+//! forwards it (the clock read just before and just after it; see `Relay::submitted_between`). With `--timestamps user`, arrival
 //! and T0 are the read of the clock after the datagram was read.
 //!
 //! Shared echo leg (`--echo-leg shared`): channel tasks do not send toward the echo. Each writes
@@ -21,7 +21,7 @@
 //! sizes to one address; anything else sends the batch first); the first datagram of a batch
 //! wakes a flusher task, which the scheduler runs after the tasks already woken by the same poll
 //! of the reactor, so a batch collects what one tick of the runtime received, and leaves as one
-//! `sendmsg` with UDP_SEGMENT (its datagrams' T0: the middle of that call). One more task reads the
+//! `sendmsg` with UDP_SEGMENT (its datagrams' T0: a quarter into that call). One more task reads the
 //! shared socket (UDP_GRO: a coalesced batch is one read), cuts each read by its segment size,
 //! restores each datagram's SSRC from its tag, and sends it from its channel's socket.
 
@@ -319,7 +319,7 @@ async fn channel(socket: Rc<UdpSocket>, id: SocketId, shared: SharedRef) {
 }
 
 /// Sends one forwarded datagram from `socket` and settles its T0 / forward time: with kernel
-/// time, the middle of its `sendmsg` (the packet meets the wire inside it); with user time, the
+/// time, a quarter into its `sendmsg` (the packet meets the wire inside it); with user time, the
 /// forward time from `started` to the send's return.
 async fn send_one(
     socket: &UdpSocket,
@@ -402,7 +402,7 @@ fn gather(sh: &mut Shared, id: SocketId, payload: &mut [u8], to: SocketAddr, han
 }
 
 /// Sends the gathered batch, if any: one `sendmsg`, with UDP_SEGMENT when it holds more than one
-/// datagram. Its datagrams' T0 is the middle of that call. A refused send counts every datagram
+/// datagram. Its datagrams' T0 is a quarter into that call. A refused send counts every datagram
 /// in it as a send error.
 fn flush(sh: &mut Shared) {
     let Shared {

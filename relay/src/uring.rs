@@ -17,7 +17,9 @@
 //! monotonic clock (the offset re-sampled once per batch, right after the wait). A batch's sends
 //! are submitted by an `io_uring_enter` of their own, with the clock read just before and just
 //! after it: the kernel issues the sends one after another inside it, so the k-th of n (from 0)
-//! is taken to leave at before + (after − before)·k/n. That is its T0 (toward the echo) and the end
+//! is taken to leave a quarter into its share, before + (after − before)·(4k + 1)/4n (see
+//! `Relay::submitted_between`); a GSO send of the shared echo leg is one send in that order, its
+//! datagrams all leaving at its moment. That is its T0 (toward the echo) and the end
 //! of its forward time. `--timestamps user` keeps the old way: one clock read after the wait
 //! stands for every datagram's arrival and T0, and sends go with the next wait.
 //!
@@ -290,6 +292,14 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                     }
                 }
                 WAKE => {
+                    // Commands push receives and cancels, which may submit the queued sends
+                    // implicitly: they leave now, between clock reads.
+                    if kernel_time && relay.unsubmitted() > 0 {
+                        let start = clock.now();
+                        s.ring.submit()?;
+                        relay.submitted_between(start, clock.now());
+                        counters.enters += 1;
+                    }
                     while let Ok(msg) = rx.try_recv() {
                         handle_msg(
                             msg,
@@ -319,6 +329,12 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         }
         s.ring.give_back(completions);
         s.ring.sync_buffers();
+        // Every push below may find the queue full and submit the sends in it: make room first,
+        // so that they leave between clock reads (their T0).
+        let kernel_clock = kernel_time.then_some(&clock);
+        if s.shared.as_ref().is_some_and(|sh| !sh.armed) {
+            make_room(&mut s.ring, &mut relay, kernel_clock, &mut counters)?;
+        }
         if let Some(sh) = s.shared.as_mut().filter(|sh| !sh.armed) {
             s.ring.arm_recv_large(sh.slot, ECHO_RECV << KIND_SHIFT)?;
             sh.armed = true;
@@ -329,6 +345,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                 continue;
             };
             if st.socket.is_some() && !st.armed {
+                make_room(&mut s.ring, &mut relay, kernel_clock, &mut counters)?;
                 s.ring.arm_recv(slot, recv_data(slot, st.gen))?;
                 st.armed = true;
             }
