@@ -190,6 +190,20 @@ fn faulted_run_in(seed: &str, n: u16, gso: u16) -> (Vec<u16>, serde_json::Value)
     (got, stop(echo))
 }
 
+/// The echo's fault counts in summary `s` equal what the client saw of `n` packets sent in order
+/// (`got`, in arrival order), and every kind of fault happened.
+fn faults_match_what_was_seen(got: &[u16], n: u16, s: &serde_json::Value) {
+    let (lost, dups, reordered) = observed(got, n);
+    assert!(
+        lost > 0 && dups > 0 && reordered > 0,
+        "faults happened: {s}"
+    );
+    assert_eq!(s["dropped"].as_u64(), Some(lost), "{s}");
+    assert_eq!(s["duplicated"].as_u64(), Some(dups), "{s}");
+    assert_eq!(s["reordered"].as_u64(), Some(reordered), "{s}");
+    assert_eq!(s["sent"].as_u64(), Some(got.len() as u64), "{s}");
+}
+
 /// What a client saw: (lost, duplicates, reordered) of `n` packets sent in order.
 fn observed(got: &[u16], n: u16) -> (u64, u64, u64) {
     let (mut seen, mut max, mut reordered, mut dups) = (HashSet::new(), None, 0u64, 0u64);
@@ -221,15 +235,7 @@ fn with_gro_faults_apply_to_each_datagram_of_a_coalesced_batch() {
     );
     assert_eq!(s["no_buffer"].as_u64(), Some(0), "{s}");
     assert_eq!(s["received"].as_u64(), Some(600), "{s}");
-    let (lost, dups, reordered) = observed(&got, 600);
-    assert!(
-        lost > 0 && dups > 0 && reordered > 0,
-        "faults happened: {s}"
-    );
-    assert_eq!(s["dropped"].as_u64(), Some(lost), "{s}");
-    assert_eq!(s["duplicated"].as_u64(), Some(dups), "{s}");
-    assert_eq!(s["reordered"].as_u64(), Some(reordered), "{s}");
-    assert_eq!(s["sent"].as_u64(), Some(got.len() as u64), "{s}");
+    faults_match_what_was_seen(&got, 600, &s);
     // The seed decides per datagram, so the same packets sent one by one meet the same fates.
     let (_, plain) = faulted_run("11", 600);
     for k in ["dropped", "duplicated"] {
@@ -243,15 +249,7 @@ fn fault_counts_equal_what_the_client_sees_and_the_seed_reproduces_them() {
         return;
     }
     let (got, s) = faulted_run("11", 600);
-    let (lost, dups, reordered) = observed(&got, 600);
-    assert!(
-        lost > 0 && dups > 0 && reordered > 0,
-        "faults happened: {s}"
-    );
-    assert_eq!(s["dropped"].as_u64(), Some(lost), "{s}");
-    assert_eq!(s["duplicated"].as_u64(), Some(dups), "{s}");
-    assert_eq!(s["reordered"].as_u64(), Some(reordered), "{s}");
-    assert_eq!(s["sent"].as_u64(), Some(got.len() as u64), "{s}");
+    faults_match_what_was_seen(&got, 600, &s);
     // The same seed makes the same decisions.
     let (_, again) = faulted_run("11", 600);
     for k in ["dropped", "duplicated", "reordered"] {

@@ -257,18 +257,7 @@ async fn channel(socket: Rc<UdpSocket>, id: SocketId, shared: SharedRef) {
             return;
         }
         let mut drained = 0usize;
-        loop {
-            let got = socket.try_io(Interest::READABLE, || {
-                relay_io::recv_msg(&*socket, &mut buf, &mut control)
-            });
-            let meta = match got {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    shared.borrow_mut().counters.recv_errors += 1;
-                    break;
-                }
-            };
+        while let Some(meta) = recv_one(&socket, &mut buf, &mut control, &shared) {
             drained += 1;
             if meta.truncated || meta.len > MAX_PAYLOAD {
                 shared.borrow_mut().counters.oversize += 1;
@@ -315,6 +304,26 @@ async fn channel(socket: Rc<UdpSocket>, id: SocketId, shared: SharedRef) {
             }
         }
         shared.borrow_mut().counters.batch(drained);
+    }
+}
+
+/// Reads one datagram (with its control messages) from a socket that was readable; `None` once
+/// it is drained, or on an error (counted), either of which ends the drain.
+fn recv_one(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    control: &mut [u8],
+    shared: &SharedRef,
+) -> Option<relay_io::RecvMeta> {
+    match socket.try_io(Interest::READABLE, || {
+        relay_io::recv_msg(socket, buf, control)
+    }) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(_) => {
+            shared.borrow_mut().counters.recv_errors += 1;
+            None
+        }
     }
 }
 
@@ -464,18 +473,7 @@ async fn echo_leg(socket: Rc<UdpSocket>, channels: ChannelSockets, shared: Share
             return;
         }
         let mut drained = 0usize;
-        loop {
-            let got = socket.try_io(Interest::READABLE, || {
-                relay_io::recv_msg(&*socket, &mut buf, &mut control)
-            });
-            let meta = match got {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    shared.borrow_mut().counters.recv_errors += 1;
-                    break;
-                }
-            };
+        while let Some(meta) = recv_one(&socket, &mut buf, &mut control, &shared) {
             drained += 1;
             let (Some(bytes), Some(from)) = (
                 buf.get_mut(..meta.len).filter(|_| !meta.truncated),
