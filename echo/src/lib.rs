@@ -69,6 +69,8 @@ pub struct SharedCounts {
     pub reordered: AtomicU64,
     /// See [`EchoCounts`].
     pub delayed: AtomicU64,
+    /// See [`EchoCounts`].
+    pub no_buffer: AtomicU64,
     /// Packets held right now.
     pub held: AtomicU64,
 }
@@ -81,6 +83,7 @@ impl SharedCounts {
         self.duplicated.store(c.duplicated, Ordering::Relaxed);
         self.reordered.store(c.reordered, Ordering::Relaxed);
         self.delayed.store(c.delayed, Ordering::Relaxed);
+        self.no_buffer.store(c.no_buffer, Ordering::Relaxed);
         self.held.store(held as u64, Ordering::Relaxed);
     }
 
@@ -127,6 +130,11 @@ impl SharedCounts {
                 "rtpecho_delayed_total",
                 "Packets held before leaving.",
                 &self.delayed,
+            ),
+            counter(
+                "rtpecho_no_buffer_total",
+                "Datagrams lost for want of a transmit buffer (--gro with faults); 0 for exact fault counts.",
+                &self.no_buffer,
             ),
             named_family(
                 "rtpecho_held",
@@ -624,7 +632,7 @@ mod tests {
             reordered: 3,
             delayed: 4,
             not_rtp: 0,
-            no_buffer: 0,
+            no_buffer: 6,
         };
         shared.store(&counts, 5);
         let text = shared.render();
@@ -636,6 +644,7 @@ mod tests {
             "rtpecho_reordered_total 3",
             "rtpecho_delayed_total 4",
             "rtpecho_held 5",
+            "rtpecho_no_buffer_total 6",
             "# TYPE rtpecho_sent_total counter",
         ] {
             assert!(
