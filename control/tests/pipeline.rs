@@ -416,6 +416,59 @@ fn fifty_calls_are_bridged_measured_and_leave_nothing_behind() {
     );
 }
 
+/// The shared echo leg under control and a strict simulated Asterisk: every call's RTP comes
+/// back from its own port with its own SSRC (the simulator counts anything else as a strict-RTP
+/// drop or malformed), measured by the relay, scored, and nothing is left behind.
+fn calls_through_a_shared_echo_leg_get_their_own_packets_back(backend: &'static str) {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    let name = format!("shared-{backend}");
+    let mut p = Pipeline::launch_logging_to(
+        &name,
+        &["--calls", "20", "--ramp", "1s", "--hold", "8s"],
+        "21400-21439",
+        None,
+        &["--backend", backend, "--echo-leg", "shared"],
+    );
+    let (_, text) = http_get(&host_port(&p.relay_metrics), "/metrics").unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("rtprelay_info{") && l.contains("echo_leg=\"shared\"")),
+        "the relay runs the shared leg:\n{text}"
+    );
+    let r = p.finish(Duration::from_secs(30));
+    assert_eq!(u(&r["bridged"]), 20, "{}", brief(&r));
+    assert_eq!(u(&r["strict_rtp_drops"]), 0, "{}", brief(&r));
+    assert_eq!(u(&r["malformed"]), 0, "{}", brief(&r));
+    for c in r["per_call"].as_array().unwrap() {
+        assert_eq!(c["end"], "completed", "{c}");
+        assert!(u(&c["sent"]) >= 350, "{c}");
+        assert!(u(&c["received"]) + 2 >= u(&c["sent"]), "RTP lost: {c}");
+    }
+    let records = wait_for("20 call records", Duration::from_secs(10), || {
+        let v = p.call_records();
+        (v.len() == 20).then_some(v)
+    });
+    for c in &records {
+        let relay = &c["relay"];
+        assert!(u(&relay["rtt_count"]) >= 340, "{c}");
+        assert!(relay["mos"].as_f64().unwrap() > 4.3, "{c}");
+    }
+    p.assert_clean(&r);
+}
+
+#[test]
+fn calls_through_a_shared_echo_leg_get_their_own_packets_back_uring() {
+    calls_through_a_shared_echo_leg_get_their_own_packets_back("uring");
+}
+
+#[test]
+fn calls_through_a_shared_echo_leg_get_their_own_packets_back_tokio() {
+    calls_through_a_shared_echo_leg_get_their_own_packets_back("tokio");
+}
+
 #[test]
 fn calls_flow_again_within_250_ms_of_a_relay_restart() {
     let _s = serial();
