@@ -11,7 +11,10 @@
 //! size, so a batch costs the echo one receive and one send however many datagrams it holds.
 //! With faults each segment is a datagram of its own to the fault model: it is copied into a
 //! 2 KiB transmit buffer (the coalesced buffer goes back to the kernel at once) and dropped,
-//! held, duplicated or sent one by one like any other, with the same counts.
+//! held or duplicated like any other, with the same counts. The datagrams that leave in one
+//! iteration of the loop (sent at once, or due together) are gathered again, in the order they
+//! leave, into GSO sends (equal size, one destination, up to 64), so a batch that meets no fault
+//! goes back as one send still.
 //!
 //! Counts are published to atomics once per batch for `/metrics`, and printed as a JSON line on
 //! standard output when the echo exits (SIGTERM, SIGINT, or `--duration`).
@@ -173,6 +176,8 @@ pub struct Summary {
     pub gro: bool,
     /// Receives that held more than one datagram (UDP GRO coalesced them).
     pub coalesced: u64,
+    /// Sends that carried more than one datagram (UDP GSO), with `--gro`.
+    pub gso_sends: u64,
 }
 
 /// The echo's clock: arrivals from the kernel's receive stamps, and the hold of every datagram
@@ -225,6 +230,75 @@ const SEND_TX: u64 = 3 << 56;
 const WAKE: u64 = 4 << 56;
 /// A receive into the large (GRO) buffers, with faults.
 const RECV_LARGE: u64 = 5 << 56;
+/// A GSO send of regathered datagrams from a large transmit buffer, with faults.
+const SEND_LARGE: u64 = 6 << 56;
+/// Large transmit buffers with `--gro` and faults, for regathered GSO sends (4 MiB).
+const GSO_TX: u16 = 64;
+/// Most datagrams in one GSO send.
+const MAX_SEGMENTS: usize = 64;
+/// Most bytes in one GSO send.
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// With `--gro` and faults: datagrams leaving in this iteration, gathered into one GSO send.
+#[derive(Debug, Default)]
+struct Regather {
+    /// Whether datagrams are regathered (`--gro` with faults).
+    on: bool,
+    /// The send being gathered: (large transmit buffer, destination, datagram size, count, bytes).
+    batch: Option<(u16, SocketAddr, usize, usize, usize)>,
+    /// Sends that carried more than one datagram.
+    gso_sends: u64,
+}
+
+impl Regather {
+    /// Queues the gathered send, if any.
+    fn flush(&mut self, ring: &mut Ring) {
+        let Some((buffer, to, size, count, used)) = self.batch.take() else {
+            return;
+        };
+        let segment = (count > 1).then(|| u16::try_from(size).unwrap_or(u16::MAX));
+        if ring
+            .send_large_tx(0, buffer, used, segment, to, SEND_LARGE | u64::from(buffer))
+            .is_ok()
+        {
+            self.gso_sends += u64::from(count > 1);
+        } else {
+            ring.large_tx_release(buffer);
+        }
+    }
+
+    /// Appends `copies` copies of the `n`-byte datagram in small transmit buffer `tx` for `to`,
+    /// starting a new send when they do not fit the current one. False (nothing appended) when
+    /// no large transmit buffer is free.
+    fn append(&mut self, ring: &mut Ring, tx: u16, n: usize, to: SocketAddr, copies: u8) -> bool {
+        let k = usize::from(copies);
+        if let Some((_, t, size, count, used)) = self.batch {
+            if t != to || size != n || count + k > MAX_SEGMENTS || used + k * n > MAX_GSO_BYTES {
+                self.flush(ring);
+            }
+        }
+        let (buffer, to, size, mut count, mut used) = match self.batch {
+            Some(b) => b,
+            None => match ring.large_tx_acquire() {
+                Some(buffer) => (buffer, to, n, 0, 0),
+                None => return false,
+            },
+        };
+        for _ in 0..k {
+            if ring.copy_tx_to_large_tx(tx, n, buffer, used).is_none() {
+                break;
+            }
+            count += 1;
+            used += n;
+        }
+        if count == 0 {
+            ring.large_tx_release(buffer);
+            return false;
+        }
+        self.batch = Some((buffer, to, size, count, used));
+        true
+    }
+}
 const KIND: u64 = 0xff << 56;
 
 /// Transmit buffers with `--gro` and faults: every held segment lives in one (16 MiB).
@@ -301,7 +375,7 @@ pub fn run(
         )
     } else if gro_faults {
         Ring::with_tx(4096, 16, 1, FAULT_TX).and_then(|mut r| {
-            r.add_large(GRO_BUFFERS.min(config.buffers), 0)?;
+            r.add_large(GRO_BUFFERS.min(config.buffers), GSO_TX)?;
             Ok(r)
         })
     } else {
@@ -331,6 +405,10 @@ pub fn run(
     let mut clean_counts = EchoCounts::default();
     // Segments lost for want of a transmit buffer (with faults and --gro).
     let mut no_buffer = 0u64;
+    let mut regather = Regather {
+        on: gro_faults,
+        ..Regather::default()
+    };
     let start = Instant::now();
     let cpu_start = relay_io::thread_cpu_ns();
     let deadline = config.duration.map(|d| start + d);
@@ -369,6 +447,7 @@ pub fn run(
                         ring: &mut ring,
                         faults: &mut faults,
                         timing: &mut timing,
+                        regather: &mut regather,
                     };
                     on_recv(&mut io, &mut clean_counts, clean, now_ns, c);
                     if !c.more() {
@@ -380,6 +459,7 @@ pub fn run(
                         ring: &mut ring,
                         faults: &mut faults,
                         timing: &mut timing,
+                        regather: &mut regather,
                     };
                     no_buffer += on_recv_segments(&mut io, now_ns, c);
                     if !c.more() {
@@ -396,6 +476,11 @@ pub fn run(
                         ring.tx_release(i);
                     }
                 }
+                SEND_LARGE => {
+                    if let Ok(i) = u16::try_from(c.user_data & 0xffff) {
+                        ring.large_tx_release(i);
+                    }
+                }
                 WAKE => ring.arm_waker(WAKE)?,
                 _ => {}
             }
@@ -406,9 +491,11 @@ pub fn run(
                 ring: &mut ring,
                 faults: &mut faults,
                 timing: &mut timing,
+                regather: &mut regather,
             };
             send(&mut io, item, copies);
         }
+        regather.flush(&mut ring);
         ring.sync_buffers();
         if rearm {
             arm(&mut ring)?;
@@ -435,6 +522,7 @@ pub fn run(
         clock_steps: timing.wall.steps(),
         gro,
         coalesced: timing.coalesced,
+        gso_sends: regather.gso_sends,
     })
 }
 
@@ -462,6 +550,8 @@ struct Io<'a> {
     faults: &'a mut Faults<Item>,
     /// Arrivals and holds.
     timing: &'a mut Timing,
+    /// With `--gro` and faults: the GSO send being gathered.
+    regather: &'a mut Regather,
 }
 
 fn on_recv(
@@ -499,6 +589,7 @@ fn on_recv(
             .is_ok()
         {
             clean_counts.sent += datagrams;
+            io.regather.gso_sends += u64::from(datagrams > 1);
             io.timing.queued.push((arrival, datagrams));
         } else {
             io.ring.recycle(bid);
@@ -574,13 +665,30 @@ fn on_recv_segments(io: &mut Io<'_>, now_ns: u64, c: &Completion) -> u64 {
     lost
 }
 
-/// Sends a held or decided packet (and its copy), accounting for both as they leave.
+/// Sends a held or decided packet (and its copy), accounting for both as they leave: regathered
+/// into the iteration's GSO send when it lies in a transmit buffer (`--gro` with faults), else
+/// one `sendmsg` each.
 fn send(io: &mut Io<'_>, item: Item, copies: u8) {
     let Io {
         ring,
         faults,
         timing,
+        regather,
     } = io;
+    if let (true, Buf::Tx(i)) = (regather.on, item.buf) {
+        if regather.append(ring, i, item.len, item.from, copies.max(1)) {
+            let key = ring
+                .tx_buffer(i)
+                .and_then(|b| b.get(..item.len))
+                .and_then(faults::rtp_key);
+            ring.tx_release(i);
+            for copy in 0..copies.max(1) {
+                faults.on_sent_key(key, copy > 0);
+            }
+            timing.queued.push((item.arrival, 1));
+            return;
+        }
+    }
     let key = match item.buf {
         Buf::Rx(bid) => ring
             .received(bid, item.total)

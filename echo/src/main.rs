@@ -76,7 +76,8 @@ struct Args {
     rcvbuf: usize,
     /// Receive with UDP GRO (for GSO senders: the shared echo leg, `loadgen blast --gso`):
     /// buffers become 64 KiB, at most 512 of them. Without faults each coalesced batch goes back
-    /// as one UDP GSO send; with faults each of its datagrams is faulted and sent on its own.
+    /// as one UDP GSO send; with faults each of its datagrams is faulted on its own, and those
+    /// leaving together are gathered again into GSO sends.
     #[arg(long, env = "ECHO_GRO")]
     gro: bool,
     /// Stop after this long (default: run until SIGTERM or SIGINT).

@@ -117,6 +117,10 @@ fn with_gro_a_gso_batch_comes_back_as_its_datagrams_byte_identical() {
         s["coalesced"].as_u64().unwrap() >= 1,
         "the batch arrived coalesced: {s}"
     );
+    assert!(
+        s["gso_sends"].as_u64().unwrap() >= 1,
+        "and went back as one GSO send: {s}"
+    );
     assert_eq!(
         s["hold"]["count"].as_u64(),
         Some(11),
@@ -234,6 +238,9 @@ fn with_gro_faults_apply_to_each_datagram_of_a_coalesced_batch() {
         "batches arrived coalesced: {s}"
     );
     assert_eq!(s["no_buffer"].as_u64(), Some(0), "{s}");
+    // What leaves together goes back together: the 3 ms delay keeps a batch's survivors due at
+    // one moment, so they are reflected by GSO sends of several datagrams.
+    assert!(s["gso_sends"].as_u64().unwrap() >= 30, "regathered: {s}");
     assert_eq!(s["received"].as_u64(), Some(600), "{s}");
     faults_match_what_was_seen(&got, 600, &s);
     // The seed decides per datagram, so the same packets sent one by one meet the same fates.

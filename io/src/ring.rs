@@ -542,6 +542,20 @@ impl Ring {
         Some(n)
     }
 
+    /// Copies the first `n` bytes of small transmit buffer `tx` into large transmit buffer `i` at
+    /// byte `at`; returns the bytes copied. For datagrams regathered into one GSO send.
+    pub fn copy_tx_to_large_tx(&mut self, tx: u16, n: usize, i: u16, at: usize) -> Option<usize> {
+        if n > self.buffer_size || at + n > MAX_BUFFER_SIZE {
+            return None;
+        }
+        let src = usize::from(tx) * self.buffer_size;
+        let dst = usize::from(i) * MAX_BUFFER_SIZE + at;
+        let payload = self.tx.get(src..src + n)?;
+        let l = self.large.as_mut()?;
+        l.tx.get_mut(dst..dst + n)?.copy_from_slice(payload);
+        Some(n)
+    }
+
     /// A free large transmit buffer, if any.
     pub fn large_tx_acquire(&mut self) -> Option<u16> {
         self.large.as_mut()?.tx_free.pop()
