@@ -810,6 +810,18 @@ fn the_events_websocket_is_back_within_a_second_of_asterisk_answering_again() {
         "21610-21619",
     );
     let listen = p.sim_url.trim_start_matches("http://").to_owned();
+    // The first connection's reconciliation pass has finished (killing Asterisk during it fails
+    // the pass, and the line this test counts is never written).
+    wait_for(
+        "the first reconciliation pass",
+        Duration::from_secs(5),
+        || {
+            let log = p.control_log.lock().unwrap();
+            log.iter()
+                .any(|l| l.contains("reconciled with Asterisk"))
+                .then_some(())
+        },
+    );
     // Asterisk goes away (kill -9) and stays away long enough for control's backoff to grow.
     drop(std::mem::replace(
         &mut p.sim,

@@ -606,11 +606,7 @@ fn on_recv(
     // The fault model reads the payload where it lies (the ring is borrowed only to read);
     // delay, jitter and pacing count from the kernel's arrival.
     let action = io.faults.on_packet(arrival, r.payload, item);
-    match action {
-        Action::Send { item, copies } => send(io, item, copies),
-        Action::Drop(item) => item.buf.release(io.ring),
-        Action::Held => {}
-    }
+    act(io, &action);
 }
 
 /// With faults and `--gro`: a receive into a large buffer holds one datagram or several of one
@@ -655,14 +651,20 @@ fn on_recv_segments(io: &mut Io<'_>, now_ns: u64, c: &Completion) -> u64 {
             lost += 1;
             continue;
         };
-        match io.faults.on_packet(arrival, payload, item) {
-            Action::Send { item, copies } => send(io, item, copies),
-            Action::Drop(item) => item.buf.release(io.ring),
-            Action::Held => {}
-        }
+        let action = io.faults.on_packet(arrival, payload, item);
+        act(io, &action);
     }
     io.ring.recycle_large(bid);
     lost
+}
+
+/// Carries out the fault model's decision on a datagram just received.
+fn act(io: &mut Io<'_>, action: &Action<Item>) {
+    match *action {
+        Action::Send { item, copies } => send(io, item, copies),
+        Action::Drop(item) => item.buf.release(io.ring),
+        Action::Held => {}
+    }
 }
 
 /// Sends a held or decided packet (and its copy), accounting for both as they leave: regathered

@@ -197,13 +197,9 @@ pub struct Ring {
     buffers: Box<[u8]>,
     /// Send headers, one per receive buffer.
     sends: Box<[SendSlot]>,
-    /// Transmit buffers for datagrams that did not arrive in a receive buffer (generated or
-    /// copied), `tx_count` × `buffer_size` bytes.
-    tx: Box<[u8]>,
-    /// Send headers, one per transmit buffer.
-    tx_sends: Box<[SendSlot]>,
-    /// Free transmit buffers.
-    tx_free: Vec<u16>,
+    /// Transmit buffers of `buffer_size` for datagrams that did not arrive in a receive buffer
+    /// (generated or copied).
+    tx: TxPool,
     /// The header multishot receives describe their layout with.
     recv_msg: Box<libc::msghdr>,
     /// Wakes the ring from other threads.
@@ -239,12 +235,105 @@ struct Large {
     tail: u16,
     /// Receive buffers, `entries` × [`MAX_BUFFER_SIZE`].
     buffers: Box<[u8]>,
-    /// Transmit buffers, `tx_sends.len()` × [`MAX_BUFFER_SIZE`].
-    tx: Box<[u8]>,
-    /// Send headers, one per transmit buffer.
-    tx_sends: Box<[SendSlot]>,
-    /// Free transmit buffers.
-    tx_free: Vec<u16>,
+    /// Transmit buffers of [`MAX_BUFFER_SIZE`] (GSO sends).
+    tx: TxPool,
+}
+
+/// Transmit buffers of one size, each with the send header the kernel reads while it is sent,
+/// and the list of free ones. The small group and the large group each have one.
+struct TxPool {
+    /// `sends.len()` × `size` bytes.
+    bytes: Box<[u8]>,
+    /// Size of each buffer.
+    size: usize,
+    /// Send headers, one per buffer.
+    sends: Box<[SendSlot]>,
+    /// Free buffers.
+    free: Vec<u16>,
+}
+
+/// `n` all-zero send headers.
+fn zeroed_slots(n: u16) -> Box<[SendSlot]> {
+    (0..n)
+        // SAFETY: all fields of SendSlot are plain old data; all-zero is valid for each.
+        .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
+        .collect()
+}
+
+impl TxPool {
+    fn new(count: u16, size: usize) -> Self {
+        Self {
+            bytes: vec![0u8; usize::from(count) * size].into_boxed_slice(),
+            size,
+            sends: zeroed_slots(count),
+            free: (0..count).rev().collect(),
+        }
+    }
+
+    fn acquire(&mut self) -> Option<u16> {
+        self.free.pop()
+    }
+
+    fn release(&mut self, i: u16) {
+        if usize::from(i) < self.sends.len() {
+            self.free.push(i);
+        }
+    }
+
+    /// Bytes `at..at + n` of buffer `i`; `None` past the buffer's end or the pool's.
+    fn region(&self, i: u16, at: usize, n: usize) -> Option<&[u8]> {
+        let start = usize::from(i).checked_mul(self.size)? + at;
+        (at + n <= self.size).then_some(())?;
+        self.bytes.get(start..start + n)
+    }
+
+    /// [`TxPool::region`], writable.
+    fn region_mut(&mut self, i: u16, at: usize, n: usize) -> Option<&mut [u8]> {
+        let start = usize::from(i).checked_mul(self.size)? + at;
+        (at + n <= self.size).then_some(())?;
+        self.bytes.get_mut(start..start + n)
+    }
+
+    /// A free buffer holding a copy of `src`, if one is free and `src` fits.
+    fn acquire_with(&mut self, src: &[u8]) -> Option<u16> {
+        if src.len() > self.size {
+            return None;
+        }
+        let i = self.acquire()?;
+        match self.region_mut(i, 0, src.len()) {
+            Some(out) => {
+                out.copy_from_slice(src);
+                Some(i)
+            }
+            None => {
+                self.release(i);
+                None
+            }
+        }
+    }
+
+    /// The send of buffer `i`'s first `len` bytes (see [`prepare_send`]).
+    fn send_entry(
+        &mut self,
+        i: u16,
+        len: usize,
+        to: SocketAddr,
+        slot: u32,
+        user_data: u64,
+        segment: Option<u16>,
+    ) -> io::Result<io_uring::squeue::Entry> {
+        let out_of_range = || io::Error::other("transmit buffer out of range");
+        let start = usize::from(i) * self.size;
+        let payload = self
+            .bytes
+            .get_mut(start..start + len.min(self.size))
+            .ok_or_else(out_of_range)?;
+        let s = self
+            .sends
+            .get_mut(usize::from(i))
+            .ok_or_else(out_of_range)?;
+        Ok(prepare_send(s, payload, to, slot, user_data, segment))
+    }
 }
 
 impl std::fmt::Debug for Ring {
@@ -313,13 +402,7 @@ impl Ring {
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msg.msg_namelen = NAME_LEN_SOCKLEN;
         recv_msg.msg_controllen = CONTROL_LEN;
-        let slots = |n: u16| -> Box<[SendSlot]> {
-            (0..n)
-                // SAFETY: all three fields are plain old data; all-zero is valid for each.
-                .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
-                .collect()
-        };
-        let sends = slots(entries);
+        let sends = zeroed_slots(entries);
         let mut this = Self {
             ring,
             ring_mem,
@@ -329,9 +412,7 @@ impl Ring {
             buffer_size,
             buffers: vec![0u8; usize::from(entries) * buffer_size].into_boxed_slice(),
             sends,
-            tx: vec![0u8; usize::from(tx_count) * buffer_size].into_boxed_slice(),
-            tx_sends: slots(tx_count),
-            tx_free: (0..tx_count).rev().collect(),
+            tx: TxPool::new(tx_count, buffer_size),
             recv_msg,
             waker: std::sync::Arc::new(waker),
             wake_buf: Box::new(0),
@@ -428,19 +509,13 @@ impl Ring {
             unsafe { libc::munmap(ring_mem.as_ptr().cast(), ring_len) };
             return Err(classify("register_buf_ring", e));
         }
-        let tx_sends: Box<[SendSlot]> = (0..tx_count)
-            // SAFETY: all fields are plain old data; all-zero is valid for each.
-            .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
-            .collect();
         self.large = Some(Large {
             ring_mem,
             ring_len,
             entries,
             tail: 0,
             buffers: vec![0u8; usize::from(entries) * MAX_BUFFER_SIZE].into_boxed_slice(),
-            tx: vec![0u8; usize::from(tx_count) * MAX_BUFFER_SIZE].into_boxed_slice(),
-            tx_sends,
-            tx_free: (0..tx_count).rev().collect(),
+            tx: TxPool::new(tx_count, MAX_BUFFER_SIZE),
         });
         for bid in 0..entries {
             self.recycle_large(bid);
@@ -504,26 +579,12 @@ impl Ring {
         n: usize,
     ) -> Option<u16> {
         let payload_len = self.received_large(bid, len)?.payload.len();
-        if offset + n > payload_len || n > self.buffer_size {
+        if offset + n > payload_len {
             return None;
         }
         let src = usize::from(bid) * MAX_BUFFER_SIZE + PAYLOAD_OFFSET + offset;
-        let i = self.tx_acquire()?;
-        let dst = usize::from(i) * self.buffer_size;
-        let copied = match (self.large.as_ref(), self.tx.get_mut(dst..dst + n)) {
-            (Some(l), Some(out)) => l
-                .buffers
-                .get(src..src + n)
-                .map(|seg| out.copy_from_slice(seg))
-                .is_some(),
-            _ => false,
-        };
-        if copied {
-            Some(i)
-        } else {
-            self.tx_release(i);
-            None
-        }
+        let segment = self.large.as_ref()?.buffers.get(src..src + n)?;
+        self.tx.acquire_with(segment)
     }
 
     /// Copies the payload of small receive buffer `bid` (completion length `len`) into large
@@ -535,47 +596,35 @@ impl Ring {
             return None;
         }
         let src = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
-        let dst = usize::from(i) * MAX_BUFFER_SIZE + at;
         let payload = self.buffers.get(src..src + n)?;
         let l = self.large.as_mut()?;
-        l.tx.get_mut(dst..dst + n)?.copy_from_slice(payload);
+        l.tx.region_mut(i, at, n)?.copy_from_slice(payload);
         Some(n)
     }
 
     /// Copies the first `n` bytes of small transmit buffer `tx` into large transmit buffer `i` at
     /// byte `at`; returns the bytes copied. For datagrams regathered into one GSO send.
     pub fn copy_tx_to_large_tx(&mut self, tx: u16, n: usize, i: u16, at: usize) -> Option<usize> {
-        if n > self.buffer_size || at + n > MAX_BUFFER_SIZE {
-            return None;
-        }
-        let src = usize::from(tx) * self.buffer_size;
-        let dst = usize::from(i) * MAX_BUFFER_SIZE + at;
-        let payload = self.tx.get(src..src + n)?;
+        let payload = self.tx.region(tx, 0, n)?;
         let l = self.large.as_mut()?;
-        l.tx.get_mut(dst..dst + n)?.copy_from_slice(payload);
+        l.tx.region_mut(i, at, n)?.copy_from_slice(payload);
         Some(n)
     }
 
     /// A free large transmit buffer, if any.
     pub fn large_tx_acquire(&mut self) -> Option<u16> {
-        self.large.as_mut()?.tx_free.pop()
+        self.large.as_mut()?.tx.acquire()
     }
 
     /// Large transmit buffer `i`, [`MAX_BUFFER_SIZE`] bytes.
     pub fn large_tx_buffer(&mut self, i: u16) -> Option<&mut [u8]> {
-        let start = usize::from(i) * MAX_BUFFER_SIZE;
-        self.large
-            .as_mut()?
-            .tx
-            .get_mut(start..start + MAX_BUFFER_SIZE)
+        self.large.as_mut()?.tx.region_mut(i, 0, MAX_BUFFER_SIZE)
     }
 
     /// Returns large transmit buffer `i` to the pool.
     pub fn large_tx_release(&mut self, i: u16) {
         if let Some(l) = self.large.as_mut() {
-            if usize::from(i) < l.tx_sends.len() {
-                l.tx_free.push(i);
-            }
+            l.tx.release(i);
         }
     }
 
@@ -593,22 +642,13 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
-        let l = self
+        let e = self
             .large
             .as_mut()
-            .ok_or_else(|| io::Error::other("no large buffer group"))?;
-        let start = usize::from(i) * MAX_BUFFER_SIZE;
-        let payload =
-            l.tx.get_mut(start..start + len.min(MAX_BUFFER_SIZE))
-                .ok_or_else(|| io::Error::other("large transmit buffer out of range"))?;
-        let s = l
-            .tx_sends
-            .get_mut(usize::from(i))
-            .ok_or_else(|| io::Error::other("large transmit buffer out of range"))?;
-        let e = prepare_send(s, payload, to, slot, user_data, segment);
-        self.push(&e)?;
-        self.unwaited_sends += 1;
-        Ok(())
+            .ok_or_else(|| io::Error::other("no large buffer group"))?
+            .tx
+            .send_entry(i, len, to, slot, user_data, segment)?;
+        self.push_send(&e)
     }
 
     /// Publishes recycled buffers to the kernel: one release store per batch.
@@ -758,7 +798,12 @@ impl Ring {
             .get_mut(usize::from(bid))
             .ok_or_else(|| io::Error::other("buffer id out of range"))?;
         let e = prepare_send(s, payload, to, slot, user_data, segment);
-        self.push(&e)?;
+        self.push_send(&e)
+    }
+
+    /// Pushes a send: it completes during the next submit, which the next wait accounts for.
+    fn push_send(&mut self, e: &io_uring::squeue::Entry) -> io::Result<()> {
+        self.push(e)?;
         self.unwaited_sends += 1;
         Ok(())
     }
@@ -766,49 +811,36 @@ impl Ring {
     /// A free transmit buffer, if any; the caller fills it ([`Ring::tx_buffer`]), sends it
     /// ([`Ring::send_tx`]) and releases it when the send completes ([`Ring::tx_release`]).
     pub fn tx_acquire(&mut self) -> Option<u16> {
-        self.tx_free.pop()
+        self.tx.acquire()
     }
 
     /// Transmit buffer `i`, the ring's buffer size.
     pub fn tx_buffer(&mut self, i: u16) -> Option<&mut [u8]> {
-        let start = usize::from(i) * self.buffer_size;
-        self.tx.get_mut(start..start + self.buffer_size)
+        self.tx.region_mut(i, 0, self.buffer_size)
     }
 
     /// Copies the payload of receive buffer `bid` (completion length `len`) into a free transmit
     /// buffer; returns the buffer and the payload length.
     pub fn tx_copy_from(&mut self, bid: u16, len: usize) -> Option<(u16, usize)> {
         let n = self.received(bid, len)?.payload.len();
-        let i = self.tx_acquire()?;
         let src = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
-        let dst = usize::from(i) * self.buffer_size;
         let payload = self.buffers.get(src..src + n)?;
-        self.tx.get_mut(dst..dst + n)?.copy_from_slice(payload);
-        Some((i, n))
+        Some((self.tx.acquire_with(payload)?, n))
     }
 
     /// Copies the first `n` bytes of transmit buffer `i` into a free transmit buffer; returns it.
     /// For a second copy of a datagram that already lives in a transmit buffer.
     pub fn tx_copy_tx(&mut self, i: u16, n: usize) -> Option<u16> {
-        if n > self.buffer_size || usize::from(i) >= self.tx_sends.len() {
-            return None;
-        }
-        let j = self.tx_acquire()?;
-        let src = usize::from(i) * self.buffer_size;
-        let dst = usize::from(j) * self.buffer_size;
-        if self.tx.get(src..src + n).is_none() || self.tx.get(dst..dst + n).is_none() {
-            self.tx_release(j);
-            return None;
-        }
-        self.tx.copy_within(src..src + n, dst);
+        self.tx.region(i, 0, n)?;
+        let j = self.tx.acquire()?;
+        let (src, dst) = (usize::from(i) * self.tx.size, usize::from(j) * self.tx.size);
+        self.tx.bytes.copy_within(src..src + n, dst);
         Some(j)
     }
 
     /// Returns transmit buffer `i` to the pool.
     pub fn tx_release(&mut self, i: u16) {
-        if usize::from(i) < self.tx_sends.len() {
-            self.tx_free.push(i);
-        }
+        self.tx.release(i);
     }
 
     /// Sends the first `len` bytes of transmit buffer `i` from fixed-file `slot` to `to`.
@@ -839,19 +871,8 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
-        let start = usize::from(i) * self.buffer_size;
-        let payload = self
-            .tx
-            .get_mut(start..start + len.min(self.buffer_size))
-            .ok_or_else(|| io::Error::other("transmit buffer out of range"))?;
-        let s = self
-            .tx_sends
-            .get_mut(usize::from(i))
-            .ok_or_else(|| io::Error::other("transmit buffer out of range"))?;
-        let e = prepare_send(s, payload, to, slot, user_data, segment);
-        self.push(&e)?;
-        self.unwaited_sends += 1;
-        Ok(())
+        let e = self.tx.send_entry(i, len, to, slot, user_data, segment)?;
+        self.push_send(&e)
     }
 
     /// Makes each wait gather up to `batch` completions: the kernel waits for `batch` until `wait`

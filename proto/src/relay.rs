@@ -508,9 +508,11 @@ pub struct Relay {
     unsubmitted: Vec<Unsubmitted>,
     /// Sends queued since the last submission: the place the next queued send takes.
     queued: u32,
-    /// Place in the queue of each gathered send (by the backend's batch number) queued since the
-    /// last submission; `NOT_QUEUED` for one still gathering.
-    batch_place: Vec<u32>,
+    /// Place in the queue of each gathered send (by the backend's batch number), with the
+    /// submission it belongs to: an entry of an earlier `submission` is a send still gathering.
+    batch_place: Vec<(u32, u32)>,
+    /// Submissions reported so far (wrapping), so `batch_place` needs no clearing.
+    submission: u32,
 }
 
 /// Where a forwarded datagram's send stands in the submission queue.
@@ -521,9 +523,6 @@ enum Place {
     /// One of several in a gathered send (GSO) the backend numbers so, queued later.
     Batch(u16),
 }
-
-/// A `batch_place` entry for a gathered send not queued yet.
-const NOT_QUEUED: u32 = u32::MAX;
 
 /// A forwarded datagram waiting for its send's submission.
 #[derive(Clone, Copy, Debug)]
@@ -567,6 +566,7 @@ impl Relay {
             unsubmitted: Vec::with_capacity(UNSUBMITTED_CAPACITY),
             queued: 0,
             batch_place: Vec::new(),
+            submission: 0,
             config,
         })
     }
@@ -657,7 +657,8 @@ impl Relay {
                 let i = usize::from(batch);
                 if self.batch_place.len() <= i {
                     // Grows to the backend's number of batch buffers once, then never again.
-                    self.batch_place.resize(i + 1, NOT_QUEUED);
+                    self.batch_place
+                        .resize(i + 1, (self.submission.wrapping_sub(1), 0));
                 }
             }
         }
@@ -666,7 +667,7 @@ impl Relay {
     /// The backend queued gathered send `batch`, after every send queued so far.
     pub fn batch_queued(&mut self, batch: u16) {
         if let Some(p) = self.batch_place.get_mut(usize::from(batch)) {
-            *p = self.queued;
+            *p = (self.submission, self.queued);
             self.queued += 1;
         }
     }
@@ -687,11 +688,12 @@ impl Relay {
         let n = u64::from(self.queued);
         let span = end.nanos_since(start);
         let (hist, channels, places) = (&mut self.hist, &mut self.channels, &self.batch_place);
+        let this = self.submission;
         self.unsubmitted.retain(|u| {
             let k = match u.place {
                 Place::Queued(q) => q,
                 Place::Batch(b) => match places.get(usize::from(b)) {
-                    Some(&q) if q != NOT_QUEUED => q,
+                    Some(&(sub, q)) if sub == this => q,
                     _ => return true, // still gathering: settled by a later submission
                 },
             };
@@ -708,9 +710,7 @@ impl Relay {
             false
         });
         self.queued = 0;
-        for p in &mut self.batch_place {
-            *p = NOT_QUEUED;
-        }
+        self.submission = self.submission.wrapping_add(1);
     }
 
     /// Datagrams forwarded whose send has not been reported submitted.

@@ -835,7 +835,17 @@ fn a_forged_or_stale_tag_is_dropped_and_counted() {
         None,
         "too short"
     );
+    // A good tag from anyone but the echo (the shared socket takes datagrams from anyone): it
+    // finds its channel, whose source check then drops it; nothing goes to Asterisk.
+    let (mut p, _) = shared_round_trip(&mut r, again, ast(), 2, 7, 30);
+    assert_eq!(r.untag_from_echo(&mut p), Some(again));
+    let stranger: SocketAddr = "127.0.0.9:4444".parse().unwrap();
+    assert_eq!(
+        r.handle_datagram(t(40), again, stranger, &p),
+        Verdict::Drop(DropReason::UnknownSource)
+    );
     let g = r.global_stats();
     assert_eq!(g.drops.get(DropReason::UnknownTag), 3);
     assert_eq!(g.drops.get(DropReason::TooShort), 1);
+    assert_eq!(g.drops.get(DropReason::UnknownSource), 1);
 }

@@ -65,6 +65,40 @@ struct Shared {
 
 type SharedRef = Rc<RefCell<Shared>>;
 
+impl Shared {
+    /// A datagram just read, with control messages `ctl`: (its arrival, the moment it is
+    /// handled). Kernel time: the receive stamp, and the clock re-sampled now; user time: the
+    /// clock now, for both.
+    fn times(&mut self, ctl: &[u8]) -> (MonoTime, MonoTime) {
+        if self.kernel_time {
+            let handled = self.clock.resample(&mut self.counters);
+            (
+                self.clock.arrival(ctl, handled, &mut self.counters),
+                handled,
+            )
+        } else {
+            let now = self.clock.now();
+            (now, now)
+        }
+    }
+
+    /// The core's verdict on a datagram read at [`Shared::times`].
+    fn decide(
+        &mut self,
+        (arrival, handled): (MonoTime, MonoTime),
+        id: SocketId,
+        from: SocketAddr,
+        payload: &[u8],
+    ) -> Verdict {
+        if self.kernel_time {
+            self.relay
+                .handle_received(arrival, handled, id, from, payload)
+        } else {
+            self.relay.handle_datagram(handled, id, from, payload)
+        }
+    }
+}
+
 /// Channel sockets by slot, for the shared echo leg's returns (each leaves from its channel's
 /// socket). Apart from [`Shared`], which is borrowed while a command opens or closes a socket.
 type ChannelSockets = Rc<RefCell<Vec<Option<Rc<UdpSocket>>>>>;
@@ -270,25 +304,8 @@ async fn channel(socket: Rc<UdpSocket>, id: SocketId, shared: SharedRef) {
             // (user time: when handling started, the start of the forward time)
             let (verdict, started) = {
                 let mut sh = shared.borrow_mut();
-                let Shared {
-                    relay,
-                    counters,
-                    clock,
-                    kernel_time,
-                    ..
-                } = &mut *sh;
-                if *kernel_time {
-                    let handled = clock.resample(counters);
-                    let ctl = control.get(..meta.control_len).unwrap_or_default();
-                    let arrival = clock.arrival(ctl, handled, counters);
-                    (
-                        relay.handle_received(arrival, handled, id, from, payload),
-                        handled,
-                    )
-                } else {
-                    let now = clock.now();
-                    (relay.handle_datagram(now, id, from, payload), now)
-                }
+                let times = sh.times(control.get(..meta.control_len).unwrap_or_default());
+                (sh.decide(times, id, from, payload), times.1)
             };
             match verdict {
                 Verdict::Forward {
@@ -484,22 +501,7 @@ async fn echo_leg(socket: Rc<UdpSocket>, channels: ChannelSockets, shared: Share
             };
             let ctl = control.get(..meta.control_len).unwrap_or_default();
             let segment = relay_io::gro_segment(ctl).ok().flatten();
-            let (arrival, handled) = {
-                let mut sh = shared.borrow_mut();
-                let Shared {
-                    counters,
-                    clock,
-                    kernel_time,
-                    ..
-                } = &mut *sh;
-                if *kernel_time {
-                    let handled = clock.resample(counters);
-                    (clock.arrival(ctl, handled, counters), handled)
-                } else {
-                    let now = clock.now();
-                    (now, now)
-                }
-            };
+            let times = shared.borrow_mut().times(ctl);
             let seg = segment.map_or(meta.len, usize::from).max(1);
             for datagram in bytes.chunks_mut(seg) {
                 if datagram.len() > MAX_PAYLOAD {
@@ -515,16 +517,10 @@ async fn echo_leg(socket: Rc<UdpSocket>, channels: ChannelSockets, shared: Share
                         sh.relay.count_drop(DropReason::NoChannel);
                         continue;
                     };
-                    let v = if sh.kernel_time {
-                        sh.relay
-                            .handle_received(arrival, handled, id, from, datagram)
-                    } else {
-                        sh.relay.handle_datagram(handled, id, from, datagram)
-                    };
-                    (out, id, v)
+                    (out, id, sh.decide(times, id, from, datagram))
                 };
                 if let Verdict::Forward { to, direction } = verdict {
-                    send_one(&out, &shared, id, datagram, to, direction, handled).await;
+                    send_one(&out, &shared, id, datagram, to, direction, times.1).await;
                 }
             }
         }

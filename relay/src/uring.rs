@@ -241,7 +241,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         counters.batch(completions.len());
         for c in &completions {
             match c.user_data >> KIND_SHIFT {
-                RECV => {
+                kind @ (RECV | ECHO_RECV) => {
                     let mut io = Io {
                         s: &mut s,
                         relay: &mut relay,
@@ -249,17 +249,11 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                         forwarded: &mut forwarded,
                         clock: kernel_time.then_some(&clock),
                     };
-                    on_recv(&mut io, now, c)?;
-                }
-                ECHO_RECV => {
-                    let mut io = Io {
-                        s: &mut s,
-                        relay: &mut relay,
-                        counters: &mut counters,
-                        forwarded: &mut forwarded,
-                        clock: kernel_time.then_some(&clock),
-                    };
-                    on_echo_recv(&mut io, now, c)?;
+                    if kind == RECV {
+                        on_recv(&mut io, now, c)?;
+                    } else {
+                        on_echo_recv(&mut io, now, c)?;
+                    }
                 }
                 SEND_TX | LARGE_TX => {
                     let i = (c.user_data & 0xffff) as u16;
