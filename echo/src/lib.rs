@@ -258,7 +258,17 @@ impl Regather {
         };
         let segment = (count > 1).then(|| u16::try_from(size).unwrap_or(u16::MAX));
         if ring
-            .send_large_tx(0, buffer, used, segment, to, SEND_LARGE | u64::from(buffer))
+            .send_large_tx(
+                0,
+                buffer,
+                used,
+                to,
+                SEND_LARGE | u64::from(buffer),
+                relay_io::SendOpts {
+                    segment,
+                    stamp_id: None,
+                },
+            )
             .is_ok()
         {
             self.gso_sends += u64::from(count > 1);

@@ -23,6 +23,10 @@ pub const UDP_SEGMENT: i32 = 103;
 pub const UDP_GRO: i32 = 104;
 /// Room of a `UDP_SEGMENT` control message: `CMSG_SPACE(sizeof(u16))`.
 pub const SEGMENT_CMSG_SPACE: usize = HEADER + ALIGN;
+/// Room of an `SCM_TS_OPT_ID` control message: `CMSG_SPACE(sizeof(u32))`.
+pub const STAMP_ID_CMSG_SPACE: usize = HEADER + ALIGN;
+/// Room of the control messages a send may carry: a segment size and a stamp id.
+pub const SEND_CMSG_SPACE: usize = SEGMENT_CMSG_SPACE + STAMP_ID_CMSG_SPACE;
 
 /// `SOL_SOCKET`.
 const SOL_SOCKET: i32 = libc::SOL_SOCKET;
@@ -57,7 +61,7 @@ pub enum CmsgError {
 }
 
 /// Walks `control`'s messages, giving each `(level, type, data)` to `f` until it answers.
-fn find<T>(
+pub(crate) fn find<T>(
     control: &[u8],
     mut f: impl FnMut(i32, i32, &[u8]) -> Result<Option<T>, CmsgError>,
 ) -> Result<Option<T>, CmsgError> {
@@ -130,7 +134,34 @@ pub fn segment_cmsg(size: u16, out: &mut [u8; SEGMENT_CMSG_SPACE]) -> usize {
     SEGMENT_CMSG_SPACE
 }
 
-fn timespec(data: &[u8]) -> Result<WallTime, CmsgError> {
+/// Writes the control messages of a send into `out`: UDP GSO's segment size when `segment` is
+/// given, and the id its transmit stamp carries (`SCM_TS_OPT_ID`) when `stamp_id` is. Returns
+/// their length (the `msg_controllen` to pass; 0 for none).
+pub fn send_cmsgs(
+    segment: Option<u16>,
+    stamp_id: Option<u32>,
+    out: &mut [u8; SEND_CMSG_SPACE],
+) -> usize {
+    out.fill(0);
+    let mut at = 0;
+    let mut put = |level: i32, kind: i32, data: &[u8]| {
+        let len = HEADER + data.len();
+        out[at..at + ALIGN].copy_from_slice(&len.to_ne_bytes());
+        out[at + ALIGN..at + ALIGN + 4].copy_from_slice(&level.to_ne_bytes());
+        out[at + ALIGN + 4..at + ALIGN + 8].copy_from_slice(&kind.to_ne_bytes());
+        out[at + HEADER..at + len].copy_from_slice(data);
+        at += HEADER + ALIGN;
+    };
+    if let Some(size) = segment {
+        put(SOL_UDP, UDP_SEGMENT, &size.to_ne_bytes());
+    }
+    if let Some(id) = stamp_id {
+        put(SOL_SOCKET, crate::txstamp::SCM_TS_OPT_ID, &id.to_ne_bytes());
+    }
+    at
+}
+
+pub(crate) fn timespec(data: &[u8]) -> Result<WallTime, CmsgError> {
     if data.len() < TIMESPEC {
         return Err(CmsgError::Truncated);
     }
@@ -291,6 +322,29 @@ mod tests {
         }
         let short = encode(&[(SOL_UDP, UDP_GRO, &[1, 0][..])]);
         assert_eq!(gro_segment(&short), Err(CmsgError::Truncated));
+    }
+
+    #[test]
+    fn send_messages_are_laid_out_as_the_kernel_reads_them() {
+        let mut out = [0xffu8; SEND_CMSG_SPACE];
+        assert_eq!(send_cmsgs(None, None, &mut out), 0);
+        assert_eq!(send_cmsgs(Some(1_200), None, &mut out), 24);
+        let want = encode(&[(SOL_UDP, UDP_SEGMENT, &1_200u16.to_ne_bytes())]);
+        assert_eq!(&out[..24], &want[..]);
+        assert_eq!(send_cmsgs(None, Some(0xdead_beef), &mut out), 24);
+        let id = 0xdead_beef_u32.to_ne_bytes();
+        let want = encode(&[(SOL_SOCKET, crate::txstamp::SCM_TS_OPT_ID, &id)]);
+        assert_eq!(&out[..24], &want[..]);
+        assert_eq!(send_cmsgs(Some(172), Some(5), &mut out), 48);
+        let want = encode(&[
+            (SOL_UDP, UDP_SEGMENT, &172u16.to_ne_bytes()),
+            (
+                SOL_SOCKET,
+                crate::txstamp::SCM_TS_OPT_ID,
+                &5u32.to_ne_bytes(),
+            ),
+        ]);
+        assert_eq!(&out[..], &want[..]);
     }
 
     #[test]

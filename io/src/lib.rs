@@ -15,11 +15,13 @@ pub mod cpu;
 pub mod ring;
 #[allow(unsafe_code)] // setsockopt and rlimit calls
 pub mod socket;
+pub mod txstamp;
 
 pub use clock::{Clock, Sample, WallToMono};
 pub use cmsg::{gro_segment, rx_timestamp, WallTime};
 pub use cpu::{cpu_time_ns, pin_current_thread, process_cpu_ns, thread_cpu_ns};
 pub use socket::{
-    bind_udp, enable_rx_timestamps, enable_udp_gro, raise_nofile_limit, recv_msg, send_gso,
-    set_rcvbuf_force, RecvMeta,
+    bind_udp, enable_rx_timestamps, enable_tx_timestamps, enable_udp_gro, raise_nofile_limit,
+    recv_msg, recv_tx_stamp, send_gso, send_msg, set_rcvbuf_force, RecvMeta, SendOpts,
 };
+pub use txstamp::{TxStamp, TxStampError};

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::types::{BufRingEntry, Fixed, RecvMsgOut, SubmitArgs, Timespec};
-use io_uring::{cqueue, opcode, IoUring};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+
+pub use crate::socket::SendOpts;
 
 /// Buffer group id of the receive buffers.
 const BGID: u16 = 0;
@@ -133,8 +135,9 @@ struct SendSlot {
     iov: libc::iovec,
     /// The destination.
     addr: libc::sockaddr_in6,
-    /// A `UDP_SEGMENT` control message, for a GSO send (u64s: cmsg alignment).
-    control: [u64; crate::cmsg::SEGMENT_CMSG_SPACE / 8],
+    /// The send's control messages: a `UDP_SEGMENT` size for a GSO send, an `SCM_TS_OPT_ID`
+    /// for a stamped one (u64s: cmsg alignment).
+    control: [u64; crate::cmsg::SEND_CMSG_SPACE / 8],
 }
 
 /// One completion, copied out of the completion queue.
@@ -146,6 +149,8 @@ pub struct Completion {
     pub result: i32,
     /// Completion flags.
     pub flags: u32,
+    /// The second half of a 32-byte completion (a transmit stamp's time; zero for others).
+    pub big: [u64; 2],
 }
 
 impl Completion {
@@ -159,6 +164,15 @@ impl Completion {
     #[must_use]
     pub fn more(&self) -> bool {
         cqueue::more(self.flags)
+    }
+
+    /// The transmit stamp a completion of [`Ring::arm_tx_stamps`] carries.
+    ///
+    /// # Errors
+    /// The request ended, or the completion holds no software send stamp (see
+    /// [`crate::txstamp::from_completion`]).
+    pub fn tx_stamp(&self) -> Result<crate::txstamp::TxStamp, crate::txstamp::TxStampError> {
+        crate::txstamp::from_completion(self.result, self.flags, self.big)
     }
 }
 
@@ -181,8 +195,8 @@ pub struct Received<'a> {
 
 /// The io_uring, its buffer ring and everything the kernel may read or write through it.
 pub struct Ring {
-    /// The ring.
-    ring: IoUring,
+    /// The ring, with 32-byte completions (transmit stamps carry their time in the second half).
+    ring: IoUring<squeue::Entry, cqueue::Entry32>,
     /// Page-aligned buffer-ring entries (mmap), `entries` × 16 bytes.
     ring_mem: NonNull<BufRingEntry>,
     /// Length of the mapping.
@@ -320,8 +334,8 @@ impl TxPool {
         to: SocketAddr,
         slot: u32,
         user_data: u64,
-        segment: Option<u16>,
-    ) -> io::Result<io_uring::squeue::Entry> {
+        opts: SendOpts,
+    ) -> io::Result<squeue::Entry> {
         let out_of_range = || io::Error::other("transmit buffer out of range");
         let start = usize::from(i) * self.size;
         let payload = self
@@ -332,7 +346,7 @@ impl TxPool {
             .sends
             .get_mut(usize::from(i))
             .ok_or_else(out_of_range)?;
-        Ok(prepare_send(s, payload, to, slot, user_data, segment))
+        Ok(prepare_send(s, payload, to, slot, user_data, opts))
     }
 }
 
@@ -384,7 +398,7 @@ impl Ring {
         let buffer_size = buffer_size
             .clamp(BUFFER_SIZE, MAX_BUFFER_SIZE)
             .next_multiple_of(64);
-        let ring = IoUring::builder()
+        let ring = IoUring::<squeue::Entry, cqueue::Entry32>::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_coop_taskrun()
@@ -629,7 +643,7 @@ impl Ring {
     }
 
     /// Sends the first `len` bytes of large transmit buffer `i` from fixed-file `slot` to `to`,
-    /// cut into `segment`-byte datagrams by UDP GSO when given.
+    /// with what `opts` asks: cut into `segment`-byte datagrams by UDP GSO, stamped with an id.
     ///
     /// # Errors
     /// The submission queue could not take it, or `i` is not a large transmit buffer.
@@ -638,16 +652,16 @@ impl Ring {
         slot: u32,
         i: u16,
         len: usize,
-        segment: Option<u16>,
         to: SocketAddr,
         user_data: u64,
+        opts: SendOpts,
     ) -> io::Result<()> {
         let e = self
             .large
             .as_mut()
             .ok_or_else(|| io::Error::other("no large buffer group"))?
             .tx
-            .send_entry(i, len, to, slot, user_data, segment)?;
+            .send_entry(i, len, to, slot, user_data, opts)?;
         self.push_send(&e)
     }
 
@@ -690,7 +704,7 @@ impl Ring {
             .map(drop)
     }
 
-    fn push(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         // SAFETY: every entry built in this module points only at memory owned by `self`
         // that outlives the operation (see the module header).
         let pushed = unsafe { self.ring.submission().push(entry) };
@@ -714,6 +728,36 @@ impl Ring {
     /// The submission queue could not take it.
     pub fn arm_recv(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
         let e = opcode::RecvMsgMulti::new(Fixed(slot), &*self.recv_msg, BGID)
+            .build()
+            .user_data(user_data);
+        self.push(&e)
+    }
+
+    /// Arms the transmit-stamp command on fixed-file `slot` (`SOCKET_URING_OP_TX_TIMESTAMP`,
+    /// Linux 6.15+): a multishot request that completes once per stamp the socket's sends earn
+    /// ([`Completion::tx_stamp`]). The socket needs [`crate::enable_tx_timestamps`]. A kernel
+    /// without the command ends it at once with `-EINVAL` or `-EOPNOTSUPP`; the stamps then stay on
+    /// the socket's error queue ([`Ring::arm_error_poll`], [`crate::recv_tx_stamp`]).
+    ///
+    /// # Errors
+    /// The submission queue could not take it.
+    pub fn arm_tx_stamps(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
+        let e = opcode::UringCmd16::new(Fixed(slot), crate::txstamp::SOCKET_URING_OP_TX_TIMESTAMP)
+            .build()
+            .user_data(user_data);
+        self.push(&e)
+    }
+
+    /// Arms a multishot poll for error readiness (`POLLERR`: something on the error queue, such
+    /// as a transmit stamp) on fixed-file `slot`: where the kernel lacks the transmit-stamp
+    /// command, the caller reads the stamps with [`crate::recv_tx_stamp`] when this completes.
+    ///
+    /// # Errors
+    /// The submission queue could not take it.
+    pub fn arm_error_poll(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
+        #[allow(clippy::cast_sign_loss)] // POLLERR is a small positive flag
+        let e = opcode::PollAdd::new(Fixed(slot), libc::POLLERR as u32)
+            .multi(true)
             .build()
             .user_data(user_data);
         self.push(&e)
@@ -769,7 +813,7 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
-        self.send_gso(slot, bid, len, None, to, user_data)
+        self.send_with(slot, bid, len, to, user_data, SendOpts::default())
     }
 
     /// [`Ring::send`], with UDP GSO when `segment` is given: the kernel cuts the payload into
@@ -787,6 +831,33 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
+        self.send_with(
+            slot,
+            bid,
+            len,
+            to,
+            user_data,
+            SendOpts {
+                segment,
+                stamp_id: None,
+            },
+        )
+    }
+
+    /// [`Ring::send`] with what `opts` asks: UDP GSO segments, and the id its kernel transmit
+    /// stamp comes back with ([`Ring::arm_tx_stamps`]).
+    ///
+    /// # Errors
+    /// The submission queue could not take it.
+    pub fn send_with(
+        &mut self,
+        slot: u32,
+        bid: u16,
+        len: usize,
+        to: SocketAddr,
+        user_data: u64,
+        opts: SendOpts,
+    ) -> io::Result<()> {
         let offset = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
         let len = len.min(self.max_payload());
         let payload = self
@@ -797,12 +868,12 @@ impl Ring {
             .sends
             .get_mut(usize::from(bid))
             .ok_or_else(|| io::Error::other("buffer id out of range"))?;
-        let e = prepare_send(s, payload, to, slot, user_data, segment);
+        let e = prepare_send(s, payload, to, slot, user_data, opts);
         self.push_send(&e)
     }
 
     /// Pushes a send: it completes during the next submit, which the next wait accounts for.
-    fn push_send(&mut self, e: &io_uring::squeue::Entry) -> io::Result<()> {
+    fn push_send(&mut self, e: &squeue::Entry) -> io::Result<()> {
         self.push(e)?;
         self.unwaited_sends += 1;
         Ok(())
@@ -855,7 +926,7 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
-        self.send_tx_gso(slot, i, len, None, to, user_data)
+        self.send_tx_with(slot, i, len, to, user_data, SendOpts::default())
     }
 
     /// [`Ring::send_tx`], with UDP GSO when `segment` is given (see [`Ring::send_gso`]).
@@ -871,7 +942,33 @@ impl Ring {
         to: SocketAddr,
         user_data: u64,
     ) -> io::Result<()> {
-        let e = self.tx.send_entry(i, len, to, slot, user_data, segment)?;
+        self.send_tx_with(
+            slot,
+            i,
+            len,
+            to,
+            user_data,
+            SendOpts {
+                segment,
+                stamp_id: None,
+            },
+        )
+    }
+
+    /// [`Ring::send_tx`] with what `opts` asks (see [`Ring::send_with`]).
+    ///
+    /// # Errors
+    /// The submission queue could not take it, or `i` is not a transmit buffer.
+    pub fn send_tx_with(
+        &mut self,
+        slot: u32,
+        i: u16,
+        len: usize,
+        to: SocketAddr,
+        user_data: u64,
+        opts: SendOpts,
+    ) -> io::Result<()> {
+        let e = self.tx.send_entry(i, len, to, slot, user_data, opts)?;
         self.push_send(&e)
     }
 
@@ -945,6 +1042,7 @@ impl Ring {
                 user_data: c.user_data(),
                 result: c.result(),
                 flags: c.flags(),
+                big: *c.big_cqe(),
             });
         }
         out
@@ -1020,8 +1118,8 @@ fn parse_received<'a>(buf: &'a [u8], recv_msg: &libc::msghdr) -> Option<Received
     })
 }
 
-/// Fills a send slot for `payload` to `to` (cut into `segment`-byte datagrams by UDP GSO when
-/// given) and builds its SendMsg. The slot and the payload must stay put until the send completes
+/// Fills a send slot for `payload` to `to` (with the control messages `opts` asks for) and builds
+/// its SendMsg. The slot and the payload must stay put until the send completes
 /// (both live in the ring's boxed arrays).
 fn prepare_send(
     s: &mut SendSlot,
@@ -1029,8 +1127,8 @@ fn prepare_send(
     to: SocketAddr,
     slot: u32,
     user_data: u64,
-    segment: Option<u16>,
-) -> io_uring::squeue::Entry {
+    opts: SendOpts,
+) -> squeue::Entry {
     let namelen = write_sockaddr(to, &mut s.addr);
     s.iov = libc::iovec {
         iov_base: payload.as_mut_ptr().cast(),
@@ -1040,20 +1138,17 @@ fn prepare_send(
     s.msg.msg_namelen = namelen;
     s.msg.msg_iov = &mut s.iov;
     s.msg.msg_iovlen = 1;
-    match segment {
-        Some(size) => {
-            let mut c = [0u8; crate::cmsg::SEGMENT_CMSG_SPACE];
-            let n = crate::cmsg::segment_cmsg(size, &mut c);
-            for (w, b) in s.control.iter_mut().zip(c.chunks_exact(8)) {
-                *w = u64::from_ne_bytes(b.try_into().unwrap_or_default());
-            }
-            s.msg.msg_control = s.control.as_mut_ptr().cast();
-            s.msg.msg_controllen = n;
+    let mut c = [0u8; crate::cmsg::SEND_CMSG_SPACE];
+    let n = crate::cmsg::send_cmsgs(opts.segment, opts.stamp_id, &mut c);
+    if n > 0 {
+        for (w, b) in s.control.iter_mut().zip(c.chunks_exact(8)) {
+            *w = u64::from_ne_bytes(b.try_into().unwrap_or_default());
         }
-        None => {
-            s.msg.msg_control = std::ptr::null_mut();
-            s.msg.msg_controllen = 0;
-        }
+        s.msg.msg_control = s.control.as_mut_ptr().cast();
+        s.msg.msg_controllen = n;
+    } else {
+        s.msg.msg_control = std::ptr::null_mut();
+        s.msg.msg_controllen = 0;
     }
     s.msg.msg_flags = 0;
     opcode::SendMsg::new(Fixed(slot), &s.msg)
@@ -1133,6 +1228,79 @@ pub fn probe() -> Result<(), SetupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transmit_stamps_come_back_through_the_ring_with_their_ids() {
+        let ip = "127.0.0.1".parse().unwrap();
+        let mut ring = Ring::with_tx(16, 4, 2, 8).unwrap();
+        let (tx, rx) = (
+            crate::bind_udp(ip, 0, 1 << 20).unwrap(),
+            crate::bind_udp(ip, 0, 1 << 20).unwrap(),
+        );
+        crate::enable_tx_timestamps(&tx).unwrap();
+        ring.register_socket(0, tx.as_raw_fd()).unwrap();
+        ring.arm_tx_stamps(0, 99).unwrap();
+        let wall = || {
+            u64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos(),
+            )
+            .unwrap()
+        };
+        let before = wall();
+        // Three plain sends and one GSO send of three datagrams, each with its own id.
+        let to = rx.local_addr().unwrap();
+        for (k, id) in [11u32, 0x8000_0001, 13].into_iter().enumerate() {
+            let i = ring.tx_acquire().unwrap();
+            ring.tx_buffer(i).unwrap()[..20].fill(u8::try_from(k).unwrap());
+            let opts = SendOpts {
+                segment: None,
+                stamp_id: Some(id),
+            };
+            ring.send_tx_with(0, i, 20, to, 1, opts).unwrap();
+        }
+        let i = ring.tx_acquire().unwrap();
+        let opts = SendOpts {
+            segment: Some(10),
+            stamp_id: Some(14),
+        };
+        ring.send_tx_with(0, i, 30, to, 1, opts).unwrap();
+        let mut stamps = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while stamps.len() < 4 {
+            assert!(std::time::Instant::now() < deadline, "stamps: {stamps:?}");
+            ring.submit_and_wait(Some(Duration::from_millis(20)))
+                .unwrap();
+            for c in ring.drain_completions() {
+                match c.user_data {
+                    1 => assert!(c.result > 0, "send: {}", c.result),
+                    99 => {
+                        assert!(c.more(), "the command stays armed: {}", c.result);
+                        stamps.push(c.tx_stamp().unwrap());
+                    }
+                    other => panic!("unexpected completion {other}"),
+                }
+            }
+        }
+        let after = wall();
+        let ids: Vec<u32> = stamps.iter().map(|s| s.id).collect();
+        assert_eq!(
+            ids,
+            [11, 0x8000_0001, 13, 14],
+            "one stamp a send, a GSO send's once"
+        );
+        assert!(stamps.iter().all(|s| (before..=after).contains(&s.at.0)));
+        assert!(stamps.windows(2).all(|w| w[0].at <= w[1].at));
+        // All four sends arrived: six datagrams.
+        rx.set_nonblocking(false).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        for want in [20, 20, 20, 10, 10, 10] {
+            assert_eq!(rx.recv(&mut buf).unwrap(), want);
+        }
+    }
 
     #[test]
     fn socket_addresses_round_trip_through_the_kernel_layout() {
@@ -1294,7 +1462,11 @@ mod tests {
         {
             c.fill(u8::try_from(k).unwrap());
         }
-        ring.send_large_tx(2, i, 1600, Some(200), gro.local_addr().unwrap(), 20)
+        let gso = SendOpts {
+            segment: Some(200),
+            stamp_id: None,
+        };
+        ring.send_large_tx(2, i, 1600, gro.local_addr().unwrap(), 20, gso)
             .unwrap();
         let (mut seen, mut forwarded, mut got_small) = (0, false, None);
         for _ in 0..100 {

@@ -176,6 +176,17 @@ pub fn recv_msg(fd: &impl AsRawFd, buf: &mut [u8], control: &mut [u8]) -> io::Re
     }
 }
 
+/// What a send carries besides its payload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendOpts {
+    /// UDP GSO: the kernel cuts the payload into datagrams of this many bytes (the last may be
+    /// shorter).
+    pub segment: Option<u16>,
+    /// The id the send's kernel transmit stamp comes back with (`SCM_TS_OPT_ID`; the socket
+    /// needs [`enable_tx_timestamps`]).
+    pub stamp_id: Option<u32>,
+}
+
 /// Sends `payload` to `to` in one `sendmsg`; with `segment`, the kernel cuts it into datagrams of
 /// that many bytes (UDP GSO; the last may be shorter). For a readiness-driven socket (tokio);
 /// the ring has its own ([`crate::ring::Ring::send_large_tx`]).
@@ -188,19 +199,101 @@ pub fn send_gso(
     segment: Option<u16>,
     to: SocketAddr,
 ) -> io::Result<usize> {
+    send_msg(
+        fd,
+        payload,
+        to,
+        SendOpts {
+            segment,
+            stamp_id: None,
+        },
+    )
+}
+
+/// Sends `payload` to `to` in one `sendmsg` with the control messages `opts` asks for: a GSO
+/// segment size, and the id of its transmit stamp (read back with [`recv_tx_stamp`]).
+///
+/// # Errors
+/// What `sendmsg` reported (`WouldBlock` when the socket's buffer is full).
+pub fn send_msg(
+    fd: &impl std::os::fd::AsFd,
+    payload: &[u8],
+    to: SocketAddr,
+    opts: SendOpts,
+) -> io::Result<usize> {
     let sock = socket2::SockRef::from(fd);
     let addr = socket2::SockAddr::from(to);
     let bufs = [io::IoSlice::new(payload)];
-    let mut cmsg = [0u8; crate::cmsg::SEGMENT_CMSG_SPACE];
+    let mut cmsg = [0u8; crate::cmsg::SEND_CMSG_SPACE];
+    let n = crate::cmsg::send_cmsgs(opts.segment, opts.stamp_id, &mut cmsg);
     let mut msg = socket2::MsgHdr::new().with_addr(&addr).with_buffers(&bufs);
-    if let Some(size) = segment {
-        let n = crate::cmsg::segment_cmsg(size, &mut cmsg);
+    if n > 0 {
         msg = msg.with_control(cmsg.get(..n).unwrap_or_default());
     }
     loop {
         match sock.sendmsg(&msg, 0) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             r => return r,
+        }
+    }
+}
+
+/// Asks the kernel to stamp every datagram `fd` sends as it leaves (software transmit stamps,
+/// keyed by the id each send carries, without a copy of the packet; see
+/// [`crate::txstamp::TX_STAMP_FLAGS`]). The stamps queue on the socket's error queue, or reach
+/// io_uring through [`crate::ring::Ring::arm_tx_stamps`].
+///
+/// # Errors
+/// The kernel refused the option: before Linux 6.12 (`OPT_RX_FILTER`) it is `EINVAL`; the error
+/// says so.
+pub fn enable_tx_timestamps(fd: &impl AsRawFd) -> io::Result<()> {
+    let flags = libc::c_int::try_from(crate::txstamp::TX_STAMP_FLAGS).unwrap_or(0);
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPING, flags).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "SO_TIMESTAMPING (kernel transmit stamps, Linux 6.13+): {e}; \
+                 run with --timestamps user on older kernels"
+            ),
+        )
+    })
+}
+
+/// Reads one transmit stamp from `fd`'s error queue without blocking.
+///
+/// # Errors
+/// `WouldBlock` when none is queued; what `recvmsg` reported; or `InvalidData` (with the
+/// [`crate::txstamp::TxStampError`] inside) for an entry that is not a usable stamp, which is
+/// consumed all the same.
+pub fn recv_tx_stamp(fd: &impl AsRawFd) -> io::Result<crate::txstamp::TxStamp> {
+    // u64s: control messages are aligned to 8 bytes.
+    let mut control = [0u64; 32];
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header (no name, no data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    loop {
+        // SAFETY: the only pointer in `msg` is `control`, live and writable for its stated
+        // length for the duration of the call.
+        let n = unsafe {
+            libc::recvmsg(
+                fd.as_raw_fd(),
+                &mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            let len = msg.msg_controllen.min(size_of_val(&control));
+            let mut raw = [0u8; 256];
+            for (out, w) in raw.chunks_exact_mut(8).zip(control.iter()) {
+                out.copy_from_slice(&w.to_ne_bytes());
+            }
+            return crate::txstamp::from_errqueue(raw.get(..len).unwrap_or_default())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
@@ -303,6 +396,78 @@ mod tests {
         assert_eq!(
             crate::cmsg::rx_timestamp(&control[..meta.control_len]),
             Ok(None)
+        );
+    }
+
+    #[test]
+    fn a_send_with_an_id_comes_back_stamped_with_it() {
+        let lo = "127.0.0.1".parse().unwrap();
+        let rx = bind_udp(lo, 0, 65_536).unwrap();
+        enable_rx_timestamps(&rx).unwrap();
+        let tx = bind_udp(lo, 0, 65_536).unwrap();
+        enable_tx_timestamps(&tx).unwrap();
+        enable_rx_timestamps(&tx).unwrap();
+        let wall = || {
+            u64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            recv_tx_stamp(&tx).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "nothing sent, nothing queued"
+        );
+        let to = rx.local_addr().unwrap();
+        let mut stamps = Vec::new();
+        for id in [7u32, 0xffff_fff0, 7] {
+            let before = wall();
+            let opts = SendOpts {
+                segment: None,
+                stamp_id: Some(id),
+            };
+            assert_eq!(send_msg(&tx, b"hello", to, opts).unwrap(), 5);
+            let after = wall();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let s = loop {
+                match recv_tx_stamp(&tx) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        assert!(std::time::Instant::now() < deadline, "no stamp");
+                        std::thread::yield_now();
+                    }
+                    r => break r.unwrap(),
+                }
+            };
+            assert_eq!(s.id, id);
+            assert!(
+                (before..=after).contains(&s.at.0),
+                "{before} <= {} <= {after}",
+                s.at.0
+            );
+            stamps.push(s.at);
+        }
+        assert!(stamps.windows(2).all(|w| w[0] <= w[1]));
+        // The receiver's stamps are unchanged: SO_TIMESTAMPNS only. And the sender's own receive
+        // control data gains no software SCM_TIMESTAMPING (OPT_RX_FILTER).
+        let (mut buf, mut control) = ([0u8; 64], [0u8; CONTROL_LEN]);
+        let meta = recv_msg(&rx, &mut buf, &mut control).unwrap();
+        assert!(crate::cmsg::rx_timestamp(&control[..meta.control_len])
+            .unwrap()
+            .is_some());
+        send_gso(&rx, b"back", None, tx.local_addr().unwrap()).unwrap();
+        let meta = loop {
+            match recv_msg(&tx, &mut buf, &mut control) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(&buf[..meta.len], b"back");
+        assert_eq!(
+            meta.control_len, 32,
+            "one SO_TIMESTAMPNS message and nothing else"
         );
     }
 

@@ -122,7 +122,17 @@ impl SharedLeg {
         let segment = (b.count > 1).then(|| u16::try_from(b.size).unwrap_or(u16::MAX));
         let ud = (LARGE_TX << KIND_SHIFT) | u64::from(b.buffer);
         if ring
-            .send_large_tx(self.slot, b.buffer, b.used, segment, b.to, ud)
+            .send_large_tx(
+                self.slot,
+                b.buffer,
+                b.used,
+                b.to,
+                ud,
+                relay_io::SendOpts {
+                    segment,
+                    stamp_id: None,
+                },
+            )
             .is_err()
         {
             counters.send_errors += b.count as u64;
