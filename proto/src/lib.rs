@@ -27,6 +27,7 @@ pub mod relay;
 pub mod rng;
 pub mod rtp;
 pub mod score;
+pub mod sends;
 pub mod seq;
 pub mod stats;
 pub mod t0;
@@ -39,9 +40,12 @@ pub use control::{
 };
 pub use format::{ClockRate, Format};
 pub use relay::{
-    merge_global, CommandOutcome, ConfigError, Event, PendingOpen, Relay, RelayConfig, SocketId,
-    Verdict,
+    merge_global, CommandOutcome, ConfigError, Event, PendingOpen, Relay, RelayConfig, SendTimes,
+    SocketId, Verdict,
 };
 pub use rtp::{RtpHeader, Ssrc};
-pub use stats::{ChannelStats, Direction, DropReason, GlobalStats, LatencySummary};
+pub use stats::{
+    ChannelStats, Direction, DropReason, GlobalStats, LatencySummary, MissingKind,
+    TimestampCounters,
+};
 pub use time::MonoTime;

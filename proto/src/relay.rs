@@ -28,12 +28,14 @@ use crate::control::{
 };
 use crate::format::Format;
 use crate::rtp::{self, Packet, RtpPacket, Ssrc};
+use crate::sends::{Record, Sends};
 use crate::seq::{SeqEvent, SequenceTracker, MIN_SEQUENTIAL};
 use crate::stats::{
     ChannelStats, CloseReason, Direction, DropCounts, DropReason, EchoCounters, GlobalStats,
-    LatencyHistogram, PerDirection, StreamCounters, TrafficCounters,
+    LatencyHistogram, MissingKind, PerDirection, StreamCounters, TimestampCounters,
+    TrafficCounters,
 };
-use crate::t0::{Insert, Lookup, T0Table};
+use crate::t0::{Insert, Lookup, Stamp, T0Table, Unstamped};
 use crate::time::{duration_nanos, MonoTime};
 use crate::timing::{LatenessConfig, Timing};
 
@@ -63,6 +65,20 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// Where the time a forwarded datagram left comes from (its T0 toward the echo, and the end of
+/// its forward time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SendTimes {
+    /// The kernel's transmit stamp of each send, reported with [`Relay::tx_stamped`]: exact
+    /// whatever the scheduler does.
+    #[default]
+    Kernel,
+    /// An estimate from clock reads around the system call that submitted the send
+    /// ([`Relay::submitted_between`]): the way before kernel stamps, kept for comparison. Wrong
+    /// whenever the relay is preempted between the reads.
+    Estimated,
+}
+
 /// Settings of a relay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelayConfig {
@@ -89,6 +105,8 @@ pub struct RelayConfig {
     /// Which data-plane shard this relay is (0 for a one-shard relay): named in `add` and
     /// `list` replies and in channel statistics.
     pub shard: u32,
+    /// Where send times come from.
+    pub send_times: SendTimes,
 }
 
 impl Default for RelayConfig {
@@ -105,6 +123,7 @@ impl Default for RelayConfig {
             rtt_threshold: Duration::from_millis(50),
             timer_interval: Duration::from_millis(100),
             shard: 0,
+            send_times: SendTimes::Kernel,
         }
     }
 }
@@ -313,6 +332,8 @@ struct Channel {
     traffic: PerDirection<TrafficCounters>,
     /// Round-trip accounting.
     round_trip: EchoCounters,
+    /// How its packets were timed.
+    timestamps: TimestampCounters,
     /// Drops on this socket.
     drops: DropCounts,
     /// Round-trip times.
@@ -340,6 +361,7 @@ impl Channel {
             },
             round_trip: self.round_trip,
             rtt,
+            timestamps: self.timestamps,
             drops: self.drops,
             score: self.score(rtt.mean_ns),
         }
@@ -353,7 +375,7 @@ impl Channel {
             rtt_mean_ns,
             jitter_ns: self.streams.to_asterisk.timing.jitter_ns(),
             sent: self.round_trip.sent,
-            returned: self.round_trip.matched,
+            returned: self.round_trip.returned(),
         })
     }
 
@@ -376,7 +398,8 @@ impl Channel {
 pub struct GlobalHistograms {
     /// Round-trip times.
     pub rtt: LatencyHistogram,
-    /// Time inside the relay, per direction: arrival to the submission of the forwarded send.
+    /// Time inside the relay, per direction: arrival (kernel receive stamp) to the kernel's
+    /// transmit stamp of the forwarded send.
     pub forward: PerDirection<LatencyHistogram>,
     /// Arrival (the kernel's receive stamp) to the moment the relay's user space handled the
     /// datagram, per direction: the wake-up part of `forward` (deferred path only).
@@ -513,6 +536,14 @@ pub struct Relay {
     batch_place: Vec<(u32, u32)>,
     /// Submissions reported so far (wrapping), so `batch_place` needs no clearing.
     submission: u32,
+    /// Kernel send times: every forwarded datagram's send, waiting for its stamp.
+    sends: Sends,
+    /// The stamp id of the datagram [`Relay::handle_received`] forwarded last.
+    last_send: Option<u32>,
+    /// Per gathered send (by the backend's batch number): its first and last datagram's ids.
+    chains: Vec<Option<(u32, u32)>>,
+    /// How the relay's packets were timed, over all channels.
+    stamps: TimestampCounters,
 }
 
 /// Where a forwarded datagram's send stands in the submission queue.
@@ -567,6 +598,10 @@ impl Relay {
             queued: 0,
             batch_place: Vec::new(),
             submission: 0,
+            sends: Sends::new(),
+            last_send: None,
+            chains: Vec::new(),
+            stamps: TimestampCounters::default(),
             config,
         })
     }
@@ -599,13 +634,20 @@ impl Relay {
         from: SocketAddr,
         bytes: &[u8],
     ) -> Verdict {
-        self.handle(now, socket, from, bytes).0
+        let (verdict, t0) = self.handle(now, socket, from, bytes);
+        if let (Some((ssrc, seq)), Some(Some(ch))) = (t0, self.channels.get_mut(socket.index())) {
+            let _ = ch.t0.stamp(ssrc, seq, now);
+        }
+        verdict
     }
 
     /// Decides the fate of one datagram the kernel received at `arrival` (its receive stamp) and
-    /// the relay handled at `handled`. Jitter, lateness and a returning echo's T1 use `arrival`;
-    /// a forwarded datagram's forward time and (toward the echo) T0 are settled when the backend
-    /// reports its send submitted ([`Relay::submitted`]).
+    /// the relay handled at `handled`. Jitter, lateness and a returning echo's T1 use `arrival`.
+    /// A forwarded datagram's forward time and (toward the echo) T0 are settled by its send's
+    /// time: with [`SendTimes::Kernel`], its kernel transmit stamp, which the backend asks for
+    /// with the id [`Relay::send_id`] gives and reports with [`Relay::tx_stamped`]; with
+    /// [`SendTimes::Estimated`], when the backend reports the send submitted
+    /// ([`Relay::submitted_between`]).
     pub fn handle_received(
         &mut self,
         arrival: MonoTime,
@@ -615,12 +657,31 @@ impl Relay {
         bytes: &[u8],
     ) -> Verdict {
         let (verdict, t0) = self.handle(arrival, socket, from, bytes);
+        self.last_send = None;
         if let Verdict::Forward { direction, .. } = verdict {
             self.hist
                 .receive_delay
                 .get_mut(direction)
                 .record(handled.nanos_since(arrival));
-            if self.unsubmitted.len() < self.unsubmitted.capacity() {
+            if self.config.send_times == SendTimes::Kernel {
+                let tag = self
+                    .channels
+                    .get(socket.index())
+                    .and_then(Option::as_ref)
+                    .map_or(0, |c| c.tag);
+                let record = Record {
+                    socket: socket.0,
+                    tag,
+                    arrival,
+                    direction,
+                    t0,
+                };
+                let (channels, stamps) = (&mut self.channels, &mut self.stamps);
+                let id = self.sends.push(record, |r| {
+                    give_up(channels, stamps, r, MissingKind::NoStamp)
+                });
+                self.last_send = Some(id);
+            } else if self.unsubmitted.len() < self.unsubmitted.capacity() {
                 self.unsubmitted.push(Unsubmitted {
                     socket,
                     arrival,
@@ -639,8 +700,74 @@ impl Relay {
 
     /// Every datagram forwarded since the last call has had its send submitted at `at`: each
     /// one's forward time (arrival to `at`) is recorded and each T0 toward the echo becomes `at`.
+    /// ([`SendTimes::Estimated`] only.)
     pub fn submitted(&mut self, at: MonoTime) {
         self.submitted_between(at, at);
+    }
+
+    /// With [`SendTimes::Kernel`]: the id the send of the datagram [`Relay::handle_received`]
+    /// just forwarded must carry (`SCM_TS_OPT_ID`), so that its kernel transmit stamp comes back
+    /// with it. `None` with estimated times, after a drop, or once the datagram was gathered
+    /// into a GSO send ([`Relay::gathered_last`]; that send carries [`Relay::batch_queued`]'s).
+    #[must_use]
+    pub const fn send_id(&self) -> Option<u32> {
+        self.last_send
+    }
+
+    /// The kernel's transmit stamp for send `id` came: `at` on the monotonic clock, or `None`
+    /// when it cannot be converted (a step of the wall clock). Settles each datagram of the send:
+    /// its forward time ends at `at`, and toward the echo `at` is its T0, which completes the
+    /// round trip if its echo came first. A time that would not be positive is not recorded but
+    /// counted ([`MissingKind`]). A stamp no send waits for (given up on, or an id never handed
+    /// out) is counted as stale. A datagram whose channel closed since is timed relay-wide only.
+    pub fn tx_stamped(&mut self, id: u32, at: Option<MonoTime>) {
+        let (channels, stamps, hist) = (&mut self.channels, &mut self.stamps, &mut self.hist);
+        let (echo_timeout_ns, rtt_threshold_ns) = (self.echo_timeout_ns, self.rtt_threshold_ns);
+        let settled = self.sends.settle(id, |r| {
+            let Some(at) = at else {
+                give_up(channels, stamps, r, MissingKind::ClockStep);
+                return;
+            };
+            let mut ch = channel_of(channels, &r);
+            stamps.kernel += 1;
+            if let Some(ch) = ch.as_deref_mut() {
+                ch.timestamps.kernel += 1;
+            }
+            if at > r.arrival {
+                hist.forward
+                    .get_mut(r.direction)
+                    .record(at.nanos_since(r.arrival));
+            } else {
+                missing(stamps, ch.as_deref_mut(), MissingKind::ForwardNotPositive);
+            }
+            let (Some(ch), Some((ssrc, seq))) = (ch, r.t0) else {
+                return;
+            };
+            match ch.t0.stamp(ssrc, seq, at) {
+                Stamp::Matched { rtt_ns } => {
+                    record_rtt(ch, hist, echo_timeout_ns, rtt_threshold_ns, rtt_ns);
+                }
+                Stamp::NotPositive => {
+                    ch.round_trip.unmeasured += 1;
+                    missing(stamps, Some(ch), MissingKind::RttNotPositive);
+                }
+                Stamp::Waiting | Stamp::Gone => {}
+            }
+        });
+        if !settled {
+            self.stamps.stale += 1;
+        }
+    }
+
+    /// Send `id` failed (refused, or its completion reported an error): its datagrams never
+    /// left, so no stamp will come and nothing is counted missing. Returns the channel slot and
+    /// direction of its first datagram, for the backend's error log.
+    pub fn send_failed(&mut self, id: u32) -> Option<(SocketId, Direction)> {
+        let mut first = None;
+        self.sends.settle(id, |r| {
+            first.get_or_insert((SocketId(r.socket), r.direction));
+        });
+        first
     }
 
     /// The datagram just forwarded by [`Relay::handle_received`] does not get a send of its own:
@@ -648,6 +775,23 @@ impl Relay {
     /// which it queues later and reports with [`Relay::batch_queued`]. Until then the datagram
     /// stays unsubmitted, even across a submission.
     pub fn gathered_last(&mut self, batch: u16) {
+        if let Some(id) = self.last_send.take() {
+            let i = usize::from(batch);
+            if self.chains.len() <= i {
+                // Grows to the backend's number of batch buffers once, then never again.
+                self.chains.resize(i + 1, None);
+            }
+            if let Some(c) = self.chains.get_mut(i) {
+                *c = match *c {
+                    None => Some((id, id)),
+                    Some((head, tail)) => {
+                        self.sends.chain(tail, id);
+                        Some((head, id))
+                    }
+                };
+            }
+            return;
+        }
         if let Some(u) = self.unsubmitted.last_mut() {
             if let Place::Queued(q) = u.place {
                 if q + 1 == self.queued {
@@ -664,12 +808,19 @@ impl Relay {
         }
     }
 
-    /// The backend queued gathered send `batch`, after every send queued so far.
-    pub fn batch_queued(&mut self, batch: u16) {
+    /// The backend queued gathered send `batch`, after every send queued so far. With kernel
+    /// send times, returns the id the send must carry: one stamp settles all its datagrams.
+    pub fn batch_queued(&mut self, batch: u16) -> Option<u32> {
+        if let Some(c) = self.chains.get_mut(usize::from(batch)) {
+            if let Some((head, _)) = c.take() {
+                return Some(head);
+            }
+        }
         if let Some(p) = self.batch_place.get_mut(usize::from(batch)) {
             *p = (self.submission, self.queued);
             self.queued += 1;
         }
+        None
     }
 
     /// Every send queued since the last call was submitted by one system call that began at
@@ -688,6 +839,8 @@ impl Relay {
         let n = u64::from(self.queued);
         let span = end.nanos_since(start);
         let (hist, channels, places) = (&mut self.hist, &mut self.channels, &self.batch_place);
+        let stamps = &mut self.stamps;
+        let (echo_timeout_ns, rtt_threshold_ns) = (self.echo_timeout_ns, self.rtt_threshold_ns);
         let this = self.submission;
         self.unsubmitted.retain(|u| {
             let k = match u.place {
@@ -700,12 +853,33 @@ impl Relay {
             let at = MonoTime::from_nanos(
                 start.as_nanos() + span.saturating_mul(4 * u64::from(k) + 1) / (4 * n).max(1),
             );
-            hist.forward
-                .get_mut(u.direction)
-                .record(at.nanos_since(u.arrival));
-            if let (Some((ssrc, seq)), Some(Some(ch))) = (u.t0, channels.get_mut(u.socket.index()))
-            {
-                ch.t0.restamp(ssrc, seq, at);
+            let ch = channels.get_mut(u.socket.index()).and_then(Option::as_mut);
+            if at > u.arrival {
+                hist.forward
+                    .get_mut(u.direction)
+                    .record(at.nanos_since(u.arrival));
+            } else {
+                missing(
+                    stamps,
+                    ch.map(|c| &mut **c),
+                    MissingKind::ForwardNotPositive,
+                );
+                return false;
+            }
+            if let (Some((ssrc, seq)), Some(ch)) = (
+                u.t0,
+                channels.get_mut(u.socket.index()).and_then(Option::as_mut),
+            ) {
+                match ch.t0.stamp(ssrc, seq, at) {
+                    Stamp::Matched { rtt_ns } => {
+                        record_rtt(ch, hist, echo_timeout_ns, rtt_threshold_ns, rtt_ns);
+                    }
+                    Stamp::NotPositive => {
+                        ch.round_trip.unmeasured += 1;
+                        missing(stamps, Some(ch), MissingKind::RttNotPositive);
+                    }
+                    Stamp::Waiting | Stamp::Gone => {}
+                }
             }
             false
         });
@@ -774,6 +948,7 @@ impl Relay {
             Packet::Rtp(p) => measure(
                 ch,
                 &mut self.hist,
+                &mut self.stamps,
                 self.echo_timeout_ns,
                 self.rtt_threshold_ns,
                 now,
@@ -789,21 +964,6 @@ impl Relay {
     /// still in flight for a channel that was just removed: `NoChannel`).
     pub fn count_drop(&mut self, reason: DropReason) {
         self.drops.add(reason);
-    }
-
-    /// Records how long a forwarded packet spent inside the relay (receive completion to send
-    /// submission), as measured by the backend.
-    pub fn record_forward(&mut self, direction: Direction, elapsed_ns: u64) {
-        self.hist.forward.get_mut(direction).record(elapsed_ns);
-    }
-
-    /// Records `count` forwarded packets that each spent `elapsed_ns` inside the relay (a batch
-    /// handled between one wake-up and one submission).
-    pub fn record_forward_n(&mut self, direction: Direction, elapsed_ns: u64, count: u64) {
-        self.hist
-            .forward
-            .get_mut(direction)
-            .record_n(elapsed_ns, count);
     }
 
     /// Shared echo leg, on the way out: replaces the SSRC of `packet`, a datagram of channel
@@ -986,6 +1146,7 @@ impl Relay {
             streams,
             traffic: PerDirection::default(),
             round_trip: EchoCounters::default(),
+            timestamps: TimestampCounters::default(),
             drops: DropCounts::default(),
             rtt: LatencyHistogram::new(2),
         }));
@@ -1033,7 +1194,12 @@ impl Relay {
     ) -> Option<(SocketId, Box<ChannelStats>)> {
         let socket = self.by_id.remove(id)?;
         let mut ch = self.channels.get_mut(socket.index())?.take()?;
-        ch.round_trip.timeouts += ch.t0.expire_all();
+        let (timeouts, unmeasured) = ch.t0.expire_all();
+        ch.round_trip.timeouts += timeouts;
+        // Echoes back whose stamp had not come: the channel counts them here; the relay when it
+        // gives up on their sends.
+        ch.round_trip.unmeasured += unmeasured;
+        ch.timestamps.missing.no_stamp += unmeasured;
         count_unreturned_tail(&mut ch);
         let stats = ch.stats(now);
         let c = &mut self.closed;
@@ -1065,6 +1231,10 @@ impl Relay {
         }
         self.next_timer = now + self.config.timer_interval;
         let deadline = MonoTime::from_nanos(now.as_nanos().saturating_sub(self.echo_timeout_ns));
+        let (channels, stamps) = (&mut self.channels, &mut self.stamps);
+        self.sends.sweep(deadline, |r| {
+            give_up(channels, stamps, r, MissingKind::NoStamp);
+        });
         let idle_ns = duration_nanos(self.config.idle_timeout);
         let mut idle = Vec::new();
         for ch in self.channels.iter_mut().flatten() {
@@ -1119,6 +1289,7 @@ impl Relay {
             streams,
             round_trip,
             drops: self.drops,
+            timestamps: self.stamps,
             ..GlobalStats::default()
         };
         self.hist.summarize_into(&mut g);
@@ -1186,9 +1357,11 @@ fn count_unreturned_tail(ch: &mut Channel) {
 
 /// Sequence, jitter and lateness of an RTP packet, and its T0 or round trip; true when it
 /// recorded a T0 (a packet toward the echo that is not a duplicate of one still pending).
+#[allow(clippy::too_many_arguments)] // the state a packet touches, passed apart for the borrow checker
 fn measure(
     ch: &mut Channel,
     hist: &mut GlobalHistograms,
+    stamps: &mut TimestampCounters,
     echo_timeout_ns: u64,
     rtt_threshold_ns: u64,
     now: MonoTime,
@@ -1252,21 +1425,75 @@ fn measure(
             return true;
         }
         Direction::ToAsterisk => match ch.t0.lookup(now, p.ssrc, p.sequence) {
-            Lookup::Matched { rtt_ns } if rtt_ns <= echo_timeout_ns => {
-                ch.round_trip.matched += 1;
-                ch.round_trip.rtt_high += u64::from(rtt_ns > rtt_threshold_ns);
-                ch.rtt.record(rtt_ns);
-                hist.rtt.record(rtt_ns);
+            Lookup::Matched { rtt_ns } => {
+                record_rtt(ch, hist, echo_timeout_ns, rtt_threshold_ns, rtt_ns);
             }
-            // Past the timeout but before the sweep noticed: the same as a late echo.
-            Lookup::Matched { .. } => {
-                ch.round_trip.timeouts += 1;
-                ch.round_trip.late += 1;
+            // Settled when its stamp comes (or is given up on).
+            Lookup::AwaitingStamp => {}
+            Lookup::NotPositive => {
+                ch.round_trip.unmeasured += 1;
+                missing(stamps, Some(ch), MissingKind::RttNotPositive);
             }
+            // Its missing stamp was counted when it was given up on.
+            Lookup::Unstamped => ch.round_trip.unmeasured += 1,
             Lookup::Duplicate => ch.round_trip.duplicates += 1,
             Lookup::Late => ch.round_trip.late += 1,
             Lookup::Unknown => ch.round_trip.unmatched += 1,
         },
     }
     false
+}
+
+/// A round trip of `rtt_ns` (positive) of channel `ch`: measured, or past the echo timeout (the
+/// sweep had not noticed yet), the same as a late echo.
+fn record_rtt(
+    ch: &mut Channel,
+    hist: &mut GlobalHistograms,
+    echo_timeout_ns: u64,
+    rtt_threshold_ns: u64,
+    rtt_ns: u64,
+) {
+    if rtt_ns <= echo_timeout_ns {
+        ch.round_trip.matched += 1;
+        ch.round_trip.rtt_high += u64::from(rtt_ns > rtt_threshold_ns);
+        ch.rtt.record(rtt_ns);
+        hist.rtt.record(rtt_ns);
+    } else {
+        ch.round_trip.timeouts += 1;
+        ch.round_trip.late += 1;
+    }
+}
+
+/// Counts a time not recorded, relay-wide and for its channel when known.
+fn missing(stamps: &mut TimestampCounters, ch: Option<&mut Channel>, kind: MissingKind) {
+    stamps.missing.add(kind);
+    if let Some(ch) = ch {
+        ch.timestamps.missing.add(kind);
+    }
+}
+
+/// The channel a send record belongs to, if it is still open (the slot's channel has the tag
+/// the record was made with).
+fn channel_of<'a>(channels: &'a mut [Option<Box<Channel>>], r: &Record) -> Option<&'a mut Channel> {
+    channels
+        .get_mut(r.socket as usize)
+        .and_then(Option::as_deref_mut)
+        .filter(|c| c.tag == r.tag)
+}
+
+/// Gives up on a send's stamp (never came, or cannot be converted): counted as `kind`, and its
+/// packet's round trip, if its echo came back, is unmeasured.
+fn give_up(
+    channels: &mut [Option<Box<Channel>>],
+    stamps: &mut TimestampCounters,
+    r: Record,
+    kind: MissingKind,
+) {
+    let mut ch = channel_of(channels, &r);
+    missing(stamps, ch.as_deref_mut(), kind);
+    if let (Some(ch), Some((ssrc, seq))) = (ch, r.t0) {
+        if ch.t0.unstamped(ssrc, seq) == Unstamped::Returned {
+            ch.round_trip.unmeasured += 1;
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //! Latencies go into HdrHistograms sized once at creation, so recording never allocates.
 //! Global histograms keep 3 significant digits (0.1 %); per-channel round-trip histograms keep 2
 //! (1 %) in 32-bit counts, which keeps a channel's memory at about 15 KiB for its histogram. Both
-//! record nanoseconds from 1 ns to 60 s; longer values saturate at 60 s.
+//! record nanoseconds up to 60 s; longer values saturate at 60 s. Nothing is clamped upward: a
+//! round trip or forward time that would be zero or negative is not recorded but counted
+//! ([`TimestampCounters`]).
 //!
 //! Summaries ([`LatencySummary`], [`ChannelStats`], [`GlobalStats`]) are plain serde values:
 //! they are what `remove` and `stats` return over the control socket and what reports print.
@@ -63,9 +65,11 @@ impl<T: Counter> LatencyHistogram<T> {
         Self { hist, sum_ns: 0 }
     }
 
-    /// Records one value, saturating at the histogram's bounds. Never allocates.
+    /// Records one value, saturating at [`HISTOGRAM_MAX_NS`]. Zero is recorded as zero, never
+    /// raised into a bucket it does not belong to: a caller whose value can only be positive (a
+    /// round trip, a forward time) checks it first and counts a bad one instead. Never allocates.
     pub fn record(&mut self, ns: u64) {
-        let ns = ns.clamp(1, HISTOGRAM_MAX_NS);
+        let ns = ns.min(HISTOGRAM_MAX_NS);
         self.hist.saturating_record(ns);
         self.sum_ns += u128::from(ns);
     }
@@ -73,7 +77,7 @@ impl<T: Counter> LatencyHistogram<T> {
     /// Records `count` copies of one value. Never allocates.
     pub fn record_n(&mut self, ns: u64, count: u64) {
         if let Some(c) = T::from_u64(count) {
-            let ns = ns.clamp(1, HISTOGRAM_MAX_NS);
+            let ns = ns.min(HISTOGRAM_MAX_NS);
             self.hist.saturating_record_n(ns, c);
             self.sum_ns += u128::from(ns) * u128::from(count);
         }
@@ -245,6 +249,11 @@ pub struct EchoCounters {
     pub unmatched: u64,
     /// Round trips above the relay's RTT threshold.
     pub rtt_high: u64,
+    /// Echoes that came back (so not lost) whose round trip could not be timed: the kernel's
+    /// transmit stamp of the packet never came, or T1 was not after T0. Not in the RTT figures;
+    /// each is counted in [`TimestampCounters::missing`] too.
+    #[serde(default)]
+    pub unmeasured: u64,
 }
 
 impl EchoCounters {
@@ -257,6 +266,127 @@ impl EchoCounters {
         self.late += other.late;
         self.unmatched += other.unmatched;
         self.rtt_high += other.rtt_high;
+        self.unmeasured += other.unmeasured;
+    }
+
+    /// Echoes that came back, measured or not: what loss is counted against.
+    #[must_use]
+    pub const fn returned(&self) -> u64 {
+        self.matched + self.unmeasured
+    }
+}
+
+/// Why a time was not recorded. Nothing the relay reports is made up: a value it cannot take
+/// from the kernel's stamps is counted here instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKind {
+    /// A forwarded datagram's kernel transmit stamp never came (within the echo timeout): its
+    /// forward time, and toward the echo its round trip, are not recorded.
+    NoStamp,
+    /// A round trip whose T1 is not after its T0.
+    RttNotPositive,
+    /// A forward time whose transmit stamp is not after the arrival.
+    ForwardNotPositive,
+    /// A transmit stamp taken across a step of the wall clock, which cannot be converted.
+    ClockStep,
+}
+
+impl MissingKind {
+    /// Every kind, in index order.
+    pub const ALL: [Self; 4] = [
+        Self::NoStamp,
+        Self::RttNotPositive,
+        Self::ForwardNotPositive,
+        Self::ClockStep,
+    ];
+
+    /// The metric label.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoStamp => "no_stamp",
+            Self::RttNotPositive => "rtt_not_positive",
+            Self::ForwardNotPositive => "forward_not_positive",
+            Self::ClockStep => "clock_step",
+        }
+    }
+}
+
+/// Times not recorded, by [`MissingKind`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingCounts {
+    /// [`MissingKind::NoStamp`].
+    pub no_stamp: u64,
+    /// [`MissingKind::RttNotPositive`].
+    pub rtt_not_positive: u64,
+    /// [`MissingKind::ForwardNotPositive`].
+    pub forward_not_positive: u64,
+    /// [`MissingKind::ClockStep`].
+    pub clock_step: u64,
+}
+
+impl MissingCounts {
+    /// Counts one.
+    pub fn add(&mut self, kind: MissingKind) {
+        *self.get_mut(kind) += 1;
+    }
+
+    /// The count for `kind`.
+    #[must_use]
+    pub const fn get(&self, kind: MissingKind) -> u64 {
+        match kind {
+            MissingKind::NoStamp => self.no_stamp,
+            MissingKind::RttNotPositive => self.rtt_not_positive,
+            MissingKind::ForwardNotPositive => self.forward_not_positive,
+            MissingKind::ClockStep => self.clock_step,
+        }
+    }
+
+    fn get_mut(&mut self, kind: MissingKind) -> &mut u64 {
+        match kind {
+            MissingKind::NoStamp => &mut self.no_stamp,
+            MissingKind::RttNotPositive => &mut self.rtt_not_positive,
+            MissingKind::ForwardNotPositive => &mut self.forward_not_positive,
+            MissingKind::ClockStep => &mut self.clock_step,
+        }
+    }
+
+    /// Every kind together.
+    #[must_use]
+    pub const fn total(&self) -> u64 {
+        self.no_stamp + self.rtt_not_positive + self.forward_not_positive + self.clock_step
+    }
+
+    /// Adds `other`'s counts.
+    pub fn accumulate(&mut self, other: &Self) {
+        for k in MissingKind::ALL {
+            *self.get_mut(k) += other.get(k);
+        }
+    }
+}
+
+/// How the times of a channel's (or the relay's) packets were taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimestampCounters {
+    /// Forwarded datagrams whose send the kernel stamped: their forward time ends at that stamp
+    /// and, toward the echo, it is their T0. (0 with `--timestamps user`, whose times are
+    /// estimates.)
+    pub kernel: u64,
+    /// Times not recorded, by why.
+    pub missing: MissingCounts,
+    /// Stamps that found no send waiting for them (given up on already, or a send of a channel
+    /// closed since): relay-wide only.
+    #[serde(default)]
+    pub stale: u64,
+}
+
+impl TimestampCounters {
+    /// Adds `other`'s counts.
+    pub fn accumulate(&mut self, other: &Self) {
+        self.kernel += other.kernel;
+        self.missing.accumulate(&other.missing);
+        self.stale += other.stale;
     }
 }
 
@@ -489,6 +619,9 @@ pub struct ChannelStats {
     pub round_trip: EchoCounters,
     /// Round-trip time distribution (T1 − T0).
     pub rtt: LatencySummary,
+    /// How its packets were timed: by the kernel, or not at all (and why).
+    #[serde(default)]
+    pub timestamps: TimestampCounters,
     /// Datagrams dropped on this channel's socket, by reason.
     pub drops: DropCounts,
     /// The call's E-model score so far (final in the `remove` reply): see [`crate::score`].
@@ -518,11 +651,14 @@ pub struct GlobalStats {
     pub round_trip: EchoCounters,
     /// Datagrams dropped, by reason.
     pub drops: DropCounts,
+    /// How packets were timed: by the kernel, or not at all (and why).
+    #[serde(default)]
+    pub timestamps: TimestampCounters,
     /// Round-trip time distribution.
     pub rtt: LatencySummary,
-    /// Time inside the relay, per direction: the datagram's arrival (the kernel's receive stamp,
-    /// or with `--timestamps user` the wake-up that found it) to the submission of its
-    /// forwarded send.
+    /// Time inside the relay, per direction: the datagram's arrival (the kernel's receive stamp)
+    /// to the kernel's transmit stamp of its forwarded send (with `--timestamps user`, an
+    /// estimate of when that send left).
     pub forward: PerDirection<LatencySummary>,
     /// The wake-up part of `forward`: kernel arrival to the moment the relay's user space
     /// handled the datagram, per direction (empty with `--timestamps user`).
@@ -550,6 +686,7 @@ impl GlobalStats {
         }
         self.round_trip.accumulate(&other.round_trip);
         self.drops.accumulate(&other.drops);
+        self.timestamps.accumulate(&other.timestamps);
     }
 }
 

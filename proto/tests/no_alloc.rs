@@ -12,7 +12,7 @@ mod common;
 
 use common::{open, rtp, MS};
 use relay_proto::control::AddChannel;
-use relay_proto::{ChannelId, Format, MonoTime, Relay, RelayConfig};
+use relay_proto::{ChannelId, Format, MonoTime, Relay, RelayConfig, SendTimes};
 
 #[test]
 fn handle_datagram_allocates_nothing_and_a_channel_costs_under_64_kib() {
@@ -83,7 +83,6 @@ fn handle_datagram_allocates_nothing_and_a_channel_costs_under_64_kib() {
             let _ = relay.handle_datagram(now, socket, stranger, p);
             let _ = relay.handle_datagram(now, socket, asterisk, &p[..5]);
             let _ = relay.handle_datagram(now, socket, asterisk, &rr);
-            relay.record_forward(relay_proto::Direction::ToEcho, 2_000);
             relay.handle_timeout(now);
         }
     })
@@ -105,49 +104,77 @@ fn handle_datagram_allocates_nothing_and_a_channel_costs_under_64_kib() {
 
 #[test]
 fn the_kernel_timestamp_path_allocates_nothing_either() {
-    let mut relay = Relay::new(RelayConfig {
-        idle_timeout: std::time::Duration::from_secs(3_600),
-        ..RelayConfig::default()
-    })
-    .unwrap();
-    let echo = relay.config().default_echo;
-    let asterisk = "127.0.0.2:5000".parse().unwrap();
-    let socket = open(
-        &mut relay,
-        MonoTime::ZERO,
-        AddChannel {
-            channel: ChannelId::try_from("k").unwrap(),
-            port: 21_000,
-            asterisk: Some(asterisk),
-            echo: None,
-            format: Format::Ulaw,
-        },
-    );
-    let built: Vec<Vec<u8>> = (0..3_000u32)
-        .map(|k| rtp(u16::try_from(k).unwrap(), 160 * k, 9))
-        .collect();
-    let allocs = allocation_counter::measure(|| {
-        // Batches of 50: handled 30 µs after arrival, submitted together 20 µs later.
-        for (b, batch) in built.chunks(50).enumerate() {
-            let now = MonoTime::from_nanos(1_000 * MS + b as u64 * 20 * MS);
-            let handled = MonoTime::from_nanos(now.as_nanos() + 30_000);
-            for p in batch {
-                let _ = relay.handle_received(now, handled, socket, asterisk, p);
+    for send_times in [SendTimes::Kernel, SendTimes::Estimated] {
+        let mut relay = Relay::new(RelayConfig {
+            idle_timeout: std::time::Duration::from_secs(3_600),
+            send_times,
+            ..RelayConfig::default()
+        })
+        .unwrap();
+        let echo = relay.config().default_echo;
+        let asterisk = "127.0.0.2:5000".parse().unwrap();
+        let socket = open(
+            &mut relay,
+            MonoTime::ZERO,
+            AddChannel {
+                channel: ChannelId::try_from("k").unwrap(),
+                port: 21_000,
+                asterisk: Some(asterisk),
+                echo: None,
+                format: Format::Ulaw,
+            },
+        );
+        let built: Vec<Vec<u8>> = (0..3_000u32)
+            .map(|k| rtp(u16::try_from(k).unwrap(), 160 * k, 9))
+            .collect();
+        let mut ids = Vec::with_capacity(64);
+        let allocs = allocation_counter::measure(|| {
+            // Batches of 50: handled 30 µs after arrival, sent together 20 µs later (the
+            // kernel's stamps, or the submission the estimate is taken from).
+            for (b, batch) in built.chunks(50).enumerate() {
+                let now = MonoTime::from_nanos(1_000 * MS + b as u64 * 20 * MS);
+                let handled = MonoTime::from_nanos(now.as_nanos() + 30_000);
+                let left = MonoTime::from_nanos(handled.as_nanos() + 20_000);
+                ids.clear();
+                for p in batch {
+                    let _ = relay.handle_received(now, handled, socket, asterisk, p);
+                    ids.extend(relay.send_id());
+                }
+                relay.submitted(left);
+                for &id in &ids {
+                    relay.tx_stamped(id, Some(left));
+                }
+                let back = MonoTime::from_nanos(now.as_nanos() + 3 * MS);
+                ids.clear();
+                for p in batch {
+                    let _ = relay.handle_received(back, back, socket, echo, p);
+                    ids.extend(relay.send_id());
+                }
+                let left = MonoTime::from_nanos(back.as_nanos() + 10_000);
+                relay.submitted(left);
+                for &id in &ids {
+                    relay.tx_stamped(id, Some(left));
+                }
+                relay.handle_timeout(now);
             }
-            relay.submitted(MonoTime::from_nanos(handled.as_nanos() + 20_000));
-            let back = MonoTime::from_nanos(now.as_nanos() + 3 * MS);
-            for p in batch {
-                let _ = relay.handle_received(back, back, socket, echo, p);
-            }
-            relay.submitted(back);
-            relay.handle_timeout(now);
-        }
-    })
-    .count_total;
-    let g = relay.global_stats();
-    assert_eq!(g.round_trip.matched, 3_000, "{:?}", g.round_trip);
-    assert_eq!(
-        allocs, 0,
-        "the deferred packet path allocated {allocs} times"
-    );
+        })
+        .count_total;
+        let g = relay.global_stats();
+        assert_eq!(
+            g.round_trip.matched, 3_000,
+            "{send_times:?}: {:?}",
+            g.round_trip
+        );
+        let kernel = if send_times == SendTimes::Kernel {
+            6_000
+        } else {
+            0
+        };
+        assert_eq!(g.timestamps.kernel, kernel, "{send_times:?}");
+        assert_eq!(g.timestamps.missing.total(), 0, "{send_times:?}");
+        assert_eq!(
+            allocs, 0,
+            "the deferred packet path allocated {allocs} times ({send_times:?})"
+        );
+    }
 }

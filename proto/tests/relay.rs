@@ -16,7 +16,7 @@ use relay_proto::control::{AddChannel, RemoveChannel, StatsQuery, UpdateChannel}
 use relay_proto::stats::CloseReason;
 use relay_proto::{
     ChannelId, Command, CommandOutcome, Direction, DropReason, ErrorCode, Event, Format, MonoTime,
-    Relay, RelayConfig, Response, SocketId, Verdict,
+    Relay, RelayConfig, Response, SendTimes, SocketId, Verdict,
 };
 
 const ECHO: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -442,12 +442,210 @@ fn bad_configs_are_refused() {
     }
 }
 
-/// The deferred path a backend with kernel timestamps takes: arrival, handling and submission
-/// are three different moments, and each figure uses the right one.
+/// Estimated send times (`--timestamps user`, the way before kernel transmit stamps, kept for
+/// comparison): T0 and the end of a forward come from the submitting call's clock reads.
+fn estimated() -> RelayConfig {
+    RelayConfig {
+        send_times: SendTimes::Estimated,
+        ..RelayConfig::default()
+    }
+}
+
+/// Handles one datagram with kernel send times; returns the id its send must carry.
+fn received(
+    relay: &mut Relay,
+    arrival: MonoTime,
+    socket: SocketId,
+    from: std::net::SocketAddr,
+    bytes: &[u8],
+) -> u32 {
+    let v = relay.handle_received(arrival, arrival, socket, from, bytes);
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    relay
+        .send_id()
+        .expect("a forwarded datagram has a stamp id")
+}
+
+/// Kernel send times: T0 and the end of a forward are the send's transmit stamp, whether it
+/// comes before the echo or after it; the same round trip either way.
+#[test]
+fn the_transmit_stamp_is_t0_whether_it_comes_before_or_after_the_echo() {
+    let us = |n: u64| MonoTime::from_nanos(n * 1_000);
+    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut relay, t(0), add("a", Some(ast())));
+    for k in 0..10u16 {
+        let base = 20_000 * u64::from(k) + 1_000_000;
+        let p = rtp(k, 160 * u32::from(k), 7);
+        // Arrives at base, handled 30 µs later, leaves (its stamp) 50 µs after arrival.
+        let v = relay.handle_received(us(base), us(base + 30), s, ast(), &p);
+        assert_eq!(v, forward(ECHO, Direction::ToEcho));
+        let out = relay.send_id().unwrap();
+        assert_eq!(relay.unsubmitted(), 0, "nothing estimated");
+        let back = base + 50 + 2_000;
+        if k % 2 == 0 {
+            relay.tx_stamped(out, Some(us(base + 50)));
+        }
+        let v = relay.handle_received(us(back), us(back + 40), s, ECHO, &p);
+        assert_eq!(v, forward(ast(), Direction::ToAsterisk));
+        let ret = relay.send_id().unwrap();
+        if k % 2 == 1 {
+            // The echo came back before the stamp of its packet's send: settled by the stamp.
+            assert_eq!(relay.global_stats().round_trip.matched, u64::from(k));
+            relay.tx_stamped(out, Some(us(base + 50)));
+        }
+        relay.tx_stamped(ret, Some(us(back + 60)));
+    }
+    let g = relay.global_stats();
+    assert_eq!((g.rtt.count, g.rtt.mean_ns), (10, 2_000_000), "{:?}", g.rtt);
+    assert_eq!(g.forward.to_echo.mean_ns, 50_000, "{:?}", g.forward);
+    assert_eq!(g.forward.to_asterisk.mean_ns, 60_000, "{:?}", g.forward);
+    assert_eq!(g.receive_delay.to_echo.mean_ns, 30_000);
+    assert_eq!(g.round_trip.matched, 10);
+    assert_eq!(g.timestamps.kernel, 20);
+    assert_eq!(g.timestamps.missing.total(), 0);
+    let c = relay.channel_stats(us(2_000_000), &id("a")).unwrap();
+    assert_eq!(
+        c.timestamps.kernel, 20,
+        "each channel says how many were timed"
+    );
+}
+
+/// Nothing made up: a stamp that never comes, a round trip or forward time that would not be
+/// positive, are counted, never recorded; a stamp no send waits for is stale.
+#[test]
+fn missing_and_impossible_times_are_counted_not_recorded() {
+    let us = |n: u64| MonoTime::from_nanos(n * 1_000);
+    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut relay, t(0), add("a", Some(ast())));
+    // 1: its stamp never comes; its echo does.
+    let one = received(&mut relay, us(1_000), s, ast(), &rtp(1, 160, 7));
+    let _ = received(&mut relay, us(3_000), s, ECHO, &rtp(1, 160, 7));
+    // 2: stamped after its echo came back (a clock gone wrong): not positive.
+    let two = received(&mut relay, us(1_020), s, ast(), &rtp(2, 320, 7));
+    let _ = received(&mut relay, us(3_020), s, ECHO, &rtp(2, 320, 7));
+    relay.tx_stamped(two, Some(us(3_020)));
+    // 3: stamped before it arrived: the forward time is not positive; the round trip is fine.
+    let three = received(&mut relay, us(1_040), s, ast(), &rtp(3, 480, 7));
+    relay.tx_stamped(three, Some(us(1_040)));
+    let _ = received(&mut relay, us(3_040), s, ECHO, &rtp(3, 480, 7));
+    // 4: a stamp that cannot be converted (a step of the wall clock).
+    let four = received(&mut relay, us(1_060), s, ast(), &rtp(4, 640, 7));
+    relay.tx_stamped(four, None);
+    // Ids nobody waits for: out of range, or settled already.
+    relay.tx_stamped(u32::MAX - 7, Some(us(5_000)));
+    relay.tx_stamped(three, Some(us(5_000)));
+    // The echo timeout (2 s) passes: the stamp of 1, and of the returns, are given up on.
+    relay.handle_timeout(us(3_000_000));
+    relay.tx_stamped(one, Some(us(1_050)));
+    let g = relay.global_stats();
+    let c = relay.channel_stats(us(3_000_000), &id("a")).unwrap();
+    for (who, ts) in [("relay", g.timestamps), ("channel", c.timestamps)] {
+        // Returns of 1, 2, 3 never stamped: 3 no_stamp with 1's own.
+        assert_eq!(ts.missing.no_stamp, 4, "{who}: {ts:?}");
+        assert_eq!(ts.missing.rtt_not_positive, 1, "{who}: {ts:?}");
+        assert_eq!(ts.missing.forward_not_positive, 1, "{who}: {ts:?}");
+        assert_eq!(ts.missing.clock_step, 1, "{who}: {ts:?}");
+        assert_eq!(ts.kernel, 2, "{who}: {ts:?}");
+    }
+    assert_eq!(g.timestamps.stale, 3, "{:?}", g.timestamps);
+    // One round trip measured (3: 2 ms), two back but unmeasured (1, 2), one lost (4).
+    assert_eq!(g.rtt.count, 1, "{:?}", g.rtt);
+    assert!(g.rtt.min_ns.abs_diff(2_000_000) <= 2_048, "{:?}", g.rtt);
+    assert_eq!(g.round_trip.matched, 1);
+    assert_eq!(g.round_trip.unmeasured, 2);
+    assert_eq!(g.round_trip.timeouts, 1);
+    assert_eq!(
+        g.forward.to_echo.count, 1,
+        "only 2's forward time was positive"
+    );
+    assert!(g.forward.to_echo.min_ns.abs_diff(2_000_000) <= 2_048);
+}
+
+/// A stamp for a packet whose channel has closed since is timed relay-wide only, and is not
+/// charged to the channel that took its slot.
+#[test]
+fn a_stamp_for_a_closed_channel_does_not_touch_the_next_one_in_its_slot() {
+    let us = |n: u64| MonoTime::from_nanos(n * 1_000);
+    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let a = open(&mut relay, t(0), add("a", Some(ast())));
+    let old = received(&mut relay, us(100), a, ast(), &rtp(1, 160, 7));
+    let _ = relay.handle_command(us(150), Command::Remove(RemoveChannel { channel: id("a") }));
+    let b = open(&mut relay, us(160), add("b", Some(ast())));
+    assert_eq!(a, b, "the slot is reused");
+    // b sends the same SSRC and sequence: the old stamp must not become its T0.
+    let new = received(&mut relay, us(200), b, ast(), &rtp(1, 160, 7));
+    relay.tx_stamped(old, Some(us(120)));
+    relay.tx_stamped(new, Some(us(250)));
+    let _ = received(&mut relay, us(1_250), b, ECHO, &rtp(1, 160, 7));
+    let c = relay.channel_stats(us(2_000), &id("b")).unwrap();
+    assert_eq!(c.timestamps.kernel, 1, "{:?}", c.timestamps);
+    assert_eq!((c.rtt.count, c.rtt.mean_ns), (1, 1_000_000), "{:?}", c.rtt);
+    let g = relay.global_stats();
+    assert_eq!(g.timestamps.kernel, 2);
+    assert_eq!(
+        g.forward.to_echo.count, 2,
+        "the closed channel's forward is still true"
+    );
+}
+
+/// A GSO send's datagrams share its one stamp: the send carries the first one's id.
+#[test]
+fn the_datagrams_of_a_gathered_send_share_its_stamp() {
+    let us = |n: u64| MonoTime::from_nanos(n * 1_000);
+    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let s = open(&mut relay, t(0), add("a", Some(ast())));
+    let mut own = Vec::new();
+    for k in 0..5u16 {
+        let id = received(
+            &mut relay,
+            us(100 + u64::from(k)),
+            s,
+            ast(),
+            &rtp(k, 160 * u32::from(k), 7),
+        );
+        if k % 2 == 1 || k == 4 {
+            relay.gathered_last(0);
+            assert_eq!(relay.send_id(), None, "it leaves with the batch");
+        } else {
+            own.push(id);
+        }
+    }
+    let batch = relay.batch_queued(0).expect("the batch's stamp id");
+    assert_eq!(relay.batch_queued(0), None, "taken once");
+    relay.tx_stamped(own[0], Some(us(200)));
+    relay.tx_stamped(own[1], Some(us(210)));
+    relay.tx_stamped(batch, Some(us(220)));
+    let mut ret = Vec::new();
+    for k in 0..5u16 {
+        ret.push(received(
+            &mut relay,
+            us(2_220),
+            s,
+            ECHO,
+            &rtp(k, 160 * u32::from(k), 7),
+        ));
+    }
+    for id in ret {
+        relay.tx_stamped(id, Some(us(2_230)));
+    }
+    let g = relay.global_stats();
+    // RTTs 2.02 (0), 2.0 (1, 3, 4: the batch), 2.01 (2) ms.
+    assert_eq!((g.rtt.count, g.rtt.mean_ns), (5, 2_006_000), "{:?}", g.rtt);
+    assert_eq!(g.timestamps.kernel, 10);
+    assert_eq!(g.timestamps.missing.total(), 0);
+    // A refused send leaves nothing waiting and nothing missing.
+    let failed = received(&mut relay, us(3_000), s, ast(), &rtp(9, 9 * 160, 7));
+    assert_eq!(relay.send_failed(failed), Some((s, Direction::ToEcho)));
+    relay.handle_timeout(us(10_000_000));
+    assert_eq!(relay.global_stats().timestamps.missing.total(), 0);
+}
+
+/// The deferred path a backend with estimated send times takes: arrival, handling and
+/// submission are three different moments, and each figure uses the right one.
 #[test]
 fn kernel_arrival_and_send_submission_define_rtt_forward_and_receive_delay() {
     let us = |n: u64| MonoTime::from_nanos(n * 1_000);
-    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let mut relay = Relay::new(estimated()).unwrap();
     let s = open(&mut relay, t(0), add("a", Some(ast())));
     for k in 0..10u16 {
         let base = 20_000 * u64::from(k) + 1_000_000;
@@ -501,7 +699,7 @@ fn kernel_arrival_and_send_submission_define_rtt_forward_and_receive_delay() {
 #[test]
 fn a_batch_submitted_together_shares_its_submission_time_and_survives_a_removal() {
     let us = |n: u64| MonoTime::from_nanos(n * 1_000);
-    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let mut relay = Relay::new(estimated()).unwrap();
     let a = open(&mut relay, t(0), add("a", Some(ast())));
     let b = open(&mut relay, t(0), add("b", Some(ast())));
     // Three packets in one batch, one a duplicate (it keeps the first copy's T0).
@@ -522,7 +720,7 @@ fn a_batch_submitted_together_shares_its_submission_time_and_survives_a_removal(
 #[test]
 fn sends_submitted_by_one_call_leave_one_after_another() {
     let us = |n: u64| MonoTime::from_nanos(n * 1_000);
-    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let mut relay = Relay::new(estimated()).unwrap();
     let s = open(&mut relay, t(0), add("a", Some(ast())));
     // Four packets of one batch, all arrived at 100 µs, sent by one call from 200 to 240 µs:
     // each takes 10 µs of it and leaves a quarter into its share, at 202.5, 212.5, 222.5, 232.5.
@@ -557,7 +755,7 @@ fn sends_submitted_by_one_call_leave_one_after_another() {
 #[test]
 fn datagrams_of_one_gathered_send_leave_together_at_its_place_in_the_queue() {
     let us = |n: u64| MonoTime::from_nanos(n * 1_000);
-    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let mut relay = Relay::new(estimated()).unwrap();
     let s = open(&mut relay, t(0), add("a", Some(ast())));
     // Arrived at 100 µs: 0 and 2 get sends of their own, 1, 3 and 4 are gathered into batch 0,
     // which is queued last. Three sends, submitted by one call from 200 to 248 µs, each leaving
@@ -595,7 +793,7 @@ fn datagrams_of_one_gathered_send_leave_together_at_its_place_in_the_queue() {
 #[test]
 fn a_gathered_send_not_queued_yet_waits_for_the_submission_that_carries_it() {
     let us = |n: u64| MonoTime::from_nanos(n * 1_000);
-    let mut relay = Relay::new(RelayConfig::default()).unwrap();
+    let mut relay = Relay::new(estimated()).unwrap();
     let s = open(&mut relay, t(0), add("a", Some(ast())));
     let _ = relay.handle_received(us(100), us(100), s, ast(), &rtp(1, 160, 7));
     relay.gathered_last(3);
