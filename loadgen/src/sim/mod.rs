@@ -21,8 +21,10 @@
 //! Fault options: `--answer-404` fails that fraction of first answer attempts with 404, and
 //! `--drop-ws-at` closes every events WebSocket once at that time.
 //!
-//! Not a hot path: a multi-thread tokio runtime, one task per externalMedia channel, one mutex
-//! over the call state (never held across an await).
+//! Not a hot path: ARI on a multi-thread tokio runtime, one mutex over the call state (never held
+//! across an await). The RTP runs on OS threads as Asterisk's does (see [`media`]): one timing
+//! thread sends every channel's frames in a burst each 20 ms, and each externalMedia channel has a
+//! thread of its own reading what comes back.
 //!
 //! By concern: [`world`] (the state and the operations on it), [`rest`] (the REST handlers),
 //! [`events`] (the events WebSocket), [`media`] (RTP and what is measured of it), [`report`];
@@ -121,6 +123,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         epoch: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        timing: media::TimingSource::new().context("cannot start the RTP timing thread")?,
         cfg,
     });
     let server = tokio::spawn(axum::serve(listener, rest::router(Arc::clone(&sim))).into_future());

@@ -1,5 +1,6 @@
 //! What the simulator reports once every call has ended: per call and overall, what Asterisk
-//! saw (answers, bridging, RTP sent and returned, strict-RTP drops, round trip, set-up time), the
+//! saw (answers, bridging, RTP sent and returned, strict-RTP drops, returns left unmeasured for
+//! want of a transmit stamp, round trip, set-up time), the
 //! faults it injected, what was left over, and the relay's own figures when it was asked for them.
 
 use std::collections::BTreeMap;
@@ -38,6 +39,9 @@ pub struct CallReport {
     pub strict_rtp_drops: u64,
     /// Returned datagrams that were not RTP or not this stream's.
     pub malformed: u64,
+    /// Returns not measured: the kernel's transmit stamp of their send never came (or could not
+    /// be converted, or gave a round trip of zero or less).
+    pub unstamped: u64,
     /// Round trip Asterisk → relay → echo → relay → Asterisk.
     pub rtt: LatencySummary,
 }
@@ -70,6 +74,8 @@ pub struct SimReport {
     pub strict_rtp_drops: u64,
     /// Non-RTP or foreign datagrams.
     pub malformed: u64,
+    /// Returns not measured for want of a usable transmit stamp, all calls.
+    pub unstamped: u64,
     /// End-to-end round trip, all calls.
     pub rtt: LatencySummary,
     /// Call set-up as Asterisk sees it: StasisStart of the caller to both channels bridged.
@@ -118,6 +124,7 @@ pub(super) fn report(sim: &Sim) -> SimReport {
             duplicates: f.duplicates,
             strict_rtp_drops: f.strict_drops,
             malformed: f.malformed,
+            unstamped: f.unstamped,
             rtt: f.rtt.summary(),
         });
     }
@@ -143,6 +150,7 @@ pub(super) fn report(sim: &Sim) -> SimReport {
         duplicates: sum(|c| c.duplicates),
         strict_rtp_drops: sum(|c| c.strict_rtp_drops),
         malformed: sum(|c| c.malformed),
+        unstamped: sum(|c| c.unstamped),
         rtt: all.summary(),
         setup: setup.summary(),
         answer_404_injected: sim.injected_404.load(Ordering::Relaxed),
@@ -180,7 +188,7 @@ pub fn render(r: &SimReport) -> String {
     let mut out = format!(
         "rtp-relay pipeline report (sim-asterisk -> control -> relay -> echo)\n\
          calls: {} originated, {} answered, {} bridged, {} hung up by control, {} transcoding\n\
-         RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}\n\
+         RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}, unstamped {}\n\
          faults: {} answers failed with 404, {} WebSocket drops ({} connections), failed on purpose {:?}\n\
          left over: {} channels, {} bridges\n\
          latency (ms){:>30}{:>9}{:>9}{:>9}{:>9}\n",
@@ -196,6 +204,7 @@ pub fn render(r: &SimReport) -> String {
         r.duplicates,
         r.strict_rtp_drops,
         r.malformed,
+        r.unstamped,
         r.answer_404_injected,
         r.ws_drops,
         r.ws_connections,

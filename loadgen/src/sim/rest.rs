@@ -15,7 +15,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use relay_proto::rng::SplitMix64;
 use serde_json::{json, Value};
-use tokio::net::UdpSocket;
 
 use super::events::events;
 use super::world::{ari_error, now_stamp, Kind, Sim, SimBridge, SimChannel};
@@ -217,7 +216,7 @@ pub(super) async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> 
             );
         }
     }
-    let sock = match UdpSocket::bind((sim.cfg.rtp_ip, 0)).await {
+    let sock = match std::net::UdpSocket::bind((sim.cfg.rtp_ip, 0)) {
         Ok(s) => s,
         Err(e) => {
             return ari_error(
@@ -246,8 +245,7 @@ pub(super) async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> 
             external_host,
             socket: Some(sock),
             local,
-            stop: None,
-            task: None,
+            media: None,
             caller: None,
             format: format.clone(),
         },

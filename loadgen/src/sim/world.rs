@@ -5,7 +5,7 @@
 //! [`Sim`]; the report ([`super::report`]) reads it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -17,10 +17,9 @@ use base64::Engine as _;
 use relay_proto::rng::SplitMix64;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::net::UdpSocket;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, watch};
 
-use super::media::{rtp_stream, RtpFigures};
+use super::media::{RtpFigures, Running, TimingSource};
 use super::SimConfig;
 
 /// How a call ended.
@@ -56,10 +55,8 @@ pub(super) enum Kind {
         socket: Option<UdpSocket>,
         /// Its address.
         local: SocketAddr,
-        /// Stops the RTP task, which hands back its figures.
-        stop: Option<oneshot::Sender<()>>,
-        /// The RTP task.
-        task: Option<tokio::task::JoinHandle<RtpFigures>>,
+        /// Its media, once started: stopping it hands back its figures.
+        media: Option<Running>,
         /// The caller it was first bridged with: its RTP figures are that call's.
         caller: Option<String>,
         /// Its media format (`ulaw` or `alaw`).
@@ -203,6 +200,8 @@ pub(super) struct Sim {
     pub(super) ws_connections: AtomicU64,
     /// Start of the run, for ids.
     pub(super) epoch: u64,
+    /// The one thread that sends every channel's RTP.
+    pub(super) timing: TimingSource,
 }
 
 pub(super) fn now_stamp() -> String {
@@ -367,24 +366,20 @@ impl Sim {
     /// Stops a channel's RTP if it sends any (keeping the channel), waits for its last packets,
     /// and files its figures under the call it was bridged with.
     pub(super) async fn stop_media(&self, id: &str) {
-        let (stop, task, caller) = {
+        let (media, caller) = {
             let mut w = self.world();
             match w.channels.get_mut(id) {
                 Some(SimChannel {
-                    kind:
-                        Kind::External {
-                            stop, task, caller, ..
-                        },
+                    kind: Kind::External { media, caller, .. },
                     ..
-                }) => (stop.take(), task.take(), caller.clone()),
+                }) => (media.take(), caller.clone()),
                 _ => return,
             }
         };
-        let (Some(stop), Some(task)) = (stop, task) else {
+        let Some(media) = media else {
             return;
         };
-        let _ = stop.send(());
-        let figures = task.await.unwrap_or_default();
+        let figures = media.stop().await;
         if let Some(caller) = caller {
             if let Some(rec) = self.world().call_mut(&caller) {
                 rec.figures.merge(&figures);
@@ -448,8 +443,7 @@ impl Sim {
                     Kind::External {
                         external_host,
                         socket,
-                        stop,
-                        task,
+                        media,
                         caller: owner,
                         format,
                         ..
@@ -459,15 +453,14 @@ impl Sim {
             {
                 if let Some(sock) = socket.take() {
                     owner.clone_from(&caller);
-                    let (tx, rx) = oneshot::channel();
-                    *stop = Some(tx);
                     let payload_type = if format == "alaw" { 8 } else { 0 };
-                    *task = Some(tokio::spawn(rtp_stream(
-                        sock,
-                        *external_host,
-                        (seed, payload_type),
-                        rx,
-                    )));
+                    match self
+                        .timing
+                        .start(sock, *external_host, (seed, payload_type))
+                    {
+                        Ok(m) => *media = Some(m),
+                        Err(e) => tracing::warn!(channel = %m, "cannot start its media: {e}"),
+                    }
                 }
             }
         }
