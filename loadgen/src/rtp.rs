@@ -368,7 +368,7 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         // This enter submits the queued sends: now is their T0.
         for (i, seq) in queued.drain(..) {
             if let Some(c) = chans.get_mut(i) {
-                c.t0.restamp(c.ssrc, seq, MonoTime::from_nanos(t_submit));
+                let _ = c.t0.stamp(c.ssrc, seq, MonoTime::from_nanos(t_submit));
             }
         }
         ring.submit_and_wait(Some(wait))?;

@@ -456,7 +456,7 @@ fn received(
     relay: &mut Relay,
     arrival: MonoTime,
     socket: SocketId,
-    from: std::net::SocketAddr,
+    from: SocketAddr,
     bytes: &[u8],
 ) -> u32 {
     let v = relay.handle_received(arrival, arrival, socket, from, bytes);
