@@ -232,6 +232,9 @@ pub struct Ring {
     batch_wait_usec: u32,
     /// Whether the kernel supports min_wait.
     min_timeout: bool,
+    /// Whether a send with a stamp id completes twice (its stamp arrives as a completion of
+    /// [`Ring::arm_tx_stamps`]), so the next wait counts it in.
+    stamp_completions: bool,
     /// A second group of receive buffers of [`MAX_BUFFER_SIZE`], with transmit buffers of that
     /// size, for one socket with UDP GRO and GSO among sockets with small buffers.
     large: Option<Large>,
@@ -435,6 +438,7 @@ impl Ring {
             batch: 1,
             batch_wait_usec: 0,
             min_timeout: false,
+            stamp_completions: false,
             large: None,
         };
         this.min_timeout = this.ring.params().is_feature_min_timeout();
@@ -662,7 +666,7 @@ impl Ring {
             .ok_or_else(|| io::Error::other("no large buffer group"))?
             .tx
             .send_entry(i, len, to, slot, user_data, opts)?;
-        self.push_send(&e)
+        self.push_send(&e, opts)
     }
 
     /// Publishes recycled buffers to the kernel: one release store per batch.
@@ -869,14 +873,37 @@ impl Ring {
             .get_mut(usize::from(bid))
             .ok_or_else(|| io::Error::other("buffer id out of range"))?;
         let e = prepare_send(s, payload, to, slot, user_data, opts);
-        self.push_send(&e)
+        self.push_send(&e, opts)
     }
 
-    /// Pushes a send: it completes during the next submit, which the next wait accounts for.
-    fn push_send(&mut self, e: &squeue::Entry) -> io::Result<()> {
+    /// Pushes a send: it completes during the next submit, which the next wait accounts for,
+    /// and so does its transmit stamp when it asks for one that comes as a completion.
+    fn push_send(&mut self, e: &squeue::Entry, opts: SendOpts) -> io::Result<()> {
         self.push(e)?;
-        self.unwaited_sends += 1;
+        self.unwaited_sends += 1 + usize::from(self.stamp_completions && opts.stamp_id.is_some());
         Ok(())
+    }
+
+    /// Says whether the stamps of sends with a stamp id come back as completions of
+    /// [`Ring::arm_tx_stamps`] (on loopback, during the very submit that issues the send): a
+    /// wait then counts them in, so they do not end it on their own, as the sends themselves
+    /// do not.
+    pub fn expect_stamps(&mut self, on: bool) {
+        self.stamp_completions = on;
+    }
+
+    /// Number of small transmit buffers.
+    #[must_use]
+    pub fn tx_count(&self) -> u16 {
+        u16::try_from(self.tx.sends.len()).unwrap_or(u16::MAX)
+    }
+
+    /// Number of large transmit buffers (0 without [`Ring::add_large`]).
+    #[must_use]
+    pub fn large_tx_count(&self) -> u16 {
+        self.large
+            .as_ref()
+            .map_or(0, |l| u16::try_from(l.tx.sends.len()).unwrap_or(u16::MAX))
     }
 
     /// A free transmit buffer, if any; the caller fills it ([`Ring::tx_buffer`]), sends it
@@ -969,7 +996,7 @@ impl Ring {
         opts: SendOpts,
     ) -> io::Result<()> {
         let e = self.tx.send_entry(i, len, to, slot, user_data, opts)?;
-        self.push_send(&e)
+        self.push_send(&e, opts)
     }
 
     /// Makes each wait gather up to `batch` completions: the kernel waits for `batch` until `wait`

@@ -678,7 +678,7 @@ impl Relay {
                 };
                 let (channels, stamps) = (&mut self.channels, &mut self.stamps);
                 let id = self.sends.push(record, |r| {
-                    give_up(channels, stamps, r, MissingKind::NoStamp)
+                    give_up(channels, stamps, r, MissingKind::NoStamp);
                 });
                 self.last_send = Some(id);
             } else if self.unsubmitted.len() < self.unsubmitted.capacity() {

@@ -24,6 +24,9 @@ use crate::time::MonoTime;
 /// Records in the ring: at 100,000 sends a second (1,000 channels both ways), 0.65 s of sends,
 /// far more than the microseconds a stamp takes to come back.
 pub const CAPACITY: usize = 1 << 16;
+/// [`CAPACITY`] as an id distance.
+const LAP: u32 = 1 << 16;
+const _: () = assert!(LAP as usize == CAPACITY);
 
 /// No next record in a chain.
 const NONE: u32 = u32::MAX;
@@ -126,8 +129,8 @@ impl Sends {
             };
         }
         // The sweep never looks further back than one lap.
-        if self.next.wrapping_sub(self.cursor) > CAPACITY as u32 {
-            self.cursor = self.next.wrapping_sub(CAPACITY as u32);
+        if self.next.wrapping_sub(self.cursor) > LAP {
+            self.cursor = self.next.wrapping_sub(LAP);
         }
         id
     }
@@ -243,7 +246,7 @@ mod tests {
     fn ids_out_of_range_or_never_handed_out_settle_nothing() {
         let mut s = Sends::new();
         let a = s.push(rec(1, 10), |_| {});
-        for id in [a + 1, a + CAPACITY as u32, u32::MAX, 12_345] {
+        for id in [a + 1, a + LAP, u32::MAX, 12_345] {
             assert!(!s.settle(id, |_| panic!("{id}")), "{id}");
         }
         assert_eq!(s.waiting(), 1);

@@ -54,13 +54,25 @@ impl EchoLeg {
     }
 }
 
-/// Where a datagram's arrival time comes from.
+/// How the io_uring backend collects transmit stamps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TxStamps {
+    /// Error readiness (a multishot POLLERR poll), then `recvmsg(MSG_ERRQUEUE)`.
+    ErrorQueue,
+    /// io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` command.
+    Command,
+}
+
+/// Where the times the relay reports come from. Arrivals are the kernel's software receive
+/// stamps (SO_TIMESTAMPNS) either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Timestamps {
-    /// The kernel's software receive stamp (SO_TIMESTAMPNS); T0 is the submission of the send.
+    /// Every send's time is the kernel's transmit stamp (SO_TIMESTAMPING, read back through
+    /// io_uring or the socket's error queue): T0 toward the echo, and the end of every forward.
     Kernel,
-    /// The moment user space handles the datagram, for T0 as well (the relay's own scheduling
-    /// included): kept for comparison.
+    /// Send times are estimated from clock reads around the system call that submitted the send
+    /// (the way before kernel transmit stamps): wrong whenever the relay is preempted between
+    /// them. Kept for comparison.
     User,
 }
 
@@ -100,9 +112,23 @@ pub struct Args {
     /// I/O backend.
     #[arg(long, env = "RELAY_BACKEND", value_enum, default_value = "uring")]
     pub backend: Backend,
-    /// Arrival times: the kernel's receive stamps, or user-space reads of the clock.
+    /// Send times (T0 and the end of a forward): the kernel's transmit stamps, or estimates from
+    /// user-space clock reads around each send (for comparison). Arrivals are the kernel's
+    /// receive stamps either way.
     #[arg(long, env = "RELAY_TIMESTAMPS", value_enum, default_value = "kernel")]
     pub timestamps: Timestamps,
+    /// io_uring backend, kernel timestamps: how transmit stamps reach the ring. `error-queue`
+    /// (default): a multishot POLLERR poll per socket, then recvmsg(MSG_ERRQUEUE). `command`:
+    /// io_uring's SOCKET_URING_OP_TX_TIMESTAMP (Linux 6.15+), no system call per stamp, but on
+    /// Linux 6.18 it was seen to corrupt provided-buffer receives on the same socket when the
+    /// buffer ring runs dry (docs/measurement.md); for experiments only.
+    #[arg(
+        long,
+        env = "RELAY_TX_STAMPS",
+        value_enum,
+        default_value = "error-queue"
+    )]
+    pub tx_stamps: TxStamps,
     /// How packets reach the echo: from each channel's socket, or one shared socket per shard
     /// with UDP GSO/GRO and an SSRC tag (both backends).
     #[arg(
@@ -242,6 +268,8 @@ pub struct Config {
     /// Where arrival times come from (as asked; the relay falls back to `user` where the kernel
     /// refuses).
     pub timestamps: Timestamps,
+    /// How the io_uring backend collects transmit stamps.
+    pub tx_stamps: TxStamps,
     /// Address channel sockets bind.
     pub bind: IpAddr,
     /// How packets reach the echo.
@@ -323,6 +351,7 @@ impl TryFrom<Args> for Config {
             shards,
             backend: a.backend,
             timestamps: a.timestamps,
+            tx_stamps: a.tx_stamps,
             bind: a.bind,
             echo_leg: a.echo_leg,
             relay,

@@ -161,6 +161,13 @@ impl Clock {
         MonoTime::from_nanos(s.mono_after)
     }
 
+    /// A kernel transmit stamp on the monotonic clock; `None` when it cannot be trusted (a step
+    /// of the wall clock in this batch, or out of range), which the core counts as missing.
+    #[must_use]
+    pub fn convert(&self, t: relay_io::WallTime) -> Option<MonoTime> {
+        self.wall.to_mono(t).map(MonoTime::from_nanos)
+    }
+
     /// The arrival of a datagram whose control messages are `control`: the kernel's stamp on
     /// the monotonic clock, or `handled` where there is none or it cannot be trusted (counted).
     pub fn arrival(
@@ -235,6 +242,12 @@ pub struct BackendCounters {
     /// Kernel stamps refused (in the future, too old, or in a batch with a clock step): their
     /// arrival is the moment they were handled.
     pub untrusted_timestamps: u64,
+    /// Kernel transmit stamps read (from the ring's command or the error queues).
+    pub tx_stamps: u64,
+    /// Transmit-stamp completions or error-queue entries that held no usable stamp.
+    pub bad_stamps: u64,
+    /// Stamp collections (the ring's command, or an error poll) re-armed after they ended.
+    pub stamp_rearms: u64,
 }
 
 impl Default for BackendCounters {
@@ -253,6 +266,9 @@ impl Default for BackendCounters {
             clock_steps: 0,
             missing_timestamps: 0,
             untrusted_timestamps: 0,
+            tx_stamps: 0,
+            bad_stamps: 0,
+            stamp_rearms: 0,
         }
     }
 }
@@ -369,6 +385,9 @@ impl BackendCounters {
             clock_steps,
             missing_timestamps,
             untrusted_timestamps,
+            tx_stamps,
+            bad_stamps,
+            stamp_rearms,
         } = other;
         for (a, b) in self.batch_buckets.iter_mut().zip(batch_buckets) {
             *a += b;
@@ -388,6 +407,9 @@ impl BackendCounters {
             (&mut self.clock_steps, clock_steps),
             (&mut self.missing_timestamps, missing_timestamps),
             (&mut self.untrusted_timestamps, untrusted_timestamps),
+            (&mut self.tx_stamps, tx_stamps),
+            (&mut self.bad_stamps, bad_stamps),
+            (&mut self.stamp_rearms, stamp_rearms),
         ] {
             *a += b;
         }
@@ -459,8 +481,11 @@ pub struct BindConfig {
     pub ip: IpAddr,
     /// SO_RCVBUF in bytes.
     pub rcvbuf: usize,
-    /// Ask the kernel for receive timestamps on every channel socket.
+    /// Ask the kernel for receive timestamps on every channel socket (the core's `send_times`
+    /// says whether sends are stamped too).
     pub timestamps: bool,
+    /// io_uring: collect transmit stamps with the ring's command rather than error polls.
+    pub stamp_command: bool,
     /// One shared socket per shard toward the echo (`--echo-leg shared`).
     pub shared_echo: bool,
 }
@@ -524,6 +549,24 @@ fn warn_timestamps_refused(e: &io::Error) {
 pub fn probe_timestamps(ip: IpAddr) -> io::Result<()> {
     let s = relay_io::bind_udp(ip, 0, 4096)?;
     relay_io::enable_rx_timestamps(&s)
+}
+
+/// Whether the kernel stamps UDP sends here (SO_TIMESTAMPING with OPT_ID, OPT_TSONLY and
+/// OPT_RX_FILTER, and a send carrying SCM_TS_OPT_ID: Linux 6.13+); why not, if it does not.
+///
+/// # Errors
+/// The probe socket could not be made, the option was refused, or a stamped send was.
+pub fn probe_tx_timestamps(ip: IpAddr) -> io::Result<()> {
+    let s = relay_io::bind_udp(ip, 0, 4096)?;
+    relay_io::enable_tx_timestamps(&s)?;
+    let to = s.local_addr()?;
+    let opts = relay_io::SendOpts {
+        segment: None,
+        stamp_id: Some(0),
+    };
+    relay_io::send_msg(&s, &[0u8; 12], to, opts)
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("a send with SCM_TS_OPT_ID: {e}")))
 }
 
 /// Closes the sockets of channels the core closed on its own (idle), logging their statistics

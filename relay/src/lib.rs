@@ -168,23 +168,38 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
     let metrics_addr = metrics_listener.local_addr()?;
 
     let backend = config.backend;
+    let rx_stamps = match dataplane::probe_timestamps(config.bind) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                "the kernel gives no receive timestamps here ({e}): arrivals are read in user \
+                 space (rtprelay_timestamps_fallback_total)"
+            );
+            false
+        }
+    };
     let timestamps = match config.timestamps {
-        Timestamps::Kernel => match dataplane::probe_timestamps(config.bind) {
+        Timestamps::Kernel => match dataplane::probe_tx_timestamps(config.bind) {
             Ok(()) => Timestamps::Kernel,
             Err(e) => {
                 tracing::warn!(
-                    "the kernel gives no receive timestamps here ({e}): --timestamps user, \
-                     arrivals and T0 are read in user space"
+                    "the kernel gives no transmit timestamps here ({e}): --timestamps user, \
+                     send times are estimated"
                 );
                 Timestamps::User
             }
         },
         Timestamps::User => Timestamps::User,
     };
+    let send_times = match timestamps {
+        Timestamps::Kernel => relay_proto::SendTimes::Kernel,
+        Timestamps::User => relay_proto::SendTimes::Estimated,
+    };
     let bind = BindConfig {
         ip: config.bind,
         rcvbuf: config.socket_rcvbuf,
-        timestamps: timestamps == Timestamps::Kernel,
+        timestamps: rx_stamps,
+        stamp_command: config.tx_stamps == config::TxStamps::Command,
         shared_echo: config.echo_leg == config::EchoLeg::Shared,
     };
     let n = config.shards.len();
@@ -218,6 +233,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
         let relay = Relay::new(RelayConfig {
             max_channels: share(config.relay.max_channels, n, i),
             shard: index,
+            send_times,
             ..config.relay.clone()
         })?;
         let (tx, rx) = mpsc::unbounded_channel();

@@ -10,18 +10,22 @@
 //! measurement; the differences are readiness + one syscall per datagram each way here, against
 //! batched completions there.
 //!
-//! Time (`--timestamps kernel`): datagrams are read with `recvmsg` and their control messages;
-//! the realtime − monotonic offset is re-sampled right after each read (so every stamp precedes
-//! its sample), the arrival is the kernel's stamp, and T0 is a quarter into the `sendmsg` that
-//! forwards it (the clock read just before and just after it; see `Relay::submitted_between`). With `--timestamps user`, arrival
-//! and T0 are the read of the clock after the datagram was read.
+//! Time: datagrams are read with `recvmsg` and their control messages; the realtime − monotonic
+//! offset is re-sampled right after each read (so every stamp precedes its sample), and the
+//! arrival is the kernel's receive stamp. Each forwarded datagram's `sendmsg` carries the stamp
+//! id the core gives it (`SCM_TS_OPT_ID`), and its kernel transmit stamp comes back on the
+//! socket's error queue: each channel task waits for error readiness beside read readiness and
+//! hands every stamp to the core (`Relay::tx_stamped`): T0 toward the echo, and the end of the
+//! forward time. With `--timestamps user` (estimated send times, kept for comparison) a send is
+//! instead taken to leave a quarter into its `sendmsg` (the clock read just before and just
+//! after it; see `Relay::submitted_between`).
 //!
 //! Shared echo leg (`--echo-leg shared`): channel tasks do not send toward the echo. Each writes
 //! its channel's tag over the SSRC and appends the datagram to the shard's one GSO batch (equal
 //! sizes to one address; anything else sends the batch first); the first datagram of a batch
 //! wakes a flusher task, which the scheduler runs after the tasks already woken by the same poll
 //! of the reactor, so a batch collects what one tick of the runtime received, and leaves as one
-//! `sendmsg` with UDP_SEGMENT (its datagrams' T0: a quarter into that call). One more task reads the
+//! `sendmsg` with UDP_SEGMENT (its datagrams' T0: that send's one transmit stamp). One more task reads the
 //! shared socket (UDP_GRO: a coalesced batch is one read), cuts each read by its segment size,
 //! restores each datagram's SSRC from its tag, and sends it from its channel's socket.
 
@@ -31,8 +35,10 @@ use std::os::fd::AsRawFd as _;
 use std::rc::Rc;
 use std::time::Duration;
 
+use relay_io::SendOpts;
 use relay_proto::{
-    Direction, DropReason, ErrorCode, ErrorReply, GlobalStats, MonoTime, Relay, SocketId, Verdict,
+    Direction, DropReason, ErrorCode, ErrorReply, GlobalStats, MonoTime, Relay, SendTimes,
+    SocketId, Verdict,
 };
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -55,8 +61,8 @@ struct Shared {
     counters: BackendCounters,
     /// The clock and the conversion of kernel stamps (one for all tasks of this thread).
     clock: Clock,
-    /// Kernel timestamps asked for.
-    kernel_time: bool,
+    /// Estimated send times (`--timestamps user`): no transmit stamps.
+    estimated: bool,
     /// Refused sends, logged at most once a second.
     send_log: dataplane::SendErrorLog,
     /// The shared echo leg, with `--echo-leg shared`.
@@ -67,19 +73,13 @@ type SharedRef = Rc<RefCell<Shared>>;
 
 impl Shared {
     /// A datagram just read, with control messages `ctl`: (its arrival, the moment it is
-    /// handled). Kernel time: the receive stamp, and the clock re-sampled now; user time: the
-    /// clock now, for both.
+    /// handled): the receive stamp, and the clock re-sampled now.
     fn times(&mut self, ctl: &[u8]) -> (MonoTime, MonoTime) {
-        if self.kernel_time {
-            let handled = self.clock.resample(&mut self.counters);
-            (
-                self.clock.arrival(ctl, handled, &mut self.counters),
-                handled,
-            )
-        } else {
-            let now = self.clock.now();
-            (now, now)
-        }
+        let handled = self.clock.resample(&mut self.counters);
+        (
+            self.clock.arrival(ctl, handled, &mut self.counters),
+            handled,
+        )
     }
 
     /// The core's verdict on a datagram read at [`Shared::times`].
@@ -90,16 +90,31 @@ impl Shared {
         from: SocketAddr,
         payload: &[u8],
     ) -> Verdict {
-        if self.kernel_time {
-            self.relay
-                .handle_received(arrival, handled, id, from, payload)
-        } else {
-            self.relay.handle_datagram(handled, id, from, payload)
+        self.relay
+            .handle_received(arrival, handled, id, from, payload)
+    }
+
+    /// Reads every transmit stamp queued on `socket`'s error queue and hands it to the core.
+    fn drain_stamps(&mut self, socket: &UdpSocket) {
+        // Every stamp read below precedes this sample.
+        self.clock.resample(&mut self.counters);
+        loop {
+            match socket.try_io(Interest::ERROR, || relay_io::recv_tx_stamp(socket)) {
+                Ok(st) => {
+                    self.counters.tx_stamps += 1;
+                    let at = self.clock.convert(st.at);
+                    self.relay.tx_stamped(st.id, at);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.counters.bad_stamps += 1;
+                }
+                Err(_) => return,
+            }
         }
     }
 }
 
-/// Channel sockets by slot, for the shared echo leg's returns (each leaves from its channel's
+/// Channel sockets by slot: for the stamps of a channel about to close, and the shared echo leg's returns (each leaves from its channel's
 /// socket). Apart from [`Shared`], which is borrowed while a command opens or closes a socket.
 type ChannelSockets = Rc<RefCell<Vec<Option<Rc<UdpSocket>>>>>;
 
@@ -115,8 +130,6 @@ struct Leg {
     size: usize,
     /// How many.
     count: usize,
-    /// User time: when each was handled (its forward time ends at the send).
-    handled: [MonoTime; MAX_SEGMENTS],
     /// Wakes the flusher when a batch starts.
     flush: Rc<Notify>,
 }
@@ -127,12 +140,18 @@ struct Tasks {
     shared: SharedRef,
     /// Abort handles by slot.
     tasks: Vec<Option<AbortHandle>>,
-    /// With a shared echo leg: the channel sockets, for its returns.
+    /// The channel sockets, by slot.
     sockets: Option<ChannelSockets>,
+    /// Estimated send times: no transmit stamps to ask for.
+    estimated: bool,
 }
 
 impl SocketTable for Tasks {
     fn open(&mut self, id: SocketId, socket: StdUdpSocket) -> Result<(), ErrorReply> {
+        if !self.estimated {
+            relay_io::enable_tx_timestamps(&socket)
+                .map_err(|e| ErrorReply::new(ErrorCode::Io, format!("transmit stamps: {e}")))?;
+        }
         let socket =
             Rc::new(UdpSocket::from_std(socket).map_err(|e| {
                 ErrorReply::new(ErrorCode::Io, format!("register with tokio: {e}"))
@@ -176,10 +195,13 @@ pub fn run(shard: Shard) -> std::io::Result<GlobalStats> {
 }
 
 /// Binds the shard's shared echo socket (kernel stamps, UDP_GRO).
-fn shared_socket(bind: dataplane::BindConfig) -> std::io::Result<UdpSocket> {
+fn shared_socket(bind: dataplane::BindConfig, estimated: bool) -> std::io::Result<UdpSocket> {
     let socket = relay_io::bind_udp(bind.ip, 0, bind.rcvbuf)?;
     if bind.timestamps {
         relay_io::enable_rx_timestamps(&socket)?;
+    }
+    if !estimated {
+        relay_io::enable_tx_timestamps(&socket)?;
     }
     relay_io::enable_udp_gro(&socket)?;
     socket.set_nonblocking(true)?;
@@ -197,8 +219,9 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
     let clock = Clock::new();
     let start = tokio::time::Instant::now();
     let n = relay.config().max_channels as usize;
+    let estimated = relay.config().send_times == SendTimes::Estimated;
     let leg = if bind.shared_echo {
-        let socket = Rc::new(shared_socket(bind)?);
+        let socket = Rc::new(shared_socket(bind, estimated)?);
         tracing::info!(shard = relay.config().shard, fd = socket.as_raw_fd(), local = %socket.local_addr()?, "shared echo leg");
         Some(Leg {
             socket,
@@ -206,7 +229,6 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
             to: None,
             size: 0,
             count: 0,
-            handled: [MonoTime::ZERO; MAX_SEGMENTS],
             flush: Rc::new(Notify::new()),
         })
     } else {
@@ -219,19 +241,19 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
         relay,
         counters: BackendCounters::default(),
         clock,
-        kernel_time: bind.timestamps,
+        estimated,
         send_log: dataplane::SendErrorLog::default(),
         leg,
     }));
-    let sockets: Option<ChannelSockets> = leg_parts
-        .as_ref()
-        .map(|_| Rc::new(RefCell::new((0..n).map(|_| None).collect())));
+    let sockets: ChannelSockets = Rc::new(RefCell::new((0..n).map(|_| None).collect()));
     let mut tasks = Tasks {
         shared: Rc::clone(&shared),
         tasks: (0..n).map(|_| None).collect(),
-        sockets: sockets.clone(),
+        sockets: Some(Rc::clone(&sockets)),
+        estimated,
     };
-    if let (Some((socket, notify)), Some(table)) = (leg_parts, sockets) {
+    if let Some((socket, notify)) = leg_parts {
+        let table = Rc::clone(&sockets);
         tokio::task::spawn_local(echo_leg(socket, table, Rc::clone(&shared)));
         tokio::task::spawn_local(flusher(Rc::clone(&shared), notify));
     }
@@ -249,6 +271,16 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
                 match msg {
                     Some(CtlMsg::Command { command, reply }) => {
                         let mut sh = shared.borrow_mut();
+                        // A channel about to close takes the stamps already queued for its
+                        // last sends.
+                        if let relay_proto::Command::Remove(r) = &command {
+                            let socket = sh.relay.socket_of(&r.channel).and_then(|id| {
+                                sockets.borrow().get(id.0 as usize).cloned().flatten()
+                            });
+                            if let Some(socket) = socket.filter(|_| !estimated) {
+                                sh.drain_stamps(&socket);
+                            }
+                        }
                         let r = dataplane::execute(&mut sh.relay, &mut tasks, bind, now, command);
                         let _ = reply.send(r);
                     }
@@ -286,9 +318,16 @@ async fn channel(socket: Rc<UdpSocket>, id: SocketId, shared: SharedRef) {
     // One byte more than the largest payload, to tell an oversize datagram from a full one.
     let mut buf = vec![0u8; MAX_PAYLOAD + 1];
     let mut control = [0u8; relay_io::socket::CONTROL_LEN];
+    let interest = interest(&shared);
     loop {
-        if socket.readable().await.is_err() {
+        let Ok(ready) = socket.ready(interest).await else {
             return;
+        };
+        if ready.is_error() {
+            shared.borrow_mut().drain_stamps(&socket);
+        }
+        if !ready.is_readable() {
+            continue;
         }
         let mut drained = 0usize;
         while let Some(meta) = recv_one(&socket, &mut buf, &mut control, &shared) {
@@ -301,21 +340,20 @@ async fn channel(socket: Rc<UdpSocket>, id: SocketId, shared: SharedRef) {
                 shared.borrow_mut().counters.recv_errors += 1;
                 continue;
             };
-            // (user time: when handling started, the start of the forward time)
-            let (verdict, started) = {
+            let verdict = {
                 let mut sh = shared.borrow_mut();
                 let times = sh.times(control.get(..meta.control_len).unwrap_or_default());
-                (sh.decide(times, id, from, payload), times.1)
+                sh.decide(times, id, from, payload)
             };
             match verdict {
                 Verdict::Forward {
                     to,
                     direction: Direction::ToEcho,
                 } if shared.borrow().leg.is_some() => {
-                    gather(&mut shared.borrow_mut(), id, payload, to, started);
+                    gather(&mut shared.borrow_mut(), id, payload, to);
                 }
                 Verdict::Forward { to, direction } => {
-                    send_one(&socket, &shared, id, payload, to, direction, started).await;
+                    send_one(&socket, &shared, id, payload, to, direction).await;
                 }
                 Verdict::Drop(_) => {}
             }
@@ -344,9 +382,18 @@ fn recv_one(
     }
 }
 
-/// Sends one forwarded datagram from `socket` and settles its T0 / forward time: with kernel
-/// time, a quarter into its `sendmsg` (the packet meets the wire inside it); with user time, the
-/// forward time from `started` to the send's return.
+/// What a socket task waits for: datagrams, and with kernel send times its transmit stamps.
+fn interest(shared: &SharedRef) -> Interest {
+    if shared.borrow().estimated {
+        Interest::READABLE
+    } else {
+        Interest::READABLE | Interest::ERROR
+    }
+}
+
+/// Sends one forwarded datagram from `socket`. With kernel send times the send carries the stamp
+/// id the core gave the datagram, and its stamp settles T0 / the forward time when it comes;
+/// with estimated ones, they are taken a quarter into its `sendmsg`.
 async fn send_one(
     socket: &UdpSocket,
     shared: &SharedRef,
@@ -354,20 +401,26 @@ async fn send_one(
     payload: &[u8],
     to: SocketAddr,
     direction: Direction,
-    started: MonoTime,
 ) {
-    let kernel_time = shared.borrow().kernel_time;
-    let before = kernel_time.then(|| shared.borrow().clock.now());
-    let sent = match socket.try_send_to(payload, to) {
+    let (estimated, stamp_id, before) = {
+        let sh = shared.borrow();
+        (sh.estimated, sh.relay.send_id(), sh.clock.now())
+    };
+    let opts = SendOpts {
+        segment: None,
+        stamp_id,
+    };
+    let send = || relay_io::send_msg(socket, payload, to, opts);
+    let sent = match socket.try_io(Interest::WRITABLE, send) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            if let Some(before) = before {
+            if estimated {
                 // Other tasks run while this one waits: settle it first.
                 shared.borrow_mut().relay.submitted(before);
             }
-            socket.send_to(payload, to).await
+            socket.async_io(Interest::WRITABLE, send).await
         }
         r => {
-            if let Some(before) = before {
+            if estimated {
                 let mut sh = shared.borrow_mut();
                 let after = sh.clock.now();
                 sh.relay.submitted_between(before, after);
@@ -375,33 +428,32 @@ async fn send_one(
             r
         }
     };
-    let mut sh = shared.borrow_mut();
-    match sent {
-        Ok(_) if !kernel_time => {
-            let elapsed = sh.clock.now().nanos_since(started);
-            sh.relay.record_forward(direction, elapsed);
+    if let Err(e) = sent {
+        let mut sh = shared.borrow_mut();
+        let now = sh.clock.now();
+        let Shared {
+            counters,
+            send_log,
+            relay,
+            ..
+        } = &mut *sh;
+        if let Some(stamp) = stamp_id {
+            let _ = relay.send_failed(stamp);
         }
-        Ok(_) => {}
-        Err(e) => {
-            let now = sh.clock.now();
-            let Shared {
-                counters, send_log, ..
-            } = &mut *sh;
-            send_log.note(
-                counters,
-                now,
-                e.raw_os_error().unwrap_or(0),
-                id.0,
-                direction,
-            );
-        }
+        send_log.note(
+            counters,
+            now,
+            e.raw_os_error().unwrap_or(0),
+            id.0,
+            direction,
+        );
     }
 }
 
 /// Shared echo leg, on the way out: writes the channel's tag over the datagram's SSRC and
 /// appends it to the batch, sending the batch first when the datagram's size or address differs
 /// or it is full. The first datagram of a batch wakes the flusher.
-fn gather(sh: &mut Shared, id: SocketId, payload: &mut [u8], to: SocketAddr, handled: MonoTime) {
+fn gather(sh: &mut Shared, id: SocketId, payload: &mut [u8], to: SocketAddr) {
     let n = payload.len();
     if let Some(leg) = sh.leg.as_ref() {
         let fits = leg.to == Some(to)
@@ -420,22 +472,19 @@ fn gather(sh: &mut Shared, id: SocketId, payload: &mut [u8], to: SocketAddr, han
         leg.flush.notify_one();
     }
     leg.batch.extend_from_slice(payload);
-    if let Some(h) = leg.handled.get_mut(leg.count) {
-        *h = handled;
-    }
     leg.count += 1;
     sh.relay.gathered_last(BATCH);
 }
 
 /// Sends the gathered batch, if any: one `sendmsg`, with UDP_SEGMENT when it holds more than one
-/// datagram. Its datagrams' T0 is a quarter into that call. A refused send counts every datagram
-/// in it as a send error.
+/// datagram. Its datagrams' T0 is that send's one transmit stamp (estimated: a quarter into that
+/// call). A refused send counts every datagram in it as a send error.
 fn flush(sh: &mut Shared) {
     let Shared {
         relay,
         counters,
         clock,
-        kernel_time,
+        estimated,
         send_log,
         leg: Some(leg),
     } = sh
@@ -447,20 +496,19 @@ fn flush(sh: &mut Shared) {
     };
     let count = leg.count;
     let segment = (count > 1).then(|| u16::try_from(leg.size).unwrap_or(u16::MAX));
+    let stamp_id = relay.batch_queued(BATCH);
     let before = clock.now();
     let sent = leg.socket.try_io(Interest::WRITABLE, || {
-        relay_io::send_gso(&*leg.socket, &leg.batch, segment, to)
+        relay_io::send_msg(&*leg.socket, &leg.batch, to, SendOpts { segment, stamp_id })
     });
     let after = clock.now();
-    relay.batch_queued(BATCH);
-    if *kernel_time {
+    if *estimated {
         relay.submitted_between(before, after);
-    } else if sent.is_ok() {
-        for h in leg.handled.get(..count).unwrap_or_default() {
-            relay.record_forward(Direction::ToEcho, after.nanos_since(*h));
-        }
     }
     if let Err(e) = sent {
+        if let Some(stamp) = stamp_id {
+            let _ = relay.send_failed(stamp);
+        }
         let errno = e.raw_os_error().unwrap_or(libc::EAGAIN);
         let slot = relay.config().max_channels;
         send_log.note(counters, after, errno, slot, Direction::ToEcho);
@@ -485,9 +533,16 @@ async fn flusher(shared: SharedRef, notify: Rc<Notify>) {
 async fn echo_leg(socket: Rc<UdpSocket>, channels: ChannelSockets, shared: SharedRef) {
     let mut buf = vec![0u8; relay_io::ring::MAX_BUFFER_SIZE];
     let mut control = [0u8; relay_io::socket::CONTROL_LEN];
+    let interest = interest(&shared);
     loop {
-        if socket.readable().await.is_err() {
+        let Ok(ready) = socket.ready(interest).await else {
             return;
+        };
+        if ready.is_error() {
+            shared.borrow_mut().drain_stamps(&socket);
+        }
+        if !ready.is_readable() {
+            continue;
         }
         let mut drained = 0usize;
         while let Some(meta) = recv_one(&socket, &mut buf, &mut control, &shared) {
@@ -520,7 +575,7 @@ async fn echo_leg(socket: Rc<UdpSocket>, channels: ChannelSockets, shared: Share
                     (out, id, sh.decide(times, id, from, datagram))
                 };
                 if let Verdict::Forward { to, direction } = verdict {
-                    send_one(&out, &shared, id, datagram, to, direction, times.1).await;
+                    send_one(&out, &shared, id, datagram, to, direction).await;
                 }
             }
         }

@@ -32,7 +32,10 @@ use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use relay_proto::{Direction, ErrorCode, ErrorReply, GlobalStats, Relay, SocketId, Verdict};
+use relay_io::SendOpts;
+use relay_proto::{
+    Direction, ErrorCode, ErrorReply, GlobalStats, Relay, SendTimes, SocketId, Verdict,
+};
 
 use crate::dataplane::{
     self, BackendCounters, BindConfig, Clock, CtlMsg, Shard, SocketTable, MAX_GSO_BYTES,
@@ -52,6 +55,16 @@ const ECHO_RECV: u64 = 5;
 const SEND_TX: u64 = 6;
 /// A GSO send of a batch toward the echo from a large transmit buffer.
 const LARGE_TX: u64 = 7;
+/// The transmit-stamp command of a socket (slot and generation, as a receive's).
+const STAMPS: u64 = 8;
+/// Error readiness of a socket, where the kernel lacks the transmit-stamp command.
+const ERR_POLL: u64 = 9;
+/// No stamp id: a send the core gave none (estimated send times, or a failed one).
+const NO_ID: u32 = u32::MAX;
+
+fn stamps_data(kind: u64, slot: u32, gen: u32) -> u64 {
+    (kind << KIND_SHIFT) | (u64::from(gen & 0xff_ffff) << 32) | u64::from(slot)
+}
 
 fn recv_data(slot: u32, gen: u32) -> u64 {
     (RECV << KIND_SHIFT) | (u64::from(gen & 0xff_ffff) << 32) | u64::from(slot)
@@ -73,6 +86,8 @@ struct Slot {
     gen: u32,
     /// Whether a multishot receive is armed.
     armed: bool,
+    /// Whether its transmit stamps are being collected (the command, or the error poll).
+    stamps: bool,
 }
 
 /// The ring plus the slots: the io_uring backend's socket table.
@@ -85,12 +100,53 @@ struct Sockets {
     rearm: Vec<u32>,
     /// The shared echo leg, with `--echo-leg shared`.
     shared: Option<SharedLeg>,
+    /// With kernel send times: where the transmit stamps come from.
+    stamps: Option<StampSource>,
+    /// Slots whose stamp collection ended and must be re-armed.
+    restamp: Vec<u32>,
+    /// The stamp id of each send in flight, by the buffer it is sent from (receive buffers,
+    /// small and large transmit buffers), so a failed send gives its records back.
+    ids: SendIds,
+}
+
+/// Where transmit stamps come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StampSource {
+    /// io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` command (Linux 6.15+).
+    Command,
+    /// The socket's error queue, read when a multishot poll says `POLLERR`.
+    ErrorQueue,
+}
+
+/// Stamp ids of sends in flight, by buffer.
+#[derive(Debug, Default)]
+struct SendIds {
+    /// By receive buffer.
+    rx: Vec<u32>,
+    /// By small transmit buffer.
+    tx: Vec<u32>,
+    /// By large transmit buffer.
+    large: Vec<u32>,
+}
+
+impl SendIds {
+    fn set(v: &mut [u32], i: u16, id: Option<u32>) {
+        if let Some(x) = v.get_mut(usize::from(i)) {
+            *x = id.unwrap_or(NO_ID);
+        }
+    }
+
+    fn take(v: &mut [u32], i: u16) -> Option<u32> {
+        v.get_mut(usize::from(i))
+            .map(|x| std::mem::replace(x, NO_ID))
+            .filter(|&id| id != NO_ID)
+    }
 }
 
 /// The shard's one socket toward the echo, and the GSO batch being gathered for it.
 struct SharedLeg {
     /// The socket (the ring holds it in fixed-file slot `slot`).
-    _socket: UdpSocket,
+    socket: UdpSocket,
     /// Its fixed-file slot (after the channels').
     slot: u32,
     /// Whether its multishot receive is armed.
@@ -117,30 +173,32 @@ struct Batch {
 impl SharedLeg {
     /// Queues the gathered batch's send, if any: one `sendmsg` with UDP_SEGMENT when it holds
     /// more than one packet. The core learns its place in the queue (its datagrams' T0).
-    fn flush(&mut self, ring: &mut Ring, relay: &mut Relay, counters: &mut BackendCounters) {
+    fn flush(
+        &mut self,
+        ring: &mut Ring,
+        relay: &mut Relay,
+        counters: &mut BackendCounters,
+        ids: &mut SendIds,
+    ) {
         let Some(b) = self.batch.take() else { return };
         let segment = (b.count > 1).then(|| u16::try_from(b.size).unwrap_or(u16::MAX));
         let ud = (LARGE_TX << KIND_SHIFT) | u64::from(b.buffer);
+        // Queued either way: a refused send's datagrams must not wait for a later batch that
+        // reuses the buffer. With kernel send times, the id its one stamp comes back with.
+        let stamp_id = relay.batch_queued(b.buffer);
+        let opts = SendOpts { segment, stamp_id };
         if ring
-            .send_large_tx(
-                self.slot,
-                b.buffer,
-                b.used,
-                b.to,
-                ud,
-                relay_io::SendOpts {
-                    segment,
-                    stamp_id: None,
-                },
-            )
+            .send_large_tx(self.slot, b.buffer, b.used, b.to, ud, opts)
             .is_err()
         {
             counters.send_errors += b.count as u64;
             ring.large_tx_release(b.buffer);
+            if let Some(id) = stamp_id {
+                let _ = relay.send_failed(id);
+            }
+        } else {
+            SendIds::set(&mut ids.large, b.buffer, stamp_id);
         }
-        // Settled either way: a refused send's datagrams must not wait for a later batch that
-        // reuses the buffer.
-        relay.batch_queued(b.buffer);
     }
 }
 
@@ -158,6 +216,12 @@ impl SocketTable for Sockets {
         self.ring
             .arm_recv(id.0, recv_data(id.0, slot.gen))
             .map_err(|e| io("arm receive", e))?;
+        if let Some(source) = self.stamps {
+            relay_io::enable_tx_timestamps(&socket).map_err(|e| io("transmit stamps", e))?;
+            arm_stamps(&mut self.ring, source, id.0, slot.gen)
+                .map_err(|e| io("arm transmit stamps", e))?;
+            slot.stamps = true;
+        }
         slot.socket = Some(socket);
         slot.armed = true;
         Ok(())
@@ -172,9 +236,17 @@ impl SocketTable for Sockets {
                 .ring
                 .cancel(recv_data(id.0, slot.gen), CANCEL << KIND_SHIFT);
         }
+        if slot.stamps {
+            for kind in [STAMPS, ERR_POLL] {
+                let _ = self
+                    .ring
+                    .cancel(stamps_data(kind, id.0, slot.gen), CANCEL << KIND_SHIFT);
+            }
+        }
         let _ = self.ring.unregister_socket(id.0);
         slot.socket = None;
         slot.armed = false;
+        slot.stamps = false;
         slot.gen = slot.gen.wrapping_add(1);
     }
 }
@@ -192,16 +264,30 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         closed,
     } = shard;
     let mut clock = Clock::new();
-    let kernel_time = bind.timestamps;
+    // Estimated send times: clock reads around the enters that submit sends.
+    let estimated = relay.config().send_times == SendTimes::Estimated;
     let slots = (0..relay.config().max_channels)
         .map(|_| Slot::default())
         .collect();
+    let ids = SendIds {
+        rx: vec![NO_ID; usize::from(ring.buffer_count())],
+        tx: vec![NO_ID; usize::from(ring.tx_count())],
+        large: vec![NO_ID; usize::from(ring.large_tx_count())],
+    };
     let mut s = Sockets {
         ring,
         slots,
         rearm: Vec::new(),
         shared: None,
+        stamps: (!estimated).then_some(if bind.stamp_command {
+            StampSource::Command
+        } else {
+            StampSource::ErrorQueue
+        }),
+        restamp: Vec::new(),
+        ids,
     };
+    s.ring.expect_stamps(s.stamps == Some(StampSource::Command));
     let mut counters = BackendCounters::default();
     s.ring.arm_waker(WAKE << KIND_SHIFT)?;
     if bind.shared_echo {
@@ -213,16 +299,19 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         relay_io::enable_udp_gro(&socket)?;
         s.ring.register_socket(slot, socket.as_raw_fd())?;
         s.ring.arm_recv_large(slot, ECHO_RECV << KIND_SHIFT)?;
+        if let Some(source) = s.stamps {
+            relay_io::enable_tx_timestamps(&socket)?;
+            arm_stamps(&mut s.ring, source, slot, 0)?;
+        }
         tracing::info!(shard = relay.config().shard, local = %socket.local_addr()?, "shared echo leg");
         s.shared = Some(SharedLeg {
-            _socket: socket,
+            socket,
             slot,
             armed: true,
             batch: None,
         });
     }
     let mut shutdown = None;
-    let mut forwarded = [0u64; 2];
     let mut send_log = dataplane::SendErrorLog::default();
 
     while shutdown.is_none() {
@@ -231,9 +320,9 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
             .poll_timeout()
             .map_or(publisher.deadline(), |t| t.min(publisher.deadline()));
         let wait = Duration::from_nanos(next.nanos_since(now).max(1));
-        if kernel_time && relay.unsubmitted() > 0 {
+        if estimated && relay.unsubmitted() > 0 {
             // The last batch's sends leave during this enter, one after another: each one's T0
-            // lies between the clock reads around it, by its place in the batch.
+            // is estimated between the clock reads around it, by its place in the batch.
             let start = clock.now();
             s.ring.submit()?;
             relay.submitted_between(start, clock.now());
@@ -242,11 +331,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         s.ring.submit_and_wait(Some(wait))?;
         counters.enters += 1;
 
-        let now = if kernel_time {
-            clock.resample(&mut counters)
-        } else {
-            clock.now()
-        };
+        let now = clock.resample(&mut counters);
         let completions = s.ring.drain_completions();
         counters.batch(completions.len());
         for c in &completions {
@@ -256,8 +341,8 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                         s: &mut s,
                         relay: &mut relay,
                         counters: &mut counters,
-                        forwarded: &mut forwarded,
-                        clock: kernel_time.then_some(&clock),
+                        clock: &clock,
+                        estimated,
                     };
                     if kind == RECV {
                         on_recv(&mut io, now, c)?;
@@ -268,12 +353,17 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                 SEND_TX | LARGE_TX => {
                     let i = (c.user_data & 0xffff) as u16;
                     let tx = c.user_data >> KIND_SHIFT == SEND_TX;
-                    if tx {
+                    let id = if tx {
                         s.ring.tx_release(i);
+                        SendIds::take(&mut s.ids.tx, i)
                     } else {
                         s.ring.large_tx_release(i);
-                    }
+                        SendIds::take(&mut s.ids.large, i)
+                    };
                     if c.result < 0 {
+                        if let Some(id) = id {
+                            let _ = relay.send_failed(id);
+                        }
                         let (slot, d) = if tx {
                             (
                                 ((c.user_data >> 32) & 0xff_ffff) as u32,
@@ -286,30 +376,36 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                     }
                 }
                 SEND => {
-                    if let Ok(bid) = u16::try_from(c.user_data & 0xffff) {
-                        s.ring.recycle(bid);
-                    }
+                    let bid = (c.user_data & 0xffff) as u16;
+                    s.ring.recycle(bid);
+                    let id = SendIds::take(&mut s.ids.rx, bid);
                     if c.result < 0 {
+                        if let Some(id) = id {
+                            let _ = relay.send_failed(id);
+                        }
                         let slot = ((c.user_data >> 32) & 0xff_ffff) as u32;
                         let d = Direction::ALL[((c.user_data >> 16) & 1) as usize];
                         send_log.note(&mut counters, now, -c.result, slot, d);
                     }
                 }
+                STAMPS | ERR_POLL => on_stamps(&mut s, &mut relay, &mut counters, &clock, c),
                 WAKE => {
                     // Commands push receives and cancels, which may submit the queued sends
                     // implicitly: they leave now, between clock reads.
-                    if kernel_time && relay.unsubmitted() > 0 {
+                    if estimated && relay.unsubmitted() > 0 {
                         let start = clock.now();
                         s.ring.submit()?;
                         relay.submitted_between(start, clock.now());
                         counters.enters += 1;
                     }
+                    // Stamps read while handling commands precede this sample.
+                    clock.resample(&mut counters);
                     while let Ok(msg) = rx.try_recv() {
                         handle_msg(
                             msg,
                             &mut relay,
                             &mut s,
-                            &counters,
+                            &mut counters,
                             bind,
                             &clock,
                             &mut shutdown,
@@ -322,22 +418,16 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         }
         if let Some(sh) = s.shared.as_mut() {
             if sh.batch.is_some() {
-                make_room(
-                    &mut s.ring,
-                    &mut relay,
-                    kernel_time.then_some(&clock),
-                    &mut counters,
-                )?;
+                make_room(&mut s.ring, &mut relay, estimated, &clock, &mut counters)?;
             }
-            sh.flush(&mut s.ring, &mut relay, &mut counters);
+            sh.flush(&mut s.ring, &mut relay, &mut counters, &mut s.ids);
         }
         s.ring.give_back(completions);
         s.ring.sync_buffers();
         // Every push below may find the queue full and submit the sends in it: make room first,
         // so that they leave between clock reads (their T0).
-        let kernel_clock = kernel_time.then_some(&clock);
         if s.shared.as_ref().is_some_and(|sh| !sh.armed) {
-            make_room(&mut s.ring, &mut relay, kernel_clock, &mut counters)?;
+            make_room(&mut s.ring, &mut relay, estimated, &clock, &mut counters)?;
         }
         if let Some(sh) = s.shared.as_mut().filter(|sh| !sh.armed) {
             s.ring.arm_recv_large(sh.slot, ECHO_RECV << KIND_SHIFT)?;
@@ -349,22 +439,23 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                 continue;
             };
             if st.socket.is_some() && !st.armed {
-                make_room(&mut s.ring, &mut relay, kernel_clock, &mut counters)?;
+                make_room(&mut s.ring, &mut relay, estimated, &clock, &mut counters)?;
                 s.ring.arm_recv(slot, recv_data(slot, st.gen))?;
                 st.armed = true;
             }
         }
-
-        if forwarded != [0, 0] && !kernel_time {
-            let elapsed = clock.now().nanos_since(now);
-            for d in Direction::ALL {
-                let n = forwarded[d.index()];
-                if n > 0 {
-                    relay.record_forward_n(d, elapsed, n);
-                }
+        for slot in std::mem::take(&mut s.restamp) {
+            let (source, shared_slot) = (s.stamps, s.shared.as_ref().map(|sh| sh.slot));
+            let gen = match s.slots.get(slot as usize) {
+                Some(st) if st.socket.is_some() => st.gen,
+                _ if shared_slot == Some(slot) => 0,
+                _ => continue,
+            };
+            if let Some(source) = source {
+                arm_stamps(&mut s.ring, source, slot, gen)?;
+                counters.stamp_rearms += 1;
             }
         }
-        forwarded = [0, 0];
 
         if relay.poll_timeout().is_some_and(|t| t <= now) {
             relay.handle_timeout(now);
@@ -388,7 +479,7 @@ fn handle_msg(
     msg: CtlMsg,
     relay: &mut Relay,
     s: &mut Sockets,
-    counters: &BackendCounters,
+    counters: &mut BackendCounters,
     bind: BindConfig,
     clock: &Clock,
     shutdown: &mut ShutdownReply,
@@ -396,6 +487,12 @@ fn handle_msg(
     let now = clock.now();
     match msg {
         CtlMsg::Command { command, reply } => {
+            // A channel about to close takes the stamps already queued for its last sends.
+            if let relay_proto::Command::Remove(r) = &command {
+                if let Some(id) = relay.socket_of(&r.channel) {
+                    drain_error_queue(s, relay, counters, clock, id.0);
+                }
+            }
             let _ = reply.send(dataplane::execute(relay, s, bind, now, command));
         }
         CtlMsg::Snapshot { reply } => {
@@ -413,10 +510,10 @@ struct Io<'a> {
     relay: &'a mut Relay,
     /// Backend counters.
     counters: &'a mut BackendCounters,
-    /// Datagrams forwarded this batch, per direction (user time only).
-    forwarded: &'a mut [u64; 2],
-    /// With kernel timestamps: the clock that converts them.
-    clock: Option<&'a Clock>,
+    /// The clock that converts kernel stamps.
+    clock: &'a Clock,
+    /// Estimated send times (`--timestamps user`).
+    estimated: bool,
 }
 
 fn on_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Result<()> {
@@ -463,10 +560,10 @@ fn forward(
         s,
         relay,
         counters,
-        forwarded,
         clock,
+        estimated,
     } = io;
-    make_room(&mut s.ring, relay, *clock, counters)?;
+    make_room(&mut s.ring, relay, *estimated, clock, counters)?;
     let verdict = match s.ring.received(bid, len) {
         Some(_) if !current => {
             // A previous channel's datagram, in flight when it closed.
@@ -477,19 +574,15 @@ fn forward(
             counters.oversize += 1;
             None
         }
-        Some(r) => match (r.from, clock) {
-            (Some(from), Some(clock)) => {
+        Some(r) => match r.from {
+            Some(from) => {
                 let arrival = clock.arrival(r.control, now, counters);
                 Some((
                     relay.handle_received(arrival, now, SocketId(slot), from, r.payload),
                     r.payload.len(),
                 ))
             }
-            (Some(from), None) => Some((
-                relay.handle_datagram(now, SocketId(slot), from, r.payload),
-                r.payload.len(),
-            )),
-            (None, _) => {
+            None => {
                 counters.recv_errors += 1;
                 None
             }
@@ -507,20 +600,26 @@ fn forward(
             },
             n,
         )) if s.shared.is_some() => {
-            if gather(s, relay, counters, slot, bid, len, n, to) {
-                forwarded[Direction::ToEcho.index()] += 1;
-            }
+            gather(s, relay, counters, slot, bid, len, n, to);
             s.ring.recycle(bid);
         }
         Some((Verdict::Forward { to, direction }, n)) => {
+            let stamp_id = relay.send_id();
+            let opts = SendOpts {
+                segment: None,
+                stamp_id,
+            };
             if s.ring
-                .send(slot, bid, n, to, send_data(slot, bid, direction))
+                .send_with(slot, bid, n, to, send_data(slot, bid, direction), opts)
                 .is_ok()
             {
-                forwarded[direction.index()] += 1;
+                SendIds::set(&mut s.ids.rx, bid, stamp_id);
             } else {
                 counters.send_errors += 1;
                 s.ring.recycle(bid);
+                if let Some(id) = stamp_id {
+                    let _ = relay.send_failed(id);
+                }
             }
         }
         _ => s.ring.recycle(bid),
@@ -528,22 +627,21 @@ fn forward(
     Ok(())
 }
 
-/// With kernel timestamps, before a send is queued: when the submission queue is full, queueing
-/// would submit the sends it holds without a clock read around it, so they are submitted here,
-/// between two, and leave now.
+/// With estimated send times, before a send is queued: when the submission queue is full,
+/// queueing would submit the sends it holds without a clock read around it, so they are
+/// submitted here, between two, and leave now.
 fn make_room(
     ring: &mut Ring,
     relay: &mut Relay,
-    clock: Option<&Clock>,
+    estimated: bool,
+    clock: &Clock,
     counters: &mut BackendCounters,
 ) -> std::io::Result<()> {
-    if let Some(clock) = clock {
-        if ring.submission_full() {
-            let start = clock.now();
-            ring.submit()?;
-            relay.submitted_between(start, clock.now());
-            counters.enters += 1;
-        }
+    if estimated && ring.submission_full() {
+        let start = clock.now();
+        ring.submit()?;
+        relay.submitted_between(start, clock.now());
+        counters.enters += 1;
     }
     Ok(())
 }
@@ -570,7 +668,7 @@ fn gather(
         let fits =
             b.to == to && b.size == n && b.count < MAX_SEGMENTS && b.used + n <= MAX_GSO_BYTES;
         if !fits {
-            sh.flush(&mut s.ring, relay, counters);
+            sh.flush(&mut s.ring, relay, counters, &mut s.ids);
         }
     }
     let b = match sh.batch {
@@ -578,6 +676,7 @@ fn gather(
         None => {
             let Some(buffer) = s.ring.large_tx_acquire() else {
                 counters.send_errors += 1;
+                cancel_last(relay);
                 return false;
             };
             Batch {
@@ -594,6 +693,7 @@ fn gather(
             s.ring.large_tx_release(b.buffer);
         }
         counters.send_errors += 1;
+        cancel_last(relay);
         return false;
     };
     if let Some(buf) = s.ring.large_tx_buffer(b.buffer) {
@@ -617,8 +717,8 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
         s,
         relay,
         counters,
-        forwarded,
         clock,
+        estimated,
     } = io;
     if !c.more() {
         if let Some(sh) = s.shared.as_mut() {
@@ -641,7 +741,7 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
     };
     let len = usize::try_from(c.result).unwrap_or(0);
     let Some((from, arrival, n, segment, truncated)) = s.ring.received_large(bid, len).map(|r| {
-        let arrival = clock.map_or(now, |cl| cl.arrival(r.control, now, counters));
+        let arrival = clock.arrival(r.control, now, counters);
         (r.from, arrival, r.payload.len(), r.segment, r.truncated)
     }) else {
         counters.recv_errors += 1;
@@ -659,7 +759,7 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
         let m = seg.min(n - off);
         let at = off;
         off += m;
-        make_room(&mut s.ring, relay, *clock, counters)?;
+        make_room(&mut s.ring, relay, *estimated, clock, counters)?;
         let Some(i) = s.ring.tx_copy_from_large(bid, len, at, m) else {
             counters.oversize += 1; // longer than a small buffer, or none free
             continue;
@@ -681,21 +781,24 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
             s.ring.tx_release(i);
             continue;
         }
-        let verdict = if clock.is_some() {
-            relay.handle_received(arrival, now, socket, from, buf)
-        } else {
-            relay.handle_datagram(now, socket, from, buf)
-        };
-        match verdict {
-            Verdict::Forward { to, direction } => {
+        match relay.handle_received(arrival, now, socket, from, buf) {
+            Verdict::Forward { to, .. } => {
                 let ud = (SEND_TX << KIND_SHIFT)
                     | (u64::from(socket.0 & 0xff_ffff) << 32)
                     | u64::from(i);
-                if s.ring.send_tx(socket.0, i, m, to, ud).is_ok() {
-                    forwarded[direction.index()] += 1;
+                let stamp_id = relay.send_id();
+                let opts = SendOpts {
+                    segment: None,
+                    stamp_id,
+                };
+                if s.ring.send_tx_with(socket.0, i, m, to, ud, opts).is_ok() {
+                    SendIds::set(&mut s.ids.tx, i, stamp_id);
                 } else {
                     counters.send_errors += 1;
                     s.ring.tx_release(i);
+                    if let Some(id) = stamp_id {
+                        let _ = relay.send_failed(id);
+                    }
                 }
             }
             Verdict::Drop(_) => s.ring.tx_release(i),
@@ -703,4 +806,107 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
     }
     s.ring.recycle_large(bid);
     Ok(())
+}
+
+/// A datagram just forwarded could not be gathered into a send: its stamp record goes back.
+fn cancel_last(relay: &mut Relay) {
+    if let Some(id) = relay.send_id() {
+        let _ = relay.send_failed(id);
+    }
+}
+
+/// Arms the collection of `slot`'s transmit stamps: the ring's command, or an error poll.
+fn arm_stamps(ring: &mut Ring, source: StampSource, slot: u32, gen: u32) -> std::io::Result<()> {
+    match source {
+        StampSource::Command => ring.arm_tx_stamps(slot, stamps_data(STAMPS, slot, gen)),
+        StampSource::ErrorQueue => ring.arm_error_poll(slot, stamps_data(ERR_POLL, slot, gen)),
+    }
+}
+
+/// A completion of a socket's stamp collection. The command's completions each carry a stamp;
+/// an error poll's say the error queue has some, read here. Where the kernel refuses the command
+/// (`EINVAL`, `EOPNOTSUPP`: before Linux 6.15) every socket switches to the error queue.
+fn on_stamps(
+    s: &mut Sockets,
+    relay: &mut Relay,
+    counters: &mut BackendCounters,
+    clock: &Clock,
+    c: &Completion,
+) {
+    let slot = (c.user_data & 0xffff_ffff) as u32;
+    let gen = ((c.user_data >> 32) & 0xff_ffff) as u32;
+    let shared_slot = s.shared.as_ref().map(|sh| sh.slot);
+    let current = shared_slot == Some(slot)
+        || s.slots
+            .get(slot as usize)
+            .is_some_and(|st| st.socket.is_some() && st.gen & 0xff_ffff == gen);
+    if c.user_data >> KIND_SHIFT == STAMPS {
+        match c.tx_stamp() {
+            Ok(st) => {
+                counters.tx_stamps += 1;
+                relay.tx_stamped(st.id, clock.convert(st.at));
+            }
+            Err(relay_io::TxStampError::Ended(e))
+                if (e == -libc::EINVAL || e == -libc::EOPNOTSUPP)
+                    && s.stamps == Some(StampSource::Command) =>
+            {
+                tracing::warn!(
+                    "this kernel has no io_uring transmit-stamp command (Linux 6.15+): stamps \
+                     are read from each socket's error queue"
+                );
+                s.stamps = Some(StampSource::ErrorQueue);
+                s.ring.expect_stamps(false);
+                rearm_all(s);
+                return;
+            }
+            Err(relay_io::TxStampError::Ended(_)) => {}
+            Err(_) => counters.bad_stamps += 1,
+        }
+    } else if c.result >= 0 && current {
+        drain_error_queue(s, relay, counters, clock, slot);
+    }
+    if !c.more() && current && c.result != -libc::ECANCELED {
+        s.restamp.push(slot);
+    }
+}
+
+/// Re-arms the stamp collection of every open socket (after a switch of source).
+fn rearm_all(s: &mut Sockets) {
+    for (i, st) in s.slots.iter().enumerate() {
+        if st.socket.is_some() && st.stamps {
+            s.restamp.push(u32::try_from(i).unwrap_or(u32::MAX));
+        }
+    }
+    if let Some(sh) = &s.shared {
+        s.restamp.push(sh.slot);
+    }
+}
+
+/// Reads every transmit stamp queued on the error queue of the socket in `slot` (a channel's, or
+/// the shared echo leg's) and hands each to the core.
+fn drain_error_queue(
+    s: &Sockets,
+    relay: &mut Relay,
+    counters: &mut BackendCounters,
+    clock: &Clock,
+    slot: u32,
+) {
+    if s.stamps != Some(StampSource::ErrorQueue) {
+        return;
+    }
+    let socket = match &s.shared {
+        Some(sh) if sh.slot == slot => Some(&sh.socket),
+        _ => s.slots.get(slot as usize).and_then(|st| st.socket.as_ref()),
+    };
+    let Some(socket) = socket else { return };
+    loop {
+        match relay_io::recv_tx_stamp(socket) {
+            Ok(st) => {
+                counters.tx_stamps += 1;
+                relay.tx_stamped(st.id, clock.convert(st.at));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => counters.bad_stamps += 1,
+            Err(_) => return,
+        }
+    }
 }

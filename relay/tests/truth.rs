@@ -1,8 +1,11 @@
 //! The relay measures the network, not itself: with a busy process on the relay's core (so the
 //! relay's thread waits for the CPU before it handles anything), its round trip still equals
 //! what the echo held each packet for plus the wire, because arrivals are the kernel's stamps
-//! and T0 is the submission of the send. With `--timestamps user` the same run over-reports by
-//! the relay's own waiting, and the test asserts that too, so it proves it can tell them apart.
+//! and T0 is when the send left: its kernel transmit stamp (`--timestamps kernel`), or the
+//! estimate from the submitting call (`--timestamps user`), which a hog that delays the relay's
+//! handling does not bend either. (What bends the estimate is a co-runner that preempts the
+//! relay *inside* a send: `corunner.rs`.) Before arrivals were kernel stamps, `user` over-reported
+//! here by the relay's own waiting; the arrival side of that is what this test keeps checking.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -119,6 +122,10 @@ fn the_relay_measures_the_network_not_itself(backend: &str) {
     let kernel_err = kernel_rtt.abs_diff(kernel_hold);
     let user_err = user_rtt.abs_diff(user_hold);
     assert!(
+        (1_900_000..2_600_000).contains(&user_hold),
+        "the echo held about 2 ms: {user_hold}"
+    );
+    assert!(
         (1_900_000..2_600_000).contains(&kernel_hold),
         "the echo held about 2 ms: {kernel_hold}"
     );
@@ -129,9 +136,9 @@ fn the_relay_measures_the_network_not_itself(backend: &str) {
         bound(kernel_hold)
     );
     assert!(
-        user_err > bound(user_hold) && user_err > 2 * kernel_err,
-        "user timestamps should over-report by the relay's own waiting: {user_err} ns off \
-         (kernel: {kernel_err} ns, bound {})",
+        user_err <= bound(user_hold),
+        "estimated send times with kernel arrivals: relay RTT p50 {user_rtt} ns is {user_err} ns \
+         from the echo's hold {user_hold} ns (bound {}): the relay's waiting is not charged",
         bound(user_hold)
     );
 }
