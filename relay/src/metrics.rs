@@ -357,7 +357,7 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
         )]),
         family("rtt_seconds", "Echo round-trip time, T1 - T0, of every RTP packet measured.", HISTOGRAM,
             vec![histogram_metric(vec![], &s.rtt, &lat_bounds)]),
-        family("forward_seconds", "Time inside the relay: the datagram's kernel arrival to the submission of its forwarded send (wake-up and batch included).", HISTOGRAM,
+        family("forward_seconds", "Time inside the relay: the datagram's kernel receive stamp to the kernel's transmit stamp of its forwarded send (with --timestamps user, an estimate of when that send left).", HISTOGRAM,
             per_direction(&s.forward, |l, b| histogram_metric(l, b, &lat_bounds))),
         family("receive_delay_seconds", "Kernel arrival of a datagram to the moment the relay's user space handled it (the wake-up part of forward_seconds; empty with --timestamps user).", HISTOGRAM,
             per_direction(&s.receive_delay, |l, b| histogram_metric(l, b, &lat_bounds))),
@@ -395,6 +395,14 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
         total("echo_late_total", "Echoes that returned after their packet timed out.", g.round_trip.late),
         total("echo_unmatched_total", "Echoes that matched no packet sent.", g.round_trip.unmatched),
         total("rtt_high_total", "Round trips above --rtt-threshold-ms.", g.round_trip.rtt_high),
+        total("echo_unmeasured_total", "Echoes that came back whose round trip could not be timed (no usable transmit stamp, or T1 not after T0): not lost, not in rtt_seconds.", g.round_trip.unmeasured),
+        total("timestamps_kernel_total", "Forwarded datagrams whose send the kernel stamped (T0 toward the echo; the end of the forward time both ways).", g.timestamps.kernel),
+        family("timestamps_missing_total", "Times not recorded, by kind: no_stamp (a send's transmit stamp never came), rtt_not_positive, forward_not_positive, clock_step (a stamp taken across a step of the wall clock).", COUNTER,
+            relay_proto::MissingKind::ALL
+                .iter()
+                .map(|&k| counter(vec![label("kind", k.as_str())], g.timestamps.missing.get(k)))
+                .collect()),
+        total("timestamps_stale_total", "Transmit stamps no send was waiting for (given up on already, or of a channel closed since).", g.timestamps.stale),
         family("channels", "Channels open.", GAUGE, vec![gauge_metric(vec![], f64::from(g.channels))]),
         total("channels_opened_total", "Channels opened.", g.channels_opened),
         family("channels_closed_total", "Channels closed, by reason.", COUNTER, vec![
@@ -424,6 +432,8 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
             counter(vec![label("cause", "missing")], c.missing_timestamps),
             counter(vec![label("cause", "untrusted")], c.untrusted_timestamps),
         ]),
+        total("tx_stamps_read_total", "Kernel transmit stamps read (io_uring command completions or error-queue entries).", c.tx_stamps),
+        total("tx_stamps_bad_total", "Transmit-stamp completions or error-queue entries that held no usable stamp.", c.bad_stamps),
         family("recv_rearms_total", "Multishot receives re-armed, by cause.", COUNTER, vec![
             counter(vec![label("cause", "no_buffers")], c.rearm_nobufs),
             counter(vec![label("cause", "other")], c.rearm_other),
