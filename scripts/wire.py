@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """The wire's own timing of a relay run, from a loopback capture, beside the relay's figures.
 
-    scripts/wire.py CAPTURE.pcap LOADGEN.json ECHO_PORT [LABEL]
+    scripts/wire.py CAPTURE.pcap RELAY.json ECHO_PORT [LABEL [METRICS.txt]]
 
 CAPTURE is `tcpdump -i lo --time-stamp-precision=nano -w` of the run (the packets' kernel
-timestamps); LOADGEN is `loadgen rtp --json`'s report, whose `relay` part holds the relay's
-RTT and forward percentiles. Packets are matched by (relay port, RTP sequence number):
+timestamps); RELAY is the relay's figures: `loadgen rtp --json`'s report (its `relay` part) or
+the relay's own `/stats` (its `global` part), with the RTT and forward percentiles. METRICS, the
+relay's `/metrics` at the end of the run, gives the share of its round trips under 10 µs (the
+`rtprelay_rtt_seconds` bucket at 1e-05). Packets are matched by (relay port, RTP sequence
+number):
 
 - wire RTT: relay port -> echo, to echo -> relay port (the round trip the relay measures);
 - wire residence: Asterisk -> relay port, to relay port -> echo (time inside the relay).
@@ -16,8 +19,9 @@ residence by (sequence, first payload bytes), the first time such a packet is se
 echo being its way in from Asterisk (the relay changes only the SSRC on the echo leg).
 
 Prints one Markdown table row and, on standard error, the counts behind it. Exits 1 when a
-target is missed: relay RTT p50 within 5 µs + 2 % of the wire's, p99 within 10 µs + 5 %, forward
-p50 within 5 µs of the wire residence.
+target is missed: relay RTT p50 within 2 µs + 1 % of the wire's, p99 within 5 µs + 2 %, the
+share of round trips under 10 µs within 1 percentage point, the smallest round trip not below
+the wire's smallest − 2 µs, forward p50 within 2 µs of the wire residence.
 """
 
 import json
@@ -110,9 +114,25 @@ def pct(values, q):
     return values[k]
 
 
+def short_share(path):
+    """Percentage of the relay's round trips under 10 µs, from its /metrics text."""
+    under, count = None, None
+    for line in open(path):
+        if line.startswith('rtprelay_rtt_seconds_bucket{le="1e-05"}') or line.startswith(
+            'rtprelay_rtt_seconds_bucket{le="0.00001"}'
+        ):
+            under = float(line.split()[-1])
+        elif line.startswith("rtprelay_rtt_seconds_count"):
+            count = float(line.split()[-1])
+    if under is None or not count:
+        return float("nan")
+    return 100 * under / count
+
+
 def main():
     cap, report, echo_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     label = sys.argv[4] if len(sys.argv) > 4 else ""
+    metrics = sys.argv[5] if len(sys.argv) > 5 else None
     to_echo, from_echo, from_ast = {}, {}, {}
     relay_ports = set()
     rows, cut = packets(cap, echo_port)
@@ -141,19 +161,26 @@ def main():
     rtt = [from_echo[k] - t for k, t in to_echo.items() if k in from_echo and from_echo[k] >= t]
     res = [t - from_ast[k] for k, t in res_to.items() if k in from_ast and t >= from_ast[k]]
     r = json.load(open(report))
-    rl = r["relay"]
+    rl = r["relay"] if "relay" in r else r["global"]
     us = lambda ns: ns / 1e3
     w50, w99 = us(pct(rtt, 0.50)), us(pct(rtt, 0.99))
     r50, r99 = us(rl["rtt"]["p50_ns"]), us(rl["rtt"]["p99_ns"])
+    wmin, rmin = us(min(rtt)) if rtt else float("nan"), us(rl["rtt"]["min_ns"])
     wres = us(pct(res, 0.50))
     f50 = us(rl["forward"]["to_echo"]["p50_ns"])
-    ok50 = abs(r50 - w50) <= 5 + 0.02 * w50
-    ok99 = abs(r99 - w99) <= 10 + 0.05 * w99
-    okf = abs(f50 - wres) <= 5
+    wshort = 100 * sum(1 for v in rtt if v < 10_000) / max(1, len(rtt))
+    rshort = short_share(metrics) if metrics else float("nan")
+    ok50 = abs(r50 - w50) <= 2 + 0.01 * w50
+    ok99 = abs(r99 - w99) <= 5 + 0.02 * w99
+    okshort = metrics is None or abs(rshort - wshort) <= 1
+    okmin = rmin >= wmin - 2
+    okf = abs(f50 - wres) <= 2
     mark = lambda ok: "yes" if ok else "**no**"
     print(
-        f"| {label}{' (shared leg)' if shared else ''} | {len(relay_ports)} | {w50:.1f} | {r50:.1f} | {r50 - w50:+.1f} | {mark(ok50)} "
+        f"| {label}{' (shared leg)' if shared else ''} | {w50:.1f} | {r50:.1f} | {r50 - w50:+.1f} | {mark(ok50)} "
         f"| {w99:.1f} | {r99:.1f} | {r99 - w99:+.1f} | {mark(ok99)} "
+        f"| {wshort:.1f} | {rshort:.1f} | {mark(okshort)} "
+        f"| {wmin:.1f} | {rmin:.1f} | {mark(okmin)} "
         f"| {wres:.1f} | {f50:.1f} | {f50 - wres:+.1f} | {mark(okf)} |"
     )
     print(
@@ -162,7 +189,7 @@ def main():
         f"relay: {rl['rtt']['count']} round trips",
         file=sys.stderr,
     )
-    sys.exit(0 if ok50 and ok99 and okf else 1)
+    sys.exit(0 if ok50 and ok99 and okshort and okmin and okf else 1)
 
 
 if __name__ == "__main__":

@@ -118,8 +118,12 @@ pub struct Sample {
 /// Converts kernel (realtime) stamps to monotonic time.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WallToMono {
-    /// realtime − monotonic, nanoseconds, at the last sample (`None` before the first).
+    /// realtime − monotonic, nanoseconds: the anchor every stamp converts with (`None` before
+    /// the first sample).
     offset: Option<i128>,
+    /// Half the window of the sample the anchor came from: the true offset lies within
+    /// `offset ± offset_uncertainty`.
+    offset_uncertainty: u64,
     /// The monotonic time of the last sample (its midpoint).
     at: u64,
     /// Half the last sample's window.
@@ -138,6 +142,7 @@ impl WallToMono {
     pub const fn new() -> Self {
         Self {
             offset: None,
+            offset_uncertainty: 0,
             at: 0,
             uncertainty: 0,
             stepped: false,
@@ -153,20 +158,42 @@ impl WallToMono {
         let window = s.mono_after.saturating_sub(s.mono_before);
         if window > MAX_WINDOW_NS && self.offset.is_some() {
             self.at = s.mono_after;
+            self.uncertainty = 0;
+            self.stepped = false;
             self.noisy += 1;
             return false;
         }
         let mid = s.mono_before / 2 + s.mono_after / 2 + (s.mono_before % 2 + s.mono_after % 2) / 2;
         let offset = i128::from(s.wall.0) - i128::from(mid);
-        let stepped = self
-            .offset
-            .is_some_and(|prev| (offset - prev).unsigned_abs() > u128::from(STEP_BOUND_NS));
-        self.offset = Some(offset);
+        let half = window.div_ceil(2);
         self.at = mid;
-        self.uncertainty = s.mono_after.saturating_sub(s.mono_before).div_ceil(2);
-        self.stepped = stepped;
-        self.steps += u64::from(stepped);
-        stepped
+        self.uncertainty = half;
+        self.stepped = false;
+        // realtime − monotonic does not change as NTP slews (both clocks are slewed alike), only
+        // when the wall clock is set: the anchor is kept, so that every stamp converts with the
+        // same offset and differences of stamps are exact, unless this sample shows it moved
+        // (its interval and the anchor's do not meet) or pins it down more tightly.
+        match self.offset {
+            Some(anchor) => {
+                let moved = (offset - anchor).unsigned_abs();
+                if moved > u128::from(STEP_BOUND_NS) {
+                    self.stepped = true;
+                    self.steps += 1;
+                    self.offset = Some(offset);
+                    self.offset_uncertainty = half;
+                } else if moved > u128::from(self.offset_uncertainty + half)
+                    || half < self.offset_uncertainty
+                {
+                    self.offset = Some(offset);
+                    self.offset_uncertainty = half;
+                }
+            }
+            None => {
+                self.offset = Some(offset);
+                self.offset_uncertainty = half;
+            }
+        }
+        self.stepped
     }
 
     /// Kernel stamp `t` in monotonic nanoseconds, or `None` when it cannot be trusted (no sample
@@ -232,6 +259,29 @@ mod tests {
     }
 
     #[test]
+    fn samples_that_agree_with_the_anchor_leave_it_alone() {
+        let mut c = WallToMono::new();
+        assert!(!c.resample(sample(5_000_000, EPOCH)));
+        let t = WallTime(EPOCH + 4_000_000);
+        // A sample whose realtime read came late in its window says the offset is 15 ns more:
+        // within both samples' uncertainty (20 ns each), so nothing moves and every stamp keeps
+        // converting as before.
+        assert!(!c.resample(Sample {
+            mono_before: 6_000_000 - 20,
+            wall: WallTime(EPOCH + 6_000_015),
+            mono_after: 6_000_000 + 20,
+        }));
+        assert_eq!(c.to_mono(t), Some(4_000_000));
+        // A tighter sample refines it.
+        assert!(!c.resample(Sample {
+            mono_before: 7_000_000 - 2,
+            wall: WallTime(EPOCH + 7_000_005),
+            mono_after: 7_000_000 + 2,
+        }));
+        assert_eq!(c.to_mono(t), Some(3_999_995));
+    }
+
+    #[test]
     fn a_wall_clock_step_is_counted_and_never_becomes_a_time() {
         let mut c = WallToMono::new();
         c.resample(sample(1_000_000_000, EPOCH));
@@ -269,10 +319,10 @@ mod tests {
         // A stamp taken just before the wide sample converts exactly, with the old offset, and
         // is not refused as coming from the future.
         assert_eq!(c.to_mono(WallTime(EPOCH + 10_500_000)), Some(10_500_000));
-        // A tight sample takes over again.
-        assert!(!c.resample(sample(20_000_000, EPOCH + 7)));
+        // A tight sample that shows the offset moved (by more than both uncertainties) takes over.
+        assert!(!c.resample(sample(20_000_000, EPOCH + 700)));
         assert_eq!(
-            c.to_mono(WallTime(EPOCH + 7 + 19_000_000)),
+            c.to_mono(WallTime(EPOCH + 700 + 19_000_000)),
             Some(19_000_000)
         );
     }
