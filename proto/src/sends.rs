@@ -305,6 +305,11 @@ mod tests {
     }
 
     #[test]
+    fn a_place_is_forty_eight_bytes() {
+        assert_eq!(size_of::<Place>(), 48, "3 MiB a shard, as the README says");
+    }
+
+    #[test]
     fn a_cancelled_send_counts_nothing() {
         let mut s = Sends::new();
         let a = s.push(rec(1, 0), |_| {});
