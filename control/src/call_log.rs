@@ -108,6 +108,12 @@ pub struct RelayFigures {
     pub r_factor: f64,
     /// Mean opinion score.
     pub mos: f64,
+    /// Packets whose send the kernel stamped (both directions).
+    pub kernel_timed: u64,
+    /// Times not recorded for want of a usable kernel stamp (every kind).
+    pub timestamps_missing: u64,
+    /// Echoes that came back but whose round trip could not be timed.
+    pub rtt_unmeasured: u64,
 }
 
 impl From<&ChannelStats> for RelayFigures {
@@ -134,6 +140,9 @@ impl From<&ChannelStats> for RelayFigures {
             jitter_us: us(a.jitter_ns),
             r_factor: s.score.r_factor,
             mos: s.score.mos,
+            kernel_timed: s.timestamps.kernel,
+            timestamps_missing: s.timestamps.missing.total(),
+            rtt_unmeasured: s.round_trip.unmeasured,
         }
     }
 }
