@@ -2,9 +2,9 @@
 //!
 //! It must never be what limits a benchmark, so it runs on the relay's io_uring code: one
 //! multishot `RecvMsg` on a provided-buffer ring, and each datagram sent back by `SendMsg`
-//! straight from the buffer it arrived in. With no fault configured it keeps no state at all.
-//! With faults ([`faults`]), held packets keep their buffer until they leave; duplicates are
-//! copied into a transmit buffer.
+//! straight from the buffer it arrived in. With no fault configured it keeps no state but the
+//! transmit stamps it waits for. With faults ([`faults`]), held packets keep their
+//! buffer until they leave; duplicates are copied into a transmit buffer.
 //!
 //! With `--gro` the socket has UDP GRO: the segments of a sender's GSO send arrive as one
 //! receive in a 64 KiB buffer. Without faults they go back as one GSO send of the same segment
@@ -16,22 +16,42 @@
 //! leave, into GSO sends (equal size, one destination, up to 64), so a batch that meets no fault
 //! goes back as one send still.
 //!
+//! **Times are the kernel's.** A datagram's arrival is its kernel receive stamp
+//! (`SO_TIMESTAMPNS`); delay, jitter and pacing count from it. Its hold ends at the kernel's
+//! transmit stamp of the send that reflected it (`SO_TIMESTAMPING`, software stamp taken as the
+//! packet is handed to the device; on loopback, the moment `tcpdump` sees it). Every reflection
+//! send (plain, GSO, regathered GSO, duplicate) carries a stamp id, and its stamp comes back on
+//! the socket's error queue, read after every submission and when it polls ready (`--tx-stamps
+//! command` reads them through io_uring's transmit-timestamp command instead, which Linux 6.18
+//! was seen to corrupt provided-buffer receives with, see [`TxStamps`]). Both kinds of stamp are
+//! `CLOCK_REALTIME`, converted to the echo's monotonic clock ([`relay_io::WallToMono`]); the
+//! reflections waiting for their stamp are kept in a fixed ring indexed by the id (`stamps`:
+//! O(1), nothing allocated per packet, a stale or unknown id counted and ignored). A hold that
+//! cannot be taken from two kernel stamps (the stamp never came, the send failed, a clock step,
+//! or a hold that would be zero or negative) is counted in `timestamps_missing`, never recorded.
+//! Where the kernel refuses stamps altogether the echo says `timestamps: user` and times holds
+//! from handling to submission instead.
+//!
 //! Counts are published to atomics once per batch for `/metrics`, and printed as a JSON line on
 //! standard output when the echo exits (SIGTERM, SIGINT, or `--duration`).
 #![forbid(unsafe_code)]
 
 pub mod faults;
+mod stamps;
 
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use relay_io::ring::{Completion, Ring};
+use relay_io::{SendOpts, TxStamp, TxStampError};
 use serde::Serialize;
 
 use crate::faults::{Action, EchoCounts, FaultConfig, Faults};
+use crate::stamps::{Flights, Run};
 
 /// Echo settings.
 #[derive(Clone, Debug)]
@@ -52,10 +72,39 @@ pub struct Config {
     pub duration: Option<Duration>,
     /// Receive with UDP GRO and reflect coalesced batches with UDP GSO (clean only).
     pub gro: bool,
+    /// How transmit stamps are collected.
+    pub tx_stamps: TxStamps,
+}
+
+/// How the echo collects the transmit stamps of its reflections (as the relay's `--tx-stamps`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TxStamps {
+    /// Error readiness (a multishot `POLLERR` poll), then `recvmsg(MSG_ERRQUEUE)` after every
+    /// submission: the default.
+    #[default]
+    ErrorQueue,
+    /// io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` command (Linux 6.15+; the error queue where the
+    /// kernel refuses it, and always with `--gro`). Armed beside provided-buffer receives it was
+    /// seen on Linux 6.18 to hand a receive a buffer still in use (with GRO batches, or when the
+    /// buffers ran short): a reflection then carries another datagram's bytes and the stamps
+    /// the wrong ids. For experiments only.
+    Command,
 }
 
 /// Receive buffers with `--gro`: each holds a coalesced batch of up to 64 KiB.
 const GRO_BUFFERS: u16 = 512;
+
+/// Where the transmit stamps of the reflections come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxStampSource {
+    /// io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` command (Linux 6.15+).
+    Ring,
+    /// The socket's error queue, read after each submission and when it polls ready.
+    ErrorQueue,
+    /// None: the kernel refused transmit (or receive) stamps; holds are user time.
+    None,
+}
 
 /// Counters shared with the metrics endpoint.
 #[derive(Debug, Default)]
@@ -76,10 +125,14 @@ pub struct SharedCounts {
     pub no_buffer: AtomicU64,
     /// Packets held right now.
     pub held: AtomicU64,
+    /// See [`Summary::timestamps_missing`].
+    pub timestamps_missing: AtomicU64,
+    /// See [`Summary::timestamps_stale`].
+    pub timestamps_stale: AtomicU64,
 }
 
 impl SharedCounts {
-    fn store(&self, c: &EchoCounts, held: usize) {
+    fn store(&self, c: &EchoCounts, held: usize, stamps: StampCounts) {
         self.received.store(c.received, Ordering::Relaxed);
         self.sent.store(c.sent, Ordering::Relaxed);
         self.dropped.store(c.dropped, Ordering::Relaxed);
@@ -88,6 +141,9 @@ impl SharedCounts {
         self.delayed.store(c.delayed, Ordering::Relaxed);
         self.no_buffer.store(c.no_buffer, Ordering::Relaxed);
         self.held.store(held as u64, Ordering::Relaxed);
+        self.timestamps_missing
+            .store(stamps.missing, Ordering::Relaxed);
+        self.timestamps_stale.store(stamps.stale, Ordering::Relaxed);
     }
 
     /// Prometheus text.
@@ -139,6 +195,16 @@ impl SharedCounts {
                 "Datagrams lost for want of a transmit buffer (--gro with faults); 0 for exact fault counts.",
                 &self.no_buffer,
             ),
+            counter(
+                "rtpecho_timestamps_missing_total",
+                "Reflected datagrams whose hold was not recorded: the kernel's transmit stamp of their send never came (or the send failed), a clock step, or a hold that was not positive.",
+                &self.timestamps_missing,
+            ),
+            counter(
+                "rtpecho_timestamps_stale_total",
+                "Transmit stamps that settled nothing: an id no send waits for, or an entry that is not a usable stamp.",
+                &self.timestamps_stale,
+            ),
             named_family(
                 "rtpecho_held",
                 "Packets held right now.",
@@ -164,12 +230,23 @@ pub struct Summary {
     pub packets_per_second: f64,
     /// CPU seconds used by the I/O thread per datagram received, in nanoseconds.
     pub cpu_ns_per_packet: Option<f64>,
-    /// How long each reflected datagram stayed in the echo: its kernel arrival to the submission
-    /// of its reflection (`--delay`, `--jitter` and `--pace` included). The reference a relay's
-    /// round trip is compared with.
+    /// How long each reflected datagram (duplicates included) stayed in the echo: its kernel
+    /// receive stamp to the kernel transmit stamp of the send that reflected it (`--delay`,
+    /// `--jitter` and `--pace` included). The reference a relay's round trip is compared with.
+    /// With `timestamps: user`, its handling to the submission of that send.
     pub hold: relay_proto::LatencySummary,
-    /// Where arrival times came from: `kernel` (receive stamps) or `user` (the kernel refused).
+    /// Where times came from: `kernel` (receive and transmit stamps) or `user` (the kernel
+    /// refused them: clock reads at handling and submission).
     pub timestamps: &'static str,
+    /// Where transmit stamps came from: `ring` (io_uring's command), `error_queue`, or `none`.
+    pub tx_timestamps: TxStampSource,
+    /// Reflected datagrams whose hold was not recorded: the transmit stamp of their send never
+    /// came (or the send failed, or the echo stopped first), the wall clock stepped, or the hold
+    /// would have been zero or negative. `hold.count + timestamps_missing = sent`.
+    pub timestamps_missing: u64,
+    /// Transmit stamps that settled nothing: an id no send waits for (given up on already), or
+    /// an error-queue entry that is not a usable stamp.
+    pub timestamps_stale: u64,
     /// Steps of the wall clock seen (their batches' arrivals were taken at handling time).
     pub clock_steps: u64,
     /// Whether it received with UDP GRO.
@@ -180,47 +257,172 @@ pub struct Summary {
     pub gso_sends: u64,
 }
 
+/// How long a reflection waits for its transmit stamp before it is given up on (a stamp takes
+/// microseconds).
+const STAMP_TIMEOUT_NS: u64 = 1_000_000_000;
+/// How long the echo waits for the last stamps when it stops.
+const FINAL_STAMPS: Duration = Duration::from_millis(200);
+/// Most error-queue entries read in one pass (the buffer is allocated once, this big).
+const ERRQUEUE_BATCH: usize = 4096;
+
+/// The timestamp counters.
+#[derive(Clone, Copy, Debug, Default)]
+struct StampCounts {
+    /// See [`Summary::timestamps_missing`].
+    missing: u64,
+    /// See [`Summary::timestamps_stale`].
+    stale: u64,
+}
+
 /// The echo's clock: arrivals from the kernel's receive stamps, and the hold of every datagram
-/// it reflects, measured from that arrival to the submission of the reflection.
+/// it reflects, from that arrival to the kernel's transmit stamp of its reflection.
 #[derive(Debug)]
 struct Timing {
     /// The monotonic clock (nanoseconds since the echo started).
     clock: relay_io::Clock,
-    /// Kernel stamps → monotonic, re-sampled each batch.
+    /// Kernel stamps → monotonic, re-sampled each batch after its completions are drained.
     wall: relay_io::WallToMono,
-    /// Whether the socket gives stamps.
+    /// Whether times are kernel stamps (receive and transmit); false: clock reads.
     kernel: bool,
-    /// Arrivals of the reflections queued since the last submission, with how many datagrams
-    /// arrived then (a coalesced batch is one entry).
-    queued: Vec<(u64, u64)>,
+    /// Where transmit stamps come from.
+    source: TxStampSource,
+    /// The loop's time (the last sample), for the sweep.
+    now: u64,
+    /// Reflections waiting for their transmit stamp (with user time: for their submission).
+    flights: Flights,
+    /// Stamps read from the error queue, settled after the sample that follows them.
+    errq: Vec<TxStamp>,
+    /// Whether the ring's command has given a stamp since it was last armed.
+    ring_stamped: bool,
     /// Receives that held more than one datagram.
     coalesced: u64,
     /// Holds.
     hold: relay_proto::stats::LatencyHistogram<u64>,
+    /// Timestamp counters.
+    counts: StampCounts,
 }
 
 impl Timing {
-    /// The arrival of a datagram with control messages `control`, handled at `now`.
-    fn arrival(&self, control: &[u8], now: u64) -> u64 {
+    /// The arrival of a datagram with control messages `control`, handled at `now`: a time for
+    /// the fault model, and whether it is a kernel stamp a hold can start from (always, with
+    /// user time).
+    fn arrival(&self, control: &[u8], now: u64) -> (u64, bool) {
         if !self.kernel {
-            return now;
+            return (now, true);
         }
         relay_io::rx_timestamp(control)
             .ok()
             .flatten()
             .and_then(|t| self.wall.to_mono(t))
-            .unwrap_or(now)
+            .map_or((now, false), |t| (t, true))
     }
 
-    /// Every queued reflection is submitted now.
+    /// `count` datagrams that arrived at `arrival` (`timed`: a time a hold can start from) are
+    /// about to leave in one send: the id that send carries. If the send is not queued after
+    /// all, [`Flights::cancel`] it.
+    fn depart(&mut self, arrival: u64, timed: bool, count: u64) -> u32 {
+        let missing = &mut self.counts.missing;
+        self.flights.push(
+            Run {
+                arrival: timed.then_some(arrival),
+                count,
+            },
+            self.now,
+            |r| *missing += r.count,
+        )
+    }
+
+    /// What a send carrying stamp id `id` (and `segment`) asks of the kernel.
+    fn opts(&self, id: u32, segment: Option<u16>) -> SendOpts {
+        SendOpts {
+            segment,
+            stamp_id: self.kernel.then_some(id),
+        }
+    }
+
+    /// A transmit stamp came back.
+    fn stamped(&mut self, s: TxStamp) {
+        let left = self.wall.to_mono(s.at);
+        let (hold, missing) = (&mut self.hold, &mut self.counts.missing);
+        let found = self
+            .flights
+            .settle(s.id, |run| record(hold, missing, run, left));
+        if !found {
+            self.counts.stale += 1;
+        }
+    }
+
+    /// The send that carried `id` failed: its stamp will never come.
+    fn failed(&mut self, id: u32) {
+        if self.kernel {
+            let missing = &mut self.counts.missing;
+            let _ = self.flights.settle(id, |run| *missing += run.count);
+        }
+    }
+
+    /// With user time: every reflection queued is submitted now.
     fn submitted(&mut self) {
-        if self.queued.is_empty() {
+        if self.kernel || self.flights.waiting() == 0 {
             return;
         }
         let now = self.clock.now_ns();
-        for (a, n) in self.queued.drain(..) {
-            self.hold.record_n(now.saturating_sub(a), n);
+        let (hold, missing) = (&mut self.hold, &mut self.counts.missing);
+        self.flights
+            .sweep(u64::MAX, |run| record(hold, missing, run, Some(now)));
+    }
+
+    /// Gives up on reflections whose stamp is overdue (all of them with `everything`).
+    fn sweep(&mut self, everything: bool) {
+        let deadline = if everything {
+            u64::MAX
+        } else {
+            self.now.saturating_sub(STAMP_TIMEOUT_NS)
+        };
+        let missing = &mut self.counts.missing;
+        self.flights.sweep(deadline, |run| *missing += run.count);
+    }
+
+    /// Reads the stamps waiting on `socket`'s error queue (settled by [`Timing::settle_errq`]
+    /// after the next sample).
+    fn read_errq(&mut self, socket: &UdpSocket) {
+        while self.errq.len() < ERRQUEUE_BATCH {
+            match relay_io::recv_tx_stamp(socket) {
+                Ok(s) => self.errq.push(s),
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => self.counts.stale += 1,
+                Err(_) => break, // WouldBlock: empty
+            }
         }
+    }
+
+    /// Settles the stamps [`Timing::read_errq`] read.
+    fn settle_errq(&mut self) {
+        let mut errq = std::mem::take(&mut self.errq);
+        for s in errq.drain(..) {
+            self.stamped(s);
+        }
+        self.errq = errq;
+    }
+
+    /// Takes the clock sample the batch's stamps are converted with (after they were drained,
+    /// so that every stamp is older than it).
+    fn resample(&mut self) -> u64 {
+        let sample = self.clock.sample();
+        self.wall.resample(sample);
+        self.now = sample.mono_after;
+        self.now
+    }
+}
+
+/// Records `run`'s hold, which left at `left`, or counts it missing.
+fn record(
+    hold: &mut relay_proto::stats::LatencyHistogram<u64>,
+    missing: &mut u64,
+    run: Run,
+    left: Option<u64>,
+) {
+    match (run.arrival, left) {
+        (Some(a), Some(l)) if l > a => hold.record_n(l - a, run.count),
+        _ => *missing += run.count,
     }
 }
 
@@ -232,6 +434,23 @@ const WAKE: u64 = 4 << 56;
 const RECV_LARGE: u64 = 5 << 56;
 /// A GSO send of regathered datagrams from a large transmit buffer, with faults.
 const SEND_LARGE: u64 = 6 << 56;
+/// io_uring's transmit-stamp command.
+const TX_STAMPS: u64 = 7 << 56;
+/// The error-readiness poll (transmit stamps from the error queue).
+const ERR_POLL: u64 = 8 << 56;
+const KIND: u64 = 0xff << 56;
+
+/// A send's user data: its kind, the stamp id it carries and its buffer.
+fn send_data(kind: u64, id: u32, buffer: u16) -> u64 {
+    kind | u64::from(id) << 16 | u64::from(buffer)
+}
+
+/// The stamp id in a send's user data.
+#[allow(clippy::cast_possible_truncation)] // 32 bits, by construction
+const fn send_id(user_data: u64) -> u32 {
+    (user_data >> 16) as u32
+}
+
 /// Large transmit buffers with `--gro` and faults, for regathered GSO sends (4 MiB).
 const GSO_TX: u16 = 64;
 /// Most datagrams in one GSO send.
@@ -239,77 +458,132 @@ const MAX_SEGMENTS: usize = 64;
 /// Most bytes in one GSO send.
 const MAX_GSO_BYTES: usize = 65_000;
 
+/// The GSO send being gathered.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    /// Its large transmit buffer.
+    buffer: u16,
+    /// Its destination.
+    to: SocketAddr,
+    /// Its datagrams' size.
+    size: usize,
+    /// Datagrams in it.
+    count: usize,
+    /// Bytes in it.
+    used: usize,
+    /// The stamp id of its first run: the id the send carries.
+    first: u32,
+    /// Its last run, and that run's arrival (a datagram of the same arrival joins it).
+    last: (u32, Option<u64>),
+}
+
 /// With `--gro` and faults: datagrams leaving in this iteration, gathered into one GSO send.
 #[derive(Debug, Default)]
 struct Regather {
     /// Whether datagrams are regathered (`--gro` with faults).
     on: bool,
-    /// The send being gathered: (large transmit buffer, destination, datagram size, count, bytes).
-    batch: Option<(u16, SocketAddr, usize, usize, usize)>,
+    /// The send being gathered.
+    batch: Option<Batch>,
     /// Sends that carried more than one datagram.
     gso_sends: u64,
 }
 
 impl Regather {
     /// Queues the gathered send, if any.
-    fn flush(&mut self, ring: &mut Ring) {
-        let Some((buffer, to, size, count, used)) = self.batch.take() else {
+    fn flush(&mut self, ring: &mut Ring, timing: &mut Timing) {
+        let Some(b) = self.batch.take() else {
             return;
         };
-        let segment = (count > 1).then(|| u16::try_from(size).unwrap_or(u16::MAX));
+        let segment = (b.count > 1).then(|| u16::try_from(b.size).unwrap_or(u16::MAX));
         if ring
             .send_large_tx(
                 0,
-                buffer,
-                used,
-                to,
-                SEND_LARGE | u64::from(buffer),
-                relay_io::SendOpts {
-                    segment,
-                    stamp_id: None,
-                },
+                b.buffer,
+                b.used,
+                b.to,
+                send_data(SEND_LARGE, b.first, b.buffer),
+                timing.opts(b.first, segment),
             )
             .is_ok()
         {
-            self.gso_sends += u64::from(count > 1);
+            self.gso_sends += u64::from(b.count > 1);
         } else {
-            ring.large_tx_release(buffer);
+            timing.flights.cancel(b.first);
+            ring.large_tx_release(b.buffer);
         }
     }
 
     /// Appends `copies` copies of the `n`-byte datagram in small transmit buffer `tx` for `to`,
-    /// starting a new send when they do not fit the current one. False (nothing appended) when
-    /// no large transmit buffer is free.
-    fn append(&mut self, ring: &mut Ring, tx: u16, n: usize, to: SocketAddr, copies: u8) -> bool {
+    /// which arrived at `arrival` (`timed`: a kernel stamp), starting a new send when they do
+    /// not fit the current one. False (nothing appended) when no large transmit buffer is free.
+    #[allow(clippy::too_many_arguments)] // one datagram's facts
+    fn append(
+        &mut self,
+        ring: &mut Ring,
+        timing: &mut Timing,
+        tx: u16,
+        n: usize,
+        to: SocketAddr,
+        copies: u8,
+        (arrival, timed): (u64, bool),
+    ) -> bool {
         let k = usize::from(copies);
-        if let Some((_, t, size, count, used)) = self.batch {
-            if t != to || size != n || count + k > MAX_SEGMENTS || used + k * n > MAX_GSO_BYTES {
-                self.flush(ring);
+        if let Some(b) = self.batch {
+            if b.to != to
+                || b.size != n
+                || b.count + k > MAX_SEGMENTS
+                || b.used + k * n > MAX_GSO_BYTES
+            {
+                self.flush(ring, timing);
             }
         }
-        let (buffer, to, size, mut count, mut used) = match self.batch {
-            Some(b) => b,
+        let (mut b, fresh) = match self.batch {
+            Some(b) => (b, false),
             None => match ring.large_tx_acquire() {
-                Some(buffer) => (buffer, to, n, 0, 0),
+                Some(buffer) => (
+                    Batch {
+                        buffer,
+                        to,
+                        size: n,
+                        count: 0,
+                        used: 0,
+                        first: 0,
+                        last: (0, None),
+                    },
+                    true,
+                ),
                 None => return false,
             },
         };
+        let mut copied = 0u64;
         for _ in 0..k {
-            if ring.copy_tx_to_large_tx(tx, n, buffer, used).is_none() {
+            if ring.copy_tx_to_large_tx(tx, n, b.buffer, b.used).is_none() {
                 break;
             }
-            count += 1;
-            used += n;
+            copied += 1;
+            b.count += 1;
+            b.used += n;
         }
-        if count == 0 {
-            ring.large_tx_release(buffer);
+        if copied == 0 {
+            if fresh {
+                ring.large_tx_release(b.buffer);
+            }
             return false;
         }
-        self.batch = Some((buffer, to, size, count, used));
+        let stamp = timed.then_some(arrival);
+        if fresh {
+            let id = timing.depart(arrival, timed, copied);
+            b.first = id;
+            b.last = (id, stamp);
+        } else if !(b.last.1 == stamp && timing.flights.grow(b.last.0, copied)) {
+            let id = timing.depart(arrival, timed, copied);
+            timing.flights.chain(b.last.0, id);
+            b.last = (id, stamp);
+        }
+        self.batch = Some(b);
         true
     }
 }
-const KIND: u64 = 0xff << 56;
 
 /// Transmit buffers with `--gro` and faults: every held segment lives in one (16 MiB).
 const FAULT_TX: u16 = 8192;
@@ -347,12 +621,104 @@ struct Item {
     from: SocketAddr,
     /// Its arrival (the kernel's stamp), nanoseconds on the echo's clock.
     arrival: u64,
+    /// Whether `arrival` is a time its hold can start from (false: no usable kernel stamp).
+    timed: bool,
+}
+
+/// Checks that the kernel stamps sends with the id they carry (`SCM_TS_OPT_ID`, Linux 6.13+),
+/// on a throwaway loopback socket sending one byte to itself: a kernel with `SO_TIMESTAMPING`
+/// but without ids refuses every such send, which would silence the echo.
+fn probe_stamp_ids(ip: IpAddr) -> io::Result<()> {
+    let lo = if ip.is_ipv6() && !ip.is_unspecified() {
+        IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::from(Ipv4Addr::LOCALHOST)
+    };
+    let s = relay_io::bind_udp(lo, 0, 1 << 16)?;
+    relay_io::enable_tx_timestamps(&s)?;
+    let opts = SendOpts {
+        segment: None,
+        stamp_id: Some(0x5eed),
+    };
+    relay_io::send_msg(&s, &[0], s.local_addr()?, opts)?;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match relay_io::recv_tx_stamp(&s) {
+            Ok(t) if t.id == 0x5eed => return Ok(()),
+            Ok(t) => {
+                return Err(io::Error::other(format!(
+                    "the stamp came back with id {:#x}, not the send's",
+                    t.id
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::other("no transmit stamp came back within 1 s"))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sets up transmit stamps on `socket` (fixed-file slot 0 of `ring`, nothing else armed yet)
+/// and says where they will come from: the error queue, or with `--tx-stamps command` io_uring's
+/// command where the kernel takes it (it refuses it at once, at submission, where it does not;
+/// the error queue then); none where the kernel refuses stamps with ids.
+///
+/// With `gro` never the command: armed beside a multishot receive of GRO-coalesced batches into
+/// 64 KiB buffers, Linux 6.18 was seen handing the receive a buffer still waiting to be
+/// reflected (two batches in one buffer: the first one's datagrams overwritten before they
+/// left), and the stamps then carried the ids of the sends that reused it.
+fn tx_stamp_source(
+    ring: &mut Ring,
+    socket: &UdpSocket,
+    listen: IpAddr,
+    mode: TxStamps,
+    gro: bool,
+) -> anyhow::Result<TxStampSource> {
+    if let Err(e) = relay_io::enable_tx_timestamps(socket).and_then(|()| probe_stamp_ids(listen)) {
+        tracing::warn!(
+            "no kernel transmit stamps with ids ({e}): holds are user time (handling to submission)"
+        );
+        return Ok(TxStampSource::None);
+    }
+    if mode == TxStamps::Command && gro {
+        tracing::warn!(
+            "--tx-stamps command is not used with --gro: stamps come from the error queue"
+        );
+    }
+    if mode == TxStamps::Command && !gro {
+        ring.arm_tx_stamps(0, TX_STAMPS)?;
+        ring.submit()?;
+        let cs = ring.drain_completions();
+        let refused = cs
+            .iter()
+            .find(|c| c.user_data == TX_STAMPS && !c.more())
+            .map(|c| c.result);
+        ring.give_back(cs);
+        match refused {
+            None => {
+                // Each stamped send completes twice: the wait counts its stamp in.
+                ring.expect_stamps(true);
+                return Ok(TxStampSource::Ring);
+            }
+            Some(r) => tracing::info!(
+                "io_uring refused the transmit-stamp command ({}): stamps come from the error queue",
+                io::Error::from_raw_os_error(-r)
+            ),
+        }
+    }
+    ring.arm_error_poll(0, ERR_POLL)?;
+    Ok(TxStampSource::ErrorQueue)
 }
 
 /// Runs the echo until `stop` is set or `--duration` passes; returns the summary.
 ///
 /// # Errors
 /// Socket or io_uring set-up failed, or the ring failed.
+#[allow(clippy::too_many_lines)] // one loop, read top to bottom
 pub fn run(
     config: &Config,
     stop: &AtomicBool,
@@ -399,14 +765,42 @@ pub fn run(
             ring.arm_recv(0, RECV)
         }
     };
-    let kernel = match relay_io::enable_rx_timestamps(&socket) {
-        Ok(()) => true,
+    ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&socket))?;
+    let source = match relay_io::enable_rx_timestamps(&socket) {
+        Ok(()) => tx_stamp_source(&mut ring, &socket, listen.ip(), config.tx_stamps, gro)?,
         Err(e) => {
-            tracing::warn!("no kernel receive timestamps ({e}): --delay counts from handling");
-            false
+            tracing::warn!("no kernel receive timestamps ({e}): times are user time");
+            TxStampSource::None
         }
     };
-    ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&socket))?;
+    let kernel = source != TxStampSource::None;
+    tracing::info!(
+        timestamps = if kernel { "kernel" } else { "user" },
+        transmit_stamps = match source {
+            TxStampSource::Ring => "io_uring",
+            TxStampSource::ErrorQueue => "error queue",
+            TxStampSource::None => "none",
+        },
+        "hold: kernel receive stamp to kernel transmit stamp of the reflection"
+    );
+    // The clock starts before the first datagram can arrive: every arrival converts.
+    let mut timing = Timing {
+        clock: relay_io::Clock::new(),
+        wall: relay_io::WallToMono::new(),
+        kernel,
+        source,
+        now: 0,
+        flights: Flights::new(),
+        errq: Vec::with_capacity(if source == TxStampSource::ErrorQueue {
+            ERRQUEUE_BATCH
+        } else {
+            0
+        }),
+        ring_stamped: false,
+        coalesced: 0,
+        hold: relay_proto::stats::LatencyHistogram::new(3),
+        counts: StampCounts::default(),
+    };
     arm(&mut ring)?;
     ring.arm_waker(WAKE)?;
     ready(listen, ring.waker());
@@ -423,14 +817,6 @@ pub fn run(
     let cpu_start = relay_io::thread_cpu_ns();
     let deadline = config.duration.map(|d| start + d);
     let mut rearm = false;
-    let mut timing = Timing {
-        clock: relay_io::Clock::new(),
-        wall: relay_io::WallToMono::new(),
-        kernel,
-        queued: Vec::with_capacity(usize::from(config.buffers) + 1024),
-        coalesced: 0,
-        hold: relay_proto::stats::LatencyHistogram::new(3),
-    };
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
         let now_ns = timing.clock.now_ns();
         let mut wait = Duration::from_millis(100);
@@ -446,10 +832,13 @@ pub fn run(
         // This enter submits the reflections queued by the last batch.
         timing.submitted();
         ring.submit_and_wait(Some(wait))?;
-        let sample = timing.clock.sample();
-        timing.wall.resample(sample);
-        let now_ns = sample.mono_after;
         let completions = ring.drain_completions();
+        if timing.source == TxStampSource::ErrorQueue {
+            timing.read_errq(&socket);
+        }
+        // After the drain: every stamp in it is older than the sample.
+        let now_ns = timing.resample();
+        let mut rearm_stamps = false;
         for c in &completions {
             match c.user_data & KIND {
                 RECV => {
@@ -477,25 +866,49 @@ pub fn run(
                     }
                 }
                 SEND => {
+                    if c.result < 0 {
+                        timing.failed(send_id(c.user_data));
+                    }
                     if let Ok(bid) = u16::try_from(c.user_data & 0xffff) {
                         ring.recycle(bid);
                     }
                 }
                 SEND_TX => {
+                    if c.result < 0 {
+                        timing.failed(send_id(c.user_data));
+                    }
                     if let Ok(i) = u16::try_from(c.user_data & 0xffff) {
                         ring.tx_release(i);
                     }
                 }
                 SEND_LARGE => {
+                    if c.result < 0 {
+                        timing.failed(send_id(c.user_data));
+                    }
                     if let Ok(i) = u16::try_from(c.user_data & 0xffff) {
                         ring.large_tx_release(i);
                     }
                 }
+                TX_STAMPS => rearm_stamps |= on_tx_stamp(&mut timing, c),
+                // The error queue is read after every drain: the poll only wakes the loop.
+                ERR_POLL if !c.more() => ring.arm_error_poll(0, ERR_POLL)?,
                 WAKE => ring.arm_waker(WAKE)?,
                 _ => {}
             }
         }
         ring.give_back(completions);
+        timing.settle_errq();
+        if rearm_stamps {
+            match timing.source {
+                TxStampSource::Ring => ring.arm_tx_stamps(0, TX_STAMPS)?,
+                // The stamps wait on the error queue: the poll completes at once if any do,
+                // and the next batch reads them before its sample.
+                _ => {
+                    ring.expect_stamps(false);
+                    ring.arm_error_poll(0, ERR_POLL)?;
+                }
+            }
+        }
         while let Some((item, copies)) = faults.pop_due(now_ns) {
             let mut io = Io {
                 ring: &mut ring,
@@ -505,17 +918,23 @@ pub fn run(
             };
             send(&mut io, item, copies);
         }
-        regather.flush(&mut ring);
+        regather.flush(&mut ring, &mut timing);
         ring.sync_buffers();
         if rearm {
             arm(&mut ring)?;
             rearm = false;
         }
+        timing.sweep(false);
         let counts = counts(clean, clean_counts, &faults, no_buffer);
-        shared.store(&counts, faults.held());
+        shared.store(&counts, faults.held(), timing.counts);
     }
+    // What the last batch queued leaves now (it is counted sent), and its stamps are awaited.
+    timing.submitted();
+    ring.submit()?;
+    final_stamps(&mut ring, &socket, &mut timing)?;
+    timing.sweep(true);
     let counts = counts(clean, clean_counts, &faults, no_buffer);
-    shared.store(&counts, faults.held());
+    shared.store(&counts, faults.held(), timing.counts);
     let secs = start.elapsed().as_secs_f64();
     let cpu = relay_io::thread_cpu_ns()
         .zip(cpu_start)
@@ -529,11 +948,74 @@ pub fn run(
             .map(|c| c * 1e9 / counts.received as f64),
         hold: timing.hold.summary(),
         timestamps: if timing.kernel { "kernel" } else { "user" },
+        tx_timestamps: timing.source,
+        timestamps_missing: timing.counts.missing,
+        timestamps_stale: timing.counts.stale,
         clock_steps: timing.wall.steps(),
         gro,
         coalesced: timing.coalesced,
         gso_sends: regather.gso_sends,
     })
+}
+
+/// A completion of the transmit-stamp command: settles its stamp. True when the command ended
+/// and must be armed again; if it ended without giving a stamp since it was armed (refused), the
+/// echo falls back to the error queue, where the stamps wait.
+fn on_tx_stamp(timing: &mut Timing, c: &Completion) -> bool {
+    match c.tx_stamp() {
+        Ok(s) => {
+            timing.ring_stamped = true;
+            timing.stamped(s);
+            false
+        }
+        Err(TxStampError::Ended(r)) => {
+            if !timing.ring_stamped && timing.source == TxStampSource::Ring {
+                tracing::warn!(
+                    "the transmit-stamp command ended at once ({}): stamps come from the error \
+                     queue from now on",
+                    io::Error::from_raw_os_error(-r)
+                );
+                timing.source = TxStampSource::ErrorQueue;
+                timing.errq.reserve(ERRQUEUE_BATCH);
+            }
+            timing.ring_stamped = false;
+            true
+        }
+        Err(_) => {
+            timing.counts.stale += 1;
+            false
+        }
+    }
+}
+
+/// The echo is stopping: waits (at most [`FINAL_STAMPS`]) for the transmit stamps of the
+/// reflections already sent. Reads the error queue too, where stamps wait whatever the source.
+fn final_stamps(ring: &mut Ring, socket: &UdpSocket, timing: &mut Timing) -> io::Result<()> {
+    if !timing.kernel {
+        return Ok(());
+    }
+    let deadline = Instant::now() + FINAL_STAMPS;
+    timing.errq.reserve(ERRQUEUE_BATCH);
+    while timing.flights.waiting() > 0 && Instant::now() < deadline {
+        ring.submit_and_wait(Some(Duration::from_millis(5)))?;
+        let completions = ring.drain_completions();
+        timing.read_errq(socket);
+        timing.resample();
+        for c in &completions {
+            match c.user_data & KIND {
+                SEND | SEND_TX | SEND_LARGE if c.result < 0 => timing.failed(send_id(c.user_data)),
+                TX_STAMPS => {
+                    if let Ok(s) = c.tx_stamp() {
+                        timing.stamped(s);
+                    }
+                }
+                _ => {}
+            }
+        }
+        ring.give_back(completions);
+        timing.settle_errq();
+    }
+    Ok(())
 }
 
 /// The counts so far: the clean path's own, or the fault model's plus the segments it never saw.
@@ -558,7 +1040,7 @@ struct Io<'a> {
     ring: &'a mut Ring,
     /// The fault model.
     faults: &'a mut Faults<Item>,
-    /// Arrivals and holds.
+    /// Arrivals, holds and the stamps they wait for.
     timing: &'a mut Timing,
     /// With `--gro` and faults: the GSO send being gathered.
     regather: &'a mut Regather,
@@ -585,23 +1067,31 @@ fn on_recv(
         return;
     };
     let n = r.payload.len();
-    let arrival = io.timing.arrival(r.control, now_ns);
+    let (arrival, timed) = io.timing.arrival(r.control, now_ns);
     if clean {
         // A GRO receive holds `datagrams` of `segment` bytes (the last may be shorter): one GSO
-        // send reflects them all, from the buffer they arrived in.
+        // send reflects them all, from the buffer they arrived in, and its stamp times them all.
         let segment = r.segment.filter(|&s| usize::from(s) < n);
         let datagrams = segment.map_or(1, |s| n.div_ceil(usize::from(s))) as u64;
         clean_counts.received += datagrams;
         io.timing.coalesced += u64::from(datagrams > 1);
+        let id = io.timing.depart(arrival, timed, datagrams);
         if io
             .ring
-            .send_gso(0, bid, n, segment, from, SEND | u64::from(bid))
+            .send_with(
+                0,
+                bid,
+                n,
+                from,
+                send_data(SEND, id, bid),
+                io.timing.opts(id, segment),
+            )
             .is_ok()
         {
             clean_counts.sent += datagrams;
             io.regather.gso_sends += u64::from(datagrams > 1);
-            io.timing.queued.push((arrival, datagrams));
         } else {
+            io.timing.flights.cancel(id);
             io.ring.recycle(bid);
         }
         return;
@@ -612,6 +1102,7 @@ fn on_recv(
         len: n,
         from,
         arrival,
+        timed,
     };
     // The fault model reads the payload where it lies (the ring is borrowed only to read);
     // delay, jitter and pacing count from the kernel's arrival.
@@ -628,12 +1119,14 @@ fn on_recv_segments(io: &mut Io<'_>, now_ns: u64, c: &Completion) -> u64 {
     }
     let Some(bid) = c.buffer() else { return 0 };
     let len = usize::try_from(c.result).unwrap_or(0);
-    let Some((from, n, segment, arrival)) = io.ring.received_large(bid, len).and_then(|r| {
-        let arrival = io.timing.arrival(r.control, now_ns);
-        r.from
-            .filter(|_| !r.truncated)
-            .map(|from| (from, r.payload.len(), r.segment, arrival))
-    }) else {
+    let Some((from, n, segment, (arrival, timed))) =
+        io.ring.received_large(bid, len).and_then(|r| {
+            let arrival = io.timing.arrival(r.control, now_ns);
+            r.from
+                .filter(|_| !r.truncated)
+                .map(|from| (from, r.payload.len(), r.segment, arrival))
+        })
+    else {
         io.ring.recycle_large(bid);
         return 0;
     };
@@ -655,6 +1148,7 @@ fn on_recv_segments(io: &mut Io<'_>, now_ns: u64, c: &Completion) -> u64 {
             len: m,
             from,
             arrival,
+            timed,
         };
         let Some(payload) = io.ring.tx_buffer(i).and_then(|b| b.get(..m)) else {
             io.ring.tx_release(i);
@@ -679,7 +1173,8 @@ fn act(io: &mut Io<'_>, action: &Action<Item>) {
 
 /// Sends a held or decided packet (and its copy), accounting for both as they leave: regathered
 /// into the iteration's GSO send when it lies in a transmit buffer (`--gro` with faults), else
-/// one `sendmsg` each.
+/// one `sendmsg` each. Every send carries a stamp id; its stamp times the hold of each datagram
+/// in it (a duplicate's too).
 fn send(io: &mut Io<'_>, item: Item, copies: u8) {
     let Io {
         ring,
@@ -687,8 +1182,9 @@ fn send(io: &mut Io<'_>, item: Item, copies: u8) {
         timing,
         regather,
     } = io;
+    let at = (item.arrival, item.timed);
     if let (true, Buf::Tx(i)) = (regather.on, item.buf) {
-        if regather.append(ring, i, item.len, item.from, copies.max(1)) {
+        if regather.append(ring, timing, i, item.len, item.from, copies.max(1), at) {
             let key = ring
                 .tx_buffer(i)
                 .and_then(|b| b.get(..item.len))
@@ -697,7 +1193,6 @@ fn send(io: &mut Io<'_>, item: Item, copies: u8) {
             for copy in 0..copies.max(1) {
                 faults.on_sent_key(key, copy > 0);
             }
-            timing.queued.push((item.arrival, 1));
             return;
         }
     }
@@ -715,23 +1210,34 @@ fn send(io: &mut Io<'_>, item: Item, copies: u8) {
         (true, Buf::Rx(bid)) => ring.tx_copy_from(bid, item.total),
         (true, Buf::Tx(i)) => ring.tx_copy_tx(i, item.len).map(|j| (j, item.len)),
     };
+    let id = timing.depart(item.arrival, item.timed, 1);
+    let opts = timing.opts(id, None);
     let sent = match item.buf {
-        Buf::Rx(bid) => ring.send(0, bid, item.len, item.from, SEND | u64::from(bid)),
-        Buf::Tx(i) => ring.send_tx(0, i, item.len, item.from, SEND_TX | u64::from(i)),
+        Buf::Rx(bid) => ring.send_with(0, bid, item.len, item.from, send_data(SEND, id, bid), opts),
+        Buf::Tx(i) => ring.send_tx_with(0, i, item.len, item.from, send_data(SEND_TX, id, i), opts),
     };
     if sent.is_ok() {
         faults.on_sent_key(key, false);
-        timing.queued.push((item.arrival, 1));
     } else {
+        timing.flights.cancel(id);
         item.buf.release(ring);
     }
     if let Some((i, n)) = copy {
+        let id = timing.depart(item.arrival, item.timed, 1);
         if ring
-            .send_tx(0, i, n, item.from, SEND_TX | u64::from(i))
+            .send_tx_with(
+                0,
+                i,
+                n,
+                item.from,
+                send_data(SEND_TX, id, i),
+                timing.opts(id, None),
+            )
             .is_ok()
         {
             faults.on_sent_key(key, true);
         } else {
+            timing.flights.cancel(id);
             ring.tx_release(i);
         }
     }
@@ -754,7 +1260,14 @@ mod tests {
             not_rtp: 0,
             no_buffer: 6,
         };
-        shared.store(&counts, 5);
+        shared.store(
+            &counts,
+            5,
+            StampCounts {
+                missing: 7,
+                stale: 8,
+            },
+        );
         let text = shared.render();
         for line in [
             "rtpecho_received_total 10",
@@ -765,6 +1278,8 @@ mod tests {
             "rtpecho_delayed_total 4",
             "rtpecho_held 5",
             "rtpecho_no_buffer_total 6",
+            "rtpecho_timestamps_missing_total 7",
+            "rtpecho_timestamps_stale_total 8",
             "# TYPE rtpecho_sent_total counter",
         ] {
             assert!(
@@ -772,5 +1287,111 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn a_send_carries_its_stamp_id_in_its_user_data() {
+        for (kind, id, buf) in [
+            (SEND, 0, 0),
+            (SEND_TX, u32::MAX, 0xffff),
+            (SEND_LARGE, 7, 3),
+        ] {
+            let ud = send_data(kind, id, buf);
+            assert_eq!(ud & KIND, kind);
+            assert_eq!(send_id(ud), id);
+            assert_eq!(ud & 0xffff, u64::from(buf));
+        }
+    }
+
+    fn timing(kernel: bool) -> Timing {
+        Timing {
+            clock: relay_io::Clock::new(),
+            wall: relay_io::WallToMono::new(),
+            kernel,
+            source: if kernel {
+                TxStampSource::Ring
+            } else {
+                TxStampSource::None
+            },
+            now: 0,
+            flights: Flights::new(),
+            errq: Vec::new(),
+            ring_stamped: false,
+            coalesced: 0,
+            hold: relay_proto::stats::LatencyHistogram::new(3),
+            counts: StampCounts::default(),
+        }
+    }
+
+    #[test]
+    fn a_hold_runs_from_the_receive_stamp_to_the_transmit_stamp_and_is_never_made_up() {
+        let mut t = timing(true);
+        // The wall clock reads EPOCH + mono; the sample is 10 s into the echo's clock.
+        const EPOCH: u64 = 1_764_600_000_000_000_000;
+        let s = relay_io::Sample {
+            mono_before: 10_000_000_000 - 20,
+            wall: relay_io::WallTime(EPOCH + 10_000_000_000),
+            mono_after: 10_000_000_020,
+        };
+        t.wall.resample(s);
+        t.now = s.mono_after;
+        let wall_of = |mono: u64| relay_io::WallTime(EPOCH + mono);
+        // Three datagrams of one GSO send arrived 2 ms before their stamp; a plain one 1 ms.
+        let arrived = s.mono_after - 2_000_000;
+        let gso = t.depart(arrived, true, 3);
+        let plain = t.depart(arrived + 1_000_000, true, 1);
+        // A stamp that is not after the arrival, and one whose arrival had no kernel stamp.
+        let early = t.depart(s.mono_after - 500, true, 1);
+        let untimed = t.depart(0, false, 2);
+        // A stamp for a send that failed, and one whose stamp never comes.
+        let failed = t.depart(arrived, true, 1);
+        let _never = t.depart(arrived, true, 4);
+        t.stamped(TxStamp {
+            id: gso,
+            at: wall_of(s.mono_after),
+        });
+        t.stamped(TxStamp {
+            id: plain,
+            at: wall_of(s.mono_after),
+        });
+        t.stamped(TxStamp {
+            id: early,
+            at: wall_of(s.mono_after - 1_000),
+        });
+        t.stamped(TxStamp {
+            id: untimed,
+            at: wall_of(s.mono_after),
+        });
+        t.failed(failed);
+        t.stamped(TxStamp {
+            id: failed,
+            at: wall_of(s.mono_after),
+        });
+        t.stamped(TxStamp {
+            id: 999,
+            at: wall_of(s.mono_after),
+        });
+        assert_eq!(
+            t.counts.stale, 2,
+            "a stamp for a failed send and an unknown id"
+        );
+        t.sweep(true);
+        let h = t.hold.summary();
+        assert_eq!(h.count, 4);
+        assert!(h.min_ns.abs_diff(1_000_000) < 2_000, "{h:?}");
+        assert!(h.max_ns.abs_diff(2_000_000) < 3_000, "{h:?}");
+        assert_eq!(t.counts.missing, 1 + 2 + 1 + 4);
+    }
+
+    #[test]
+    fn with_user_time_the_hold_ends_at_the_submission() {
+        let mut t = timing(false);
+        assert_eq!(t.opts(5, Some(10)).stamp_id, None, "no id on the wire");
+        let now = t.clock.now_ns();
+        let _ = t.depart(now.saturating_sub(1_000), true, 2);
+        t.submitted();
+        assert_eq!(t.hold.summary().count, 2);
+        assert_eq!(t.flights.waiting(), 0);
+        assert_eq!(t.counts.missing, 0);
     }
 }

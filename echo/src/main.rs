@@ -10,7 +10,7 @@ use std::time::Duration;
 use appkit::flags::parse_duration;
 use clap::Parser;
 use echo::faults::FaultConfig;
-use echo::{Config, SharedCounts};
+use echo::{Config, SharedCounts, TxStamps};
 
 /// The echo's command line.
 #[derive(Debug, Parser)]
@@ -80,6 +80,16 @@ struct Args {
     /// leaving together are gathered again into GSO sends.
     #[arg(long, env = "ECHO_GRO")]
     gro: bool,
+    /// How the transmit stamps that end each hold are read: error-queue (recvmsg(MSG_ERRQUEUE)
+    /// after every submission) or command (io_uring's SOCKET_URING_OP_TX_TIMESTAMP, not with
+    /// --gro; seen corrupting provided-buffer receives on Linux 6.18: for experiments).
+    #[arg(
+        long,
+        env = "ECHO_TX_STAMPS",
+        value_enum,
+        default_value = "error-queue"
+    )]
+    tx_stamps: TxStamps,
     /// Stop after this long (default: run until SIGTERM or SIGINT).
     #[arg(long, env = "ECHO_DURATION", value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -129,6 +139,7 @@ fn config(a: &Args) -> Result<Config, String> {
         rcvbuf: a.rcvbuf,
         duration: a.duration,
         gro: a.gro,
+        tx_stamps: a.tx_stamps,
     })
 }
 
