@@ -1,7 +1,10 @@
 //! The latency report loadgen prints (and writes as JSON), and the SLA check.
 //!
 //! Three views of latency:
-//! - **end to end**: loadgen's own round trip (send to return), what a caller of the relay sees;
+//! - **end to end**: loadgen's own round trip, what a caller of the relay sees: from the
+//!   kernel's transmit stamp of each send (T0) to the kernel's receive stamp of its return (T1);
+//!   a return that cannot be timed by both stamps is counted in `timestamps_missing`, never
+//!   recorded;
 //! - **relay RTT**: the relay's T1 − T0, the echo round trip it measures (its global histogram);
 //! - **added by the relay**: end to end minus the relay's RTT, percentile by percentile: the cost
 //!   of two extra hops through the relay (an estimate: the difference of two distributions'
@@ -149,6 +152,19 @@ impl Added {
     }
 }
 
+/// How loadgen timed its own round trips.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StampTotals {
+    /// `kernel` (T0 the kernel's transmit stamp, T1 its receive stamp) or `user`.
+    pub source: &'static str,
+    /// Where transmit stamps came from: `error_queue`, `ring` (io_uring's command) or `none`.
+    pub tx_source: &'static str,
+    /// Returns whose round trip could not be taken from two kernel stamps.
+    pub missing: u64,
+    /// Transmit stamps that settled nothing.
+    pub stale: u64,
+}
+
 /// Packets of the measured window (after the warm-up).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Window {
@@ -190,7 +206,20 @@ pub struct Report {
     pub corrupt: u64,
     /// Datagrams from a wrong source or SSRC.
     pub wrong_source: u64,
-    /// End-to-end round trip.
+    /// How end-to-end round trips were timed: `kernel` (T0 the kernel's transmit stamp of the
+    /// send, T1 its receive stamp of the return) or `user` (the kernel refused stamps: T0 read
+    /// before the submission, T1 at handling).
+    pub timestamps: &'static str,
+    /// Where transmit stamps came from: `error_queue` (the sockets' error queues, the default),
+    /// `ring` (io_uring's command, [`crate::rtp::Tuning::tx_stamps_command`]) or `none`.
+    pub tx_timestamps: &'static str,
+    /// Returns (in the measured window) whose round trip could not be taken from two kernel
+    /// stamps: the transmit stamp never came, a clock step, or T1 not after T0. Counted in
+    /// `packets_received`, not in `e2e_rtt`.
+    pub timestamps_missing: u64,
+    /// Transmit stamps that settled nothing (an id no send waits for).
+    pub timestamps_stale: u64,
+    /// End-to-end round trip: T1 − T0 of each first return, both kernel stamps.
     pub e2e_rtt: LatencySummary,
     /// What the relay reported.
     pub relay: RelaySide,
@@ -210,6 +239,7 @@ impl Report {
         e2e: &LatencyHistogram<u64>,
         mut relay: RelaySide,
         window: Window,
+        stamps: StampTotals,
     ) -> Self {
         // Per packet crossing the forwarder (both directions) in the measured window: the same
         // for the relay and for a static target that keeps no count.
@@ -242,6 +272,10 @@ impl Report {
             reordered: sum(|c| c.reordered),
             corrupt: sum(|c| c.corrupt),
             wrong_source: sum(|c| c.wrong_source),
+            timestamps: stamps.source,
+            tx_timestamps: stamps.tx_source,
+            timestamps_missing: stamps.missing,
+            timestamps_stale: stamps.stale,
             added_by_relay: Added::between(&e2e, &r),
             e2e_rtt: e2e,
             relay,
@@ -324,6 +358,11 @@ impl fmt::Display for Report {
             self.relay.echo_timeouts,
             self.relay.drops,
             self.relay.unknown_source_drops
+        )?;
+        writeln!(
+            f,
+            "  end to end timed by {} stamps   not timed {}",
+            self.timestamps, self.timestamps_missing
         )?;
         writeln!(
             f,

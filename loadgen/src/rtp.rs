@@ -14,6 +14,18 @@
 //! Returns are measured with the relay's own core types: a T0 table per channel (end-to-end
 //! round trip), the RFC 3550 sequence tracker (loss, duplicates, reordering), lateness, and a
 //! payload check.
+//!
+//! **Times are the kernel's.** A packet's T0 is the kernel's transmit stamp of its send
+//! (`SO_TIMESTAMPING`, software stamp taken as the packet is handed to the device): each send
+//! carries a stamp id (a place in a [`Sends`] ring, O(1), no allocation), and the stamp comes back
+//! on the channel socket's error queue, read after each submission that sent from it and when it
+//! polls ready (io_uring's transmit-stamp command can read them instead, [`Tuning`]). T1 is
+//! the kernel's receive stamp of the return (`SO_TIMESTAMPNS`). Both are `CLOCK_REALTIME`,
+//! converted to loadgen's monotonic clock ([`relay_io::WallToMono`]); the stamp and the return
+//! may come in either order ([`T0Table::stamp`], [`T0Table::lookup`]). A return whose round trip
+//! cannot be taken from the two stamps (the transmit stamp never came, a clock step, or T1 not
+//! after T0) is counted in `timestamps_missing`, never recorded. Where the kernel refuses stamps
+//! the report says `timestamps: user`: T0 is then read just before the submission, T1 at handling.
 #![allow(clippy::cast_possible_truncation)] // sequence numbers, timestamps and the payload pattern wrap by design
 
 use std::io::Write as _;
@@ -24,17 +36,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use relay_io::ring::{Completion, Ring};
+use relay_io::{SendOpts, TxStamp, TxStampError};
 use relay_proto::rng::SplitMix64;
 use relay_proto::rtp::{parse_rtp, RtpHeader, RTP_HEADER_LEN};
+use relay_proto::sends::{Record, Sends};
 use relay_proto::seq::{SeqEvent, SequenceTracker};
-use relay_proto::stats::LatencyHistogram;
-use relay_proto::t0::{Lookup, T0Table};
+use relay_proto::stats::{Direction, LatencyHistogram};
+use relay_proto::t0::{Lookup, Stamp, T0Table, Unstamped};
 use relay_proto::time::duration_nanos;
 use relay_proto::timing::{LatenessConfig, Timing};
 use relay_proto::{Format, MonoTime, Ssrc};
 
 use crate::ctl::RelayClient;
-use crate::report::{ChanTotals, Plan, RelaySide, Report};
+use crate::report::{ChanTotals, Plan, RelaySide, Report, StampTotals};
 
 /// Settings of a run.
 #[derive(Clone, Debug)]
@@ -117,8 +131,196 @@ fn parse_target_list(s: &str) -> Result<Vec<SocketAddr>, String> {
 
 const RECV: u64 = 1 << 56;
 const SEND_TX: u64 = 2 << 56;
+/// io_uring's transmit-stamp command on a channel's socket.
+const TX_STAMPS: u64 = 3 << 56;
+/// The error-readiness poll of a channel's socket (transmit stamps on its error queue).
+const ERR_POLL: u64 = 4 << 56;
 const KIND: u64 = 0xff << 56;
 const PAYLOAD: usize = 160;
+/// How long a send waits for its transmit stamp before it is given up on (a stamp takes
+/// microseconds).
+const STAMP_TIMEOUT_NS: u64 = 1_000_000_000;
+
+/// A send's user data: its kind, the stamp id it carries and its transmit buffer.
+fn send_data(id: u32, tx: u16) -> u64 {
+    SEND_TX | u64::from(id) << 16 | u64::from(tx)
+}
+
+/// Where loadgen's transmit stamps come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// io_uring's command on each channel's socket.
+    Ring,
+    /// Each socket's error queue.
+    ErrorQueue,
+    /// None: T0 is read just before the submission.
+    User,
+}
+
+/// Round-trip timing from kernel stamps: the sends waiting for their transmit stamp, and what
+/// could not be timed.
+#[derive(Debug)]
+struct Stamps {
+    /// Where transmit stamps come from.
+    source: Source,
+    /// Sends waiting for their stamp, by stamp id.
+    sends: Sends,
+    /// Stamps read from error queues, settled after the sample that follows them.
+    errq: Vec<TxStamp>,
+    /// Returns whose round trip could not be taken from two kernel stamps.
+    missing: u64,
+    /// Stamps that settled nothing.
+    stale: u64,
+}
+
+impl Stamps {
+    /// Record `r`'s send is given up on: its stamp never came.
+    fn give_up(chans: &mut [Chan], missing: &mut u64, r: Record) {
+        let Some((ssrc, seq)) = r.t0 else { return };
+        if let Some(c) = chans.get_mut(r.socket as usize) {
+            // A return already waiting for this stamp cannot be timed; one still to come will
+            // find the entry unstamped and be counted then.
+            if c.t0.unstamped(ssrc, seq) == Unstamped::Returned {
+                *missing += 1;
+            }
+        }
+    }
+
+    /// A transmit stamp came back: T0 of its packet, which may have returned already.
+    fn stamped(
+        &mut self,
+        chans: &mut [Chan],
+        e2e: &mut LatencyHistogram<u64>,
+        wall: &relay_io::WallToMono,
+        s: TxStamp,
+    ) {
+        let t0 = wall.to_mono(s.at);
+        let (missing, stale) = (&mut self.missing, &mut self.stale);
+        let found = self.sends.settle(s.id, |r| {
+            let Some(t0) = t0 else {
+                Self::give_up(chans, missing, r);
+                return;
+            };
+            let Some((ssrc, seq)) = r.t0 else { return };
+            let Some(c) = chans.get_mut(r.socket as usize) else {
+                return;
+            };
+            match c.t0.stamp(ssrc, seq, MonoTime::from_nanos(t0)) {
+                Stamp::Waiting => {}
+                Stamp::Matched { rtt_ns } => e2e.record(rtt_ns),
+                Stamp::NotPositive => *missing += 1,
+                Stamp::Gone => *stale += 1,
+            }
+        });
+        if !found {
+            self.stale += 1;
+        }
+    }
+
+    /// Gives up on sends whose stamp is overdue at `now` (all of them with `u64::MAX`).
+    fn sweep(&mut self, chans: &mut [Chan], now: u64) {
+        let deadline = MonoTime::from_nanos(now.saturating_sub(STAMP_TIMEOUT_NS));
+        let missing = &mut self.missing;
+        self.sends
+            .sweep(deadline, |r| Self::give_up(chans, missing, r));
+    }
+
+    /// Reads the stamps waiting on `socket`'s error queue (settled after the next sample).
+    fn read_errq(&mut self, socket: &UdpSocket) {
+        // Bounded: a socket's stamps are few (its sends of one batch).
+        for _ in 0..1024 {
+            match relay_io::recv_tx_stamp(socket) {
+                Ok(s) => self.errq.push(s),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => self.stale += 1,
+                Err(_) => break, // WouldBlock: empty
+            }
+        }
+    }
+}
+
+/// Checks that the kernel stamps sends with the id they carry (`SCM_TS_OPT_ID`, Linux 6.13+),
+/// on a throwaway socket sending one byte to itself: a kernel with `SO_TIMESTAMPING` but without
+/// ids refuses every such send.
+fn probe_stamp_ids(bind: IpAddr) -> std::io::Result<()> {
+    let lo = if bind.is_ipv6() && !bind.is_unspecified() {
+        IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::from([127, 0, 0, 1])
+    };
+    let s = relay_io::bind_udp(lo, 0, 1 << 16)?;
+    relay_io::enable_tx_timestamps(&s)?;
+    let opts = SendOpts {
+        segment: None,
+        stamp_id: Some(0x5eed),
+    };
+    relay_io::send_msg(&s, &[0], s.local_addr()?, opts)?;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match relay_io::recv_tx_stamp(&s) {
+            Ok(t) if t.id == 0x5eed => return Ok(()),
+            Ok(t) => {
+                return Err(std::io::Error::other(format!(
+                    "the stamp came back with id {:#x}, not the send's",
+                    t.id
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::other(
+                    "no transmit stamp came back within 1 s",
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sets up transmit stamps on every channel socket (registered in `ring`, nothing armed yet)
+/// and says where they come from: the error queues, or with `command` io_uring's command where
+/// the kernel takes it (a kernel without it refuses it at once, at submission; the error queues
+/// then).
+fn tx_stamp_source(
+    ring: &mut Ring,
+    sockets: &[UdpSocket],
+    bind: IpAddr,
+    command: bool,
+) -> anyhow::Result<Source> {
+    if let Err(e) = sockets
+        .iter()
+        .try_for_each(relay_io::enable_tx_timestamps)
+        .and_then(|()| probe_stamp_ids(bind))
+    {
+        eprintln!("loadgen: no kernel transmit stamps with ids ({e}); T0 is user time");
+        return Ok(Source::User);
+    }
+    if command {
+        for slot in 0..u32::try_from(sockets.len())? {
+            ring.arm_tx_stamps(slot, TX_STAMPS | u64::from(slot))?;
+        }
+        ring.submit()?;
+        let cs = ring.drain_completions();
+        let refused = cs
+            .iter()
+            .find(|c| c.user_data & KIND == TX_STAMPS && !c.more())
+            .map(|c| c.result);
+        ring.give_back(cs);
+        let Some(r) = refused else {
+            // Each stamped send completes twice: the wait counts its stamp in.
+            ring.expect_stamps(true);
+            return Ok(Source::Ring);
+        };
+        eprintln!(
+            "loadgen: io_uring refused the transmit-stamp command ({}); reading stamps from the error queues",
+            std::io::Error::from_raw_os_error(-r)
+        );
+    }
+    for slot in 0..u32::try_from(sockets.len())? {
+        ring.arm_error_poll(slot, ERR_POLL | u64::from(slot))?;
+    }
+    Ok(Source::ErrorQueue)
+}
 
 /// One synthetic call leg.
 #[derive(Debug)]
@@ -131,7 +333,8 @@ struct Chan {
     relay: Option<SocketAddr>,
     /// Packets sent.
     sent: u64,
-    /// When each packet left.
+    /// When each packet left (its kernel transmit stamp) and, while that stamp is awaited,
+    /// when it came back.
     t0: T0Table,
     /// Sequence tracking of what came back.
     seq: SequenceTracker,
@@ -150,12 +353,31 @@ fn payload_byte(i: usize, k: u64, j: usize) -> u8 {
     (k as u8).wrapping_add(j as u8) ^ (i as u8)
 }
 
+/// How a run gets its times, beyond the command line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tuning {
+    /// Read transmit stamps through io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` command (Linux
+    /// 6.15+) instead of the sockets' error queues. Armed beside the channels' provided-buffer
+    /// receives it was seen on Linux 6.18 to hand a receive a buffer still in use once the
+    /// buffers ran short (returns duplicated and lost at 200 channels), as the relay saw: for
+    /// experiments only.
+    pub tx_stamps_command: bool,
+}
+
 /// Runs the load; returns the report.
 ///
 /// # Errors
 /// Set-up failed, the relay refused a channel, or the ring failed.
-#[allow(clippy::too_many_lines)] // one loop, read top to bottom
 pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
+    run_with(cfg, Tuning::default())
+}
+
+/// [`run`], tuned.
+///
+/// # Errors
+/// Set-up failed, the relay refused a channel, or the ring failed.
+#[allow(clippy::too_many_lines)] // one loop, read top to bottom
+pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
     let n = cfg.channels as usize;
     if n == 0 {
         return Err(anyhow!("--channels must be at least 1"));
@@ -197,9 +419,30 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
     for (i, s) in sockets.iter().enumerate() {
         let slot = u32::try_from(i)?;
         ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
+    }
+    // Sends are timed by the kernel's transmit stamp (set up before the receives are armed, so
+    // that what the check drains is the command's answer alone).
+    let source = if kernel_time {
+        tx_stamp_source(&mut ring, &sockets, cfg.bind, tuning.tx_stamps_command)?
+    } else {
+        Source::User
+    };
+    for slot in 0..cfg.channels {
         ring.arm_recv(slot, RECV | u64::from(slot))?;
     }
     ring.submit()?;
+    let mut stamps = Stamps {
+        source,
+        sends: Sends::new(),
+        errq: Vec::with_capacity(8192),
+        missing: 0,
+        stale: 0,
+    };
+    // Sockets that sent in the batch being submitted (read for stamps with the error queues).
+    let mut sent_from = vec![false; n];
+    let mut errq_slots: Vec<u32> = Vec::with_capacity(n);
+    // Whether each socket's stamp command gave a stamp since it was armed.
+    let mut ring_stamped = vec![false; n];
 
     let mut rng = SplitMix64::new(cfg.seed);
     let mut chans: Vec<Chan> = (0..n)
@@ -261,7 +504,8 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
 
     let clock = relay_io::Clock::new();
     let mut wall = relay_io::WallToMono::new();
-    // Sends queued since the last submission: (channel, sequence), T0 settled at submission.
+    // With user time: sends queued since the last submission, (channel, sequence), T0 settled
+    // at submission.
     let mut queued: Vec<(usize, u16)> = Vec::with_capacity(8192);
     let mut relay_cpu_start = cfg.relay_pid.and_then(relay_io::process_cpu_ns);
     let warmup_end = duration_nanos(cfg.warmup);
@@ -308,6 +552,7 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
             // The measured window starts: latency from here, CPU from here, counts from here.
             warm = true;
             e2e = LatencyHistogram::new(3);
+            (stamps.missing, stamps.stale) = (0, 0);
             relay_cpu_start = cfg.relay_pid.and_then(relay_io::process_cpu_ns);
             window_start = (
                 chans.iter().map(|c| c.sent).sum(),
@@ -323,13 +568,33 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         while slot_time(g) <= now && slot_time(g) < send_end {
             let i = (g % n as u64) as usize;
             g += 1;
-            let Some(c) = chans.get_mut(i) else { continue };
-            let Some(to) = c.relay else { continue };
+            let Some((ssrc, seq, Some(to))) = chans
+                .get(i)
+                .map(|c| (c.ssrc, c.first_seq.wrapping_add(c.sent as u16), c.relay))
+            else {
+                continue;
+            };
             let Some(tx) = ring.tx_acquire() else {
                 continue;
             };
+            // The stamp id this send carries; a send still waiting a lap ago is given up on.
+            let id = if source == Source::User {
+                0
+            } else {
+                let missing = &mut stamps.missing;
+                stamps.sends.push(
+                    Record {
+                        socket: u32::try_from(i)?,
+                        tag: 0,
+                        arrival: MonoTime::from_nanos(now),
+                        direction: Direction::ToEcho,
+                        t0: Some((ssrc, seq)),
+                    },
+                    |r| Stamps::give_up(&mut chans, missing, r),
+                )
+            };
+            let Some(c) = chans.get_mut(i) else { continue };
             let k = c.sent;
-            let seq = c.first_seq.wrapping_add(k as u16);
             RtpHeader {
                 marker: k == 0,
                 payload_type: 0,
@@ -344,15 +609,27 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
             if let Some(buf) = ring.tx_buffer(tx) {
                 buf[..pkt.len()].copy_from_slice(&pkt);
             }
-            ring.send_tx(
+            let opts = SendOpts {
+                segment: None,
+                stamp_id: (source != Source::User).then_some(id),
+            };
+            ring.send_tx_with(
                 u32::try_from(i)?,
                 tx,
                 pkt.len(),
                 to,
-                SEND_TX | u64::from(tx),
+                send_data(id, tx),
+                opts,
             )?;
             let _ = c.t0.insert(MonoTime::from_nanos(now), c.ssrc, seq);
-            queued.push((i, seq));
+            if source == Source::User {
+                queued.push((i, seq));
+            } else if stamps.source == Source::ErrorQueue {
+                if let Some(f) = sent_from.get_mut(i).filter(|f| !**f) {
+                    *f = true;
+                    errq_slots.push(u32::try_from(i)?);
+                }
+            }
             c.sent += 1;
         }
         if now >= stop_at {
@@ -365,34 +642,99 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         };
         let t_submit = now_ns();
         let wait = Duration::from_nanos(next.saturating_sub(t_submit).clamp(1, 100_000_000));
-        // This enter submits the queued sends: now is their T0.
+        // With user time, this enter submits the queued sends: now is their T0.
         for (i, seq) in queued.drain(..) {
             if let Some(c) = chans.get_mut(i) {
                 let _ = c.t0.stamp(c.ssrc, seq, MonoTime::from_nanos(t_submit));
             }
         }
         ring.submit_and_wait(Some(wait))?;
-
+        let completions = ring.drain_completions();
+        if stamps.source == Source::ErrorQueue {
+            // The stamps of this enter's sends, and of sockets whose poll says some wait.
+            for comp in &completions {
+                if comp.user_data & KIND == ERR_POLL {
+                    let slot = (comp.user_data & 0xffff_ffff) as u32;
+                    if let Some(f) = sent_from.get_mut(slot as usize).filter(|f| !**f) {
+                        *f = true;
+                        errq_slots.push(slot);
+                    }
+                }
+            }
+            for slot in errq_slots.drain(..) {
+                if let Some(s) = sockets.get(slot as usize) {
+                    stamps.read_errq(s);
+                }
+                if let Some(f) = sent_from.get_mut(slot as usize) {
+                    *f = false;
+                }
+            }
+        }
+        // After the drain: every stamp in it is older than the sample.
         let sample = clock.sample();
         wall.resample(sample);
         let now = sample.mono_after;
-        let completions = ring.drain_completions();
-        let stamps = kernel_time.then_some(&wall);
+        let rx_stamps = kernel_time.then_some(&wall);
         for comp in &completions {
+            let slot = (comp.user_data & 0xffff_ffff) as u32;
             match comp.user_data & KIND {
                 RECV => on_recv(
                     &mut ring,
                     &mut chans,
-                    &mut e2e,
-                    (now, stamps),
+                    (&mut e2e, &mut stamps.missing),
+                    (now, rx_stamps),
                     comp,
                     &mut rearm,
                 ),
-                SEND_TX => ring.tx_release((comp.user_data & 0xffff) as u16),
+                SEND_TX => {
+                    if comp.result < 0 && source != Source::User {
+                        // It never left: nothing to time (its packet is lost).
+                        let _ = stamps.sends.settle((comp.user_data >> 16) as u32, |_| {});
+                    }
+                    ring.tx_release((comp.user_data & 0xffff) as u16);
+                }
+                TX_STAMPS => match comp.tx_stamp() {
+                    Ok(s) => {
+                        if let Some(f) = ring_stamped.get_mut(slot as usize) {
+                            *f = true;
+                        }
+                        stamps.stamped(&mut chans, &mut e2e, &wall, s);
+                    }
+                    Err(TxStampError::Ended(r)) => {
+                        let stamped = ring_stamped
+                            .get_mut(slot as usize)
+                            .map(|f| std::mem::replace(f, false))
+                            .unwrap_or(true);
+                        if stamped {
+                            ring.arm_tx_stamps(slot, TX_STAMPS | u64::from(slot))?;
+                        } else if stamps.source == Source::Ring {
+                            // Ended at once: the stamps wait on the error queues from now on.
+                            eprintln!(
+                                "loadgen: the transmit-stamp command ended ({}); reading stamps from the error queues",
+                                std::io::Error::from_raw_os_error(-r)
+                            );
+                            stamps.source = Source::ErrorQueue;
+                            ring.expect_stamps(false);
+                            for s in 0..cfg.channels {
+                                ring.arm_error_poll(s, ERR_POLL | u64::from(s))?;
+                            }
+                        }
+                    }
+                    Err(_) => stamps.stale += 1,
+                },
+                ERR_POLL if !comp.more() => {
+                    ring.arm_error_poll(slot, ERR_POLL | u64::from(slot))?;
+                }
                 _ => {}
             }
         }
         ring.give_back(completions);
+        let mut errq = std::mem::take(&mut stamps.errq);
+        for s in errq.drain(..) {
+            stamps.stamped(&mut chans, &mut e2e, &wall, s);
+        }
+        stamps.errq = errq;
+        stamps.sweep(&mut chans, now);
         ring.sync_buffers();
         for slot in rearm.drain(..) {
             ring.arm_recv(slot, RECV | u64::from(slot))?;
@@ -410,6 +752,8 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
     if cfg.progress {
         eprintln!();
     }
+    // The grace period is long past every stamp: what still waits never comes.
+    stamps.sweep(&mut chans, u64::MAX);
 
     let relay_cpu = cfg
         .relay_pid
@@ -447,6 +791,20 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
         &e2e,
         relay_side,
         window,
+        StampTotals {
+            source: if source == Source::User {
+                "user"
+            } else {
+                "kernel"
+            },
+            tx_source: match stamps.source {
+                Source::Ring => "ring",
+                Source::ErrorQueue => "error_queue",
+                Source::User => "none",
+            },
+            missing: stamps.missing,
+            stale: stamps.stale,
+        },
     ))
 }
 
@@ -458,10 +816,13 @@ fn relay_ip(bind: IpAddr) -> IpAddr {
     }
 }
 
+/// A return on channel socket `comp`'s slot: T1 is its kernel receive stamp; its round trip is
+/// recorded in `e2e` now if its transmit stamp came already, when that stamp comes otherwise, or
+/// counted in `missing` if it cannot be taken from two kernel stamps.
 fn on_recv(
     ring: &mut Ring,
     chans: &mut [Chan],
-    e2e: &mut LatencyHistogram<u64>,
+    (e2e, missing): (&mut LatencyHistogram<u64>, &mut u64),
     (now, stamps): (u64, Option<&relay_io::WallToMono>),
     comp: &Completion,
     rearm: &mut Vec<u32>,
@@ -477,11 +838,19 @@ fn on_recv(
     let len = usize::try_from(comp.result).unwrap_or(0);
     let i = slot as usize;
     if let (Some(c), Some(r)) = (chans.get_mut(i), ring.received(bid, len)) {
-        // The kernel's arrival stamp where there is one, else the moment it was handled.
-        let arrival = stamps
-            .and_then(|w| w.to_mono(relay_io::rx_timestamp(r.control).ok().flatten()?))
-            .unwrap_or(now);
-        let now = MonoTime::from_nanos(arrival);
+        // The kernel's arrival stamp (with user time, the moment it was handled). A stamp that
+        // cannot be converted (a step of the wall clock) times nothing.
+        let arrival = match stamps {
+            Some(w) => w.to_mono(
+                relay_io::rx_timestamp(r.control)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            ),
+            None => Some(now),
+        };
+        let timed = arrival.is_some();
+        let now = MonoTime::from_nanos(arrival.unwrap_or(now));
         match (r.from, c.relay) {
             (Some(from), Some(relay)) if from == relay => {}
             _ => {
@@ -499,9 +868,26 @@ fn on_recv(
                         .enumerate()
                         .all(|(j, &b)| b == payload_byte(i, k, j));
                 c.corrupt += u64::from(!intact);
-                if let Lookup::Matched { rtt_ns } = c.t0.lookup(now, p.ssrc, p.sequence) {
-                    c.matched += 1;
-                    e2e.record(rtt_ns);
+                if !timed {
+                    // No T1: the round trip is not taken, whatever its T0.
+                    let _ = c.t0.unstamped(p.ssrc, p.sequence);
+                }
+                match c.t0.lookup(now, p.ssrc, p.sequence) {
+                    Lookup::Matched { .. } if !timed => {
+                        c.matched += 1;
+                        *missing += 1;
+                    }
+                    Lookup::Matched { rtt_ns } => {
+                        c.matched += 1;
+                        e2e.record(rtt_ns);
+                    }
+                    // Timed when its transmit stamp comes.
+                    Lookup::AwaitingStamp => c.matched += 1,
+                    Lookup::NotPositive | Lookup::Unstamped => {
+                        c.matched += 1;
+                        *missing += 1;
+                    }
+                    Lookup::Duplicate | Lookup::Late | Lookup::Unknown => {}
                 }
                 if c.seq.update(p.sequence) != SeqEvent::Duplicate {
                     let _ = c.timing.update(now, p.timestamp);

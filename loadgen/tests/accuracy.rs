@@ -5,7 +5,7 @@
 //!
 //! The tests run one at a time (a lock), so their latency assertions are not skewed by sibling
 //! tests competing for the machine's two cores.
-#![allow(clippy::cast_precision_loss)] // report figures
+#![allow(clippy::cast_precision_loss, clippy::cast_possible_wrap)] // report figures, nanoseconds far below 2^63
 
 use std::process::Command;
 use std::sync::Mutex;
@@ -172,6 +172,10 @@ fn a_clean_run_of_200_channels_loses_nothing_and_measures_everything(backend: &s
     assert_eq!(r["corrupt"], 0);
     assert_eq!(r["wrong_source"], 0);
     assert_eq!(u(&r["packets_received"]), sent, "every packet returned");
+    // And every round trip was timed by two kernel stamps.
+    assert_eq!(r["timestamps"], "kernel", "{r}");
+    assert_eq!(r["timestamps_missing"], 0, "{r}");
+    assert_eq!(u(&r["e2e_rtt"]["count"]), sent, "{r}");
     assert_eq!(
         u(&r["relay"]["measured"]),
         sent,
@@ -185,6 +189,146 @@ fn a_clean_run_of_200_channels_loses_nothing_and_measures_everything(backend: &s
     if e["gro"] == true {
         assert!(u(&e["coalesced"]) > 0, "the shared leg sent batches: {e}");
     }
+}
+
+/// loadgen straight against an echo holding 2 ms (no relay), as a process or (`command`: reading
+/// its transmit stamps through io_uring's command instead of the error queues) in this process;
+/// returns (loadgen's report, the echo's summary).
+fn against_the_echo(command: bool) -> (Value, Value) {
+    let (mut echo, echo_addr) = start(
+        "echo",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--delay",
+            "2ms",
+        ],
+        "echo ready",
+        "listen",
+    );
+    let r = if command {
+        let cfg = loadgen::rtp::RtpConfig {
+            relay_ctl: "/nonexistent".into(),
+            channels: 20,
+            duration: std::time::Duration::from_secs(2),
+            ramp: 0.0,
+            ptime: std::time::Duration::from_millis(20),
+            bind: [127, 0, 0, 1].into(),
+            echo: None,
+            seed: 1,
+            core: None,
+            grace: std::time::Duration::from_millis(500),
+            progress: false,
+            relay_pid: None,
+            targets: Some(vec![echo_addr.parse().unwrap()]),
+            local_port_base: None,
+            warmup: std::time::Duration::ZERO,
+        };
+        let tuning = loadgen::rtp::Tuning {
+            tx_stamps_command: true,
+        };
+        serde_json::to_value(loadgen::rtp::run_with(&cfg, tuning).unwrap()).unwrap()
+    } else {
+        let out = testkit::output(
+            Command::new(bin("loadgen")).args([
+                "rtp",
+                "--to",
+                &echo_addr,
+                "--channels",
+                "20",
+                "--duration",
+                "2s",
+                "--grace",
+                "500ms",
+                "--json",
+                "-",
+            ]),
+            std::time::Duration::from_secs(60),
+            None,
+        )
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "loadgen failed");
+        let json = &stdout[stdout.find("\n{").map_or(0, |i| i + 1)..];
+        serde_json::from_str(json).unwrap()
+    };
+    let e: Value = serde_json::from_str(
+        echo.stop_for_stdout(std::time::Duration::from_secs(10))
+            .trim(),
+    )
+    .unwrap();
+    eprintln!("loadgen: {r}\necho: {e}");
+    (r, e)
+}
+
+/// loadgen's end-to-end round trip against the echo is the echo's hold plus loopback transit,
+/// because T0 is the kernel's transmit stamp of each send and T1 the kernel's receive stamp of
+/// the return: at least 2 ms, within microseconds of the hold at the median, every one timed.
+fn round_trips_run_from_transmit_stamp_to_receive_stamp(r: &Value, e: &Value) {
+    assert_eq!(r["timestamps"], "kernel", "{r}");
+    assert_eq!(u(&r["timestamps_missing"]), 0, "{r}");
+    assert_eq!(u(&r["timestamps_stale"]), 0, "{r}");
+    let sent = u(&r["packets_sent"]);
+    assert!(sent >= 20 * 95, "sent {sent}");
+    assert_eq!(u(&r["packets_received"]), sent, "{r}");
+    assert_eq!(
+        u(&r["e2e_rtt"]["count"]),
+        sent,
+        "every round trip timed: {r}"
+    );
+    let ms = |v: &Value| u(v) as f64 / 1e6;
+    let (min, p50) = (ms(&r["e2e_rtt"]["min_ns"]), ms(&r["e2e_rtt"]["p50_ns"]));
+    assert!(min >= 2.0, "round trip min {min} ms");
+    assert!(p50 < 2.3, "round trip p50 {p50} ms");
+    // Each round trip contains its hold: at the smallest and the median, the round trip is the
+    // hold plus microseconds of loopback (both histograms round to 3 significant digits).
+    assert_eq!(e["timestamps_missing"], 0, "{e}");
+    let hold = &e["hold"];
+    // A bucket is 1/1024 to 1/512 of its value wide (1 to 2 µs at 2 ms).
+    let slack = |ns: u64| ns / 500 + 1_000;
+    assert!(
+        u(&r["e2e_rtt"]["min_ns"]) + slack(u(&hold["min_ns"])) >= u(&hold["min_ns"]),
+        "round trip min {} ns < echo hold min {} ns",
+        r["e2e_rtt"]["min_ns"],
+        hold["min_ns"]
+    );
+    let diff = u(&r["e2e_rtt"]["p50_ns"]) as i64 - u(&hold["p50_ns"]) as i64;
+    assert!(
+        (-(slack(u(&hold["p50_ns"])) as i64)..100_000).contains(&diff),
+        "round trip p50 − echo hold p50 = {diff} ns"
+    );
+}
+
+#[test]
+fn against_the_echo_the_round_trip_runs_from_transmit_stamp_to_receive_stamp() {
+    if !uring_available() {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (r, e) = against_the_echo(false);
+    assert_eq!(r["tx_timestamps"], "error_queue", "{r}");
+    round_trips_run_from_transmit_stamp_to_receive_stamp(&r, &e);
+}
+
+#[test]
+fn through_io_urings_command_the_round_trip_is_timed_the_same() {
+    if !uring_available() {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (r, e) = against_the_echo(true);
+    assert_eq!(
+        r["tx_timestamps"], "ring",
+        "this kernel has io_uring's command: {r}"
+    );
+    round_trips_run_from_transmit_stamp_to_receive_stamp(&r, &e);
 }
 
 macro_rules! both_backends {

@@ -110,4 +110,8 @@ fn blast_with_gso_loads_a_gro_echo_in_batches() {
         s["received"].as_u64().unwrap() >= r["received"].as_u64().unwrap(),
         "the echo saw every packet that came back"
     );
+    // At full rate, every reflection (one GSO send per batch) was still timed by its kernel
+    // transmit stamp.
+    assert_eq!(s["timestamps_missing"], 0, "{s}");
+    assert_eq!(s["hold"]["count"], s["sent"], "{s}");
 }
