@@ -385,11 +385,15 @@ impl Timing {
     /// Reads the stamps waiting on `socket`'s error queue (settled by [`Timing::settle_errq`]
     /// after the next sample).
     fn read_errq(&mut self, socket: &UdpSocket) {
-        while self.errq.len() < ERRQUEUE_BATCH {
-            match relay_io::recv_tx_stamp(socket) {
-                Ok(s) => self.errq.push(s),
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => self.counts.stale += 1,
-                Err(_) => break, // WouldBlock: empty
+        while self.errq.len() + relay_io::socket::STAMP_BATCH <= ERRQUEUE_BATCH {
+            let (errq, stale) = (&mut self.errq, &mut self.counts.stale);
+            let read = relay_io::recv_tx_stamps(socket, |r| match r {
+                Ok(s) => errq.push(s),
+                Err(_) => *stale += 1,
+            });
+            // Fewer than a full batch: the queue was empty when the call returned.
+            if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
+                break;
             }
         }
     }

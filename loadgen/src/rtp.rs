@@ -228,11 +228,15 @@ impl Stamps {
     /// Reads the stamps waiting on `socket`'s error queue (settled after the next sample).
     fn read_errq(&mut self, socket: &UdpSocket) {
         // Bounded: a socket's stamps are few (its sends of one batch).
-        for _ in 0..1024 {
-            match relay_io::recv_tx_stamp(socket) {
-                Ok(s) => self.errq.push(s),
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => self.stale += 1,
-                Err(_) => break, // WouldBlock: empty
+        for _ in 0..64 {
+            let (errq, stale) = (&mut self.errq, &mut self.stale);
+            let read = relay_io::recv_tx_stamps(socket, |r| match r {
+                Ok(s) => errq.push(s),
+                Err(_) => *stale += 1,
+            });
+            // Fewer than a full batch: the queue was empty when the call returned.
+            if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
+                break;
             }
         }
     }

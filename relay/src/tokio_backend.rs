@@ -94,21 +94,33 @@ impl Shared {
             .handle_received(arrival, handled, id, from, payload)
     }
 
-    /// Reads every transmit stamp queued on `socket`'s error queue and hands it to the core.
+    /// Reads every transmit stamp queued on `socket`'s error queue and hands it to the core, a
+    /// batch per system call.
     fn drain_stamps(&mut self, socket: &UdpSocket) {
         // Every stamp read below precedes this sample.
         self.clock.resample(&mut self.counters);
+        let Self {
+            relay,
+            counters,
+            clock,
+            ..
+        } = self;
         loop {
-            match socket.try_io(Interest::ERROR, || relay_io::recv_tx_stamp(socket)) {
-                Ok(st) => {
-                    self.counters.tx_stamps += 1;
-                    let at = self.clock.convert(st.at);
-                    self.relay.tx_stamped(st.id, at);
+            let read = socket.try_io(Interest::ERROR, || {
+                match relay_io::recv_tx_stamps(socket, |r| match r {
+                    Ok(st) => {
+                        counters.tx_stamps += 1;
+                        relay.tx_stamped(st.id, clock.convert(st.at));
+                    }
+                    Err(_) => counters.bad_stamps += 1,
+                }) {
+                    // Empty: WouldBlock clears the readiness.
+                    Ok(0) => Err(std::io::ErrorKind::WouldBlock.into()),
+                    r => r,
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    self.counters.bad_stamps += 1;
-                }
-                Err(_) => return,
+            });
+            if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
+                return;
             }
         }
     }

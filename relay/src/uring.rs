@@ -88,6 +88,8 @@ struct Slot {
     armed: bool,
     /// Whether its transmit stamps are being collected (the command, or the error poll).
     stamps: bool,
+    /// Whether it is in the batch's list of error queues to read.
+    draining: bool,
 }
 
 /// The ring plus the slots: the io_uring backend's socket table.
@@ -104,6 +106,8 @@ struct Sockets {
     stamps: Option<StampSource>,
     /// Slots whose stamp collection ended and must be re-armed.
     restamp: Vec<u32>,
+    /// Slots whose error queue has stamps to read once the batch's completions are handled.
+    draining: Vec<u32>,
     /// The stamp id of each send in flight, by the buffer it is sent from (receive buffers,
     /// small and large transmit buffers), so a failed send gives its records back.
     ids: SendIds,
@@ -151,6 +155,8 @@ struct SharedLeg {
     slot: u32,
     /// Whether its multishot receive is armed.
     armed: bool,
+    /// Whether it is in the batch's list of error queues to read.
+    draining: bool,
     /// The batch being gathered: equal-size packets to one address in one large buffer.
     batch: Option<Batch>,
 }
@@ -285,6 +291,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
             StampSource::ErrorQueue
         }),
         restamp: Vec::new(),
+        draining: Vec::new(),
         ids,
     };
     s.ring.expect_stamps(s.stamps == Some(StampSource::Command));
@@ -308,6 +315,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
             socket,
             slot,
             armed: true,
+            draining: false,
             batch: None,
         });
     }
@@ -415,6 +423,17 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                 }
                 _ => {}
             }
+        }
+        for slot in std::mem::take(&mut s.draining) {
+            match s.shared.as_mut() {
+                Some(sh) if sh.slot == slot => sh.draining = false,
+                _ => {
+                    if let Some(st) = s.slots.get_mut(slot as usize) {
+                        st.draining = false;
+                    }
+                }
+            }
+            drain_error_queue(&s, &mut relay, &mut counters, &clock, slot);
         }
         if let Some(sh) = s.shared.as_mut() {
             if sh.batch.is_some() {
@@ -863,7 +882,16 @@ fn on_stamps(
             Err(_) => counters.bad_stamps += 1,
         }
     } else if c.result >= 0 && current {
-        drain_error_queue(s, relay, counters, clock, slot);
+        // Read once the batch's completions are handled: one system call a socket a batch,
+        // however many of its stamps woke the poll.
+        let flag = match s.shared.as_mut() {
+            Some(sh) if sh.slot == slot => Some(&mut sh.draining),
+            _ => s.slots.get_mut(slot as usize).map(|st| &mut st.draining),
+        };
+        if let Some(flag) = flag.filter(|f| !**f) {
+            *flag = true;
+            s.draining.push(slot);
+        }
     }
     if !c.more() && current && c.result != -libc::ECANCELED {
         s.restamp.push(slot);
@@ -900,13 +928,16 @@ fn drain_error_queue(
     };
     let Some(socket) = socket else { return };
     loop {
-        match relay_io::recv_tx_stamp(socket) {
+        let read = relay_io::recv_tx_stamps(socket, |r| match r {
             Ok(st) => {
                 counters.tx_stamps += 1;
                 relay.tx_stamped(st.id, clock.convert(st.at));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => counters.bad_stamps += 1,
-            Err(_) => return,
+            Err(_) => counters.bad_stamps += 1,
+        });
+        // Fewer than a full batch: the queue was empty when the call returned.
+        if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
+            return;
         }
     }
 }
