@@ -57,8 +57,6 @@ const SEND_TX: u64 = 6;
 const LARGE_TX: u64 = 7;
 /// The transmit-stamp command of a socket (slot and generation, as a receive's).
 const STAMPS: u64 = 8;
-/// Error readiness of a socket, where the kernel lacks the transmit-stamp command.
-const ERR_POLL: u64 = 9;
 /// No stamp id: a send the core gave none (estimated send times, or a failed one).
 const NO_ID: u32 = u32::MAX;
 
@@ -106,8 +104,7 @@ struct Sockets {
     stamps: Option<StampSource>,
     /// Slots whose stamp collection ended and must be re-armed.
     restamp: Vec<u32>,
-    /// Slots whose error queue has stamps to read once the batch's completions are handled.
-    draining: Vec<u32>,
+
     /// The stamp id of each send in flight, by the buffer it is sent from (receive buffers,
     /// small and large transmit buffers), so a failed send gives its records back.
     ids: SendIds,
@@ -122,9 +119,13 @@ enum StampSource {
     ErrorQueue,
 }
 
-/// Stamp ids of sends in flight, by buffer.
+/// Stamp ids of sends in flight, by buffer, and the sockets whose error queue holds their stamps.
 #[derive(Debug, Default)]
 struct SendIds {
+    /// Slots that sent a stamped datagram since their error queue was last read: read once the
+    /// enter that submits the sends returns (on loopback and veth the kernel queues a send's
+    /// stamp inside that very call).
+    drain: Vec<u32>,
     /// By receive buffer.
     rx: Vec<u32>,
     /// By small transmit buffer.
@@ -204,6 +205,10 @@ impl SharedLeg {
             }
         } else {
             SendIds::set(&mut ids.large, b.buffer, stamp_id);
+            if stamp_id.is_some() && !self.draining {
+                self.draining = true;
+                ids.drain.push(self.slot);
+            }
         }
     }
 }
@@ -243,11 +248,9 @@ impl SocketTable for Sockets {
                 .cancel(recv_data(id.0, slot.gen), CANCEL << KIND_SHIFT);
         }
         if slot.stamps {
-            for kind in [STAMPS, ERR_POLL] {
-                let _ = self
-                    .ring
-                    .cancel(stamps_data(kind, id.0, slot.gen), CANCEL << KIND_SHIFT);
-            }
+            let _ = self
+                .ring
+                .cancel(stamps_data(STAMPS, id.0, slot.gen), CANCEL << KIND_SHIFT);
         }
         let _ = self.ring.unregister_socket(id.0);
         slot.socket = None;
@@ -276,6 +279,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         .map(|_| Slot::default())
         .collect();
     let ids = SendIds {
+        drain: Vec::new(),
         rx: vec![NO_ID; usize::from(ring.buffer_count())],
         tx: vec![NO_ID; usize::from(ring.tx_count())],
         large: vec![NO_ID; usize::from(ring.large_tx_count())],
@@ -291,7 +295,6 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
             StampSource::ErrorQueue
         }),
         restamp: Vec::new(),
-        draining: Vec::new(),
         ids,
     };
     s.ring.expect_stamps(s.stamps == Some(StampSource::Command));
@@ -340,6 +343,21 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         counters.enters += 1;
 
         let now = clock.resample(&mut counters);
+        // The stamps of the sends that enter submitted are on their sockets' error queues now.
+        let mut drain = std::mem::take(&mut s.ids.drain);
+        for &slot in &drain {
+            match s.shared.as_mut() {
+                Some(sh) if sh.slot == slot => sh.draining = false,
+                _ => {
+                    if let Some(st) = s.slots.get_mut(slot as usize) {
+                        st.draining = false;
+                    }
+                }
+            }
+            drain_error_queue(&s, &mut relay, &mut counters, &clock, slot);
+        }
+        drain.clear();
+        s.ids.drain = drain;
         let completions = s.ring.drain_completions();
         counters.batch(completions.len());
         for c in &completions {
@@ -396,7 +414,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                         send_log.note(&mut counters, now, -c.result, slot, d);
                     }
                 }
-                STAMPS | ERR_POLL => on_stamps(&mut s, &mut relay, &mut counters, &clock, c),
+                STAMPS => on_stamps(&mut s, &mut relay, &mut counters, &clock, c),
                 WAKE => {
                     // Commands push receives and cancels, which may submit the queued sends
                     // implicitly: they leave now, between clock reads.
@@ -423,17 +441,6 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                 }
                 _ => {}
             }
-        }
-        for slot in std::mem::take(&mut s.draining) {
-            match s.shared.as_mut() {
-                Some(sh) if sh.slot == slot => sh.draining = false,
-                _ => {
-                    if let Some(st) = s.slots.get_mut(slot as usize) {
-                        st.draining = false;
-                    }
-                }
-            }
-            drain_error_queue(&s, &mut relay, &mut counters, &clock, slot);
         }
         if let Some(sh) = s.shared.as_mut() {
             if sh.batch.is_some() {
@@ -633,6 +640,9 @@ fn forward(
                 .is_ok()
             {
                 SendIds::set(&mut s.ids.rx, bid, stamp_id);
+                if stamp_id.is_some() {
+                    mark_drain(&mut s.slots, &mut s.ids.drain, slot);
+                }
             } else {
                 counters.send_errors += 1;
                 s.ring.recycle(bid);
@@ -812,6 +822,9 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
                 };
                 if s.ring.send_tx_with(socket.0, i, m, to, ud, opts).is_ok() {
                     SendIds::set(&mut s.ids.tx, i, stamp_id);
+                    if stamp_id.is_some() {
+                        mark_drain(&mut s.slots, &mut s.ids.drain, socket.0);
+                    }
                 } else {
                     counters.send_errors += 1;
                     s.ring.tx_release(i);
@@ -838,13 +851,24 @@ fn cancel_last(relay: &mut Relay) {
 fn arm_stamps(ring: &mut Ring, source: StampSource, slot: u32, gen: u32) -> std::io::Result<()> {
     match source {
         StampSource::Command => ring.arm_tx_stamps(slot, stamps_data(STAMPS, slot, gen)),
-        StampSource::ErrorQueue => ring.arm_error_poll(slot, stamps_data(ERR_POLL, slot, gen)),
+        // Read after the enter that submits the socket's sends (see SendIds::drain).
+        StampSource::ErrorQueue => Ok(()),
     }
 }
 
-/// A completion of a socket's stamp collection. The command's completions each carry a stamp;
-/// an error poll's say the error queue has some, read here. Where the kernel refuses the command
-/// (`EINVAL`, `EOPNOTSUPP`: before Linux 6.15) every socket switches to the error queue.
+/// Slot `slot` sent a stamped datagram: its error queue is read after the next enter.
+fn mark_drain(slots: &mut [Slot], drain: &mut Vec<u32>, slot: u32) {
+    if let Some(st) = slots.get_mut(slot as usize) {
+        if !st.draining {
+            st.draining = true;
+            drain.push(slot);
+        }
+    }
+}
+
+/// A completion of a socket's transmit-stamp command (`--tx-stamps command`): each carries a
+/// stamp. Where the kernel refuses the command (`EINVAL`, `EOPNOTSUPP`: before Linux 6.15) every
+/// socket switches to the error queue.
 fn on_stamps(
     s: &mut Sockets,
     relay: &mut Relay,
@@ -859,39 +883,26 @@ fn on_stamps(
         || s.slots
             .get(slot as usize)
             .is_some_and(|st| st.socket.is_some() && st.gen & 0xff_ffff == gen);
-    if c.user_data >> KIND_SHIFT == STAMPS {
-        match c.tx_stamp() {
-            Ok(st) => {
-                counters.tx_stamps += 1;
-                relay.tx_stamped(st.id, clock.convert(st.at));
-            }
-            Err(relay_io::TxStampError::Ended(e))
-                if (e == -libc::EINVAL || e == -libc::EOPNOTSUPP)
-                    && s.stamps == Some(StampSource::Command) =>
-            {
-                tracing::warn!(
-                    "this kernel has no io_uring transmit-stamp command (Linux 6.15+): stamps \
-                     are read from each socket's error queue"
-                );
-                s.stamps = Some(StampSource::ErrorQueue);
-                s.ring.expect_stamps(false);
-                rearm_all(s);
-                return;
-            }
-            Err(relay_io::TxStampError::Ended(_)) => {}
-            Err(_) => counters.bad_stamps += 1,
+    match c.tx_stamp() {
+        Ok(st) => {
+            counters.tx_stamps += 1;
+            relay.tx_stamped(st.id, clock.convert(st.at));
         }
-    } else if c.result >= 0 && current {
-        // Read once the batch's completions are handled: one system call a socket a batch,
-        // however many of its stamps woke the poll.
-        let flag = match s.shared.as_mut() {
-            Some(sh) if sh.slot == slot => Some(&mut sh.draining),
-            _ => s.slots.get_mut(slot as usize).map(|st| &mut st.draining),
-        };
-        if let Some(flag) = flag.filter(|f| !**f) {
-            *flag = true;
-            s.draining.push(slot);
+        Err(relay_io::TxStampError::Ended(e))
+            if (e == -libc::EINVAL || e == -libc::EOPNOTSUPP)
+                && s.stamps == Some(StampSource::Command) =>
+        {
+            tracing::warn!(
+                "this kernel has no io_uring transmit-stamp command (Linux 6.15+): stamps \
+                 are read from each socket's error queue"
+            );
+            s.stamps = Some(StampSource::ErrorQueue);
+            s.ring.expect_stamps(false);
+            rearm_all(s);
+            return;
         }
+        Err(relay_io::TxStampError::Ended(_)) => {}
+        Err(_) => counters.bad_stamps += 1,
     }
     if !c.more() && current && c.result != -libc::ECANCELED {
         s.restamp.push(slot);
