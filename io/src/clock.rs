@@ -37,6 +37,10 @@ pub const STEP_BOUND_NS: u64 = 1_000_000;
 /// the vDSO takes tens of nanoseconds, so a wider one was preempted or interrupted.
 pub const MAX_WINDOW_NS: u64 = 4_000;
 
+/// How far after the sample a converted stamp may fall and still be taken as one that preceded it
+/// (the conversion's own error), well under a step.
+const FUTURE_SLACK_NS: u64 = 2_000;
+
 /// Tries [`Clock::sample`] makes for a sample within [`MAX_WINDOW_NS`].
 const SAMPLE_TRIES: usize = 3;
 
@@ -202,8 +206,12 @@ impl WallToMono {
     pub fn to_mono(&self, t: WallTime) -> Option<u64> {
         let offset = self.offset.filter(|_| !self.stepped)?;
         let mono = u64::try_from(i128::from(t.0) - offset).ok()?;
-        // The packet arrived before the sample was taken (give the sample's own uncertainty).
-        let latest = self.at.saturating_add(self.uncertainty);
+        // The packet arrived before the sample was taken, give or take the uncertainty of the
+        // sample and of the anchor it converts with (a stamp taken just before the sample can
+        // convert to just after it), and a little more: a step is a millisecond or more.
+        let latest = self
+            .at
+            .saturating_add(self.uncertainty + self.offset_uncertainty + FUTURE_SLACK_NS);
         (mono <= latest && latest - mono <= MAX_AGE_NS).then_some(mono)
     }
 
