@@ -40,7 +40,7 @@ pub mod faults;
 mod stamps;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -629,43 +629,6 @@ struct Item {
     timed: bool,
 }
 
-/// Checks that the kernel stamps sends with the id they carry (`SCM_TS_OPT_ID`, Linux 6.13+),
-/// on a throwaway loopback socket sending one byte to itself: a kernel with `SO_TIMESTAMPING`
-/// but without ids refuses every such send, which would silence the echo.
-fn probe_stamp_ids(ip: IpAddr) -> io::Result<()> {
-    let lo = if ip.is_ipv6() && !ip.is_unspecified() {
-        IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
-    } else {
-        IpAddr::from(Ipv4Addr::LOCALHOST)
-    };
-    let s = relay_io::bind_udp(lo, 0, 1 << 16)?;
-    relay_io::enable_tx_timestamps(&s)?;
-    let opts = SendOpts {
-        segment: None,
-        stamp_id: Some(0x5eed),
-    };
-    relay_io::send_msg(&s, &[0], s.local_addr()?, opts)?;
-    let deadline = Instant::now() + Duration::from_secs(1);
-    loop {
-        match relay_io::recv_tx_stamp(&s) {
-            Ok(t) if t.id == 0x5eed => return Ok(()),
-            Ok(t) => {
-                return Err(io::Error::other(format!(
-                    "the stamp came back with id {:#x}, not the send's",
-                    t.id
-                )))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::yield_now();
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(io::Error::other("no transmit stamp came back within 1 s"))
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Sets up transmit stamps on `socket` (fixed-file slot 0 of `ring`, nothing else armed yet)
 /// and says where they will come from: the error queue, or with `--tx-stamps command` io_uring's
 /// command where the kernel takes it (it refuses it at once, at submission, where it does not;
@@ -682,7 +645,9 @@ fn tx_stamp_source(
     mode: TxStamps,
     gro: bool,
 ) -> anyhow::Result<TxStampSource> {
-    if let Err(e) = relay_io::enable_tx_timestamps(socket).and_then(|()| probe_stamp_ids(listen)) {
+    if let Err(e) =
+        relay_io::enable_tx_timestamps(socket).and_then(|()| relay_io::probe_tx_stamps(listen))
+    {
         tracing::warn!(
             "no kernel transmit stamps with ids ({e}): holds are user time (handling to submission)"
         );

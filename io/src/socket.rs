@@ -259,6 +259,50 @@ pub fn enable_tx_timestamps(fd: &impl AsRawFd) -> io::Result<()> {
     })
 }
 
+/// Checks that the kernel stamps sends with the id they carry (`SCM_TS_OPT_ID`, Linux 6.13+),
+/// on a throwaway loopback socket sending one byte to itself: a kernel with `SO_TIMESTAMPING`
+/// but without ids refuses every such send. Every endpoint that stamps its sends (relay, echo,
+/// loadgen, the simulated Asterisk) asks this once at start.
+///
+/// # Errors
+/// The option or the send was refused, or the stamp did not come back with the send's id.
+pub fn probe_tx_stamps(ip: IpAddr) -> io::Result<()> {
+    let lo = if ip.is_ipv6() && !ip.is_unspecified() {
+        IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
+    };
+    let s = bind_udp(lo, 0, 1 << 16)?;
+    enable_tx_timestamps(&s)?;
+    let opts = SendOpts {
+        segment: None,
+        stamp_id: Some(0x5eed),
+    };
+    send_msg(&s, &[0], s.local_addr()?, opts)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match recv_tx_stamp(&s) {
+            Ok(t) if t.id == 0x5eed => return Ok(()),
+            Ok(t) => {
+                return Err(io::Error::other(format!(
+                    "the stamp came back with id {:#x}, not the send's",
+                    t.id
+                )))
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::yield_now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::other("no transmit stamp came back within 1 s"))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads one transmit stamp from `fd`'s error queue without blocking.
 ///
 /// # Errors

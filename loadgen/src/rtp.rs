@@ -242,45 +242,6 @@ impl Stamps {
     }
 }
 
-/// Checks that the kernel stamps sends with the id they carry (`SCM_TS_OPT_ID`, Linux 6.13+),
-/// on a throwaway socket sending one byte to itself: a kernel with `SO_TIMESTAMPING` but without
-/// ids refuses every such send.
-fn probe_stamp_ids(bind: IpAddr) -> std::io::Result<()> {
-    let lo = if bind.is_ipv6() && !bind.is_unspecified() {
-        IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
-    } else {
-        IpAddr::from([127, 0, 0, 1])
-    };
-    let s = relay_io::bind_udp(lo, 0, 1 << 16)?;
-    relay_io::enable_tx_timestamps(&s)?;
-    let opts = SendOpts {
-        segment: None,
-        stamp_id: Some(0x5eed),
-    };
-    relay_io::send_msg(&s, &[0], s.local_addr()?, opts)?;
-    let deadline = Instant::now() + Duration::from_secs(1);
-    loop {
-        match relay_io::recv_tx_stamp(&s) {
-            Ok(t) if t.id == 0x5eed => return Ok(()),
-            Ok(t) => {
-                return Err(std::io::Error::other(format!(
-                    "the stamp came back with id {:#x}, not the send's",
-                    t.id
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::yield_now();
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(std::io::Error::other(
-                    "no transmit stamp came back within 1 s",
-                ))
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Sets up transmit stamps on every channel socket (registered in `ring`, nothing armed yet)
 /// and says where they come from: the error queues, or with `command` io_uring's command where
 /// the kernel takes it (a kernel without it refuses it at once, at submission; the error queues
@@ -294,7 +255,7 @@ fn tx_stamp_source(
     if let Err(e) = sockets
         .iter()
         .try_for_each(relay_io::enable_tx_timestamps)
-        .and_then(|()| probe_stamp_ids(bind))
+        .and_then(|()| relay_io::probe_tx_stamps(bind))
     {
         eprintln!("loadgen: no kernel transmit stamps with ids ({e}); T0 is user time");
         return Ok(Source::User);

@@ -743,16 +743,14 @@ impl Relay {
             let (Some(ch), Some((ssrc, seq))) = (ch, r.t0) else {
                 return;
             };
-            match ch.t0.stamp(ssrc, seq, at) {
-                Stamp::Matched { rtt_ns } => {
-                    record_rtt(ch, hist, echo_timeout_ns, rtt_threshold_ns, rtt_ns);
-                }
-                Stamp::NotPositive => {
-                    ch.round_trip.unmeasured += 1;
-                    missing(stamps, Some(ch), MissingKind::RttNotPositive);
-                }
-                Stamp::Waiting | Stamp::Gone => {}
-            }
+            stamp_t0(
+                ch,
+                hist,
+                stamps,
+                (echo_timeout_ns, rtt_threshold_ns),
+                (ssrc, seq),
+                at,
+            );
         });
         if !settled {
             self.stamps.stale += 1;
@@ -870,16 +868,8 @@ impl Relay {
                 u.t0,
                 channels.get_mut(u.socket.index()).and_then(Option::as_mut),
             ) {
-                match ch.t0.stamp(ssrc, seq, at) {
-                    Stamp::Matched { rtt_ns } => {
-                        record_rtt(ch, hist, echo_timeout_ns, rtt_threshold_ns, rtt_ns);
-                    }
-                    Stamp::NotPositive => {
-                        ch.round_trip.unmeasured += 1;
-                        missing(stamps, Some(ch), MissingKind::RttNotPositive);
-                    }
-                    Stamp::Waiting | Stamp::Gone => {}
-                }
+                let limits = (echo_timeout_ns, rtt_threshold_ns);
+                stamp_t0(ch, hist, stamps, limits, (ssrc, seq), at);
             }
             false
         });
@@ -1461,6 +1451,28 @@ fn record_rtt(
     } else {
         ch.round_trip.timeouts += 1;
         ch.round_trip.late += 1;
+    }
+}
+
+/// Packet `key` of channel `ch` left for the echo at `t0`: its T0 entry takes it, and if its echo
+/// came first the round trip is settled now (`limits`: the echo timeout and the RTT threshold).
+fn stamp_t0(
+    ch: &mut Channel,
+    hist: &mut GlobalHistograms,
+    stamps: &mut TimestampCounters,
+    (echo_timeout_ns, rtt_threshold_ns): (u64, u64),
+    (ssrc, seq): (Ssrc, u16),
+    t0: MonoTime,
+) {
+    match ch.t0.stamp(ssrc, seq, t0) {
+        Stamp::Matched { rtt_ns } => {
+            record_rtt(ch, hist, echo_timeout_ns, rtt_threshold_ns, rtt_ns);
+        }
+        Stamp::NotPositive => {
+            ch.round_trip.unmeasured += 1;
+            missing(stamps, Some(ch), MissingKind::RttNotPositive);
+        }
+        Stamp::Waiting | Stamp::Gone => {}
     }
 }
 

@@ -551,22 +551,13 @@ pub fn probe_timestamps(ip: IpAddr) -> io::Result<()> {
     relay_io::enable_rx_timestamps(&s)
 }
 
-/// Whether the kernel stamps UDP sends here (SO_TIMESTAMPING with OPT_ID, OPT_TSONLY and
-/// OPT_RX_FILTER, and a send carrying SCM_TS_OPT_ID: Linux 6.13+); why not, if it does not.
+/// Whether the kernel stamps UDP sends here with the id each carries (SO_TIMESTAMPING with
+/// OPT_ID, OPT_TSONLY and OPT_RX_FILTER, and SCM_TS_OPT_ID: Linux 6.13+); why not, if it does not.
 ///
 /// # Errors
-/// The probe socket could not be made, the option was refused, or a stamped send was.
+/// See [`relay_io::probe_tx_stamps`].
 pub fn probe_tx_timestamps(ip: IpAddr) -> io::Result<()> {
-    let s = relay_io::bind_udp(ip, 0, 4096)?;
-    relay_io::enable_tx_timestamps(&s)?;
-    let to = s.local_addr()?;
-    let opts = relay_io::SendOpts {
-        segment: None,
-        stamp_id: Some(0),
-    };
-    relay_io::send_msg(&s, &[0u8; 12], to, opts)
-        .map(drop)
-        .map_err(|e| io::Error::new(e.kind(), format!("a send with SCM_TS_OPT_ID: {e}")))
+    relay_io::probe_tx_stamps(ip)
 }
 
 /// Closes the sockets of channels the core closed on its own (idle), logging their statistics
