@@ -12,16 +12,19 @@
 //! batch and waits for completions (or the next timer); the buffer ring's tail is published once
 //! per batch.
 //!
-//! Time (`--timestamps kernel`, the default): each socket asks for the kernel's receive stamp,
-//! which lands in the buffer's control field; a datagram's arrival is that stamp on the
-//! monotonic clock (the offset re-sampled once per batch, right after the wait). A batch's sends
-//! are submitted by an `io_uring_enter` of their own, with the clock read just before and just
-//! after it: the kernel issues the sends one after another inside it, so the k-th of n (from 0)
-//! is taken to leave a quarter into its share, before + (after − before)·(4k + 1)/4n (see
-//! `Relay::submitted_between`); a GSO send of the shared echo leg is one send in that order, its
-//! datagrams all leaving at its moment. That is its T0 (toward the echo) and the end
-//! of its forward time. `--timestamps user` keeps the old way: one clock read after the wait
-//! stands for every datagram's arrival and T0, and sends go with the next wait.
+//! Time: each socket asks for the kernel's receive stamp, which lands in the buffer's control
+//! field; a datagram's arrival is that stamp on the monotonic clock. With `--timestamps kernel`
+//! (the default) every send also asks for the kernel's transmit stamp: it carries the id the core
+//! gave the datagram (`SCM_TS_OPT_ID`; a GSO send of the shared echo leg carries its first
+//! datagram's, and its one stamp settles them all), and once the `io_uring_enter` that submitted
+//! it returns, the socket's error queue is read (`recvmmsg`, a batch of stamps per call: on
+//! loopback and veth the kernel queues the stamp inside that very call; a later one is read with
+//! the socket's next send). Each stamp goes to the core (`Relay::tx_stamped`): the datagram's T0
+//! toward the echo, and the end of its forward time. `--tx-stamps command` takes the stamps from
+//! io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` completions instead (experimental: on Linux 6.18 it
+//! was seen to corrupt provided-buffer receives). `--timestamps user` keeps the old estimate: a
+//! batch's sends get an `io_uring_enter` of their own between two clock reads, and the k-th of n
+//! is taken to leave a quarter into its share (`Relay::submitted_between`).
 //!
 //! A multishot receive ends when the buffer ring is empty (`ENOBUFS`) or the completion queue
 //! overflowed; the datagram stays queued in the socket, and the receive is re-armed once buffers
