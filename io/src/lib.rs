@@ -2,8 +2,9 @@
 //!
 //! The relay's data plane, the echo, loadgen and the benchmark's floor forwarder all need the
 //! same few things from the kernel: an io_uring with a provided-buffer ring and multishot
-//! receives ([`ring`]), UDP sockets bound with large receive buffers and kernel receive
-//! timestamps ([`socket`], parsed by [`cmsg`]), one monotonic clock that kernel stamps convert to
+//! receives ([`ring`]), UDP sockets bound with large receive buffers, kernel receive timestamps
+//! ([`socket`], parsed by [`cmsg`]) and kernel transmit timestamps keyed by an id each send
+//! carries ([`txstamp`]), one monotonic clock that kernel stamps convert to
 //! ([`clock`]), and threads pinned to a core whose CPU time can be read ([`cpu`]). They live here, behind safe APIs, so
 //! that every other crate can be `#![forbid(unsafe_code)]` and the relay crate is the data plane
 //! and nothing else. Each `unsafe` block says why it is sound in a `// SAFETY:` line.

@@ -8,7 +8,11 @@
 //!   (the core picks the socket slot, the backend binds, [`Relay::complete_open`] confirms), and
 //!   closing one tells the backend which socket to close;
 //! - [`Relay::poll_timeout`] says when to call [`Relay::handle_timeout`], which times out
-//!   unanswered T0 entries and closes idle channels, reported by [`Relay::poll_event`].
+//!   unanswered T0 entries and closes idle channels, reported by [`Relay::poll_event`];
+//! - a forwarded datagram's send time is the kernel's transmit stamp: the backend sends it with
+//!   the id [`Relay::send_id`] gives and hands the stamp back with [`Relay::tx_stamped`], which
+//!   settles its forward time and (toward the echo) its T0, before or after the echo returns
+//!   (`SendTimes::Estimated` keeps the old estimate, [`Relay::submitted_between`]).
 //!
 //! Source rules per channel: a datagram from the echo's address goes to Asterisk (T1, RTT); one
 //! from Asterisk's address goes to the echo (T0). Asterisk's address comes from control, or, unless
