@@ -72,7 +72,7 @@ impl Clock {
     }
 
     /// One sample of both clocks: (monotonic before, realtime, monotonic after), the tightest
-    /// of up to [`SAMPLE_TRIES`] (it stops at the first within [`MAX_WINDOW_NS`]).
+    /// of up to three (it stops at the first within [`MAX_WINDOW_NS`]).
     #[must_use]
     pub fn sample(&self) -> Sample {
         let mut best = self.sample_once();
