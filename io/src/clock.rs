@@ -1,14 +1,17 @@
 //! One clock for every measurement: the kernel stamps received packets with `CLOCK_REALTIME`
 //! (which NTP or an operator may step), while the relay's core and the tools keep
 //! `CLOCK_MONOTONIC` (which never jumps). [`Clock`] reads the monotonic clock; [`WallToMono`]
-//! converts kernel stamps to it with a realtime − monotonic offset re-sampled every batch.
+//! converts kernel stamps to it with one anchored realtime − monotonic offset, checked every
+//! batch.
 //!
 //! **Error bound.** The offset is sampled as (monotonic, realtime, monotonic) and the realtime
 //! reading is taken to belong to the middle of the two monotonic ones, so one sample is off by at
 //! most half the time between the two monotonic reads (reported as [`WallToMono::uncertainty_ns`],
-//! typically 20–60 ns through the vDSO). Between samples the two clocks drift apart only by NTP's
-//! slew, at most 500 ppm: 50 µs over a 100 ms batch at the very worst, nanoseconds at the
-//! batch intervals a loaded relay runs at.
+//! typically 20–60 ns through the vDSO). The offset itself does not move as NTP slews (both clocks
+//! are slewed alike), only when the wall clock is set: so the anchor is kept while samples agree
+//! with it, every stamp converts with the same offset, and a difference of two stamps is exact.
+//! A sample whose interval does not meet the anchor's shows the offset moved and takes over; a
+//! tighter one refines it.
 //!
 //! **Preemption.** A thread preempted between the three reads of a sample (a real-time process
 //! sharing its core does that often) would take an offset off by up to half the time it was
@@ -21,8 +24,9 @@
 //! of the wall clock, not a slew. It is counted, and the packets stamped around it cannot be
 //! trusted (the kernel may have stamped them before the step and we convert after it): for the
 //! batch in which a step is seen, and for any single stamp that converts to a time in the future
-//! or more than [`MAX_AGE_NS`] in the past, [`WallToMono::to_mono`] answers `None` and the caller
-//! uses the time it handled the packet instead. A step is never turned into a wrong round trip.
+//! or more than [`MAX_AGE_NS`] in the past, [`WallToMono::to_mono`] answers `None`: the caller
+//! takes a receive stamp's packet at the time it handled it, and counts a transmit stamp as
+//! missing (`clock_step`). A wide (preempted) sample still sees a step.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -160,16 +164,27 @@ impl WallToMono {
     /// preempted between its reads) only says when it was taken: the previous offset stays.
     pub fn resample(&mut self, s: Sample) -> bool {
         let window = s.mono_after.saturating_sub(s.mono_before);
-        if window > MAX_WINDOW_NS && self.offset.is_some() {
+        let mid = s.mono_before / 2 + s.mono_after / 2 + (s.mono_before % 2 + s.mono_after % 2) / 2;
+        let offset = i128::from(s.wall.0) - i128::from(mid);
+        let half = window.div_ceil(2);
+        if let Some(anchor) = self.offset.filter(|_| window > MAX_WINDOW_NS) {
+            // Too wide to take an offset from, but not to see a step: one that moves the offset
+            // by more than a step even allowing for the whole window.
+            if (offset - anchor).unsigned_abs() > u128::from(STEP_BOUND_NS + half) {
+                self.stepped = true;
+                self.steps += 1;
+                self.offset = Some(offset);
+                self.offset_uncertainty = half;
+                self.at = mid;
+                self.uncertainty = half;
+                return true;
+            }
             self.at = s.mono_after;
             self.uncertainty = 0;
             self.stepped = false;
             self.noisy += 1;
             return false;
         }
-        let mid = s.mono_before / 2 + s.mono_after / 2 + (s.mono_before % 2 + s.mono_after % 2) / 2;
-        let offset = i128::from(s.wall.0) - i128::from(mid);
-        let half = window.div_ceil(2);
         self.at = mid;
         self.uncertainty = half;
         self.stepped = false;
@@ -324,6 +339,14 @@ mod tests {
         };
         assert!(!c.resample(wide));
         assert_eq!(c.noisy(), 1);
+        // A wide sample still sees a step (here the wall clock set back an hour).
+        let mut d = c;
+        assert!(d.resample(Sample {
+            mono_before: 10_000_000,
+            wall: WallTime(EPOCH - 3_600_000_000_000 + 10_600_000),
+            mono_after: 10_600_050,
+        }));
+        assert_eq!(d.steps(), 1);
         // A stamp taken just before the wide sample converts exactly, with the old offset, and
         // is not refused as coming from the future.
         assert_eq!(c.to_mono(WallTime(EPOCH + 10_500_000)), Some(10_500_000));

@@ -741,7 +741,7 @@ impl Ring {
     /// Linux 6.15+): a multishot request that completes once per stamp the socket's sends earn
     /// ([`Completion::tx_stamp`]). The socket needs [`crate::enable_tx_timestamps`]. A kernel
     /// without the command ends it at once with `-EINVAL` or `-EOPNOTSUPP`; the stamps then stay on
-    /// the socket's error queue ([`Ring::arm_error_poll`], [`crate::recv_tx_stamp`]).
+    /// the socket's error queue ([`crate::recv_tx_stamps`]; [`Ring::arm_error_poll`] to be woken).
     ///
     /// # Errors
     /// The submission queue could not take it.

@@ -630,7 +630,7 @@ impl Relay {
 
     /// Decides the fate of one datagram that arrived on `socket` from `from` at `now`, taking
     /// `now` as its arrival and, for a packet toward the echo, as its T0 (the send is taken to
-    /// leave at once). For tests and for `--timestamps user`.
+    /// leave at once). For tests: the backends use [`Relay::handle_received`].
     pub fn handle_datagram(
         &mut self,
         now: MonoTime,
@@ -695,8 +695,23 @@ impl Relay {
                 });
                 self.queued += 1;
             } else {
-                // More than a batch can hold: settle what is queued as submitted now.
+                // More than a batch can hold: settle what is queued as submitted now, this
+                // datagram with them.
                 self.submitted(handled);
+                let limits = (self.echo_timeout_ns, self.rtt_threshold_ns);
+                let ch = self
+                    .channels
+                    .get_mut(socket.index())
+                    .and_then(Option::as_mut);
+                if let (Some(key), Some(ch)) = (t0, ch) {
+                    stamp_t0(ch, &mut self.hist, &mut self.stamps, limits, key, handled);
+                }
+                if handled > arrival {
+                    self.hist
+                        .forward
+                        .get_mut(direction)
+                        .record(handled.nanos_since(arrival));
+                }
             }
         }
         verdict
@@ -1413,6 +1428,11 @@ fn measure(
                 Insert::Overwrote => {
                     ch.round_trip.sent += 1;
                     ch.round_trip.timeouts += 1;
+                }
+                Insert::OverwroteReturned => {
+                    ch.round_trip.sent += 1;
+                    ch.round_trip.unmeasured += 1;
+                    missing(stamps, Some(ch), MissingKind::NoStamp);
                 }
                 Insert::AlreadyPending => return false,
             }

@@ -376,7 +376,8 @@ pub struct TimestampCounters {
     /// Times not recorded, by why.
     pub missing: MissingCounts,
     /// Stamps that found no send waiting for them (given up on already, or a send of a channel
-    /// closed since): relay-wide only.
+    /// whose record was lost): relay-wide only. (A stamp for a channel closed since still finds
+    /// its send and counts as `kernel`, relay-wide.)
     #[serde(default)]
     pub stale: u64,
 }

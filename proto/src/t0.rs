@@ -81,6 +81,9 @@ pub enum Insert {
     Recorded,
     /// Recorded in a slot whose previous entry was still unanswered: that one timed out.
     Overwrote,
+    /// Recorded in a slot whose previous entry had its echo back but was still waiting for its
+    /// transmit stamp: that echo is unmeasured, for want of the stamp.
+    OverwroteReturned,
     /// The same packet is already waiting for its echo; its first entry is kept.
     AlreadyPending,
 }
@@ -192,9 +195,11 @@ impl T0Table {
         if waiting && slot.ssrc == ssrc.0 && slot.seq == seq {
             return Insert::AlreadyPending;
         }
-        // A returned entry still waiting for its stamp came back: not a timeout.
+        // A returned entry still waiting for its stamp came back: not a timeout, but never to
+        // be measured now.
         let outcome = match slot.state {
             State::Sent | State::Pending | State::Unstamped => Insert::Overwrote,
+            State::Returned => Insert::OverwroteReturned,
             _ => Insert::Recorded,
         };
         *slot = Slot {
@@ -470,6 +475,15 @@ mod tests {
         assert_eq!(tab.lookup(t(60), S, 4), Lookup::Matched { rtt_ns: 20 });
         assert_eq!(tab.sweep(t(1_000)), 1, "only seq 5 is left");
         assert_eq!(tab.pending(), 0);
+    }
+
+    #[test]
+    fn overwriting_a_returned_echo_says_so() {
+        let mut tab = T0Table::new(4);
+        let _ = tab.insert(t(0), S, 1);
+        assert_eq!(tab.lookup(t(5), S, 1), Lookup::AwaitingStamp);
+        assert_eq!(tab.insert(t(10), S, 5), Insert::OverwroteReturned);
+        assert_eq!(tab.stamp(S, 1, t(2)), Stamp::Gone);
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl EchoLeg {
 /// How the io_uring backend collects transmit stamps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TxStamps {
-    /// Error readiness (a multishot POLLERR poll), then `recvmsg(MSG_ERRQUEUE)`.
+    /// Each socket's error queue, read (`recvmmsg(MSG_ERRQUEUE)`) once the enter that submitted
+    /// its sends returns.
     ErrorQueue,
     /// io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` command.
     Command,
@@ -118,7 +119,8 @@ pub struct Args {
     #[arg(long, env = "RELAY_TIMESTAMPS", value_enum, default_value = "kernel")]
     pub timestamps: Timestamps,
     /// io_uring backend, kernel timestamps: how transmit stamps reach the ring. `error-queue`
-    /// (default): a multishot POLLERR poll per socket, then recvmsg(MSG_ERRQUEUE). `command`:
+    /// (default): each socket's error queue read with recvmmsg(MSG_ERRQUEUE) once the enter that
+    /// submitted its sends returns. `command`:
     /// io_uring's SOCKET_URING_OP_TX_TIMESTAMP (Linux 6.15+), no system call per stamp, but on
     /// Linux 6.18 it was seen to corrupt provided-buffer receives on the same socket when the
     /// buffer ring runs dry (docs/measurement.md); for experiments only.
@@ -265,7 +267,7 @@ pub struct Config {
     pub shards: Vec<Option<usize>>,
     /// I/O backend.
     pub backend: Backend,
-    /// Where arrival times come from (as asked; the relay falls back to `user` where the kernel
+    /// Where send times come from (as asked; the relay falls back to `user` where the kernel
     /// refuses).
     pub timestamps: Timestamps,
     /// How the io_uring backend collects transmit stamps.

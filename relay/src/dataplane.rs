@@ -246,7 +246,7 @@ pub struct BackendCounters {
     pub tx_stamps: u64,
     /// Transmit-stamp completions or error-queue entries that held no usable stamp.
     pub bad_stamps: u64,
-    /// Stamp collections (the ring's command, or an error poll) re-armed after they ended.
+    /// Transmit-stamp commands (`--tx-stamps command`) re-armed after they ended.
     pub stamp_rearms: u64,
 }
 
@@ -484,7 +484,7 @@ pub struct BindConfig {
     /// Ask the kernel for receive timestamps on every channel socket (the core's `send_times`
     /// says whether sends are stamped too).
     pub timestamps: bool,
-    /// io_uring: collect transmit stamps with the ring's command rather than error polls.
+    /// io_uring: collect transmit stamps with the ring's command rather than from error queues.
     pub stamp_command: bool,
     /// One shared socket per shard toward the echo (`--echo-leg shared`).
     pub shared_echo: bool,

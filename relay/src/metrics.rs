@@ -125,7 +125,7 @@ impl Buckets {
 pub struct Snapshot {
     /// The backend's name.
     pub backend: &'static str,
-    /// Where arrival times come from (`kernel` or `user`).
+    /// Where send times come from (`kernel` or `user`).
     pub timestamps: &'static str,
     /// How packets reach the echo (`per-channel` or `shared`).
     pub echo_leg: &'static str,
@@ -205,7 +205,7 @@ pub struct Publisher {
     shared: Arc<ArcSwap<Snapshot>>,
     /// The backend's name.
     backend: &'static str,
-    /// Where arrival times come from.
+    /// Where send times come from.
     timestamps: &'static str,
     /// How often to publish.
     interval: Duration,
@@ -359,7 +359,7 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
             vec![histogram_metric(vec![], &s.rtt, &lat_bounds)]),
         family("forward_seconds", "Time inside the relay: the datagram's kernel receive stamp to the kernel's transmit stamp of its forwarded send (with --timestamps user, an estimate of when that send left).", HISTOGRAM,
             per_direction(&s.forward, |l, b| histogram_metric(l, b, &lat_bounds))),
-        family("receive_delay_seconds", "Kernel arrival of a datagram to the moment the relay's user space handled it (the wake-up part of forward_seconds; empty with --timestamps user).", HISTOGRAM,
+        family("receive_delay_seconds", "Kernel arrival of a datagram to the moment the relay's user space handled it (the wake-up part of forward_seconds).", HISTOGRAM,
             per_direction(&s.receive_delay, |l, b| histogram_metric(l, b, &lat_bounds))),
         family("jitter_seconds", "RFC 3550 interarrival jitter estimate after each packet, by the direction the packet travelled.", HISTOGRAM,
             per_direction(&s.jitter, |l, b| histogram_metric(l, b, &lat_bounds))),
@@ -402,7 +402,7 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
                 .iter()
                 .map(|&k| counter(vec![label("kind", k.as_str())], g.timestamps.missing.get(k)))
                 .collect()),
-        total("timestamps_stale_total", "Transmit stamps no send was waiting for (given up on already, or of a channel closed since).", g.timestamps.stale),
+        total("timestamps_stale_total", "Transmit stamps no send was waiting for (given up on already).", g.timestamps.stale),
         family("channels", "Channels open.", GAUGE, vec![gauge_metric(vec![], f64::from(g.channels))]),
         total("channels_opened_total", "Channels opened.", g.channels_opened),
         family("channels_closed_total", "Channels closed, by reason.", COUNTER, vec![
@@ -428,7 +428,7 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
         total("recv_errors_total", "Receives that failed.", c.recv_errors),
         total("enters_total", "io_uring_enter calls (io_uring backend): waits, and the submissions of sends that kernel timestamps give an enter of their own.", c.enters),
         total("clock_steps_total", "Steps of the wall clock seen while converting kernel receive stamps (the batch's arrivals were taken at handling time).", c.clock_steps),
-        family("timestamps_fallback_total", "Datagrams whose arrival was taken at handling time with --timestamps kernel, by cause.", COUNTER, vec![
+        family("timestamps_fallback_total", "Datagrams whose arrival was taken at handling time for want of a usable receive stamp, by cause.", COUNTER, vec![
             counter(vec![label("cause", "missing")], c.missing_timestamps),
             counter(vec![label("cause", "untrusted")], c.untrusted_timestamps),
         ]),

@@ -94,6 +94,30 @@ impl Shared {
             .handle_received(arrival, handled, id, from, payload)
     }
 
+    /// Reads every transmit stamp queued on `socket`'s error queue now, whether or not the
+    /// reactor has seen its error readiness yet (a channel about to close).
+    fn drain_stamps_now(&mut self, socket: &UdpSocket) {
+        self.clock.resample(&mut self.counters);
+        let Self {
+            relay,
+            counters,
+            clock,
+            ..
+        } = self;
+        loop {
+            let read = relay_io::recv_tx_stamps(socket, |r| match r {
+                Ok(st) => {
+                    counters.tx_stamps += 1;
+                    relay.tx_stamped(st.id, clock.convert(st.at));
+                }
+                Err(_) => counters.bad_stamps += 1,
+            });
+            if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
+                return;
+            }
+        }
+    }
+
     /// Reads every transmit stamp queued on `socket`'s error queue and hands it to the core, a
     /// batch per system call.
     fn drain_stamps(&mut self, socket: &UdpSocket) {
@@ -290,7 +314,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
                                 sockets.borrow().get(id.0 as usize).cloned().flatten()
                             });
                             if let Some(socket) = socket.filter(|_| !estimated) {
-                                sh.drain_stamps(&socket);
+                                sh.drain_stamps_now(&socket);
                             }
                         }
                         let r = dataplane::execute(&mut sh.relay, &mut tasks, bind, now, command);

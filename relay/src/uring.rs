@@ -87,7 +87,7 @@ struct Slot {
     gen: u32,
     /// Whether a multishot receive is armed.
     armed: bool,
-    /// Whether its transmit stamps are being collected (the command, or the error poll).
+    /// Whether it sends with transmit stamps (collected by the command, or from its error queue).
     stamps: bool,
     /// Whether it is in the batch's list of error queues to read.
     draining: bool,
@@ -118,7 +118,7 @@ struct Sockets {
 enum StampSource {
     /// io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` command (Linux 6.15+).
     Command,
-    /// The socket's error queue, read when a multishot poll says `POLLERR`.
+    /// The socket's error queue, read once the enter that submitted its sends returns.
     ErrorQueue,
 }
 
@@ -224,6 +224,9 @@ impl SocketTable for Sockets {
             .slots
             .get_mut(id.0 as usize)
             .ok_or_else(|| ErrorReply::new(ErrorCode::Internal, "socket slot out of range"))?;
+        if self.stamps.is_some() {
+            relay_io::enable_tx_timestamps(&socket).map_err(|e| io("transmit stamps", e))?;
+        }
         self.ring
             .register_socket(id.0, socket.as_raw_fd())
             .map_err(|e| io("register fixed file", e))?;
@@ -231,10 +234,14 @@ impl SocketTable for Sockets {
             .arm_recv(id.0, recv_data(id.0, slot.gen))
             .map_err(|e| io("arm receive", e))?;
         if let Some(source) = self.stamps {
-            relay_io::enable_tx_timestamps(&socket).map_err(|e| io("transmit stamps", e))?;
-            arm_stamps(&mut self.ring, source, id.0, slot.gen)
-                .map_err(|e| io("arm transmit stamps", e))?;
             slot.stamps = true;
+            if let Err(e) = arm_stamps(&mut self.ring, source, id.0, slot.gen) {
+                // Undo what is armed, so the next channel in this slot sees none of it.
+                slot.socket = Some(socket);
+                slot.armed = true;
+                self.close(id);
+                return Err(io("arm transmit stamps", e));
+            }
         }
         slot.socket = Some(socket);
         slot.armed = true;
@@ -850,7 +857,8 @@ fn cancel_last(relay: &mut Relay) {
     }
 }
 
-/// Arms the collection of `slot`'s transmit stamps: the ring's command, or an error poll.
+/// Arms the collection of `slot`'s transmit stamps: the ring's command (the error queue needs
+/// nothing armed).
 fn arm_stamps(ring: &mut Ring, source: StampSource, slot: u32, gen: u32) -> std::io::Result<()> {
     match source {
         StampSource::Command => ring.arm_tx_stamps(slot, stamps_data(STAMPS, slot, gen)),
