@@ -192,6 +192,24 @@ impl Clock {
     }
 }
 
+/// A transmit stamp read from an error queue or an io_uring completion: to the core, converted
+/// to its clock (a stamp that cannot be converted is counted missing there); an entry that held
+/// no usable stamp is counted.
+pub fn take_stamp(
+    relay: &mut Relay,
+    counters: &mut BackendCounters,
+    clock: &Clock,
+    stamp: Result<relay_io::TxStamp, relay_io::TxStampError>,
+) {
+    match stamp {
+        Ok(st) => {
+            counters.tx_stamps += 1;
+            relay.tx_stamped(st.id, clock.convert(st.at));
+        }
+        Err(_) => counters.bad_stamps += 1,
+    }
+}
+
 /// Binds a channel's UDP socket on `ip:port` (see [`relay_io::bind_udp`]) and turns a failure
 /// into the reply control gets.
 ///

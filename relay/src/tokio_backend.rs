@@ -94,33 +94,11 @@ impl Shared {
             .handle_received(arrival, handled, id, from, payload)
     }
 
-    /// Reads every transmit stamp queued on `socket`'s error queue now, whether or not the
-    /// reactor has seen its error readiness yet (a channel about to close).
-    fn drain_stamps_now(&mut self, socket: &UdpSocket) {
-        self.clock.resample(&mut self.counters);
-        let Self {
-            relay,
-            counters,
-            clock,
-            ..
-        } = self;
-        loop {
-            let read = relay_io::recv_tx_stamps(socket, |r| match r {
-                Ok(st) => {
-                    counters.tx_stamps += 1;
-                    relay.tx_stamped(st.id, clock.convert(st.at));
-                }
-                Err(_) => counters.bad_stamps += 1,
-            });
-            if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
-                return;
-            }
-        }
-    }
-
-    /// Reads every transmit stamp queued on `socket`'s error queue and hands it to the core, a
-    /// batch per system call.
-    fn drain_stamps(&mut self, socket: &UdpSocket) {
+    /// Reads every transmit stamp queued on `socket`'s error queue, a batch per system call, and
+    /// hands each to the core. `now`: read whether or not the reactor has seen the socket's error
+    /// readiness yet (a channel about to close); otherwise through that readiness, which an
+    /// empty queue clears.
+    fn drain_stamps(&mut self, socket: &UdpSocket, now: bool) {
         // Every stamp read below precedes this sample.
         self.clock.resample(&mut self.counters);
         let Self {
@@ -130,19 +108,20 @@ impl Shared {
             ..
         } = self;
         loop {
-            let read = socket.try_io(Interest::ERROR, || {
-                match relay_io::recv_tx_stamps(socket, |r| match r {
-                    Ok(st) => {
-                        counters.tx_stamps += 1;
-                        relay.tx_stamped(st.id, clock.convert(st.at));
-                    }
-                    Err(_) => counters.bad_stamps += 1,
-                }) {
+            let mut read = || {
+                relay_io::recv_tx_stamps(socket, |r| {
+                    dataplane::take_stamp(relay, counters, clock, r);
+                })
+            };
+            let read = if now {
+                read()
+            } else {
+                socket.try_io(Interest::ERROR, || match read() {
                     // Empty: WouldBlock clears the readiness.
                     Ok(0) => Err(std::io::ErrorKind::WouldBlock.into()),
                     r => r,
-                }
-            });
+                })
+            };
             if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
                 return;
             }
@@ -314,7 +293,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
                                 sockets.borrow().get(id.0 as usize).cloned().flatten()
                             });
                             if let Some(socket) = socket.filter(|_| !estimated) {
-                                sh.drain_stamps_now(&socket);
+                                sh.drain_stamps(&socket, true);
                             }
                         }
                         let r = dataplane::execute(&mut sh.relay, &mut tasks, bind, now, command);
@@ -360,7 +339,7 @@ async fn channel(socket: Rc<UdpSocket>, id: SocketId, shared: SharedRef) {
             return;
         };
         if ready.is_error() {
-            shared.borrow_mut().drain_stamps(&socket);
+            shared.borrow_mut().drain_stamps(&socket, false);
         }
         if !ready.is_readable() {
             continue;
@@ -575,7 +554,7 @@ async fn echo_leg(socket: Rc<UdpSocket>, channels: ChannelSockets, shared: Share
             return;
         };
         if ready.is_error() {
-            shared.borrow_mut().drain_stamps(&socket);
+            shared.borrow_mut().drain_stamps(&socket, false);
         }
         if !ready.is_readable() {
             continue;

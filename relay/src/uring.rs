@@ -895,10 +895,6 @@ fn on_stamps(
             .get(slot as usize)
             .is_some_and(|st| st.socket.is_some() && st.gen & 0xff_ffff == gen);
     match c.tx_stamp() {
-        Ok(st) => {
-            counters.tx_stamps += 1;
-            relay.tx_stamped(st.id, clock.convert(st.at));
-        }
         Err(relay_io::TxStampError::Ended(e))
             if (e == -libc::EINVAL || e == -libc::EOPNOTSUPP)
                 && s.stamps == Some(StampSource::Command) =>
@@ -913,7 +909,7 @@ fn on_stamps(
             return;
         }
         Err(relay_io::TxStampError::Ended(_)) => {}
-        Err(_) => counters.bad_stamps += 1,
+        r => dataplane::take_stamp(relay, counters, clock, r),
     }
     if !c.more() && current && c.result != -libc::ECANCELED {
         s.restamp.push(slot);
@@ -950,13 +946,8 @@ fn drain_error_queue(
     };
     let Some(socket) = socket else { return };
     loop {
-        let read = relay_io::recv_tx_stamps(socket, |r| match r {
-            Ok(st) => {
-                counters.tx_stamps += 1;
-                relay.tx_stamped(st.id, clock.convert(st.at));
-            }
-            Err(_) => counters.bad_stamps += 1,
-        });
+        let read =
+            relay_io::recv_tx_stamps(socket, |r| dataplane::take_stamp(relay, counters, clock, r));
         // Fewer than a full batch: the queue was empty when the call returned.
         if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
             return;
