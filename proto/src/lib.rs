@@ -12,6 +12,7 @@
 //! | [`seq`] | RFC 3550 A.1 sequence tracking, exact for loss, duplicates and reordering |
 //! | [`timing`] | RFC 3550 A.8 jitter and windowed-baseline lateness |
 //! | [`t0`] | the per-channel T0 ring: O(1) insert and lookup, exact timeouts |
+//! | [`probe`] | the probe header loadgen puts in its payloads and the relay writes its times into |
 //! | [`score`] | the E-model's R-factor and MOS of a call, from what it measured (no RTCP) |
 //! | [`stats`] | counters, HdrHistograms and the serialisable summaries |
 //! | [`relay`] | the state machine: channels, verdicts, commands, timers |
@@ -23,6 +24,7 @@
 pub mod channel_id;
 pub mod control;
 pub mod format;
+pub mod probe;
 pub mod relay;
 pub mod rng;
 pub mod rtp;
