@@ -1,0 +1,531 @@
+//! `loadgen ari`: load on a real Asterisk, `--calls` calls spread over `--ramp`, each held for
+//! `--hold`, then the relay's and control's figures for this run: their counters at the end
+//! minus their counters at the start (both are stated too, since those processes may have run
+//! calls before).
+//!
+//! Two kinds of caller:
+//! - `--callers rtp` (the default, [`caller`]): loadgen is the caller. Through a Local channel
+//!   pair it enters control's application like any caller and plays probes whose every packet it
+//!   times on both sides of Asterisk: the round trip the caller hears, split per packet into
+//!   Asterisk in, the relay's loop and Asterisk out ([`split`]), with loss on each side of the
+//!   relay.
+//! - `--callers tone`: originates `--endpoint` (default `Local/s@load`, whose dialplan answers
+//!   and plays a tone) into control's application; what comes back is discarded inside Asterisk,
+//!   so only the relay's own loop is measured.
+//!
+//! Every originate carries `formats=ulaw` (for tone callers `--formats`): without it Asterisk
+//! gives a Local channel the native format slin192 and every call would be transcoded.
+//! The README's "Against a real Asterisk" section has the Asterisk configuration it expects.
+//! It works the same against `loadgen sim-asterisk --calls 0`, which is how it is tested.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::ctl::RelayClient;
+
+pub mod caller;
+pub mod probes;
+pub mod split;
+
+pub use caller::RtpCallers;
+pub use split::{LegSummary, Lost, ThroughAsterisk, Window};
+
+/// Who the calls are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Callers {
+    /// loadgen plays probes through Asterisk and times them on both sides.
+    Rtp,
+    /// `--endpoint` plays a tone into control's application; only the relay's loop is measured.
+    Tone,
+}
+
+/// `loadgen ari` settings.
+#[derive(Clone, Debug)]
+pub struct AriLoadConfig {
+    /// ARI base URL.
+    pub url: String,
+    /// ARI user.
+    pub user: String,
+    /// ARI password.
+    pub pass: String,
+    /// The application control serves.
+    pub app: String,
+    /// The endpoint to originate (a Local channel into a context that answers and plays a tone).
+    pub endpoint: String,
+    /// `formats` passed on every originate (`None`: left out).
+    pub formats: Option<String>,
+    /// Calls.
+    pub calls: u32,
+    /// Spread the originations over this long.
+    pub ramp: Duration,
+    /// Hold each call this long.
+    pub hold: Duration,
+    /// The relay's control socket, for its summary.
+    pub relay_ctl: Option<PathBuf>,
+    /// Control's metrics endpoint, for its `/stats` and (rtp callers) its call records.
+    pub control: Option<String>,
+    /// Who the calls are.
+    pub callers: Callers,
+    /// Settings of the rtp callers.
+    pub rtp: RtpCallers,
+}
+
+/// What `loadgen ari` reports.
+#[derive(Debug, Serialize)]
+pub struct AriLoadReport {
+    /// Who the calls were.
+    pub callers: Callers,
+    /// Calls asked for.
+    pub calls: u32,
+    /// How long each was held, seconds.
+    pub hold_s: f64,
+    /// Originations Asterisk accepted.
+    pub originated: u32,
+    /// Originations refused, with the first reason.
+    pub failed: u32,
+    /// First failure.
+    pub first_error: Option<String>,
+    /// Calls still up at the end of the hold that were hung up.
+    pub hung_up: u32,
+    /// rtp callers: calls that played their probes.
+    pub played: u32,
+    /// rtp callers: ARI objects loadgen could not remove (should be empty).
+    pub leftovers: Vec<String>,
+    /// rtp callers: the caller's round trip through Asterisk, split per probe.
+    pub through_asterisk: Option<ThroughAsterisk>,
+    /// rtp callers: probes lost, on each side of the relay.
+    pub lost: Option<Lost>,
+    /// rtp callers: the round trip over run time, one window a second.
+    pub timeseries: Vec<Window>,
+    /// What the split's times are, and when they hold.
+    pub clocks: Option<&'static str>,
+    /// The relay's figures.
+    pub relay: Option<Figures>,
+    /// Control's figures (`/stats`).
+    pub control: Option<Figures>,
+}
+
+/// A process's figures over the run: its counters at the start and the end, and their
+/// difference. Percentiles (`p50_ns` … `max_ns`, `mean_ns`) and gauges cannot be differenced:
+/// in `run` they are left out; `end` has them since the process started.
+#[derive(Debug, Serialize)]
+pub struct Figures {
+    /// Counters of this run: `end − start`, counters only.
+    pub run: Value,
+    /// As read before the first call.
+    pub start: Value,
+    /// As read after the last call was torn down.
+    pub end: Value,
+}
+
+/// Keys whose values are not counters: percentiles, means and gauges.
+const NOT_COUNTERS: [&str; 14] = [
+    "min_ns",
+    "mean_ns",
+    "p50_ns",
+    "p95_ns",
+    "p99_ns",
+    "p999_ns",
+    "max_ns",
+    "channels",
+    "active",
+    "free",
+    "in_use",
+    "jitter_ns",
+    "relay_channels",
+    "draining",
+];
+
+/// `end − start` for every counter both hold (objects recursively); what is not a counter, or
+/// is in only one of them, is left out.
+#[must_use]
+pub fn counters_between(start: &Value, end: &Value) -> Value {
+    match (start, end) {
+        (Value::Object(a), Value::Object(b)) => Value::Object(
+            b.iter()
+                .filter(|(k, _)| !NOT_COUNTERS.contains(&k.as_str()))
+                .filter_map(|(k, v)| {
+                    let d = counters_between(a.get(k)?, v);
+                    (!d.is_null()).then(|| (k.clone(), d))
+                })
+                .collect(),
+        ),
+        (Value::Number(a), Value::Number(b)) => match (a.as_u64(), b.as_u64()) {
+            (Some(a), Some(b)) => Value::from(b.saturating_sub(a)),
+            _ => Value::Null,
+        },
+        _ => Value::Null,
+    }
+}
+
+/// What the calls themselves came to (the rest of the report is the processes' figures).
+#[derive(Debug, Default)]
+struct Calls {
+    originated: u32,
+    failed: u32,
+    first_error: Option<String>,
+    hung_up: u32,
+    played: u32,
+    leftovers: Vec<String>,
+    split: Option<split::Split>,
+}
+
+/// Set once Ctrl-C is pressed.
+fn interrupted() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!("interrupted: ending every call and tearing it down");
+            let _ = tx.send(true);
+        }
+        // Keep the sender alive so the receivers do not see it closed.
+        std::future::pending::<()>().await;
+    });
+    rx
+}
+
+/// Runs the load and gathers the summaries.
+///
+/// # Errors
+/// ARI cannot be reached at all, or (rtp callers) loadgen's application cannot connect.
+pub async fn run(cfg: &AriLoadConfig) -> anyhow::Result<AriLoadReport> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let relay_start = relay_global(cfg).await;
+    let control_start = control_stats(&http, cfg).await;
+    let stop = interrupted();
+    let calls = match cfg.callers {
+        Callers::Tone => tone_calls(cfg, &http, stop).await?,
+        Callers::Rtp => rtp_calls(cfg, &http, stop).await?,
+    };
+    // Control tears the calls down: wait until it has no call left (10 s at most) before
+    // reading the figures.
+    if cfg.control.is_some() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            let active = control_stats(&http, cfg)
+                .await
+                .and_then(|s| s["calls"]["active"].as_u64());
+            if active == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let figures = |start: Option<Value>, end: Option<Value>| {
+        start.zip(end).map(|(start, end)| Figures {
+            run: counters_between(&start, &end),
+            start,
+            end,
+        })
+    };
+    let relay = figures(relay_start, relay_global(cfg).await);
+    let control = figures(control_start, control_stats(&http, cfg).await);
+    Ok(AriLoadReport {
+        callers: cfg.callers,
+        calls: cfg.calls,
+        hold_s: cfg.hold.as_secs_f64(),
+        originated: calls.originated,
+        failed: calls.failed,
+        first_error: calls.first_error,
+        hung_up: calls.hung_up,
+        played: calls.played,
+        leftovers: calls.leftovers,
+        through_asterisk: calls.split.as_ref().map(split::Split::through_asterisk),
+        lost: calls.split.as_ref().map(split::Split::lost),
+        timeseries: calls
+            .split
+            .as_ref()
+            .map(split::Split::windows)
+            .unwrap_or_default(),
+        clocks: calls.split.as_ref().map(|_| CLOCKS),
+        relay,
+        control,
+    })
+}
+
+/// What the split's times are.
+const CLOCKS: &str = "every time is a kernel stamp of CLOCK_REALTIME (loadgen's transmit and \
+    receive stamps, the relay's receive stamps): exact when loadgen and the relay share a host; \
+    across hosts the legs hold only as well as the two clocks are synchronised, and a negative \
+    leg leaves totals only";
+
+/// The originate time of call `i`.
+fn slot(cfg: &AriLoadConfig, start: tokio::time::Instant, i: u32) -> tokio::time::Instant {
+    start + cfg.ramp.mul_f64(f64::from(i) / f64::from(cfg.calls))
+}
+
+/// Tone callers: originate `--endpoint` into control's application, hold, hang up.
+async fn tone_calls(
+    cfg: &AriLoadConfig,
+    http: &reqwest::Client,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Calls> {
+    let base = cfg.url.trim_end_matches('/');
+    let mut calls = Calls::default();
+    let mut ids = Vec::new();
+    let start = tokio::time::Instant::now();
+    for i in 0..cfg.calls {
+        tokio::select! {
+            () = tokio::time::sleep_until(slot(cfg, start, i)) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let r = http
+            .post(format!("{base}/ari/channels"))
+            .basic_auth(&cfg.user, Some(&cfg.pass))
+            .query(&[
+                ("endpoint", cfg.endpoint.as_str()),
+                ("app", cfg.app.as_str()),
+            ])
+            .query(&cfg.formats.as_ref().map(|f| [("formats", f.as_str())]))
+            .send()
+            .await
+            .context("cannot reach ARI")?;
+        let status = r.status();
+        if status.is_success() {
+            let ch: Value = r.json().await?;
+            let id = ch["id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("ARI's originate reply has no channel id"))?;
+            ids.push((slot(cfg, start, i), id.to_owned()));
+        } else {
+            calls.failed += 1;
+            if calls.first_error.is_none() {
+                calls.first_error =
+                    Some(format!("{status}: {}", r.text().await.unwrap_or_default()));
+            }
+        }
+    }
+    calls.originated = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+    for (at, id) in &ids {
+        // Ctrl-C: hang every call up at once.
+        if !*stop.borrow() {
+            tokio::select! {
+                () = tokio::time::sleep_until(*at + cfg.hold) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        }
+        let r = http
+            .delete(format!("{base}/ari/channels/{id}"))
+            .basic_auth(&cfg.user, Some(&cfg.pass))
+            .send()
+            .await?;
+        // 404: the call already ended (control hung it up, or the dialplan did).
+        if r.status().is_success() {
+            calls.hung_up += 1;
+        }
+    }
+    Ok(calls)
+}
+
+/// rtp callers: loadgen's own application, one task a call ([`caller::call`]), then the split.
+async fn rtp_calls(
+    cfg: &AriLoadConfig,
+    http: &reqwest::Client,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Calls> {
+    let ari = caller::Ari::new(http.clone(), &cfg.url, &cfg.user, &cfg.pass);
+    let app = caller::App::connect(&ari, &cfg.rtp.app).await?;
+    let ctx = Arc::new(caller::CallCtx {
+        ari,
+        app,
+        cfg: cfg.rtp.clone(),
+        control_app: cfg.app.clone(),
+        control: cfg.control.clone(),
+        timing: probes::TimingSource::new().context("cannot start the probes' timing thread")?,
+        stop: stop.clone(),
+    });
+    let run = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+            & 0xff_ffff_ffff
+    );
+    let mut split = split::Split::new();
+    split.set_epoch(wall_now_ns());
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    let mut stop_ramp = stop.clone();
+    for i in 0..cfg.calls {
+        tokio::select! {
+            () = tokio::time::sleep_until(slot(cfg, start, i)) => {}
+            _ = stop_ramp.wait_for(|s| *s) => break,
+        }
+        tasks.push(tokio::spawn(caller::call(
+            Arc::clone(&ctx),
+            run.clone(),
+            i,
+            cfg.hold,
+        )));
+    }
+    let mut calls = Calls::default();
+    for t in tasks {
+        let r = t.await.unwrap_or_default();
+        calls.originated += u32::from(r.originated);
+        if let Some(e) = &r.failure {
+            calls.failed += 1;
+            if calls.first_error.is_none() {
+                calls.first_error = Some(e.clone());
+            }
+        }
+        calls.leftovers.extend(r.leftovers);
+        calls.hung_up += u32::from(r.originated);
+        if let Some(m) = &r.media {
+            calls.played += 1;
+            split.add_call(m, r.relay_received);
+        }
+    }
+    calls.split = Some(split);
+    Ok(calls)
+}
+
+/// `CLOCK_REALTIME` now, ns.
+fn wall_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The report as a person reads it.
+#[must_use]
+pub fn render(r: &AriLoadReport) -> String {
+    let mut out = String::new();
+    let callers = match r.callers {
+        Callers::Rtp => "rtp callers (probes timed on both sides of Asterisk)",
+        Callers::Tone => "tone callers",
+    };
+    let _ = writeln!(
+        out,
+        "loadgen ari: {} calls of {:.0} s, {callers}: {} originated, {} failed{}",
+        r.calls,
+        r.hold_s,
+        r.originated,
+        r.failed,
+        r.first_error
+            .as_ref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    if let Some(l) = &r.lost {
+        #[allow(clippy::cast_precision_loss)] // a ratio for reading
+        let pct = |n: u64| 100.0 * n as f64 / l.sent.max(1) as f64;
+        let side = |n: Option<u64>| {
+            n.map_or_else(
+                || "unknown".to_owned(),
+                |n| format!("{n} ({:.3} %)", pct(n)),
+            )
+        };
+        let _ = writeln!(
+            out,
+            "probes: {} sent, {} back, {} lost ({:.3} %): before the relay {}, after it {}",
+            l.sent,
+            l.returned,
+            l.total,
+            pct(l.total),
+            side(l.before_relay),
+            side(l.after_relay)
+        );
+        if l.calls_unsplit > 0 {
+            let _ = writeln!(
+                out,
+                "  loss of {} calls not split: control's call record (--control) gives the relay's count",
+                l.calls_unsplit
+            );
+        }
+    }
+    if let Some(t) = &r.through_asterisk {
+        let _ = writeln!(
+            out,
+            "through Asterisk (µs)  {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "count", "p50", "p95", "p99", "p99.9", "max"
+        );
+        let mut row = |name: &str, l: Option<&LegSummary>| {
+            let _ = match l {
+                Some(l) => writeln!(
+                    out,
+                    "  {name:<20} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                    l.count, l.p50_us, l.p95_us, l.p99_us, l.p999_us, l.max_us
+                ),
+                None => writeln!(out, "  {name:<20} {:>9}", "-"),
+            };
+        };
+        row("total", Some(&t.total));
+        row("Asterisk in", t.asterisk_in.as_ref());
+        row("relay loop", t.relay.as_ref());
+        row("Asterisk out", t.asterisk_out.as_ref());
+        if t.negative_legs > 0 {
+            let _ = writeln!(
+                out,
+                "  {} probes had a negative leg: loadgen's and the relay's clocks disagree, totals only",
+                t.negative_legs
+            );
+        }
+        if t.unsplit > 0 || t.untimed > 0 {
+            let _ = writeln!(
+                out,
+                "  {} returns timed in total only (the relay had not recognised the call yet), {} not timed (a kernel stamp missing)",
+                t.unsplit, t.untimed
+            );
+        }
+    }
+    if !r.leftovers.is_empty() {
+        let _ = writeln!(out, "left behind on Asterisk: {}", r.leftovers.join(", "));
+    }
+    if let Some(run) = r.relay.as_ref().map(|f| &f.run) {
+        let _ = writeln!(
+            out,
+            "relay, this run: {} packets to the echo, {} back",
+            run["traffic"]["to_echo"]["packets"], run["traffic"]["to_asterisk"]["packets"]
+        );
+    }
+    out
+}
+
+/// The relay's global statistics, when its socket is given and answers.
+async fn relay_global(cfg: &AriLoadConfig) -> Option<Value> {
+    let path = cfg.relay_ctl.clone()?;
+    tokio::task::spawn_blocking(move || RelayClient::connect(&path).and_then(|mut c| c.global()))
+        .await
+        .ok()?
+        .ok()
+        .and_then(|g| serde_json::to_value(g).ok())
+}
+
+/// Control's `/stats`, when its endpoint is given and answers.
+async fn control_stats(http: &reqwest::Client, cfg: &AriLoadConfig) -> Option<Value> {
+    let url = cfg.control.as_ref()?;
+    http.get(format!("{}/stats", url.trim_end_matches('/')))
+        .send()
+        .await
+        .ok()?
+        .json::<Value>()
+        .await
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn counters_are_differenced_and_percentiles_left_out() {
+        let start = json!({"channels_opened": 38, "traffic": {"to_echo": {"packets": 1000}},
+                           "rtt": {"count": 900, "p50_ns": 70_000}, "channels": 0});
+        let end = json!({"channels_opened": 48, "traffic": {"to_echo": {"packets": 15_740}},
+                         "rtt": {"count": 15_640, "p50_ns": 71_000}, "channels": 0, "new": 3});
+        assert_eq!(
+            super::counters_between(&start, &end),
+            json!({"channels_opened": 10, "traffic": {"to_echo": {"packets": 14_740}},
+                   "rtt": {"count": 14_740}})
+        );
+    }
+}
