@@ -181,12 +181,33 @@ struct AriArgs {
     /// The Stasis application control serves.
     #[arg(long, env = "APP_NAME", default_value = "rtp-relay")]
     app: String,
-    /// Endpoint to originate: a Local channel into a context that answers and plays a tone.
+    /// Who the calls are: `rtp`, loadgen itself, playing probes it times on both sides of
+    /// Asterisk (through `Local/<--app>@<--context>/n` into its own application); `tone`,
+    /// `--endpoint` playing a tone into control's application (only the relay's loop measured).
+    #[arg(long, value_enum, default_value = "rtp")]
+    callers: loadgen::ari::Callers,
+    /// rtp callers: loadgen's own Stasis application (its own events WebSocket).
+    #[arg(long, default_value = "rtp-relay-loadgen")]
+    loadgen_app: String,
+    /// rtp callers: the dialplan context whose extension `<--app>` runs `Stasis(${EXTEN})`.
+    #[arg(long, default_value = "stasis")]
+    context: String,
+    /// rtp callers: the address loadgen's RTP sockets bind; Asterisk sends the returns there.
+    #[arg(long, default_value = "127.0.0.1")]
+    rtp_ip: IpAddr,
+    /// rtp callers: after a call's last probe, wait this long at most for the rest to come back.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    drain: Duration,
+    /// Also write the report as JSON to this file ("-": standard output).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// tone callers: the endpoint to originate, a Local channel into a context that answers and
+    /// plays a tone.
     #[arg(long, default_value = "Local/s@load")]
     endpoint: String,
-    /// `formats` for every originate: the caller's native format (default: ulaw, the format
-    /// control bridges with). Without it Asterisk gives a Local channel slin192 and transcodes
-    /// every call; an empty value leaves it out.
+    /// tone callers: `formats` for every originate, the caller's native format (default: ulaw,
+    /// the format control bridges with). Without it Asterisk gives a Local channel slin192 and
+    /// transcodes every call; an empty value leaves it out. rtp callers always ask for ulaw.
     #[arg(long, default_value = "ulaw")]
     formats: String,
     /// Calls.
@@ -323,13 +344,25 @@ fn ari(a: AriArgs) -> ExitCode {
         hold: a.hold,
         relay_ctl: a.relay_ctl,
         control: a.control,
+        callers: a.callers,
+        rtp: loadgen::ari::RtpCallers {
+            app: a.loadgen_app,
+            context: a.context,
+            rtp_ip: a.rtp_ip,
+            drain: a.drain,
+        },
     };
     match runtime()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(loadgen::ari::run(&cfg)))
     {
         Ok(r) => {
-            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            print!("{}", loadgen::ari::render(&r));
+            if let Some(path) = &a.json {
+                if !write_json(path, &serde_json::to_string_pretty(&r).unwrap_or_default()) {
+                    return ExitCode::FAILURE;
+                }
+            }
             if r.originated == 0 {
                 eprintln!(
                     "loadgen: no call could be originated: {}",
