@@ -686,11 +686,17 @@ fn failures_at_every_stage_unwind_without_leaking() {
         .all(|c| c["ended_by"] == "control" && c["failure"].is_string()));
 }
 
-/// `loadgen ari` against the pipeline, with `formats` as given (`""`: left out); its JSON.
+/// `loadgen ari --callers tone` against the pipeline, with `formats` as given (`""`: left out);
+/// its JSON.
 fn loadgen_ari(p: &Pipeline, formats: &str) -> Value {
+    let json = p.sim_json.with_extension(format!("ari-{formats}.json"));
     let out = testkit::output(
         std::process::Command::new(testkit::bin("loadgen")).args([
             "ari",
+            "--callers",
+            "tone",
+            "--json",
+            json.to_str().unwrap(),
             "--ari-url",
             &p.sim_url,
             "--ari-pass",
@@ -717,7 +723,11 @@ fn loadgen_ari(p: &Pipeline, formats: &str) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());
-    serde_json::from_str(&stdout).unwrap()
+    assert!(
+        stdout.contains("loadgen ari: 3 calls"),
+        "a summary for people on stdout"
+    );
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
 }
 
 #[test]

@@ -201,6 +201,10 @@ struct AriArgs {
     /// Also write the report as JSON to this file ("-": standard output).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// rtp callers: write every probe's four kernel stamps to this CSV file (`call, probe,
+    /// sent_ns, relay_arrival_ns, relay_returned_ns, back_ns`; 0 where not known).
+    #[arg(long)]
+    probes: Option<PathBuf>,
     /// tone callers: the endpoint to originate, a Local channel into a context that answers and
     /// plays a tone.
     #[arg(long, default_value = "Local/s@load")]
@@ -351,6 +355,7 @@ fn ari(a: AriArgs) -> ExitCode {
             rtp_ip: a.rtp_ip,
             drain: a.drain,
         },
+        probes: a.probes,
     };
     match runtime()
         .map_err(anyhow::Error::from)

@@ -19,6 +19,7 @@
 //! It works the same against `loadgen sim-asterisk --calls 0`, which is how it is tested.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +76,8 @@ pub struct AriLoadConfig {
     pub callers: Callers,
     /// Settings of the rtp callers.
     pub rtp: RtpCallers,
+    /// rtp callers: write every probe's four stamps here (CSV).
+    pub probes: Option<PathBuf>,
 }
 
 /// What `loadgen ari` reports.
@@ -367,9 +370,23 @@ async fn rtp_calls(
             cfg.hold,
         )));
     }
+    let mut out = match &cfg.probes {
+        Some(path) => {
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("cannot create {}", path.display()))?,
+            );
+            writeln!(f, "{PROBES_HEADER}")?;
+            Some((path, f))
+        }
+        None => None,
+    };
     let mut calls = Calls::default();
-    for t in tasks {
+    for (i, t) in (0..).zip(tasks) {
         let r = t.await.unwrap_or_default();
+        if let (Some((path, f)), Some(m)) = (&mut out, &r.media) {
+            write_probes(f, i, m).with_context(|| format!("cannot write {}", path.display()))?;
+        }
         calls.originated += u32::from(r.originated);
         if let Some(e) = &r.failure {
             calls.failed += 1;
@@ -384,8 +401,26 @@ async fn rtp_calls(
             split.add_call(m, r.relay_received);
         }
     }
+    if let Some((path, mut f)) = out {
+        std::io::Write::flush(&mut f).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     calls.split = Some(split);
     Ok(calls)
+}
+
+/// The first line of `--probes`: one probe a line after it; a time is 0 where it is not known.
+pub const PROBES_HEADER: &str = "call,probe,sent_ns,relay_arrival_ns,relay_returned_ns,back_ns";
+
+/// One line per probe of call `call`: its four kernel stamps (ns `CLOCK_REALTIME`).
+fn write_probes(f: &mut impl std::io::Write, call: u32, m: &probes::CallMedia) -> std::io::Result<()> {
+    for (seq, p) in m.probes.iter().enumerate() {
+        writeln!(
+            f,
+            "{call},{seq},{},{},{},{}",
+            p.sent, p.relay_arrival, p.relay_returned, p.back
+        )?;
+    }
+    Ok(())
 }
 
 /// `CLOCK_REALTIME` now, ns.
