@@ -402,7 +402,8 @@ async fn rtp_calls(
         }
     }
     if let Some((path, mut f)) = out {
-        std::io::Write::flush(&mut f).with_context(|| format!("cannot write {}", path.display()))?;
+        std::io::Write::flush(&mut f)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     calls.split = Some(split);
     Ok(calls)
@@ -412,7 +413,11 @@ async fn rtp_calls(
 pub const PROBES_HEADER: &str = "call,probe,sent_ns,relay_arrival_ns,relay_returned_ns,back_ns";
 
 /// One line per probe of call `call`: its four kernel stamps (ns `CLOCK_REALTIME`).
-fn write_probes(f: &mut impl std::io::Write, call: u32, m: &probes::CallMedia) -> std::io::Result<()> {
+fn write_probes(
+    f: &mut impl std::io::Write,
+    call: u32,
+    m: &probes::CallMedia,
+) -> std::io::Result<()> {
     for (seq, p) in m.probes.iter().enumerate() {
         writeln!(
             f,
