@@ -230,6 +230,15 @@ impl WallToMono {
         (mono <= latest && latest - mono <= MAX_AGE_NS).then_some(mono)
     }
 
+    /// The realtime − monotonic offset stamps convert with, nanoseconds (`None` before the first
+    /// sample): a stamp [`WallToMono::to_mono`] converted is that time plus this offset again,
+    /// exactly, as long as the offset has not moved since (a new sample after a step, or a
+    /// tighter one refining it by nanoseconds).
+    #[must_use]
+    pub const fn offset_ns(&self) -> Option<i128> {
+        self.offset
+    }
+
     /// Steps seen so far.
     #[must_use]
     pub const fn steps(&self) -> u64 {
@@ -271,6 +280,11 @@ mod tests {
         assert!(!c.resample(sample(5_000_000, EPOCH)));
         // A packet stamped 1.234 ms before the sample.
         assert_eq!(c.to_mono(WallTime(EPOCH + 3_766_000)), Some(3_766_000));
+        assert_eq!(
+            c.offset_ns(),
+            Some(i128::from(EPOCH)),
+            "mono + offset = the stamp"
+        );
         assert_eq!(c.uncertainty_ns(), 20);
         // NTP slewing by 100 µs between samples is not a step, and is followed.
         assert!(!c.resample(sample(105_000_000, EPOCH + 100_000)));

@@ -803,6 +803,14 @@ impl Ring {
         )
     }
 
+    /// The payload of the datagram in buffer `bid` (see [`Ring::received`]), writable: for a
+    /// datagram changed in place before it is sent on from the same buffer ([`Ring::send_with`]).
+    pub fn received_payload_mut(&mut self, bid: u16, len: usize) -> Option<&mut [u8]> {
+        let n = self.received(bid, len)?.payload.len();
+        let start = usize::from(bid).checked_mul(self.buffer_size)? + PAYLOAD_OFFSET;
+        self.buffers.get_mut(start..start + n)
+    }
+
     /// Sends the payload of buffer `bid` (`len` bytes at its payload offset) from fixed-file
     /// `slot` to `to`. The buffer stays in flight until the send's completion, after which the
     /// caller recycles it.

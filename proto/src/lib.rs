@@ -47,7 +47,7 @@ pub use relay::{
 };
 pub use rtp::{RtpHeader, Ssrc};
 pub use stats::{
-    ChannelStats, Direction, DropReason, GlobalStats, LatencySummary, MissingKind,
-    TimestampCounters,
+    ChannelStats, Direction, DropReason, GlobalStats, LatencySummary, MissingKind, ProbeStats,
+    ProbeTotals, TimestampCounters,
 };
 pub use time::MonoTime;

@@ -210,7 +210,10 @@ mod tests {
         assert_eq!(relay_times(&b), Some(t));
         assert_eq!(parse(&b), Ok(P), "the sender's fields still hold");
         let changed: Vec<usize> = (0..b.len()).filter(|&i| b[i] != before[i]).collect();
-        assert!(changed.iter().all(|&i| (ARRIVAL..LEN).contains(&i)), "{changed:?}");
+        assert!(
+            changed.iter().all(|&i| (ARRIVAL..LEN).contains(&i)),
+            "{changed:?}"
+        );
     }
 
     #[test]

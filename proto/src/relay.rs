@@ -20,8 +20,17 @@
 //! Anything else is dropped and counted by reason. Malformed packets are dropped and counted, never
 //! forwarded.
 //!
+//! Probes ([`crate::probe`]): a channel whose RTP payloads from Asterisk carry valid probe
+//! headers, [`crate::probe::RECOGNISE_AFTER`] in a row of one call, is a probe channel from then
+//! on. It records each probe's arrival by probe sequence and, when the probe's echo comes back,
+//! records the relay's loop (arrival to the echo's arrival) and writes both times, on the wall
+//! clock ([`Relay::set_wall_offset`]), into the echo's header on its way to Asterisk
+//! ([`Relay::handle_received`]). Nothing else is ever written; a channel without probes pays one
+//! 8-byte comparison per packet.
+//!
 //! Once a channel exists, `handle_datagram` does not allocate: the channel's T0 table and
-//! histograms are sized when it opens.
+//! histograms are sized when it opens (a probe channel's arrival ring and its two histograms
+//! once, when it is recognised).
 
 use core::time::Duration;
 use std::collections::{HashMap, VecDeque};
@@ -31,13 +40,14 @@ use crate::control::{
     AddChannel, ChannelId, ChannelInfo, Command, ErrorCode, ErrorReply, Response,
 };
 use crate::format::Format;
+use crate::probe::{self, RelayTimes};
 use crate::rtp::{self, Packet, RtpPacket, Ssrc};
 use crate::sends::{Record, Sends};
 use crate::seq::{SeqEvent, SequenceTracker, MIN_SEQUENTIAL};
 use crate::stats::{
     ChannelStats, CloseReason, Direction, DropCounts, DropReason, EchoCounters, GlobalStats,
-    LatencyHistogram, MissingKind, PerDirection, StreamCounters, TimestampCounters,
-    TrafficCounters,
+    LatencyHistogram, MissingKind, PerDirection, ProbeStats, ProbeTotals, StreamCounters,
+    TimestampCounters, TrafficCounters,
 };
 use crate::t0::{Insert, Lookup, Stamp, T0Table, Unstamped};
 use crate::time::{duration_nanos, MonoTime};
@@ -342,6 +352,191 @@ struct Channel {
     drops: DropCounts,
     /// Round-trip times.
     rtt: LatencyHistogram<u32>,
+    /// Its probe headers: recognition, and once recognised the arrivals of its probes.
+    probes: Probes,
+}
+
+/// Slots of a probe channel's arrival ring, indexed by probe sequence: 20.48 s of 20 ms probes,
+/// far more than a probe's loop through the echo.
+pub const PROBE_SLOTS: usize = 1024;
+
+/// One probe's arrival from Asterisk, kept until its echo returns.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProbeArrival {
+    /// Whether the slot holds a probe.
+    used: bool,
+    /// Whether its echo has come back (its loop is measured once, like a round trip).
+    returned: bool,
+    /// Its call index.
+    call: u32,
+    /// Its probe sequence.
+    seq: u32,
+    /// Its arrival (kernel receive stamp, monotonic).
+    at: MonoTime,
+    /// The same on `CLOCK_REALTIME` (the kernel's stamp itself), 0 when the relay had no wall
+    /// offset yet.
+    wall_ns: u64,
+}
+
+/// What a recognised probe channel keeps: allocated once, when it is recognised.
+#[derive(Debug)]
+struct ProbeRing {
+    /// Arrivals by probe sequence modulo [`PROBE_SLOTS`].
+    arrivals: Box<[ProbeArrival]>,
+    /// The relay's loop of each written probe.
+    relay_loop: LatencyHistogram<u32>,
+    /// Approximate Asterisk in of each probe from recognition on.
+    asterisk_in: LatencyHistogram<u32>,
+}
+
+/// A channel's probe state ([`crate::probe`]).
+#[derive(Debug, Default)]
+struct Probes {
+    /// Valid headers in a row from Asterisk, of call `run_call`, while not recognised.
+    run: u32,
+    /// The call of the run.
+    run_call: u32,
+    /// The sequence of the run's last probe (a duplicate of it is not counted again).
+    run_seq: u32,
+    /// Counters, as reported.
+    received: u64,
+    /// Valid probes back from the echo.
+    returned: u64,
+    /// Headers written.
+    written: u64,
+    /// Approximate Asterisk in that was not positive.
+    asterisk_in_negative: u64,
+    /// Set when the channel is recognised.
+    ring: Option<Box<ProbeRing>>,
+}
+
+impl Probes {
+    fn stats(&self) -> Option<ProbeStats> {
+        if self.received == 0 && self.returned == 0 {
+            return None;
+        }
+        let ring = self.ring.as_deref();
+        Some(ProbeStats {
+            recognised: ring.is_some(),
+            received: self.received,
+            returned: self.returned,
+            written: self.written,
+            relay_loop: ring.map(|r| r.relay_loop.summary()).unwrap_or_default(),
+            asterisk_in: ring.map(|r| r.asterisk_in.summary()).unwrap_or_default(),
+            asterisk_in_negative: self.asterisk_in_negative,
+        })
+    }
+
+    /// A valid probe from Asterisk, arrived at `at` (`wall_ns`: the same on the wall clock, 0
+    /// when unknown). Counts it (a duplicate once), advances recognition and, on a recognised
+    /// channel, records its arrival and its approximate Asterisk in.
+    fn on_asterisk(
+        &mut self,
+        hist: &mut GlobalHistograms,
+        p: probe::Probe,
+        at: MonoTime,
+        wall_ns: u64,
+    ) {
+        if self.ring.is_none() {
+            if self.run > 0 && p.call == self.run_call && p.seq == self.run_seq {
+                return; // a duplicate of the run's last probe
+            }
+            self.received += 1;
+            if self.run > 0 && p.call == self.run_call {
+                self.run += 1;
+            } else {
+                self.run = 1;
+                self.run_call = p.call;
+            }
+            self.run_seq = p.seq;
+            if self.run < probe::RECOGNISE_AFTER {
+                return;
+            }
+            // Recognised: the channel's one allocation for its probes.
+            self.ring = Some(Box::new(ProbeRing {
+                arrivals: vec![ProbeArrival::default(); PROBE_SLOTS].into_boxed_slice(),
+                relay_loop: LatencyHistogram::new(2),
+                asterisk_in: LatencyHistogram::new(2),
+            }));
+        } else if let Some(a) = self.slot(p.seq) {
+            if a.used && a.call == p.call && a.seq == p.seq {
+                return; // a duplicate: the first copy's arrival stands
+            }
+            self.received += 1;
+        }
+        let Some(ring) = self.ring.as_deref_mut() else {
+            return;
+        };
+        if let Some(a) = ring.arrivals.get_mut(slot_of(p.seq)) {
+            *a = ProbeArrival {
+                used: true,
+                returned: false,
+                call: p.call,
+                seq: p.seq,
+                at,
+                wall_ns,
+            };
+        }
+        if wall_ns == 0 {
+            return;
+        }
+        match wall_ns.checked_sub(p.sent_ns).filter(|&ns| ns > 0) {
+            Some(ns) => {
+                ring.asterisk_in.record(ns);
+                hist.probe_asterisk_in.record(ns);
+            }
+            None => self.asterisk_in_negative += 1,
+        }
+    }
+
+    /// A valid probe back from the echo at `at` (`wall_ns` on the wall clock, 0 when unknown):
+    /// on a recognised channel whose arrival of it is recorded, its loop is recorded and the
+    /// times to write into it returned (once per probe).
+    fn on_echo(
+        &mut self,
+        hist: &mut GlobalHistograms,
+        p: probe::Probe,
+        at: MonoTime,
+        wall_ns: u64,
+    ) -> Option<RelayTimes> {
+        self.returned += 1;
+        let ring = self.ring.as_deref_mut()?;
+        let a = ring
+            .arrivals
+            .get_mut(slot_of(p.seq))
+            .filter(|a| a.used && !a.returned && a.call == p.call && a.seq == p.seq)?;
+        a.returned = true;
+        if at > a.at {
+            let ns = at.nanos_since(a.at);
+            ring.relay_loop.record(ns);
+            hist.probe_loop.record(ns);
+        }
+        (a.wall_ns != 0 && wall_ns != 0).then_some(RelayTimes {
+            arrival_ns: a.wall_ns,
+            returned_ns: wall_ns,
+        })
+    }
+
+    /// Adds an open channel's counters to `t` (no distribution: they cost a pass over the
+    /// histograms, and the relay-wide ones come from the global histograms).
+    fn count_into(&self, t: &mut ProbeTotals) {
+        let recognised = self.ring.is_some();
+        t.channels += u32::from(recognised);
+        t.recognised += u64::from(recognised);
+        t.received += self.received;
+        t.returned += self.returned;
+        t.written += self.written;
+        t.asterisk_in_negative += self.asterisk_in_negative;
+    }
+
+    fn slot(&self, seq: u32) -> Option<&ProbeArrival> {
+        self.ring.as_deref()?.arrivals.get(slot_of(seq))
+    }
+}
+
+/// The ring slot of probe sequence `seq`.
+fn slot_of(seq: u32) -> usize {
+    seq as usize % PROBE_SLOTS
 }
 
 impl Channel {
@@ -368,6 +563,7 @@ impl Channel {
             timestamps: self.timestamps,
             drops: self.drops,
             score: self.score(rtt.mean_ns),
+            probe: self.probes.stats(),
         }
     }
 
@@ -414,6 +610,12 @@ pub struct GlobalHistograms {
     pub lateness: PerDirection<LatencyHistogram>,
     /// The score of every closed channel.
     pub calls: crate::score::ScoreHistograms,
+    /// The relay's loop of every probe it wrote its times into: arrival from Asterisk to the
+    /// arrival of its echo, both kernel receive stamps ([`crate::probe`]).
+    pub probe_loop: LatencyHistogram,
+    /// Approximate Asterisk in of every probe of a recognised channel: the relay's arrival
+    /// minus the header's send time (a user-space reading on the sender's side).
+    pub probe_asterisk_in: LatencyHistogram,
 }
 
 impl GlobalHistograms {
@@ -432,6 +634,8 @@ impl GlobalHistograms {
             jitter: pair(),
             lateness: pair(),
             calls: crate::score::ScoreHistograms::new(),
+            probe_loop: h(),
+            probe_asterisk_in: h(),
         }
     }
 
@@ -447,6 +651,8 @@ impl GlobalHistograms {
             self.lateness.get_mut(d).merge(other.lateness.get(d));
         }
         self.calls.merge(&other.calls);
+        self.probe_loop.merge(&other.probe_loop);
+        self.probe_asterisk_in.merge(&other.probe_asterisk_in);
     }
 
     /// Writes these histograms' summaries into `stats`.
@@ -460,6 +666,8 @@ impl GlobalHistograms {
         stats.receive_delay = per(&self.receive_delay);
         stats.jitter = per(&self.jitter);
         stats.lateness = per(&self.lateness);
+        stats.probe.relay_loop = self.probe_loop.summary();
+        stats.probe.asterisk_in = self.probe_asterisk_in.summary();
     }
 }
 
@@ -495,6 +703,8 @@ struct ClosedTotals {
     streams: PerDirection<StreamCounters>,
     /// Round trips.
     round_trip: EchoCounters,
+    /// Probe headers.
+    probe: ProbeTotals,
     /// Channels closed by `remove`.
     removed: u64,
     /// Channels closed for idleness.
@@ -548,6 +758,19 @@ pub struct Relay {
     chains: Vec<Option<(u32, u32)>>,
     /// How the relay's packets were timed, over all channels.
     stamps: TimestampCounters,
+    /// `CLOCK_REALTIME` − the monotonic clock of the arrivals, ns ([`Relay::set_wall_offset`]).
+    wall_offset: Option<i64>,
+}
+
+/// What [`Relay::handle`] decided about one datagram.
+#[derive(Clone, Copy, Debug)]
+struct Handled {
+    /// Where it goes.
+    verdict: Verdict,
+    /// The T0 entry it made, if any.
+    t0: Option<(Ssrc, u16)>,
+    /// A probe's return: where its RTP payload starts in the datagram, and the times to write.
+    probe: Option<(usize, RelayTimes)>,
 }
 
 /// Where a forwarded datagram's send stands in the submission queue.
@@ -606,8 +829,27 @@ impl Relay {
             last_send: None,
             chains: Vec::new(),
             stamps: TimestampCounters::default(),
+            wall_offset: None,
             config,
         })
+    }
+
+    /// The wall clock's offset from the arrivals' monotonic clock: `CLOCK_REALTIME` − monotonic,
+    /// in nanoseconds, the very offset the backend converts kernel receive stamps with (so that
+    /// `arrival + offset` is the kernel's stamp again, exactly). Set before each batch's
+    /// datagrams; `None` (the start) leaves probes unwritten. The times the relay writes into
+    /// probes are `CLOCK_REALTIME`: a step of the wall clock between a probe's arrival and its
+    /// echo's shifts one time against the other (the relay loop it records, from the monotonic
+    /// arrivals, does not move).
+    pub fn set_wall_offset(&mut self, offset_ns: Option<i64>) {
+        self.wall_offset = offset_ns;
+    }
+
+    /// `at` on the wall clock, 0 when the offset is unknown.
+    fn wall(&self, at: MonoTime) -> u64 {
+        self.wall_offset
+            .and_then(|o| u64::try_from(i128::from(at.as_nanos()) + i128::from(o)).ok())
+            .unwrap_or(0)
     }
 
     /// The settings in force.
@@ -630,7 +872,8 @@ impl Relay {
 
     /// Decides the fate of one datagram that arrived on `socket` from `from` at `now`, taking
     /// `now` as its arrival and, for a packet toward the echo, as its T0 (the send is taken to
-    /// leave at once). For tests: the backends use [`Relay::handle_received`].
+    /// leave at once). For tests: the backends use [`Relay::handle_received`]. It has the bytes
+    /// read-only, so it measures probes but never writes into them (nor counts them written).
     pub fn handle_datagram(
         &mut self,
         now: MonoTime,
@@ -638,11 +881,11 @@ impl Relay {
         from: SocketAddr,
         bytes: &[u8],
     ) -> Verdict {
-        let (verdict, t0) = self.handle(now, socket, from, bytes);
-        if let (Some((ssrc, seq)), Some(Some(ch))) = (t0, self.channels.get_mut(socket.index())) {
+        let h = self.handle(now, socket, from, bytes);
+        if let (Some((ssrc, seq)), Some(Some(ch))) = (h.t0, self.channels.get_mut(socket.index())) {
             let _ = ch.t0.stamp(ssrc, seq, now);
         }
-        verdict
+        h.verdict
     }
 
     /// Decides the fate of one datagram the kernel received at `arrival` (its receive stamp) and
@@ -652,15 +895,28 @@ impl Relay {
     /// with the id [`Relay::send_id`] gives and reports with [`Relay::tx_stamped`]; with
     /// [`SendTimes::Estimated`], when the backend reports the send submitted
     /// ([`Relay::submitted_between`]).
+    ///
+    /// A probe's echo on its way back to Asterisk ([`crate::probe`]) gets the relay's two times
+    /// written into its header, in `bytes`, which the backend then sends as they are: only on a
+    /// recognised probe channel, only into a valid header whose probe's arrival the relay
+    /// recorded, and only the header's relay fields. Every other datagram is left as it came.
     pub fn handle_received(
         &mut self,
         arrival: MonoTime,
         handled: MonoTime,
         socket: SocketId,
         from: SocketAddr,
-        bytes: &[u8],
+        bytes: &mut [u8],
     ) -> Verdict {
-        let (verdict, t0) = self.handle(arrival, socket, from, bytes);
+        let Handled { verdict, t0, probe } = self.handle(arrival, socket, from, bytes);
+        if let Some((at, times)) = probe {
+            let written = bytes
+                .get_mut(at..)
+                .is_some_and(|payload| probe::write_relay_times(payload, times).is_ok());
+            if let (true, Some(Some(ch))) = (written, self.channels.get_mut(socket.index())) {
+                ch.probes.written += 1;
+            }
+        }
         self.last_send = None;
         if let Verdict::Forward { direction, .. } = verdict {
             self.hist
@@ -908,10 +1164,16 @@ impl Relay {
         socket: SocketId,
         from: SocketAddr,
         bytes: &[u8],
-    ) -> (Verdict, Option<(Ssrc, u16)>) {
+    ) -> Handled {
+        let wall_ns = self.wall(now);
+        let dropped = |verdict| Handled {
+            verdict,
+            t0: None,
+            probe: None,
+        };
         let Some(Some(ch)) = self.channels.get_mut(socket.index()) else {
             self.drops.add(DropReason::NoChannel);
-            return (Verdict::Drop(DropReason::NoChannel), None);
+            return dropped(Verdict::Drop(DropReason::NoChannel));
         };
         let (direction, latch) = if from == ch.echo {
             (Direction::ToAsterisk, false)
@@ -920,24 +1182,22 @@ impl Relay {
         } else if ch.asterisk.is_none() && !self.config.strict_source {
             (Direction::ToEcho, true)
         } else {
-            return (
-                drop_packet(&mut self.drops, ch, DropReason::UnknownSource),
-                None,
-            );
+            return dropped(drop_packet(&mut self.drops, ch, DropReason::UnknownSource));
         };
         let packet = match rtp::parse(bytes) {
             Ok(p) => p,
-            Err(e) => return (drop_packet(&mut self.drops, ch, e.into()), None),
+            Err(e) => return dropped(drop_packet(&mut self.drops, ch, e.into())),
         };
         let to = match direction {
             Direction::ToEcho => ch.echo,
             Direction::ToAsterisk => match ch.asterisk {
                 Some(a) => a,
                 None => {
-                    return (
-                        drop_packet(&mut self.drops, ch, DropReason::NoAsteriskAddress),
-                        None,
-                    )
+                    return dropped(drop_packet(
+                        &mut self.drops,
+                        ch,
+                        DropReason::NoAsteriskAddress,
+                    ))
                 }
             },
         };
@@ -949,24 +1209,33 @@ impl Relay {
         let traffic = ch.traffic.get_mut(direction);
         traffic.packets += 1;
         traffic.bytes += bytes.len() as u64;
-        let t0 = match packet {
+        let (t0, probe) = match packet {
             Packet::Rtcp(_) => {
                 traffic.rtcp += 1;
-                None
+                (None, None)
             }
-            Packet::Rtp(p) => measure(
-                ch,
-                &mut self.hist,
-                &mut self.stamps,
-                self.echo_timeout_ns,
-                self.rtt_threshold_ns,
-                now,
-                direction,
-                &p,
-            )
-            .then_some((p.ssrc, p.sequence)),
+            Packet::Rtp(p) => {
+                let t0 = measure(
+                    ch,
+                    &mut self.hist,
+                    &mut self.stamps,
+                    self.echo_timeout_ns,
+                    self.rtt_threshold_ns,
+                    now,
+                    direction,
+                    &p,
+                )
+                .then_some((p.ssrc, p.sequence));
+                let probe = probe_header(ch, &mut self.hist, now, wall_ns, direction, &p)
+                    .map(|times| (payload_start(bytes.len(), &p), times));
+                (t0, probe)
+            }
         };
-        (Verdict::Forward { to, direction }, t0)
+        Handled {
+            verdict: Verdict::Forward { to, direction },
+            t0,
+            probe,
+        }
     }
 
     /// Counts a datagram the backend dropped before it could reach the core (for instance one
@@ -1158,6 +1427,7 @@ impl Relay {
             timestamps: TimestampCounters::default(),
             drops: DropCounts::default(),
             rtt: LatencyHistogram::new(2),
+            probes: Probes::default(),
         }));
         self.by_id.insert(request.channel.clone(), socket);
         self.opened += 1;
@@ -1217,6 +1487,9 @@ impl Relay {
             c.streams.get_mut(d).accumulate(stats.streams.get(d));
         }
         c.round_trip.accumulate(&stats.round_trip);
+        if let Some(p) = &stats.probe {
+            c.probe.add_closed(p);
+        }
         self.hist.calls.observe(stats.score);
         match reason {
             CloseReason::Removed => c.removed += 1,
@@ -1281,12 +1554,14 @@ impl Relay {
         let mut traffic = c.traffic;
         let mut streams = c.streams;
         let mut round_trip = c.round_trip;
+        let mut probe = c.probe;
         for ch in self.channels.iter().flatten() {
             for d in Direction::ALL {
                 traffic.get_mut(d).accumulate(ch.traffic.get(d));
                 streams.get_mut(d).accumulate(&ch.streams.get(d).counters());
             }
             round_trip.accumulate(&ch.round_trip);
+            ch.probes.count_into(&mut probe);
         }
         let mut g = GlobalStats {
             channels: u32::try_from(self.by_id.len()).unwrap_or(u32::MAX),
@@ -1299,6 +1574,7 @@ impl Relay {
             round_trip,
             drops: self.drops,
             timestamps: self.stamps,
+            probe,
             ..GlobalStats::default()
         };
         self.hist.summarize_into(&mut g);
@@ -1361,6 +1637,42 @@ fn count_unreturned_tail(ch: &mut Channel) {
         if let Some(extent) = back.seq.extent() {
             back.seq.expect_more(sent.saturating_sub(extent));
         }
+    }
+}
+
+/// Where the payload of `p`, parsed from a datagram of `len` bytes, starts in it (the payload
+/// and its padding end the datagram).
+fn payload_start(len: usize, p: &RtpPacket<'_>) -> usize {
+    len.saturating_sub(usize::from(p.padding) + p.payload.len())
+}
+
+/// The probe header of an RTP packet of channel `ch`, if its payload starts with one
+/// ([`crate::probe`]): a channel without probes pays one 8-byte comparison. From Asterisk, a
+/// valid header counts toward recognition (anything else breaks the run until the channel is
+/// recognised) and, once recognised, has its arrival recorded. From the echo, returns the times
+/// to write into it, when the channel is recognised and recorded the probe's arrival.
+fn probe_header(
+    ch: &mut Channel,
+    hist: &mut GlobalHistograms,
+    now: MonoTime,
+    wall_ns: u64,
+    direction: Direction,
+    p: &RtpPacket<'_>,
+) -> Option<RelayTimes> {
+    let header = probe::has_magic(p.payload)
+        .then(|| probe::parse(p.payload).ok())
+        .flatten();
+    match (direction, header) {
+        (Direction::ToEcho, Some(h)) => {
+            ch.probes.on_asterisk(hist, h, now, wall_ns);
+            None
+        }
+        (Direction::ToEcho, None) => {
+            ch.probes.run = 0;
+            None
+        }
+        (Direction::ToAsterisk, Some(h)) => ch.probes.on_echo(hist, h, now, wall_ns),
+        (Direction::ToAsterisk, None) => None,
     }
 }
 

@@ -628,6 +628,85 @@ pub struct ChannelStats {
     /// The call's E-model score so far (final in the `remove` reply): see [`crate::score`].
     #[serde(default)]
     pub score: crate::score::Score,
+    /// Its probe headers ([`crate::probe`]): `None` (left out of the JSON) while no valid probe
+    /// header has crossed the channel either way, which is every real call's case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeStats>,
+}
+
+/// What the relay saw of one channel's probe headers ([`crate::probe`]), the payloads of
+/// `loadgen ari --callers rtp`.
+///
+/// Counts are of valid headers (magic and check), from the first one, before recognition too.
+/// The two distributions start with the probe that completes recognition (the one before have no
+/// recorded arrival), and are per channel at the precision of its round-trip histogram (1 %).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeStats {
+    /// Whether the channel is taken as carrying probes: [`crate::probe::RECOGNISE_AFTER`] valid
+    /// headers in a row from Asterisk, of one call. Once recognised it stays so.
+    pub recognised: bool,
+    /// Distinct valid probes received from Asterisk (a duplicate counted once): what the caller
+    /// sent minus this is what was lost before the relay, exactly.
+    pub received: u64,
+    /// Valid probes received back from the echo.
+    pub returned: u64,
+    /// Returns the relay wrote its two times into (on their way to Asterisk): those of a
+    /// recognised channel whose arrival it had recorded, once each.
+    pub written: u64,
+    /// The relay's loop of each written probe: its kernel arrival from Asterisk to the kernel
+    /// arrival of its echo, exact.
+    pub relay_loop: LatencySummary,
+    /// Approximate Asterisk in: the relay's kernel arrival (`CLOCK_REALTIME`) minus the header's
+    /// send time, a user-space clock reading the sender took before its send (so this includes
+    /// the sender's own way into the kernel, and compares two hosts' clocks when they differ).
+    pub asterisk_in: LatencySummary,
+    /// Probes whose approximate Asterisk in came out zero or negative (the sender's clock ahead
+    /// of the relay's): counted here, not recorded.
+    pub asterisk_in_negative: u64,
+}
+
+/// The probe counters of a whole relay, over open and closed channels, with the distributions
+/// of every probe channel merged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeTotals {
+    /// Open channels recognised as carrying probes.
+    pub channels: u32,
+    /// Channels recognised since start (open and closed).
+    pub recognised: u64,
+    /// Valid probes received from Asterisk ([`ProbeStats::received`], summed).
+    pub received: u64,
+    /// Valid probes received back from the echo.
+    pub returned: u64,
+    /// Returns the relay wrote its times into.
+    pub written: u64,
+    /// Probes whose approximate Asterisk in was not positive.
+    pub asterisk_in_negative: u64,
+    /// The relay's loop of every written probe (global precision, 0.1 %).
+    pub relay_loop: LatencySummary,
+    /// Approximate Asterisk in of every probe of a recognised channel.
+    pub asterisk_in: LatencySummary,
+}
+
+impl ProbeTotals {
+    /// Adds `other`'s counters (the distributions are left alone: they are recomputed from
+    /// merged histograms).
+    pub fn accumulate_counters(&mut self, other: &Self) {
+        self.channels += other.channels;
+        self.recognised += other.recognised;
+        self.received += other.received;
+        self.returned += other.returned;
+        self.written += other.written;
+        self.asterisk_in_negative += other.asterisk_in_negative;
+    }
+
+    /// Adds a closed channel's counters (it no longer counts in `channels`).
+    pub fn add_closed(&mut self, p: &ProbeStats) {
+        self.recognised += u64::from(p.recognised);
+        self.received += p.received;
+        self.returned += p.returned;
+        self.written += p.written;
+        self.asterisk_in_negative += p.asterisk_in_negative;
+    }
 }
 
 /// Statistics of the whole relay, over open and closed channels.
@@ -669,6 +748,9 @@ pub struct GlobalStats {
     pub jitter: PerDirection<LatencySummary>,
     /// Distribution of per-packet lateness (transit above baseline), per direction.
     pub lateness: PerDirection<LatencySummary>,
+    /// Probe headers ([`crate::probe`]) over every channel, and the two legs the relay sees.
+    #[serde(default)]
+    pub probe: ProbeTotals,
 }
 
 impl GlobalStats {
@@ -688,6 +770,7 @@ impl GlobalStats {
         self.round_trip.accumulate(&other.round_trip);
         self.drops.accumulate(&other.drops);
         self.timestamps.accumulate(&other.timestamps);
+        self.probe.accumulate_counters(&other.probe);
     }
 }
 

@@ -124,19 +124,19 @@ fn the_kernel_timestamp_path_allocates_nothing_either() {
                 format: Format::Ulaw,
             },
         );
-        let built: Vec<Vec<u8>> = (0..3_000u32)
+        let mut built: Vec<Vec<u8>> = (0..3_000u32)
             .map(|k| rtp(u16::try_from(k).unwrap(), 160 * k, 9))
             .collect();
         let mut ids = Vec::with_capacity(64);
         let allocs = allocation_counter::measure(|| {
             // Batches of 50: handled 30 µs after arrival, sent together 20 µs later (the
             // kernel's stamps, or the submission the estimate is taken from).
-            for (b, batch) in built.chunks(50).enumerate() {
+            for (b, batch) in built.chunks_mut(50).enumerate() {
                 let now = MonoTime::from_nanos(1_000 * MS + b as u64 * 20 * MS);
                 let handled = MonoTime::from_nanos(now.as_nanos() + 30_000);
                 let left = MonoTime::from_nanos(handled.as_nanos() + 20_000);
                 ids.clear();
-                for p in batch {
+                for p in batch.iter_mut() {
                     let _ = relay.handle_received(now, handled, socket, asterisk, p);
                     ids.extend(relay.send_id());
                 }
@@ -146,7 +146,7 @@ fn the_kernel_timestamp_path_allocates_nothing_either() {
                 }
                 let back = MonoTime::from_nanos(now.as_nanos() + 3 * MS);
                 ids.clear();
-                for p in batch {
+                for p in batch.iter_mut() {
                     let _ = relay.handle_received(back, back, socket, echo, p);
                     ids.extend(relay.send_id());
                 }
@@ -177,4 +177,96 @@ fn the_kernel_timestamp_path_allocates_nothing_either() {
             "the deferred packet path allocated {allocs} times ({send_times:?})"
         );
     }
+}
+
+#[test]
+fn a_probe_channel_allocates_once_when_recognised_and_never_per_packet() {
+    use relay_proto::probe::{self, Probe};
+    let mut relay = Relay::new(RelayConfig {
+        idle_timeout: std::time::Duration::from_secs(3_600),
+        send_times: SendTimes::Estimated,
+        ..RelayConfig::default()
+    })
+    .unwrap();
+    relay.set_wall_offset(Some(1_764_547_200_000_000_000));
+    let echo = relay.config().default_echo;
+    let asterisk = "127.0.0.2:5000".parse().unwrap();
+    let socket = open(
+        &mut relay,
+        MonoTime::ZERO,
+        AddChannel {
+            channel: ChannelId::try_from("probes").unwrap(),
+            port: 21_000,
+            asterisk: Some(asterisk),
+            echo: None,
+            format: Format::Ulaw,
+        },
+    );
+    let packet = |k: u32| {
+        let mut b = rtp(u16::try_from(k & 0xffff).unwrap(), 160 * k, 9);
+        probe::write(
+            &mut b[12..],
+            Probe {
+                call: 1,
+                seq: k,
+                sent_ns: 1_764_547_200_000_000_000,
+            },
+        )
+        .unwrap();
+        b
+    };
+    let ms = std::cell::Cell::new(1_000u64);
+    let round_trip = |relay: &mut Relay, b: &mut Vec<u8>| {
+        ms.set(ms.get() + 20);
+        let ms = ms.get();
+        let now = MonoTime::from_nanos(ms * MS);
+        let _ = relay.handle_received(now, now, socket, asterisk, b);
+        let back = MonoTime::from_nanos(ms * MS + 300_000);
+        let _ = relay.handle_received(back, back, socket, echo, b);
+        relay.submitted(back);
+    };
+    // Recognition: the channel's one allocation for its probes (the arrival ring and two
+    // histograms), on the third probe.
+    let mut warm: Vec<Vec<u8>> = (0..3).map(packet).collect();
+    let bytes = allocation_counter::measure(|| {
+        for b in &mut warm {
+            round_trip(&mut relay, b);
+        }
+    })
+    .bytes_total;
+    println!(
+        "recognising a probe channel allocates {bytes} bytes ({:.1} KiB)",
+        bytes as f64 / 1024.0
+    );
+    assert!(bytes > 0 && bytes < 80 * 1024, "{bytes}");
+    // Then: probes written, duplicates, audio, broken headers and returns with no arrival,
+    // across the ring's wrap.
+    let mut built: Vec<Vec<u8>> = (3..3_000).map(packet).collect();
+    let mut audio = rtp(1, 160, 9);
+    let allocs = allocation_counter::measure(|| {
+        for (k, b) in built.iter_mut().enumerate() {
+            if k % 10 == 3 {
+                b[12 + 20] ^= 1; // a broken check both ways
+            }
+            round_trip(&mut relay, b);
+            if k % 17 == 0 {
+                round_trip(&mut relay, b);
+                round_trip(&mut relay, &mut audio);
+            }
+            relay.handle_timeout(MonoTime::from_nanos(ms.get() * MS));
+        }
+    })
+    .count_total;
+    let s = relay
+        .channel_stats(
+            MonoTime::from_nanos(ms.get() * MS),
+            &ChannelId::try_from("probes").unwrap(),
+        )
+        .unwrap();
+    let p = s.probe.unwrap();
+    assert!(
+        p.recognised && p.written > 2_000,
+        "the loop did real work: {p:?}"
+    );
+    assert_eq!(allocs, 0, "the probe path allocated {allocs} times");
 }

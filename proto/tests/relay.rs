@@ -459,7 +459,7 @@ fn received(
     from: SocketAddr,
     bytes: &[u8],
 ) -> u32 {
-    let v = relay.handle_received(arrival, arrival, socket, from, bytes);
+    let v = relay.handle_received(arrival, arrival, socket, from, &mut bytes.to_vec());
     assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
     relay
         .send_id()
@@ -477,7 +477,7 @@ fn the_transmit_stamp_is_t0_whether_it_comes_before_or_after_the_echo() {
         let base = 20_000 * u64::from(k) + 1_000_000;
         let p = rtp(k, 160 * u32::from(k), 7);
         // Arrives at base, handled 30 µs later, leaves (its stamp) 50 µs after arrival.
-        let v = relay.handle_received(us(base), us(base + 30), s, ast(), &p);
+        let v = relay.handle_received(us(base), us(base + 30), s, ast(), &mut p.clone());
         assert_eq!(v, forward(ECHO, Direction::ToEcho));
         let out = relay.send_id().unwrap();
         assert_eq!(relay.unsubmitted(), 0, "nothing estimated");
@@ -485,7 +485,7 @@ fn the_transmit_stamp_is_t0_whether_it_comes_before_or_after_the_echo() {
         if k % 2 == 0 {
             relay.tx_stamped(out, Some(us(base + 50)));
         }
-        let v = relay.handle_received(us(back), us(back + 40), s, ECHO, &p);
+        let v = relay.handle_received(us(back), us(back + 40), s, ECHO, &mut p.clone());
         assert_eq!(v, forward(ast(), Direction::ToAsterisk));
         let ret = relay.send_id().unwrap();
         if k % 2 == 1 {
@@ -656,7 +656,7 @@ fn kernel_arrival_and_send_submission_define_rtt_forward_and_receive_delay() {
             us(base + 30),
             s,
             ast(),
-            &rtp(k, 160 * u32::from(k), 7),
+            &mut rtp(k, 160 * u32::from(k), 7),
         );
         assert_eq!(v, forward(ECHO, Direction::ToEcho));
         assert_eq!(relay.unsubmitted(), 1);
@@ -670,7 +670,7 @@ fn kernel_arrival_and_send_submission_define_rtt_forward_and_receive_delay() {
             us(back + 40),
             s,
             ECHO,
-            &rtp(k, 160 * u32::from(k), 7),
+            &mut rtp(k, 160 * u32::from(k), 7),
         );
         assert_eq!(v, forward(ast(), Direction::ToAsterisk));
         relay.submitted(us(back + 60));
@@ -703,14 +703,14 @@ fn a_batch_submitted_together_shares_its_submission_time_and_survives_a_removal(
     let a = open(&mut relay, t(0), add("a", Some(ast())));
     let b = open(&mut relay, t(0), add("b", Some(ast())));
     // Three packets in one batch, one a duplicate (it keeps the first copy's T0).
-    let _ = relay.handle_received(us(100), us(200), a, ast(), &rtp(1, 160, 7));
-    let _ = relay.handle_received(us(110), us(200), a, ast(), &rtp(1, 160, 7));
-    let _ = relay.handle_received(us(120), us(200), b, ast(), &rtp(1, 160, 8));
+    let _ = relay.handle_received(us(100), us(200), a, ast(), &mut rtp(1, 160, 7));
+    let _ = relay.handle_received(us(110), us(200), a, ast(), &mut rtp(1, 160, 7));
+    let _ = relay.handle_received(us(120), us(200), b, ast(), &mut rtp(1, 160, 8));
     assert_eq!(relay.unsubmitted(), 3);
     // Channel b goes away before the batch is submitted: nothing breaks, nothing is stamped.
     let _ = relay.handle_command(us(250), Command::Remove(RemoveChannel { channel: id("b") }));
     relay.submitted(us(300));
-    let _ = relay.handle_received(us(1_300), us(1_310), a, ECHO, &rtp(1, 160, 7));
+    let _ = relay.handle_received(us(1_300), us(1_310), a, ECHO, &mut rtp(1, 160, 7));
     let s = relay.channel_stats(us(2_000), &id("a")).unwrap();
     assert_eq!(s.round_trip.matched, 1);
     // T0 is the submission (300 µs), not either copy's arrival.
@@ -725,7 +725,13 @@ fn sends_submitted_by_one_call_leave_one_after_another() {
     // Four packets of one batch, all arrived at 100 µs, sent by one call from 200 to 240 µs:
     // each takes 10 µs of it and leaves a quarter into its share, at 202.5, 212.5, 222.5, 232.5.
     for k in 0..4u16 {
-        let _ = relay.handle_received(us(100), us(150), s, ast(), &rtp(k, 160 * u32::from(k), 7));
+        let _ = relay.handle_received(
+            us(100),
+            us(150),
+            s,
+            ast(),
+            &mut rtp(k, 160 * u32::from(k), 7),
+        );
     }
     relay.submitted_between(us(200), us(240));
     for k in 0..4u16 {
@@ -734,7 +740,7 @@ fn sends_submitted_by_one_call_leave_one_after_another() {
             us(2_300),
             s,
             ECHO,
-            &rtp(k, 160 * u32::from(k), 7),
+            &mut rtp(k, 160 * u32::from(k), 7),
         );
     }
     relay.submitted(us(2_300));
@@ -761,7 +767,13 @@ fn datagrams_of_one_gathered_send_leave_together_at_its_place_in_the_queue() {
     // which is queued last. Three sends, submitted by one call from 200 to 248 µs, each leaving
     // a quarter into its 16 µs: 0 at 204, 2 at 220, the batch (1, 3, 4) at 236.
     for k in 0..5u16 {
-        let _ = relay.handle_received(us(100), us(150), s, ast(), &rtp(k, 160 * u32::from(k), 7));
+        let _ = relay.handle_received(
+            us(100),
+            us(150),
+            s,
+            ast(),
+            &mut rtp(k, 160 * u32::from(k), 7),
+        );
         if k % 2 == 1 || k == 4 {
             relay.gathered_last(0);
         }
@@ -775,7 +787,7 @@ fn datagrams_of_one_gathered_send_leave_together_at_its_place_in_the_queue() {
             us(2_300),
             s,
             ECHO,
-            &rtp(k, 160 * u32::from(k), 7),
+            &mut rtp(k, 160 * u32::from(k), 7),
         );
     }
     relay.submitted(us(2_300));
@@ -795,9 +807,9 @@ fn a_gathered_send_not_queued_yet_waits_for_the_submission_that_carries_it() {
     let us = |n: u64| MonoTime::from_nanos(n * 1_000);
     let mut relay = Relay::new(estimated()).unwrap();
     let s = open(&mut relay, t(0), add("a", Some(ast())));
-    let _ = relay.handle_received(us(100), us(100), s, ast(), &rtp(1, 160, 7));
+    let _ = relay.handle_received(us(100), us(100), s, ast(), &mut rtp(1, 160, 7));
     relay.gathered_last(3);
-    let _ = relay.handle_received(us(100), us(100), s, ast(), &rtp(2, 320, 7));
+    let _ = relay.handle_received(us(100), us(100), s, ast(), &mut rtp(2, 320, 7));
     // The queue fills and is submitted while batch 3 is still gathering: only datagram 2 left.
     relay.submitted_between(us(200), us(210));
     assert_eq!(relay.unsubmitted(), 1);
@@ -810,7 +822,7 @@ fn a_gathered_send_not_queued_yet_waits_for_the_submission_that_carries_it() {
             us(2_400),
             s,
             ECHO,
-            &rtp(k, 160 * u32::from(k), 7),
+            &mut rtp(k, 160 * u32::from(k), 7),
         );
     }
     relay.submitted(us(2_400));

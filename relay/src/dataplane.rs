@@ -148,8 +148,10 @@ impl Clock {
     }
 
     /// Re-samples the realtime − monotonic offset (once per batch, after the wait and before
-    /// the batch's datagrams are read); returns now, and counts a wall-clock step in `counters`.
-    pub fn resample(&mut self, counters: &mut BackendCounters) -> MonoTime {
+    /// the batch's datagrams are read) and gives it to the core, which writes probes' arrivals
+    /// on the wall clock with it (`arrival + offset`: the kernel's stamp itself); returns now,
+    /// and counts a wall-clock step in `counters`.
+    pub fn resample(&mut self, relay: &mut Relay, counters: &mut BackendCounters) -> MonoTime {
         let s = self.mono.sample();
         if self.wall.resample(s) {
             counters.clock_steps += 1;
@@ -158,6 +160,7 @@ impl Clock {
                  (rtprelay_clock_steps_total)"
             );
         }
+        relay.set_wall_offset(self.wall.offset_ns().and_then(|o| i64::try_from(o).ok()));
         MonoTime::from_nanos(s.mono_after)
     }
 

@@ -147,6 +147,10 @@ pub struct Snapshot {
     pub lateness: PerDirection<Buckets>,
     /// Scores of closed channels.
     pub calls: relay_proto::score::ScoreHistograms,
+    /// The relay's loop of each probe written (arrival from Asterisk to its echo's arrival).
+    pub probe_loop: Buckets,
+    /// Approximate Asterisk in of each probe of a recognised probe channel.
+    pub probe_asterisk_in: Buckets,
     /// Lost packets, per direction, never decreasing between snapshots (a late packet that
     /// fills a gap lowers the core's count; a Prometheus counter must not go down).
     pub lost: PerDirection<u64>,
@@ -179,6 +183,8 @@ impl Snapshot {
             }
             m.counters.accumulate(&p.counters);
             m.rtt.accumulate(&p.rtt);
+            m.probe_loop.accumulate(&p.probe_loop);
+            m.probe_asterisk_in.accumulate(&p.probe_asterisk_in);
             for d in Direction::ALL {
                 for (a, b) in [
                     (&mut m.forward, &p.forward),
@@ -275,6 +281,8 @@ impl Publisher {
             jitter: per(&h.jitter),
             lateness: per(&h.lateness),
             calls: h.calls.clone(),
+            probe_loop: Buckets::from_hdr(&h.probe_loop),
+            probe_asterisk_in: Buckets::from_hdr(&h.probe_asterisk_in),
             lost,
             shard: self.shard,
             cpu_ns: relay_io::thread_cpu_ns().unwrap_or(prev.cpu_ns),
@@ -377,6 +385,17 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
                 count: s.calls.count,
                 sum_seconds: s.calls.r_sum,
             }, &relay_proto::score::R_BOUNDS)]),
+        family("probe_loop_seconds", "The relay's loop of each probe (loadgen ari --callers rtp) whose echo it wrote its times into: the probe's kernel arrival from Asterisk to the kernel arrival of its echo, exact.", HISTOGRAM,
+            vec![histogram_metric(vec![], &s.probe_loop, &lat_bounds)]),
+        family("probe_asterisk_in_seconds", "Approximate Asterisk in of each probe of a recognised probe channel: the relay's kernel arrival (CLOCK_REALTIME) minus the send time in the probe's header, a user-space clock reading the sender took before its send (so it includes the sender's own way into its kernel, and across hosts compares two clocks). Values not above zero are counted in rtprelay_probe_asterisk_in_negative_total instead.", HISTOGRAM,
+            vec![histogram_metric(vec![], &s.probe_asterisk_in, &lat_bounds)]),
+        family("probes_total", "Valid probe headers received, by direction: to_echo from Asterisk (distinct probes, from a channel's first), to_asterisk back from the echo.", COUNTER, vec![
+            counter(vec![label("direction", Direction::ToEcho.as_str())], g.probe.received),
+            counter(vec![label("direction", Direction::ToAsterisk.as_str())], g.probe.returned),
+        ]),
+        total("probes_written_total", "Probe echoes the relay wrote its two times into (arrival from Asterisk, arrival of the echo) on their way back to Asterisk.", g.probe.written),
+        total("probe_asterisk_in_negative_total", "Probes whose approximate Asterisk in came out zero or negative (the sender's clock ahead of the relay's): not in rtprelay_probe_asterisk_in_seconds.", g.probe.asterisk_in_negative),
+        family("probe_channels", "Open channels recognised as carrying probes (three valid probe headers in a row from Asterisk).", GAUGE, vec![gauge_metric(vec![], f64::from(g.probe.channels))]),
         family("packets_total", "Datagrams forwarded.", COUNTER,
             per_direction(&g.traffic, |l, t| counter(l, t.packets))),
         family("bytes_total", "UDP payload bytes forwarded.", COUNTER,
@@ -639,6 +658,13 @@ mod tests {
             "rtprelay_shard_packets_total{shard=\"0\",direction=\"to_echo\"} 0",
             "rtprelay_shard_batch_size_bucket{shard=\"0\",le=\"1\"} 0",
             "rtprelay_shard_cpu_seconds_total{shard=\"0\"} 0",
+            "rtprelay_probe_loop_seconds_bucket{le=\"0.00001\"} 0",
+            "rtprelay_probe_asterisk_in_seconds_count 0",
+            "rtprelay_probes_total{direction=\"to_echo\"} 0",
+            "rtprelay_probes_total{direction=\"to_asterisk\"} 0",
+            "rtprelay_probes_written_total 0",
+            "rtprelay_probe_asterisk_in_negative_total 0",
+            "rtprelay_probe_channels 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
@@ -656,6 +682,9 @@ mod tests {
                 ..GlobalStats::default()
             };
             g.traffic.to_echo.packets = packets;
+            g.probe.received = packets + 1;
+            g.probe.written = packets;
+            g.probe.channels = 1;
             let mut counters = BackendCounters::default();
             counters.batch(3);
             Arc::new(Snapshot {
@@ -663,6 +692,7 @@ mod tests {
                 global: Some(g),
                 counters,
                 rtt: Buckets::from_hdr(&h),
+                probe_loop: Buckets::from_hdr(&h),
                 shard,
                 cpu_ns: 20_000_000,
                 ..Snapshot::default()
@@ -685,6 +715,11 @@ mod tests {
             "rtprelay_shard_cpu_seconds_total{shard=\"1\"} 0.02",
             "rtprelay_shard_batch_size_count{shard=\"0\"} 1",
             "rtprelay_rtt_seconds_count 3",
+            "rtprelay_probe_loop_seconds_count 3",
+            "rtprelay_probe_loop_seconds_bucket{le=\"0.00001\"} 1",
+            "rtprelay_probes_total{direction=\"to_echo\"} 17",
+            "rtprelay_probes_written_total 15",
+            "rtprelay_probe_channels 2",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

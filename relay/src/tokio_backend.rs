@@ -75,20 +75,21 @@ impl Shared {
     /// A datagram just read, with control messages `ctl`: (its arrival, the moment it is
     /// handled): the receive stamp, and the clock re-sampled now.
     fn times(&mut self, ctl: &[u8]) -> (MonoTime, MonoTime) {
-        let handled = self.clock.resample(&mut self.counters);
+        let handled = self.clock.resample(&mut self.relay, &mut self.counters);
         (
             self.clock.arrival(ctl, handled, &mut self.counters),
             handled,
         )
     }
 
-    /// The core's verdict on a datagram read at [`Shared::times`].
+    /// The core's verdict on a datagram read at [`Shared::times`] (which it may write into: a
+    /// probe's return, sent on as it is then).
     fn decide(
         &mut self,
         (arrival, handled): (MonoTime, MonoTime),
         id: SocketId,
         from: SocketAddr,
-        payload: &[u8],
+        payload: &mut [u8],
     ) -> Verdict {
         self.relay
             .handle_received(arrival, handled, id, from, payload)
@@ -100,7 +101,7 @@ impl Shared {
     /// empty queue clears.
     fn drain_stamps(&mut self, socket: &UdpSocket, now: bool) {
         // Every stamp read below precedes this sample.
-        self.clock.resample(&mut self.counters);
+        self.clock.resample(&mut self.relay, &mut self.counters);
         let Self {
             relay,
             counters,

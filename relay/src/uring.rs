@@ -352,7 +352,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         s.ring.submit_and_wait(Some(wait))?;
         counters.enters += 1;
 
-        let now = clock.resample(&mut counters);
+        let now = clock.resample(&mut relay, &mut counters);
         // The stamps of the sends that enter submitted are on their sockets' error queues now.
         let mut drain = std::mem::take(&mut s.ids.drain);
         for &slot in &drain {
@@ -435,7 +435,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                         counters.enters += 1;
                     }
                     // Stamps read while handling commands precede this sample.
-                    clock.resample(&mut counters);
+                    clock.resample(&mut relay, &mut counters);
                     while let Ok(msg) = rx.try_recv() {
                         handle_msg(
                             msg,
@@ -600,7 +600,7 @@ fn forward(
         estimated,
     } = io;
     make_room(&mut s.ring, relay, *estimated, clock, counters)?;
-    let verdict = match s.ring.received(bid, len) {
+    let received = match s.ring.received(bid, len) {
         Some(_) if !current => {
             // A previous channel's datagram, in flight when it closed.
             relay.count_drop(relay_proto::DropReason::NoChannel);
@@ -611,13 +611,7 @@ fn forward(
             None
         }
         Some(r) => match r.from {
-            Some(from) => {
-                let arrival = clock.arrival(r.control, now, counters);
-                Some((
-                    relay.handle_received(arrival, now, SocketId(slot), from, r.payload),
-                    r.payload.len(),
-                ))
-            }
+            Some(from) => Some((from, clock.arrival(r.control, now, counters))),
             None => {
                 counters.recv_errors += 1;
                 None
@@ -628,6 +622,15 @@ fn forward(
             None
         }
     };
+    // The core may write into the datagram (a probe's return), which then leaves as it is.
+    let verdict = received.and_then(|(from, arrival)| {
+        let payload = s.ring.received_payload_mut(bid, len)?;
+        let n = payload.len();
+        Some((
+            relay.handle_received(arrival, now, SocketId(slot), from, payload),
+            n,
+        ))
+    });
     match verdict {
         Some((
             Verdict::Forward {
