@@ -164,6 +164,17 @@ struct SimArgs {
     /// Fail (exit 1) when the loss ratio exceeds this fraction.
     #[arg(long)]
     max_loss: Option<f64>,
+    /// Every bridge traversal of media forwarded for a Local pair (`Local/<app>@stasis/n`)
+    /// takes this long; a frame crosses two bridges each way.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    bridge_delay: Duration,
+    /// Each bridge traversal adds a uniform draw in [0, this) to --bridge-delay (frames are
+    /// never reordered).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    bridge_jitter: Duration,
+    /// Probability (0–1) that a bridge traversal drops the frame (drawn from --seed).
+    #[arg(long, default_value_t = 0.0)]
+    bridge_loss: f64,
 }
 
 /// `loadgen ari` flags.
@@ -280,6 +291,10 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
         eprintln!("loadgen: invalid value for --max-loss: a fraction in 0..=1");
         return ExitCode::from(2);
     }
+    if !(0.0..=1.0).contains(&a.bridge_loss) {
+        eprintln!("loadgen: invalid value for --bridge-loss: a probability in 0..=1");
+        return ExitCode::from(2);
+    }
     appkit::init_logging();
     let cfg = loadgen::sim::SimConfig {
         listen: a.listen,
@@ -301,6 +316,9 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
         relay_pid: a.relay_pid,
         latency: a.latency,
         stasis_delay: a.stasis_delay,
+        bridge_delay: a.bridge_delay,
+        bridge_jitter: a.bridge_jitter,
+        bridge_loss: a.bridge_loss,
     };
     let report = match runtime()
         .map_err(anyhow::Error::from)

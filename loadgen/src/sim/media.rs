@@ -1,7 +1,11 @@
 //! An externalMedia channel's RTP as Asterisk 22 sends it (172-byte packets, payload type 0 for
 //! ulaw or 8 for alaw, 50 a second, random SSRC and first sequence number, first timestamp 160),
 //! and what the simulator measures of what comes back: round trip, loss, duplicates, strict-RTP
-//! drops.
+//! drops, and returns whose payload is not what was sent (`payload_changed`: every packet carries
+//! the same fixed pseudo-random 160 bytes, [`PAYLOAD`], not ulaw's all-`0xff` silence, so a
+//! rewrite anywhere on the way shows). This is the media of a channel bridged with one of the
+//! simulator's own callers; one bridged with a Local channel half forwards instead
+//! ([`super::bridge`]).
 //!
 //! How the media is sent and read is modelled on what a real Asterisk 22 was seen doing (these
 //! are observations of Asterisk 22.10.1 under load, not read from its source):
@@ -36,7 +40,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use relay_proto::rng::SplitMix64;
-use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc};
+use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc, RTP_HEADER_LEN};
 use relay_proto::stats::LatencyHistogram;
 use tokio::sync::oneshot;
 
@@ -50,7 +54,7 @@ pub(super) const DRAIN: Duration = Duration::from_millis(100);
 const PERIOD_NS: u64 = 1_000_000_000 / PACKETS_PER_SECOND as u64;
 /// A receiving thread's read timeout: how soon it notices that its channel stopped sending
 /// (longer than the 20 ms between returns, so that it does not fire while they flow).
-const POLL: Duration = Duration::from_millis(25);
+pub(super) const POLL: Duration = Duration::from_millis(25);
 /// How far the timing source may fall behind its schedule and catch up (late bursts sent at
 /// once, so that the rate stays 50 a second); further behind (a stall), the missed ticks are
 /// skipped.
@@ -59,6 +63,27 @@ const MAX_BEHIND_TICKS: u64 = 3;
 const SLOTS: usize = 1024;
 /// Stack of a receiving thread (it keeps its buffers on it).
 const RX_STACK: usize = 256 * 1024;
+/// What every caller plays: a fixed pseudo-random 160-byte payload (not the all-`0xff`
+/// silence of ulaw, so that anything rewriting a payload is seen), the same for every packet.
+pub(super) const PAYLOAD: [u8; PACKET_LEN - RTP_HEADER_LEN] = payload();
+
+/// [`PAYLOAD`]: the top bytes of a 64-bit LCG (Knuth's MMIX constants) from a fixed seed.
+const fn payload() -> [u8; PACKET_LEN - RTP_HEADER_LEN] {
+    let mut out = [0u8; PACKET_LEN - RTP_HEADER_LEN];
+    let mut s: u64 = 0x5349_4d2d_4153_5445; // "SIM-ASTE"
+    let mut i = 0;
+    while i < out.len() {
+        s = s
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        #[allow(clippy::cast_possible_truncation)] // the top byte
+        {
+            out[i] = (s >> 56) as u8;
+        }
+        i += 1;
+    }
+    out
+}
 
 /// One externalMedia channel's RTP figures.
 #[derive(Debug)]
@@ -71,6 +96,8 @@ pub(super) struct RtpFigures {
     /// Returns not measured: their transmit stamp never came or could not be converted, or the
     /// round trip came out zero or negative.
     pub(super) unstamped: u64,
+    /// Returns of this stream whose payload is not [`PAYLOAD`], byte for byte.
+    pub(super) payload_changed: u64,
     pub(super) rtt: LatencyHistogram<u64>,
 }
 
@@ -83,6 +110,7 @@ impl Default for RtpFigures {
             strict_drops: 0,
             malformed: 0,
             unstamped: 0,
+            payload_changed: 0,
             rtt: LatencyHistogram::new(3),
         }
     }
@@ -96,6 +124,7 @@ impl RtpFigures {
         self.strict_drops += o.strict_drops;
         self.malformed += o.malformed;
         self.unstamped += o.unstamped;
+        self.payload_changed += o.payload_changed;
         self.rtt.merge(&o.rtt);
     }
 }
@@ -202,10 +231,12 @@ impl TimingSource {
             .spawn(move || {
                 let _ = tx.send(receiver.run());
             })?;
+        let mut packet = [0u8; PACKET_LEN];
+        packet[RTP_HEADER_LEN..].copy_from_slice(&PAYLOAD);
         let out = Outgoing {
             sock,
             to,
-            packet: [0xff; PACKET_LEN],
+            packet,
             ssrc,
             first_seq,
             payload_type,
@@ -227,7 +258,7 @@ struct Outgoing {
     sock: Arc<UdpSocket>,
     /// `external_host`.
     to: SocketAddr,
-    /// The packet, rewritten in place: header, then 160 bytes of ulaw/alaw silence-ish `0xff`.
+    /// The packet, its header rewritten in place: header, then [`PAYLOAD`].
     packet: [u8; PACKET_LEN],
     ssrc: Ssrc,
     first_seq: u16,
@@ -382,7 +413,12 @@ impl Receiver {
                         .unwrap_or(sample.mono_after);
                     if meta.from == Some(self.to) {
                         match buf.get(..meta.len).map(parse_rtp) {
-                            Some(Ok(p)) if p.ssrc == self.ssrc => returns.back(p.sequence, t1),
+                            Some(Ok(p)) if p.ssrc == self.ssrc => {
+                                if p.payload != PAYLOAD {
+                                    returns.figures.payload_changed += 1;
+                                }
+                                returns.back(p.sequence, t1);
+                            }
                             _ => returns.figures.malformed += 1,
                         }
                     } else {

@@ -43,14 +43,20 @@ use tokio::sync::{broadcast, watch};
 use crate::report::{Added, RelaySide};
 use world::{Kind, Sim, World};
 
+mod bridge;
 mod events;
 mod media;
 mod report;
 mod rest;
 mod world;
 
+pub use bridge::{BridgeReport, SideReport};
 pub use media::PACKET_LEN;
 pub use report::{render, CallEnd, CallReport, SimReport};
+
+/// The dialplan context whose extensions run `Stasis(${EXTEN})`: a `Local/<exten>@stasis`
+/// originate makes a Local pair whose `;2` half enters application `<exten>`.
+pub const STASIS_CONTEXT: &str = "stasis";
 
 /// `loadgen sim-asterisk` settings.
 #[derive(Clone, Debug)]
@@ -95,6 +101,12 @@ pub struct SimConfig {
     /// Operations (`external_media`, `create_bridge`, `add_channel`) failed with 500 with the
     /// given probability, to exercise the application's unwinding.
     pub fail: Vec<(String, f64)>,
+    /// Every bridge traversal of forwarded media takes this long.
+    pub bridge_delay: Duration,
+    /// ... plus a uniform draw in `[0, bridge_jitter)`.
+    pub bridge_jitter: Duration,
+    /// Probability (0..=1) that a bridge traversal drops the frame.
+    pub bridge_loss: f64,
 }
 
 /// Operations `--fail` can break.
@@ -124,6 +136,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         timing: media::TimingSource::new().context("cannot start the RTP timing thread")?,
+        bridges: bridge::Bridges::new(&cfg).context("cannot start the bridges' delay line")?,
         cfg,
     });
     let server = tokio::spawn(axum::serve(listener, rest::router(Arc::clone(&sim))).into_future());
@@ -140,15 +153,8 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         }
     } else {
         // Asterisk refuses Stasis() for an application nobody is connected to: wait for it.
-        let connected = || {
-            sim.apps
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(&cfg.app)
-                .is_some_and(|&n| n > 0)
-        };
         let deadline = Instant::now() + cfg.wait_app;
-        while !connected() {
+        while !sim.connected(&cfg.app) {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "application {:?} did not connect to /ari/events within {:?}",

@@ -1,7 +1,12 @@
 //! What the simulator reports once every call has ended: per call and overall, what Asterisk
-//! saw (answers, bridging, RTP sent and returned, strict-RTP drops, returns left unmeasured for
-//! want of a transmit stamp, round trip, set-up time), the
-//! faults it injected, what was left over, and the relay's own figures when it was asked for them.
+//! saw of its own callers (answers, bridging, RTP sent and returned, strict-RTP drops, returns
+//! left unmeasured for want of a transmit stamp, returns whose payload changed, round trip,
+//! set-up time); what its bridges forwarded for Local pairs (`bridges`: per side of the relay,
+//! frames forwarded, dropped by `--bridge-loss` and unrouted, see [`super::bridge`]); the faults
+//! it injected, what was left over, and the relay's own figures when it was asked for them.
+//!
+//! Local pairs are not calls of `per_call` (they play nothing of the simulator's): their media
+//! is counted in `bridges`, and measured by whoever plays into them (`loadgen ari`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -9,6 +14,7 @@ use std::sync::atomic::Ordering;
 use relay_proto::stats::{LatencyHistogram, LatencySummary};
 use serde::Serialize;
 
+use super::bridge::BridgeReport;
 pub use super::world::CallEnd;
 use super::world::Sim;
 use crate::report::{Added, RelaySide};
@@ -42,6 +48,8 @@ pub struct CallReport {
     /// Returns not measured: the kernel's transmit stamp of their send never came (or could not
     /// be converted, or gave a round trip of zero or less).
     pub unstamped: u64,
+    /// Returns whose payload was not the 160 bytes sent, byte for byte.
+    pub payload_changed: u64,
     /// Round trip Asterisk → relay → echo → relay → Asterisk.
     pub rtt: LatencySummary,
 }
@@ -76,6 +84,8 @@ pub struct SimReport {
     pub malformed: u64,
     /// Returns not measured for want of a usable transmit stamp, all calls.
     pub unstamped: u64,
+    /// Returns whose payload was not what was sent, all calls.
+    pub payload_changed: u64,
     /// End-to-end round trip, all calls.
     pub rtt: LatencySummary,
     /// Call set-up as Asterisk sees it: StasisStart of the caller to both channels bridged.
@@ -92,6 +102,8 @@ pub struct SimReport {
     pub channels_left: usize,
     /// Bridges still existing when the report was made (should be 0).
     pub bridges_left: usize,
+    /// Media forwarded through bridges for Local pairs, per side of the relay.
+    pub bridges: BridgeReport,
     /// What the relay measured (its global statistics), with `--relay-ctl`.
     pub relay: Option<RelaySide>,
     /// End to end minus the relay's RTT, percentile by percentile: the two extra hops through
@@ -125,6 +137,7 @@ pub(super) fn report(sim: &Sim) -> SimReport {
             strict_rtp_drops: f.strict_drops,
             malformed: f.malformed,
             unstamped: f.unstamped,
+            payload_changed: f.payload_changed,
             rtt: f.rtt.summary(),
         });
     }
@@ -151,6 +164,7 @@ pub(super) fn report(sim: &Sim) -> SimReport {
         strict_rtp_drops: sum(|c| c.strict_rtp_drops),
         malformed: sum(|c| c.malformed),
         unstamped: sum(|c| c.unstamped),
+        payload_changed: sum(|c| c.payload_changed),
         rtt: all.summary(),
         setup: setup.summary(),
         answer_404_injected: sim.injected_404.load(Ordering::Relaxed),
@@ -163,6 +177,7 @@ pub(super) fn report(sim: &Sim) -> SimReport {
         ws_connections: sim.ws_connections.load(Ordering::Relaxed),
         channels_left: w.channels.len(),
         bridges_left: w.bridges.len(),
+        bridges: sim.bridges.report(),
         relay: None,
         added_by_relay: None,
         per_call,
@@ -188,7 +203,7 @@ pub fn render(r: &SimReport) -> String {
     let mut out = format!(
         "rtp-relay pipeline report (sim-asterisk -> control -> relay -> echo)\n\
          calls: {} originated, {} answered, {} bridged, {} hung up by control, {} transcoding\n\
-         RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}, unstamped {}\n\
+         RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}, unstamped {}, payload changed {}\n\
          faults: {} answers failed with 404, {} WebSocket drops ({} connections), failed on purpose {:?}\n\
          left over: {} channels, {} bridges\n\
          latency (ms){:>30}{:>9}{:>9}{:>9}{:>9}\n",
@@ -205,6 +220,7 @@ pub fn render(r: &SimReport) -> String {
         r.strict_rtp_drops,
         r.malformed,
         r.unstamped,
+        r.payload_changed,
         r.answer_404_injected,
         r.ws_drops,
         r.ws_connections,
@@ -239,6 +255,34 @@ pub fn render(r: &SimReport) -> String {
             let _ = write!(out, ", CPU {c:.0} ns per forwarded packet");
         }
         out.push('\n');
+    }
+    let b = &r.bridges;
+    let side = |s: &super::bridge::SideReport| {
+        format!(
+            "forwarded {}, dropped {}, unrouted {}",
+            s.forwarded, s.dropped, s.unrouted
+        )
+    };
+    if b.local_pairs > 0
+        || b.toward_relay != Default::default()
+        || b.toward_caller != Default::default()
+    {
+        let _ = writeln!(
+            out,
+            "bridges ({} Local pairs; per traversal {:.3} ms + jitter [0, {:.3}) ms, loss {}):\n\
+             \x20 toward the relay: {}\n\
+             \x20 toward the caller: {}\n\
+             \x20 {} traversals, strict-RTP drops {}, malformed {}",
+            b.local_pairs,
+            ms(b.delay_ns),
+            ms(b.jitter_ns),
+            b.loss,
+            side(&b.toward_relay),
+            side(&b.toward_caller),
+            b.traversals,
+            b.strict_rtp_drops,
+            b.malformed,
+        );
     }
     out
 }

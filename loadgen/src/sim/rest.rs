@@ -1,6 +1,12 @@
-//! The ARI REST surface control uses, with Asterisk 22's URLs, JSON shapes and error codes
-//! (401, 404 "Channel not found", 409, 422 "Channel not in Stasis application", 400), behind one
-//! gate for authentication and `--latency`; `--fail` and `--answer-404` inject failures here.
+//! The ARI REST surface control and `loadgen ari` use, with Asterisk 22's URLs, JSON shapes and
+//! error codes (401, 404 "Channel not found", 409, 422 "Channel not in Stasis application", 400),
+//! behind one gate for authentication and `--latency`; `--fail` and `--answer-404` inject
+//! failures here (`--answer-404` only on the simulator's own callers).
+//!
+//! `POST /channels` with an endpoint `Local/<exten>@stasis[/options]` makes a Local pair
+//! ([`super::world`] describes it), honouring `channelId`, `otherChannelId` and `formats`; any
+//! other endpoint (`Local/s@load`, `PJSIP/…`) is one of the simulator's callers, placed in `app`
+//! at once and playing its tone once bridged.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,7 +23,8 @@ use relay_proto::rng::SplitMix64;
 use serde_json::{json, Value};
 
 use super::events::events;
-use super::world::{ari_error, now_stamp, Kind, Sim, SimBridge, SimChannel};
+use super::world::{ari_error, now_stamp, update_routes, Kind, Sim, SimBridge, SimChannel};
+use super::STASIS_CONTEXT;
 
 pub(super) type Q = Query<HashMap<String, String>>;
 
@@ -100,15 +107,36 @@ pub(super) async fn originate(State(sim): State<Arc<Sim>>, Query(q): Q) -> Respo
     // Asterisk 22 gives a Local channel originated without `formats` the native format slin192
     // (what a real one answered); `formats=ulaw,alaw` gives (ulaw|alaw). Other endpoints are
     // taken as SIP phones offering ulaw.
+    let endpoint = q.get("endpoint").map_or("", String::as_str);
     let native = match q.get("formats").filter(|f| !f.is_empty()) {
         Some(f) => f.split(',').map(str::trim).collect::<Vec<_>>().join("|"),
-        None if q["endpoint"].starts_with("Local/") => "slin192".to_owned(),
+        None if endpoint.starts_with("Local/") => "slin192".to_owned(),
         None => "ulaw".to_owned(),
     };
-    match sim.originate(app, q.get("channelId").cloned(), &native) {
+    let result = match local_endpoint(endpoint) {
+        Some((exten, context)) if context == STASIS_CONTEXT => sim.originate_local(
+            app,
+            (exten, context),
+            (
+                q.get("channelId").cloned(),
+                q.get("otherChannelId").cloned(),
+            ),
+            &native,
+        ),
+        _ => sim.originate(app, q.get("channelId").cloned(), &native),
+    };
+    match result {
         Ok(v) => Json(v).into_response(),
         Err(r) => *r,
     }
+}
+
+/// `Local/<exten>@<context>[/options]`: (exten, context); `None` for another endpoint or a
+/// Local one without a context.
+pub(super) fn local_endpoint(endpoint: &str) -> Option<(&str, &str)> {
+    let rest = endpoint.strip_prefix("Local/")?;
+    let target = rest.split('/').next().unwrap_or(rest);
+    target.split_once('@')
 }
 
 /// `GET /channels/{id}/variable?variable=NAME`: `CHANNEL(audionativeformat)` for a caller, the
@@ -127,7 +155,10 @@ pub(super) async fn get_variable(
         return ari_error(StatusCode::NOT_FOUND, "Channel not found");
     };
     let value = match (&ch.kind, name.as_str()) {
-        (Kind::Caller { native, .. }, "CHANNEL(audionativeformat)") => Some(format!("({native})")),
+        (
+            Kind::Caller { native, .. } | Kind::Local { native, .. },
+            "CHANNEL(audionativeformat)",
+        ) => Some(format!("({native})")),
         (Kind::External { format, .. }, "CHANNEL(audionativeformat)") => {
             Some(format!("({format})"))
         }
@@ -176,8 +207,34 @@ pub(super) async fn answer(State(sim): State<Arc<Sim>>, Path(id): Path<String>) 
         }
     }
     ch.state = "Up";
+    let peer = match &ch.kind {
+        Kind::Local { peer, .. } => Some(peer.clone()),
+        _ => None,
+    };
     if let Some(rec) = w.call_mut(&id) {
         rec.answered = true;
+    }
+    // A Local half answered: its peer is Up too, and a `;1` originated into an application
+    // enters it now.
+    let entered = peer.and_then(|p| w.channels.get_mut(&p)).and_then(|p| {
+        p.state = "Up";
+        match &p.kind {
+            Kind::Local {
+                owner: Some(owner), ..
+            } if p.app.is_none() => {
+                let owner = owner.clone();
+                p.app = Some(owner.clone());
+                Some((owner, p.json()))
+            }
+            _ => None,
+        }
+    });
+    drop(w);
+    if let Some((app, v)) = entered {
+        sim.emit(
+            &app,
+            json!({"type": "StasisStart", "args": [], "channel": v}),
+        );
     }
     StatusCode::NO_CONTENT.into_response()
 }
@@ -248,6 +305,7 @@ pub(super) async fn external_media(State(sim): State<Arc<Sim>>, Query(q): Q) -> 
             media: None,
             caller: None,
             format: format.clone(),
+            forward: None,
         },
     };
     let v = ch.json();
@@ -343,6 +401,7 @@ pub(super) async fn delete_bridge(State(sim): State<Arc<Sim>>, Path(id): Path<St
             ch.bridge = None;
         }
     }
+    update_routes(&w);
     StatusCode::NO_CONTENT.into_response()
 }
 
