@@ -6,7 +6,7 @@
 //! - [`ari`]: the ARI messages control reads; [`rest`]: the REST calls it makes;
 //! - [`events`]: the events WebSocket, reconnected with backoff, reconciled on each connection;
 //! - [`calls`]: the call lifecycle; [`pool`]: the port pool; [`call_log`]: one JSON line per
-//!   finished call;
+//!   finished call, the newest kept for `GET /calls/{caller_id}`;
 //! - [`relay_link`]: the pipelined, self-resyncing connection to the relay;
 //! - [`metrics`]: `rtprelay_control_*`, served with `/healthz` and `/stats` by [`run`].
 #![forbid(unsafe_code)]
@@ -48,18 +48,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on --metrics {}", cfg.metrics))?;
     let metrics_addr = listener.local_addr()?;
     let summary = cfg.summary_interval;
+    // Every finished call's record is kept (the newest, for `/calls/{id}`); with --call-log,
+    // each is appended to the file too.
     let call_log = match &cfg.call_log {
-        Some(path) => Some(
-            call_log::CallLog::open(path)
-                .with_context(|| format!("cannot open --call-log {}", path.display()))?,
-        ),
-        None => None,
+        Some(path) => call_log::CallLog::open(path)
+            .with_context(|| format!("cannot open --call-log {}", path.display()))?,
+        None => call_log::CallLog::in_memory(),
     };
-    let ctl = Controller::new(cfg.clone(), ari, relay, Arc::clone(&metrics), call_log);
+    let ctl = Controller::new(
+        cfg.clone(),
+        ari,
+        relay,
+        Arc::clone(&metrics),
+        Some(call_log.clone()),
+    );
     {
         let ctl = Arc::clone(&ctl);
         let metrics = Arc::clone(&metrics);
-        tokio::spawn(http::serve(listener, router(ctl, metrics)));
+        tokio::spawn(http::serve(listener, router(ctl, metrics, call_log)));
     }
     tokio::spawn(events::run(
         cfg.clone(),
@@ -126,9 +132,10 @@ async fn log_summary(ctl: &Controller, m: &Metrics) {
     );
 }
 
-/// `/metrics`, `/healthz` (200 when both the events WebSocket and the relay are connected) and
-/// `/stats` (JSON: calls, ports, links, set-up times, the relay's global statistics).
-fn router(ctl: Arc<Controller>, m: Arc<Metrics>) -> axum::Router {
+/// `/metrics`, `/healthz` (200 when both the events WebSocket and the relay are connected),
+/// `/stats` (JSON: calls, ports, links, set-up times, the relay's global statistics) and
+/// `/calls/{caller_id}` (a finished call's record, [`call_log::router`]).
+fn router(ctl: Arc<Controller>, m: Arc<Metrics>, log: call_log::CallLog) -> axum::Router {
     use axum::routing::get;
     let metrics = {
         let m = Arc::clone(&m);
@@ -152,7 +159,10 @@ fn router(ctl: Arc<Controller>, m: Arc<Metrics>) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
-        .fallback(http::not_found("/metrics, /healthz or /stats"))
+        .merge(call_log::router(log))
+        .fallback(http::not_found(
+            "/metrics, /healthz, /stats or /calls/{caller_id}",
+        ))
 }
 
 fn healthz(m: &Metrics) -> axum::response::Response {

@@ -174,6 +174,7 @@ fn the_dashboard_has_every_panel_on_the_provisioned_datasource() {
         "Packets/s per shard",
         "Shard CPU",
         "CPU per packet and batch size per shard",
+        "Probe legs p50 / p99: relay loop and Asterisk in",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),
