@@ -1,10 +1,11 @@
 //! The tokio baseline: the same core driven the way a careful tokio user would drive it.
 //!
 //! A current-thread runtime per shard, on the shard's pinned core, one task per channel socket.
-//! Each task waits for readiness, then drains the socket with `try_recv_from` into a buffer it reuses, asks
-//! the core, and answers with `try_send_to` (falling back to an awaited send only when the socket
-//! is full). No allocation per packet, no lock: the core lives in an `Rc<RefCell<_>>` shared by
-//! the tasks of this one thread, never borrowed across an `.await`.
+//! Each task waits for readiness, then drains the socket with `try_recv_from` into a buffer it
+//! reuses, asks the core (which may write a probe's times into its echo there), and answers with
+//! `try_send_to` (falling back to an awaited send only when the socket is full). No allocation per
+//! packet, no lock: the core lives in an `Rc<RefCell<_>>` shared by the tasks of this one thread,
+//! never borrowed across an `.await`.
 //!
 //! It exists so that `bench` compares only the I/O layer: same core, same sockets, same
 //! measurement; the differences are readiness + one syscall per datagram each way here, against

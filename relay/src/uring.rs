@@ -6,7 +6,9 @@
 //! holding the source address and the datagram; the core decides; a forwarded datagram leaves
 //! from the same fixed socket by `SendMsg` straight out of the buffer it arrived in (no copy), so
 //! the echo's reply reaches Asterisk from exactly the address Asterisk sent to. The buffer goes
-//! back to the ring when its send completes (or at once when the datagram is dropped).
+//! back to the ring when its send completes (or at once when the datagram is dropped). The core
+//! sees the datagram in its buffer writable: a probe's echo gets the relay's times written into
+//! its header there (`Relay::handle_received`), and leaves as the core left it.
 //!
 //! One loop iteration is one batch: one `io_uring_enter` submits every send queued by the last
 //! batch and waits for completions (or the next timer); the buffer ring's tail is published once
