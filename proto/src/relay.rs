@@ -383,7 +383,7 @@ struct ProbeArrival {
 struct ProbeRing {
     /// Arrivals by probe sequence modulo [`PROBE_SLOTS`].
     arrivals: Box<[ProbeArrival]>,
-    /// The relay's loop of each written probe.
+    /// The relay's loop of each probe whose echo came back.
     relay_loop: LatencyHistogram<u32>,
     /// Approximate Asterisk in of each probe from recognition on.
     asterisk_in: LatencyHistogram<u32>,
@@ -610,8 +610,9 @@ pub struct GlobalHistograms {
     pub lateness: PerDirection<LatencyHistogram>,
     /// The score of every closed channel.
     pub calls: crate::score::ScoreHistograms,
-    /// The relay's loop of every probe it wrote its times into: arrival from Asterisk to the
-    /// arrival of its echo, both kernel receive stamps ([`crate::probe`]).
+    /// The relay's loop of every probe whose echo came back to its recorded arrival (the probes
+    /// it writes its times into): arrival from Asterisk to the arrival of its echo, both kernel
+    /// receive stamps ([`crate::probe`]).
     pub probe_loop: LatencyHistogram,
     /// Approximate Asterisk in of every probe of a recognised channel: the relay's arrival
     /// minus the header's send time (a user-space reading on the sender's side).

@@ -653,8 +653,9 @@ pub struct ProbeStats {
     /// Returns the relay wrote its two times into (on their way to Asterisk): those of a
     /// recognised channel whose arrival it had recorded, once each.
     pub written: u64,
-    /// The relay's loop of each written probe: its kernel arrival from Asterisk to the kernel
-    /// arrival of its echo, exact.
+    /// The relay's loop of each probe whose echo came back to its recorded arrival (the ones
+    /// written, unless the relay had no wall-clock offset yet): its kernel arrival from Asterisk
+    /// to the kernel arrival of its echo, exact.
     pub relay_loop: LatencySummary,
     /// Approximate Asterisk in: the relay's kernel arrival (`CLOCK_REALTIME`) minus the header's
     /// send time, a user-space clock reading the sender took before its send (so this includes
@@ -681,7 +682,7 @@ pub struct ProbeTotals {
     pub written: u64,
     /// Probes whose approximate Asterisk in was not positive.
     pub asterisk_in_negative: u64,
-    /// The relay's loop of every written probe (global precision, 0.1 %).
+    /// The relay's loop of every probe measured (global precision, 0.1 %).
     pub relay_loop: LatencySummary,
     /// Approximate Asterisk in of every probe of a recognised channel.
     pub asterisk_in: LatencySummary,

@@ -147,7 +147,7 @@ pub struct Snapshot {
     pub lateness: PerDirection<Buckets>,
     /// Scores of closed channels.
     pub calls: relay_proto::score::ScoreHistograms,
-    /// The relay's loop of each probe written (arrival from Asterisk to its echo's arrival).
+    /// The relay's loop of each probe (arrival from Asterisk to its echo's arrival).
     pub probe_loop: Buckets,
     /// Approximate Asterisk in of each probe of a recognised probe channel.
     pub probe_asterisk_in: Buckets,
@@ -385,7 +385,7 @@ pub fn families(s: &Snapshot) -> Vec<MetricFamily> {
                 count: s.calls.count,
                 sum_seconds: s.calls.r_sum,
             }, &relay_proto::score::R_BOUNDS)]),
-        family("probe_loop_seconds", "The relay's loop of each probe (loadgen ari --callers rtp) whose echo it wrote its times into: the probe's kernel arrival from Asterisk to the kernel arrival of its echo, exact.", HISTOGRAM,
+        family("probe_loop_seconds", "The relay's loop of each probe (loadgen ari --callers rtp) of a recognised probe channel: the probe's kernel arrival from Asterisk to the kernel arrival of its echo, exact.", HISTOGRAM,
             vec![histogram_metric(vec![], &s.probe_loop, &lat_bounds)]),
         family("probe_asterisk_in_seconds", "Approximate Asterisk in of each probe of a recognised probe channel: the relay's kernel arrival (CLOCK_REALTIME) minus the send time in the probe's header, a user-space clock reading the sender took before its send (so it includes the sender's own way into its kernel, and across hosts compares two clocks). Values not above zero are counted in rtprelay_probe_asterisk_in_negative_total instead.", HISTOGRAM,
             vec![histogram_metric(vec![], &s.probe_asterisk_in, &lat_bounds)]),
