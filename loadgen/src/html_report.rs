@@ -1,12 +1,29 @@
-//! `loadgen report`: a call log (control's `--call-log`, one JSON record per call) turned into one
-//! self-contained HTML file a person can look at after the run: no script, no stylesheet or font
-//! fetched, every chart inline SVG drawn by plotters (as `bench` draws its chart).
+//! `loadgen report`: a call log (control's `--call-log`, one JSON record per call) and the run's
+//! own JSON reports turned into one self-contained HTML file a person can look at after the run:
+//! no script, no stylesheet or font fetched, every chart inline SVG drawn by plotters (as `bench`
+//! draws its chart).
 //!
-//! What it shows: a summary table (calls, bridged and failed, round-trip loss, RTT percentiles,
-//! the MOS distribution), the distribution of the calls' RTT as a CDF on a log axis (each call's
-//! p50 and p99), RTT p50/p99 over time in 10 s windows (by the time each call ended), a MOS
-//! histogram, and the 20 worst calls by MOS with their figures. With `--run` (sim-asterisk's
-//! `--json` report) the summary adds what the simulated Asterisk measured end to end.
+//! From the call log: a summary table (calls, bridged and failed, round-trip loss, the relay's
+//! RTT percentiles, the MOS distribution), the distribution of the calls' RTT as a CDF on a log
+//! axis (each call's p50 and p99), a MOS histogram, and the 20 worst calls by MOS with their
+//! figures.
+//!
+//! `--run` adds a run's JSON report. It may be given twice, one of each kind; each file is
+//! recognised by its keys, and a file of neither kind (or a second of one kind) is refused,
+//! naming it:
+//! - sim-asterisk's `--json` report (`per_call`, `transcoding_calls`): the summary adds what the
+//!   simulated Asterisk measured end to end.
+//! - `loadgen ari --json` (`through_asterisk`, [`crate::ari::AriLoadReport`]): the caller's round
+//!   trip through Asterisk split per probe ([`crate::ari::split`]): one CDF per leg (total,
+//!   Asterisk in, relay loop, Asterisk out) in one chart on a log axis, a table of each leg's
+//!   count, mean, p50/p95/p99/p99.9 and max, the probes lost before and after the relay, and the
+//!   run's note on clocks. Legs the run left out (`null`: a leg came out negative, so the two
+//!   hosts' clocks disagree, `negative_legs`) are left out here too, with a sentence saying why.
+//!
+//! "RTT over time": with `loadgen ari`'s time series (`timeseries`), 1 s windows of run time:
+//! the round trip's p50 and p99 and each leg's p50 against seconds since the first probe, and the
+//! probes lost per window. Without one (a call log alone, or sim-asterisk's report only), 10 s
+//! windows by the time each call ended, titled so.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -78,6 +95,206 @@ pub fn read_calls(path: &Path) -> anyhow::Result<Vec<Call>> {
         .collect()
 }
 
+/// `loadgen ari --json`, the part the report reads (see [`crate::ari::AriLoadReport`]; every
+/// time in µs).
+#[derive(Clone, Debug, Deserialize)]
+pub struct AriRun {
+    /// `rtp` or `tone`.
+    pub callers: Option<String>,
+    /// Calls asked for.
+    pub calls: Option<u64>,
+    /// Originations Asterisk accepted.
+    pub originated: Option<u64>,
+    /// Originations refused.
+    pub failed: Option<u64>,
+    /// The first refusal.
+    pub first_error: Option<String>,
+    /// Calls that played their probes.
+    pub played: Option<u64>,
+    /// ARI objects loadgen could not remove.
+    #[serde(default)]
+    pub leftovers: Vec<String>,
+    /// The caller's round trip through Asterisk, split (`null` with tone callers).
+    pub through_asterisk: Option<Through>,
+    /// Probes lost, on each side of the relay.
+    pub lost: Option<AriLost>,
+    /// One window a second of run time.
+    #[serde(default)]
+    pub timeseries: Vec<AriWindow>,
+    /// What the split's times are, and when they hold.
+    pub clocks: Option<String>,
+}
+
+/// `through_asterisk`: the total and each leg (`null`: left out by the run).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Through {
+    /// loadgen's send to its receipt of the return.
+    pub total: Leg,
+    /// loadgen's send to the relay's arrival.
+    pub asterisk_in: Option<Leg>,
+    /// The relay's arrival to the echo's return at the relay.
+    pub relay: Option<Leg>,
+    /// The echo's return at the relay to loadgen's receipt.
+    pub asterisk_out: Option<Leg>,
+    /// Returns timed in total only.
+    #[serde(default)]
+    pub unsplit: u64,
+    /// Probes with a leg below zero (the clocks disagree).
+    #[serde(default)]
+    pub negative_legs: u64,
+    /// Returns not timed at all.
+    #[serde(default)]
+    pub untimed: u64,
+}
+
+/// One leg's distribution, µs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Leg {
+    /// Probes measured.
+    pub count: u64,
+    /// Mean.
+    pub mean_us: f64,
+    /// Median.
+    pub p50_us: f64,
+    /// 95th percentile.
+    pub p95_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Largest.
+    pub max_us: f64,
+    /// `[µs, fraction at or below]`, ascending.
+    #[serde(default)]
+    pub cdf: Vec<(f64, f64)>,
+}
+
+/// `lost`: probes lost on each side of the relay.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AriLost {
+    /// Probes sent.
+    pub sent: u64,
+    /// Probes back.
+    pub returned: u64,
+    /// Sent and never back.
+    pub total: u64,
+    /// Never reached the relay (`null`: the relay's count was not known).
+    pub before_relay: Option<u64>,
+    /// Reached the relay, never came back.
+    pub after_relay: Option<u64>,
+    /// Calls whose loss could not be split.
+    #[serde(default)]
+    pub calls_unsplit: u64,
+}
+
+/// One second of run time.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AriWindow {
+    /// Start, seconds since the first probe.
+    pub t_s: f64,
+    /// Probes sent in it.
+    pub sent: u64,
+    /// Of those, back.
+    pub returned: u64,
+    /// Round trip p50.
+    pub p50_us: f64,
+    /// Round trip p99.
+    pub p99_us: f64,
+    /// Round trip max.
+    pub max_us: f64,
+    /// Asterisk in, p50.
+    pub asterisk_in_p50_us: Option<f64>,
+    /// Relay loop, p50.
+    pub relay_p50_us: Option<f64>,
+    /// Asterisk out, p50.
+    pub asterisk_out_p50_us: Option<f64>,
+}
+
+/// The `--run` files: at most one of each kind.
+#[derive(Clone, Debug, Default)]
+pub struct Runs {
+    /// sim-asterisk's `--json` report.
+    pub sim: Option<Value>,
+    /// `loadgen ari --json`.
+    pub ari: Option<AriRun>,
+}
+
+/// What a `--run` file is.
+#[derive(Debug)]
+pub enum RunFile {
+    /// sim-asterisk's `--json` report.
+    Sim(Value),
+    /// `loadgen ari --json`.
+    Ari(Box<AriRun>),
+}
+
+/// Keys every sim-asterisk report has (and `loadgen ari`'s has not).
+const SIM_KEYS: [&str; 3] = ["per_call", "transcoding_calls", "received"];
+
+/// What `--run` takes, for error messages.
+const RUN_KINDS: &str = "--run takes sim-asterisk's --json report or loadgen ari's --json report";
+
+/// Tells a run report's kind by its keys: `through_asterisk` is `loadgen ari`'s, [`SIM_KEYS`]
+/// sim-asterisk's. `name` names it in errors.
+///
+/// # Errors
+/// It is neither, or it has `through_asterisk` but not in the shape `loadgen ari` writes.
+pub fn classify(v: Value, name: &str) -> anyhow::Result<RunFile> {
+    let Some(o) = v.as_object() else {
+        return Err(anyhow!("{name}: not a JSON object; {RUN_KINDS}"));
+    };
+    if o.contains_key("through_asterisk") {
+        let ari = serde_json::from_value::<AriRun>(v).with_context(|| {
+            format!(
+                "{name}: has `through_asterisk`, so loadgen ari's report, but not as loadgen ari \
+                 writes it"
+            )
+        })?;
+        return Ok(RunFile::Ari(Box::new(ari)));
+    }
+    if SIM_KEYS.iter().all(|k| o.contains_key(*k)) {
+        return Ok(RunFile::Sim(v));
+    }
+    Err(anyhow!(
+        "{name}: neither sim-asterisk's --json report (it has no `{}`) nor loadgen ari's --json \
+         report (it has no `through_asterisk`); {RUN_KINDS}",
+        SIM_KEYS.join("`, `")
+    ))
+}
+
+/// Reads and tells apart the `--run` files (at most one of each kind).
+///
+/// # Errors
+/// A file cannot be read, is not JSON, is of neither kind, or is a second of its kind.
+pub fn read_runs(paths: &[impl AsRef<Path>]) -> anyhow::Result<Runs> {
+    let mut runs = Runs::default();
+    let mut seen: [Option<String>; 2] = [None, None];
+    for p in paths {
+        let p = p.as_ref();
+        let name = p.display().to_string();
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {name}"))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{name}: not JSON ({e}); {RUN_KINDS}"))?;
+        let (slot, kind) = match classify(v, &name)? {
+            RunFile::Sim(v) => {
+                runs.sim = Some(v);
+                (0, "sim-asterisk's report")
+            }
+            RunFile::Ari(a) => {
+                runs.ari = Some(*a);
+                (1, "loadgen ari's report")
+            }
+        };
+        if let Some(first) = &seen[slot] {
+            return Err(anyhow!(
+                "--run {first} and --run {name} are both {kind}: give at most one of each kind"
+            ));
+        }
+        seen[slot] = Some(name);
+    }
+    Ok(runs)
+}
+
 /// Nearest-rank percentile of `v` (sorted).
 fn pct(v: &[f64], q: f64) -> Option<f64> {
     if v.is_empty() {
@@ -114,6 +331,16 @@ fn decade_below(v: f64) -> f64 {
     10f64.powf(v.max(1e-3).log10().floor())
 }
 
+/// A log axis's label: whole µs without a decimal point.
+#[allow(clippy::trivially_copy_pass_by_ref)] // plotters' label formatters take a reference
+fn us_label(v: &f64) -> String {
+    if *v >= 1.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e}")
 }
@@ -135,6 +362,7 @@ fn cdf_svg(p50: &[f64], p99: &[f64]) -> anyhow::Result<String> {
             .map_err(plot_err)?;
         chart
             .configure_mesh()
+            .x_label_formatter(&us_label)
             .x_desc("round trip, µs")
             .y_desc("fraction of calls")
             .draw()
@@ -158,6 +386,258 @@ fn cdf_svg(p50: &[f64], p99: &[f64]) -> anyhow::Result<String> {
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// The largest time drawn, µs (a bad file cannot push an axis to infinity).
+const MAX_US: f64 = 1e12;
+/// The latest window drawn, seconds of run time.
+const MAX_S: f64 = 1e9;
+/// The relay loop's colour (plotters' `GREEN` is too light on white).
+const DARK_GREEN: RGBColor = RGBColor(0, 140, 0);
+/// The total's p99 over time.
+const GREY: RGBColor = RGBColor(130, 130, 130);
+
+/// A time fit for a log axis: finite and above zero, clamped to 0.001..=[`MAX_US`].
+fn positive(v: f64) -> Option<f64> {
+    (v.is_finite() && v > 0.0).then(|| v.clamp(1e-3, MAX_US))
+}
+
+/// The decade below the least of `v` (1 when there is none).
+fn axis_floor(v: impl Iterator<Item = f64>) -> f64 {
+    let least = v.fold(f64::INFINITY, f64::min);
+    decade_below(if least.is_finite() { least } else { 1.0 })
+}
+
+/// The names, colours and figures of the total and the legs the run kept, in that order.
+fn kept_legs(t: &Through) -> Vec<(&'static str, RGBColor, &Leg)> {
+    [
+        ("total", BLACK, Some(&t.total)),
+        ("Asterisk in", BLUE, t.asterisk_in.as_ref()),
+        ("relay loop", DARK_GREEN, t.relay.as_ref()),
+        ("Asterisk out", RED, t.asterisk_out.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(n, c, l)| Some((n, c, l?)))
+    .collect()
+}
+
+/// The legs the run left out (`null`), by name.
+fn left_out(t: &Through) -> Vec<&'static str> {
+    [
+        ("Asterisk in", t.asterisk_in.is_none()),
+        ("relay loop", t.relay.is_none()),
+        ("Asterisk out", t.asterisk_out.is_none()),
+    ]
+    .into_iter()
+    .filter_map(|(n, out)| out.then_some(n))
+    .collect()
+}
+
+/// A curve's points, in chart coordinates.
+type Points = Vec<(f64, f64)>;
+
+/// One CDF per leg (from each leg's `cdf`), one chart, log x axis.
+fn split_cdf_svg(legs: &[(&'static str, RGBColor, &Leg)]) -> anyhow::Result<String> {
+    let curves: Vec<(&str, RGBColor, Points)> = legs
+        .iter()
+        .map(|&(name, colour, leg)| {
+            let pts = leg
+                .cdf
+                .iter()
+                .filter_map(|&(us, q)| Some((positive(us)?, q.clamp(0.0, 1.0))))
+                .collect();
+            (name, colour, pts)
+        })
+        .collect();
+    let xs = || curves.iter().flat_map(|c| c.2.iter().map(|p| p.0));
+    let lo = axis_floor(xs());
+    let hi = xs().fold(lo * 10.0, f64::max);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 380)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Round trip through Asterisk, per probe: CDF of each leg (µs, log)",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d((lo..hi * 1.5).log_scale(), 0.0..1.0)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_label_formatter(&us_label)
+            .x_desc("µs")
+            .y_desc("fraction of probes")
+            .draw()
+            .map_err(plot_err)?;
+        for (name, colour, pts) in curves {
+            chart
+                .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// A window's figure, `None` where it has none.
+type Figure = fn(&AriWindow) -> Option<f64>;
+
+/// The curves over run time: the total's p50 and p99, each leg's p50.
+const OVER_TIME: [(&str, RGBColor, Figure); 5] = [
+    ("total p50", BLACK, |w| (w.returned > 0).then_some(w.p50_us)),
+    ("total p99", GREY, |w| (w.returned > 0).then_some(w.p99_us)),
+    ("Asterisk in p50", BLUE, |w| w.asterisk_in_p50_us),
+    ("relay loop p50", DARK_GREEN, |w| w.relay_p50_us),
+    ("Asterisk out p50", RED, |w| w.asterisk_out_p50_us),
+];
+
+/// The middle of a window, seconds of run time.
+fn window_mid(w: &AriWindow) -> f64 {
+    let t = if w.t_s.is_finite() { w.t_s } else { 0.0 };
+    t.clamp(0.0, MAX_S) + 0.5
+}
+
+/// The round trip in 1 s windows of run time: [`OVER_TIME`], a line broken where a window has
+/// no figure.
+fn timeseries_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
+    let curves: Vec<(&str, RGBColor, Vec<Points>)> = OVER_TIME
+        .iter()
+        .map(|&(name, colour, get)| {
+            let mut segments: Vec<Points> = Vec::new();
+            let mut open = false;
+            for w in ts {
+                match get(w).and_then(positive) {
+                    Some(v) if open => {
+                        if let Some(s) = segments.last_mut() {
+                            s.push((window_mid(w), v));
+                        }
+                    }
+                    Some(v) => {
+                        segments.push(vec![(window_mid(w), v)]);
+                        open = true;
+                    }
+                    None => open = false,
+                }
+            }
+            (name, colour, segments)
+        })
+        .collect();
+    let ys = || {
+        curves
+            .iter()
+            .flat_map(|c| c.2.iter().flatten().map(|p| p.1))
+    };
+    let y_lo = axis_floor(ys());
+    let y_hi = ys().fold(y_lo * 10.0, f64::max);
+    let x_hi = ts.iter().map(window_mid).fold(0.5, f64::max) + 0.5;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 380)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Round trip through Asterisk over run time, 1 s windows (µs, log)",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            // Headroom above the curves for the legend's five lines.
+            .build_cartesian_2d(0.0..x_hi, (y_lo..y_hi * 5.0).log_scale())
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds of run time (since the first probe)")
+            .y_desc("µs")
+            .y_label_formatter(&us_label)
+            .draw()
+            .map_err(plot_err)?;
+        for (name, colour, segments) in curves {
+            for (i, seg) in segments.into_iter().enumerate() {
+                let dots = seg.clone();
+                let line = chart
+                    .draw_series(LineSeries::new(seg, colour.stroke_width(2)))
+                    .map_err(plot_err)?;
+                if i == 0 {
+                    line.label(name).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                    });
+                }
+                chart
+                    .draw_series(dots.into_iter().map(|p| Circle::new(p, 2, colour.filled())))
+                    .map_err(plot_err)?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// Percent of a window's probes that never came back (`None`: none sent in it).
+#[allow(clippy::cast_precision_loss)] // a ratio for drawing
+fn window_loss(w: &AriWindow) -> Option<f64> {
+    (w.sent > 0).then(|| w.sent.saturating_sub(w.returned) as f64 * 100.0 / w.sent as f64)
+}
+
+/// Probes lost per 1 s window of run time, % of those sent in it.
+fn loss_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
+    let bars: Vec<(f64, f64)> = ts
+        .iter()
+        .filter_map(|w| Some((window_mid(w) - 0.5, window_loss(w).filter(|&l| l > 0.0)?)))
+        .collect();
+    let top = bars.iter().map(|b| b.1).fold(0.0, f64::max);
+    let x_hi = ts.iter().map(window_mid).fold(0.5, f64::max) + 0.5;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 260)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Probes lost per 1 s window of run time (% of those sent in it)",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_hi, 0.0..(top * 1.15).max(1.0))
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds of run time (since the first probe)")
+            .y_desc("% lost")
+            .draw()
+            .map_err(plot_err)?;
+        chart
+            .draw_series(
+                bars.iter()
+                    .map(|&(x, pct)| Rectangle::new([(x, 0.0), (x + 0.9, pct)], RED.filled())),
+            )
             .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
     }
@@ -201,8 +681,8 @@ fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
         let y_hi = windows.iter().map(|w| w.2).fold(y_lo * 10.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                "RTT over the run, 10 s windows by call end (µs, log)",
-                ("sans-serif", 18),
+                "RTT by call end time, 10 s windows: no run-time series recorded (µs, log)",
+                ("sans-serif", 17),
             )
             .margin(12)
             .x_label_area_size(35)
@@ -212,6 +692,7 @@ fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
         chart
             .configure_mesh()
             .x_desc("seconds since the first call ended")
+            .y_label_formatter(&us_label)
             .draw()
             .map_err(plot_err)?;
         for (colour, name, get) in [
@@ -285,11 +766,186 @@ fn mos_svg(mos: &[f64]) -> anyhow::Result<String> {
     Ok(svg)
 }
 
-/// The whole HTML page for `calls` (and sim-asterisk's report `run`, if given).
+/// `n` as a share of `of`, for a table.
+#[allow(clippy::cast_precision_loss)] // a ratio for reading
+fn share(n: u64, of: u64) -> String {
+    if of == 0 {
+        format!("{n}")
+    } else {
+        format!("{n} ({:.3} %)", n as f64 * 100.0 / of as f64)
+    }
+}
+
+/// "Through Asterisk": `loadgen ari`'s split of the caller's round trip, its loss and its notes.
+fn through_asterisk_html(a: &AriRun) -> anyhow::Result<String> {
+    let mut html = String::from("<h2>Through Asterisk: the caller's round trip, split</h2>\n");
+    let n = |v: Option<u64>| v.map_or_else(|| "–".to_owned(), |v| v.to_string());
+    let _ = writeln!(
+        html,
+        "<p id=\"ari-run\">loadgen ari, {} callers: {} calls asked, {} originated, {} failed{}, {} \
+         played their probes.</p>",
+        esc(a.callers.as_deref().unwrap_or("?")),
+        n(a.calls),
+        n(a.originated),
+        n(a.failed),
+        a.first_error
+            .as_deref()
+            .map(|e| format!(" (first: {})", esc(e)))
+            .unwrap_or_default(),
+        n(a.played),
+    );
+    if !a.leftovers.is_empty() {
+        let _ = writeln!(
+            html,
+            "<p class=\"bad\">Left behind on Asterisk: {}.</p>",
+            esc(&a.leftovers.join(", "))
+        );
+    }
+    let Some(t) = &a.through_asterisk else {
+        html.push_str(
+            "<p id=\"split-none\">This run has no split: only <code>loadgen ari --callers rtp</code> \
+             times the caller's round trip through Asterisk (tone callers' audio is discarded \
+             inside Asterisk).</p>\n",
+        );
+        return Ok(html);
+    };
+    html.push_str(
+        "<p>Per probe, with kernel stamps: <b>Asterisk in</b> is loadgen's send to the relay's \
+         arrival, <b>relay loop</b> the relay's arrival to the echo's return at the relay (the \
+         relay's forward and the echo leg), <b>Asterisk out</b> the echo's return at the relay to \
+         loadgen's receipt (the relay's forward to Asterisk and Asterisk's way back). The three \
+         add up to the total for every probe.</p>\n",
+    );
+    let legs = kept_legs(t);
+    let _ = writeln!(
+        html,
+        "<div id=\"split-cdf\">{}</div>",
+        split_cdf_svg(&legs)?
+    );
+    let out = left_out(t);
+    if !out.is_empty() {
+        let why = if t.negative_legs > 0 {
+            format!(
+                "{} probes had a leg below zero, so loadgen's and the relay's clocks disagree (two \
+                 hosts not synchronised) and the run reports totals only",
+                t.negative_legs
+            )
+        } else {
+            format!(
+                "no probe carried the relay's times (the relay did not recognise the calls' \
+                 probes; {} returns were timed in total only)",
+                t.unsplit
+            )
+        };
+        let _ = writeln!(
+            html,
+            "<p id=\"legs-left-out\" class=\"bad\">Left out: {}. {}.</p>",
+            out.join(", "),
+            capitalise(&why)
+        );
+    }
+    html.push_str(
+        "<table id=\"split-table\"><tr><th class=\"l\">µs</th><th>count</th><th>mean</th>\
+         <th>p50</th><th>p95</th><th>p99</th><th>p99.9</th><th>max</th></tr>\n",
+    );
+    for (name, _, l) in &legs {
+        let _ = writeln!(
+            html,
+            "<tr><th class=\"l\">{name}</th><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td>\
+             <td>{:.1}</td><td>{:.1}</td><td>{:.1}</td></tr>",
+            l.count, l.mean_us, l.p50_us, l.p95_us, l.p99_us, l.p999_us, l.max_us
+        );
+    }
+    html.push_str("</table>\n");
+    if t.unsplit > 0 || t.untimed > 0 {
+        let _ = writeln!(
+            html,
+            "<p>{} returns were timed in total only (the first probes of each call, before the \
+             relay recognises it), {} not timed at all (a kernel stamp missing).</p>",
+            t.unsplit, t.untimed
+        );
+    }
+    if let Some(l) = &a.lost {
+        let side = |v: Option<u64>| {
+            v.map_or_else(
+                || "unknown (no relay count)".to_owned(),
+                |v| share(v, l.sent),
+            )
+        };
+        let _ = writeln!(
+            html,
+            "<table id=\"split-loss\">\
+             <tr><th class=\"l\">probes sent</th><td>{}</td></tr>\
+             <tr><th class=\"l\">back</th><td>{}</td></tr>\
+             <tr><th class=\"l\">lost before the relay</th><td>{}</td></tr>\
+             <tr><th class=\"l\">lost after the relay</th><td>{}</td></tr>\
+             <tr><th class=\"l\">lost in total</th><td>{}</td></tr></table>",
+            l.sent,
+            l.returned,
+            side(l.before_relay),
+            side(l.after_relay),
+            share(l.total, l.sent),
+        );
+        if l.calls_unsplit > 0 {
+            let _ = writeln!(
+                html,
+                "<p>The loss of {} calls is not split: the relay's count of their probes comes \
+                 from control's call record (<code>loadgen ari --control</code>).</p>",
+                l.calls_unsplit
+            );
+        }
+    }
+    if let Some(c) = &a.clocks {
+        let _ = writeln!(html, "<p id=\"clocks\">Clocks: {}.</p>", esc(c));
+    }
+    Ok(html)
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// "RTT over time": `loadgen ari`'s 1 s windows of run time when a run has them, else the
+/// calls' RTT by call end time, 10 s windows.
+fn over_time_html(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
+    let mut html = String::from("<h2>RTT over time</h2>\n");
+    match runs.ari.as_ref().filter(|a| !a.timeseries.is_empty()) {
+        Some(a) => {
+            let _ = writeln!(
+                html,
+                "<p>1 s windows of run time (seconds since the first probe, each probe in the \
+                 window of its send) from loadgen ari's time series: the caller's round trip \
+                 through Asterisk (p50, p99) and each leg's p50. A line breaks where a window has \
+                 no figure (nothing came back, or its legs were not split).</p>\n\
+                 <div id=\"rtt-time\" data-windows=\"run-time-1s\">{}</div>\n\
+                 <div id=\"loss-time\">{}</div>",
+                timeseries_svg(&a.timeseries)?,
+                loss_svg(&a.timeseries)?,
+            );
+        }
+        None => {
+            let _ = writeln!(
+                html,
+                "<p>By call end time, 10 s windows: no run file given records a time series of \
+                 run time (<code>loadgen ari --callers rtp --json</code> does), so each point is \
+                 the calls that ended in that window: the median of their RTT p50 and the worst \
+                 call's p99, as the relay measured them.</p>\n\
+                 <div id=\"rtt-time\" data-windows=\"call-end-10s\">{}</div>",
+                windows_svg(calls)?,
+            );
+        }
+    }
+    Ok(html)
+}
+
+/// The whole HTML page for `calls` and the run files `runs`.
 ///
 /// # Errors
 /// A chart could not be drawn.
-pub fn render(calls: &[Call], run: Option<&Value>) -> anyhow::Result<String> {
+pub fn render(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
     let measured: Vec<&Call> = calls
         .iter()
         .filter(|c| c.relay.as_ref().is_some_and(|r| r.rtt_count > 0))
@@ -360,26 +1016,31 @@ pub fn render(calls: &[Call], run: Option<&Value>) -> anyhow::Result<String> {
         m2(pct(&mos, 0.5)),
         m2(pct(&mos, 0.9)),
     );
-    if let Some(r) = run {
+    if let Some(r) = &runs.sim {
         let us = |v: &Value| v.as_f64().map(|n| n / 1e3);
         let _ = write!(
             html,
             "<tr><th class=\"l\">at Asterisk: sent / returned / lost</th><td>{} / {} / {}</td></tr>\
              <tr><th class=\"l\">at Asterisk: end-to-end RTT p50 / p99, µs</th><td>{} / {}</td></tr>\
              <tr><th class=\"l\">transcoding calls</th><td>{}</td></tr>",
-            r["sent"], r["received"], r["lost"],
-            f(us(&r["rtt"]["p50_ns"])), f(us(&r["rtt"]["p99_ns"])),
+            r["sent"],
+            r["received"],
+            r["lost"],
+            f(us(&r["rtt"]["p50_ns"])),
+            f(us(&r["rtt"]["p99_ns"])),
             r["transcoding_calls"],
         );
     }
     html.push_str("</table>\n");
+    if let Some(a) = &runs.ari {
+        html.push_str(&through_asterisk_html(a)?);
+    }
     let _ = write!(
         html,
-        "<h2>RTT distribution</h2>\n<div id=\"rtt-cdf\">{}</div>\n\
-         <h2>RTT over time</h2>\n<div id=\"rtt-time\">{}</div>\n\
+        "<h2>RTT distribution (the relay's, per call)</h2>\n<div id=\"rtt-cdf\">{}</div>\n{}\
          <h2>MOS</h2>\n<div id=\"mos-histogram\">{}</div>\n",
         cdf_svg(&p50, &p99)?,
-        windows_svg(calls)?,
+        over_time_html(calls, runs)?,
         mos_svg(&mos)?,
     );
     let mut worst: Vec<&Call> = calls.iter().filter(|c| c.relay.is_some()).collect();
@@ -419,23 +1080,15 @@ pub fn render(calls: &[Call], run: Option<&Value>) -> anyhow::Result<String> {
     Ok(html)
 }
 
-/// Reads `calls` (and `run`), writes the report to `out`.
+/// Reads `calls` and the run files `runs` (at most one of each kind, [`read_runs`]), writes
+/// the report to `out`; the number of calls.
 ///
 /// # Errors
-/// A file cannot be read or written, or a chart cannot be drawn.
-pub fn run(calls: &Path, run: Option<&Path>, out: &Path) -> anyhow::Result<usize> {
+/// A file cannot be read or written or is not what it should be, or a chart cannot be drawn.
+pub fn run(calls: &Path, runs: &[impl AsRef<Path>], out: &Path) -> anyhow::Result<usize> {
+    let runs = read_runs(runs)?;
     let records = read_calls(calls)?;
-    let run = match run {
-        Some(p) => Some(
-            serde_json::from_str::<Value>(
-                &std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read {}", p.display()))?,
-            )
-            .with_context(|| format!("{}: not sim-asterisk's JSON report", p.display()))?,
-        ),
-        None => None,
-    };
-    let html = render(&records, run.as_ref())?;
+    let html = render(&records, &runs)?;
     std::fs::write(out, html).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(records.len())
 }
@@ -443,6 +1096,8 @@ pub fn run(calls: &Path, run: Option<&Path>, out: &Path) -> anyhow::Result<usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_RUNS: &[&Path] = &[];
 
     fn record(i: usize, mos: f64, p50: f64) -> String {
         format!(
@@ -464,7 +1119,7 @@ mod tests {
             .collect();
         std::fs::write(&log, lines.join("\n") + "\n").unwrap();
         let out = dir.join("report.html");
-        assert_eq!(run(&log, None, &out).unwrap(), 40);
+        assert_eq!(run(&log, NO_RUNS, &out).unwrap(), 40);
         let html = std::fs::read_to_string(&out).unwrap();
         for id in [
             "id=\"summary\"",
@@ -487,8 +1142,483 @@ mod tests {
         assert!(worst.contains("class=\"bad\""));
         // A bad line is named.
         std::fs::write(&log, "{\"nope\":1}\n").unwrap();
-        let e = run(&log, None, &out).unwrap_err();
+        let e = run(&log, NO_RUNS, &out).unwrap_err();
         assert!(format!("{e:#}").contains("line 1"), "{e:#}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod run_files {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A CDF of `n` points from `lo` to `hi` µs, as `loadgen ari` writes it.
+    fn cdf(lo: f64, hi: f64) -> Value {
+        json!((0..=10)
+            .map(|i| {
+                let q = f64::from(i) / 10.0;
+                [lo + (hi - lo) * q, q]
+            })
+            .collect::<Vec<_>>())
+    }
+
+    fn leg(count: u64, p50: f64) -> Value {
+        json!({"count": count, "mean_us": p50 * 1.1, "p50_us": p50, "p95_us": p50 * 1.5,
+               "p99_us": p50 * 2.0, "p999_us": p50 * 3.0, "max_us": p50 * 4.0,
+               "cdf": cdf(p50 / 2.0, p50 * 4.0)})
+    }
+
+    /// `loadgen ari --callers rtp --json` of a 3 s run, field names as in `ari::split` and
+    /// `ari::AriLoadReport`.
+    fn ari_json() -> Value {
+        json!({
+            "callers": "rtp", "calls": 20, "hold_s": 3.0, "originated": 20, "failed": 0,
+            "first_error": null, "hung_up": 20, "played": 20, "leftovers": [],
+            "through_asterisk": {
+                "total": leg(2990, 1293.0), "asterisk_in": leg(2950, 534.0),
+                "relay": leg(2950, 332.0), "asterisk_out": leg(2950, 509.0),
+                "unsplit": 40, "negative_legs": 0, "untimed": 0
+            },
+            "lost": {"sent": 3000, "returned": 2990, "total": 10, "before_relay": 4,
+                     "after_relay": 6, "calls_unsplit": 0},
+            "timeseries": [
+                {"t_s": 0, "sent": 1000, "returned": 996, "p50_us": 1200.0, "p99_us": 2400.0,
+                 "max_us": 3000.0, "asterisk_in_p50_us": 500.0, "relay_p50_us": 300.0,
+                 "asterisk_out_p50_us": 480.0},
+                {"t_s": 1, "sent": 1000, "returned": 1000, "p50_us": 1300.0, "p99_us": 2500.0,
+                 "max_us": 3100.0, "asterisk_in_p50_us": 540.0, "relay_p50_us": 330.0,
+                 "asterisk_out_p50_us": 510.0},
+                {"t_s": 2, "sent": 1000, "returned": 994, "p50_us": 1350.0, "p99_us": 2600.0,
+                 "max_us": 3300.0, "asterisk_in_p50_us": 560.0, "relay_p50_us": 340.0,
+                 "asterisk_out_p50_us": 520.0}
+            ],
+            "clocks": "every time is a kernel stamp of CLOCK_REALTIME <same host>",
+            "relay": null, "control": null
+        })
+    }
+
+    /// sim-asterisk's `--json` report, the keys the report reads and tells it by.
+    fn sim_json() -> Value {
+        json!({"calls": 20, "answered": 20, "bridged": 20, "transcoding_calls": 0, "sent": 3000,
+               "received": 2990, "lost": 10, "loss_ratio": 0.0033,
+               "rtt": {"p50_ns": 1_293_000, "p99_ns": 2_477_000}, "per_call": []})
+    }
+
+    fn ari_runs(v: Value) -> Runs {
+        match classify(v, "ari.json").unwrap() {
+            RunFile::Ari(a) => Runs {
+                sim: None,
+                ari: Some(*a),
+            },
+            RunFile::Sim(_) => panic!("loadgen ari's report taken for sim-asterisk's"),
+        }
+    }
+
+    /// The inside of `<div id="{id}" …>`.
+    fn div<'a>(html: &'a str, id: &str) -> &'a str {
+        let from = html
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no {id}"));
+        let rest = &html[from..];
+        &rest[..rest.find("</div>").unwrap()]
+    }
+
+    /// The inside of `<table id="{id}">`.
+    fn table<'a>(html: &'a str, id: &str) -> &'a str {
+        let from = html
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no {id}"));
+        let rest = &html[from..];
+        &rest[..rest.find("</table>").unwrap()]
+    }
+
+    fn calls() -> Vec<Call> {
+        (0..5)
+            .map(|i| {
+                serde_json::from_value(json!({
+                    "caller_id": format!("c{i}"), "format": "ulaw",
+                    "ended": format!("2026-12-01T10:00:{:02}.000000Z", 10 + i * 7),
+                    "ended_by": "caller", "failure_stage": null,
+                    "relay": {"packets_to_echo": 150, "lost_to_asterisk": 0, "echo_timeouts": 0,
+                              "rtt_count": 150, "rtt_p50_us": 330.0, "rtt_p99_us": 800.0,
+                              "rtt_max_us": 900.0, "jitter_us": 5.0, "r_factor": 92.0, "mos": 4.4}
+                }))
+                .unwrap()
+            })
+            .collect()
+    }
+
+    fn self_contained(html: &str) {
+        assert!(!html.contains("<script"), "no script");
+        for fetch in ["src=\"http", "href=\"http", "url(http", "@import"] {
+            assert!(!html.contains(fetch), "nothing fetched: {fetch}");
+        }
+    }
+
+    #[test]
+    fn a_loadgen_ari_run_draws_one_cdf_per_leg_and_run_time_windows() {
+        let html = render(&calls(), &ari_runs(ari_json())).unwrap();
+        self_contained(&html);
+        // One chart, four curves with their legend.
+        let cdf = div(&html, "split-cdf");
+        assert_eq!(cdf.matches("<svg").count(), 1);
+        assert!(cdf.contains("CDF of each leg"));
+        for name in ["total", "Asterisk in", "relay loop", "Asterisk out"] {
+            assert!(
+                cdf.contains(&format!(">\n{name}\n</text>")),
+                "legend {name}"
+            );
+        }
+        assert_eq!(
+            cdf.matches("stroke-width=\"2\"").count(),
+            4 * 2,
+            "four curves, each with its legend sample"
+        );
+        let t = table(&html, "split-table");
+        for row in [
+            "<th class=\"l\">total</th><td>2990</td><td>1422.3</td><td>1293.0</td><td>1939.5</td><td>2586.0</td><td>3879.0</td><td>5172.0</td>",
+            "<th class=\"l\">Asterisk in</th><td>2950</td>",
+            "<th class=\"l\">relay loop</th><td>2950</td><td>365.2</td><td>332.0</td>",
+            "<th class=\"l\">Asterisk out</th><td>2950</td>",
+        ] {
+            assert!(t.contains(row), "{row} in {t}");
+        }
+        let l = table(&html, "split-loss");
+        assert!(
+            l.contains("lost before the relay</th><td>4 (0.133 %)"),
+            "{l}"
+        );
+        assert!(
+            l.contains("lost after the relay</th><td>6 (0.200 %)"),
+            "{l}"
+        );
+        assert!(l.contains("lost in total</th><td>10 (0.333 %)"), "{l}");
+        assert!(html.contains(
+            "id=\"clocks\">Clocks: every time is a kernel stamp of CLOCK_REALTIME &lt;same host&gt;"
+        ));
+        assert!(!html.contains("id=\"legs-left-out\""));
+        assert!(html.contains("40 returns were timed in total only"));
+        // RTT over time: 1 s windows of run time, the total and each leg.
+        let time = div(&html, "rtt-time");
+        assert!(time.contains("data-windows=\"run-time-1s\""));
+        assert!(time.contains("over run time, 1 s windows"));
+        assert!(time.contains("seconds of run time"));
+        for name in [
+            "total p50",
+            "total p99",
+            "Asterisk in p50",
+            "relay loop p50",
+            "Asterisk out p50",
+        ] {
+            assert!(
+                time.contains(&format!(">\n{name}\n</text>")),
+                "legend {name}"
+            );
+        }
+        assert!(!time.contains("call end"));
+        let loss = div(&html, "loss-time");
+        assert!(loss.contains("Probes lost per 1 s window"));
+        assert_eq!(
+            loss.matches("<rect").count() - 1,
+            2,
+            "two windows lost probes: {loss}"
+        );
+        // rtt-cdf, split-cdf, rtt-time, loss-time, mos-histogram.
+        assert_eq!(html.matches("<svg").count(), 5);
+    }
+
+    #[test]
+    fn legs_left_out_by_the_run_are_left_out_with_the_reason() {
+        let mut v = ari_json();
+        v["through_asterisk"]["asterisk_in"] = Value::Null;
+        v["through_asterisk"]["relay"] = Value::Null;
+        v["through_asterisk"]["asterisk_out"] = Value::Null;
+        v["through_asterisk"]["negative_legs"] = json!(7);
+        for w in v["timeseries"].as_array_mut().unwrap() {
+            w["asterisk_in_p50_us"] = Value::Null;
+            w["relay_p50_us"] = Value::Null;
+            w["asterisk_out_p50_us"] = Value::Null;
+        }
+        v["lost"]["before_relay"] = Value::Null;
+        v["lost"]["after_relay"] = Value::Null;
+        v["lost"]["calls_unsplit"] = json!(20);
+        let html = render(&calls(), &ari_runs(v)).unwrap();
+        let cdf = div(&html, "split-cdf");
+        assert!(cdf.contains(">\ntotal\n</text>"));
+        for name in ["Asterisk in", "relay loop", "Asterisk out"] {
+            assert!(
+                !cdf.contains(&format!(">\n{name}\n</text>")),
+                "{name} drawn"
+            );
+        }
+        assert_eq!(
+            cdf.matches("stroke-width=\"2\"").count(),
+            2,
+            "the total only"
+        );
+        let why = html.split("id=\"legs-left-out\"").nth(1).unwrap();
+        let why = &why[..why.find("</p>").unwrap()];
+        assert!(
+            why.contains("Left out: Asterisk in, relay loop, Asterisk out.")
+                && why.contains("7 probes had a leg below zero")
+                && why.contains("clocks disagree"),
+            "{why}"
+        );
+        let t = table(&html, "split-table");
+        assert!(
+            t.contains(">total</th>") && !t.contains(">Asterisk in</th>"),
+            "{t}"
+        );
+        assert!(table(&html, "split-loss").contains("unknown (no relay count)"));
+        assert!(html.contains("The loss of 20 calls is not split"));
+        let time = div(&html, "rtt-time");
+        assert!(time.contains(">\ntotal p50\n</text>"));
+        assert!(
+            !time.contains(">\nAsterisk in p50\n</text>"),
+            "no leg over time"
+        );
+    }
+
+    #[test]
+    fn without_a_time_series_rtt_over_time_says_it_is_by_call_end() {
+        let sim = Runs {
+            sim: Some(sim_json()),
+            ari: None,
+        };
+        let mut empty = ari_runs(ari_json());
+        if let Some(a) = &mut empty.ari {
+            a.timeseries.clear();
+        }
+        for runs in [Runs::default(), sim, empty] {
+            let html = render(&calls(), &runs).unwrap();
+            let time = div(&html, "rtt-time");
+            assert!(time.contains("data-windows=\"call-end-10s\""));
+            assert!(
+                time.contains("RTT by call end time, 10 s windows: no run-time series recorded"),
+                "{time}"
+            );
+            assert!(html.contains("no run file given records a time series"));
+            assert!(!html.contains("id=\"loss-time\""));
+        }
+    }
+
+    #[test]
+    fn tone_callers_have_no_split_and_say_so() {
+        let mut v = ari_json();
+        v["callers"] = json!("tone");
+        v["through_asterisk"] = Value::Null;
+        v["lost"] = Value::Null;
+        v["timeseries"] = json!([]);
+        v["clocks"] = Value::Null;
+        let html = render(&calls(), &ari_runs(v)).unwrap();
+        assert!(html.contains("id=\"split-none\""));
+        assert!(!html.contains("id=\"split-cdf\""));
+        assert!(div(&html, "rtt-time").contains("call-end-10s"));
+    }
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("loadgen-report-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn write_calls(d: &Path) -> std::path::PathBuf {
+        let log = d.join("calls.jsonl");
+        let lines: Vec<String> = calls()
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                json!({"caller_id": format!("c{i}"), "format": "ulaw",
+                       "ended": "2026-12-01T10:00:10.000000Z", "ended_by": "caller",
+                       "failure_stage": null, "relay": null})
+                .to_string()
+            })
+            .collect();
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        log
+    }
+
+    #[test]
+    fn both_kinds_of_run_file_together_in_either_order() {
+        let d = dir("both");
+        let log = write_calls(&d);
+        let (sim, ari) = (d.join("sim.json"), d.join("ari.json"));
+        std::fs::write(&sim, sim_json().to_string()).unwrap();
+        std::fs::write(&ari, ari_json().to_string()).unwrap();
+        let out = d.join("report.html");
+        for runs in [[&sim, &ari], [&ari, &sim]] {
+            assert_eq!(run(&log, &runs, &out).unwrap(), 5);
+            let html = std::fs::read_to_string(&out).unwrap();
+            let summary = table(&html, "summary");
+            assert!(
+                summary.contains("at Asterisk: sent / returned / lost</th><td>3000 / 2990 / 10")
+            );
+            assert!(summary.contains("end-to-end RTT p50 / p99, µs</th><td>1293.0 / 2477.0"));
+            assert!(div(&html, "split-cdf").contains(">\nAsterisk out\n</text>"));
+            assert!(div(&html, "rtt-time").contains("run-time-1s"));
+            self_contained(&html);
+        }
+        // A second of one kind is refused, naming both.
+        let e = format!("{:#}", run(&log, &[&sim, &sim], &out).unwrap_err());
+        assert!(
+            e.contains("both sim-asterisk's report") && e.contains("sim.json"),
+            "{e}"
+        );
+        let e = format!("{:#}", run(&log, &[&ari, &sim, &ari], &out).unwrap_err());
+        assert!(e.contains("both loadgen ari's report"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_run_file_of_neither_kind_is_refused_clearly() {
+        let d = dir("bad");
+        let log = write_calls(&d);
+        let out = d.join("report.html");
+        let bad = d.join("bad.json");
+        for (text, want) in [
+            ("{\"hello\": 1}", "neither sim-asterisk's --json report"),
+            ("[1, 2]", "not a JSON object"),
+            ("calls: 3", "not JSON"),
+            (
+                // `through_asterisk` but not as loadgen ari writes it.
+                "{\"through_asterisk\": {\"total\": {\"count\": \"many\"}}}",
+                "has `through_asterisk`, so loadgen ari's report, but not as loadgen ari writes it",
+            ),
+        ] {
+            std::fs::write(&bad, text).unwrap();
+            let e = format!("{:#}", run(&log, &[&bad], &out).unwrap_err());
+            assert!(e.contains(want) && e.contains("bad.json"), "{text}: {e}");
+            assert!(!out.exists(), "nothing written");
+        }
+        let e = format!(
+            "{:#}",
+            run(&log, &[d.join("absent.json")], &out).unwrap_err()
+        );
+        assert!(
+            e.contains("cannot read") && e.contains("absent.json"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn odd_figures_draw_without_a_panic() {
+        let mut v = ari_json();
+        let t = &mut v["through_asterisk"];
+        t["total"]["cdf"] = json!([[0.0, 0.0], [-5.0, 0.5], [1e300, 2.0], [1e-9, -1.0]]);
+        t["asterisk_in"]["cdf"] = json!([]);
+        t["relay"] = leg(0, 0.0);
+        t["asterisk_out"]["cdf"] = json!([[5.0, 0.1], [5.0, 0.2]]);
+        v["timeseries"] = json!([
+            {"t_s": 1e300, "sent": 0, "returned": 5, "p50_us": -1.0, "p99_us": 0.0,
+             "max_us": 1e308, "asterisk_in_p50_us": 1e308, "relay_p50_us": null,
+             "asterisk_out_p50_us": -3.0},
+            {"t_s": -4, "sent": 3, "returned": 9, "p50_us": 1e-300, "p99_us": 1e308,
+             "max_us": 0.0, "asterisk_in_p50_us": null, "relay_p50_us": 0.0,
+             "asterisk_out_p50_us": null}
+        ]);
+        v["lost"]["sent"] = json!(0);
+        let html = render(&[], &ari_runs(v)).unwrap();
+        assert!(html.contains("id=\"split-cdf\""));
+        // Nothing to draw at all.
+        let mut v = ari_json();
+        v["through_asterisk"]["total"] = leg(0, 0.0);
+        v["through_asterisk"]["total"]["cdf"] = json!([]);
+        v["timeseries"] = json!([{"t_s": 0, "sent": 0, "returned": 0, "p50_us": 0.0,
+                                  "p99_us": 0.0, "max_us": 0.0, "asterisk_in_p50_us": null,
+                                  "relay_p50_us": null, "asterisk_out_p50_us": null}]);
+        render(&[], &ari_runs(v)).unwrap();
+        // A call log with odd figures, drawn by call end time.
+        let odd: Vec<Call> = [
+            (1e308, -1.0, "2026-12-01T10:00:00Z"),
+            (0.0, 1e-300, "garbage"),
+        ]
+        .iter()
+        .map(|&(p99, p50, ended)| {
+            serde_json::from_value(json!({
+                "caller_id": "c", "format": null, "ended": ended, "ended_by": "caller",
+                "failure_stage": null,
+                "relay": {"packets_to_echo": 0, "lost_to_asterisk": 9, "echo_timeouts": 0,
+                          "rtt_count": 1, "rtt_p50_us": p50, "rtt_p99_us": p99,
+                          "rtt_max_us": p99, "jitter_us": -1.0, "r_factor": 1e308,
+                          "mos": -7.0}
+            }))
+            .unwrap()
+        })
+        .collect();
+        render(&odd, &Runs::default()).unwrap();
+    }
+
+    /// What `loadgen ari` writes, through its own types, reads back: the reader and the writer
+    /// agree on every name.
+    #[test]
+    fn loadgen_aris_own_report_reads_back() {
+        use crate::ari::probes::{CallMedia, ProbeTimes};
+        let base = 1_700_000_000_000_000_000u64;
+        let probes: Vec<ProbeTimes> = (0..200u64)
+            .map(|i| {
+                let sent = base + i * 20_000_000;
+                ProbeTimes {
+                    sent,
+                    relay_arrival: sent + 500_000 + i * 100,
+                    relay_returned: sent + 800_000 + i * 150,
+                    back: sent + 1_300_000 + i * 300,
+                    returned: true,
+                }
+            })
+            .collect();
+        let m = CallMedia {
+            sent: 200,
+            returned: 200,
+            probes,
+            ..CallMedia::default()
+        };
+        let mut split = crate::ari::split::Split::new();
+        split.add_call(&m, Some(200));
+        let report = crate::ari::AriLoadReport {
+            callers: crate::ari::Callers::Rtp,
+            calls: 1,
+            hold_s: 4.0,
+            originated: 1,
+            failed: 0,
+            first_error: None,
+            hung_up: 1,
+            played: 1,
+            leftovers: Vec::new(),
+            through_asterisk: Some(split.through_asterisk()),
+            lost: Some(split.lost()),
+            timeseries: split.windows(),
+            clocks: Some("kernel stamps"),
+            relay: None,
+            control: None,
+        };
+        let v = serde_json::to_value(&report).unwrap();
+        let runs = ari_runs(v);
+        let a = runs.ari.as_ref().unwrap();
+        assert_eq!(a.timeseries.len(), 4);
+        assert!(
+            a.through_asterisk
+                .as_ref()
+                .unwrap()
+                .relay
+                .as_ref()
+                .unwrap()
+                .cdf
+                .len()
+                > 10
+        );
+        let html = render(&[], &runs).unwrap();
+        let cdf = div(&html, "split-cdf");
+        for name in ["total", "Asterisk in", "relay loop", "Asterisk out"] {
+            assert!(
+                cdf.contains(&format!(">\n{name}\n</text>")),
+                "legend {name}"
+            );
+        }
+        assert!(div(&html, "rtt-time").contains(">\nrelay loop p50\n</text>"));
+        assert!(table(&html, "split-table").contains(">relay loop</th><td>200</td>"));
+        assert!(table(&html, "split-loss").contains("lost before the relay</th><td>0 (0.000 %)"));
     }
 }

@@ -47,9 +47,15 @@ struct ReportArgs {
     /// The call log (one JSON record a line).
     #[arg(long)]
     calls: PathBuf,
-    /// sim-asterisk's JSON report of the same run, for what Asterisk measured.
-    #[arg(long)]
-    run: Option<PathBuf>,
+    /// A JSON report of the same run; give it twice for one of each kind, each recognised by its
+    /// keys. sim-asterisk's `--json` report (`per_call`, `transcoding_calls`): the summary adds
+    /// what the simulated Asterisk measured end to end. `loadgen ari --json` (`through_asterisk`):
+    /// the caller's round trip through Asterisk as one CDF per leg (total, Asterisk in, relay
+    /// loop, Asterisk out) with each leg's percentiles and the loss on each side of the relay, and
+    /// "RTT over time" in 1 s windows of run time from its time series (without it: 10 s windows
+    /// by call end time). A file of neither kind, or a second of one kind, is refused.
+    #[arg(long, value_name = "PATH")]
+    run: Vec<PathBuf>,
     /// The HTML file to write.
     #[arg(long, default_value = "report.html")]
     out: PathBuf,
@@ -518,7 +524,7 @@ fn main() -> ExitCode {
         Mode::Ari(a) => return ari(a),
         Mode::Burn(b) => return burn(&b),
         Mode::Report(r) => {
-            return match loadgen::html_report::run(&r.calls, r.run.as_deref(), &r.out) {
+            return match loadgen::html_report::run(&r.calls, &r.run, &r.out) {
                 Ok(n) => {
                     eprintln!("loadgen report: {n} calls -> {}", r.out.display());
                     ExitCode::SUCCESS
