@@ -323,9 +323,10 @@ fn every_channel_frame_leaves_in_one_burst_and_each_channel_is_read_by_its_own_t
             (
                 u(&c["duplicates"]),
                 u(&c["strict_rtp_drops"]),
-                u(&c["malformed"])
+                u(&c["malformed"]),
+                u(&c["payload_changed"])
             ),
-            (0, 0, 0),
+            (0, 0, 0, 0),
             "{c}"
         );
         let p50 = u(&c["rtt"]["p50_ns"]);

@@ -32,7 +32,8 @@
 //!
 //! Threads: each forwarding channel has a std thread of its own (`rtp-fwd-PORT`, not pinned)
 //! that blocks in `recv` with the same read timeout as the callers' receiving threads and ends
-//! once its channel is hung up. With no delay and no jitter it sends each frame itself, at once.
+//! once its channel is hung up, after reading (and counting as unrouted) whatever had reached
+//! its socket by then. With no delay and no jitter it sends each frame itself, at once.
 //! Otherwise it hands the frame to the one delay-line thread (`bridge-delay`), which keeps a
 //! timer heap and sleeps until the next frame is due. A thread's route is an `Arc` in a slot of
 //! its own, replaced by the world whenever a bridge's membership changes, so no packet takes the
@@ -433,6 +434,15 @@ impl Forwarder {
                     tracing::debug!("forwarding channel's receive failed: {e}");
                     // Not a busy loop on a broken socket.
                     std::thread::sleep(POLL);
+                }
+            }
+        }
+        // Hung up: what reached the socket before is read and counted too (its route is gone,
+        // so as unrouted), so that every frame that reached the channel is in the counts.
+        if self.stop.load(Ordering::Acquire) && self.sock.set_nonblocking(true).is_ok() {
+            while let Ok((len, from)) = self.sock.recv_from(&mut buf) {
+                if let Some(data) = buf.get(..len) {
+                    self.frame(data, from, Instant::now());
                 }
             }
         }

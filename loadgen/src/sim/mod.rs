@@ -1,6 +1,6 @@
 //! `loadgen sim-asterisk`: an ARI server that behaves like Asterisk 22 for everything control
-//! uses, so the whole pipeline (control, relay, echo) runs and is tested on a machine without
-//! Asterisk.
+//! and `loadgen ari` use, so the whole pipeline (control, relay, echo) runs and is tested on a
+//! machine without Asterisk.
 //!
 //! What it reproduces, because control depends on it:
 //! - the REST URLs, JSON shapes, authentication (HTTP basic or `api_key=user:pass`) and error codes
@@ -14,21 +14,41 @@
 //!   50 per second, random SSRC and first sequence number, first timestamp 160;
 //! - strict RTP: packets coming back from anywhere but `external_host` are dropped and counted.
 //!
+//! Two kinds of caller:
+//! - its own, invented by the simulator: the `--calls` it originates, and any originate of an
+//!   endpoint other than a `stasis` Local one (`Local/s@load` from `loadgen ari --callers tone`).
+//!   Each is placed directly in `app`; once bridged, its externalMedia channel plays a fixed
+//!   pseudo-random 160-byte payload to the relay from the one [`media`] timing source and
+//!   measures what comes back (round trip, loss, and whether the payload came back byte for
+//!   byte: `payload_changed`);
+//! - a Local channel pair, `Local/<exten>@stasis[/n]` ([`STASIS_CONTEXT`]), as `loadgen ari
+//!   --callers rtp` originates into its own application: the `;2` half enters application
+//!   `<exten>` (control's) through the dialplan `exten => <exten>,1,Stasis(${EXTEN})`, the `;1`
+//!   half enters the originating application once `;2` is answered, and hanging up either hangs
+//!   up both ([`world`]). Here the simulator plays nothing: the externalMedia channels bridged
+//!   with the halves forward what they receive, byte for byte, through the bridges and across the
+//!   pair to the other side's externalMedia channel, each under its own RTP header, with
+//!   `--bridge-delay`, `--bridge-jitter` and `--bridge-loss` per bridge traversal, and count per
+//!   side of the relay what they forwarded, dropped and could not route ([`bridge`]).
+//!
 //! It originates `--calls` caller channels over `--ramp`, holds each for `--hold`, then stops its
 //! RTP, lets the last packets return (100 ms at most) and hangs up (StasisEnd, ChannelDestroyed).
 //! It measures each call's round trip (sent → back from the relay), loss and strict-RTP drops, and
 //! once every call has ended and control has cleaned up (or `--grace` has passed) prints a report.
-//! Fault options: `--answer-404` fails that fraction of first answer attempts with 404, and
-//! `--drop-ws-at` closes every events WebSocket once at that time.
+//! With `--calls 0` it only serves (for `loadgen ari`), for `--serve-for` or until interrupted,
+//! then reports. Fault options: `--answer-404` fails that fraction of its own callers' first
+//! answer attempts with 404, and `--drop-ws-at` closes every events WebSocket once at that time.
 //!
 //! Not a hot path: ARI on a multi-thread tokio runtime, one mutex over the call state (never held
-//! across an await). The RTP runs on OS threads as Asterisk's does (see [`media`]): one timing
-//! thread sends every channel's frames in a burst each 20 ms, and each externalMedia channel has a
-//! thread of its own reading what comes back.
+//! across an await, never taken per packet). The RTP runs on OS threads as Asterisk's does (see
+//! [`media`] and [`bridge`]): one timing thread sends every caller's frames in a burst each 20 ms,
+//! each externalMedia channel has a thread of its own reading what comes back (or forwarding it),
+//! and one delay-line thread sends delayed forwarded frames when they are due.
 //!
 //! By concern: [`world`] (the state and the operations on it), [`rest`] (the REST handlers),
-//! [`events`] (the events WebSocket), [`media`] (RTP and what is measured of it), [`report`];
-//! this module holds the settings and the run.
+//! [`events`] (the events WebSocket), [`media`] (the callers' RTP and what is measured of it),
+//! [`bridge`] (media forwarded through bridges), [`report`]; this module holds the settings and
+//! the run.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::IntoFuture as _;

@@ -269,7 +269,7 @@ pub fn render(r: &SimReport) -> String {
     {
         let _ = writeln!(
             out,
-            "bridges ({} Local pairs; per traversal {:.3} ms + jitter [0, {:.3}) ms, loss {}):\n\
+            "bridges (Local pairs: {}; per traversal {:.3} ms + jitter [0, {:.3}) ms, loss {}):\n\
              \x20 toward the relay: {}\n\
              \x20 toward the caller: {}\n\
              \x20 {} traversals, strict-RTP drops {}, malformed {}",
