@@ -780,6 +780,36 @@ fn a_bridge_delay_is_paid_at_each_of_the_two_bridges_each_way() {
 }
 
 #[test]
+fn bridge_jitter_never_reorders_a_path() {
+    const FRAMES: usize = 200;
+    // Frames 1 ms apart, each traversal up to 4 ms late: without FIFO paths, many would
+    // overtake each other.
+    let pace = Duration::from_millis(1);
+    let none = one_call("no-jitter", &[], FRAMES, pace, |_, _, _| {});
+    let o = one_call(
+        "jitter",
+        &["--bridge-jitter", "4ms"],
+        FRAMES,
+        pace,
+        |_, _, _| {},
+    );
+    assert_eq!(o.report["bridges"]["jitter_ns"], 4_000_000);
+    assert_eq!(o.relay.len(), o.sent.len());
+    assert_eq!(o.back.len(), o.sent.len());
+    in_order(&o.relay);
+    in_order(&o.back);
+    let control_ssrc = own_headers(&o.relay, &[LOADGEN_SSRC]);
+    own_headers(&o.back, &[LOADGEN_SSRC, control_ssrc]);
+    let ((base_in, base_out), (in_, out)) = (one_way(&none), one_way(&o));
+    #[allow(clippy::cast_precision_loss)] // ms
+    let grew = |a: Vec<u64>, b: Vec<u64>| (p50(b) as f64 - p50(a) as f64) / 1e6;
+    for g in [grew(base_in, in_), grew(base_out, out)] {
+        // Two traversals of [0, 4) ms each, held back behind earlier frames: within (0, 8] ms.
+        assert!((0.5..=9.0).contains(&g), "grew by {g} ms");
+    }
+}
+
+#[test]
 fn bridge_loss_is_counted_exactly_on_the_side_of_the_relay_it_happened_on() {
     const FRAMES: usize = 400;
     let o = one_call(
