@@ -10,7 +10,9 @@
 //! through a bridge is a *traversal*; a Local pair's call crosses two each way (loadgen's bridge
 //! and control's). A frame with no complete path (a half not bridged yet, a bridge with one
 //! member, or more than two, or a channel hung up since) is dropped and counted as `unrouted`,
-//! as is the rare frame whose last send fails.
+//! as is the rare frame whose last send fails. So a caller that starts playing as soon as its own
+//! half is bridged loses its first frames while control has not bridged the other half yet, as
+//! it would on Asterisk, where a channel in Stasis but in no bridge discards what it reads.
 //!
 //! Byte-transparent: the payload passes unchanged. Every leg writes its own RTP header, as
 //! Asterisk's RTP stack does for each channel: the sending externalMedia channel's own random
