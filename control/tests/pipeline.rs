@@ -1230,3 +1230,254 @@ fn prometheus_agrees_with_the_relay_and_every_dashboard_panel_has_data() {
     }
     p.assert_clean(&r);
 }
+
+/// `loadgen ari --callers rtp` against the pipeline: `calls` calls of `hold`; its JSON report
+/// and every probe's four stamps (`sent, relay arrival, relay return, back`, 0 where unknown).
+fn loadgen_rtp(p: &Pipeline, calls: u32, hold: &str) -> (Value, Vec<[u64; 4]>) {
+    let json = p.sim_json.with_extension("rtp.json");
+    let csv = p.sim_json.with_extension("probes.csv");
+    let out = testkit::output(
+        std::process::Command::new(testkit::bin("loadgen")).args([
+            "ari",
+            "--ari-url",
+            &p.sim_url,
+            "--ari-pass",
+            PASS,
+            "--calls",
+            &calls.to_string(),
+            "--ramp",
+            "200ms",
+            "--hold",
+            hold,
+            "--relay-ctl",
+            p.ctl.to_str().unwrap(),
+            "--control",
+            &format!("http://{}", p.control_http),
+            "--json",
+            json.to_str().unwrap(),
+            "--probes",
+            csv.to_str().unwrap(),
+        ]),
+        Duration::from_secs(120),
+        None,
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    for line in [
+        "through Asterisk",
+        "Asterisk in",
+        "relay loop",
+        "Asterisk out",
+    ] {
+        assert!(stdout.contains(line), "the summary shows {line:?}");
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(loadgen::ari::PROBES_HEADER));
+    let probes = lines
+        .map(|l| {
+            let f: Vec<u64> = l.split(',').map(|x| x.parse().unwrap()).collect();
+            [f[2], f[3], f[4], f[5]]
+        })
+        .collect();
+    let _ = std::fs::remove_file(json);
+    let _ = std::fs::remove_file(csv);
+    (v, probes)
+}
+
+/// A leg's p50 in µs.
+fn p50(v: &Value, leg: &str) -> f64 {
+    v["through_asterisk"][leg]["p50_us"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {leg}: {}", v["through_asterisk"]))
+}
+
+/// The caller's round trip through the simulated Asterisk, split by the relay's times: more delay
+/// injected in every bridge traversal comes back in Asterisk in and Asterisk out (two bridges
+/// each way), not in the relay loop; drops injected in the bridges are counted on the side of the
+/// relay they happened on, exactly; each probe's relay times lie between its send and its return,
+/// so its legs add up to its total; and a call without probe headers (a tone caller in the same
+/// run) comes back byte for byte.
+fn through_asterisk(backend: &'static str, ports: [&str; 2]) {
+    let _s = serial();
+    if !uring_available() {
+        return;
+    }
+    // Both runs go through the simulator's delay line, whose own wake-up (tens of µs) then
+    // cancels out: what is compared is the growth for 2 ms more per traversal.
+    const DELAY_MS: f64 = 2.0;
+    const CALLS: u32 = 6;
+    let relay_args: &[&'static str] = &["--backend", backend];
+    let runs: Vec<(Value, Value, Vec<[u64; 4]>)> = [
+        (["--bridge-delay", "1ms", "--bridge-loss", "0"], ports[0]),
+        (["--bridge-delay", "3ms", "--bridge-loss", "0.05"], ports[1]),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(run, (bridge, range))| {
+        let sim_args = [
+            &["--calls", "0", "--serve-for", "11s", "--seed", "7"][..],
+            &bridge[..],
+        ]
+        .concat();
+        let mut p = Pipeline::launch_logging_to(
+            &format!("through-{backend}-{run}"),
+            &sim_args,
+            range,
+            None,
+            relay_args,
+        );
+        // A tone caller beside the probes in the first run: its payload has no header.
+        let tone = (run == 0).then(|| {
+            let (url, ctl) = (p.sim_url.clone(), p.ctl.clone());
+            std::thread::spawn(move || {
+                testkit::output(
+                    std::process::Command::new(testkit::bin("loadgen")).args([
+                        "ari",
+                        "--callers",
+                        "tone",
+                        "--ari-url",
+                        &url,
+                        "--ari-pass",
+                        PASS,
+                        "--calls",
+                        "1",
+                        "--hold",
+                        "3s",
+                        "--relay-ctl",
+                        ctl.to_str().unwrap(),
+                    ]),
+                    Duration::from_secs(60),
+                    None,
+                )
+                .unwrap()
+            })
+        });
+        let (v, probes) = loadgen_rtp(&p, CALLS, "4s");
+        if let Some(t) = tone {
+            assert!(t.join().unwrap().status.success());
+        }
+        let records = p.call_records();
+        let r = p.finish(Duration::from_secs(30));
+        p.assert_clean(&r);
+        // Control's records carry the relay's view of the probe calls, and none of the tone's.
+        let probe_calls: Vec<&Value> = records
+            .iter()
+            .filter(|c| c["relay"]["probe"]["received"].as_u64().unwrap_or(0) > 0)
+            .collect();
+        assert_eq!(probe_calls.len(), CALLS as usize, "{records:?}");
+        if run == 0 {
+            let tone: Vec<&Value> = records
+                .iter()
+                .filter(|c| {
+                    !c["caller_id"]
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with("loadgen-")
+                })
+                .collect();
+            assert_eq!(tone.len(), 1, "{records:?}");
+            assert!(
+                u(&tone[0]["relay"]["packets_to_echo"]) > 0,
+                "the tone call played: {}",
+                tone[0]
+            );
+            // Its payload carries no header: the relay saw no probe and wrote nothing.
+            assert!(tone[0]["relay"]["probe"].is_null(), "{}", tone[0]);
+        }
+        (v, r, probes)
+    })
+    .collect();
+    let (base, delayed) = (&runs[0].0, &runs[1].0);
+    // Every probe back with the relay's times has them between its send and its return.
+    for (v, _, probes) in &runs {
+        let split: Vec<&[u64; 4]> = probes.iter().filter(|p| p.iter().all(|&t| t > 0)).collect();
+        assert!(
+            split.len() as u64 >= u(&v["through_asterisk"]["asterisk_in"]["count"]),
+            "{}",
+            v["through_asterisk"]
+        );
+        for p in &split {
+            assert!(
+                p[0] < p[1] && p[1] < p[2] && p[2] < p[3],
+                "a probe's stamps out of order (legs would not add up): {p:?}"
+            );
+        }
+        // Only the first probes of a call, before the relay recognises it, go unsplit.
+        let unsplit = u(&v["through_asterisk"]["unsplit"]);
+        assert!(unsplit <= u64::from(CALLS) * 2, "{}", v["through_asterisk"]);
+    }
+    // A bridge delay D shows in Asterisk in and Asterisk out, two traversals each, not in the
+    // relay loop.
+    let grew = |leg: &str| (p50(delayed, leg) - p50(base, leg)) / 1_000.0;
+    eprintln!(
+        "grew by (ms): asterisk_in {}, relay {}, asterisk_out {}",
+        grew("asterisk_in"),
+        grew("relay"),
+        grew("asterisk_out")
+    );
+    for leg in ["asterisk_in", "asterisk_out"] {
+        assert!(
+            (grew(leg) - 2.0 * DELAY_MS).abs() <= 0.2,
+            "{leg} grew by {} ms for 2 x {DELAY_MS} ms of bridge delay",
+            grew(leg)
+        );
+    }
+    assert!(
+        grew("relay").abs() <= 0.2,
+        "the relay loop moved by {} ms",
+        grew("relay")
+    );
+    // No loss without injected drops; injected drops on the right side of the relay, exactly.
+    assert_eq!(u(&base["lost"]["total"]), 0, "{}", base["lost"]);
+    let (sim, lost) = (&runs[1].1, &delayed["lost"]);
+    let side = |s: &str| u(&sim["bridges"][s]["dropped"]) + u(&sim["bridges"][s]["unrouted"]);
+    assert!(
+        u(&sim["bridges"]["toward_relay"]["dropped"]) > 0,
+        "{}",
+        sim["bridges"]
+    );
+    assert!(
+        u(&sim["bridges"]["toward_caller"]["dropped"]) > 0,
+        "{}",
+        sim["bridges"]
+    );
+    assert_eq!(
+        u(&lost["before_relay"]),
+        side("toward_relay"),
+        "{lost} {}",
+        sim["bridges"]
+    );
+    assert_eq!(
+        u(&lost["after_relay"]),
+        side("toward_caller"),
+        "{lost} {}",
+        sim["bridges"]
+    );
+    assert_eq!(
+        u(&lost["total"]),
+        u(&lost["before_relay"]) + u(&lost["after_relay"])
+    );
+    // The tone call's payload came back as it was sent.
+    let tone_calls: Vec<&Value> = runs[0].1["per_call"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| u(&c["received"]) > 0)
+        .collect();
+    assert_eq!(tone_calls.len(), 1, "{}", brief(&runs[0].1));
+    assert_eq!(u(&tone_calls[0]["payload_changed"]), 0, "{}", tone_calls[0]);
+}
+
+#[test]
+fn through_asterisk_legs_and_loss_per_side_io_uring() {
+    through_asterisk("uring", ["21630-21639", "21640-21649"]);
+}
+
+#[test]
+fn through_asterisk_legs_and_loss_per_side_tokio() {
+    through_asterisk("tokio", ["21650-21659", "21660-21669"]);
+}

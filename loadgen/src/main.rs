@@ -326,6 +326,8 @@ fn sim_asterisk(a: SimArgs) -> ExitCode {
         bridge_jitter: a.bridge_jitter,
         bridge_loss: a.bridge_loss,
     };
+    // Before any thread exists, so that every thread inherits it: the delay line sends on time.
+    loadgen::sim::precise_timers();
     let report = match runtime()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(loadgen::sim::run(cfg)))

@@ -8,8 +8,9 @@
 //! context), so it enters control's application as any caller does; `/n` keeps the Local pair
 //! from optimising itself away. Once control answers `;2`, the `;1` half enters loadgen's
 //! application (StasisStart), and loadgen creates an externalMedia channel (ulaw) toward a UDP
-//! socket of its own and bridges it with `;1` in a mixing bridge. It then plays `--hold` of
-//! probes ([`super::probes`]) and, once they are back or the drain has passed, hangs up `;1`
+//! socket of its own and bridges it with `;1` in a mixing bridge. Once control's bridge for `;2`
+//! (`rtprelay-br-<;2's id>`) holds its two channels too, so that the whole media path exists, it
+//! plays `--hold` of probes ([`super::probes`]) and, once they are back or the drain has passed, hangs up `;1`
 //! (which ends `;2`, and control tears its side down), its externalMedia channel and its bridge.
 //! Whatever happens (an ARI error, Ctrl-C, the far side hanging up) everything it created is
 //! removed before the call's task ends.
@@ -436,6 +437,11 @@ async fn play(
     add_channels(&ctx.ari, ids)
         .await
         .map_err(|e| format!("addChannel: {e}"))?;
+    // Play only once the whole media path exists: what `;1` reads while `;2` is in no bridge is
+    // dropped inside Asterisk, and would be counted as lost before the relay.
+    far_side_bridged(&ctx.ari, &ids.far, &mut stop)
+        .await
+        .map_err(|e| format!("control's bridge: {e}"))?;
     let probes = u32::try_from(hold.as_nanos() / FRAME.as_nanos()).unwrap_or(u32::MAX);
     let seed = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(std::process::id());
     let running = ctx
@@ -485,6 +491,39 @@ async fn media_address(ari: &Ari, id: &str, reply: &Value) -> Result<SocketAddr,
         .parse()
         .or_else(|_| format!("[{ip}]:{port}").parse())
         .map_err(|_| format!("{ip}:{port} is not an address"))
+}
+
+/// The prefix control gives its bridge's id: `rtprelay-br-<caller id>`.
+pub const CONTROL_BRIDGE_PREFIX: &str = "rtprelay-br-";
+/// How often control's bridge is looked at while it is being set up.
+const BRIDGE_POLL: Duration = Duration::from_millis(5);
+
+/// Waits until control's bridge for the `;2` half (`rtprelay-br-<;2's id>`, one `GET
+/// /bridges/{id}` a poll) holds two channels: `;2` and control's externalMedia channel. It is
+/// normally there by the time loadgen's own bridge is (both sides set up in parallel once
+/// control answers `;2`), so this costs one or two requests a call.
+async fn far_side_bridged(
+    ari: &Ari,
+    far: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let path = format!("/bridges/{CONTROL_BRIDGE_PREFIX}{far}");
+    let wait = async {
+        loop {
+            match ari.send(reqwest::Method::GET, &path, &[]).await {
+                Ok(b) if b["channels"].as_array().is_some_and(|c| c.len() >= 2) => return Ok(()),
+                Ok(_) | Err(AriError::Status { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            tokio::time::sleep(BRIDGE_POLL).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(STEP_TIMEOUT, wait) => {
+            r.map_err(|_| format!("{path} did not hold two channels within {STEP_TIMEOUT:?}"))?
+        }
+        () = stopped(stop) => Err("interrupted".to_owned()),
+    }
 }
 
 /// Adds `;1` and the externalMedia channel to the bridge, retrying while the externalMedia
