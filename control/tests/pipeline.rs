@@ -1426,8 +1426,12 @@ fn through_asterisk(backend: &'static str, ports: [&str; 2]) {
             grew(leg)
         );
     }
+    // The relay loop does not take the bridges' delay: it stays within a quarter of one
+    // traversal's added delay. (Not 0.2 ms: on two shared cores its p50 moves by up to 0.25 ms
+    // between the two runs of this test from CPU contention alone: measured 0.09-0.28 ms, while
+    // a misattributed traversal would move it by 2 ms or more.)
     assert!(
-        grew("relay").abs() <= 0.2,
+        grew("relay").abs() <= DELAY_MS / 4.0,
         "the relay loop moved by {} ms",
         grew("relay")
     );
