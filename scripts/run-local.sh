@@ -5,18 +5,23 @@
 #
 # Builds in release mode and starts echo, relay (pinned to its own core where the machine has
 # two, strict: it only accepts the RTP address control gives it), a simulated Asterisk 22
-# (`loadgen sim-asterisk`) and control between them. The simulated Asterisk originates the calls;
-# control answers each, bridges it to an externalMedia channel on a relay port, and tears it all
-# down when the call ends. Prints the report (end-to-end RTT at Asterisk, the relay's RTT, what
-# the relay adds, loss, strict-RTP drops, relay CPU per packet, leftovers), and stops everything
-# it started, also on Ctrl-C and on failure. Settings from the environment:
+# (`loadgen sim-asterisk`, serving ARI) and control, then `loadgen ari --callers rtp` makes the
+# calls: through a Local channel pair into control's application, its probes go loadgen ->
+# Asterisk -> relay -> echo -> relay -> Asterisk -> loadgen, each timed on both sides of Asterisk.
+# Control answers each call, bridges it to an externalMedia channel on a relay port, and tears it
+# all down when the call ends. Prints loadgen's report (the caller's round trip split into
+# Asterisk in, relay loop and Asterisk out, loss on each side of the relay) and the simulated
+# Asterisk's (its bridges, leftovers, the relay's CPU per packet), and stops everything it
+# started, also on Ctrl-C and on failure. Settings from the environment:
 #   CALLS (100), HOLD (30s: each call's length), RAMP (2s), BACKEND (uring|tokio, default uring),
-#   ECHO_ARGS (extra echo flags, e.g. "--delay 5ms"), OUT (a directory for the run's files,
-#   default a new runs/<timestamp>: calls.jsonl (control's call log), report.json (sim-asterisk's
-#   report) and report.html (`loadgen report`); the last line printed says where).
+#   ECHO_ARGS (extra echo flags, e.g. "--delay 5ms"), SIM_ARGS (extra sim-asterisk flags, e.g.
+#   "--bridge-delay 1ms --bridge-loss 0.001"), OUT (a directory for the run's files, default a
+#   new runs/<timestamp>: calls.jsonl (control's call log), report.json (loadgen ari's report),
+#   sim.json (sim-asterisk's) and report.html (`loadgen report` of all three); the last line
+#   printed says where).
 #   MODE=rtp runs the relay without Asterisk or control instead: `loadgen rtp` adds the channels
 #   itself (CHANNELS, default 200; DURATION, default 20s).
-# Extra arguments go to the driver (sim-asterisk, or loadgen rtp), e.g. --json report.json
+# Extra arguments go to the driver (loadgen ari, or loadgen rtp), e.g. --probes probes.csv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +33,7 @@ CHANNELS=${CHANNELS:-200}
 DURATION=${DURATION:-20s}
 BACKEND=${BACKEND:-uring}
 ECHO_ARGS=${ECHO_ARGS:-}
+SIM_ARGS=${SIM_ARGS:-}
 
 echo "==> building (release)" >&2
 cargo build --release --quiet -p relay -p echo -p loadgen -p control
@@ -94,11 +100,13 @@ mkdir -p "$OUT"
 pass=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 ports="21000-$((21000 + CALLS + 99))"
 pin=(); if [[ ${#other_core[@]} -gt 0 ]] && command -v taskset >/dev/null; then pin=(taskset -c 0); fi
-# The simulated Asterisk is not pinned: its media threads share the relay's core, as a real
-# Asterisk's do (README, loadgen sim-asterisk). Control stays off the relay's core.
-target/release/loadgen sim-asterisk --listen 127.0.0.1:0 --ari-pass "$pass" \
-  --calls "$CALLS" --hold "$HOLD" --ramp "$RAMP" --relay-ctl "$tmp/relay.sock" \
-  --relay-pid "$relay_pid" --json "$OUT/report.json" "$@" 2>"$tmp/sim.log" &
+# The simulated Asterisk serves ARI until it is interrupted. It is not pinned: its media threads
+# share the relay's core, as a real Asterisk's do (README, loadgen sim-asterisk). Control and
+# loadgen stay off the relay's core.
+# shellcheck disable=SC2086 # SIM_ARGS is a list of flags
+target/release/loadgen sim-asterisk --listen 127.0.0.1:0 --ari-pass "$pass" --calls 0 \
+  --relay-ctl "$tmp/relay.sock" --relay-pid "$relay_pid" --json "$OUT/sim.json" $SIM_ARGS \
+  >"$tmp/sim.out" 2>"$tmp/sim.log" &
 pids+=($!)
 sim_pid=$!
 ari=$(await "$tmp/sim.log" "sim-asterisk ready" listen)
@@ -114,11 +122,24 @@ control=$(await "$tmp/control.log" "control ready" metrics)
 echo "==> echo on $echo_addr, relay ($BACKEND) metrics at $metrics, control at http://$control," \
   "simulated Asterisk at http://$ari: $CALLS calls of $HOLD, ramp $RAMP" >&2
 status=0
+# loadgen is the callers: probes through the simulated Asterisk, timed on both sides of it.
+# In the background and waited for, so that a signal to this script is handled at once.
+ARI_PASS=$pass "${pin[@]}" target/release/loadgen ari --callers rtp --ari-url "http://$ari" \
+  --calls "$CALLS" --hold "$HOLD" --ramp "$RAMP" --relay-ctl "$tmp/relay.sock" \
+  --control "http://$control" --json "$OUT/report.json" "$@" 2>"$tmp/loadgen.log" &
+pids+=($!)
+wait "${pids[-1]}" || status=$?
+# The simulated Asterisk's own view (its bridges, what was left over, the relay's CPU): it
+# reports once interrupted.
+kill -INT "$sim_pid" 2>/dev/null || true
 wait "$sim_pid" || status=$?
+echo
+echo "the simulated Asterisk:"
+cat "$tmp/sim.out"
 # Control tears down what is left and writes its last call records, then the report is drawn.
 kill -TERM "$control_pid" 2>/dev/null || true
 wait "$control_pid" 2>/dev/null || true
 target/release/loadgen report --calls "$OUT/calls.jsonl" --run "$OUT/report.json" \
-  --out "$OUT/report.html" 2>>"$tmp/report.log" || status=1
-echo "run files: $OUT/calls.jsonl, $OUT/report.json, $OUT/report.html"
+  --run "$OUT/sim.json" --out "$OUT/report.html" 2>>"$tmp/report.log" || status=1
+echo "run files: $OUT/calls.jsonl, $OUT/report.json, $OUT/sim.json, $OUT/report.html"
 exit "$status"

@@ -200,27 +200,35 @@ pub fn render(r: &SimReport) -> String {
             s.count
         )
     };
-    let mut out = format!(
-        "rtp-relay pipeline report (sim-asterisk -> control -> relay -> echo)\n\
-         calls: {} originated, {} answered, {} bridged, {} hung up by control, {} transcoding\n\
-         RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}, unstamped {}, payload changed {}\n\
-         faults: {} answers failed with 404, {} WebSocket drops ({} connections), failed on purpose {:?}\n\
+    let mut out = String::from("rtp-relay pipeline report (sim-asterisk -> control -> relay -> echo)\n");
+    // Serving only (`--calls 0`, the callers someone else's): no calls of its own to report.
+    let own_calls = r.calls > 0;
+    if own_calls {
+        let _ = write!(
+            out,
+            "calls: {} originated, {} answered, {} bridged, {} hung up by control, {} transcoding\n\
+             RTP at Asterisk: sent {} returned {} lost {} ({:.4} %), duplicates {}, strict-RTP drops {}, malformed {}, unstamped {}, payload changed {}\n",
+            r.calls,
+            r.answered,
+            r.bridged,
+            r.hung_up_by_app,
+            r.transcoding_calls,
+            r.sent,
+            r.received,
+            r.lost,
+            r.loss_ratio * 100.0,
+            r.duplicates,
+            r.strict_rtp_drops,
+            r.malformed,
+            r.unstamped,
+            r.payload_changed,
+        );
+    }
+    let _ = write!(
+        out,
+        "faults: {} answers failed with 404, {} WebSocket drops ({} connections), failed on purpose {:?}\n\
          left over: {} channels, {} bridges\n\
          latency (ms){:>30}{:>9}{:>9}{:>9}{:>9}\n",
-        r.calls,
-        r.answered,
-        r.bridged,
-        r.hung_up_by_app,
-        r.transcoding_calls,
-        r.sent,
-        r.received,
-        r.lost,
-        r.loss_ratio * 100.0,
-        r.duplicates,
-        r.strict_rtp_drops,
-        r.malformed,
-        r.unstamped,
-        r.payload_changed,
         r.answer_404_injected,
         r.ws_drops,
         r.ws_connections,
@@ -233,17 +241,21 @@ pub fn render(r: &SimReport) -> String {
         "p99.9",
         "max",
     );
-    out.push_str(&row("call set-up (StasisStart..RTP)", &r.setup));
-    out.push_str(&row("end to end (at Asterisk)", &r.rtt));
+    if own_calls {
+        out.push_str(&row("call set-up (StasisStart..RTP)", &r.setup));
+        out.push_str(&row("end to end (at Asterisk)", &r.rtt));
+    }
     if let (Some(v), Some(added)) = (&r.relay, &r.added_by_relay) {
         out.push_str(&row("relay RTT (T1 - T0)", &v.rtt));
-        let _ = writeln!(
-            out,
-            "  {:<31} {:>8.3} {:>17.3}",
-            "added by the relay",
-            ms(added.p50_ns),
-            ms(added.p99_ns)
-        );
+        if own_calls {
+            let _ = writeln!(
+                out,
+                "  {:<31} {:>8.3} {:>17.3}",
+                "added by the relay",
+                ms(added.p50_ns),
+                ms(added.p99_ns)
+            );
+        }
         out.push_str(&row("relay forward to echo", &v.forward.to_echo));
         out.push_str(&row("relay forward to Asterisk", &v.forward.to_asterisk));
         let _ = write!(
