@@ -200,7 +200,8 @@ pub fn render(r: &SimReport) -> String {
             s.count
         )
     };
-    let mut out = String::from("rtp-relay pipeline report (sim-asterisk -> control -> relay -> echo)\n");
+    let mut out =
+        String::from("rtp-relay pipeline report (sim-asterisk -> control -> relay -> echo)\n");
     // Serving only (`--calls 0`, the callers someone else's): no calls of its own to report.
     let own_calls = r.calls > 0;
     if own_calls {
