@@ -21,7 +21,7 @@
 //!   hosts' clocks disagree, `negative_legs`) are left out here too, with a sentence saying why.
 //!
 //! "RTT over time": with `loadgen ari`'s time series (`timeseries`), 1 s windows of run time:
-//! the round trip's p50 and p99 and each leg's p50 against seconds since the first probe, and the
+//! the round trip's p50 and p99 and each leg's p50 against seconds since the start of the run, and the
 //! probes lost per window. Without one (a call log alone, or sim-asterisk's report only), 10 s
 //! windows by the time each call ended, titled so.
 
@@ -190,7 +190,7 @@ pub struct AriLost {
 /// One second of run time.
 #[derive(Clone, Debug, Deserialize)]
 pub struct AriWindow {
-    /// Start, seconds since the first probe.
+    /// Start, seconds since the start of the run.
     pub t_s: f64,
     /// Probes sent in it.
     pub sent: u64,
@@ -566,7 +566,7 @@ fn timeseries_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
             .map_err(plot_err)?;
         chart
             .configure_mesh()
-            .x_desc("seconds of run time (since the first probe)")
+            .x_desc("seconds of run time (since the start of the run)")
             .y_desc("µs")
             .y_label_formatter(&us_label)
             .draw()
@@ -629,7 +629,7 @@ fn loss_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
             .map_err(plot_err)?;
         chart
             .configure_mesh()
-            .x_desc("seconds of run time (since the first probe)")
+            .x_desc("seconds of run time (since the start of the run)")
             .y_desc("% lost")
             .draw()
             .map_err(plot_err)?;
@@ -916,7 +916,7 @@ fn over_time_html(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
         Some(a) => {
             let _ = writeln!(
                 html,
-                "<p>1 s windows of run time (seconds since the first probe, each probe in the \
+                "<p>1 s windows of run time (seconds since the start of the run, each probe in the \
                  window of its send) from loadgen ari's time series: the caller's round trip \
                  through Asterisk (p50, p99) and each leg's p50. A line breaks where a window has \
                  no figure (nothing came back, or its legs were not split).</p>\n\
@@ -1590,6 +1590,7 @@ mod run_files {
             through_asterisk: Some(split.through_asterisk()),
             lost: Some(split.lost()),
             timeseries: split.windows(),
+            media: Some(split.media()),
             clocks: Some("kernel stamps"),
             relay: None,
             control: None,

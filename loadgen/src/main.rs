@@ -388,7 +388,13 @@ fn ari(a: AriArgs) -> ExitCode {
         .and_then(|rt| rt.block_on(loadgen::ari::run(&cfg)))
     {
         Ok(r) => {
-            print!("{}", loadgen::ari::render(&r));
+            // With the JSON on stdout (`--json -`), the summary goes to stderr.
+            let summary = loadgen::ari::render(&r);
+            if a.json.as_deref() == Some(std::path::Path::new("-")) {
+                eprint!("{summary}");
+            } else {
+                print!("{summary}");
+            }
             if let Some(path) = &a.json {
                 if !write_json(path, &serde_json::to_string_pretty(&r).unwrap_or_default()) {
                     return ExitCode::FAILURE;

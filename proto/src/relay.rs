@@ -389,6 +389,10 @@ struct ProbeRing {
     asterisk_in: LatencyHistogram<u32>,
 }
 
+/// Probes remembered before a channel is recognised, to count a copy of one once (more than
+/// [`probe::RECOGNISE_AFTER`], for copies that come after a reset of the run).
+const SEEN_BEFORE_RECOGNITION: usize = 8;
+
 /// A channel's probe state ([`crate::probe`]).
 #[derive(Debug, Default)]
 struct Probes {
@@ -396,8 +400,11 @@ struct Probes {
     run: u32,
     /// The call of the run.
     run_call: u32,
-    /// The sequence of the run's last probe (a duplicate of it is not counted again).
-    run_seq: u32,
+    /// The last probes counted before recognition, (call, sequence), so that a copy of one of
+    /// them is not counted again; the newest at `seen_at`.
+    seen: [Option<(u32, u32)>; SEEN_BEFORE_RECOGNITION],
+    /// Where the next probe counted before recognition goes in `seen`.
+    seen_at: usize,
     /// Counters, as reported.
     received: u64,
     /// Valid probes back from the echo.
@@ -438,9 +445,13 @@ impl Probes {
         wall_ns: u64,
     ) {
         if self.ring.is_none() {
-            if self.run > 0 && p.call == self.run_call && p.seq == self.run_seq {
-                return; // a duplicate of the run's last probe
+            if self.seen.contains(&Some((p.call, p.seq))) {
+                return; // a copy of a probe already counted
             }
+            if let Some(slot) = self.seen.get_mut(self.seen_at) {
+                *slot = Some((p.call, p.seq));
+            }
+            self.seen_at = (self.seen_at + 1) % SEEN_BEFORE_RECOGNITION;
             self.received += 1;
             if self.run > 0 && p.call == self.run_call {
                 self.run += 1;
@@ -448,7 +459,6 @@ impl Probes {
                 self.run = 1;
                 self.run_call = p.call;
             }
-            self.run_seq = p.seq;
             if self.run < probe::RECOGNISE_AFTER {
                 return;
             }

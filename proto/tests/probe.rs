@@ -495,3 +495,37 @@ fn handle_datagram_measures_probes_but_never_writes() {
         (true, 5, 5, 0, 3)
     );
 }
+
+#[test]
+fn a_copy_of_a_probe_before_recognition_counts_once_even_after_a_reset() {
+    let mut r = relay();
+    let s = channel(&mut r, "copies");
+    let audio = rtp(1, 160, 7);
+    // Probe 0, audio (a reset of the run), then probe 0 again and probe 1: not recognised yet,
+    // and probe 0 counted once.
+    through(
+        &mut r,
+        ms(0),
+        s,
+        ast(),
+        &probe_packet(1, p(3, 0, sent_before(ms(0), 1))),
+    );
+    through(&mut r, ms(20), s, ast(), &audio);
+    through(
+        &mut r,
+        ms(21),
+        s,
+        ast(),
+        &probe_packet(1, p(3, 0, sent_before(ms(21), 1))),
+    );
+    through(
+        &mut r,
+        ms(40),
+        s,
+        ast(),
+        &probe_packet(2, p(3, 1, sent_before(ms(40), 1))),
+    );
+    let st = probe_stats(&r, "copies");
+    assert_eq!(st.received, 2, "{st:?}");
+    assert!(!st.recognised);
+}

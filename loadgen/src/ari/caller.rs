@@ -58,6 +58,8 @@ pub struct CallResult {
     pub relay_received: Option<u64>,
     /// ARI objects that could not be removed (should be none).
     pub leftovers: Vec<String>,
+    /// Its `;1` half was still up at the end and loadgen hung it up.
+    pub hung_up: bool,
 }
 
 /// A REST client for ARI with its credentials.
@@ -122,11 +124,11 @@ impl Ari {
         self.send(reqwest::Method::POST, path, query).await
     }
 
-    /// Deletes `path`; a 404 (already gone) is success.
-    async fn delete(&self, path: &str) -> Result<(), AriError> {
+    /// Deletes `path`: true when it was there, false when it was already gone (404).
+    async fn delete(&self, path: &str) -> Result<bool, AriError> {
         match self.send(reqwest::Method::DELETE, path, &[]).await {
-            Ok(_) => Ok(()),
-            Err(AriError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(()),
+            Ok(_) => Ok(true),
+            Err(AriError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -212,6 +214,10 @@ impl App {
                 }
             }
             tracing::warn!("loadgen's events WebSocket closed");
+            // Every call waiting for an event learns that none will come.
+            w.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
         });
         Ok(Self { waiting, task })
     }
@@ -296,7 +302,7 @@ pub async fn call(ctx: Arc<CallCtx>, run: String, i: u32, hold: Duration) -> Cal
     if let Err(e) = played {
         result.failure = Some(e);
     }
-    result.leftovers = created.teardown(&ctx.ari, &ids).await;
+    (result.hung_up, result.leftovers) = created.teardown(&ctx.ari, &ids).await;
     ctx.app.forget(&ids.near);
     if let (Some(control), true) = (&ctx.control, result.media.is_some()) {
         result.relay_received = relay_received(&ctx.ari, control, &ids.far).await;
@@ -313,23 +319,28 @@ struct Created {
 }
 
 impl Created {
-    /// Removes what was created; the names of what could not be removed.
-    async fn teardown(&self, ari: &Ari, ids: &CallIds) -> Vec<String> {
+    /// Removes what was created: whether `;1` was still up and hung up, and the names of what
+    /// could not be removed.
+    async fn teardown(&self, ari: &Ari, ids: &CallIds) -> (bool, Vec<String>) {
         let mut left = Vec::new();
+        let mut hung_up = false;
         let steps = [
             (self.near, format!("/channels/{}", ids.near)),
             (self.media, format!("/channels/{}", ids.media)),
             (self.bridge, format!("/bridges/{}", ids.bridge)),
         ];
-        for (made, path) in steps {
+        for (i, (made, path)) in steps.into_iter().enumerate() {
             if made {
-                if let Err(e) = ari.delete(&path).await {
-                    tracing::warn!("cannot remove {path}: {e}");
-                    left.push(path);
+                match ari.delete(&path).await {
+                    Ok(was_there) => hung_up |= i == 0 && was_there,
+                    Err(e) => {
+                        tracing::warn!("cannot remove {path}: {e}");
+                        left.push(path);
+                    }
                 }
             }
         }
-        left
+        (hung_up, left)
     }
 }
 
@@ -381,6 +392,9 @@ async fn play(
 ) -> Result<(), String> {
     let mut stop = ctx.stop.clone();
     let endpoint = format!("Local/{}@{}/n", ctx.control_app, ctx.cfg.context);
+    // Marked before each request: one that times out may still have been carried out, and a
+    // delete of what does not exist is harmless (404).
+    created.near = true;
     ctx.ari
         .post(
             "/channels",
@@ -394,7 +408,6 @@ async fn play(
         )
         .await
         .map_err(|e| format!("originate: {e}"))?;
-    created.near = true;
     result.originated = true;
     // `;1` enters loadgen's application once control has answered `;2`.
     started(events, &mut stop)
@@ -405,6 +418,7 @@ async fn play(
         .local_addr()
         .map_err(|e| format!("RTP socket: {e}"))?
         .to_string();
+    created.media = true;
     let em = ctx
         .ari
         .post(
@@ -422,10 +436,10 @@ async fn play(
         )
         .await
         .map_err(|e| format!("externalMedia: {e}"))?;
-    created.media = true;
     let to = media_address(&ctx.ari, &ids.media, &em)
         .await
         .map_err(|e| format!("externalMedia address: {e}"))?;
+    created.bridge = true;
     ctx.ari
         .post(
             &format!("/bridges/{}", ids.bridge),
@@ -433,7 +447,6 @@ async fn play(
         )
         .await
         .map_err(|e| format!("bridge: {e}"))?;
-    created.bridge = true;
     add_channels(&ctx.ari, ids)
         .await
         .map_err(|e| format!("addChannel: {e}"))?;
@@ -560,7 +573,16 @@ async fn relay_received(ari: &Ari, control: &str, far: &str) -> Option<u64> {
         if let Ok(r) = ari.http.get(&url).send().await {
             if r.status().is_success() {
                 let rec: Value = r.json().await.ok()?;
-                return rec["relay"]["probe"]["received"].as_u64();
+                // A relay channel that saw no probe at all has `probe: null`: none received.
+                return match &rec["relay"] {
+                    Value::Object(relay) => Some(
+                        relay
+                            .get("probe")
+                            .and_then(|p| p["received"].as_u64())
+                            .unwrap_or(0),
+                    ),
+                    _ => None,
+                };
             }
         }
         if tokio::time::Instant::now() >= deadline {

@@ -107,6 +107,8 @@ pub struct AriLoadReport {
     pub lost: Option<Lost>,
     /// rtp callers: the round trip over run time, one window a second.
     pub timeseries: Vec<Window>,
+    /// rtp callers: what else came back, or did not leave.
+    pub media: Option<split::MediaCounts>,
     /// What the split's times are, and when they hold.
     pub clocks: Option<&'static str>,
     /// The relay's figures.
@@ -180,16 +182,40 @@ struct Calls {
     split: Option<split::Split>,
 }
 
-/// Set once Ctrl-C is pressed.
+/// Set once Ctrl-C (SIGINT) or SIGTERM comes: every call ends and is torn down. A second
+/// signal exits at once (status 130), leaving whatever was not torn down yet.
 fn interrupted() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::warn!("interrupted: ending every call and tearing it down");
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            tracing::warn!("cannot watch for SIGTERM: only Ctrl-C tears calls down");
+            let _ = tokio::signal::ctrl_c().await;
             let _ = tx.send(true);
+            return std::future::pending::<()>().await;
+        };
+        let mut signals = 0;
+        loop {
+            tokio::select! {
+                () = async {
+                    if tokio::signal::ctrl_c().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                } => {}
+                _ = term.recv() => {}
+            }
+            signals += 1;
+            if signals == 1 {
+                tracing::warn!(
+                    "interrupted: ending every call and tearing it down (again to quit now)"
+                );
+                let _ = tx.send(true);
+            } else {
+                tracing::warn!("interrupted twice: quitting without finishing the teardown");
+                std::process::exit(130);
+            }
         }
-        // Keep the sender alive so the receivers do not see it closed.
-        std::future::pending::<()>().await;
     });
     rx
 }
@@ -249,6 +275,7 @@ pub async fn run(cfg: &AriLoadConfig) -> anyhow::Result<AriLoadReport> {
             .as_ref()
             .map(split::Split::windows)
             .unwrap_or_default(),
+        media: calls.split.as_ref().map(split::Split::media),
         clocks: calls.split.as_ref().map(|_| CLOCKS),
         relay,
         control,
@@ -335,6 +362,10 @@ async fn rtp_calls(
     http: &reqwest::Client,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Calls> {
+    // Every probe's send time is its kernel transmit stamp, found by its id: without ids the
+    // kernel refuses every send, so say so now rather than report a run of nothing.
+    relay_io::probe_tx_stamps(cfg.rtp.rtp_ip)
+        .context("loadgen times its probes with kernel transmit stamps (Linux 6.13+)")?;
     let ari = caller::Ari::new(http.clone(), &cfg.url, &cfg.user, &cfg.pass);
     let app = caller::App::connect(&ari, &cfg.rtp.app).await?;
     let ctx = Arc::new(caller::CallCtx {
@@ -354,7 +385,11 @@ async fn rtp_calls(
             & 0xff_ffff_ffff
     );
     let mut split = split::Split::new();
-    split.set_epoch(wall_now_ns());
+    // Run time: the ramp, the hold, set-up and the drain, with room to spare.
+    split.set_epoch(
+        wall_now_ns(),
+        cfg.ramp + cfg.hold + cfg.rtp.drain + Duration::from_secs(60),
+    );
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     let mut stop_ramp = stop.clone();
@@ -370,6 +405,14 @@ async fn rtp_calls(
             cfg.hold,
         )));
     }
+    // Every call ends (and tears down) before anything else can fail the run.
+    let mut results = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        results.push(t.await.unwrap_or_else(|e| caller::CallResult {
+            failure: Some(format!("the call's task failed: {e}")),
+            ..caller::CallResult::default()
+        }));
+    }
     let mut out = match &cfg.probes {
         Some(path) => {
             let mut f = std::io::BufWriter::new(
@@ -382,8 +425,7 @@ async fn rtp_calls(
         None => None,
     };
     let mut calls = Calls::default();
-    for (i, t) in (0..).zip(tasks) {
-        let r = t.await.unwrap_or_default();
+    for (i, r) in (0..).zip(results) {
         if let (Some((path, f)), Some(m)) = (&mut out, &r.media) {
             write_probes(f, i, m).with_context(|| format!("cannot write {}", path.display()))?;
         }
@@ -395,7 +437,7 @@ async fn rtp_calls(
             }
         }
         calls.leftovers.extend(r.leftovers);
-        calls.hung_up += u32::from(r.originated);
+        calls.hung_up += u32::from(r.hung_up);
         if let Some(m) = &r.media {
             calls.played += 1;
             split.add_call(m, r.relay_received);
@@ -477,7 +519,7 @@ pub fn render(r: &AriLoadReport) -> String {
         if l.calls_unsplit > 0 {
             let _ = writeln!(
                 out,
-                "  loss of {} calls not split: control's call record (--control) gives the relay's count",
+                "  loss not split: {} calls had no relay count (control's call record, --control, gives it)",
                 l.calls_unsplit
             );
         }
@@ -516,6 +558,21 @@ pub fn render(r: &AriLoadReport) -> String {
                 t.unsplit, t.untimed
             );
         }
+    }
+    if let Some(m) = &r.media {
+        if *m != split::MediaCounts::default() {
+            let _ = writeln!(
+                out,
+                "returns: {} duplicates, {} malformed (no valid probe header), {} from a wrong address, {} without a receive stamp; {} sends refused, {} probes outside the run's windows",
+                m.duplicates, m.malformed, m.strict_drops, m.no_rx_stamp, m.send_errors, m.outside_windows
+            );
+        }
+    }
+    if r.clocks.is_some() {
+        let _ = writeln!(
+            out,
+            "(every time is a kernel stamp of CLOCK_REALTIME: the split is exact with loadgen and the relay on one host; across hosts only as good as their clocks' synchronisation)"
+        );
     }
     if !r.leftovers.is_empty() {
         let _ = writeln!(out, "left behind on Asterisk: {}", r.leftovers.join(", "));

@@ -326,17 +326,7 @@ impl Receiver {
             let got = relay_io::recv_msg(&*self.sock, &mut buf, &mut control);
             self.read_stamps();
             match got {
-                Ok(meta) => {
-                    let at = control
-                        .get(..meta.control_len)
-                        .and_then(|c| relay_io::rx_timestamp(c).ok().flatten())
-                        .map_or(0, |t| t.0);
-                    if meta.from == Some(self.to) {
-                        self.back(buf.get(..meta.len).unwrap_or_default(), at);
-                    } else {
-                        self.media.strict_drops += 1;
-                    }
-                }
+                Ok(meta) => self.datagram(&meta, &buf, &control),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -348,6 +338,12 @@ impl Receiver {
                 }
             }
             if self.link.abort.load(Ordering::Acquire) {
+                // What already reached the socket is back: read it, then stop.
+                if self.sock.set_nonblocking(true).is_ok() {
+                    while let Ok(meta) = relay_io::recv_msg(&*self.sock, &mut buf, &mut control) {
+                        self.datagram(&meta, &buf, &control);
+                    }
+                }
                 break;
             }
             if self.link.sending_done.load(Ordering::Acquire) {
@@ -367,6 +363,19 @@ impl Receiver {
         self.media.send_errors = self.link.send_errors.load(Ordering::Acquire);
         self.media.probes.truncate(self.media.sent as usize);
         self.media
+    }
+
+    /// A datagram read into `buf`, with its control data.
+    fn datagram(&mut self, meta: &relay_io::socket::RecvMeta, buf: &[u8], control: &[u8]) {
+        let at = control
+            .get(..meta.control_len)
+            .and_then(|c| relay_io::rx_timestamp(c).ok().flatten())
+            .map_or(0, |t| t.0);
+        if meta.from == Some(self.to) {
+            self.back(buf.get(..meta.len).unwrap_or_default(), at);
+        } else {
+            self.media.strict_drops += 1;
+        }
     }
 
     /// A datagram from the externalMedia channel, received at `at` (0: no kernel stamp).

@@ -26,6 +26,8 @@ use super::probes::CallMedia;
 
 /// Significant figures of the histograms (0.1 %).
 const SIGFIG: u8 = 3;
+/// Most windows of run time when the run's span is not given (a day).
+const DEFAULT_MAX_WINDOWS: usize = 86_400;
 /// Points of each leg's CDF in the JSON.
 const CDF_POINTS: usize = 200;
 
@@ -125,10 +127,29 @@ pub struct Lost {
     pub calls_unsplit: u64,
 }
 
+/// What else came back, or did not leave (`media` in the report).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct MediaCounts {
+    /// Sends the kernel refused (not counted as sent).
+    pub send_errors: u64,
+    /// Further copies of a probe already back.
+    pub duplicates: u64,
+    /// Returns that were not RTP, or carried no valid probe of their call (a damaged header: a
+    /// transcoding or mixing path destroys it).
+    pub malformed: u64,
+    /// Datagrams from an address other than the externalMedia channel's (strict RTP).
+    pub strict_drops: u64,
+    /// Returns read without a kernel receive stamp (not timed).
+    pub no_rx_stamp: u64,
+    /// Probes sent outside the run's time series (a step of the wall clock): timed, but in no
+    /// window.
+    pub outside_windows: u64,
+}
+
 /// One second of run time (by the probes' send times).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Window {
-    /// Start of the window, seconds since the first probe of the run.
+    /// Start of the window, seconds since the start of the run.
     pub t_s: u64,
     /// Probes sent in it.
     pub sent: u64,
@@ -183,9 +204,11 @@ pub struct Split {
     after: u64,
     calls_unsplit: u64,
     calls_split: u64,
-    /// Run time windows, from `epoch` (the first probe's transmit stamp).
+    /// Run time windows, from `epoch` (the start of the run), at most `max_windows`.
     windows: Vec<WindowHist>,
     epoch: Option<u64>,
+    max_windows: usize,
+    media: MediaCounts,
 }
 
 impl Default for Split {
@@ -227,18 +250,36 @@ impl Split {
             calls_split: 0,
             windows: Vec::new(),
             epoch: None,
+            max_windows: DEFAULT_MAX_WINDOWS,
+            media: MediaCounts::default(),
         }
     }
 
-    /// Sets the start of run time (a transmit stamp, ns `CLOCK_REALTIME`) for the windows; the
-    /// earliest of the calls' first stamps when not set.
-    pub fn set_epoch(&mut self, ns: u64) {
+    /// Sets the start of run time (ns `CLOCK_REALTIME`) for the windows, and how long the run
+    /// can last: a probe sent later than that (the wall clock stepped) is in no window, so that
+    /// a step cannot grow the series without bound. Without it, windows start at each call's
+    /// first transmit stamp.
+    pub fn set_epoch(&mut self, ns: u64, span: std::time::Duration) {
         self.epoch = Some(self.epoch.map_or(ns, |e| e.min(ns)));
+        self.max_windows = usize::try_from(span.as_secs())
+            .unwrap_or(usize::MAX)
+            .saturating_add(2);
+    }
+
+    /// What else came back, or did not leave.
+    #[must_use]
+    pub const fn media(&self) -> MediaCounts {
+        self.media
     }
 
     /// Adds a call's probes; `relay_received` is the relay's count of its probes from Asterisk.
     pub fn add_call(&mut self, m: &CallMedia, relay_received: Option<u64>) {
         let sent = u64::from(m.sent).saturating_sub(m.send_errors);
+        self.media.send_errors += m.send_errors;
+        self.media.duplicates += m.duplicates;
+        self.media.malformed += m.malformed;
+        self.media.strict_drops += m.strict_drops;
+        self.media.no_rx_stamp += m.no_rx_stamp;
         self.sent += sent;
         self.returned += m.returned;
         match relay_received {
@@ -255,7 +296,14 @@ impl Split {
         for p in &m.probes {
             let window = epoch
                 .filter(|_| p.sent != 0)
-                .map(|e| usize::try_from(p.sent.saturating_sub(e) / 1_000_000_000).unwrap_or(0));
+                .map(|e| usize::try_from(p.sent.saturating_sub(e) / 1_000_000_000))
+                .and_then(|i| match i {
+                    Ok(i) if i < self.max_windows => Some(i),
+                    _ => {
+                        self.media.outside_windows += 1;
+                        None
+                    }
+                });
             let mut w = window.map(|i| {
                 if self.windows.len() <= i {
                     self.windows.resize_with(i + 1, WindowHist::new);
@@ -446,5 +494,31 @@ mod tests {
         assert!(t.asterisk_in.is_none() && t.relay.is_none() && t.asterisk_out.is_none());
         assert_eq!(s.lost().before_relay, None);
         assert_eq!(s.lost().calls_unsplit, 1);
+    }
+
+    #[test]
+    fn a_step_of_the_wall_clock_cannot_grow_the_series_without_bound() {
+        let base = 1_700_000_000_000_000_000;
+        let m = CallMedia {
+            sent: 2,
+            returned: 2,
+            probes: vec![
+                probe(base, base + 100, base + 200, base + 300),
+                // An hour later: the wall clock stepped.
+                probe(
+                    base + 3_600_000_000_000,
+                    base + 3_600_000_000_100,
+                    base + 3_600_000_000_200,
+                    base + 3_600_000_000_300,
+                ),
+            ],
+            ..CallMedia::default()
+        };
+        let mut s = Split::new();
+        s.set_epoch(base, std::time::Duration::from_secs(10));
+        s.add_call(&m, Some(2));
+        assert_eq!(s.windows().len(), 1);
+        assert_eq!(s.media().outside_windows, 1);
+        assert_eq!(s.through_asterisk().total.count, 2, "still timed");
     }
 }
