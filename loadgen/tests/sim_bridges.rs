@@ -601,8 +601,10 @@ fn one_call(
         relay.local_addr().unwrap(),
         loadgen.local_addr().unwrap(),
     );
-    // One thread per forwarding channel.
-    assert_eq!(sim.forwarders(), 2, "{:?}", sim.threads());
+    // One thread per forwarding channel (a new thread names itself once it runs: waited for).
+    testkit::wait_for("two forwarding threads", STEP, || {
+        (sim.forwarders() == 2).then_some(())
+    });
     let mut ends = Ends {
         relay: Reader::start(relay, call.to_control_em, true),
         back: Reader::start(loadgen.try_clone().unwrap(), call.to_loadgen_em, false),
