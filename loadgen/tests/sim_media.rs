@@ -105,6 +105,13 @@ fn every_channel_frame_leaves_in_one_burst_and_each_channel_is_read_by_its_own_t
         "listen",
     );
     let pid = sim.pid();
+    // A new thread names itself once it runs: waited for, then exactly one.
+    testkit::wait_for("the timing source's thread", Duration::from_secs(5), || {
+        thread_names(pid)
+            .iter()
+            .any(|n| n == "rtp-timing")
+            .then_some(())
+    });
     let names = thread_names(pid);
     assert_eq!(
         names.iter().filter(|n| *n == "rtp-timing").count(),
