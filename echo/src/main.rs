@@ -95,56 +95,75 @@ struct Args {
     duration: Option<Duration>,
 }
 
-fn config(a: &Args) -> Result<Config, String> {
-    for (flag, p) in [
-        ("loss", a.loss),
-        ("duplicate", a.duplicate),
-        ("reorder", a.reorder),
-    ] {
-        if !(0.0..=1.0).contains(&p) {
-            return Err(format!(
-                "invalid value for --{flag}: {p} is not a probability in 0..=1"
-            ));
+/// A flag whose value is out of range.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for --{flag}: {reason}")]
+struct ConfigError {
+    /// The flag, without dashes.
+    flag: &'static str,
+    /// What is wrong.
+    reason: String,
+}
+
+fn bad(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, Self::Error> {
+        for (flag, p) in [
+            ("loss", a.loss),
+            ("duplicate", a.duplicate),
+            ("reorder", a.reorder),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(bad(flag, format!("{p} is not a probability in 0..=1")));
+            }
         }
+        if !a.buffers.is_power_of_two() || a.buffers > 1 << 15 {
+            return Err(bad("buffers", "must be a power of two up to 32768"));
+        }
+        if a.clock_rate == 0 {
+            return Err(bad("clock-rate", "must be positive"));
+        }
+        let metrics = match a.metrics.as_str() {
+            "off" => None,
+            m => Some(
+                m.parse()
+                    .map_err(|e| bad("metrics", format!("{m:?}: {e}")))?,
+            ),
+        };
+        Ok(Self {
+            listen: a.listen,
+            metrics,
+            core: a.core,
+            faults: FaultConfig {
+                delay: a.delay,
+                jitter: a.jitter,
+                loss: a.loss,
+                duplicate: a.duplicate,
+                reorder: a.reorder,
+                pace: a.pace,
+                clock_hz: a.clock_rate,
+                reorder_hold: Duration::from_millis(200),
+                seed: a.seed,
+            },
+            buffers: a.buffers,
+            rcvbuf: a.rcvbuf,
+            duration: a.duration,
+            gro: a.gro,
+            tx_stamps: a.tx_stamps,
+        })
     }
-    if !a.buffers.is_power_of_two() || a.buffers > 1 << 15 {
-        return Err("invalid value for --buffers: must be a power of two up to 32768".into());
-    }
-    if a.clock_rate == 0 {
-        return Err("invalid value for --clock-rate: must be positive".into());
-    }
-    let metrics = match a.metrics.as_str() {
-        "off" => None,
-        m => Some(
-            m.parse()
-                .map_err(|e| format!("invalid value for --metrics: {m:?}: {e}"))?,
-        ),
-    };
-    Ok(Config {
-        listen: a.listen,
-        metrics,
-        core: a.core,
-        faults: FaultConfig {
-            delay: a.delay,
-            jitter: a.jitter,
-            loss: a.loss,
-            duplicate: a.duplicate,
-            reorder: a.reorder,
-            pace: a.pace,
-            clock_hz: a.clock_rate,
-            reorder_hold: Duration::from_millis(200),
-            seed: a.seed,
-        },
-        buffers: a.buffers,
-        rcvbuf: a.rcvbuf,
-        duration: a.duration,
-        gro: a.gro,
-        tx_stamps: a.tx_stamps,
-    })
 }
 
 fn main() -> ExitCode {
-    let config = match config(&Args::parse()) {
+    let config = match Config::try_from(Args::parse()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("echo: {e}");

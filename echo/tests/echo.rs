@@ -288,6 +288,8 @@ fn bad_flags_exit_non_zero_naming_the_flag() {
         (&["--loss", "1.5"][..], "--loss"),
         (&["--buffers", "1000"], "--buffers"),
         (&["--delay", "soon"], "--delay"),
+        (&["--clock-rate", "0"], "--clock-rate"),
+        (&["--metrics", "nowhere"], "--metrics"),
     ] {
         let out = testkit::output(
             Command::new(env!("CARGO_BIN_EXE_echo")).args(args),
