@@ -450,35 +450,6 @@ impl BackendCounters {
 /// What a backend must do after a command: nothing, open a socket, or close one.
 pub use relay_proto::CommandOutcome;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_sizes_fall_in_power_of_two_buckets() {
-        let mut c = BackendCounters::default();
-        for n in [0, 1, 2, 3, 4, 5, 1000, 1 << 20] {
-            c.batch(n);
-        }
-        assert_eq!(c.batch_buckets[0], 2, "0 and 1");
-        assert_eq!(c.batch_buckets[1], 1, "2");
-        assert_eq!(c.batch_buckets[2], 2, "3 and 4");
-        assert_eq!(c.batch_buckets[3], 1, "5");
-        assert_eq!(c.batch_buckets[10], 1, "1000 ≤ 1024");
-        assert_eq!(c.batch_buckets[16], 1, "the rest");
-        assert_eq!(c.wakeups, 8);
-    }
-
-    #[test]
-    fn a_taken_port_is_port_in_use() {
-        let a = bind_channel_socket("127.0.0.1".parse().unwrap(), 0, 65_536).unwrap();
-        let port = a.local_addr().unwrap().port();
-        let e = bind_channel_socket("127.0.0.1".parse().unwrap(), port, 65_536).unwrap_err();
-        assert_eq!(e.code, ErrorCode::PortInUse);
-        assert!(e.message.contains(&port.to_string()));
-    }
-}
-
 /// The backend's side of opening and closing channel sockets.
 pub trait SocketTable {
     /// Starts receiving on `socket` for channel slot `id`.
@@ -619,5 +590,34 @@ pub fn shard_doc(relay: &Relay, counters: &BackendCounters, now: MonoTime) -> Sh
         global: shard_stats(relay),
         counters: counters.clone(),
         channels: relay.all_channel_stats(now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_sizes_fall_in_power_of_two_buckets() {
+        let mut c = BackendCounters::default();
+        for n in [0, 1, 2, 3, 4, 5, 1000, 1 << 20] {
+            c.batch(n);
+        }
+        assert_eq!(c.batch_buckets[0], 2, "0 and 1");
+        assert_eq!(c.batch_buckets[1], 1, "2");
+        assert_eq!(c.batch_buckets[2], 2, "3 and 4");
+        assert_eq!(c.batch_buckets[3], 1, "5");
+        assert_eq!(c.batch_buckets[10], 1, "1000 ≤ 1024");
+        assert_eq!(c.batch_buckets[16], 1, "the rest");
+        assert_eq!(c.wakeups, 8);
+    }
+
+    #[test]
+    fn a_taken_port_is_port_in_use() {
+        let a = bind_channel_socket("127.0.0.1".parse().unwrap(), 0, 65_536).unwrap();
+        let port = a.local_addr().unwrap().port();
+        let e = bind_channel_socket("127.0.0.1".parse().unwrap(), port, 65_536).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PortInUse);
+        assert!(e.message.contains(&port.to_string()));
     }
 }
