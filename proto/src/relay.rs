@@ -856,13 +856,6 @@ impl Relay {
         self.wall_offset = offset_ns;
     }
 
-    /// `at` on the wall clock, 0 when the offset is unknown.
-    fn wall(&self, at: MonoTime) -> u64 {
-        self.wall_offset
-            .and_then(|o| u64::try_from(i128::from(at.as_nanos()) + i128::from(o)).ok())
-            .unwrap_or(0)
-    }
-
     /// The settings in force.
     #[must_use]
     pub const fn config(&self) -> &RelayConfig {
@@ -1176,7 +1169,7 @@ impl Relay {
         from: SocketAddr,
         bytes: &[u8],
     ) -> Handled {
-        let wall_ns = self.wall(now);
+        let wall_offset = self.wall_offset;
         let dropped = |verdict| Handled {
             verdict,
             t0: None,
@@ -1237,7 +1230,7 @@ impl Relay {
                     &p,
                 )
                 .then_some((p.ssrc, p.sequence));
-                let probe = probe_header(ch, &mut self.hist, now, wall_ns, direction, &p)
+                let probe = probe_header(ch, &mut self.hist, now, wall_offset, direction, &p)
                     .map(|times| (payload_start(bytes.len(), &p), times));
                 (t0, probe)
             }
@@ -1666,23 +1659,29 @@ fn probe_header(
     ch: &mut Channel,
     hist: &mut GlobalHistograms,
     now: MonoTime,
-    wall_ns: u64,
+    wall_offset: Option<i64>,
     direction: Direction,
     p: &RtpPacket<'_>,
 ) -> Option<RelayTimes> {
     let header = probe::has_magic(p.payload)
         .then(|| probe::parse(p.payload).ok())
         .flatten();
+    // The wall-clock time of `now`, only for a probe (0 when the offset is unknown).
+    let wall_ns = || {
+        wall_offset
+            .and_then(|o| u64::try_from(i128::from(now.as_nanos()) + i128::from(o)).ok())
+            .unwrap_or(0)
+    };
     match (direction, header) {
         (Direction::ToEcho, Some(h)) => {
-            ch.probes.on_asterisk(hist, h, now, wall_ns);
+            ch.probes.on_asterisk(hist, h, now, wall_ns());
             None
         }
         (Direction::ToEcho, None) => {
             ch.probes.run = 0;
             None
         }
-        (Direction::ToAsterisk, Some(h)) => ch.probes.on_echo(hist, h, now, wall_ns),
+        (Direction::ToAsterisk, Some(h)) => ch.probes.on_echo(hist, h, now, wall_ns()),
         (Direction::ToAsterisk, None) => None,
     }
 }
