@@ -2,7 +2,7 @@
 //! newline-delimited JSON commands, served on the control thread.
 //!
 //! Each connection gets a [`ControlSession`] from the core (framing, decoding, the handshake);
-//! each valid request goes to the shard that owns it ([`Router`]) through the shard's queue and
+//! each valid request goes to the shard that owns it ([`Coordinator`]) through the shard's queue and
 //! the reply comes back on a oneshot channel, so serving control never takes a lock the packet
 //! path uses. Replies keep the
 //! order of their requests on a connection. A client that sends garbage gets error replies and the
@@ -23,7 +23,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use std::sync::Arc;
 
-use crate::shards::Router;
+use crate::coordinator::Coordinator;
 
 /// The control socket's file; removed on drop.
 #[derive(Debug)]
@@ -97,7 +97,7 @@ impl Drop for SocketFile {
 }
 
 /// Accepts control clients until the task is dropped.
-pub async fn serve(listener: UnixListener, router: Arc<Router>) {
+pub async fn serve(listener: UnixListener, router: Arc<Coordinator>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -116,7 +116,7 @@ pub async fn serve(listener: UnixListener, router: Arc<Router>) {
     }
 }
 
-async fn client(mut stream: UnixStream, router: &Router) -> io::Result<()> {
+async fn client(mut stream: UnixStream, router: &Coordinator) -> io::Result<()> {
     let mut session = ControlSession::new(DEFAULT_MAX_LINE);
     let mut items = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];

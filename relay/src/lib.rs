@@ -1,12 +1,18 @@
 //! `relay`: the data plane that drives [`relay_proto::Relay`] with real sockets.
 //!
-//! The *data plane* is one or more shards ([`shards`]), each a thread pinned to its core that
-//! owns a core `Relay` and its channels' sockets, driven by the io_uring backend ([`uring`]) or
-//! the tokio baseline ([`tokio_backend`]). The *control thread* runs a small tokio runtime serving
-//! the Unix control socket ([`ctl`]), the metrics endpoint ([`metrics`]) and signals, and places
-//! channels on shards. Nothing is shared on the packet path: control requests travel on each
-//! shard's queue ([`dataplane::Handle`]), metrics are snapshots each shard publishes and the
-//! scrape merges.
+//! The *data plane* is one or more shards ([`shard`]), each a thread pinned to its core that
+//! owns a core `Relay` and its channels' sockets ([`sockets`]), driven by the io_uring backend
+//! ([`uring`]) or the tokio baseline ([`tokio_backend`]), with its own counters ([`counters`]) and
+//! arrival clock ([`arrival`]). The *control thread* runs a small tokio runtime serving the
+//! Unix control socket ([`ctl`]), the HTTP endpoint ([`http`]: `/metrics` rendered by
+//! [`metrics`], `/stats`) and signals; its [`coordinator`] places channels on shards and merges
+//! their statistics. Nothing is shared on the packet path: control requests travel on each
+//! shard's queue ([`shard::ShardHandle`]), metrics are snapshots each shard publishes
+//! ([`snapshot`]) and the scrape merges.
+//!
+//! The modules point one way (each uses only those before it): `config`, `counters`, `arrival`,
+//! `snapshot`, `sockets`, `shard`, the two backends, `coordinator`, `metrics`, `ctl`, `http`,
+//! and this file, which starts it all.
 //!
 //! A shard that fails ends the relay, naming the shard: it never serves half its channels
 //! silently. SIGTERM stops every shard and reports the merged final statistics.
@@ -16,11 +22,16 @@
 //! are `appkit`'s.
 #![forbid(unsafe_code)]
 
+pub mod arrival;
 pub mod config;
+pub mod coordinator;
+pub mod counters;
 pub mod ctl;
-pub mod dataplane;
+pub mod http;
 pub mod metrics;
-pub mod shards;
+pub mod shard;
+pub mod snapshot;
+pub mod sockets;
 pub mod tokio_backend;
 pub mod uring;
 
@@ -31,37 +42,17 @@ use arc_swap::ArcSwap;
 use relay_proto::{GlobalStats, Relay, RelayConfig};
 use tokio::sync::mpsc;
 
-use crate::config::{Backend, Config, RingConfig, Timestamps};
-use crate::dataplane::{BindConfig, ClosedTx, Handle, Shard};
-use crate::metrics::{Publisher, Snapshot};
-use crate::shards::{Router, ShardInfo};
-
-/// What a shard's thread runs: everything it needs, handed over at its start.
-#[derive(Debug)]
-pub struct ShardStart {
-    /// Its index.
-    pub index: u32,
-    /// The core to pin it to.
-    pub core: Option<usize>,
-    /// Which backend drives it.
-    pub backend: Backend,
-    /// io_uring sizes.
-    pub ring: RingConfig,
-    /// The loop's state.
-    pub shard: Shard,
-    /// Where it says it is ready (with the ring's waker) or why it cannot start.
-    pub ready: std::sync::mpsc::Sender<Result<Option<Arc<relay_io::ring::EventFd>>, String>>,
-}
+use crate::config::{Backend, Config, Timestamps};
+use crate::coordinator::{Coordinator, ShardInfo};
+use crate::shard::{ClosedTx, Shard, ShardBody, ShardHandle, ShardStart};
+use crate::snapshot::{Publisher, Snapshot};
+use crate::sockets::BindConfig;
 
 /// Small transmit buffers of a shard with a shared echo leg: the returns of a batch, each copied
 /// out of its coalesced receive to leave from its channel's socket.
 const SHARED_TX: u16 = 8192;
 /// Large (64 KiB) receive and transmit buffers of a shard with a shared echo leg.
 const SHARED_LARGE: u16 = 256;
-
-/// A shard's thread body: [`shard_main`], or a stand-in in tests of the relay's handling of a
-/// failing shard.
-pub type ShardBody = fn(ShardStart) -> std::io::Result<GlobalStats>;
 
 /// Runs one shard on the calling thread: pins it, builds its ring (or runtime), says it is
 /// ready, and serves until a shutdown message or a failure.
@@ -168,7 +159,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
     let metrics_addr = metrics_listener.local_addr()?;
 
     let backend = config.backend;
-    let rx_stamps = match dataplane::probe_timestamps(config.bind) {
+    let rx_stamps = match sockets::probe_timestamps(config.bind) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(
@@ -179,7 +170,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
         }
     };
     let timestamps = match config.timestamps {
-        Timestamps::Kernel => match dataplane::probe_tx_timestamps(config.bind) {
+        Timestamps::Kernel => match sockets::probe_tx_timestamps(config.bind) {
             Ok(()) => Timestamps::Kernel,
             Err(e) => {
                 tracing::warn!(
@@ -276,7 +267,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
         running.push(Running { thread, core });
         match ready_rx.recv() {
             Ok(Ok(waker)) => infos.push(ShardInfo {
-                handle: Handle::new(tx, waker),
+                handle: ShardHandle::new(tx, waker),
                 core,
             }),
             Ok(Err(e)) => {
@@ -294,7 +285,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
     }
     drop(closed_tx);
     drop(exit_tx);
-    let router = Arc::new(Router::new(
+    let router = Arc::new(Coordinator::new(
         infos,
         config.relay.max_channels,
         closed_rx,
@@ -328,7 +319,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
             tokio::net::UnixListener::from_std(listener)?,
             Arc::clone(&router),
         ));
-        let metrics_task = tokio::spawn(metrics::serve(
+        let metrics_task = tokio::spawn(http::serve(
             tokio::net::TcpListener::from_std(metrics_listener)?,
             snapshots.into(),
             Arc::clone(&router),

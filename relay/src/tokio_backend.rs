@@ -46,9 +46,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, LocalSet};
 
-use crate::dataplane::{
-    self, BackendCounters, Clock, CtlMsg, Shard, SocketTable, MAX_GSO_BYTES, MAX_SEGMENTS,
-};
+use crate::arrival::{take_stamp, ArrivalClock};
+use crate::counters::{BackendCounters, SendErrorLog};
+use crate::shard::{self, Shard, ShardRequest};
+use crate::sockets::{execute, BindConfig, SocketTable, MAX_GSO_BYTES, MAX_SEGMENTS};
 use relay_io::ring::MAX_PAYLOAD;
 
 /// The one GSO batch of a shard's shared echo leg, as the core numbers it.
@@ -61,11 +62,11 @@ struct Shared {
     /// Backend counters.
     counters: BackendCounters,
     /// The clock and the conversion of kernel stamps (one for all tasks of this thread).
-    clock: Clock,
+    clock: ArrivalClock,
     /// Estimated send times (`--timestamps user`): no transmit stamps.
     estimated: bool,
     /// Refused sends, logged at most once a second.
-    send_log: dataplane::SendErrorLog,
+    send_log: SendErrorLog,
     /// The shared echo leg, with `--echo-leg shared`.
     leg: Option<Leg>,
 }
@@ -112,7 +113,7 @@ impl Shared {
         loop {
             let mut read = || {
                 relay_io::recv_tx_stamps(socket, |r| {
-                    dataplane::take_stamp(relay, counters, clock, r);
+                    take_stamp(relay, counters, clock, r);
                 })
             };
             let read = if now {
@@ -212,7 +213,7 @@ pub fn run(shard: Shard) -> std::io::Result<GlobalStats> {
 }
 
 /// Binds the shard's shared echo socket (kernel stamps, UDP_GRO).
-fn shared_socket(bind: dataplane::BindConfig, estimated: bool) -> std::io::Result<UdpSocket> {
+fn shared_socket(bind: BindConfig, estimated: bool) -> std::io::Result<UdpSocket> {
     let socket = relay_io::bind_udp(bind.ip, 0, bind.rcvbuf)?;
     if bind.timestamps {
         relay_io::enable_rx_timestamps(&socket)?;
@@ -233,7 +234,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
         bind,
         closed,
     } = shard;
-    let clock = Clock::new();
+    let clock = ArrivalClock::new();
     let start = tokio::time::Instant::now();
     let n = relay.config().max_channels as usize;
     let estimated = relay.config().send_times == SendTimes::Estimated;
@@ -259,7 +260,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
         counters: BackendCounters::default(),
         clock,
         estimated,
-        send_log: dataplane::SendErrorLog::default(),
+        send_log: SendErrorLog::default(),
         leg,
     }));
     let sockets: ChannelSockets = Rc::new(RefCell::new((0..n).map(|_| None).collect()));
@@ -286,7 +287,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
             msg = rx.recv() => {
                 let now = clock.now();
                 match msg {
-                    Some(CtlMsg::Command { command, reply }) => {
+                    Some(ShardRequest::Command { command, reply }) => {
                         let mut sh = shared.borrow_mut();
                         // A channel about to close takes the stamps already queued for its
                         // last sends.
@@ -298,18 +299,18 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
                                 sh.drain_stamps(&socket, true);
                             }
                         }
-                        let r = dataplane::execute(&mut sh.relay, &mut tasks, bind, now, command);
+                        let r = execute(&mut sh.relay, &mut tasks, bind, now, command);
                         let _ = reply.send(r);
                     }
-                    Some(CtlMsg::Snapshot { reply }) => {
+                    Some(ShardRequest::Snapshot { reply }) => {
                         let sh = shared.borrow();
-                        let _ = reply.send(dataplane::shard_doc(&sh.relay, &sh.counters, now));
+                        let _ = reply.send(shard::shard_doc(&sh.relay, &sh.counters, now));
                     }
-                    Some(CtlMsg::Shutdown { reply }) => {
+                    Some(ShardRequest::Shutdown { reply }) => {
                         let mut sh = shared.borrow_mut();
                         flush(&mut sh);
                         publisher.publish(now, &sh.relay, &sh.counters);
-                        let _ = reply.send(dataplane::shard_stats(&sh.relay));
+                        let _ = reply.send(shard::shard_stats(&sh.relay));
                         return Ok(sh.relay.global_stats());
                     }
                     None => return Ok(shared.borrow().relay.global_stats()),
@@ -320,7 +321,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
                 let mut sh = shared.borrow_mut();
                 if sh.relay.poll_timeout().is_some_and(|t| t <= now) {
                     sh.relay.handle_timeout(now);
-                    dataplane::close_expired(&mut sh.relay, &mut tasks, &closed);
+                    shard::close_expired(&mut sh.relay, &mut tasks, &closed);
                 }
                 let Shared { relay, counters, .. } = &*sh;
                 publisher.maybe_publish(now, relay, counters);

@@ -42,10 +42,10 @@ use relay_proto::{
     Direction, ErrorCode, ErrorReply, GlobalStats, Relay, SendTimes, SocketId, Verdict,
 };
 
-use crate::dataplane::{
-    self, BackendCounters, BindConfig, Clock, CtlMsg, Shard, SocketTable, MAX_GSO_BYTES,
-    MAX_SEGMENTS,
-};
+use crate::arrival::{take_stamp, ArrivalClock};
+use crate::counters::{BackendCounters, SendErrorLog};
+use crate::shard::{self, Shard, ShardRequest};
+use crate::sockets::{execute, BindConfig, SocketTable, MAX_GSO_BYTES, MAX_SEGMENTS};
 use relay_io::ring::{Completion, Ring, MAX_PAYLOAD};
 use relay_proto::MonoTime;
 
@@ -284,7 +284,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         bind,
         closed,
     } = shard;
-    let mut clock = Clock::new();
+    let mut clock = ArrivalClock::new();
     // Estimated send times: clock reads around the enters that submit sends.
     let estimated = relay.config().send_times == SendTimes::Estimated;
     let slots = (0..relay.config().max_channels)
@@ -335,7 +335,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         });
     }
     let mut shutdown = None;
-    let mut send_log = dataplane::SendErrorLog::default();
+    let mut send_log = SendErrorLog::default();
 
     while shutdown.is_none() {
         let now = clock.now();
@@ -497,7 +497,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
 
         if relay.poll_timeout().is_some_and(|t| t <= now) {
             relay.handle_timeout(now);
-            dataplane::close_expired(&mut relay, &mut s, &closed);
+            shard::close_expired(&mut relay, &mut s, &closed);
         }
         publisher.maybe_publish(now, &relay, &counters);
     }
@@ -506,37 +506,37 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
     publisher.publish(now, &relay, &counters);
     let stats = relay.global_stats();
     if let Some(reply) = shutdown {
-        let _ = reply.send(dataplane::shard_stats(&relay));
+        let _ = reply.send(shard::shard_stats(&relay));
     }
     Ok(stats)
 }
 
-type ShutdownReply = Option<tokio::sync::oneshot::Sender<dataplane::ShardStats>>;
+type ShutdownReply = Option<tokio::sync::oneshot::Sender<shard::ShardStats>>;
 
 fn handle_msg(
-    msg: CtlMsg,
+    msg: ShardRequest,
     relay: &mut Relay,
     s: &mut Sockets,
     counters: &mut BackendCounters,
     bind: BindConfig,
-    clock: &Clock,
+    clock: &ArrivalClock,
     shutdown: &mut ShutdownReply,
 ) {
     let now = clock.now();
     match msg {
-        CtlMsg::Command { command, reply } => {
+        ShardRequest::Command { command, reply } => {
             // A channel about to close takes the stamps already queued for its last sends.
             if let relay_proto::Command::Remove(r) = &command {
                 if let Some(id) = relay.socket_of(&r.channel) {
                     drain_error_queue(s, relay, counters, clock, id.0);
                 }
             }
-            let _ = reply.send(dataplane::execute(relay, s, bind, now, command));
+            let _ = reply.send(execute(relay, s, bind, now, command));
         }
-        CtlMsg::Snapshot { reply } => {
-            let _ = reply.send(dataplane::shard_doc(relay, counters, now));
+        ShardRequest::Snapshot { reply } => {
+            let _ = reply.send(shard::shard_doc(relay, counters, now));
         }
-        CtlMsg::Shutdown { reply } => *shutdown = Some(reply),
+        ShardRequest::Shutdown { reply } => *shutdown = Some(reply),
     }
 }
 
@@ -549,7 +549,7 @@ struct Io<'a> {
     /// Backend counters.
     counters: &'a mut BackendCounters,
     /// The clock that converts kernel stamps.
-    clock: &'a Clock,
+    clock: &'a ArrivalClock,
     /// Estimated send times (`--timestamps user`).
     estimated: bool,
 }
@@ -678,7 +678,7 @@ fn make_room(
     ring: &mut Ring,
     relay: &mut Relay,
     estimated: bool,
-    clock: &Clock,
+    clock: &ArrivalClock,
     counters: &mut BackendCounters,
 ) -> std::io::Result<()> {
     if estimated && ring.submission_full() {
@@ -889,7 +889,7 @@ fn on_stamps(
     s: &mut Sockets,
     relay: &mut Relay,
     counters: &mut BackendCounters,
-    clock: &Clock,
+    clock: &ArrivalClock,
     c: &Completion,
 ) {
     let slot = (c.user_data & 0xffff_ffff) as u32;
@@ -914,7 +914,7 @@ fn on_stamps(
             return;
         }
         Err(relay_io::TxStampError::Ended(_)) => {}
-        r => dataplane::take_stamp(relay, counters, clock, r),
+        r => take_stamp(relay, counters, clock, r),
     }
     if !c.more() && current && c.result != -libc::ECANCELED {
         s.restamp.push(slot);
@@ -939,7 +939,7 @@ fn drain_error_queue(
     s: &Sockets,
     relay: &mut Relay,
     counters: &mut BackendCounters,
-    clock: &Clock,
+    clock: &ArrivalClock,
     slot: u32,
 ) {
     if s.stamps != Some(StampSource::ErrorQueue) {
@@ -951,8 +951,7 @@ fn drain_error_queue(
     };
     let Some(socket) = socket else { return };
     loop {
-        let read =
-            relay_io::recv_tx_stamps(socket, |r| dataplane::take_stamp(relay, counters, clock, r));
+        let read = relay_io::recv_tx_stamps(socket, |r| take_stamp(relay, counters, clock, r));
         // Fewer than a full batch: the queue was empty when the call returned.
         if !matches!(read, Ok(relay_io::socket::STAMP_BATCH)) {
             return;

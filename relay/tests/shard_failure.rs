@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 use relay::config::{Args, Config};
-use relay::ShardStart;
+use relay::shard::ShardStart;
 use relay_proto::GlobalStats;
 
 /// Shard 1 says it is ready, then fails when its first command arrives; the others run for real.

@@ -1,15 +1,15 @@
-//! Shards: the data plane split over several pinned cores, and the control thread's side of it.
+//! The coordinator: the control thread's side of the shards, which makes them one relay.
 //!
-//! A shard is one thread on one core with everything the packet path touches: its own ring (or
-//! tokio runtime), provided buffers, channel sockets and `relay-proto` [`Relay`]. Shards share
-//! nothing on the packet path, so they scale with cores; what makes them one relay lives on the
-//! control thread, here:
+//! A shard ([`crate::shard`]) is one thread on one core with everything the packet path touches:
+//! its own ring (or tokio runtime), provided buffers, channel sockets and `relay-proto`
+//! [`Relay`]. Shards share nothing on the packet path, so they scale with cores; what makes them
+//! one relay lives on the control thread, here:
 //!
 //! - [`Placement`] puts each new channel on the shard with the fewest channels (ties: the lowest
 //!   index) and remembers which shard holds which channel. It counts a channel from the moment
 //!   its `add` is placed, so concurrent adds spread too, and forgets it when `remove` succeeds,
 //!   when the `add` fails, or when the shard reports that it closed the channel for idleness.
-//! - [`Router`] executes a control command against the shards: `add` on the placed shard (the
+//! - [`Coordinator`] executes a control command against the shards: `add` on the placed shard (the
 //!   reply names it), `remove`, `update` and a channel's `stats` on its owner, `list`, `drain` and
 //!   the global `stats` on every shard, merged (histograms merged before their percentiles are
 //!   read, [`relay_proto::merge_global`]). The relay-wide `--max-channels` is checked here; each
@@ -27,7 +27,8 @@ use relay_proto::{ChannelId, ChannelStats, Command, ErrorCode, ErrorReply, Globa
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataplane::{BackendCounters, CtlMsg, Handle, ShardDoc, ShardStats, Stopped};
+use crate::counters::BackendCounters;
+use crate::shard::{ShardDoc, ShardHandle, ShardRequest, ShardStats, Stopped};
 
 /// Which shard holds which channel, and how many each holds.
 #[derive(Debug)]
@@ -105,14 +106,14 @@ impl Placement {
 #[derive(Clone, Debug)]
 pub struct ShardInfo {
     /// Its queue.
-    pub handle: Handle,
+    pub handle: ShardHandle,
     /// The core it is pinned to, if any.
     pub core: Option<usize>,
 }
 
 /// The control thread's view of every shard: routes commands, merges statistics.
 #[derive(Debug)]
-pub struct Router {
+pub struct Coordinator {
     /// The shards, by index.
     shards: Vec<ShardInfo>,
     /// Placement, and the shards' reports of channels they closed on their own (read before
@@ -128,7 +129,7 @@ fn stopped() -> ErrorReply {
     ErrorReply::new(ErrorCode::Internal, "the data plane has stopped")
 }
 
-impl Router {
+impl Coordinator {
     /// A router over `shards`, with the relay-wide limit `max_channels`; `closed` is where
     /// shards report channels they closed.
     #[must_use]
@@ -189,7 +190,10 @@ impl Router {
     }
 
     /// Asks every shard with `msg` (built per shard) and collects the answers in shard order.
-    async fn all<T>(&self, msg: impl Fn(oneshot::Sender<T>) -> CtlMsg) -> Result<Vec<T>, Stopped> {
+    async fn all<T>(
+        &self,
+        msg: impl Fn(oneshot::Sender<T>) -> ShardRequest,
+    ) -> Result<Vec<T>, Stopped> {
         let mut waiting = Vec::with_capacity(self.shards.len());
         for s in &self.shards {
             let (tx, rx) = oneshot::channel();
@@ -206,7 +210,7 @@ impl Router {
     /// Sends `command` to every shard, in order, collecting the replies.
     async fn broadcast(&self, command: &Command) -> Result<Vec<Response>, ErrorReply> {
         let replies = self
-            .all(|reply| CtlMsg::Command {
+            .all(|reply| ShardRequest::Command {
                 command: command.clone(),
                 reply,
             })
@@ -286,7 +290,7 @@ impl Router {
     /// # Errors
     /// A shard has stopped.
     pub async fn global(&self) -> Result<GlobalStats, Stopped> {
-        let docs = self.all(|reply| CtlMsg::Snapshot { reply }).await?;
+        let docs = self.all(|reply| ShardRequest::Snapshot { reply }).await?;
         Ok(merge(docs.iter().map(|d| &d.global)))
     }
 
@@ -295,7 +299,7 @@ impl Router {
     /// # Errors
     /// A shard has stopped.
     pub async fn stats_doc(&self) -> Result<StatsDoc, Stopped> {
-        let docs = self.all(|reply| CtlMsg::Snapshot { reply }).await?;
+        let docs = self.all(|reply| ShardRequest::Snapshot { reply }).await?;
         Ok(StatsDoc::new(self.backend, &self.shards, docs))
     }
 
@@ -304,7 +308,7 @@ impl Router {
         let mut waiting = Vec::new();
         for s in &self.shards {
             let (reply, rx) = oneshot::channel();
-            if s.handle.send(CtlMsg::Shutdown { reply }).is_ok() {
+            if s.handle.send(ShardRequest::Shutdown { reply }).is_ok() {
                 waiting.push(rx);
             }
         }
