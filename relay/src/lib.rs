@@ -37,7 +37,6 @@ pub mod uring;
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context as _};
 use arc_swap::ArcSwap;
 use relay_proto::{GlobalStats, Relay, RelayConfig};
 use tokio::sync::mpsc;
@@ -117,12 +116,55 @@ pub fn shard_main(start: ShardStart) -> std::io::Result<GlobalStats> {
     }
 }
 
+/// Why the relay could not start, or ended other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The control socket.
+    #[error(transparent)]
+    Ctl(#[from] ctl::CtlError),
+    /// The metrics address.
+    #[error("cannot listen on --metrics {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A shard's core refused its share of the settings.
+    #[error(transparent)]
+    Config(#[from] relay_proto::ConfigError),
+    /// A shard could not start.
+    #[error("{shard}: {reason}")]
+    ShardSetup {
+        /// Which shard, and its core.
+        shard: String,
+        /// Why.
+        reason: String,
+    },
+    /// A shard failed, or stopped unasked.
+    #[error("{shard} {how}")]
+    ShardEnded {
+        /// Which shard, and its core.
+        shard: String,
+        /// How it ended.
+        how: String,
+    },
+    /// Anything else the system refused.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
 /// Runs the relay until SIGTERM or SIGINT; returns the final global statistics (every shard's,
 /// merged).
 ///
 /// # Errors
 /// Set-up failed (control socket, metrics address, io_uring), or a shard failed.
-pub fn run(config: &Config) -> anyhow::Result<GlobalStats> {
+pub fn run(config: &Config) -> Result<GlobalStats, RunError> {
     run_with(config, shard_main)
 }
 
@@ -147,16 +189,21 @@ struct Running {
 /// # Errors
 /// As [`run`].
 #[allow(clippy::too_many_lines)] // set-up, serve, stop: one sequence, read top to bottom
-pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats> {
+pub fn run_with(config: &Config, body: ShardBody) -> Result<GlobalStats, RunError> {
     match relay_io::raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "file limit raised"),
         Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
     let mut ctl = ctl::SocketFile::bind(&config.ctl)?;
-    let metrics_listener = std::net::TcpListener::bind(config.metrics)
-        .with_context(|| format!("cannot listen on --metrics {}", config.metrics))?;
-    metrics_listener.set_nonblocking(true)?;
-    let metrics_addr = metrics_listener.local_addr()?;
+    let metrics_err = |source| RunError::Metrics {
+        addr: config.metrics,
+        source,
+    };
+    let metrics_listener = std::net::TcpListener::bind(config.metrics).map_err(metrics_err)?;
+    metrics_listener
+        .set_nonblocking(true)
+        .map_err(metrics_err)?;
+    let metrics_addr = metrics_listener.local_addr().map_err(metrics_err)?;
 
     let backend = config.backend;
     let rx_stamps = match sockets::probe_timestamps(config.bind) {
@@ -263,7 +310,10 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
                 let _exit = Exit(exit, index);
                 body(start)
             })
-            .context("cannot start a shard thread")?;
+            .map_err(|source| RunError::Io {
+                what: "cannot start a shard thread",
+                source,
+            })?;
         running.push(Running { thread, core });
         match ready_rx.recv() {
             Ok(Ok(waker)) => infos.push(ShardInfo {
@@ -271,14 +321,17 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
                 core,
             }),
             Ok(Err(e)) => {
-                setup_error = Some(anyhow!("shard {i} (core {}): {e}", core_name(core)));
+                setup_error = Some(RunError::ShardSetup {
+                    shard: format!("shard {i} (core {})", core_name(core)),
+                    reason: e,
+                });
                 break;
             }
             Err(_) => {
-                setup_error = Some(anyhow!(
-                    "shard {i} (core {}) exited during set-up",
-                    core_name(core)
-                ));
+                setup_error = Some(RunError::ShardSetup {
+                    shard: format!("shard {i} (core {})", core_name(core)),
+                    reason: "exited during set-up".to_owned(),
+                });
                 break;
             }
         }
@@ -294,7 +347,11 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(|source| RunError::Io {
+            what: "cannot start the control thread's runtime",
+            source,
+        })?;
     if let Some(e) = setup_error {
         rt.block_on(router.shutdown());
         join_all(running);
@@ -312,19 +369,22 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
     );
 
     let outcome = rt.block_on(async {
-        let listener = ctl
-            .take_listener()
-            .ok_or_else(|| anyhow!("control listener already taken"))?;
+        let io = |what| move |source| RunError::Io { what, source };
+        let listener = ctl.take_listener().ok_or(RunError::Io {
+            what: "the control listener",
+            source: std::io::Error::other("already taken"),
+        })?;
         let ctl_task = tokio::spawn(ctl::serve(
-            tokio::net::UnixListener::from_std(listener)?,
+            tokio::net::UnixListener::from_std(listener).map_err(io("the control listener"))?,
             Arc::clone(&router),
         ));
         let metrics_task = tokio::spawn(http::serve(
-            tokio::net::TcpListener::from_std(metrics_listener)?,
+            tokio::net::TcpListener::from_std(metrics_listener).map_err(metrics_err)?,
             snapshots.into(),
             Arc::clone(&router),
         ));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(io("cannot handle SIGTERM"))?;
         let died = tokio::select! {
             _ = term.recv() => None,
             _ = tokio::signal::ctrl_c() => None,
@@ -337,7 +397,7 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
         }
         // Every shard still running stops (after a failure too: the relay ends whole).
         let stats = router.shutdown().await;
-        Ok::<_, anyhow::Error>((died, stats))
+        Ok::<_, RunError>((died, stats))
     });
     let results = join_all(running);
     drop(ctl); // removes the socket file
@@ -350,10 +410,23 @@ pub fn run_with(config: &Config, body: ShardBody) -> anyhow::Result<GlobalStats>
         };
         let shard = format!("shard {i} (core {})", core_name(ended.core));
         match &ended.outcome {
-            Ended::Panicked => return Err(anyhow!("{shard} failed: it panicked")),
-            Ended::Failed(e) => return Err(anyhow!("{shard} failed: {e}")),
+            Ended::Panicked => {
+                return Err(RunError::ShardEnded {
+                    shard,
+                    how: "failed: it panicked".to_owned(),
+                })
+            }
+            Ended::Failed(e) => {
+                return Err(RunError::ShardEnded {
+                    shard,
+                    how: format!("failed: {e}"),
+                })
+            }
             Ended::Stopped if died == Some(i) => {
-                return Err(anyhow!("{shard} stopped without being asked to"))
+                return Err(RunError::ShardEnded {
+                    shard,
+                    how: "stopped without being asked to".to_owned(),
+                })
             }
             Ended::Stopped => {}
         }
