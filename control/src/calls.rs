@@ -11,13 +11,20 @@
 //! Names control chooses: the externalMedia channel is `rtprelay-em-<caller id>` (also the relay
 //! channel's id) and the bridge `rtprelay-br-<caller id>`, so reconciliation can recognise
 //! control's own leftovers after a restart or a missed event.
+//!
+//! The controller reaches Asterisk and the relay through two traits, [`AriOps`] and
+//! [`RelayOps`], implemented by [`Ari`] and [`RelayLink`] (the defaults of its type parameters),
+//! so the call path's retries, timeouts and teardowns are unit-tested against recording fakes on
+//! tokio's paused clock.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use relay_proto::ChannelId;
+use relay_proto::{ChannelId, ChannelStats};
 use tokio::sync::watch;
 
 use crate::ari::{Channel, Event, EXTERNAL_MEDIA_PREFIX};
@@ -26,8 +33,136 @@ use crate::call_log::{rfc3339, CallLog, CallRecord, RelayFigures};
 use crate::config::{Config, MediaFormat};
 use crate::metrics::{Metrics, Outcome, Stage};
 use crate::pool::PortPool;
-use crate::relay_link::RelayLink;
-use crate::rest::{Ari, RestError};
+use crate::relay_link::{RelayError, RelayLink};
+use crate::rest::{Ari, Bridge, RestError};
+
+/// The ARI requests the controller makes; [`Ari`] sends them to Asterisk. Each method is the
+/// `Ari` method of the same name (see it for the request and its errors).
+pub trait AriOps: fmt::Debug + Send + Sync + 'static {
+    /// Answers a channel.
+    fn answer(&self, channel: &str) -> impl Future<Output = Result<(), RestError>> + Send;
+    /// Hangs a channel up; `Ok(false)` when it was already gone.
+    fn hangup(&self, channel: &str) -> impl Future<Output = Result<bool, RestError>> + Send;
+    /// Creates the externalMedia channel `channel_id`, sending RTP to `external_host`.
+    fn external_media(
+        &self,
+        channel_id: &str,
+        external_host: &str,
+        format: &str,
+    ) -> impl Future<Output = Result<Channel, RestError>> + Send;
+    /// Creates a mixing bridge.
+    fn create_bridge(&self, id: &str) -> impl Future<Output = Result<(), RestError>> + Send;
+    /// Adds channels to a bridge (422: one is not in Stasis yet).
+    fn add_to_bridge(
+        &self,
+        bridge: &str,
+        channels: &[&str],
+    ) -> impl Future<Output = Result<(), RestError>> + Send;
+    /// Destroys a bridge; `Ok(false)` when it was already gone.
+    fn destroy_bridge(&self, id: &str) -> impl Future<Output = Result<bool, RestError>> + Send;
+    /// Reads a channel variable (or function).
+    fn variable(
+        &self,
+        channel: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<String, RestError>> + Send;
+    /// Lists the channels.
+    fn channels(&self) -> impl Future<Output = Result<Vec<Channel>, RestError>> + Send;
+    /// Lists the bridges.
+    fn bridges(&self) -> impl Future<Output = Result<Vec<Bridge>, RestError>> + Send;
+}
+
+impl AriOps for Ari {
+    fn answer(&self, channel: &str) -> impl Future<Output = Result<(), RestError>> + Send {
+        Self::answer(self, channel)
+    }
+    fn hangup(&self, channel: &str) -> impl Future<Output = Result<bool, RestError>> + Send {
+        Self::hangup(self, channel)
+    }
+    fn external_media(
+        &self,
+        channel_id: &str,
+        external_host: &str,
+        format: &str,
+    ) -> impl Future<Output = Result<Channel, RestError>> + Send {
+        Self::external_media(self, channel_id, external_host, format)
+    }
+    fn create_bridge(&self, id: &str) -> impl Future<Output = Result<(), RestError>> + Send {
+        Self::create_bridge(self, id)
+    }
+    fn add_to_bridge(
+        &self,
+        bridge: &str,
+        channels: &[&str],
+    ) -> impl Future<Output = Result<(), RestError>> + Send {
+        Self::add_to_bridge(self, bridge, channels)
+    }
+    fn destroy_bridge(&self, id: &str) -> impl Future<Output = Result<bool, RestError>> + Send {
+        Self::destroy_bridge(self, id)
+    }
+    fn variable(
+        &self,
+        channel: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<String, RestError>> + Send {
+        Self::variable(self, channel, name)
+    }
+    fn channels(&self) -> impl Future<Output = Result<Vec<Channel>, RestError>> + Send {
+        Self::channels(self)
+    }
+    fn bridges(&self) -> impl Future<Output = Result<Vec<Bridge>, RestError>> + Send {
+        Self::bridges(self)
+    }
+}
+
+/// The relay requests the controller makes; [`RelayLink`] sends them on the relay's control
+/// socket. Each method is the `RelayLink` method of the same name.
+pub trait RelayOps: fmt::Debug + Send + Sync + 'static {
+    /// Opens a relay channel on `port` forwarding to `echo`.
+    fn add(
+        &self,
+        id: &ChannelId,
+        port: u16,
+        echo: SocketAddr,
+        format: relay_proto::Format,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+    /// Tells the relay where Asterisk sends the channel's RTP from.
+    fn update(
+        &self,
+        id: &ChannelId,
+        asterisk: SocketAddr,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+    /// Closes a relay channel, returning its final statistics.
+    fn remove(
+        &self,
+        id: &ChannelId,
+    ) -> impl Future<Output = Result<ChannelStats, RelayError>> + Send;
+}
+
+impl RelayOps for RelayLink {
+    fn add(
+        &self,
+        id: &ChannelId,
+        port: u16,
+        echo: SocketAddr,
+        format: relay_proto::Format,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send {
+        Self::add(self, id, port, echo, format)
+    }
+    fn update(
+        &self,
+        id: &ChannelId,
+        asterisk: SocketAddr,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send {
+        Self::update(self, id, asterisk)
+    }
+    fn remove(
+        &self,
+        id: &ChannelId,
+    ) -> impl Future<Output = Result<ChannelStats, RelayError>> + Send {
+        Self::remove(self, id)
+    }
+}
 
 /// Prefix of the bridges control creates.
 pub const BRIDGE_PREFIX: &str = "rtprelay-br-";
@@ -139,12 +274,12 @@ enum SetupError {
     Failed(Stage, String),
 }
 
-/// Control's call handling.
+/// Control's call handling, reaching Asterisk through `A` and the relay through `R`.
 #[derive(Debug)]
-pub struct Controller {
+pub struct Controller<A = Ari, R = RelayLink> {
     cfg: Config,
-    ari: Ari,
-    relay: RelayLink,
+    ari: A,
+    relay: R,
     pool: Mutex<PortPool>,
     registry: Mutex<Registry>,
     metrics: Arc<Metrics>,
@@ -156,13 +291,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl Controller {
+impl<A: AriOps, R: RelayOps> Controller<A, R> {
     /// A controller for `cfg`, using the given links.
     #[must_use]
     pub fn new(
         cfg: Config,
-        ari: Ari,
-        relay: RelayLink,
+        ari: A,
+        relay: R,
         metrics: Arc<Metrics>,
         call_log: Option<CallLog>,
     ) -> Arc<Self> {
@@ -184,7 +319,7 @@ impl Controller {
 
     /// The relay link.
     #[must_use]
-    pub const fn relay(&self) -> &RelayLink {
+    pub const fn relay(&self) -> &R {
         &self.relay
     }
 
@@ -391,8 +526,7 @@ impl Controller {
     }
 
     async fn setup(&self, call: &Call, held: &mut Held) -> Result<(), SetupError> {
-        let fail =
-            |stage| move |e: &dyn std::fmt::Display| SetupError::Failed(stage, e.to_string());
+        let fail = |stage| move |e: &dyn fmt::Display| SetupError::Failed(stage, e.to_string());
 
         // Answer, retrying while Asterisk says the channel is not found yet.
         let mut attempt = 0;
@@ -526,7 +660,7 @@ impl Controller {
     /// Releases everything `held` records: hangs up whichever channel is still there, destroys
     /// the bridge, removes the relay channel (logging its final statistics, which it returns),
     /// returns the port.
-    async fn teardown(&self, call: &Call, held: Held) -> Option<relay_proto::ChannelStats> {
+    async fn teardown(&self, call: &Call, held: Held) -> Option<ChannelStats> {
         use std::sync::atomic::Ordering::Relaxed;
         let log = |what: &str, e: &RestError| {
             tracing::warn!(caller = %call.caller, "teardown: cannot {what}: {e}");
@@ -672,3 +806,6 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -21,10 +21,11 @@ pub mod pool;
 pub mod relay_link;
 pub mod rest;
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use appkit::http;
 use axum::http::StatusCode;
 pub use relay_proto::control as protocol;
@@ -34,25 +35,60 @@ use crate::calls::Controller;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
+/// Why control could not start (or could not watch for its stop signal).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The ARI client cannot be built from `--ari-url`.
+    #[error(transparent)]
+    Ari(#[from] rest::ClientError),
+    /// The metrics address cannot be bound.
+    #[error("cannot listen on --metrics {addr}")]
+    Metrics {
+        /// `--metrics`.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The call log cannot be opened.
+    #[error("cannot open --call-log {}", path.display())]
+    CallLog {
+        /// `--call-log`.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics listener's address, or the SIGTERM handler, is unavailable.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// Runs control until SIGINT or SIGTERM, then tears every call down.
 ///
 /// # Errors
-/// The metrics address cannot be bound, or the ARI URL is unusable.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// The metrics address cannot be bound, the call log cannot be opened, or the ARI URL is
+/// unusable.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
     install_tls_provider();
     let metrics = Arc::new(Metrics::new());
     let ari = rest::Ari::new(&cfg, Arc::clone(&metrics))?;
     let relay = relay_link::RelayLink::spawn(cfg.relay_socket.clone(), Arc::clone(&metrics));
     let listener = tokio::net::TcpListener::bind(cfg.metrics)
         .await
-        .with_context(|| format!("cannot listen on --metrics {}", cfg.metrics))?;
+        .map_err(|source| RunError::Metrics {
+            addr: cfg.metrics,
+            source,
+        })?;
     let metrics_addr = listener.local_addr()?;
     let summary = cfg.summary_interval;
     // Every finished call's record is kept (the newest, for `/calls/{id}`); with --call-log,
     // each is appended to the file too.
     let call_log = match &cfg.call_log {
-        Some(path) => call_log::CallLog::open(path)
-            .with_context(|| format!("cannot open --call-log {}", path.display()))?,
+        Some(path) => call_log::CallLog::open(path).map_err(|source| RunError::CallLog {
+            path: path.clone(),
+            source,
+        })?,
         None => call_log::CallLog::in_memory(),
     };
     let ctl = Controller::new(

@@ -30,7 +30,8 @@ fn main() -> ExitCode {
     match rt.block_on(control::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("control: {e:#}");
+            // anyhow prints the error with its causes: `cannot listen on --metrics …: <why>`.
+            eprintln!("control: {:#}", anyhow::Error::from(e));
             ExitCode::FAILURE
         }
     }

@@ -46,6 +46,17 @@ impl RestError {
     }
 }
 
+/// An ARI client that cannot be built (at start, from the configuration).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `--ari-url` is not a URL.
+    #[error(transparent)]
+    Url(<Url as std::str::FromStr>::Err),
+    /// reqwest cannot build its client (its TLS backend, typically).
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+}
+
 /// A DELETE's result: `true` when it deleted, `false` when the object was already gone (404).
 fn gone_is_fine(r: Result<reqwest::Response, RestError>) -> Result<bool, RestError> {
     match r {
@@ -81,13 +92,13 @@ impl Ari {
     ///
     /// # Errors
     /// The URL does not parse, or the HTTP client cannot be built.
-    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
             .pool_max_idle_per_host(256)
             .build()?;
-        let base = Url::parse(&format!("{}/", cfg.ari_url))?;
+        let base = Url::parse(&format!("{}/", cfg.ari_url)).map_err(ClientError::Url)?;
         Ok(Self {
             http,
             base,
