@@ -1,7 +1,8 @@
 //! Short runs of `bench compare` (a few seconds, 10 channels), so the harness cannot rot: every
-//! target is started, driven and measured, the JSON and the chart are written, and where
-//! rtpengine is not installed its row says so instead of failing; a target that fails becomes a
-//! failed cell while the run goes on; Ctrl-C keeps what was measured and leaves no child behind.
+//! target is started, driven and measured, the table, the JSON and the chart are written, and where
+//! rtpengine is not installed its row says so instead of failing; a target that fails (a relay
+//! refusing its flags) becomes a `failed:` cell while the others are measured; SIGINT mid-run keeps
+//! the points measured so far, marks the run interrupted and leaves no child process alive.
 
 use std::process::Command;
 use std::sync::Mutex;

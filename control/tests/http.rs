@@ -1,6 +1,6 @@
 //! Every binary's HTTP endpoint (relay, control, echo) as a hostile client meets it: 100
-//! connections trickling a request one byte a second do not hold up a Prometheus scrape, are cut
-//! off by the read timeout, and anything but GET is refused.
+//! connections trickling a request one byte a second do not hold up a Prometheus scrape, are all
+//! cut off by the read timeout, and anything but GET (a POST) is refused.
 
 use std::time::{Duration, Instant};
 

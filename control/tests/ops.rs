@@ -1,8 +1,11 @@
-//! The operations files, checked the way their own tools check them: the alert rules with
-//! `promtool check rules` and `promtool test rules`, the compose file with
-//! `docker-compose config -q`, and the JSON files (seccomp profile, Grafana dashboard) parsed and
-//! checked for what they must contain. `tune-host.sh --dry-run` changes nothing. A missing tool is
-//! a loud SKIPPED line (scripts/test.sh installs them on Debian).
+//! The operations files, checked the way their own tools check them: the alert rules with `promtool
+//! check rules` and `promtool test rules`, the Prometheus config with `promtool check config`, the
+//! compose file with `docker-compose config -q` (and the services it must have), and the JSON files
+//! parsed and checked for what they must contain: the seccomp profile (io_uring allowed, default
+//! deny, dangerous calls absent) and the Grafana dashboard (its panels and datasource).
+//! `tune-host.sh --dry-run` changes nothing and a bad flag exits 2; the systemd units have what the
+//! relay, control and echo need. A missing tool is a loud SKIPPED line (scripts/test.sh installs
+//! them on Debian).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

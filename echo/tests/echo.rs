@@ -1,6 +1,8 @@
-//! The echo binary over loopback: clean reflection, fault counts that equal what a client
-//! observes, reproducibly, and holds timed from kernel receive stamp to kernel transmit stamp
-//! that agree with the client's own kernel-stamped round trips.
+//! The echo binary over loopback: clean reflection, fault counts that equal what a client observes,
+//! reproducibly, and holds timed from kernel receive stamp to kernel transmit stamp that agree with
+//! the client's own kernel-stamped round trips. With `--gro`: a GSO batch comes back as its
+//! datagrams, byte-identical and counted one by one, and seeded faults on GSO batches of 8 are
+//! counted exactly and meet the same fates as the same packets sent one by one.
 #![allow(
     clippy::cast_possible_truncation,
     clippy::cast_possible_wrap,

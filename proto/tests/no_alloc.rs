@@ -1,5 +1,9 @@
 //! The packet path allocates nothing, and a channel costs what the docs say.
 //!
+//! Zero allocations in `handle_datagram` once a channel exists, on the kernel-timestamp path and on
+//! the estimate's (`--timestamps user`); and the memory of one channel, printed with `--nocapture`
+//! (docs/measurement.md, "Memory").
+//!
 //! `allocation-counter` installs a counting global allocator in this test binary; it counts per
 //! thread, so the measurement is not disturbed by the test harness's other threads.
 #![allow(

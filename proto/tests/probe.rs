@@ -1,6 +1,15 @@
-//! The relay's side of the probe header (`relay_proto::probe`): when a channel is taken as
-//! carrying probes, what it counts, and exactly what it writes into a probe's echo on its way back
-//! to Asterisk, and into nothing else.
+//! The relay's side of the probe header (`relay_proto::probe`): when a channel is taken as carrying
+//! probes, what it counts, and exactly what it writes into a probe's echo on its way back to
+//! Asterisk, and into nothing else.
+//!
+//! - Recognition after three valid headers in a row (not two), reset by audio, by a broken header
+//!   or by another call's probe.
+//! - A channel without probes: its returns untouched, byte for byte.
+//! - The written times exact, and nothing outside the relay's fields changed.
+//! - `received` exact when probes were lost before the relay.
+//! - No write into a headerless, broken, unseen or repeated probe.
+//!
+//! The header's parse and writes are pure, and also fuzzed (`fuzz/`, target `probe`).
 #![allow(clippy::cast_possible_truncation)] // test values come from small, known ranges
 
 mod common;

@@ -1,5 +1,6 @@
-//! Property tests: the sequence tracker against a reference model, and totality of everything
-//! that reads peer bytes (the RTP parser, the control decoder, the line splitter).
+//! Property tests (proptest): the sequence tracker against a reference model across wrap, loss,
+//! duplication and reordering, and totality of everything that reads peer bytes (the RTP parser,
+//! the control decoder, the line splitter) on arbitrary bytes.
 #![allow(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,

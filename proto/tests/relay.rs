@@ -1,5 +1,12 @@
-//! The relay state machine's rules: where each datagram goes, what is dropped and why, what
-//! each command does, and what the timer closes.
+//! The relay state machine's rules: where each datagram goes, what is dropped and why, what each
+//! command does, and what the timer closes.
+//!
+//! - Source rules: latching, strict mode, drop reasons, RTCP forwarded unmeasured, an SSRC change;
+//!   every command; idle expiry; config validation.
+//! - Kernel times: T0 is the send's transmit stamp whether the stamp comes before or after the
+//!   echo; missing, stale and impossible times are counted and never recorded; a stamp for a closed
+//!   channel is kept off the next channel in its slot; a GSO send's datagrams share its stamp; the
+//!   estimate's deferred path is kept for `--timestamps user`.
 #![allow(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,

@@ -1,6 +1,8 @@
-//! End-to-end runs of the relay state machine on a virtual clock: a synthetic Asterisk stream
-//! goes through the relay to an echo that injects delay, jitter, loss, duplication and
-//! reordering, and every count the relay reports must equal what the echo did, exactly.
+//! End-to-end runs of the relay state machine on a virtual clock (the harness in `common/mod.rs`):
+//! a synthetic Asterisk stream goes through the relay to an echo that injects delay, jitter, loss,
+//! duplication and reordering with a seed, and every count the relay reports (lost, duplicates,
+//! reordered, echo timeouts, measured) must equal what the echo did, exactly, and its RTT
+//! percentiles the imposed delays within the histogram's precision.
 #![allow(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,

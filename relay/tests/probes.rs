@@ -1,7 +1,8 @@
 //! Probes (`relay_proto::probe`) through the relay binary, on both backends and both echo legs,
 //! over loopback: a caller's probes come back with the relay's two kernel times written in their
-//! header and nothing else changed, the times agree with what the relay reports (`remove`'s
-//! statistics, `/metrics`), and a call without probes comes back byte for byte.
+//! header, in order (arrival before return), and nothing else changed; the times agree with what
+//! the relay reports (the mean of its loop in `remove`'s statistics equals the mean over the
+//! headers; `/metrics`); and a call without probes comes back byte for byte.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // small known test values
 
 mod common;

@@ -1,7 +1,7 @@
 //! Failure is whole: when one shard's loop fails, the relay stops every other shard and ends with
-//! an error naming the failed one; it never goes on serving half its channels. Run in-process
-//! with a stand-in for shard 1's loop that fails at its first control message (a ring failure
-//! cannot be caused from outside), while shard 0 runs the real loop.
+//! an error naming the failed one (`shard 1 (core 0) failed`); it never goes on serving half its
+//! channels. Run in-process with a stand-in for shard 1's loop that fails at its first control
+//! message (a ring failure cannot be caused from outside), while shard 0 runs the real loop.
 
 #![allow(clippy::cast_possible_truncation)] // the shared helpers' small test values
 

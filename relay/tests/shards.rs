@@ -1,8 +1,9 @@
-//! A relay of two shards (`--cores 0,1`, and both on one core, `--cores 1,1`) against real
-//! loopback sockets and the project's echo and loadgen, on both backends: channels spread evenly
-//! and rebalance, every packet is forwarded and measured, the relay-wide counters are the sum of
-//! the shards' and equal what loadgen sent, a channel's final statistics do not depend on its
-//! shard, and SIGTERM reports the merged totals.
+//! A relay of two shards (`--cores 0,1`, and both on one core, `--cores 1,1`) against real loopback
+//! sockets and the project's echo and loadgen, on both backends: 200 adds land 100/100 and `list`
+//! agrees; removing 50 of one shard's channels sends the next 50 adds there; a 200-channel `loadgen
+//! rtp` run is forwarded and measured whole, with the relay-wide counters equal to the sum of the
+//! shards' and to what loadgen sent; a channel's final statistics do not depend on its shard; and
+//! SIGTERM logs the merged totals.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // small known test values
 
 mod common;

@@ -1,8 +1,7 @@
 //! `--echo-leg shared`, on both backends, over loopback with test sockets playing Asterisk and the
-//! echo:
-//! the echo sees one relay socket and the relay's tags, Asterisk gets its own bytes back from its
-//! channel's port, two calls with one SSRC stay apart, mixed sizes survive the batching, and a
-//! forged tag is dropped and counted.
+//! echo: the echo sees one relay socket and the relay's tags, Asterisk gets its own bytes back from
+//! its channel's port, two calls with one SSRC stay apart, Opus-like mixed sizes (60-1,200 bytes)
+//! survive the batching, and a forged tag is dropped and counted as `unknown_tag`.
 #![allow(clippy::cast_possible_truncation)] // small known test values
 
 mod common;
