@@ -18,7 +18,7 @@
 //! | [`relay`] | the state machine: channels, verdicts, commands, timers, send times, echo-leg tags |
 //! | [`control`] | the newline-delimited JSON control protocol and its bounded decoder |
 //! | [`channel_id`] | the validated channel identifier both the protocol and the statistics use |
-//! | [`format`], [`time`], [`rng`] | media formats with their RTP clocks; monotonic time as a value; a seedable generator |
+//! | [`format`](mod@format), [`time`], [`rng`] | media formats with their RTP clocks; monotonic time as a value; a seedable generator |
 #![forbid(unsafe_code)]
 
 pub mod channel_id;
