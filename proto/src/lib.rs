@@ -14,11 +14,11 @@
 //! | [`t0`] | the per-channel T0 ring: O(1) insert and lookup, exact timeouts |
 //! | [`probe`] | the probe header loadgen puts in its payloads and the relay writes its times into |
 //! | [`score`] | the E-model's R-factor and MOS of a call, from what it measured (no RTCP) |
-//! | [`stats`] | counters, HdrHistograms and the serialisable summaries |
-//! | [`relay`] | the state machine: channels, verdicts, commands, timers |
+//! | [`stats`] | counters, HdrHistograms (each channel's and the relay-wide ones), the serialisable summaries, and the merge of several relays' |
+//! | [`relay`] | the state machine: channels, verdicts, commands, timers, send times, echo-leg tags |
 //! | [`control`] | the newline-delimited JSON control protocol and its bounded decoder |
 //! | [`channel_id`] | the validated channel identifier both the protocol and the statistics use |
-//! | [`format`], [`time`], [`rng`] | media formats with their RTP clocks; monotonic time as a value; a seedable generator |
+//! | [`format`](mod@format), [`time`], [`rng`] | media formats with their RTP clocks; monotonic time as a value; a seedable generator |
 #![forbid(unsafe_code)]
 
 pub mod channel_id;
@@ -42,12 +42,12 @@ pub use control::{
 };
 pub use format::{ClockRate, Format};
 pub use relay::{
-    merge_global, CommandOutcome, ConfigError, Event, PendingOpen, Relay, RelayConfig, SendTimes,
-    SocketId, Verdict,
+    CommandOutcome, ConfigError, Event, PendingOpen, Relay, RelayConfig, SendTimes, SocketId,
+    Verdict,
 };
 pub use rtp::{RtpHeader, Ssrc};
 pub use stats::{
-    ChannelStats, Direction, DropReason, GlobalStats, LatencySummary, MissingKind, ProbeStats,
-    ProbeTotals, TimestampCounters,
+    merge_global, ChannelStats, Direction, DropReason, GlobalStats, LatencySummary, MissingKind,
+    ProbeStats, ProbeTotals, TimestampCounters,
 };
 pub use time::MonoTime;

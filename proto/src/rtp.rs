@@ -2,7 +2,7 @@
 //!
 //! Every byte the relay measures comes from a peer, so parsing is total: any input gives either a
 //! view that borrows the datagram (nothing is copied; the backend forwards the very buffer it
-//! received) or a small `Copy` error saying what was wrong. All reads go through [`Reader`], a
+//! received) or a small `Copy` error saying what was wrong. All reads go through `Reader`, a
 //! bounds-checked cursor in the manner of rustls' `codec::Reader`, so there is no indexing that can
 //! panic. RTCP (packet types 200–204, RFC 5761 §4) is recognised so it can be forwarded without
 //! being measured.

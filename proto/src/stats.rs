@@ -9,6 +9,9 @@
 //!
 //! Summaries ([`LatencySummary`], [`ChannelStats`], [`GlobalStats`]) are plain serde values:
 //! they are what `remove` and `stats` return over the control socket and what reports print.
+//! The relay-wide histograms behind [`GlobalStats`]' percentiles are [`GlobalHistograms`]; the
+//! statistics of several relays (shards) become one with [`merge_global`], which merges their
+//! histograms before it reads percentiles.
 
 use hdrhistogram::{Counter, Histogram};
 use serde::{Deserialize, Serialize};
@@ -757,7 +760,7 @@ pub struct GlobalStats {
 impl GlobalStats {
     /// Adds `other`'s counters (channels, traffic, streams, round trips, drops; `draining` if
     /// either is). The percentiles are left alone: they cannot be added, only recomputed from
-    /// merged histograms ([`crate::merge_global`]).
+    /// merged histograms ([`merge_global`]).
     pub fn accumulate_counters(&mut self, other: &Self) {
         self.channels += other.channels;
         self.draining |= other.draining;
@@ -773,6 +776,110 @@ impl GlobalStats {
         self.timestamps.accumulate(&other.timestamps);
         self.probe.accumulate_counters(&other.probe);
     }
+}
+
+/// A relay's global histograms: recorded per packet alongside each channel's own, they are the
+/// distributions behind [`GlobalStats`]' percentiles. Exporters read them
+/// ([`crate::Relay::histograms`]); [`merge_global`] merges several relays'.
+#[derive(Clone, Debug)]
+pub struct GlobalHistograms {
+    /// Round-trip times.
+    pub rtt: LatencyHistogram,
+    /// Time inside the relay, per direction: arrival (kernel receive stamp) to the kernel's
+    /// transmit stamp of the forwarded send.
+    pub forward: PerDirection<LatencyHistogram>,
+    /// Arrival (the kernel's receive stamp) to the moment the relay's user space handled the
+    /// datagram, per direction: the wake-up part of `forward` (deferred path only).
+    pub receive_delay: PerDirection<LatencyHistogram>,
+    /// Jitter estimate after each packet, per direction.
+    pub jitter: PerDirection<LatencyHistogram>,
+    /// Lateness of each packet, per direction.
+    pub lateness: PerDirection<LatencyHistogram>,
+    /// The score of every closed channel.
+    pub calls: crate::score::ScoreHistograms,
+    /// The relay's loop of every probe whose echo came back to its recorded arrival (the probes
+    /// it writes its times into): arrival from Asterisk to the arrival of its echo, both kernel
+    /// receive stamps ([`crate::probe`]).
+    pub probe_loop: LatencyHistogram,
+    /// Approximate Asterisk in of every probe of a recognised channel: the relay's arrival
+    /// minus the header's send time (a user-space reading on the sender's side).
+    pub probe_asterisk_in: LatencyHistogram,
+}
+
+impl GlobalHistograms {
+    /// Empty histograms.
+    #[must_use]
+    pub fn new() -> Self {
+        let h = || LatencyHistogram::new(3);
+        let pair = || PerDirection {
+            to_echo: h(),
+            to_asterisk: h(),
+        };
+        Self {
+            rtt: h(),
+            forward: pair(),
+            receive_delay: pair(),
+            jitter: pair(),
+            lateness: pair(),
+            calls: crate::score::ScoreHistograms::new(),
+            probe_loop: h(),
+            probe_asterisk_in: h(),
+        }
+    }
+
+    /// Adds every value of `other`.
+    pub fn merge(&mut self, other: &Self) {
+        self.rtt.merge(&other.rtt);
+        for d in Direction::ALL {
+            self.forward.get_mut(d).merge(other.forward.get(d));
+            self.receive_delay
+                .get_mut(d)
+                .merge(other.receive_delay.get(d));
+            self.jitter.get_mut(d).merge(other.jitter.get(d));
+            self.lateness.get_mut(d).merge(other.lateness.get(d));
+        }
+        self.calls.merge(&other.calls);
+        self.probe_loop.merge(&other.probe_loop);
+        self.probe_asterisk_in.merge(&other.probe_asterisk_in);
+    }
+
+    /// Writes these histograms' summaries into `stats`.
+    pub(crate) fn summarize_into(&self, stats: &mut GlobalStats) {
+        let per = |p: &PerDirection<LatencyHistogram>| PerDirection {
+            to_echo: p.to_echo.summary(),
+            to_asterisk: p.to_asterisk.summary(),
+        };
+        stats.rtt = self.rtt.summary();
+        stats.forward = per(&self.forward);
+        stats.receive_delay = per(&self.receive_delay);
+        stats.jitter = per(&self.jitter);
+        stats.lateness = per(&self.lateness);
+        stats.probe.relay_loop = self.probe_loop.summary();
+        stats.probe.asterisk_in = self.probe_asterisk_in.summary();
+    }
+}
+
+impl Default for GlobalHistograms {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The statistics of several relays taken as one (the shards of a data plane): counters summed
+/// (jitter and lateness: the largest), `draining` if any is, histograms merged before their
+/// percentiles are read, so the merged p99 is the p99 of every packet, not a mean of p99s.
+#[must_use]
+pub fn merge_global<'a>(
+    parts: impl IntoIterator<Item = (&'a GlobalStats, &'a GlobalHistograms)>,
+) -> (GlobalStats, GlobalHistograms) {
+    let mut g = GlobalStats::default();
+    let mut h = GlobalHistograms::new();
+    for (s, hist) in parts {
+        g.accumulate_counters(s);
+        h.merge(hist);
+    }
+    h.summarize_into(&mut g);
+    (g, h)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use relay_io::ring::EventFd;
-use relay_proto::relay::GlobalHistograms;
+use relay_proto::stats::GlobalHistograms;
 use relay_proto::{
     ChannelId, ChannelStats, Command, ErrorCode, ErrorReply, GlobalStats, MonoTime, Relay, Response,
 };

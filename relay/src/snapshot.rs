@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use relay_proto::relay::GlobalHistograms;
+use relay_proto::stats::GlobalHistograms;
 use relay_proto::stats::{LatencyHistogram, PerDirection};
 use relay_proto::{Direction, GlobalStats, MonoTime, Relay};
 
