@@ -469,6 +469,11 @@ impl Completion {
         }
     }
 
+    /// The buffer it hands over, of either kind, once (see [`Completion::take_rx`]).
+    pub fn take_buf(&mut self) -> Option<Buf> {
+        self.buf.take()
+    }
+
     /// The transmit buffer a send sent from, once (see [`Completion::take_rx`]).
     pub fn take_tx(&mut self) -> Option<TxBuf> {
         match self.buf.take() {
