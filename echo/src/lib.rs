@@ -1074,14 +1074,12 @@ fn on_recv_segments(io: &mut Io<'_>, now_ns: u64, c: &mut Completion) -> u64 {
         return 0; // ENOBUFS and the like: re-armed after this batch
     }
     let Some(bid) = c.take_rx() else { return 0 };
-    let Some((from, n, segment, (arrival, timed))) =
-        io.ring.received(&bid).and_then(|r| {
-            let arrival = io.timing.arrival(r.control, now_ns);
-            r.from
-                .filter(|_| !r.truncated)
-                .map(|from| (from, r.payload.len(), r.segment, arrival))
-        })
-    else {
+    let Some((from, n, segment, (arrival, timed))) = io.ring.received(&bid).and_then(|r| {
+        let arrival = io.timing.arrival(r.control, now_ns);
+        r.from
+            .filter(|_| !r.truncated)
+            .map(|from| (from, r.payload.len(), r.segment, arrival))
+    }) else {
         io.ring.recycle(bid);
         return 0;
     };
@@ -1195,7 +1193,14 @@ fn send(io: &mut Io<'_>, item: Item, copies: u8) {
     } else {
         SEND_TX
     };
-    match ring.send(0, buf, len, from, send_data(kind, id), timing.opts(id, None)) {
+    match ring.send(
+        0,
+        buf,
+        len,
+        from,
+        send_data(kind, id),
+        timing.opts(id, None),
+    ) {
         Ok(()) => faults.on_sent_key(key, false),
         Err(refused) => {
             timing.flights.cancel(id);

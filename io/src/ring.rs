@@ -650,7 +650,8 @@ impl BufGroup {
 
     /// Where transmit buffer `id`'s bytes `range` lie in `tx`.
     fn tx_range(&self, id: u16, range: &Range<usize>) -> Option<Range<usize>> {
-        (id < self.tx_count() && range.start <= range.end && range.end <= self.size).then_some(())?;
+        (id < self.tx_count() && range.start <= range.end && range.end <= self.size)
+            .then_some(())?;
         let base = usize::from(id) * self.size;
         Some(base + range.start..base + range.end)
     }
@@ -772,7 +773,10 @@ impl Ring {
             source: io::Error::new(io::ErrorKind::InvalidInput, what),
         };
         if files > MAX_FILES {
-            return Err(invalid("register_files_sparse", "more than 2^24 fixed files"));
+            return Err(invalid(
+                "register_files_sparse",
+                "more than 2^24 fixed files",
+            ));
         }
         let entries = buffers
             .max(1)
@@ -952,11 +956,10 @@ impl Ring {
                 let bgid = u16::try_from(group.index()).unwrap_or(u16::MAX);
                 opcode::RecvMsgMulti::new(Fixed(slot), &*self.recv_msg, bgid).build()
             }
-            Arm::TxStamps { slot } => opcode::UringCmd16::new(
-                Fixed(slot),
-                crate::txstamp::SOCKET_URING_OP_TX_TIMESTAMP,
-            )
-            .build(),
+            Arm::TxStamps { slot } => {
+                opcode::UringCmd16::new(Fixed(slot), crate::txstamp::SOCKET_URING_OP_TX_TIMESTAMP)
+                    .build()
+            }
             #[allow(clippy::cast_sign_loss)] // POLLERR is a small positive flag
             Arm::ErrorPoll { slot } => opcode::PollAdd::new(Fixed(slot), libc::POLLERR as u32)
                 .multi(true)
@@ -1328,9 +1331,7 @@ impl Ring {
 
     /// Group `g`, if `ring` is this ring's id and the group exists.
     fn group_of(&self, ring: u32, g: Group) -> Option<&BufGroup> {
-        self.groups[g.index()]
-            .as_ref()
-            .filter(|_| ring == self.id)
+        self.groups[g.index()].as_ref().filter(|_| ring == self.id)
     }
 }
 
@@ -1432,7 +1433,6 @@ fn map_buf_ring(entries: u16) -> Result<(NonNull<BufRingEntry>, usize), SetupErr
     })?;
     Ok((ring_mem, ring_len))
 }
-
 
 /// What the kernel's `io_uring_recvmsg_out` header of a received buffer says.
 struct Header {
@@ -1566,7 +1566,6 @@ fn write_sockaddr(a: SocketAddr, out: &mut libc::sockaddr_in6) -> libc::socklen_
         }
     }
 }
-
 
 /// Whether io_uring can be set up here at all (for tests and diagnostics).
 ///
@@ -1705,7 +1704,14 @@ mod tests {
         // Fields too wide are cut to the bits kept, and say so by not round-tripping.
         assert_eq!(UserData::new(0xff, u32::MAX, 1).kind, 0x7f);
         assert_eq!(UserData::new(0xff, u32::MAX, 1).slot, MAX_FILES - 1);
-        for v in [0, 1, u64::MAX, SEND_BIT, SEND_BIT - 1, 0xdead_beef_dead_beef] {
+        for v in [
+            0,
+            1,
+            u64::MAX,
+            SEND_BIT,
+            SEND_BIT - 1,
+            0xdead_beef_dead_beef,
+        ] {
             let _ = UserData::decode(v);
         }
         assert_eq!(UserData::decode(SEND_BIT | 7), None);
@@ -1797,8 +1803,15 @@ mod tests {
             segment: Some(172),
             stamp_id: None,
         };
-        ring.send(1, i, 20 * 172 + 100, rx.local_addr().unwrap(), UserData::of(SEND), gso)
-            .unwrap();
+        ring.send(
+            1,
+            i,
+            20 * 172 + 100,
+            rx.local_addr().unwrap(),
+            UserData::of(SEND),
+            gso,
+        )
+        .unwrap();
         let (mut datagrams, mut sent, mut coalesced) = (Vec::new(), false, 0);
         for _ in 0..100 {
             ring.submit_and_wait(Some(Duration::from_millis(20)))
@@ -1980,7 +1993,10 @@ mod tests {
         b.recycle(refused.buf);
         assert!(b.tx_acquire(Group::Small).is_none(), "b's one buffer is u");
         b.recycle(u);
-        assert!(a.tx_acquire(Group::Small).is_none(), "a's one buffer is t, lost to b");
+        assert!(
+            a.tx_acquire(Group::Small).is_none(),
+            "a's one buffer is t, lost to b"
+        );
     }
 
     #[test]

@@ -106,8 +106,9 @@ pub fn max_gso_segments() -> usize {
         let probe = UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
             .or_else(|_| UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)));
         match probe {
-            Ok(s) if set_int_option(&s, crate::cmsg::SOL_UDP, crate::cmsg::UDP_SEGMENT, 1200)
-                .is_ok() =>
+            Ok(s)
+                if set_int_option(&s, crate::cmsg::SOL_UDP, crate::cmsg::UDP_SEGMENT, 1200)
+                    .is_ok() =>
             {
                 UDP_MAX_SEGMENTS
             }

@@ -267,10 +267,9 @@ impl SocketTable for Sockets {
                 .cancel(recv_data(id.0, slot.gen), UserData::of(CANCEL));
         }
         if slot.stamps {
-            let _ = self.ring.cancel(
-                UserData::new(STAMPS, id.0, slot.gen),
-                UserData::of(CANCEL),
-            );
+            let _ = self
+                .ring
+                .cancel(UserData::new(STAMPS, id.0, slot.gen), UserData::of(CANCEL));
         }
         let _ = self.ring.unregister_socket(id.0);
         slot.socket = None;
@@ -653,7 +652,7 @@ fn forward(
                 stamp_id,
             };
             let bid = buf.id();
-            let ud = UserData::new(SEND, slot, direction.index() as u32);
+            let ud = UserData::new(SEND, slot, u32::try_from(direction.index()).unwrap_or(0));
             match s.ring.send(slot, buf, n, to, ud, opts) {
                 Ok(()) => {
                     SendIds::set(&mut s.ids.rx, bid, stamp_id);
