@@ -1024,6 +1024,17 @@ impl Ring {
 
     /// Gives `buf` back: a receive buffer to the kernel (visible after [`Ring::sync_buffers`]), a
     /// transmit buffer to its group's free list. Another ring's buffer is dropped.
+    ///
+    /// A buffer in flight cannot be recycled: the send took its token.
+    ///
+    /// ```compile_fail
+    /// use relay_io::ring::{Group, Ring, UserData};
+    /// fn in_flight(ring: &mut Ring, to: std::net::SocketAddr) {
+    ///     let buf = ring.tx_acquire(Group::Small).unwrap();
+    ///     let _ = ring.send(0, buf, 20, to, UserData::of(1), Default::default());
+    ///     ring.recycle(buf); // moved into the send
+    /// }
+    /// ```
     pub fn recycle(&mut self, buf: impl Into<Buf>) {
         let this = self.id;
         match buf.into() {
