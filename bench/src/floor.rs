@@ -9,11 +9,20 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
-use relay_io::ring::Ring;
+use relay_io::ring::{Arm, Group, Ring, SendOpts, UserData};
 
-const RECV: u64 = 1 << 32;
-const SEND: u64 = 2 << 32;
-const KIND: u64 = 0xffff_ffff << 32;
+// The kinds of the ring's user data ([`UserData::kind`]), with the socket's slot.
+const RECV: u8 = 1;
+const SEND: u8 = 2;
+
+/// The multishot receive of the socket in fixed-file `slot`.
+const fn recv(slot: u32) -> (Arm, UserData) {
+    let arm = Arm::Recv {
+        slot,
+        group: Group::Small,
+    };
+    (arm, UserData::new(RECV, slot, 0))
+}
 
 /// `bench floor` settings.
 #[derive(Clone, Debug)]
@@ -54,11 +63,12 @@ pub fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
                 .map_err(|e| anyhow!("binding port {port}: {e}"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let mut ring = Ring::new(4096, cfg.buffers, cfg.channels).context("io_uring")?;
+    let mut ring = Ring::with_tx(4096, cfg.buffers, cfg.channels, 0).context("io_uring")?;
     for (i, s) in sockets.iter().enumerate() {
         let slot = u32::try_from(i)?;
         ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
-        ring.arm_recv(slot, RECV | u64::from(slot))?;
+        let (arm, ud) = recv(slot);
+        ring.arm(arm, ud)?;
     }
     ring.submit()?;
     eprintln!(
@@ -80,17 +90,16 @@ pub fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
             break;
         }
         ring.submit_and_wait(Some(wait.max(Duration::from_micros(1))))?;
-        let completions = ring.drain_completions();
-        for c in &completions {
-            match c.user_data & KIND {
+        let mut completions = ring.drain_completions();
+        for c in &mut completions {
+            match c.user_data.kind {
                 RECV => {
-                    let slot = (c.user_data & 0xffff_ffff) as u32;
+                    let slot = c.user_data.slot;
                     if !c.more() {
                         rearm.push(slot);
                     }
-                    let Some(bid) = c.buffer() else { continue };
-                    let len = usize::try_from(c.result).unwrap_or(0);
-                    let (from, payload) = match ring.received(bid, len) {
+                    let Some(bid) = c.take_rx() else { continue };
+                    let (from, payload) = match ring.received(&bid) {
                         Some(r) => (r.from, r.payload.len()),
                         None => (None, 0),
                     };
@@ -106,25 +115,29 @@ pub fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
                         }
                         None => None,
                     };
-                    match to {
-                        Some(to)
-                            if ring
-                                .send(slot, bid, payload, to, SEND | u64::from(bid))
-                                .is_ok() =>
-                        {
-                            forwarded += 1;
-                        }
-                        _ => ring.recycle(bid),
+                    let Some(to) = to else {
+                        ring.recycle(bid);
+                        continue;
+                    };
+                    let ud = UserData::new(SEND, slot, 0);
+                    match ring.send(slot, bid, payload, to, ud, SendOpts::default()) {
+                        Ok(()) => forwarded += 1,
+                        Err(refused) => ring.recycle(refused.buf),
                     }
                 }
-                SEND => ring.recycle((c.user_data & 0xffff) as u16),
+                SEND => {
+                    if let Some(bid) = c.take_rx() {
+                        ring.recycle(bid);
+                    }
+                }
                 _ => {}
             }
         }
         ring.give_back(completions);
         ring.sync_buffers();
         for slot in rearm.drain(..) {
-            ring.arm_recv(slot, RECV | u64::from(slot))?;
+            let (arm, ud) = recv(slot);
+            ring.arm(arm, ud)?;
         }
     }
     Ok(forwarded)

@@ -198,9 +198,9 @@ fn run(config: &Config) -> anyhow::Result<echo::Summary> {
             })?
     };
     let Ok((listen, waker)) = ready_rx.recv() else {
-        return io
+        return Ok(io
             .join()
-            .map_err(|_| anyhow::anyhow!("the echo thread panicked"))?;
+            .map_err(|_| anyhow::anyhow!("the echo thread panicked"))??);
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -241,8 +241,9 @@ fn run(config: &Config) -> anyhow::Result<echo::Summary> {
         }
         Ok::<_, anyhow::Error>(())
     })?;
-    io.join()
-        .map_err(|_| anyhow::anyhow!("the echo thread panicked"))?
+    Ok(io
+        .join()
+        .map_err(|_| anyhow::anyhow!("the echo thread panicked"))??)
 }
 
 /// `/metrics` (the echo's counters) and `/healthz`.

@@ -15,8 +15,17 @@ use std::net::{SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
+use relay_io::ring::{Group, SendOpts, UserData};
 use relay_proto::rtp::{parse_rtp, RtpHeader};
 use relay_proto::Ssrc;
+
+/// Send options for one GSO send of `segment`-byte datagrams.
+fn gso(segment: u16) -> SendOpts {
+    SendOpts {
+        segment: Some(segment),
+        stamp_id: None,
+    }
+}
 
 fn skip_without_uring() -> bool {
     !testkit::uring_available()
@@ -96,13 +105,14 @@ fn with_gro_a_gso_batch_comes_back_as_its_datagrams_byte_identical() {
     let mut ring = relay_io::ring::Ring::with_buffer_size(8, 2, 1, 2, 1 << 16).unwrap();
     ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&c))
         .unwrap();
-    let i = ring.tx_acquire().unwrap();
-    let b = ring.tx_buffer(i).unwrap();
+    let mut i = ring.tx_acquire(Group::Small).unwrap();
+    let b = ring.tx_buffer(&mut i).unwrap();
     for seq in 0..10u16 {
         let at = usize::from(seq) * 172;
         b[at..at + 172].copy_from_slice(&packet(seq));
     }
-    ring.send_tx_gso(0, i, 1720, Some(172), addr, 1).unwrap();
+    ring.send(0, i, 1720, addr, UserData::of(1), gso(172))
+        .unwrap();
     ring.submit_and_wait(Some(Duration::from_millis(100)))
         .unwrap();
     let mut buf = [0u8; 2048];
@@ -180,21 +190,26 @@ fn faulted_run_in(seed: &str, n: u16, gso: u16) -> (Vec<u16>, serde_json::Value)
         ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&c))
             .unwrap();
         for first in (0..n).step_by(usize::from(gso)) {
-            let i = ring.tx_acquire().unwrap();
-            let b = ring.tx_buffer(i).unwrap();
+            let mut i = ring.tx_acquire(Group::Small).unwrap();
+            let b = ring.tx_buffer(&mut i).unwrap();
             let count = gso.min(n - first);
             for k in 0..count {
                 let at = usize::from(k) * 172;
                 b[at..at + 172].copy_from_slice(&packet(first + k));
             }
-            ring.send_tx_gso(0, i, usize::from(count) * 172, Some(172), addr, 1)
+            let len = usize::from(count) * 172;
+            ring.send(0, i, len, addr, UserData::of(1), self::gso(172))
                 .unwrap();
             ring.submit_and_wait(Some(Duration::from_millis(100)))
                 .unwrap();
-            for cq in ring.drain_completions() {
+            let mut cs = ring.drain_completions();
+            for cq in &mut cs {
                 assert!(cq.result > 0, "GSO send: {}", cq.result);
+                if let Some(i) = cq.take_tx() {
+                    ring.recycle(i);
+                }
             }
-            ring.tx_release(i);
+            ring.give_back(cs);
             std::thread::sleep(Duration::from_millis(2 * u64::from(gso)));
         }
     } else {
@@ -373,7 +388,7 @@ impl StampedClient {
             for j in 0..gso {
                 batch.extend_from_slice(&packet(k as u16 * gso + j));
             }
-            let opts = relay_io::SendOpts {
+            let opts = SendOpts {
                 segment: (gso > 1).then_some(172),
                 stamp_id: Some(k as u32),
             };
@@ -506,7 +521,7 @@ fn with_gro_a_2ms_hold_times_gso_batches_from_their_stamps() {
 struct InProcess {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     waker: std::sync::Arc<relay_io::ring::EventFd>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<echo::Summary>>>,
+    thread: Option<std::thread::JoinHandle<Result<echo::Summary, echo::RunError>>>,
 }
 
 impl InProcess {

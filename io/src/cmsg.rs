@@ -192,7 +192,9 @@ fn read_i64(b: &[u8], at: usize) -> Option<i64> {
     Some(i64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// Builds control data as the kernel lays it out (for tests of this and other crates).
+/// Builds control data as the kernel lays it out (for tests of this and other crates: the
+/// `test-util` feature).
+#[cfg(any(test, feature = "test-util"))]
 #[must_use]
 pub fn encode(messages: &[(i32, i32, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -208,7 +210,8 @@ pub fn encode(messages: &[(i32, i32, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// A timestamp message's data for `t` (one timespec).
+/// A timestamp message's data for `t` (one timespec; a test helper, see [`encode`]).
+#[cfg(any(test, feature = "test-util"))]
 #[must_use]
 pub fn timespec_bytes(t: WallTime) -> [u8; TIMESPEC] {
     let mut b = [0u8; TIMESPEC];

@@ -22,8 +22,8 @@ pub use clock::{Clock, Sample, WallToMono};
 pub use cmsg::{gro_segment, rx_timestamp, WallTime};
 pub use cpu::{cpu_time_ns, pin_current_thread, process_cpu_ns, thread_cpu_ns};
 pub use socket::{
-    bind_udp, enable_rx_timestamps, enable_tx_timestamps, enable_udp_gro, probe_tx_stamps,
-    raise_nofile_limit, recv_msg, recv_tx_stamp, recv_tx_stamps, send_gso, send_msg,
-    set_rcvbuf_force, RecvMeta, SendOpts,
+    bind_udp, enable_rx_timestamps, enable_tx_timestamps, enable_udp_gro, max_gso_segments,
+    probe_tx_stamps, raise_nofile_limit, recv_msg, recv_tx_stamp, recv_tx_stamps, send_gso,
+    send_msg, set_rcvbuf_force, RecvMeta, SendOpts,
 };
 pub use txstamp::{TxStamp, TxStampError};

@@ -1,20 +1,31 @@
-//! The io_uring instance, its provided-buffer ring, the per-buffer send headers and the eventfd
+//! The io_uring instance, its provided-buffer groups, the per-buffer send headers and the eventfd
 //! that wakes the ring: what the relay, the echo, loadgen and the floor forwarder all drive.
 //!
-//! Everything here is exposed through safe methods whose invariants the module keeps:
-//! - receive buffers live in one contiguous allocation owned by [`Ring`] for as long as the ring
-//!   exists, and each buffer is either owned by the kernel (in the buffer ring) or by exactly one
-//!   of: a completion being handled, or one in-flight send; [`Ring::recycle`] gives it back;
-//! - the `msghdr`/`iovec`/address of a send live in a slot indexed by the buffer id, so they stay
-//!   put until the send completes, and one buffer is never in two sends;
+//! Everything here is exposed through safe methods whose invariants the module keeps, most of
+//! them by the type system:
+//! - a ring has one or two buffer groups ([`Group::Small`], and [`Group::Large`] after
+//!   [`Ring::add_large`]), each one `BufGroup`: receive buffers the kernel picks from (its
+//!   provided-buffer ring), transmit buffers the caller fills, and one send header per buffer;
+//!   all of it in allocations owned by the ring for as long as it exists;
+//! - a buffer outside the kernel's hands is owned by exactly one move-only token ([`RxBuf`] for
+//!   a receive buffer, [`TxBuf`] for a transmit buffer; neither is `Clone` nor `Copy`). Only
+//!   this module mints them: from a receive's completion, from [`Ring::tx_acquire`], or from the
+//!   completion of the send that consumed one. [`Ring::send`] takes the token, so a buffer is
+//!   never in two sends and nobody writes to it while the kernel reads it; [`Ring::recycle`]
+//!   takes it back, so an in-flight buffer cannot be recycled. Each token names its ring, and a
+//!   ring refuses another's;
+//! - completions say what their submission was with one typed encoding, [`UserData`]; the top bit
+//!   of io_uring's user_data is the ring's own and marks its sends, so no caller's value can make
+//!   the ring mint a token;
 //! - the receive `msghdr` and the eventfd's read buffer are boxed and live as long as the ring;
 //! - sockets are used through the fixed-file table, whose slots the caller registers and clears.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::time::Duration;
 
 use io_uring::types::{BufRingEntry, Fixed, RecvMsgOut, SubmitArgs, Timespec};
@@ -22,10 +33,6 @@ use io_uring::{cqueue, opcode, squeue, IoUring};
 
 pub use crate::socket::SendOpts;
 
-/// Buffer group id of the receive buffers.
-const BGID: u16 = 0;
-/// Buffer group id of the large receive buffers ([`Ring::add_large`]).
-const BGID_LARGE: u16 = 1;
 /// Bytes reserved for the source address in each received buffer (a `sockaddr_in6`).
 const NAME_LEN: usize = size_of::<libc::sockaddr_in6>();
 /// Bytes reserved for control messages (the kernel's receive timestamp) in each buffer.
@@ -39,6 +46,8 @@ const PAYLOAD_OFFSET: usize = 16 + NAME_LEN + CONTROL_LEN;
 pub const BUFFER_SIZE: usize = 2048;
 /// Largest buffer [`Ring::with_buffer_size`] takes: room for a 64 KiB coalesced datagram.
 pub const MAX_BUFFER_SIZE: usize = (64 << 10) + PAYLOAD_OFFSET;
+/// Most fixed-file slots a ring takes: a slot must fit the 24 bits [`UserData`] keeps of it.
+pub const MAX_FILES: u32 = 1 << 24;
 
 // Kernel ABI sizes and constants, checked to fit the narrower types the kernel wants.
 #[allow(clippy::cast_possible_truncation)] // checked by the assertions below
@@ -56,8 +65,11 @@ const _: () = assert!(
         && PAYLOAD_OFFSET < BUFFER_SIZE
 );
 /// Largest datagram payload a buffer of the default size holds (larger ones are truncated and
-/// dropped); [`Ring::max_payload`] for a ring's own.
+/// dropped); [`Ring::capacity`] for a ring's own.
 pub const MAX_PAYLOAD: usize = BUFFER_SIZE - PAYLOAD_OFFSET;
+
+/// Tells rings apart, so that a token is only ever used with the ring that minted it.
+static NEXT_RING_ID: AtomicU32 = AtomicU32::new(1);
 
 /// Why io_uring could not be set up, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -126,53 +138,351 @@ impl EventFd {
     }
 }
 
-/// The headers of one send; one per receive buffer, used while that buffer is being sent.
+/// One of a ring's buffer groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Group {
+    /// The group every ring has, of the ring's buffer size.
+    Small,
+    /// The group [`Ring::add_large`] adds, of [`MAX_BUFFER_SIZE`]: room for a GRO-coalesced
+    /// receive, or a GSO send of up to 64 KiB.
+    Large,
+}
+
+impl Group {
+    /// Its io_uring buffer group id, and its place in [`Ring`]'s groups.
+    const fn index(self) -> usize {
+        match self {
+            Self::Small => 0,
+            Self::Large => 1,
+        }
+    }
+}
+
+/// The ring's own bit of io_uring's user_data: set on its sends, whose buffer it gives back with
+/// the completion. [`UserData`] never sets it.
+const SEND_BIT: u64 = 1 << 63;
+/// In a send's user_data: the buffer is a transmit buffer (else a receive buffer).
+const SEND_TX_BIT: u64 = 1 << 62;
+/// In a send's user_data: the buffer is of the large group.
+const SEND_LARGE_BIT: u64 = 1 << 61;
+/// The bits of [`UserData::slot`] that are kept.
+const SLOT_MASK: u32 = MAX_FILES - 1;
+
+/// What a submission is, as its caller describes it: the one encoding of io_uring's user_data
+/// that every user of the ring shares. Its completion carries it back
+/// ([`Completion::user_data`]).
+///
+/// It takes the low 63 bits: `kind` in 7, `slot` in 24, `tag` in 32 (the top bit is the ring's
+/// own, see the module header).
+///
+/// ```
+/// use relay_io::ring::UserData;
+/// let ud = UserData::new(3, 41, 0xdead_beef);
+/// assert_eq!(UserData::decode(ud.encode()), Some(ud));
+/// assert_eq!(UserData::decode(u64::MAX), None, "the ring's bit: not a caller's value");
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UserData {
+    /// The caller's kind of operation, below 128 (higher bits are dropped); 0 is what a
+    /// completion carries when it could not be decoded, so callers start theirs at 1.
+    pub kind: u8,
+    /// A slot: a fixed-file slot, below [`MAX_FILES`] (higher bits are dropped).
+    pub slot: u32,
+    /// Whatever else the caller needs back: a generation, a stamp id.
+    pub tag: u32,
+}
+
+impl UserData {
+    /// Kind `kind` on slot `slot` with `tag`, each cut to the bits kept (see [`UserData`]).
+    #[must_use]
+    pub const fn new(kind: u8, slot: u32, tag: u32) -> Self {
+        Self {
+            kind: kind & 0x7f,
+            slot: slot & SLOT_MASK,
+            tag,
+        }
+    }
+
+    /// Kind `kind` alone (slot and tag 0): a waker read, a cancel.
+    #[must_use]
+    pub const fn of(kind: u8) -> Self {
+        Self::new(kind, 0, 0)
+    }
+
+    /// The user_data io_uring carries.
+    #[must_use]
+    pub fn encode(self) -> u64 {
+        (u64::from(self.kind & 0x7f) << 56)
+            | (u64::from(self.slot & SLOT_MASK) << 32)
+            | u64::from(self.tag)
+    }
+
+    /// The value [`UserData::encode`] made; `None` for one it cannot have made (the ring's bit
+    /// set). Never panics.
+    #[must_use]
+    pub fn decode(v: u64) -> Option<Self> {
+        if v & SEND_BIT != 0 {
+            return None;
+        }
+        let [k, s2, s1, s0, t3, t2, t1, t0] = v.to_be_bytes();
+        Some(Self {
+            kind: k & 0x7f,
+            slot: u32::from_be_bytes([0, s2, s1, s0]),
+            tag: u32::from_be_bytes([t3, t2, t1, t0]),
+        })
+    }
+}
+
+/// A receive buffer holding a datagram, taken from its receive's completion
+/// ([`Completion::take_rx`]), or given back by the completion of the send it was handed to.
+///
+/// Not `Clone` nor `Copy`: whoever holds it is the buffer's one owner. It leaves by
+/// [`Ring::recycle`] (back to the kernel) or by [`Ring::send`] (the send's completion brings it
+/// back); one that is dropped instead is lost to its group.
+#[must_use = "a dropped buffer token is lost to its group: recycle it or send it"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct RxBuf {
+    /// The ring that minted it.
+    ring: u32,
+    /// Its group.
+    group: Group,
+    /// Its index in the group's receive buffers.
+    id: u16,
+    /// Bytes its receive's completion reported (header, address, control and payload).
+    len: u32,
+}
+
+impl RxBuf {
+    /// Its group.
+    #[must_use]
+    pub const fn group(&self) -> Group {
+        self.group
+    }
+
+    /// Its index among its group's receive buffers (below [`Capacity::rx`]), for tables kept
+    /// per buffer.
+    #[must_use]
+    pub const fn id(&self) -> u16 {
+        self.id
+    }
+}
+
+/// A transmit buffer, from [`Ring::tx_acquire`] or given back by the completion of the send it
+/// was handed to. Not `Clone` nor `Copy`, as [`RxBuf`]; it leaves by [`Ring::send`] or
+/// [`Ring::recycle`].
+#[must_use = "a dropped buffer token is lost to its group: recycle it or send it"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct TxBuf {
+    /// The ring that minted it.
+    ring: u32,
+    /// Its group.
+    group: Group,
+    /// Its index in the group's transmit buffers.
+    id: u16,
+}
+
+impl TxBuf {
+    /// Its group.
+    #[must_use]
+    pub const fn group(&self) -> Group {
+        self.group
+    }
+
+    /// Its index among its group's transmit buffers (below [`Capacity::tx`]), for tables kept
+    /// per buffer.
+    #[must_use]
+    pub const fn id(&self) -> u16 {
+        self.id
+    }
+}
+
+/// A buffer token of either kind: what [`Ring::send`] and [`Ring::recycle`] take.
+#[must_use = "a dropped buffer token is lost to its group: recycle it or send it"]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Buf {
+    /// A receive buffer.
+    Rx(RxBuf),
+    /// A transmit buffer.
+    Tx(TxBuf),
+}
+
+impl From<RxBuf> for Buf {
+    fn from(b: RxBuf) -> Self {
+        Self::Rx(b)
+    }
+}
+
+impl From<TxBuf> for Buf {
+    fn from(b: TxBuf) -> Self {
+        Self::Tx(b)
+    }
+}
+
+/// A borrowed buffer token: the source of [`Ring::copy`].
+#[derive(Clone, Copy, Debug)]
+pub enum BufRef<'a> {
+    /// A receive buffer: its payload.
+    Rx(&'a RxBuf),
+    /// A transmit buffer: its bytes.
+    Tx(&'a TxBuf),
+}
+
+impl<'a> From<&'a RxBuf> for BufRef<'a> {
+    fn from(b: &'a RxBuf) -> Self {
+        Self::Rx(b)
+    }
+}
+
+impl<'a> From<&'a TxBuf> for BufRef<'a> {
+    fn from(b: &'a TxBuf) -> Self {
+        Self::Tx(b)
+    }
+}
+
+/// A send [`Ring::send`] could not queue, and its buffer, back.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub error: io::Error,
+    /// The buffer, to recycle or send again.
+    pub buf: Buf,
+}
+
+/// The sizes of one buffer group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Receive buffers.
+    pub rx: u16,
+    /// Transmit buffers.
+    pub tx: u16,
+    /// Largest payload a receive buffer holds (a transmit buffer holds this much more than
+    /// the receive header: its whole size, [`Capacity::tx_size`]).
+    pub max_payload: usize,
+    /// Size of a transmit buffer.
+    pub tx_size: usize,
+}
+
+/// UDP GSO on this ring: how many datagrams one send may carry, and how often a send showed
+/// that fewer must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gso {
+    /// Most datagrams one GSO send may carry: probed once per process
+    /// ([`crate::socket::max_gso_segments`]), and 1 after a GSO send failed with `EIO` (a device
+    /// without segmentation offload).
+    pub max_segments: usize,
+    /// How many GSO sends failed with `EIO` and lowered [`Gso::max_segments`].
+    pub fallbacks: u64,
+}
+
+/// A multishot request (or the waker's read) [`Ring::arm`] submits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arm {
+    /// A multishot receive on fixed-file `slot` into `group`'s receive buffers: each completion
+    /// carries one datagram (or, with UDP GRO, several coalesced) in an [`RxBuf`].
+    Recv {
+        /// The socket's fixed-file slot.
+        slot: u32,
+        /// The group whose buffers it fills.
+        group: Group,
+    },
+    /// The transmit-stamp command on fixed-file `slot` (`SOCKET_URING_OP_TX_TIMESTAMP`, Linux
+    /// 6.15+): completes once per stamp the socket's sends earn ([`Completion::tx_stamp`]). The
+    /// socket needs [`crate::enable_tx_timestamps`]. A kernel without the command ends it at
+    /// once with `-EINVAL` or `-EOPNOTSUPP`; the stamps then stay on the socket's error queue
+    /// ([`crate::recv_tx_stamps`]; [`Arm::ErrorPoll`] to be woken).
+    TxStamps {
+        /// The socket's fixed-file slot.
+        slot: u32,
+    },
+    /// A multishot poll for error readiness (`POLLERR`: something on the error queue, such as a
+    /// transmit stamp) on fixed-file `slot`.
+    ErrorPoll {
+        /// The socket's fixed-file slot.
+        slot: u32,
+    },
+    /// A read of the waker eventfd ([`Ring::waker`]): completes when another thread notifies.
+    Waker,
+}
+
+/// The headers of one send; one per buffer, used while that buffer is being sent.
 #[repr(C)]
 struct SendSlot {
     /// The message header handed to the kernel.
     msg: libc::msghdr,
-    /// The one I/O vector: the payload inside the receive buffer.
+    /// The one I/O vector: the payload inside the buffer.
     iov: libc::iovec,
     /// The destination.
     addr: libc::sockaddr_in6,
     /// The send's control messages: a `UDP_SEGMENT` size for a GSO send, an `SCM_TS_OPT_ID`
     /// for a stamped one (u64s: cmsg alignment).
     control: [u64; crate::cmsg::SEND_CMSG_SPACE / 8],
+    /// The caller's [`UserData`], encoded, which the completion carries back.
+    user: u64,
+    /// For a receive buffer: its receive's completion length, which the token it gets back
+    /// carries again.
+    rx_len: u32,
+    /// Whether the send asked for UDP GSO (an `EIO` then lowers [`Gso::max_segments`]).
+    segmented: bool,
 }
 
 /// One completion, copied out of the completion queue.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct Completion {
-    /// What the submission was (see the backend's encoding).
-    pub user_data: u64,
+    /// What the submission was (kind 0 where it could not be decoded).
+    pub user_data: UserData,
     /// The result: bytes, or a negative errno.
     pub result: i32,
     /// Completion flags.
     pub flags: u32,
     /// The second half of a 32-byte completion (a transmit stamp's time; zero for others).
     pub big: [u64; 2],
+    /// The buffer it hands over: a receive's, or the one a send sent from.
+    buf: Option<Buf>,
 }
 
 impl Completion {
-    /// The provided buffer this completion carries, if any.
-    #[must_use]
-    pub fn buffer(&self) -> Option<u16> {
-        cqueue::buffer_select(self.flags)
-    }
-
     /// Whether a multishot request stays armed after this completion.
     #[must_use]
     pub fn more(&self) -> bool {
         cqueue::more(self.flags)
     }
 
-    /// The transmit stamp a completion of [`Ring::arm_tx_stamps`] carries.
+    /// The transmit stamp a completion of [`Arm::TxStamps`] carries.
     ///
     /// # Errors
     /// The request ended, or the completion holds no software send stamp (see
     /// [`crate::txstamp::from_completion`]).
     pub fn tx_stamp(&self) -> Result<crate::txstamp::TxStamp, crate::txstamp::TxStampError> {
         crate::txstamp::from_completion(self.result, self.flags, self.big)
+    }
+
+    /// The receive buffer it hands over (a receive's datagram, or the buffer a send sent from),
+    /// once. One not taken goes back to its group when the completions are given back
+    /// ([`Ring::give_back`]).
+    pub fn take_rx(&mut self) -> Option<RxBuf> {
+        match self.buf.take() {
+            Some(Buf::Rx(b)) => Some(b),
+            other => {
+                self.buf = other;
+                None
+            }
+        }
+    }
+
+    /// The buffer it hands over, of either kind, once (see [`Completion::take_rx`]).
+    pub fn take_buf(&mut self) -> Option<Buf> {
+        self.buf.take()
+    }
+
+    /// The transmit buffer a send sent from, once (see [`Completion::take_rx`]).
+    pub fn take_tx(&mut self) -> Option<TxBuf> {
+        match self.buf.take() {
+            Some(Buf::Tx(b)) => Some(b),
+            other => {
+                self.buf = other;
+                None
+            }
+        }
     }
 }
 
@@ -193,27 +503,206 @@ pub struct Received<'a> {
     pub control: &'a [u8],
 }
 
-/// The io_uring, its buffer ring and everything the kernel may read or write through it.
-pub struct Ring {
-    /// The ring, with 32-byte completions (transmit stamps carry their time in the second half).
-    ring: IoUring<squeue::Entry, cqueue::Entry32>,
+/// [`Received`] with its payload writable ([`Ring::received_mut`]): for a datagram changed in
+/// place before it is sent on from the same buffer.
+#[derive(Debug)]
+pub struct ReceivedMut<'a> {
+    /// Its source, when the address family is IPv4 or IPv6.
+    pub from: Option<SocketAddr>,
+    /// Its payload, writable.
+    pub payload: &'a mut [u8],
+    /// Whether the payload was longer than the buffer and cut.
+    pub truncated: bool,
+    /// With UDP GRO: the coalesced datagrams' size (see [`Received::segment`]).
+    pub segment: Option<u16>,
+    /// The control messages the kernel attached.
+    pub control: &'a [u8],
+}
+
+/// One buffer group: its provided-buffer ring (the receive buffers the kernel picks from), its
+/// receive and transmit buffers, and one send header per buffer. A ring holds one or two, each
+/// addressed by a [`Group`].
+struct BufGroup {
     /// Page-aligned buffer-ring entries (mmap), `entries` × 16 bytes.
     ring_mem: NonNull<BufRingEntry>,
     /// Length of the mapping.
     ring_len: usize,
-    /// Number of buffers (= entries).
+    /// Number of receive buffers (= entries, a power of two).
     entries: u16,
+    /// The kernel's buffer id of receive buffer 0: the groups' ids do not overlap, so a
+    /// completion's buffer id alone says which group it is in.
+    bid_base: u16,
     /// Our copy of the buffer ring's tail.
     tail: u16,
     /// Size of each receive and transmit buffer.
-    buffer_size: usize,
-    /// The receive buffers, `entries` × `buffer_size` bytes.
-    buffers: Box<[u8]>,
-    /// Send headers, one per receive buffer.
+    size: usize,
+    /// The receive buffers, `entries` × `size` bytes.
+    rx: Box<[u8]>,
+    /// The transmit buffers, `tx_count` × `size` bytes.
+    tx: Box<[u8]>,
+    /// Free transmit buffers.
+    free: Vec<u16>,
+    /// Send headers: one per receive buffer, then one per transmit buffer.
     sends: Box<[SendSlot]>,
-    /// Transmit buffers of `buffer_size` for datagrams that did not arrive in a receive buffer
-    /// (generated or copied).
-    tx: TxPool,
+}
+
+impl std::fmt::Debug for BufGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufGroup")
+            .field("entries", &self.entries)
+            .field("size", &self.size)
+            .field("free_tx", &self.free.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BufGroup {
+    /// Maps and fills a group of `entries` (a power of two) receive buffers and `tx_count`
+    /// transmit buffers of `size` bytes, the first receive buffer's kernel id `bid_base`. Not
+    /// registered yet.
+    fn new(entries: u16, bid_base: u16, tx_count: u16, size: usize) -> Result<Self, SetupError> {
+        let (ring_mem, ring_len) = map_buf_ring(entries)?;
+        let slots = usize::from(entries) + usize::from(tx_count);
+        Ok(Self {
+            ring_mem,
+            ring_len,
+            entries,
+            bid_base,
+            tail: 0,
+            size,
+            rx: vec![0u8; usize::from(entries) * size].into_boxed_slice(),
+            tx: vec![0u8; usize::from(tx_count) * size].into_boxed_slice(),
+            free: (0..tx_count).rev().collect(),
+            sends: (0..slots)
+                // SAFETY: all fields of SendSlot are plain old data; all-zero is valid for each.
+                .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
+                .collect(),
+        })
+    }
+
+    fn tx_count(&self) -> u16 {
+        u16::try_from(self.sends.len() - usize::from(self.entries)).unwrap_or(u16::MAX)
+    }
+
+    fn capacity(&self) -> Capacity {
+        Capacity {
+            rx: self.entries,
+            tx: self.tx_count(),
+            max_payload: self.size - PAYLOAD_OFFSET,
+            tx_size: self.size,
+        }
+    }
+
+    /// Puts receive buffer `id` in the buffer ring (visible after [`BufGroup::publish`]).
+    fn push_rx(&mut self, id: u16) {
+        if id >= self.entries {
+            return;
+        }
+        let idx = usize::from(self.tail & (self.entries - 1));
+        let addr = self.rx[usize::from(id) * self.size..].as_ptr() as u64;
+        // SAFETY: idx < entries, so the entry lies inside the mapping, which we own; the kernel
+        // reads entries only up to the tail we publish in `publish`, after this write.
+        let entry = unsafe { &mut *self.ring_mem.as_ptr().add(idx) };
+        entry.set_addr(addr);
+        entry.set_len(u32::try_from(self.size).unwrap_or(u32::MAX));
+        entry.set_bid(self.bid_base + id);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Publishes the buffers pushed since the last call: one release store.
+    fn publish(&self) {
+        // SAFETY: the tail field overlays the first entry's `resv`, inside the mapping; the
+        // kernel reads it atomically, so we store it atomically with release ordering.
+        unsafe {
+            let tail = BufRingEntry::tail(self.ring_mem.as_ptr()).cast::<AtomicU16>();
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The bytes receive buffer `id` holds, its completion having reported `len`.
+    fn rx_bytes(&self, id: u16, len: u32) -> Option<&[u8]> {
+        let start = usize::from(id).checked_mul(self.size)?;
+        let len = usize::try_from(len).ok()?.min(self.size);
+        self.rx.get(start..start + len)
+    }
+
+    /// [`BufGroup::rx_bytes`], writable.
+    fn rx_bytes_mut(&mut self, id: u16, len: u32) -> Option<&mut [u8]> {
+        let start = usize::from(id).checked_mul(self.size)?;
+        let len = usize::try_from(len).ok()?.min(self.size);
+        self.rx.get_mut(start..start + len)
+    }
+
+    /// Where receive buffer `id`'s payload bytes `range` lie in `rx` (within its payload, whose
+    /// completion length was `len`).
+    fn rx_payload_range(
+        &self,
+        id: u16,
+        len: u32,
+        recv_msg: &libc::msghdr,
+        range: &Range<usize>,
+    ) -> Option<Range<usize>> {
+        let h = parse_header(self.rx_bytes(id, len)?, recv_msg)?;
+        (range.start <= range.end && range.end <= h.payload).then_some(())?;
+        let base = usize::from(id) * self.size + PAYLOAD_OFFSET;
+        Some(base + range.start..base + range.end)
+    }
+
+    /// Where transmit buffer `id`'s bytes `range` lie in `tx`.
+    fn tx_range(&self, id: u16, range: &Range<usize>) -> Option<Range<usize>> {
+        (id < self.tx_count() && range.start <= range.end && range.end <= self.size)
+            .then_some(())?;
+        let base = usize::from(id) * self.size;
+        Some(base + range.start..base + range.end)
+    }
+
+    /// Fills the send header of `buf` for its first `len` payload bytes (a receive buffer's
+    /// payload, a transmit buffer's bytes) and builds its SendMsg, whose user_data names the
+    /// buffer. `None` when `buf` is not one of this group's.
+    #[allow(clippy::too_many_arguments)] // one send's facts
+    fn send_entry(
+        &mut self,
+        buf: &Buf,
+        large: bool,
+        len: usize,
+        to: SocketAddr,
+        slot: u32,
+        user: UserData,
+        opts: SendOpts,
+    ) -> Option<squeue::Entry> {
+        let (index, bytes, marker, rx_len) = match buf {
+            Buf::Rx(b) => {
+                let start = usize::from(b.id).checked_mul(self.size)? + PAYLOAD_OFFSET;
+                let n = len.min(self.size - PAYLOAD_OFFSET);
+                (b.id < self.entries).then_some(())?;
+                let bytes = self.rx.get_mut(start..start + n)?;
+                (usize::from(b.id), bytes, u64::from(b.id), b.len)
+            }
+            Buf::Tx(t) => {
+                let r = self.tx_range(t.id, &(0..len.min(self.size)))?;
+                let bytes = self.tx.get_mut(r)?;
+                let index = usize::from(self.entries) + usize::from(t.id);
+                (index, bytes, SEND_TX_BIT | u64::from(t.id), 0)
+            }
+        };
+        let s = self.sends.get_mut(index)?;
+        s.user = user.encode();
+        s.rx_len = rx_len;
+        s.segmented = opts.segment.is_some();
+        let ud = SEND_BIT | if large { SEND_LARGE_BIT } else { 0 } | marker;
+        Some(prepare_send(s, bytes, to, slot, ud, opts))
+    }
+}
+
+/// The io_uring, its buffer groups and everything the kernel may read or write through it.
+pub struct Ring {
+    /// The ring, with 32-byte completions (transmit stamps carry their time in the second half).
+    ring: IoUring<squeue::Entry, cqueue::Entry32>,
+    /// Tells this ring's tokens from another's.
+    id: u32,
+    /// The buffer groups, by [`Group::index`]: the small one always, the large one after
+    /// [`Ring::add_large`].
+    groups: [Option<BufGroup>; 2],
     /// The header multishot receives describe their layout with.
     recv_msg: Box<libc::msghdr>,
     /// Wakes the ring from other threads.
@@ -233,146 +722,27 @@ pub struct Ring {
     /// Whether the kernel supports min_wait.
     min_timeout: bool,
     /// Whether a send with a stamp id completes twice (its stamp arrives as a completion of
-    /// [`Ring::arm_tx_stamps`]), so the next wait counts it in.
+    /// [`Arm::TxStamps`]), so the next wait counts it in.
     stamp_completions: bool,
-    /// A second group of receive buffers of [`MAX_BUFFER_SIZE`], with transmit buffers of that
-    /// size, for one socket with UDP GRO and GSO among sockets with small buffers.
-    large: Option<Large>,
-}
-
-/// The large buffer group: its buffer ring, receive buffers and transmit buffers.
-struct Large {
-    /// Page-aligned buffer-ring entries (mmap).
-    ring_mem: NonNull<BufRingEntry>,
-    /// Length of the mapping.
-    ring_len: usize,
-    /// Number of receive buffers.
-    entries: u16,
-    /// Our copy of the buffer ring's tail.
-    tail: u16,
-    /// Receive buffers, `entries` × [`MAX_BUFFER_SIZE`].
-    buffers: Box<[u8]>,
-    /// Transmit buffers of [`MAX_BUFFER_SIZE`] (GSO sends).
-    tx: TxPool,
-}
-
-/// Transmit buffers of one size, each with the send header the kernel reads while it is sent,
-/// and the list of free ones. The small group and the large group each have one.
-struct TxPool {
-    /// `sends.len()` × `size` bytes.
-    bytes: Box<[u8]>,
-    /// Size of each buffer.
-    size: usize,
-    /// Send headers, one per buffer.
-    sends: Box<[SendSlot]>,
-    /// Free buffers.
-    free: Vec<u16>,
-}
-
-/// `n` all-zero send headers.
-fn zeroed_slots(n: u16) -> Box<[SendSlot]> {
-    (0..n)
-        // SAFETY: all fields of SendSlot are plain old data; all-zero is valid for each.
-        .map(|_| unsafe { std::mem::zeroed::<SendSlot>() })
-        .collect()
-}
-
-impl TxPool {
-    fn new(count: u16, size: usize) -> Self {
-        Self {
-            bytes: vec![0u8; usize::from(count) * size].into_boxed_slice(),
-            size,
-            sends: zeroed_slots(count),
-            free: (0..count).rev().collect(),
-        }
-    }
-
-    fn acquire(&mut self) -> Option<u16> {
-        self.free.pop()
-    }
-
-    fn release(&mut self, i: u16) {
-        if usize::from(i) < self.sends.len() {
-            self.free.push(i);
-        }
-    }
-
-    /// Bytes `at..at + n` of buffer `i`; `None` past the buffer's end or the pool's.
-    fn region(&self, i: u16, at: usize, n: usize) -> Option<&[u8]> {
-        let start = usize::from(i).checked_mul(self.size)? + at;
-        (at + n <= self.size).then_some(())?;
-        self.bytes.get(start..start + n)
-    }
-
-    /// [`TxPool::region`], writable.
-    fn region_mut(&mut self, i: u16, at: usize, n: usize) -> Option<&mut [u8]> {
-        let start = usize::from(i).checked_mul(self.size)? + at;
-        (at + n <= self.size).then_some(())?;
-        self.bytes.get_mut(start..start + n)
-    }
-
-    /// A free buffer holding a copy of `src`, if one is free and `src` fits.
-    fn acquire_with(&mut self, src: &[u8]) -> Option<u16> {
-        if src.len() > self.size {
-            return None;
-        }
-        let i = self.acquire()?;
-        match self.region_mut(i, 0, src.len()) {
-            Some(out) => {
-                out.copy_from_slice(src);
-                Some(i)
-            }
-            None => {
-                self.release(i);
-                None
-            }
-        }
-    }
-
-    /// The send of buffer `i`'s first `len` bytes (see [`prepare_send`]).
-    fn send_entry(
-        &mut self,
-        i: u16,
-        len: usize,
-        to: SocketAddr,
-        slot: u32,
-        user_data: u64,
-        opts: SendOpts,
-    ) -> io::Result<squeue::Entry> {
-        let out_of_range = || io::Error::other("transmit buffer out of range");
-        let start = usize::from(i) * self.size;
-        let payload = self
-            .bytes
-            .get_mut(start..start + len.min(self.size))
-            .ok_or_else(out_of_range)?;
-        let s = self
-            .sends
-            .get_mut(usize::from(i))
-            .ok_or_else(out_of_range)?;
-        Ok(prepare_send(s, payload, to, slot, user_data, opts))
-    }
+    /// UDP GSO's limit on this ring.
+    gso: Gso,
 }
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ring")
-            .field("entries", &self.entries)
+            .field("id", &self.id)
+            .field("groups", &self.groups)
+            .field("gso", &self.gso)
             .finish_non_exhaustive()
     }
 }
 
 impl Ring {
     /// Creates the ring on the calling thread (which must be the only one to use it), with
-    /// `sq_entries` submissions, 4× completions, `buffers` receive buffers, and a fixed-file
-    /// table of `files` slots.
-    ///
-    /// # Errors
-    /// What failed, in words that name the cause and the way out.
-    pub fn new(sq_entries: u32, buffers: u16, files: u32) -> Result<Self, SetupError> {
-        Self::with_tx(sq_entries, buffers, files, 0)
-    }
-
-    /// Like [`Ring::new`], with `tx_count` transmit buffers as well (see [`Ring::tx_acquire`]).
+    /// `sq_entries` submissions, 4× completions, a fixed-file table of `files` slots (at most
+    /// [`MAX_FILES`]), and the small group: `buffers` receive buffers (rounded up to a power of
+    /// two, at most 32768) and `tx_count` transmit buffers of [`BUFFER_SIZE`].
     ///
     /// # Errors
     /// What failed, in words that name the cause and the way out.
@@ -398,6 +768,21 @@ impl Ring {
         tx_count: u16,
         buffer_size: usize,
     ) -> Result<Self, SetupError> {
+        let invalid = |step, what: &str| SetupError::Other {
+            step,
+            source: io::Error::new(io::ErrorKind::InvalidInput, what),
+        };
+        if files > MAX_FILES {
+            return Err(invalid(
+                "register_files_sparse",
+                "more than 2^24 fixed files",
+            ));
+        }
+        let entries = buffers
+            .max(1)
+            .checked_next_power_of_two()
+            .filter(|&n| n <= 1 << 15)
+            .ok_or_else(|| invalid("register_buf_ring", "more than 32768 receive buffers"))?;
         let buffer_size = buffer_size
             .clamp(BUFFER_SIZE, MAX_BUFFER_SIZE)
             .next_multiple_of(64);
@@ -411,25 +796,15 @@ impl Ring {
         ring.submitter()
             .register_files_sparse(files)
             .map_err(|e| classify("register_files_sparse", e))?;
-
-        let entries = buffers.max(1);
-        let (ring_mem, ring_len) = map_buf_ring(entries)?;
         let waker = EventFd::new().map_err(|e| classify("eventfd", e))?;
         // SAFETY: msghdr is plain old data; all-zero is a valid (empty) header.
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msg.msg_namelen = NAME_LEN_SOCKLEN;
         recv_msg.msg_controllen = CONTROL_LEN;
-        let sends = zeroed_slots(entries);
         let mut this = Self {
             ring,
-            ring_mem,
-            ring_len,
-            entries,
-            tail: 0,
-            buffer_size,
-            buffers: vec![0u8; usize::from(entries) * buffer_size].into_boxed_slice(),
-            sends,
-            tx: TxPool::new(tx_count, buffer_size),
+            id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
+            groups: [None, None],
             recv_msg,
             waker: std::sync::Arc::new(waker),
             wake_buf: Box::new(0),
@@ -439,25 +814,71 @@ impl Ring {
             batch_wait_usec: 0,
             min_timeout: false,
             stamp_completions: false,
-            large: None,
+            gso: Gso {
+                max_segments: crate::socket::max_gso_segments(),
+                fallbacks: 0,
+            },
         };
         this.min_timeout = this.ring.params().is_feature_min_timeout();
-        // SAFETY: the mapping is page-aligned, zeroed, `entries` long, and lives in `self`;
-        // `Drop` unregisters the buffer ring before unmapping it.
-        unsafe {
-            this.ring.submitter().register_buf_ring_with_flags(
-                this.ring_mem.as_ptr() as u64,
-                entries,
-                BGID,
+        this.register_group(
+            Group::Small,
+            BufGroup::new(entries, 0, tx_count, buffer_size)?,
+        )?;
+        Ok(this)
+    }
+
+    /// Adds the large group: `count` receive buffers (rounded up to a power of two) and
+    /// `tx_count` transmit buffers, each of [`MAX_BUFFER_SIZE`] (room for a GRO-coalesced
+    /// receive, or a GSO send of up to 64 KiB), for the sockets armed with
+    /// [`Arm::Recv`] into [`Group::Large`].
+    ///
+    /// # Errors
+    /// The large group exists already, the two groups together would have more than 65536
+    /// receive buffers, or the kernel refused it.
+    pub fn add_large(&mut self, count: u16, tx_count: u16) -> Result<(), SetupError> {
+        let other = |what: &str| SetupError::Other {
+            step: "add_large",
+            source: io::Error::other(what),
+        };
+        if self.groups[Group::Large.index()].is_some() {
+            return Err(other("the large group exists already"));
+        }
+        let base = self.groups[Group::Small.index()]
+            .as_ref()
+            .map_or(0, |g| g.entries);
+        let entries = count
+            .max(1)
+            .checked_next_power_of_two()
+            .filter(|&n| u32::from(base) + u32::from(n) <= 1 << 16)
+            .ok_or_else(|| other("more than 65536 receive buffers in all"))?;
+        let group = BufGroup::new(entries, base, tx_count, MAX_BUFFER_SIZE)?;
+        self.register_group(Group::Large, group)
+    }
+
+    /// Registers `group`'s buffer ring as `g`, fills it and keeps it.
+    fn register_group(&mut self, g: Group, mut group: BufGroup) -> Result<(), SetupError> {
+        let bgid = u16::try_from(g.index()).unwrap_or(u16::MAX);
+        // SAFETY: the mapping is page-aligned, zeroed, `entries` long, and lives in `self.groups`
+        // from here on; `Drop` unregisters the group before unmapping it.
+        let registered = unsafe {
+            self.ring.submitter().register_buf_ring_with_flags(
+                group.ring_mem.as_ptr() as u64,
+                group.entries,
+                bgid,
                 0,
             )
+        };
+        if let Err(e) = registered {
+            // SAFETY: the mapping was made with this length and is not registered.
+            unsafe { libc::munmap(group.ring_mem.as_ptr().cast(), group.ring_len) };
+            return Err(classify("register_buf_ring", e));
         }
-        .map_err(|e| classify("register_buf_ring", e))?;
-        for bid in 0..entries {
-            this.push_buffer(bid);
+        for id in 0..group.entries {
+            group.push_rx(id);
         }
-        this.sync_buffers();
-        Ok(this)
+        group.publish();
+        self.groups[g.index()] = Some(group);
+        Ok(())
     }
 
     /// A handle other threads use to wake the ring.
@@ -466,224 +887,16 @@ impl Ring {
         std::sync::Arc::clone(&self.waker)
     }
 
-    /// Number of receive buffers.
+    /// The sizes of group `g`; `None` for the large group before [`Ring::add_large`].
     #[must_use]
-    pub const fn buffer_count(&self) -> u16 {
-        self.entries
+    pub fn capacity(&self, g: Group) -> Option<Capacity> {
+        self.groups[g.index()].as_ref().map(BufGroup::capacity)
     }
 
-    /// Largest payload a receive buffer holds (a transmit buffer holds its whole size).
+    /// UDP GSO's limit on this ring, and how often an `EIO` lowered it.
     #[must_use]
-    pub const fn max_payload(&self) -> usize {
-        self.buffer_size - PAYLOAD_OFFSET
-    }
-
-    fn push_buffer(&mut self, bid: u16) {
-        let idx = usize::from(self.tail & (self.entries - 1));
-        let addr = self.buffers[usize::from(bid) * self.buffer_size..].as_ptr() as u64;
-        // SAFETY: idx < entries, so the entry lies inside the mapping, which we own; the kernel
-        // reads entries only up to the tail we publish in `sync_buffers`, after this write.
-        let entry = unsafe { &mut *self.ring_mem.as_ptr().add(idx) };
-        entry.set_addr(addr);
-        entry.set_len(u32::try_from(self.buffer_size).unwrap_or(u32::MAX));
-        entry.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    /// Gives buffer `bid` back to the kernel (visible after [`Ring::sync_buffers`]).
-    pub fn recycle(&mut self, bid: u16) {
-        if bid < self.entries {
-            self.push_buffer(bid);
-        }
-    }
-
-    /// Adds a second group of `count` receive buffers and `tx_count` transmit buffers, each of
-    /// [`MAX_BUFFER_SIZE`] (room for a GRO-coalesced receive, or a GSO send of up to 64 KiB), for
-    /// the sockets armed with [`Ring::arm_recv_large`].
-    ///
-    /// # Errors
-    /// A second group exists already, or the kernel refused it.
-    pub fn add_large(&mut self, count: u16, tx_count: u16) -> Result<(), SetupError> {
-        if self.large.is_some() {
-            return Err(SetupError::Other {
-                step: "add_large",
-                source: io::Error::other("the large group exists already"),
-            });
-        }
-        let entries = count.max(1).next_power_of_two();
-        let (ring_mem, ring_len) = map_buf_ring(entries)?;
-        // SAFETY: the mapping is page-aligned, zeroed, `entries` long, and lives in `self.large`;
-        // `Drop` unregisters this group before unmapping it.
-        let registered = unsafe {
-            self.ring.submitter().register_buf_ring_with_flags(
-                ring_mem.as_ptr() as u64,
-                entries,
-                BGID_LARGE,
-                0,
-            )
-        };
-        if let Err(e) = registered {
-            // SAFETY: the mapping was made above with this length and is not registered.
-            unsafe { libc::munmap(ring_mem.as_ptr().cast(), ring_len) };
-            return Err(classify("register_buf_ring", e));
-        }
-        self.large = Some(Large {
-            ring_mem,
-            ring_len,
-            entries,
-            tail: 0,
-            buffers: vec![0u8; usize::from(entries) * MAX_BUFFER_SIZE].into_boxed_slice(),
-            tx: TxPool::new(tx_count, MAX_BUFFER_SIZE),
-        });
-        for bid in 0..entries {
-            self.recycle_large(bid);
-        }
-        self.sync_buffers();
-        Ok(())
-    }
-
-    /// Gives large receive buffer `bid` back to the kernel (visible after
-    /// [`Ring::sync_buffers`]).
-    pub fn recycle_large(&mut self, bid: u16) {
-        let Some(l) = self.large.as_mut() else { return };
-        if bid >= l.entries {
-            return;
-        }
-        let idx = usize::from(l.tail & (l.entries - 1));
-        let addr = l.buffers[usize::from(bid) * MAX_BUFFER_SIZE..].as_ptr() as u64;
-        // SAFETY: idx < entries, inside the mapping we own; the kernel reads entries only up to
-        // the tail published in `sync_buffers`, after this write.
-        let entry = unsafe { &mut *l.ring_mem.as_ptr().add(idx) };
-        entry.set_addr(addr);
-        entry.set_len(u32::try_from(MAX_BUFFER_SIZE).unwrap_or(u32::MAX));
-        entry.set_bid(bid);
-        l.tail = l.tail.wrapping_add(1);
-    }
-
-    /// Arms a multishot receive on fixed-file `slot` into the large buffers.
-    ///
-    /// # Errors
-    /// No large group ([`Ring::add_large`]), or the submission queue could not take it.
-    pub fn arm_recv_large(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
-        if self.large.is_none() {
-            return Err(io::Error::other("no large buffer group"));
-        }
-        let e = opcode::RecvMsgMulti::new(Fixed(slot), &*self.recv_msg, BGID_LARGE)
-            .build()
-            .user_data(user_data);
-        self.push(&e)
-    }
-
-    /// The datagram (or GRO-coalesced datagrams) in large buffer `bid`, whose completion
-    /// reported `len` bytes.
-    #[must_use]
-    pub fn received_large(&self, bid: u16, len: usize) -> Option<Received<'_>> {
-        let l = self.large.as_ref()?;
-        let start = usize::from(bid).checked_mul(MAX_BUFFER_SIZE)?;
-        parse_received(
-            l.buffers.get(start..start + len.min(MAX_BUFFER_SIZE))?,
-            &self.recv_msg,
-        )
-    }
-
-    /// Copies `n` bytes at `offset` of large buffer `bid`'s payload (completion length `len`)
-    /// into a free small transmit buffer; returns it. For the segments of a coalesced receive,
-    /// each of which leaves on its own socket.
-    pub fn tx_copy_from_large(
-        &mut self,
-        bid: u16,
-        len: usize,
-        offset: usize,
-        n: usize,
-    ) -> Option<u16> {
-        let payload_len = self.received_large(bid, len)?.payload.len();
-        if offset + n > payload_len {
-            return None;
-        }
-        let src = usize::from(bid) * MAX_BUFFER_SIZE + PAYLOAD_OFFSET + offset;
-        let segment = self.large.as_ref()?.buffers.get(src..src + n)?;
-        self.tx.acquire_with(segment)
-    }
-
-    /// Copies the payload of small receive buffer `bid` (completion length `len`) into large
-    /// transmit buffer `i` at byte `at`; returns the bytes copied. For packets gathered into one
-    /// GSO send.
-    pub fn copy_to_large_tx(&mut self, bid: u16, len: usize, i: u16, at: usize) -> Option<usize> {
-        let n = self.received(bid, len)?.payload.len();
-        if at + n > MAX_BUFFER_SIZE {
-            return None;
-        }
-        let src = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
-        let payload = self.buffers.get(src..src + n)?;
-        let l = self.large.as_mut()?;
-        l.tx.region_mut(i, at, n)?.copy_from_slice(payload);
-        Some(n)
-    }
-
-    /// Copies the first `n` bytes of small transmit buffer `tx` into large transmit buffer `i` at
-    /// byte `at`; returns the bytes copied. For datagrams regathered into one GSO send.
-    pub fn copy_tx_to_large_tx(&mut self, tx: u16, n: usize, i: u16, at: usize) -> Option<usize> {
-        let payload = self.tx.region(tx, 0, n)?;
-        let l = self.large.as_mut()?;
-        l.tx.region_mut(i, at, n)?.copy_from_slice(payload);
-        Some(n)
-    }
-
-    /// A free large transmit buffer, if any.
-    pub fn large_tx_acquire(&mut self) -> Option<u16> {
-        self.large.as_mut()?.tx.acquire()
-    }
-
-    /// Large transmit buffer `i`, [`MAX_BUFFER_SIZE`] bytes.
-    pub fn large_tx_buffer(&mut self, i: u16) -> Option<&mut [u8]> {
-        self.large.as_mut()?.tx.region_mut(i, 0, MAX_BUFFER_SIZE)
-    }
-
-    /// Returns large transmit buffer `i` to the pool.
-    pub fn large_tx_release(&mut self, i: u16) {
-        if let Some(l) = self.large.as_mut() {
-            l.tx.release(i);
-        }
-    }
-
-    /// Sends the first `len` bytes of large transmit buffer `i` from fixed-file `slot` to `to`,
-    /// with what `opts` asks: cut into `segment`-byte datagrams by UDP GSO, stamped with an id.
-    ///
-    /// # Errors
-    /// The submission queue could not take it, or `i` is not a large transmit buffer.
-    pub fn send_large_tx(
-        &mut self,
-        slot: u32,
-        i: u16,
-        len: usize,
-        to: SocketAddr,
-        user_data: u64,
-        opts: SendOpts,
-    ) -> io::Result<()> {
-        let e = self
-            .large
-            .as_mut()
-            .ok_or_else(|| io::Error::other("no large buffer group"))?
-            .tx
-            .send_entry(i, len, to, slot, user_data, opts)?;
-        self.push_send(&e, opts)
-    }
-
-    /// Publishes recycled buffers to the kernel: one release store per batch.
-    pub fn sync_buffers(&mut self) {
-        // SAFETY: the tail field overlays the first entry's `resv`, inside the mapping; the
-        // kernel reads it atomically, so we store it atomically with release ordering.
-        unsafe {
-            let tail = BufRingEntry::tail(self.ring_mem.as_ptr()).cast::<AtomicU16>();
-            (*tail).store(self.tail, Ordering::Release);
-        }
-        if let Some(l) = &self.large {
-            // SAFETY: as above, for the large group's own mapping.
-            unsafe {
-                let tail = BufRingEntry::tail(l.ring_mem.as_ptr()).cast::<AtomicU16>();
-                (*tail).store(l.tail, Ordering::Release);
-            }
-        }
+    pub const fn gso(&self) -> Gso {
+        self.gso
     }
 
     /// Puts socket `fd` in fixed-file slot `slot` (the ring keeps its own reference).
@@ -708,9 +921,12 @@ impl Ring {
             .map(drop)
     }
 
+    /// Pushes an entry that is not a send (those are [`Ring::send`]'s), submitting what the
+    /// queue holds first when it is full.
     fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        // SAFETY: every entry built in this module points only at memory owned by `self`
-        // that outlives the operation (see the module header).
+        // SAFETY: every entry built in this module points only at memory owned by `self` that
+        // lives as long as the ring: the boxed receive `msghdr` and eventfd buffer, the
+        // groups' buffer rings; none points into a buffer (see `Ring::send` for sends).
         let pushed = unsafe { self.ring.submission().push(entry) };
         if pushed.is_err() {
             self.ring.submit()?;
@@ -726,285 +942,295 @@ impl Ring {
         self.ring.submission().is_full()
     }
 
-    /// Arms a multishot receive on fixed-file `slot`.
+    /// Submits what `arm` says, whose completions carry `user_data`.
+    ///
+    /// # Errors
+    /// [`Arm::Recv`] into a group the ring does not have, or the submission queue could not
+    /// take it.
+    pub fn arm(&mut self, arm: Arm, user_data: UserData) -> io::Result<()> {
+        let e = match arm {
+            Arm::Recv { slot, group } => {
+                if self.groups[group.index()].is_none() {
+                    return Err(io::Error::other("no large buffer group"));
+                }
+                let bgid = u16::try_from(group.index()).unwrap_or(u16::MAX);
+                opcode::RecvMsgMulti::new(Fixed(slot), &*self.recv_msg, bgid).build()
+            }
+            Arm::TxStamps { slot } => {
+                opcode::UringCmd16::new(Fixed(slot), crate::txstamp::SOCKET_URING_OP_TX_TIMESTAMP)
+                    .build()
+            }
+            #[allow(clippy::cast_sign_loss)] // POLLERR is a small positive flag
+            Arm::ErrorPoll { slot } => opcode::PollAdd::new(Fixed(slot), libc::POLLERR as u32)
+                .multi(true)
+                .build(),
+            Arm::Waker => opcode::Read::new(
+                io_uring::types::Fd(self.waker.raw()),
+                std::ptr::from_mut::<u64>(&mut self.wake_buf).cast(),
+                8,
+            )
+            .build(),
+        };
+        self.push(&e.user_data(user_data.encode()))
+    }
+
+    /// Cancels the request submitted with `target`; the cancel's own completion carries
+    /// `user_data`.
     ///
     /// # Errors
     /// The submission queue could not take it.
-    pub fn arm_recv(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
-        let e = opcode::RecvMsgMulti::new(Fixed(slot), &*self.recv_msg, BGID)
+    pub fn cancel(&mut self, target: UserData, user_data: UserData) -> io::Result<()> {
+        let e = opcode::AsyncCancel::new(target.encode())
             .build()
-            .user_data(user_data);
+            .user_data(user_data.encode());
         self.push(&e)
     }
 
-    /// Arms the transmit-stamp command on fixed-file `slot` (`SOCKET_URING_OP_TX_TIMESTAMP`,
-    /// Linux 6.15+): a multishot request that completes once per stamp the socket's sends earn
-    /// ([`Completion::tx_stamp`]). The socket needs [`crate::enable_tx_timestamps`]. A kernel
-    /// without the command ends it at once with `-EINVAL` or `-EOPNOTSUPP`; the stamps then stay on
-    /// the socket's error queue ([`crate::recv_tx_stamps`]; [`Ring::arm_error_poll`] to be woken).
-    ///
-    /// # Errors
-    /// The submission queue could not take it.
-    pub fn arm_tx_stamps(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
-        let e = opcode::UringCmd16::new(Fixed(slot), crate::txstamp::SOCKET_URING_OP_TX_TIMESTAMP)
-            .build()
-            .user_data(user_data);
-        self.push(&e)
-    }
-
-    /// Arms a multishot poll for error readiness (`POLLERR`: something on the error queue, such
-    /// as a transmit stamp) on fixed-file `slot`: where the kernel lacks the transmit-stamp
-    /// command, the caller reads the stamps with [`crate::recv_tx_stamp`] when this completes.
-    ///
-    /// # Errors
-    /// The submission queue could not take it.
-    pub fn arm_error_poll(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
-        #[allow(clippy::cast_sign_loss)] // POLLERR is a small positive flag
-        let e = opcode::PollAdd::new(Fixed(slot), libc::POLLERR as u32)
-            .multi(true)
-            .build()
-            .user_data(user_data);
-        self.push(&e)
-    }
-
-    /// Arms a read of the waker eventfd.
-    ///
-    /// # Errors
-    /// The submission queue could not take it.
-    pub fn arm_waker(&mut self, user_data: u64) -> io::Result<()> {
-        let e = opcode::Read::new(
-            io_uring::types::Fd(self.waker.raw()),
-            std::ptr::from_mut::<u64>(&mut self.wake_buf).cast(),
-            8,
-        )
-        .build()
-        .user_data(user_data);
-        self.push(&e)
-    }
-
-    /// Cancels the request submitted with `target`.
-    ///
-    /// # Errors
-    /// The submission queue could not take it.
-    pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
-        let e = opcode::AsyncCancel::new(target)
-            .build()
-            .user_data(user_data);
-        self.push(&e)
-    }
-
-    /// The datagram in buffer `bid`, whose completion reported `len` bytes.
+    /// The datagram in `buf`; `None` when the kernel's header does not parse, or `buf` is
+    /// another ring's.
     #[must_use]
-    pub fn received(&self, bid: u16, len: usize) -> Option<Received<'_>> {
-        let start = usize::from(bid).checked_mul(self.buffer_size)?;
-        parse_received(
-            self.buffers.get(start..start + len.min(self.buffer_size))?,
-            &self.recv_msg,
-        )
+    pub fn received(&self, buf: &RxBuf) -> Option<Received<'_>> {
+        let g = self.group_of(buf.ring, buf.group)?;
+        let bytes = g.rx_bytes(buf.id, buf.len)?;
+        let h = parse_header(bytes, &self.recv_msg)?;
+        Some(Received {
+            from: h.from,
+            payload: bytes.get(PAYLOAD_OFFSET..PAYLOAD_OFFSET + h.payload)?,
+            truncated: h.truncated,
+            segment: h.segment,
+            control: bytes.get(16 + NAME_LEN..16 + NAME_LEN + h.control)?,
+        })
     }
 
-    /// The payload of the datagram in buffer `bid` (see [`Ring::received`]), writable: for a
-    /// datagram changed in place before it is sent on from the same buffer ([`Ring::send_with`]).
-    pub fn received_payload_mut(&mut self, bid: u16, len: usize) -> Option<&mut [u8]> {
-        let n = self.received(bid, len)?.payload.len();
-        let start = usize::from(bid).checked_mul(self.buffer_size)? + PAYLOAD_OFFSET;
-        self.buffers.get_mut(start..start + n)
+    /// The datagram in `buf` with its payload writable, from one parse of the kernel's header:
+    /// for a datagram changed in place before it is sent on from the same buffer.
+    #[must_use]
+    pub fn received_mut(&mut self, buf: &mut RxBuf) -> Option<ReceivedMut<'_>> {
+        let recv_msg = &*self.recv_msg;
+        let g = self.groups[buf.group.index()]
+            .as_mut()
+            .filter(|_| buf.ring == self.id)?;
+        let bytes = g.rx_bytes_mut(buf.id, buf.len)?;
+        let h = parse_header(bytes, recv_msg)?;
+        let (head, payload) = bytes.split_at_mut(PAYLOAD_OFFSET);
+        Some(ReceivedMut {
+            from: h.from,
+            payload: payload.get_mut(..h.payload)?,
+            truncated: h.truncated,
+            segment: h.segment,
+            control: head.get(16 + NAME_LEN..16 + NAME_LEN + h.control)?,
+        })
     }
 
-    /// Sends the payload of buffer `bid` (`len` bytes at its payload offset) from fixed-file
-    /// `slot` to `to`. The buffer stays in flight until the send's completion, after which the
-    /// caller recycles it.
+    /// Gives `buf` back: a receive buffer to the kernel (visible after [`Ring::sync_buffers`]), a
+    /// transmit buffer to its group's free list. Another ring's buffer is dropped.
+    ///
+    /// A buffer in flight cannot be recycled: the send took its token.
+    ///
+    /// ```compile_fail
+    /// use relay_io::ring::{Group, Ring, UserData};
+    /// fn in_flight(ring: &mut Ring, to: std::net::SocketAddr) {
+    ///     let buf = ring.tx_acquire(Group::Small).unwrap();
+    ///     let _ = ring.send(0, buf, 20, to, UserData::of(1), Default::default());
+    ///     ring.recycle(buf); // moved into the send
+    /// }
+    /// ```
+    pub fn recycle(&mut self, buf: impl Into<Buf>) {
+        let this = self.id;
+        match buf.into() {
+            Buf::Rx(b) => {
+                if let Some(g) = self.groups[b.group.index()]
+                    .as_mut()
+                    .filter(|_| b.ring == this)
+                {
+                    g.push_rx(b.id);
+                }
+            }
+            Buf::Tx(t) => {
+                if let Some(g) = self.groups[t.group.index()]
+                    .as_mut()
+                    .filter(|_| t.ring == this)
+                {
+                    if t.id < g.tx_count() {
+                        g.free.push(t.id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A free transmit buffer of group `g`, if any: fill it ([`Ring::tx_buffer`], [`Ring::copy`])
+    /// and send it ([`Ring::send`]), or recycle it.
+    pub fn tx_acquire(&mut self, g: Group) -> Option<TxBuf> {
+        let id = self.groups[g.index()].as_mut()?.free.pop()?;
+        Some(TxBuf {
+            ring: self.id,
+            group: g,
+            id,
+        })
+    }
+
+    /// The bytes of transmit buffer `buf`, its whole size; `None` for another ring's.
+    pub fn tx_buffer(&mut self, buf: &mut TxBuf) -> Option<&mut [u8]> {
+        let this = self.id;
+        let g = self.groups[buf.group.index()]
+            .as_mut()
+            .filter(|_| buf.ring == this)?;
+        let r = g.tx_range(buf.id, &(0..g.size))?;
+        g.tx.get_mut(r)
+    }
+
+    /// Copies bytes `range` of `from` (of a receive buffer's payload, or of a transmit buffer)
+    /// into transmit buffer `to` at byte `at`, of either group; returns the bytes copied. `None`
+    /// (nothing copied) when the range lies past the source's end or the copy past `to`'s, or a
+    /// buffer is another ring's. For a segment cut out of a coalesced receive, a datagram
+    /// gathered into a GSO send, a second copy of a datagram.
+    pub fn copy<'a>(
+        &mut self,
+        from: impl Into<BufRef<'a>>,
+        range: Range<usize>,
+        to: &mut TxBuf,
+        at: usize,
+    ) -> Option<usize> {
+        let n = range.end.checked_sub(range.start)?;
+        let (src_group, src_rx, src) = match from.into() {
+            BufRef::Rx(b) => {
+                let g = self.group_of(b.ring, b.group)?;
+                (
+                    b.group,
+                    true,
+                    g.rx_payload_range(b.id, b.len, &self.recv_msg, &range)?,
+                )
+            }
+            BufRef::Tx(t) => {
+                let g = self.group_of(t.ring, t.group)?;
+                (t.group, false, g.tx_range(t.id, &range)?)
+            }
+        };
+        let dst = self
+            .group_of(to.ring, to.group)?
+            .tx_range(to.id, &(at..at.checked_add(n)?))?;
+        let [small, large] = &mut self.groups;
+        let (src_g, dst_g) = match (src_group, to.group) {
+            (Group::Small, Group::Large) => (small.as_mut()?, large.as_mut()),
+            (Group::Large, Group::Small) => (large.as_mut()?, small.as_mut()),
+            (g, _) => {
+                let g = match g {
+                    Group::Small => small,
+                    Group::Large => large,
+                }
+                .as_mut()?;
+                if src_rx {
+                    g.tx.get_mut(dst)?.copy_from_slice(g.rx.get(src)?);
+                } else {
+                    // Two tokens are two buffers: the ranges do not overlap.
+                    g.tx.get(src.clone())?;
+                    g.tx.get(dst.clone())?;
+                    g.tx.copy_within(src, dst.start);
+                }
+                return Some(n);
+            }
+        };
+        let bytes = if src_rx {
+            src_g.rx.get(src)?
+        } else {
+            src_g.tx.get(src)?
+        };
+        dst_g?.tx.get_mut(dst)?.copy_from_slice(bytes);
+        Some(n)
+    }
+
+    /// Sends the first `len` bytes of `buf` (a receive buffer's payload, or a transmit
+    /// buffer's bytes) from fixed-file `slot` to `to`, with what `opts` asks: UDP GSO segments
+    /// (the kernel cuts the payload into datagrams of `segment` bytes, the last maybe shorter;
+    /// at most [`Gso::max_segments`] of them), and the id its kernel transmit stamp comes back
+    /// with ([`Arm::TxStamps`]). The send takes the buffer; its completion gives it back
+    /// ([`Completion::take_rx`], [`Completion::take_tx`]).
+    ///
+    /// A buffer cannot be sent twice, nor recycled while in flight: the token is moved.
+    ///
+    /// ```compile_fail
+    /// use relay_io::ring::{Group, Ring, UserData};
+    /// fn twice(ring: &mut Ring, to: std::net::SocketAddr) {
+    ///     let buf = ring.tx_acquire(Group::Small).unwrap();
+    ///     let _ = ring.send(0, buf, 20, to, UserData::of(1), Default::default());
+    ///     let _ = ring.send(0, buf, 20, to, UserData::of(1), Default::default()); // moved
+    /// }
+    /// ```
+    ///
+    /// ```no_run
+    /// use relay_io::ring::{Group, Ring, UserData};
+    /// fn once(ring: &mut Ring, to: std::net::SocketAddr) {
+    ///     let buf = ring.tx_acquire(Group::Small).unwrap();
+    ///     if let Err(refused) = ring.send(0, buf, 20, to, UserData::of(1), Default::default()) {
+    ///         ring.recycle(refused.buf);
+    ///     }
+    /// }
+    /// ```
     ///
     /// # Errors
-    /// The submission queue could not take it.
+    /// The submission queue could not take it, or the buffer is another ring's; the buffer
+    /// comes back in the error.
     pub fn send(
         &mut self,
         slot: u32,
-        bid: u16,
+        buf: impl Into<Buf>,
         len: usize,
         to: SocketAddr,
-        user_data: u64,
-    ) -> io::Result<()> {
-        self.send_with(slot, bid, len, to, user_data, SendOpts::default())
-    }
-
-    /// [`Ring::send`], with UDP GSO when `segment` is given: the kernel cuts the payload into
-    /// datagrams of `segment` bytes (the last may be shorter), e.g. to reflect a coalesced
-    /// receive in one send.
-    ///
-    /// # Errors
-    /// The submission queue could not take it.
-    pub fn send_gso(
-        &mut self,
-        slot: u32,
-        bid: u16,
-        len: usize,
-        segment: Option<u16>,
-        to: SocketAddr,
-        user_data: u64,
-    ) -> io::Result<()> {
-        self.send_with(
-            slot,
-            bid,
-            len,
-            to,
-            user_data,
-            SendOpts {
-                segment,
-                stamp_id: None,
-            },
-        )
-    }
-
-    /// [`Ring::send`] with what `opts` asks: UDP GSO segments, and the id its kernel transmit
-    /// stamp comes back with ([`Ring::arm_tx_stamps`]).
-    ///
-    /// # Errors
-    /// The submission queue could not take it.
-    pub fn send_with(
-        &mut self,
-        slot: u32,
-        bid: u16,
-        len: usize,
-        to: SocketAddr,
-        user_data: u64,
+        user_data: UserData,
         opts: SendOpts,
-    ) -> io::Result<()> {
-        let offset = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
-        let len = len.min(self.max_payload());
-        let payload = self
-            .buffers
-            .get_mut(offset..offset + len)
-            .ok_or_else(|| io::Error::other("buffer id out of range"))?;
-        let s = self
-            .sends
-            .get_mut(usize::from(bid))
-            .ok_or_else(|| io::Error::other("buffer id out of range"))?;
-        let e = prepare_send(s, payload, to, slot, user_data, opts);
-        self.push_send(&e, opts)
-    }
-
-    /// Pushes a send: it completes during the next submit, which the next wait accounts for,
-    /// and so does its transmit stamp when it asks for one that comes as a completion.
-    fn push_send(&mut self, e: &squeue::Entry, opts: SendOpts) -> io::Result<()> {
-        self.push(e)?;
+    ) -> Result<(), Refused> {
+        let buf = buf.into();
+        let (ring, group) = match &buf {
+            Buf::Rx(b) => (b.ring, b.group),
+            Buf::Tx(t) => (t.ring, t.group),
+        };
+        let refuse = |error, buf| Err(Refused { error, buf });
+        if ring != self.id {
+            return refuse(io::Error::other("a buffer of another ring"), buf);
+        }
+        if self.ring.submission().is_full() {
+            if let Err(e) = self.ring.submit() {
+                return refuse(e, buf);
+            }
+        }
+        let Some(entry) = self.groups[group.index()].as_mut().and_then(|g| {
+            g.send_entry(&buf, group == Group::Large, len, to, slot, user_data, opts)
+        }) else {
+            return refuse(io::Error::other("buffer out of range"), buf);
+        };
+        // SAFETY: the entry points at the send header and the bytes of `buf`'s buffer, in the
+        // group's boxed arrays, which live as long as the ring. They stay put and untouched until
+        // the send completes because the type system says so, not a convention: the buffer's
+        // one token (`RxBuf`/`TxBuf`, neither Clone nor Copy, minted only in this module) is
+        // moved into this call and dropped below; the ring mints it again only from this send's
+        // completion (its user_data carries the ring's send bit, which no `UserData` can set).
+        // Until then no second send can use the buffer or its header, nothing can recycle it,
+        // and no `&mut` to its bytes can be had (`tx_buffer`, `received_mut`, `copy` need the
+        // token). A token from another ring was refused above.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            return refuse(io::Error::other("submission queue full after submit"), buf);
+        }
+        // The send completes during the next submit, which the next wait accounts for, and so
+        // does its transmit stamp when it asks for one that comes as a completion.
         self.unwaited_sends += 1 + usize::from(self.stamp_completions && opts.stamp_id.is_some());
+        drop(buf);
         Ok(())
     }
 
+    /// Publishes recycled receive buffers to the kernel: one release store per group per batch.
+    pub fn sync_buffers(&mut self) {
+        for g in self.groups.iter().flatten() {
+            g.publish();
+        }
+    }
+
     /// Says whether the stamps of sends with a stamp id come back as completions of
-    /// [`Ring::arm_tx_stamps`] (on loopback, during the very submit that issues the send): a
-    /// wait then counts them in, so they do not end it on their own, as the sends themselves
-    /// do not.
+    /// [`Arm::TxStamps`] (on loopback, during the very submit that issues the send): a wait
+    /// then counts them in, so they do not end it on their own, as the sends themselves do not.
     pub fn expect_stamps(&mut self, on: bool) {
         self.stamp_completions = on;
-    }
-
-    /// Number of small transmit buffers.
-    #[must_use]
-    pub fn tx_count(&self) -> u16 {
-        u16::try_from(self.tx.sends.len()).unwrap_or(u16::MAX)
-    }
-
-    /// Number of large transmit buffers (0 without [`Ring::add_large`]).
-    #[must_use]
-    pub fn large_tx_count(&self) -> u16 {
-        self.large
-            .as_ref()
-            .map_or(0, |l| u16::try_from(l.tx.sends.len()).unwrap_or(u16::MAX))
-    }
-
-    /// A free transmit buffer, if any; the caller fills it ([`Ring::tx_buffer`]), sends it
-    /// ([`Ring::send_tx`]) and releases it when the send completes ([`Ring::tx_release`]).
-    pub fn tx_acquire(&mut self) -> Option<u16> {
-        self.tx.acquire()
-    }
-
-    /// Transmit buffer `i`, the ring's buffer size.
-    pub fn tx_buffer(&mut self, i: u16) -> Option<&mut [u8]> {
-        self.tx.region_mut(i, 0, self.buffer_size)
-    }
-
-    /// Copies the payload of receive buffer `bid` (completion length `len`) into a free transmit
-    /// buffer; returns the buffer and the payload length.
-    pub fn tx_copy_from(&mut self, bid: u16, len: usize) -> Option<(u16, usize)> {
-        let n = self.received(bid, len)?.payload.len();
-        let src = usize::from(bid) * self.buffer_size + PAYLOAD_OFFSET;
-        let payload = self.buffers.get(src..src + n)?;
-        Some((self.tx.acquire_with(payload)?, n))
-    }
-
-    /// Copies the first `n` bytes of transmit buffer `i` into a free transmit buffer; returns it.
-    /// For a second copy of a datagram that already lives in a transmit buffer.
-    pub fn tx_copy_tx(&mut self, i: u16, n: usize) -> Option<u16> {
-        self.tx.region(i, 0, n)?;
-        let j = self.tx.acquire()?;
-        let (src, dst) = (usize::from(i) * self.tx.size, usize::from(j) * self.tx.size);
-        self.tx.bytes.copy_within(src..src + n, dst);
-        Some(j)
-    }
-
-    /// Returns transmit buffer `i` to the pool.
-    pub fn tx_release(&mut self, i: u16) {
-        self.tx.release(i);
-    }
-
-    /// Sends the first `len` bytes of transmit buffer `i` from fixed-file `slot` to `to`.
-    ///
-    /// # Errors
-    /// The submission queue could not take it, or `i` is not a transmit buffer.
-    pub fn send_tx(
-        &mut self,
-        slot: u32,
-        i: u16,
-        len: usize,
-        to: SocketAddr,
-        user_data: u64,
-    ) -> io::Result<()> {
-        self.send_tx_with(slot, i, len, to, user_data, SendOpts::default())
-    }
-
-    /// [`Ring::send_tx`], with UDP GSO when `segment` is given (see [`Ring::send_gso`]).
-    ///
-    /// # Errors
-    /// The submission queue could not take it, or `i` is not a transmit buffer.
-    pub fn send_tx_gso(
-        &mut self,
-        slot: u32,
-        i: u16,
-        len: usize,
-        segment: Option<u16>,
-        to: SocketAddr,
-        user_data: u64,
-    ) -> io::Result<()> {
-        self.send_tx_with(
-            slot,
-            i,
-            len,
-            to,
-            user_data,
-            SendOpts {
-                segment,
-                stamp_id: None,
-            },
-        )
-    }
-
-    /// [`Ring::send_tx`] with what `opts` asks (see [`Ring::send_with`]).
-    ///
-    /// # Errors
-    /// The submission queue could not take it, or `i` is not a transmit buffer.
-    pub fn send_tx_with(
-        &mut self,
-        slot: u32,
-        i: u16,
-        len: usize,
-        to: SocketAddr,
-        user_data: u64,
-        opts: SendOpts,
-    ) -> io::Result<()> {
-        let e = self.tx.send_entry(i, len, to, slot, user_data, opts)?;
-        self.push_send(&e, opts)
     }
 
     /// Makes each wait gather up to `batch` completions: the kernel waits for `batch` until `wait`
@@ -1068,40 +1294,128 @@ impl Ring {
         self.ring.submit()
     }
 
-    /// Copies every available completion out of the queue.
+    /// Copies every available completion out of the queue, each with the buffer it hands over
+    /// (a receive's, or the one a send sent from). A send that asked for GSO and failed with
+    /// `EIO` lowers [`Gso::max_segments`] to 1; its completion still says it failed, so the
+    /// caller accounts for its datagrams as for any failed send.
     pub fn drain_completions(&mut self) -> Vec<Completion> {
         let mut out = std::mem::take(&mut self.scratch);
+        self.reclaim(&mut out);
         out.clear();
+        let (id, groups, gso) = (self.id, &mut self.groups, &mut self.gso);
         for c in self.ring.completion() {
+            let (user_data, result, flags) = (c.user_data(), c.result(), c.flags());
+            let (user, buf) = if user_data & SEND_BIT == 0 {
+                // A receive's buffer is the kernel's to report: the flags, never the user_data.
+                let buf = cqueue::buffer_select(flags)
+                    .and_then(|bid| received_buf(id, groups, bid, result));
+                (UserData::decode(user_data), buf)
+            } else {
+                sent_buf(id, groups, user_data, result, gso)
+            };
             out.push(Completion {
-                user_data: c.user_data(),
-                result: c.result(),
-                flags: c.flags(),
+                user_data: user.unwrap_or_default(),
+                result,
+                flags,
                 big: *c.big_cqe(),
+                buf,
             });
         }
         out
     }
 
-    /// Returns the vector from [`Ring::drain_completions`] for reuse.
-    pub fn give_back(&mut self, v: Vec<Completion>) {
+    /// Returns the vector from [`Ring::drain_completions`] for reuse; a buffer no completion
+    /// gave up goes back to its group.
+    pub fn give_back(&mut self, mut v: Vec<Completion>) {
+        self.reclaim(&mut v);
         self.scratch = v;
     }
+
+    /// Recycles the buffers still in `v`'s completions.
+    fn reclaim(&mut self, v: &mut [Completion]) {
+        for c in v {
+            if let Some(b) = c.buf.take() {
+                self.recycle(b);
+            }
+        }
+    }
+
+    /// Group `g`, if `ring` is this ring's id and the group exists.
+    fn group_of(&self, ring: u32, g: Group) -> Option<&BufGroup> {
+        self.groups[g.index()].as_ref().filter(|_| ring == self.id)
+    }
+}
+
+/// The token for the receive buffer whose kernel id is `bid` (a receive's completion with
+/// `result` bytes), in whichever group holds that id.
+fn received_buf(ring: u32, groups: &[Option<BufGroup>; 2], bid: u16, result: i32) -> Option<Buf> {
+    let len = u32::try_from(result).ok()?;
+    [Group::Small, Group::Large].into_iter().find_map(|group| {
+        let g = groups[group.index()].as_ref()?;
+        let id = bid.checked_sub(g.bid_base).filter(|&id| id < g.entries)?;
+        Some(Buf::Rx(RxBuf {
+            ring,
+            group,
+            id,
+            len,
+        }))
+    })
+}
+
+/// A send's completion: the caller's user data kept in the send header, and the buffer's token
+/// again. An `EIO` on a GSO send lowers the ring's segment limit.
+fn sent_buf(
+    ring: u32,
+    groups: &[Option<BufGroup>; 2],
+    user_data: u64,
+    result: i32,
+    gso: &mut Gso,
+) -> (Option<UserData>, Option<Buf>) {
+    let group = if user_data & SEND_LARGE_BIT == 0 {
+        Group::Small
+    } else {
+        Group::Large
+    };
+    let Some(g) = groups[group.index()].as_ref() else {
+        return (None, None);
+    };
+    let id = u16::try_from(user_data & 0xffff).unwrap_or(u16::MAX);
+    let tx = user_data & SEND_TX_BIT != 0;
+    let index = if tx {
+        usize::from(g.entries) + usize::from(id)
+    } else {
+        usize::from(id)
+    };
+    let Some(s) = g.sends.get(index) else {
+        return (None, None);
+    };
+    if result == -libc::EIO && s.segmented && gso.max_segments > 1 {
+        gso.max_segments = 1;
+        gso.fallbacks += 1;
+    }
+    let buf = if tx {
+        Buf::Tx(TxBuf { ring, group, id })
+    } else {
+        Buf::Rx(RxBuf {
+            ring,
+            group,
+            id,
+            len: s.rx_len,
+        })
+    };
+    (UserData::decode(s.user), Some(buf))
 }
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        if let Some(l) = self.large.take() {
-            let _ = self.ring.submitter().unregister_buf_ring(BGID_LARGE);
-            // SAFETY: made in `add_large` with this length, no longer registered.
-            unsafe {
-                libc::munmap(l.ring_mem.as_ptr().cast(), l.ring_len);
+        for (bgid, g) in (0u16..).zip(self.groups.iter_mut()) {
+            if let Some(g) = g.take() {
+                let _ = self.ring.submitter().unregister_buf_ring(bgid);
+                // SAFETY: made in `BufGroup::new` with this length, no longer registered.
+                unsafe {
+                    libc::munmap(g.ring_mem.as_ptr().cast(), g.ring_len);
+                }
             }
-        }
-        let _ = self.ring.submitter().unregister_buf_ring(BGID);
-        // SAFETY: the mapping was created in `new` with this length and is no longer registered.
-        unsafe {
-            libc::munmap(self.ring_mem.as_ptr().cast(), self.ring_len);
         }
     }
 }
@@ -1131,28 +1445,40 @@ fn map_buf_ring(entries: u16) -> Result<(NonNull<BufRingEntry>, usize), SetupErr
     Ok((ring_mem, ring_len))
 }
 
-/// Reads a multishot receive's buffer: header, name field, control field, payload.
-fn parse_received<'a>(buf: &'a [u8], recv_msg: &libc::msghdr) -> Option<Received<'a>> {
-    let out = RecvMsgOut::parse(buf, recv_msg).ok()?;
-    let (from, n, c, truncated) = (
-        sockaddr_from_bytes(out.name_data()),
-        out.payload_data().len(),
-        out.control_data().len(),
-        out.is_payload_truncated(),
-    );
-    // The parser's views borrow it, not the buffer; the layout is fixed: header, name field,
-    // control field, payload.
-    let payload = buf.get(PAYLOAD_OFFSET..PAYLOAD_OFFSET + n)?;
-    let control = buf.get(16 + NAME_LEN..16 + NAME_LEN + c.min(CONTROL_LEN))?;
-    Some(Received {
-        from,
-        payload,
-        truncated,
-        segment: crate::cmsg::gro_segment(control).ok().flatten(),
-        control,
-    })
+/// What the kernel's `io_uring_recvmsg_out` header of a received buffer says.
+struct Header {
+    /// The source address.
+    from: Option<SocketAddr>,
+    /// Payload bytes (after [`PAYLOAD_OFFSET`]).
+    payload: usize,
+    /// Control bytes (after the header and the name field), at most [`CONTROL_LEN`].
+    control: usize,
+    /// The payload was cut.
+    truncated: bool,
+    /// The GRO segment size in the control messages.
+    segment: Option<u16>,
 }
 
+/// Reads a multishot receive's buffer: header, name field, control field, payload. The layout
+/// is fixed, so the parser's views (which borrow it, not the buffer) come down to lengths.
+fn parse_header(buf: &[u8], recv_msg: &libc::msghdr) -> Option<Header> {
+    let out = RecvMsgOut::parse(buf, recv_msg).ok()?;
+    let (from, payload, control, truncated) = (
+        sockaddr_from_bytes(out.name_data()),
+        out.payload_data().len(),
+        out.control_data().len().min(CONTROL_LEN),
+        out.is_payload_truncated(),
+    );
+    let control_bytes = buf.get(16 + NAME_LEN..16 + NAME_LEN + control)?;
+    buf.get(PAYLOAD_OFFSET..PAYLOAD_OFFSET + payload)?;
+    Some(Header {
+        from,
+        payload,
+        control,
+        truncated,
+        segment: crate::cmsg::gro_segment(control_bytes).ok().flatten(),
+    })
+}
 /// Fills a send slot for `payload` to `to` (with the control messages `opts` asks for) and builds
 /// its SendMsg. The slot and the payload must stay put until the send completes
 /// (both live in the ring's boxed arrays).
@@ -1257,15 +1583,30 @@ fn write_sockaddr(a: SocketAddr, out: &mut libc::sockaddr_in6) -> libc::socklen_
 /// # Errors
 /// Why it cannot.
 pub fn probe() -> Result<(), SetupError> {
-    Ring::new(8, 1, 1).map(drop)
+    Ring::with_tx(8, 1, 1, 0).map(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const SEND: u8 = 1;
+    const RECV: u8 = 2;
+    const STAMPS: u8 = 3;
+
+    fn skip() -> bool {
+        if probe().is_err() {
+            eprintln!("SKIPPED (io_uring unavailable here)");
+            return true;
+        }
+        false
+    }
+
     #[test]
     fn transmit_stamps_come_back_through_the_ring_with_their_ids() {
+        if skip() {
+            return;
+        }
         let ip = "127.0.0.1".parse().unwrap();
         let mut ring = Ring::with_tx(16, 4, 2, 8).unwrap();
         let (tx, rx) = (
@@ -1274,7 +1615,8 @@ mod tests {
         );
         crate::enable_tx_timestamps(&tx).unwrap();
         ring.register_socket(0, tx.as_raw_fd()).unwrap();
-        ring.arm_tx_stamps(0, 99).unwrap();
+        ring.arm(Arm::TxStamps { slot: 0 }, UserData::of(STAMPS))
+            .unwrap();
         let wall = || {
             u64::try_from(
                 std::time::SystemTime::now()
@@ -1288,36 +1630,42 @@ mod tests {
         // Three plain sends and one GSO send of three datagrams, each with its own id.
         let to = rx.local_addr().unwrap();
         for (k, id) in [11u32, 0x8000_0001, 13].into_iter().enumerate() {
-            let i = ring.tx_acquire().unwrap();
-            ring.tx_buffer(i).unwrap()[..20].fill(u8::try_from(k).unwrap());
+            let mut i = ring.tx_acquire(Group::Small).unwrap();
+            ring.tx_buffer(&mut i).unwrap()[..20].fill(u8::try_from(k).unwrap());
             let opts = SendOpts {
                 segment: None,
                 stamp_id: Some(id),
             };
-            ring.send_tx_with(0, i, 20, to, 1, opts).unwrap();
+            ring.send(0, i, 20, to, UserData::of(SEND), opts).unwrap();
         }
-        let i = ring.tx_acquire().unwrap();
+        let i = ring.tx_acquire(Group::Small).unwrap();
         let opts = SendOpts {
             segment: Some(10),
             stamp_id: Some(14),
         };
-        ring.send_tx_with(0, i, 30, to, 1, opts).unwrap();
+        ring.send(0, i, 30, to, UserData::of(SEND), opts).unwrap();
         let mut stamps = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while stamps.len() < 4 {
             assert!(std::time::Instant::now() < deadline, "stamps: {stamps:?}");
             ring.submit_and_wait(Some(Duration::from_millis(20)))
                 .unwrap();
-            for c in ring.drain_completions() {
-                match c.user_data {
-                    1 => assert!(c.result > 0, "send: {}", c.result),
-                    99 => {
+            let mut cs = ring.drain_completions();
+            for c in &mut cs {
+                match c.user_data.kind {
+                    SEND => {
+                        assert!(c.result > 0, "send: {}", c.result);
+                        let t = c.take_tx().expect("a send gives its buffer back");
+                        ring.recycle(t);
+                    }
+                    STAMPS => {
                         assert!(c.more(), "the command stays armed: {}", c.result);
                         stamps.push(c.tx_stamp().unwrap());
                     }
                     other => panic!("unexpected completion {other}"),
                 }
             }
+            ring.give_back(cs);
         }
         let after = wall();
         let ids: Vec<u32> = stamps.iter().map(|s| s.id).collect();
@@ -1354,16 +1702,46 @@ mod tests {
     }
 
     #[test]
+    fn user_data_round_trips_and_never_panics_on_unknown_values() {
+        for ud in [
+            UserData::new(1, 0, 0),
+            UserData::new(127, MAX_FILES - 1, u32::MAX),
+            UserData::new(8, 4095, 0x00ff_ffff),
+        ] {
+            let v = ud.encode();
+            assert_eq!(v & SEND_BIT, 0, "never the ring's bit");
+            assert_eq!(UserData::decode(v), Some(ud));
+        }
+        // Fields too wide are cut to the bits kept, and say so by not round-tripping.
+        assert_eq!(UserData::new(0xff, u32::MAX, 1).kind, 0x7f);
+        assert_eq!(UserData::new(0xff, u32::MAX, 1).slot, MAX_FILES - 1);
+        for v in [
+            0,
+            1,
+            u64::MAX,
+            SEND_BIT,
+            SEND_BIT - 1,
+            0xdead_beef_dead_beef,
+        ] {
+            let _ = UserData::decode(v);
+        }
+        assert_eq!(UserData::decode(SEND_BIT | 7), None);
+    }
+
+    #[test]
     fn a_multishot_receive_carries_the_kernels_receive_time() {
-        if probe().is_err() {
-            eprintln!("SKIPPED (io_uring unavailable here)");
+        if skip() {
             return;
         }
-        let mut ring = Ring::new(8, 4, 1).unwrap();
+        let mut ring = Ring::with_tx(8, 4, 1, 0).unwrap();
         let rx = crate::bind_udp("127.0.0.1".parse().unwrap(), 0, 65_536).unwrap();
         crate::enable_rx_timestamps(&rx).unwrap();
         ring.register_socket(0, rx.as_raw_fd()).unwrap();
-        ring.arm_recv(0, 7).unwrap();
+        let recv = Arm::Recv {
+            slot: 0,
+            group: Group::Small,
+        };
+        ring.arm(recv, UserData::new(RECV, 0, 7)).unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let wall = || {
             std::time::SystemTime::now()
@@ -1384,58 +1762,80 @@ mod tests {
         }
         let after = wall();
         let c = got
-            .iter()
-            .find(|c| c.user_data == 7)
+            .iter_mut()
+            .find(|c| c.user_data == UserData::new(RECV, 0, 7))
             .expect("a receive completion");
-        let r = ring
-            .received(c.buffer().unwrap(), usize::try_from(c.result).unwrap())
-            .unwrap();
+        let mut b = c.take_rx().expect("a receive hands over its buffer");
+        assert_eq!(c.take_rx(), None, "once");
+        let r = ring.received(&b).unwrap();
         assert_eq!(r.payload, &[0x80; 172][..]);
         assert_eq!(r.from, Some(tx.local_addr().unwrap()));
         let t = crate::cmsg::rx_timestamp(r.control)
             .unwrap()
             .expect("a timestamp");
         assert!((before..=after).contains(&u128::from(t.0)));
+        // The writable view parses the same header once and sees the same datagram.
+        let m = ring.received_mut(&mut b).unwrap();
+        assert_eq!(m.from, Some(tx.local_addr().unwrap()));
+        assert_eq!(m.payload.len(), 172);
+        assert!(crate::cmsg::rx_timestamp(m.control).unwrap().is_some());
+        m.payload[0] = 1;
+        assert_eq!(ring.received(&b).unwrap().payload[..2], [1, 0x80]);
+        ring.recycle(b);
+        ring.give_back(got);
     }
 
     #[test]
     fn a_gso_send_arrives_coalesced_by_gro_and_splits_into_its_datagrams() {
-        if probe().is_err() {
-            eprintln!("SKIPPED (io_uring unavailable here)");
+        if skip() {
             return;
         }
         let mut ring = Ring::with_buffer_size(8, 4, 2, 2, MAX_BUFFER_SIZE).unwrap();
-        assert!(ring.max_payload() >= 64 << 10);
+        assert!(ring.capacity(Group::Small).unwrap().max_payload >= 64 << 10);
+        assert!(ring.gso().max_segments >= 21, "loopback takes UDP_SEGMENT");
         let rx = crate::bind_udp("127.0.0.1".parse().unwrap(), 0, 1 << 20).unwrap();
         let tx = crate::bind_udp("127.0.0.1".parse().unwrap(), 0, 1 << 20).unwrap();
         crate::enable_udp_gro(&rx).unwrap();
         crate::enable_rx_timestamps(&rx).unwrap();
         ring.register_socket(0, rx.as_raw_fd()).unwrap();
         ring.register_socket(1, tx.as_raw_fd()).unwrap();
-        ring.arm_recv(0, 7).unwrap();
+        let recv = Arm::Recv {
+            slot: 0,
+            group: Group::Small,
+        };
+        ring.arm(recv, UserData::of(RECV)).unwrap();
         // 20 datagrams of 172 bytes and a last of 100, each numbered, in one send.
-        let i = ring.tx_acquire().unwrap();
-        let b = ring.tx_buffer(i).unwrap();
+        let mut i = ring.tx_acquire(Group::Small).unwrap();
+        let b = ring.tx_buffer(&mut i).unwrap();
         for (k, chunk) in b[..20 * 172 + 100].chunks_mut(172).enumerate() {
             chunk.fill(u8::try_from(k).unwrap());
         }
-        ring.send_tx_gso(1, i, 20 * 172 + 100, Some(172), rx.local_addr().unwrap(), 9)
-            .unwrap();
+        let gso = SendOpts {
+            segment: Some(172),
+            stamp_id: None,
+        };
+        ring.send(
+            1,
+            i,
+            20 * 172 + 100,
+            rx.local_addr().unwrap(),
+            UserData::of(SEND),
+            gso,
+        )
+        .unwrap();
         let (mut datagrams, mut sent, mut coalesced) = (Vec::new(), false, 0);
         for _ in 0..100 {
             ring.submit_and_wait(Some(Duration::from_millis(20)))
                 .unwrap();
-            let got = ring.drain_completions();
-            for c in &got {
-                if c.user_data == 9 {
+            let mut got = ring.drain_completions();
+            for c in &mut got {
+                if c.user_data.kind == SEND {
                     assert_eq!(c.result, 20 * 172 + 100, "the whole payload was sent");
                     sent = true;
                 }
-                if c.user_data == 7 {
-                    let bid = c.buffer().unwrap();
-                    let r = ring
-                        .received(bid, usize::try_from(c.result).unwrap())
-                        .unwrap();
+                if c.user_data.kind == RECV {
+                    let bid = c.take_rx().unwrap();
+                    let r = ring.received(&bid).unwrap();
                     assert!(crate::cmsg::rx_timestamp(r.control).unwrap().is_some());
                     coalesced += usize::from(r.segment == Some(172));
                     let seg = usize::from(r.segment.unwrap_or(u16::MAX));
@@ -1470,14 +1870,19 @@ mod tests {
 
     #[test]
     fn a_large_group_takes_coalesced_batches_beside_small_buffers() {
-        if probe().is_err() {
-            eprintln!("SKIPPED (io_uring unavailable here)");
+        if skip() {
             return;
         }
+        const LARGE_RECV: u8 = 4;
+        const SMALL_RECV: u8 = 5;
+        const LARGE_SEND: u8 = 6;
         let ip = "127.0.0.1".parse().unwrap();
         let mut ring = Ring::with_tx(8, 4, 3, 4).unwrap();
+        assert_eq!(ring.capacity(Group::Large), None);
         ring.add_large(4, 2).unwrap();
         assert!(ring.add_large(4, 2).is_err(), "one large group");
+        let large = ring.capacity(Group::Large).unwrap();
+        assert_eq!((large.rx, large.tx), (4, 2));
         let (gro, small, out) = (
             crate::bind_udp(ip, 0, 1 << 20).unwrap(),
             crate::bind_udp(ip, 0, 1 << 20).unwrap(),
@@ -1487,11 +1892,14 @@ mod tests {
         for (slot, s) in [(0, &gro), (1, &small), (2, &out)] {
             ring.register_socket(slot, s.as_raw_fd()).unwrap();
         }
-        ring.arm_recv_large(0, 10).unwrap();
-        ring.arm_recv(1, 11).unwrap();
+        let arm = |slot, group| Arm::Recv { slot, group };
+        ring.arm(arm(0, Group::Large), UserData::of(LARGE_RECV))
+            .unwrap();
+        ring.arm(arm(1, Group::Small), UserData::of(SMALL_RECV))
+            .unwrap();
         // 8 numbered datagrams of 200 bytes, one GSO send from a large buffer.
-        let i = ring.large_tx_acquire().unwrap();
-        for (k, c) in ring.large_tx_buffer(i).unwrap()[..1600]
+        let mut i = ring.tx_acquire(Group::Large).unwrap();
+        for (k, c) in ring.tx_buffer(&mut i).unwrap()[..1600]
             .chunks_mut(200)
             .enumerate()
         {
@@ -1501,19 +1909,20 @@ mod tests {
             segment: Some(200),
             stamp_id: None,
         };
-        ring.send_large_tx(2, i, 1600, gro.local_addr().unwrap(), 20, gso)
+        let to = gro.local_addr().unwrap();
+        ring.send(2, i, 1600, to, UserData::of(LARGE_SEND), gso)
             .unwrap();
-        let (mut seen, mut forwarded, mut got_small) = (0, false, None);
+        let (mut seen, mut forwarded, mut got_small, mut back) = (0, false, None, 0);
         for _ in 0..100 {
             ring.submit_and_wait(Some(Duration::from_millis(20)))
                 .unwrap();
-            let cs = ring.drain_completions();
-            for c in &cs {
-                let len = usize::try_from(c.result.max(0)).unwrap();
-                match c.user_data {
-                    10 => {
-                        let bid = c.buffer().unwrap();
-                        let r = ring.received_large(bid, len).unwrap();
+            let mut cs = ring.drain_completions();
+            for c in &mut cs {
+                match c.user_data.kind {
+                    LARGE_RECV => {
+                        let bid = c.take_rx().unwrap();
+                        assert_eq!(bid.group(), Group::Large);
+                        let r = ring.received(&bid).unwrap();
                         let seg = usize::from(r.segment.unwrap_or(200));
                         let n = r.payload.len();
                         // Each segment of the batch, wherever it lies, is whole.
@@ -1524,30 +1933,40 @@ mod tests {
                         // Segment 3 leaves on its own from a small buffer.
                         if !forwarded && seen <= 3 && 3 < seen + n / seg {
                             let off = (3 - seen) * seg;
-                            let t = ring.tx_copy_from_large(bid, len, off, 200).unwrap();
-                            ring.send_tx(2, t, 200, small.local_addr().unwrap(), 21)
+                            let mut t = ring.tx_acquire(Group::Small).unwrap();
+                            assert_eq!(ring.copy(&bid, off..off + 200, &mut t, 0), Some(200));
+                            let to = small.local_addr().unwrap();
+                            ring.send(2, t, 200, to, UserData::of(SEND), SendOpts::default())
                                 .unwrap();
                             forwarded = true;
                         }
+                        let mut t = ring.tx_acquire(Group::Small).unwrap();
                         assert!(
-                            ring.tx_copy_from_large(bid, len, n - 10, 200).is_none(),
+                            ring.copy(&bid, n - 10..n + 190, &mut t, 0).is_none(),
                             "past the end"
                         );
+                        ring.recycle(t);
                         seen += n / seg;
-                        ring.recycle_large(bid);
-                    }
-                    11 => {
-                        let bid = c.buffer().unwrap();
-                        got_small = ring.received(bid, len).map(|r| r.payload.to_vec());
                         ring.recycle(bid);
                     }
-                    20 => ring.large_tx_release(i),
+                    SMALL_RECV => {
+                        let bid = c.take_rx().unwrap();
+                        assert_eq!(bid.group(), Group::Small);
+                        got_small = ring.received(&bid).map(|r| r.payload.to_vec());
+                        ring.recycle(bid);
+                    }
+                    LARGE_SEND => {
+                        let t = c.take_tx().unwrap();
+                        assert_eq!(t.group(), Group::Large);
+                        ring.recycle(t);
+                        back += 1;
+                    }
                     _ => {}
                 }
             }
             ring.give_back(cs);
             ring.sync_buffers();
-            if seen == 8 && got_small.is_some() {
+            if seen == 8 && got_small.is_some() && back == 1 {
                 break;
             }
         }
@@ -1557,6 +1976,82 @@ mod tests {
             Some(vec![3u8; 200]),
             "segment 3 arrived in a small buffer"
         );
+        // Every buffer came back: both large transmit buffers can be had again.
+        let a = ring.tx_acquire(Group::Large).expect("one");
+        let b = ring.tx_acquire(Group::Large).expect("two");
+        assert!(ring.tx_acquire(Group::Large).is_none());
+        ring.recycle(a);
+        ring.recycle(b);
+    }
+
+    #[test]
+    fn a_ring_refuses_another_rings_buffers() {
+        if skip() {
+            return;
+        }
+        let mut a = Ring::with_tx(8, 1, 1, 1).unwrap();
+        let mut b = Ring::with_tx(8, 1, 1, 1).unwrap();
+        let mut t = a.tx_acquire(Group::Small).unwrap();
+        assert!(b.tx_buffer(&mut t).is_none());
+        let mut u = b.tx_acquire(Group::Small).unwrap();
+        assert_eq!(b.copy(&t, 0..4, &mut u, 0), None);
+        let to = "127.0.0.1:9".parse().unwrap();
+        let refused = b
+            .send(0, t, 4, to, UserData::of(SEND), SendOpts::default())
+            .unwrap_err();
+        assert!(refused.error.to_string().contains("another ring"));
+        // b kept its own buffer to itself; a gets its token back whole.
+        b.recycle(refused.buf);
+        assert!(b.tx_acquire(Group::Small).is_none(), "b's one buffer is u");
+        b.recycle(u);
+        assert!(
+            a.tx_acquire(Group::Small).is_none(),
+            "a's one buffer is t, lost to b"
+        );
+    }
+
+    #[test]
+    fn an_eio_on_a_gso_send_lowers_the_segment_limit_once() {
+        let mut groups = [Some(BufGroup::new(2, 0, 2, BUFFER_SIZE).unwrap()), None];
+        let g = groups[0].as_mut().unwrap();
+        g.sends[2].segmented = true;
+        g.sends[2].user = UserData::new(SEND, 5, 9).encode();
+        let mut gso = Gso {
+            max_segments: 64,
+            fallbacks: 0,
+        };
+        let ud = SEND_BIT | SEND_TX_BIT; // transmit buffer 0 of the small group: header 2
+        let (user, buf) = sent_buf(1, &groups, ud, -libc::EIO, &mut gso);
+        assert_eq!(user, Some(UserData::new(SEND, 5, 9)));
+        assert!(matches!(buf, Some(Buf::Tx(TxBuf { id: 0, .. }))));
+        assert_eq!(
+            gso,
+            Gso {
+                max_segments: 1,
+                fallbacks: 1
+            }
+        );
+        let _ = sent_buf(1, &groups, ud, -libc::EIO, &mut gso);
+        assert_eq!(gso.fallbacks, 1, "counted once: the limit is 1 already");
+        // A plain send's EIO, or another error, leaves it alone.
+        let mut gso = Gso {
+            max_segments: 64,
+            fallbacks: 0,
+        };
+        let _ = sent_buf(1, &groups, ud, -libc::EPERM, &mut gso);
+        groups[0].as_mut().unwrap().sends[2].segmented = false;
+        let _ = sent_buf(1, &groups, ud, -libc::EIO, &mut gso);
+        assert_eq!(gso.max_segments, 64);
+        // A user_data naming no buffer header decodes to nothing, without a panic.
+        assert_eq!(
+            sent_buf(1, &groups, SEND_BIT | SEND_LARGE_BIT, 0, &mut gso).1,
+            None
+        );
+        assert_eq!(sent_buf(1, &groups, SEND_BIT | 0xffff, 0, &mut gso).1, None);
+        for g in groups.into_iter().flatten() {
+            // SAFETY: made by BufGroup::new with this length, never registered.
+            unsafe { libc::munmap(g.ring_mem.as_ptr().cast(), g.ring_len) };
+        }
     }
 
     #[test]

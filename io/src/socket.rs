@@ -91,6 +91,32 @@ pub fn enable_udp_gro(fd: &impl AsRawFd) -> io::Result<()> {
     set_int_option(fd, crate::cmsg::SOL_UDP, crate::cmsg::UDP_GRO, 1)
 }
 
+/// The kernel's `UDP_MAX_SEGMENTS` (`linux/udp.h`): most datagrams one GSO send may carry, 64
+/// since UDP GSO came (Linux 4.18; later kernels take more, never fewer).
+pub const UDP_MAX_SEGMENTS: usize = 64;
+
+/// Most datagrams one GSO send may carry on this machine: [`UDP_MAX_SEGMENTS`] where the kernel
+/// takes the `UDP_SEGMENT` option, 1 (no GSO) where it does not. Probed once per process, as
+/// quinn-udp does: `setsockopt(UDP_SEGMENT)` on a throwaway loopback socket. A device without
+/// segmentation offload still fails a GSO send with `EIO`; the ring then lowers its own limit
+/// ([`crate::ring::Gso`]).
+pub fn max_gso_segments() -> usize {
+    static PROBED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| {
+        let probe = UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .or_else(|_| UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)));
+        match probe {
+            Ok(s)
+                if set_int_option(&s, crate::cmsg::SOL_UDP, crate::cmsg::UDP_SEGMENT, 1200)
+                    .is_ok() =>
+            {
+                UDP_MAX_SEGMENTS
+            }
+            _ => 1,
+        }
+    })
+}
+
 /// `setsockopt(fd, level, name, &value, sizeof(int))`: the form every option here takes.
 fn set_int_option(
     fd: &impl AsRawFd,
@@ -189,7 +215,7 @@ pub struct SendOpts {
 
 /// Sends `payload` to `to` in one `sendmsg`; with `segment`, the kernel cuts it into datagrams of
 /// that many bytes (UDP GSO; the last may be shorter). For a readiness-driven socket (tokio);
-/// the ring has its own ([`crate::ring::Ring::send_large_tx`]).
+/// the ring has its own ([`crate::ring::Ring::send`]).
 ///
 /// # Errors
 /// What `sendmsg` reported (`WouldBlock` when the socket's buffer is full).
@@ -241,7 +267,7 @@ pub fn send_msg(
 /// Asks the kernel to stamp every datagram `fd` sends as it leaves (software transmit stamps,
 /// keyed by the id each send carries, without a copy of the packet; see
 /// [`crate::txstamp::TX_STAMP_FLAGS`]). The stamps queue on the socket's error queue, or reach
-/// io_uring through [`crate::ring::Ring::arm_tx_stamps`].
+/// io_uring through [`crate::ring::Arm::TxStamps`].
 ///
 /// # Errors
 /// The kernel refused the option: before Linux 6.12 (`OPT_RX_FILTER`) it is `EINVAL`; the error

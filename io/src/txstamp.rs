@@ -176,7 +176,8 @@ fn wall(secs: u64, nanos: u64) -> Option<WallTime> {
 }
 
 /// The error-queue messages the kernel writes for transmit stamp `id` at `at` on an IPv4 socket
-/// (for tests of this and other crates).
+/// (for tests of this and other crates: the `test-util` feature).
+#[cfg(any(test, feature = "test-util"))]
 #[must_use]
 pub fn encode_errqueue(id: u32, at: WallTime) -> Vec<u8> {
     let mut stamps = cmsg::timespec_bytes(at).to_vec();
@@ -193,6 +194,7 @@ pub fn encode_errqueue(id: u32, at: WallTime) -> Vec<u8> {
 
 /// A `sock_extended_err` for a timestamp of `kind` with key `id`, followed by the offender's
 /// (empty) `sockaddr_in` as the kernel appends it.
+#[cfg(any(test, feature = "test-util"))]
 fn extended_err(id: u32, kind: u32) -> [u8; EXTENDED_ERR_LEN + 16] {
     let mut e = [0u8; EXTENDED_ERR_LEN + 16];
     #[allow(clippy::cast_sign_loss)] // ENOMSG is a small positive errno

@@ -14,7 +14,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
-use relay_io::ring::Ring;
+use relay_io::ring::{Arm, Group, Ring, SendOpts, UserData};
 use relay_proto::rtp::{RtpHeader, RTP_HEADER_LEN};
 use relay_proto::Ssrc;
 use serde::Serialize;
@@ -53,9 +53,17 @@ pub struct BlastReport {
     pub coalesced: u64,
 }
 
-const RECV: u64 = 1 << 56;
-const SEND_TX: u64 = 2 << 56;
-const KIND: u64 = 0xff << 56;
+// The kinds of the ring's user data ([`UserData::kind`]), with the socket's slot.
+const RECV: u8 = 1;
+const SEND_TX: u8 = 2;
+
+/// The multishot receive of the socket in fixed-file `slot`.
+const fn recv(slot: u32) -> Arm {
+    Arm::Recv {
+        slot,
+        group: Group::Small,
+    }
+}
 
 /// Runs the loop.
 ///
@@ -70,7 +78,9 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
     let n = cfg.sockets.max(1);
     let window = cfg.window.max(1);
     // Packets a send carries (1 without GSO).
-    let per_send = cfg.gso.clamp(1, 64);
+    let per_send = cfg
+        .gso
+        .clamp(1, u32::try_from(relay_io::max_gso_segments()).unwrap_or(1));
     let gso = cfg.gso > 0;
     let sends_in_flight = n * window.div_ceil(per_send);
     let tx = u16::try_from(sends_in_flight.next_power_of_two().min(1 << 15))
@@ -91,17 +101,17 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
     for (i, s) in sockets.iter().enumerate() {
         let slot = u32::try_from(i)?;
         ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
-        ring.arm_recv(slot, RECV | u64::from(slot))?;
+        ring.arm(recv(slot), UserData::new(RECV, slot, 0))?;
     }
     let mut seq = 0u16;
     const LEN: usize = RTP_HEADER_LEN + 160;
     // Sends `k` packets from `slot` (one GSO send when k > 1); false when no buffer is free.
     let mut send = |ring: &mut Ring, slot: u32, k: u32| -> anyhow::Result<bool> {
-        let Some(i) = ring.tx_acquire() else {
+        let Some(mut i) = ring.tx_acquire(Group::Small) else {
             return Ok(false);
         };
-        let k = k.clamp(1, 64) as usize;
-        if let Some(b) = ring.tx_buffer(i) {
+        let k = k.clamp(1, per_send) as usize;
+        if let Some(b) = ring.tx_buffer(&mut i) {
             for chunk in b.chunks_exact_mut(LEN).take(k) {
                 seq = seq.wrapping_add(1);
                 RtpHeader {
@@ -113,15 +123,13 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
                 .write(chunk);
             }
         }
-        let segment = (gso && k > 1).then_some(LEN as u16);
-        ring.send_tx_gso(
-            slot,
-            i,
-            k * LEN,
-            segment,
-            cfg.target,
-            SEND_TX | u64::from(i),
-        )?;
+        let opts = SendOpts {
+            segment: (gso && k > 1).then_some(LEN as u16),
+            stamp_id: None,
+        };
+        let ud = UserData::new(SEND_TX, slot, 0);
+        ring.send(slot, i, k * LEN, cfg.target, ud, opts)
+            .map_err(|refused| refused.error)?;
         Ok(true)
     };
     let (mut sent, mut received, mut coalesced) = (0u64, 0u64, 0u64);
@@ -144,18 +152,17 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
             warm = true; // measure after half a second of warm-up
             counted_from = (Instant::now(), received);
         }
-        let completions = ring.drain_completions();
+        let mut completions = ring.drain_completions();
         let mut rearm = Vec::new();
-        for c in &completions {
-            match c.user_data & KIND {
+        for c in &mut completions {
+            match c.user_data.kind {
                 RECV => {
-                    let slot = (c.user_data & 0xffff_ffff) as u32;
+                    let slot = c.user_data.slot;
                     if !c.more() {
                         rearm.push(slot);
                     }
-                    if let Some(bid) = c.buffer() {
-                        let len = usize::try_from(c.result).unwrap_or(0);
-                        let k = ring.received(bid, len).map_or(1, |r| {
+                    if let Some(bid) = c.take_rx() {
+                        let k = ring.received(&bid).map_or(1, |r| {
                             r.segment
                                 .map_or(1, |s| r.payload.len().div_ceil(usize::from(s).max(1)))
                         }) as u32;
@@ -173,14 +180,18 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
                         }
                     }
                 }
-                SEND_TX => ring.tx_release((c.user_data & 0xffff) as u16),
+                SEND_TX => {
+                    if let Some(t) = c.take_tx() {
+                        ring.recycle(t);
+                    }
+                }
                 _ => {}
             }
         }
         ring.give_back(completions);
         ring.sync_buffers();
         for slot in rearm {
-            ring.arm_recv(slot, RECV | u64::from(slot))?;
+            ring.arm(recv(slot), UserData::new(RECV, slot, 0))?;
         }
     }
     let seconds = counted_from.0.elapsed().as_secs_f64();

@@ -35,7 +35,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
-use relay_io::ring::{Completion, Ring};
+use relay_io::ring::{Arm, Completion, Group, Ring, UserData};
 use relay_io::{SendOpts, TxStamp, TxStampError};
 use relay_proto::rng::SplitMix64;
 use relay_proto::rtp::{parse_rtp, RtpHeader, RTP_HEADER_LEN};
@@ -129,21 +129,32 @@ fn parse_target_list(s: &str) -> Result<Vec<SocketAddr>, String> {
     Ok((lo..=hi).map(|p| SocketAddr::new(ip, p)).collect())
 }
 
-const RECV: u64 = 1 << 56;
-const SEND_TX: u64 = 2 << 56;
+// The kinds of the ring's user data ([`UserData::kind`]), each with its channel socket's slot.
+const RECV: u8 = 1;
+/// A send (the stamp id it carries as the tag).
+const SEND_TX: u8 = 2;
 /// io_uring's transmit-stamp command on a channel's socket.
-const TX_STAMPS: u64 = 3 << 56;
+const TX_STAMPS: u8 = 3;
 /// The error-readiness poll of a channel's socket (transmit stamps on its error queue).
-const ERR_POLL: u64 = 4 << 56;
-const KIND: u64 = 0xff << 56;
+const ERR_POLL: u8 = 4;
 const PAYLOAD: usize = 160;
 /// How long a send waits for its transmit stamp before it is given up on (a stamp takes
 /// microseconds).
 const STAMP_TIMEOUT_NS: u64 = 1_000_000_000;
 
-/// A send's user data: its kind, the stamp id it carries and its transmit buffer.
-fn send_data(id: u32, tx: u16) -> u64 {
-    SEND_TX | u64::from(id) << 16 | u64::from(tx)
+/// A send's user data: its socket's slot and the stamp id it carries (its transmit buffer comes
+/// back with its completion).
+const fn send_data(slot: u32, id: u32) -> UserData {
+    UserData::new(SEND_TX, slot, id)
+}
+
+/// A channel socket's multishot receive.
+const fn recv(slot: u32) -> (Arm, UserData) {
+    let arm = Arm::Recv {
+        slot,
+        group: Group::Small,
+    };
+    (arm, UserData::new(RECV, slot, 0))
 }
 
 /// Where loadgen's transmit stamps come from.
@@ -262,13 +273,13 @@ fn tx_stamp_source(
     }
     if command {
         for slot in 0..u32::try_from(sockets.len())? {
-            ring.arm_tx_stamps(slot, TX_STAMPS | u64::from(slot))?;
+            ring.arm(Arm::TxStamps { slot }, UserData::new(TX_STAMPS, slot, 0))?;
         }
         ring.submit()?;
         let cs = ring.drain_completions();
         let refused = cs
             .iter()
-            .find(|c| c.user_data & KIND == TX_STAMPS && !c.more())
+            .find(|c| c.user_data.kind == TX_STAMPS && !c.more())
             .map(|c| c.result);
         ring.give_back(cs);
         let Some(r) = refused else {
@@ -282,7 +293,7 @@ fn tx_stamp_source(
         );
     }
     for slot in 0..u32::try_from(sockets.len())? {
-        ring.arm_error_poll(slot, ERR_POLL | u64::from(slot))?;
+        ring.arm(Arm::ErrorPoll { slot }, UserData::new(ERR_POLL, slot, 0))?;
     }
     Ok(Source::ErrorQueue)
 }
@@ -393,7 +404,8 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
         Source::User
     };
     for slot in 0..cfg.channels {
-        ring.arm_recv(slot, RECV | u64::from(slot))?;
+        let (arm, ud) = recv(slot);
+        ring.arm(arm, ud)?;
     }
     ring.submit()?;
     let mut stamps = Stamps {
@@ -539,7 +551,7 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
             else {
                 continue;
             };
-            let Some(tx) = ring.tx_acquire() else {
+            let Some(mut tx) = ring.tx_acquire(Group::Small) else {
                 continue;
             };
             // The stamp id this send carries; a send still waiting a lap ago is given up on.
@@ -571,21 +583,16 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
             for (j, b) in pkt[RTP_HEADER_LEN..].iter_mut().enumerate() {
                 *b = payload_byte(i, k, j);
             }
-            if let Some(buf) = ring.tx_buffer(tx) {
+            if let Some(buf) = ring.tx_buffer(&mut tx) {
                 buf[..pkt.len()].copy_from_slice(&pkt);
             }
             let opts = SendOpts {
                 segment: None,
                 stamp_id: (source != Source::User).then_some(id),
             };
-            ring.send_tx_with(
-                u32::try_from(i)?,
-                tx,
-                pkt.len(),
-                to,
-                send_data(id, tx),
-                opts,
-            )?;
+            let slot = u32::try_from(i)?;
+            ring.send(slot, tx, pkt.len(), to, send_data(slot, id), opts)
+                .map_err(|refused| refused.error)?;
             let _ = c.t0.insert(MonoTime::from_nanos(now), c.ssrc, seq);
             if source == Source::User {
                 queued.push((i, seq));
@@ -614,12 +621,12 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
             }
         }
         ring.submit_and_wait(Some(wait))?;
-        let completions = ring.drain_completions();
+        let mut completions = ring.drain_completions();
         if stamps.source == Source::ErrorQueue {
             // The stamps of this enter's sends, and of sockets whose poll says some wait.
             for comp in &completions {
-                if comp.user_data & KIND == ERR_POLL {
-                    let slot = (comp.user_data & 0xffff_ffff) as u32;
+                if comp.user_data.kind == ERR_POLL {
+                    let slot = comp.user_data.slot;
                     if let Some(f) = sent_from.get_mut(slot as usize).filter(|f| !**f) {
                         *f = true;
                         errq_slots.push(slot);
@@ -640,9 +647,9 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
         wall.resample(sample);
         let now = sample.mono_after;
         let rx_stamps = kernel_time.then_some(&wall);
-        for comp in &completions {
-            let slot = (comp.user_data & 0xffff_ffff) as u32;
-            match comp.user_data & KIND {
+        for comp in &mut completions {
+            let slot = comp.user_data.slot;
+            match comp.user_data.kind {
                 RECV => on_recv(
                     &mut ring,
                     &mut chans,
@@ -654,9 +661,11 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                 SEND_TX => {
                     if comp.result < 0 && source != Source::User {
                         // It never left: nothing to time (its packet is lost).
-                        let _ = stamps.sends.settle((comp.user_data >> 16) as u32, |_| {});
+                        let _ = stamps.sends.settle(comp.user_data.tag, |_| {});
                     }
-                    ring.tx_release((comp.user_data & 0xffff) as u16);
+                    if let Some(tx) = comp.take_tx() {
+                        ring.recycle(tx);
+                    }
                 }
                 TX_STAMPS => match comp.tx_stamp() {
                     Ok(s) => {
@@ -671,7 +680,7 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                             .map(|f| std::mem::replace(f, false))
                             .unwrap_or(true);
                         if stamped {
-                            ring.arm_tx_stamps(slot, TX_STAMPS | u64::from(slot))?;
+                            ring.arm(Arm::TxStamps { slot }, UserData::new(TX_STAMPS, slot, 0))?;
                         } else if stamps.source == Source::Ring {
                             // Ended at once: the stamps wait on the error queues from now on.
                             eprintln!(
@@ -681,14 +690,15 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                             stamps.source = Source::ErrorQueue;
                             ring.expect_stamps(false);
                             for s in 0..cfg.channels {
-                                ring.arm_error_poll(s, ERR_POLL | u64::from(s))?;
+                                let ud = UserData::new(ERR_POLL, s, 0);
+                                ring.arm(Arm::ErrorPoll { slot: s }, ud)?;
                             }
                         }
                     }
                     Err(_) => stamps.stale += 1,
                 },
                 ERR_POLL if !comp.more() => {
-                    ring.arm_error_poll(slot, ERR_POLL | u64::from(slot))?;
+                    ring.arm(Arm::ErrorPoll { slot }, UserData::new(ERR_POLL, slot, 0))?;
                 }
                 _ => {}
             }
@@ -702,7 +712,8 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
         stamps.sweep(&mut chans, now);
         ring.sync_buffers();
         for slot in rearm.drain(..) {
-            ring.arm_recv(slot, RECV | u64::from(slot))?;
+            let (arm, ud) = recv(slot);
+            ring.arm(arm, ud)?;
         }
         if cfg.progress && now >= last_progress + 1_000_000_000 {
             let sent: u64 = chans.iter().map(|c| c.sent).sum();
@@ -789,20 +800,19 @@ fn on_recv(
     chans: &mut [Chan],
     (e2e, missing): (&mut LatencyHistogram<u64>, &mut u64),
     (now, stamps): (u64, Option<&relay_io::WallToMono>),
-    comp: &Completion,
+    comp: &mut Completion,
     rearm: &mut Vec<u32>,
 ) {
-    let slot = (comp.user_data & 0xffff_ffff) as u32;
+    let slot = comp.user_data.slot;
     if !comp.more() {
         rearm.push(slot);
     }
     if comp.result < 0 {
         return;
     }
-    let Some(bid) = comp.buffer() else { return };
-    let len = usize::try_from(comp.result).unwrap_or(0);
+    let Some(bid) = comp.take_rx() else { return };
     let i = slot as usize;
-    if let (Some(c), Some(r)) = (chans.get_mut(i), ring.received(bid, len)) {
+    if let (Some(c), Some(r)) = (chans.get_mut(i), ring.received(&bid)) {
         // The kernel's arrival stamp (with user time, the moment it was handled). A stamp that
         // cannot be converted (a step of the wall clock) times nothing.
         let arrival = match stamps {

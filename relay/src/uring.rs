@@ -46,38 +46,47 @@ use crate::arrival::{take_stamp, ArrivalClock};
 use crate::counters::{BackendCounters, SendErrorLog};
 use crate::shard::{self, Shard, ShardRequest};
 use crate::sockets::{execute, BindConfig, SocketTable, MAX_GSO_BYTES, MAX_SEGMENTS};
-use relay_io::ring::{Completion, Ring, MAX_PAYLOAD};
+use relay_io::ring::{Arm, Completion, Group, Ring, RxBuf, TxBuf, UserData, MAX_PAYLOAD};
 use relay_proto::MonoTime;
 
-const KIND_SHIFT: u32 = 56;
-const RECV: u64 = 1;
-const SEND: u64 = 2;
-const WAKE: u64 = 3;
-const CANCEL: u64 = 4;
+// The kinds of the ring's user data ([`UserData::kind`]).
+/// A channel socket's receive (slot, and the slot's generation as the tag).
+const RECV: u8 = 1;
+/// A forward from the receive buffer it arrived in (slot, and the direction as the tag).
+const SEND: u8 = 2;
+const WAKE: u8 = 3;
+const CANCEL: u8 = 4;
 /// A receive on the shared echo socket (large buffers).
-const ECHO_RECV: u64 = 5;
-/// A send from a small transmit buffer (a return cut out of a coalesced batch).
-const SEND_TX: u64 = 6;
+const ECHO_RECV: u8 = 5;
+/// A send from a small transmit buffer (a return cut out of a coalesced batch; the channel's
+/// slot).
+const SEND_TX: u8 = 6;
 /// A GSO send of a batch toward the echo from a large transmit buffer.
-const LARGE_TX: u64 = 7;
+const LARGE_TX: u8 = 7;
 /// The transmit-stamp command of a socket (slot and generation, as a receive's).
-const STAMPS: u64 = 8;
+const STAMPS: u8 = 8;
 /// No stamp id: a send the core gave none (estimated send times, or a failed one).
 const NO_ID: u32 = u32::MAX;
 
-fn stamps_data(kind: u64, slot: u32, gen: u32) -> u64 {
-    (kind << KIND_SHIFT) | (u64::from(gen & 0xff_ffff) << 32) | u64::from(slot)
+/// A channel socket's receive.
+const fn recv_data(slot: u32, gen: u32) -> UserData {
+    UserData::new(RECV, slot, gen)
 }
 
-fn recv_data(slot: u32, gen: u32) -> u64 {
-    (RECV << KIND_SHIFT) | (u64::from(gen & 0xff_ffff) << 32) | u64::from(slot)
+/// A channel socket's receive, armed into the small buffers.
+const fn recv_arm(slot: u32) -> Arm {
+    Arm::Recv {
+        slot,
+        group: Group::Small,
+    }
 }
 
-fn send_data(slot: u32, bid: u16, direction: Direction) -> u64 {
-    (SEND << KIND_SHIFT)
-        | (u64::from(slot & 0xff_ffff) << 32)
-        | ((direction.index() as u64) << 16)
-        | u64::from(bid)
+/// The shared echo socket's receive, armed into the large buffers.
+const fn echo_arm(slot: u32) -> Arm {
+    Arm::Recv {
+        slot,
+        group: Group::Large,
+    }
 }
 
 /// What the loop knows of one fixed-file slot.
@@ -168,10 +177,10 @@ struct SharedLeg {
 }
 
 /// Packets gathered for one GSO send.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 struct Batch {
     /// Large transmit buffer.
-    buffer: u16,
+    buffer: TxBuf,
     /// Where they go.
     to: std::net::SocketAddr,
     /// Size of each (the last may be shorter, which ends the batch).
@@ -194,22 +203,20 @@ impl SharedLeg {
     ) {
         let Some(b) = self.batch.take() else { return };
         let segment = (b.count > 1).then(|| u16::try_from(b.size).unwrap_or(u16::MAX));
-        let ud = (LARGE_TX << KIND_SHIFT) | u64::from(b.buffer);
         // Queued either way: a refused send's datagrams must not wait for a later batch that
         // reuses the buffer. With kernel send times, the id its one stamp comes back with.
-        let stamp_id = relay.batch_queued(b.buffer);
+        let buffer = b.buffer.id();
+        let stamp_id = relay.batch_queued(buffer);
         let opts = SendOpts { segment, stamp_id };
-        if ring
-            .send_large_tx(self.slot, b.buffer, b.used, b.to, ud, opts)
-            .is_err()
-        {
+        let ud = UserData::of(LARGE_TX);
+        if let Err(refused) = ring.send(self.slot, b.buffer, b.used, b.to, ud, opts) {
             counters.send_errors += b.count as u64;
-            ring.large_tx_release(b.buffer);
+            ring.recycle(refused.buf);
             if let Some(id) = stamp_id {
                 let _ = relay.send_failed(id);
             }
         } else {
-            SendIds::set(&mut ids.large, b.buffer, stamp_id);
+            SendIds::set(&mut ids.large, buffer, stamp_id);
             if stamp_id.is_some() && !self.draining {
                 self.draining = true;
                 ids.drain.push(self.slot);
@@ -233,7 +240,7 @@ impl SocketTable for Sockets {
             .register_socket(id.0, socket.as_raw_fd())
             .map_err(|e| io("register fixed file", e))?;
         self.ring
-            .arm_recv(id.0, recv_data(id.0, slot.gen))
+            .arm(recv_arm(id.0), recv_data(id.0, slot.gen))
             .map_err(|e| io("arm receive", e))?;
         if let Some(source) = self.stamps {
             slot.stamps = true;
@@ -257,12 +264,12 @@ impl SocketTable for Sockets {
         if slot.armed {
             let _ = self
                 .ring
-                .cancel(recv_data(id.0, slot.gen), CANCEL << KIND_SHIFT);
+                .cancel(recv_data(id.0, slot.gen), UserData::of(CANCEL));
         }
         if slot.stamps {
             let _ = self
                 .ring
-                .cancel(stamps_data(STAMPS, id.0, slot.gen), CANCEL << KIND_SHIFT);
+                .cancel(UserData::new(STAMPS, id.0, slot.gen), UserData::of(CANCEL));
         }
         let _ = self.ring.unregister_socket(id.0);
         slot.socket = None;
@@ -290,11 +297,12 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
     let slots = (0..relay.config().max_channels)
         .map(|_| Slot::default())
         .collect();
+    let (small, large) = (ring.capacity(Group::Small), ring.capacity(Group::Large));
     let ids = SendIds {
         drain: Vec::new(),
-        rx: vec![NO_ID; usize::from(ring.buffer_count())],
-        tx: vec![NO_ID; usize::from(ring.tx_count())],
-        large: vec![NO_ID; usize::from(ring.large_tx_count())],
+        rx: vec![NO_ID; small.map_or(0, |c| usize::from(c.rx))],
+        tx: vec![NO_ID; small.map_or(0, |c| usize::from(c.tx))],
+        large: vec![NO_ID; large.map_or(0, |c| usize::from(c.tx))],
     };
     let mut s = Sockets {
         ring,
@@ -311,7 +319,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
     };
     s.ring.expect_stamps(s.stamps == Some(StampSource::Command));
     let mut counters = BackendCounters::default();
-    s.ring.arm_waker(WAKE << KIND_SHIFT)?;
+    s.ring.arm(Arm::Waker, UserData::of(WAKE))?;
     if bind.shared_echo {
         let slot = relay.config().max_channels;
         let socket = relay_io::bind_udp(bind.ip, 0, bind.rcvbuf)?;
@@ -320,7 +328,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         }
         relay_io::enable_udp_gro(&socket)?;
         s.ring.register_socket(slot, socket.as_raw_fd())?;
-        s.ring.arm_recv_large(slot, ECHO_RECV << KIND_SHIFT)?;
+        s.ring.arm(echo_arm(slot), UserData::of(ECHO_RECV))?;
         if let Some(source) = s.stamps {
             relay_io::enable_tx_timestamps(&socket)?;
             arm_stamps(&mut s.ring, source, slot, 0)?;
@@ -370,10 +378,10 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         }
         drain.clear();
         s.ids.drain = drain;
-        let completions = s.ring.drain_completions();
+        let mut completions = s.ring.drain_completions();
         counters.batch(completions.len());
-        for c in &completions {
-            match c.user_data >> KIND_SHIFT {
+        for c in &mut completions {
+            match c.user_data.kind {
                 kind @ (RECV | ECHO_RECV) => {
                     let mut io = Io {
                         s: &mut s,
@@ -389,24 +397,18 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                     }
                 }
                 SEND_TX | LARGE_TX => {
-                    let i = (c.user_data & 0xffff) as u16;
-                    let tx = c.user_data >> KIND_SHIFT == SEND_TX;
-                    let id = if tx {
-                        s.ring.tx_release(i);
-                        SendIds::take(&mut s.ids.tx, i)
-                    } else {
-                        s.ring.large_tx_release(i);
-                        SendIds::take(&mut s.ids.large, i)
-                    };
+                    let tx = c.user_data.kind == SEND_TX;
+                    let id = c.take_tx().and_then(|buf| {
+                        let i = buf.id();
+                        s.ring.recycle(buf);
+                        SendIds::take(if tx { &mut s.ids.tx } else { &mut s.ids.large }, i)
+                    });
                     if c.result < 0 {
                         if let Some(id) = id {
                             let _ = relay.send_failed(id);
                         }
                         let (slot, d) = if tx {
-                            (
-                                ((c.user_data >> 32) & 0xff_ffff) as u32,
-                                Direction::ToAsterisk,
-                            )
+                            (c.user_data.slot, Direction::ToAsterisk)
                         } else {
                             (relay.config().max_channels, Direction::ToEcho)
                         };
@@ -414,15 +416,17 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                     }
                 }
                 SEND => {
-                    let bid = (c.user_data & 0xffff) as u16;
-                    s.ring.recycle(bid);
-                    let id = SendIds::take(&mut s.ids.rx, bid);
+                    let id = c.take_rx().and_then(|buf| {
+                        let bid = buf.id();
+                        s.ring.recycle(buf);
+                        SendIds::take(&mut s.ids.rx, bid)
+                    });
                     if c.result < 0 {
                         if let Some(id) = id {
                             let _ = relay.send_failed(id);
                         }
-                        let slot = ((c.user_data >> 32) & 0xff_ffff) as u32;
-                        let d = Direction::ALL[((c.user_data >> 16) & 1) as usize];
+                        let slot = c.user_data.slot;
+                        let d = Direction::ALL[(c.user_data.tag & 1) as usize];
                         send_log.note(&mut counters, now, -c.result, slot, d);
                     }
                 }
@@ -449,7 +453,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                             &mut shutdown,
                         );
                     }
-                    s.ring.arm_waker(WAKE << KIND_SHIFT)?;
+                    s.ring.arm(Arm::Waker, UserData::of(WAKE))?;
                 }
                 _ => {}
             }
@@ -468,7 +472,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
             make_room(&mut s.ring, &mut relay, estimated, &clock, &mut counters)?;
         }
         if let Some(sh) = s.shared.as_mut().filter(|sh| !sh.armed) {
-            s.ring.arm_recv_large(sh.slot, ECHO_RECV << KIND_SHIFT)?;
+            s.ring.arm(echo_arm(sh.slot), UserData::of(ECHO_RECV))?;
             sh.armed = true;
         }
 
@@ -478,7 +482,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
             };
             if st.socket.is_some() && !st.armed {
                 make_room(&mut s.ring, &mut relay, estimated, &clock, &mut counters)?;
-                s.ring.arm_recv(slot, recv_data(slot, st.gen))?;
+                s.ring.arm(recv_arm(slot), recv_data(slot, st.gen))?;
                 st.armed = true;
             }
         }
@@ -554,13 +558,12 @@ struct Io<'a> {
     estimated: bool,
 }
 
-fn on_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Result<()> {
-    let slot = (c.user_data & 0xffff_ffff) as u32;
-    let gen = ((c.user_data >> 32) & 0xff_ffff) as u32;
+fn on_recv(io: &mut Io<'_>, now: MonoTime, c: &mut Completion) -> std::io::Result<()> {
+    let (slot, gen) = (c.user_data.slot, c.user_data.tag);
     let current =
         io.s.slots
             .get(slot as usize)
-            .is_some_and(|st| st.socket.is_some() && st.gen & 0xff_ffff == gen);
+            .is_some_and(|st| st.socket.is_some() && st.gen == gen);
     if c.result < 0 {
         match -c.result {
             libc::ENOBUFS => io.counters.rearm_nobufs += 1,
@@ -570,9 +573,8 @@ fn on_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Result<()
                 io.counters.rearm_other += 1;
             }
         }
-    } else if let Some(bid) = c.buffer() {
-        let len = usize::try_from(c.result).unwrap_or(0);
-        forward(io, now, slot, bid, len, current)?;
+    } else if let Some(buf) = c.take_rx() {
+        forward(io, now, slot, buf, current)?;
     }
     if !c.more() && current {
         if let Some(st) = io.s.slots.get_mut(slot as usize) {
@@ -590,8 +592,7 @@ fn forward(
     io: &mut Io<'_>,
     now: MonoTime,
     slot: u32,
-    bid: u16,
-    len: usize,
+    mut buf: RxBuf,
     current: bool,
 ) -> std::io::Result<()> {
     let Io {
@@ -602,7 +603,9 @@ fn forward(
         estimated,
     } = io;
     make_room(&mut s.ring, relay, *estimated, clock, counters)?;
-    let received = match s.ring.received(bid, len) {
+    // The core may write into the datagram (a probe's return), which then leaves as it is. One
+    // parse of the kernel's header gives the source, the stamp and the writable payload.
+    let verdict = match s.ring.received_mut(&mut buf) {
         Some(_) if !current => {
             // A previous channel's datagram, in flight when it closed.
             relay.count_drop(relay_proto::DropReason::NoChannel);
@@ -613,7 +616,14 @@ fn forward(
             None
         }
         Some(r) => match r.from {
-            Some(from) => Some((from, clock.arrival(r.control, now, counters))),
+            Some(from) => {
+                let arrival = clock.arrival(r.control, now, counters);
+                let n = r.payload.len();
+                Some((
+                    relay.handle_received(arrival, now, SocketId(slot), from, r.payload),
+                    n,
+                ))
+            }
             None => {
                 counters.recv_errors += 1;
                 None
@@ -624,15 +634,6 @@ fn forward(
             None
         }
     };
-    // The core may write into the datagram (a probe's return), which then leaves as it is.
-    let verdict = received.and_then(|(from, arrival)| {
-        let payload = s.ring.received_payload_mut(bid, len)?;
-        let n = payload.len();
-        Some((
-            relay.handle_received(arrival, now, SocketId(slot), from, payload),
-            n,
-        ))
-    });
     match verdict {
         Some((
             Verdict::Forward {
@@ -641,8 +642,8 @@ fn forward(
             },
             n,
         )) if s.shared.is_some() => {
-            gather(s, relay, counters, slot, bid, len, n, to);
-            s.ring.recycle(bid);
+            gather(s, relay, counters, slot, &buf, n, to);
+            s.ring.recycle(buf);
         }
         Some((Verdict::Forward { to, direction }, n)) => {
             let stamp_id = relay.send_id();
@@ -650,23 +651,25 @@ fn forward(
                 segment: None,
                 stamp_id,
             };
-            if s.ring
-                .send_with(slot, bid, n, to, send_data(slot, bid, direction), opts)
-                .is_ok()
-            {
-                SendIds::set(&mut s.ids.rx, bid, stamp_id);
-                if stamp_id.is_some() {
-                    mark_drain(&mut s.slots, &mut s.ids.drain, slot);
+            let bid = buf.id();
+            let ud = UserData::new(SEND, slot, u32::try_from(direction.index()).unwrap_or(0));
+            match s.ring.send(slot, buf, n, to, ud, opts) {
+                Ok(()) => {
+                    SendIds::set(&mut s.ids.rx, bid, stamp_id);
+                    if stamp_id.is_some() {
+                        mark_drain(&mut s.slots, &mut s.ids.drain, slot);
+                    }
                 }
-            } else {
-                counters.send_errors += 1;
-                s.ring.recycle(bid);
-                if let Some(id) = stamp_id {
-                    let _ = relay.send_failed(id);
+                Err(refused) => {
+                    counters.send_errors += 1;
+                    s.ring.recycle(refused.buf);
+                    if let Some(id) = stamp_id {
+                        let _ = relay.send_failed(id);
+                    }
                 }
             }
         }
-        _ => s.ring.recycle(bid),
+        _ => s.ring.recycle(buf),
     }
     Ok(())
 }
@@ -690,35 +693,35 @@ fn make_room(
     Ok(())
 }
 
-/// Shared echo leg, on the way out: copies the datagram in `bid` (payload `n` bytes) into the
+/// Shared echo leg, on the way out: copies the datagram in `buf` (payload `n` bytes) into the
 /// batch for `to` and writes the channel's tag over its SSRC there; starts a new batch when the
-/// size or the address differs, or the batch is full. False when no large buffer is free (the
-/// datagram is then counted as a refused send).
-#[allow(clippy::too_many_arguments)] // the loop's state a datagram touches, passed apart for the borrow checker
+/// size or the address differs, or the batch is full (at most [`MAX_SEGMENTS`] datagrams, fewer
+/// where the ring's GSO limit is lower). False when no large buffer is free (the datagram is
+/// then counted as a refused send).
 fn gather(
     s: &mut Sockets,
     relay: &mut Relay,
     counters: &mut BackendCounters,
     slot: u32,
-    bid: u16,
-    len: usize,
+    buf: &RxBuf,
     n: usize,
     to: std::net::SocketAddr,
 ) -> bool {
     let Some(sh) = s.shared.as_mut() else {
         return false;
     };
-    if let Some(b) = sh.batch {
+    let max_segments = MAX_SEGMENTS.min(s.ring.gso().max_segments);
+    if let Some(b) = &sh.batch {
         let fits =
-            b.to == to && b.size == n && b.count < MAX_SEGMENTS && b.used + n <= MAX_GSO_BYTES;
+            b.to == to && b.size == n && b.count < max_segments && b.used + n <= MAX_GSO_BYTES;
         if !fits {
             sh.flush(&mut s.ring, relay, counters, &mut s.ids);
         }
     }
-    let b = match sh.batch {
+    let mut b = match sh.batch.take() {
         Some(b) => b,
         None => {
-            let Some(buffer) = s.ring.large_tx_acquire() else {
+            let Some(buffer) = s.ring.tx_acquire(Group::Large) else {
                 counters.send_errors += 1;
                 cancel_last(relay);
                 return false;
@@ -732,23 +735,23 @@ fn gather(
             }
         }
     };
-    let Some(copied) = s.ring.copy_to_large_tx(bid, len, b.buffer, b.used) else {
+    let Some(copied) = s.ring.copy(buf, 0..n, &mut b.buffer, b.used) else {
         if b.count == 0 {
-            s.ring.large_tx_release(b.buffer);
+            s.ring.recycle(b.buffer);
+        } else {
+            sh.batch = Some(b);
         }
         counters.send_errors += 1;
         cancel_last(relay);
         return false;
     };
-    if let Some(buf) = s.ring.large_tx_buffer(b.buffer) {
-        relay.tag_for_echo(SocketId(slot), &mut buf[b.used..b.used + copied]);
+    if let Some(bytes) = s.ring.tx_buffer(&mut b.buffer) {
+        relay.tag_for_echo(SocketId(slot), &mut bytes[b.used..b.used + copied]);
     }
-    relay.gathered_last(b.buffer);
-    sh.batch = Some(Batch {
-        count: b.count + 1,
-        used: b.used + copied,
-        ..b
-    });
+    relay.gathered_last(b.buffer.id());
+    b.count += 1;
+    b.used += copied;
+    sh.batch = Some(b);
     true
 }
 
@@ -756,7 +759,7 @@ fn gather(
 /// GRO, several of one size; each is copied into a small transmit buffer, its tag replaced by
 /// Asterisk's SSRC, handed to the core as its channel's return (arrival: the receive's kernel
 /// stamp), and sent from that channel's socket.
-fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Result<()> {
+fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &mut Completion) -> std::io::Result<()> {
     let Io {
         s,
         relay,
@@ -780,21 +783,20 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
         }
         return Ok(());
     }
-    let Some(bid) = c.buffer() else {
+    let Some(bid) = c.take_rx() else {
         return Ok(());
     };
-    let len = usize::try_from(c.result).unwrap_or(0);
-    let Some((from, arrival, n, segment, truncated)) = s.ring.received_large(bid, len).map(|r| {
+    let Some((from, arrival, n, segment, truncated)) = s.ring.received(&bid).map(|r| {
         let arrival = clock.arrival(r.control, now, counters);
         (r.from, arrival, r.payload.len(), r.segment, r.truncated)
     }) else {
         counters.recv_errors += 1;
-        s.ring.recycle_large(bid);
+        s.ring.recycle(bid);
         return Ok(());
     };
     let Some(from) = from.filter(|_| !truncated) else {
         counters.oversize += u64::from(truncated);
-        s.ring.recycle_large(bid);
+        s.ring.recycle(bid);
         return Ok(());
     };
     let seg = segment.map_or(n, usize::from).max(1);
@@ -804,16 +806,22 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
         let at = off;
         off += m;
         make_room(&mut s.ring, relay, *estimated, clock, counters)?;
-        let Some(i) = s.ring.tx_copy_from_large(bid, len, at, m) else {
-            counters.oversize += 1; // longer than a small buffer, or none free
+        // Longer than a small buffer, or none free.
+        let Some(mut i) = s.ring.tx_acquire(Group::Small) else {
+            counters.oversize += 1;
             continue;
         };
-        let Some(buf) = s.ring.tx_buffer(i).and_then(|b| b.get_mut(..m)) else {
-            s.ring.tx_release(i);
+        if s.ring.copy(&bid, at..at + m, &mut i, 0).is_none() {
+            counters.oversize += 1;
+            s.ring.recycle(i);
+            continue;
+        }
+        let Some(buf) = s.ring.tx_buffer(&mut i).and_then(|b| b.get_mut(..m)) else {
+            s.ring.recycle(i);
             continue;
         };
         let Some(socket) = relay.untag_from_echo(buf) else {
-            s.ring.tx_release(i);
+            s.ring.recycle(i);
             continue;
         };
         let open = s
@@ -822,36 +830,38 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &Completion) -> std::io::Resu
             .is_some_and(|st| st.socket.is_some());
         if !open {
             relay.count_drop(relay_proto::DropReason::NoChannel);
-            s.ring.tx_release(i);
+            s.ring.recycle(i);
             continue;
         }
         match relay.handle_received(arrival, now, socket, from, buf) {
             Verdict::Forward { to, .. } => {
-                let ud = (SEND_TX << KIND_SHIFT)
-                    | (u64::from(socket.0 & 0xff_ffff) << 32)
-                    | u64::from(i);
+                let ud = UserData::new(SEND_TX, socket.0, 0);
                 let stamp_id = relay.send_id();
                 let opts = SendOpts {
                     segment: None,
                     stamp_id,
                 };
-                if s.ring.send_tx_with(socket.0, i, m, to, ud, opts).is_ok() {
-                    SendIds::set(&mut s.ids.tx, i, stamp_id);
-                    if stamp_id.is_some() {
-                        mark_drain(&mut s.slots, &mut s.ids.drain, socket.0);
+                let id = i.id();
+                match s.ring.send(socket.0, i, m, to, ud, opts) {
+                    Ok(()) => {
+                        SendIds::set(&mut s.ids.tx, id, stamp_id);
+                        if stamp_id.is_some() {
+                            mark_drain(&mut s.slots, &mut s.ids.drain, socket.0);
+                        }
                     }
-                } else {
-                    counters.send_errors += 1;
-                    s.ring.tx_release(i);
-                    if let Some(id) = stamp_id {
-                        let _ = relay.send_failed(id);
+                    Err(refused) => {
+                        counters.send_errors += 1;
+                        s.ring.recycle(refused.buf);
+                        if let Some(id) = stamp_id {
+                            let _ = relay.send_failed(id);
+                        }
                     }
                 }
             }
-            Verdict::Drop(_) => s.ring.tx_release(i),
+            Verdict::Drop(_) => s.ring.recycle(i),
         }
     }
-    s.ring.recycle_large(bid);
+    s.ring.recycle(bid);
     Ok(())
 }
 
@@ -866,7 +876,7 @@ fn cancel_last(relay: &mut Relay) {
 /// nothing armed).
 fn arm_stamps(ring: &mut Ring, source: StampSource, slot: u32, gen: u32) -> std::io::Result<()> {
     match source {
-        StampSource::Command => ring.arm_tx_stamps(slot, stamps_data(STAMPS, slot, gen)),
+        StampSource::Command => ring.arm(Arm::TxStamps { slot }, UserData::new(STAMPS, slot, gen)),
         // Read after the enter that submits the socket's sends (see SendIds::drain).
         StampSource::ErrorQueue => Ok(()),
     }
@@ -892,13 +902,12 @@ fn on_stamps(
     clock: &ArrivalClock,
     c: &Completion,
 ) {
-    let slot = (c.user_data & 0xffff_ffff) as u32;
-    let gen = ((c.user_data >> 32) & 0xff_ffff) as u32;
+    let (slot, gen) = (c.user_data.slot, c.user_data.tag);
     let shared_slot = s.shared.as_ref().map(|sh| sh.slot);
     let current = shared_slot == Some(slot)
         || s.slots
             .get(slot as usize)
-            .is_some_and(|st| st.socket.is_some() && st.gen & 0xff_ffff == gen);
+            .is_some_and(|st| st.socket.is_some() && st.gen == gen);
     match c.tx_stamp() {
         Err(relay_io::TxStampError::Ended(e))
             if (e == -libc::EINVAL || e == -libc::EOPNOTSUPP)
