@@ -47,12 +47,6 @@ use crate::shard::{ClosedTx, Shard, ShardBody, ShardHandle, ShardStart};
 use crate::snapshot::{Publisher, Snapshot};
 use crate::sockets::BindConfig;
 
-/// Small transmit buffers of a shard with a shared echo leg: the returns of a batch, each copied
-/// out of its coalesced receive to leave from its channel's socket.
-const SHARED_TX: u16 = 8192;
-/// Large (64 KiB) receive and transmit buffers of a shard with a shared echo leg.
-const SHARED_LARGE: u16 = 256;
-
 /// Runs one shard on the calling thread: pins it, builds its ring (or runtime), says it is
 /// ready, and serves until a shutdown message or a failure.
 ///
@@ -77,38 +71,7 @@ pub fn shard_main(start: ShardStart) -> std::io::Result<GlobalStats> {
         }
     }
     match backend {
-        Backend::Uring => {
-            let max_channels = shard.relay.config().max_channels;
-            let shared = shard.bind.shared_echo;
-            // The shared echo socket takes the slot after the channels', small transmit buffers
-            // for returns cut out of coalesced batches, and the large buffer group.
-            let made = relay_io::ring::Ring::with_tx(
-                ring_config.sq_entries,
-                ring_config.buffers,
-                max_channels + u32::from(shared),
-                if shared { SHARED_TX } else { 0 },
-            )
-            .and_then(|mut r| {
-                if shared {
-                    r.add_large(SHARED_LARGE, SHARED_LARGE)?;
-                }
-                Ok(r)
-            });
-            match made {
-                Ok(mut ring) => {
-                    ring.set_batching(ring_config.batch, ring_config.batch_wait);
-                    if ring_config.batch > 1 && !ring.batching_supported() && index == 0 {
-                        tracing::warn!("--batch needs Linux 6.12 (io_uring min_wait); waking on every completion");
-                    }
-                    let _ = ready.send(Ok(Some(ring.waker())));
-                    uring::run(ring, shard)
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(e.to_string()));
-                    Ok(GlobalStats::default())
-                }
-            }
-        }
+        Backend::Uring => uring::start(&ring_config, shard, &ready),
         Backend::Tokio => {
             let _ = ready.send(Ok(None));
             tokio_backend::run(shard)

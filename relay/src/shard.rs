@@ -32,8 +32,12 @@ pub struct ShardStart {
     /// The loop's state.
     pub shard: Shard,
     /// Where it says it is ready (with the ring's waker) or why it cannot start.
-    pub ready: std::sync::mpsc::Sender<Result<Option<Arc<EventFd>>, String>>,
+    pub ready: ReadyTx,
 }
+
+/// Where a starting shard says it is ready (with its ring's waker, io_uring only) or why it
+/// cannot start.
+pub type ReadyTx = std::sync::mpsc::Sender<Result<Option<Arc<EventFd>>, String>>;
 
 /// A shard's thread body: [`crate::shard_main`], or a stand-in in tests of the relay's handling of a
 /// failing shard.

@@ -63,8 +63,9 @@ struct Shared {
     counters: BackendCounters,
     /// The clock and the conversion of kernel stamps (one for all tasks of this thread).
     clock: ArrivalClock,
-    /// Estimated send times (`--timestamps user`): no transmit stamps.
-    estimated: bool,
+    /// Whether the sockets' sends are stamped by the kernel (set-up only: per datagram the
+    /// tasks ask the core, `Relay::unsubmitted`, never the mode).
+    tx_stamps: bool,
     /// Refused sends, logged at most once a second.
     send_log: SendErrorLog,
     /// The shared echo leg, with `--echo-leg shared`.
@@ -160,13 +161,13 @@ struct Tasks {
     tasks: Vec<Option<AbortHandle>>,
     /// The channel sockets, by slot.
     sockets: Option<ChannelSockets>,
-    /// Estimated send times: no transmit stamps to ask for.
-    estimated: bool,
+    /// Whether to ask the kernel for transmit stamps.
+    tx_stamps: bool,
 }
 
 impl SocketTable for Tasks {
     fn open(&mut self, id: SocketId, socket: StdUdpSocket) -> Result<(), ErrorReply> {
-        if !self.estimated {
+        if self.tx_stamps {
             relay_io::enable_tx_timestamps(&socket)
                 .map_err(|e| ErrorReply::new(ErrorCode::Io, format!("transmit stamps: {e}")))?;
         }
@@ -213,12 +214,12 @@ pub fn run(shard: Shard) -> std::io::Result<GlobalStats> {
 }
 
 /// Binds the shard's shared echo socket (kernel stamps, UDP_GRO).
-fn shared_socket(bind: BindConfig, estimated: bool) -> std::io::Result<UdpSocket> {
+fn shared_socket(bind: BindConfig, tx_stamps: bool) -> std::io::Result<UdpSocket> {
     let socket = relay_io::bind_udp(bind.ip, 0, bind.rcvbuf)?;
     if bind.timestamps {
         relay_io::enable_rx_timestamps(&socket)?;
     }
-    if !estimated {
+    if tx_stamps {
         relay_io::enable_tx_timestamps(&socket)?;
     }
     relay_io::enable_udp_gro(&socket)?;
@@ -237,9 +238,9 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
     let clock = ArrivalClock::new();
     let start = tokio::time::Instant::now();
     let n = relay.config().max_channels as usize;
-    let estimated = relay.config().send_times == SendTimes::Estimated;
+    let tx_stamps = relay.config().send_times == SendTimes::Kernel;
     let leg = if bind.shared_echo {
-        let socket = Rc::new(shared_socket(bind, estimated)?);
+        let socket = Rc::new(shared_socket(bind, tx_stamps)?);
         tracing::info!(shard = relay.config().shard, fd = socket.as_raw_fd(), local = %socket.local_addr()?, "shared echo leg");
         Some(Leg {
             socket,
@@ -259,7 +260,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
         relay,
         counters: BackendCounters::default(),
         clock,
-        estimated,
+        tx_stamps,
         send_log: SendErrorLog::default(),
         leg,
     }));
@@ -268,7 +269,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
         shared: Rc::clone(&shared),
         tasks: (0..n).map(|_| None).collect(),
         sockets: Some(Rc::clone(&sockets)),
-        estimated,
+        tx_stamps,
     };
     if let Some((socket, notify)) = leg_parts {
         let table = Rc::clone(&sockets);
@@ -295,7 +296,7 @@ async fn main_loop(shard: Shard) -> std::io::Result<GlobalStats> {
                             let socket = sh.relay.socket_of(&r.channel).and_then(|id| {
                                 sockets.borrow().get(id.0 as usize).cloned().flatten()
                             });
-                            if let Some(socket) = socket.filter(|_| !estimated) {
+                            if let Some(socket) = socket.filter(|_| tx_stamps) {
                                 sh.drain_stamps(&socket, true);
                             }
                         }
@@ -402,10 +403,10 @@ fn recv_one(
 
 /// What a socket task waits for: datagrams, and with kernel send times its transmit stamps.
 fn interest(shared: &SharedRef) -> Interest {
-    if shared.borrow().estimated {
-        Interest::READABLE
-    } else {
+    if shared.borrow().tx_stamps {
         Interest::READABLE | Interest::ERROR
+    } else {
+        Interest::READABLE
     }
 }
 
@@ -420,9 +421,15 @@ async fn send_one(
     to: SocketAddr,
     direction: Direction,
 ) {
-    let (estimated, stamp_id, before) = {
+    // Sends the core times by their submission (estimated send times) wait in `unsubmitted`;
+    // with kernel stamps none do, and the send carries its stamp id instead.
+    let (timed_here, stamp_id, before) = {
         let sh = shared.borrow();
-        (sh.estimated, sh.relay.send_id(), sh.clock.now())
+        (
+            sh.relay.unsubmitted() > 0,
+            sh.relay.send_id(),
+            sh.clock.now(),
+        )
     };
     let opts = SendOpts {
         segment: None,
@@ -431,14 +438,14 @@ async fn send_one(
     let send = || relay_io::send_msg(socket, payload, to, opts);
     let sent = match socket.try_io(Interest::WRITABLE, send) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            if estimated {
+            if timed_here {
                 // Other tasks run while this one waits: settle it first.
                 shared.borrow_mut().relay.submitted(before);
             }
             socket.async_io(Interest::WRITABLE, send).await
         }
         r => {
-            if estimated {
+            if timed_here {
                 let mut sh = shared.borrow_mut();
                 let after = sh.clock.now();
                 sh.relay.submitted_between(before, after);
@@ -502,9 +509,9 @@ fn flush(sh: &mut Shared) {
         relay,
         counters,
         clock,
-        estimated,
         send_log,
         leg: Some(leg),
+        ..
     } = sh
     else {
         return;
@@ -520,7 +527,7 @@ fn flush(sh: &mut Shared) {
         relay_io::send_msg(&*leg.socket, &leg.batch, to, SendOpts { segment, stamp_id })
     });
     let after = clock.now();
-    if *estimated {
+    if relay.unsubmitted() > 0 {
         relay.submitted_between(before, after);
     }
     if let Err(e) = sent {

@@ -10,6 +10,10 @@
 //! sees the datagram in its buffer writable: a probe's echo gets the relay's times written into
 //! its header there (`Relay::handle_received`), and leaves as the core left it.
 //!
+//! The ring is sized here ([`start`]): one fixed-file slot per channel of the shard (plus the
+//! shared echo socket's), `--buffers` receive buffers, and with the shared echo leg its transmit
+//! buffers and a group of large buffers for coalesced batches.
+//!
 //! One loop iteration is one batch: one `io_uring_enter` submits every send queued by the last
 //! batch and waits for completions (or the next timer); the buffer ring's tail is published once
 //! per batch.
@@ -26,7 +30,9 @@
 //! io_uring's `SOCKET_URING_OP_TX_TIMESTAMP` completions instead (experimental: on Linux 6.18 it
 //! was seen to corrupt provided-buffer receives). `--timestamps user` keeps the old estimate: a
 //! batch's sends get an `io_uring_enter` of their own between two clock reads, and the k-th of n
-//! is taken to leave a quarter into its share (`Relay::submitted_between`).
+//! is taken to leave a quarter into its share (`Relay::submitted_between`). The loop never asks
+//! which mode runs: it times a submission whenever the core holds sends waiting for one
+//! (`Relay::unsubmitted`), and a send carries a stamp id whenever the core gives one.
 //!
 //! A multishot receive ends when the buffer ring is empty (`ENOBUFS`) or the completion queue
 //! overflowed; the datagram stays queued in the socket, and the receive is re-armed once buffers
@@ -43,8 +49,9 @@ use relay_proto::{
 };
 
 use crate::arrival::{take_stamp, ArrivalClock};
+use crate::config::RingConfig;
 use crate::counters::{BackendCounters, SendErrorLog};
-use crate::shard::{self, Shard, ShardRequest};
+use crate::shard::{self, ReadyTx, Shard, ShardRequest};
 use crate::sockets::{execute, BindConfig, SocketTable, MAX_GSO_BYTES, MAX_SEGMENTS};
 use relay_io::ring::{Arm, Completion, Group, Ring, RxBuf, TxBuf, UserData, MAX_PAYLOAD};
 use relay_proto::MonoTime;
@@ -67,6 +74,12 @@ const LARGE_TX: u8 = 7;
 const STAMPS: u8 = 8;
 /// No stamp id: a send the core gave none (estimated send times, or a failed one).
 const NO_ID: u32 = u32::MAX;
+
+/// Small transmit buffers of a shard with a shared echo leg: the returns of a batch, each copied
+/// out of its coalesced receive to leave from its channel's socket.
+const SHARED_TX: u16 = 8192;
+/// Large (64 KiB) receive and transmit buffers of a shard with a shared echo leg.
+const SHARED_LARGE: u16 = 256;
 
 /// A channel socket's receive.
 const fn recv_data(slot: u32, gen: u32) -> UserData {
@@ -279,6 +292,47 @@ impl SocketTable for Sockets {
     }
 }
 
+/// Sizes and builds a shard's ring from the `--sq-entries`/`--buffers`/`--batch` settings and
+/// what the shard serves (one fixed-file slot per channel, plus the shared echo socket's, with
+/// its transmit buffers and the large buffer group), says the shard is ready (with the ring's
+/// waker) or why it cannot start, and runs it ([`run`]).
+///
+/// # Errors
+/// As [`run`]. A ring that cannot be built is reported on `ready`, not here.
+pub fn start(config: &RingConfig, shard: Shard, ready: &ReadyTx) -> std::io::Result<GlobalStats> {
+    let index = shard.relay.config().shard;
+    let max_channels = shard.relay.config().max_channels;
+    let shared = shard.bind.shared_echo;
+    let made = Ring::with_tx(
+        config.sq_entries,
+        config.buffers,
+        max_channels + u32::from(shared),
+        if shared { SHARED_TX } else { 0 },
+    )
+    .and_then(|mut r| {
+        if shared {
+            r.add_large(SHARED_LARGE, SHARED_LARGE)?;
+        }
+        Ok(r)
+    });
+    match made {
+        Ok(mut ring) => {
+            ring.set_batching(config.batch, config.batch_wait);
+            if config.batch > 1 && !ring.batching_supported() && index == 0 {
+                tracing::warn!(
+                    "--batch needs Linux 6.12 (io_uring min_wait); waking on every completion"
+                );
+            }
+            let _ = ready.send(Ok(Some(ring.waker())));
+            run(ring, shard)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            Ok(GlobalStats::default())
+        }
+    }
+}
+
 /// Runs the io_uring data plane until a shutdown message; returns the final statistics.
 ///
 /// # Errors
@@ -292,8 +346,9 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         closed,
     } = shard;
     let mut clock = ArrivalClock::new();
-    // Estimated send times: clock reads around the enters that submit sends.
-    let estimated = relay.config().send_times == SendTimes::Estimated;
+    // Set-up only: whether the channel sockets' sends are stamped by the kernel. Per datagram the
+    // loop asks the core (`Relay::unsubmitted`), never the mode.
+    let tx_stamps = relay.config().send_times == SendTimes::Kernel;
     let slots = (0..relay.config().max_channels)
         .map(|_| Slot::default())
         .collect();
@@ -309,7 +364,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         slots,
         rearm: Vec::new(),
         shared: None,
-        stamps: (!estimated).then_some(if bind.stamp_command {
+        stamps: tx_stamps.then_some(if bind.stamp_command {
             StampSource::Command
         } else {
             StampSource::ErrorQueue
@@ -351,7 +406,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
             .poll_timeout()
             .map_or(publisher.deadline(), |t| t.min(publisher.deadline()));
         let wait = Duration::from_nanos(next.nanos_since(now).max(1));
-        if estimated && relay.unsubmitted() > 0 {
+        if relay.unsubmitted() > 0 {
             // The last batch's sends leave during this enter, one after another: each one's T0
             // is estimated between the clock reads around it, by its place in the batch.
             let start = clock.now();
@@ -388,7 +443,6 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                         relay: &mut relay,
                         counters: &mut counters,
                         clock: &clock,
-                        estimated,
                     };
                     if kind == RECV {
                         on_recv(&mut io, now, c)?;
@@ -434,7 +488,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                 WAKE => {
                     // Commands push receives and cancels, which may submit the queued sends
                     // implicitly: they leave now, between clock reads.
-                    if estimated && relay.unsubmitted() > 0 {
+                    if relay.unsubmitted() > 0 {
                         let start = clock.now();
                         s.ring.submit()?;
                         relay.submitted_between(start, clock.now());
@@ -460,7 +514,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         }
         if let Some(sh) = s.shared.as_mut() {
             if sh.batch.is_some() {
-                make_room(&mut s.ring, &mut relay, estimated, &clock, &mut counters)?;
+                make_room(&mut s.ring, &mut relay, &clock, &mut counters)?;
             }
             sh.flush(&mut s.ring, &mut relay, &mut counters, &mut s.ids);
         }
@@ -469,7 +523,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
         // Every push below may find the queue full and submit the sends in it: make room first,
         // so that they leave between clock reads (their T0).
         if s.shared.as_ref().is_some_and(|sh| !sh.armed) {
-            make_room(&mut s.ring, &mut relay, estimated, &clock, &mut counters)?;
+            make_room(&mut s.ring, &mut relay, &clock, &mut counters)?;
         }
         if let Some(sh) = s.shared.as_mut().filter(|sh| !sh.armed) {
             s.ring.arm(echo_arm(sh.slot), UserData::of(ECHO_RECV))?;
@@ -481,7 +535,7 @@ pub fn run(ring: Ring, shard: Shard) -> std::io::Result<GlobalStats> {
                 continue;
             };
             if st.socket.is_some() && !st.armed {
-                make_room(&mut s.ring, &mut relay, estimated, &clock, &mut counters)?;
+                make_room(&mut s.ring, &mut relay, &clock, &mut counters)?;
                 s.ring.arm(recv_arm(slot), recv_data(slot, st.gen))?;
                 st.armed = true;
             }
@@ -554,8 +608,6 @@ struct Io<'a> {
     counters: &'a mut BackendCounters,
     /// The clock that converts kernel stamps.
     clock: &'a ArrivalClock,
-    /// Estimated send times (`--timestamps user`).
-    estimated: bool,
 }
 
 fn on_recv(io: &mut Io<'_>, now: MonoTime, c: &mut Completion) -> std::io::Result<()> {
@@ -600,9 +652,8 @@ fn forward(
         relay,
         counters,
         clock,
-        estimated,
     } = io;
-    make_room(&mut s.ring, relay, *estimated, clock, counters)?;
+    make_room(&mut s.ring, relay, clock, counters)?;
     // The core may write into the datagram (a probe's return), which then leaves as it is. One
     // parse of the kernel's header gives the source, the stamp and the writable payload.
     let verdict = match s.ring.received_mut(&mut buf) {
@@ -674,17 +725,16 @@ fn forward(
     Ok(())
 }
 
-/// With estimated send times, before a send is queued: when the submission queue is full,
-/// queueing would submit the sends it holds without a clock read around it, so they are
-/// submitted here, between two, and leave now.
+/// Before a send is queued: when the submission queue is full and it holds sends the core times
+/// by their submission (estimated send times: `Relay::unsubmitted`), queueing would submit them
+/// without a clock read around it, so they are submitted here, between two, and leave now.
 fn make_room(
     ring: &mut Ring,
     relay: &mut Relay,
-    estimated: bool,
     clock: &ArrivalClock,
     counters: &mut BackendCounters,
 ) -> std::io::Result<()> {
-    if estimated && ring.submission_full() {
+    if relay.unsubmitted() > 0 && ring.submission_full() {
         let start = clock.now();
         ring.submit()?;
         relay.submitted_between(start, clock.now());
@@ -765,7 +815,6 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &mut Completion) -> std::io::
         relay,
         counters,
         clock,
-        estimated,
     } = io;
     if !c.more() {
         if let Some(sh) = s.shared.as_mut() {
@@ -805,7 +854,7 @@ fn on_echo_recv(io: &mut Io<'_>, now: MonoTime, c: &mut Completion) -> std::io::
         let m = seg.min(n - off);
         let at = off;
         off += m;
-        make_room(&mut s.ring, relay, *estimated, clock, counters)?;
+        make_room(&mut s.ring, relay, clock, counters)?;
         // Longer than a small buffer, or none free.
         let Some(mut i) = s.ring.tx_acquire(Group::Small) else {
             counters.oversize += 1;
