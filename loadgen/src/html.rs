@@ -14,7 +14,7 @@
 //! - sim-asterisk's `--json` report (`per_call`, `transcoding_calls`): the summary adds what the
 //!   simulated Asterisk measured end to end.
 //! - `loadgen ari --json` (`through_asterisk`, [`crate::ari::AriLoadReport`]): the caller's round
-//!   trip through Asterisk split per probe ([`crate::ari::split`]): one CDF per leg (total,
+//!   trip through Asterisk split per probe ([`crate::ari::through_asterisk`]): one CDF per leg (total,
 //!   Asterisk in, relay loop, Asterisk out) in one chart on a log axis, a table of each leg's
 //!   count, mean, p50/p95/p99/p99.9 and max, the probes lost before and after the relay, and the
 //!   run's note on clocks. Legs the run left out (`null`: a leg came out negative, so the two
@@ -1170,7 +1170,7 @@ mod run_files {
                "cdf": cdf(p50 / 2.0, p50 * 4.0)})
     }
 
-    /// `loadgen ari --callers rtp --json` of a 3 s run, field names as in `ari::split` and
+    /// `loadgen ari --callers rtp --json` of a 3 s run, field names as in `ari::through_asterisk` and
     /// `ari::AriLoadReport`.
     fn ari_json() -> Value {
         json!({
@@ -1575,7 +1575,7 @@ mod run_files {
             probes,
             ..CallMedia::default()
         };
-        let mut split = crate::ari::split::Split::new();
+        let mut split = crate::ari::through_asterisk::Split::new();
         split.add_call(&m, Some(200));
         let report = crate::ari::AriLoadReport {
             callers: crate::ari::Callers::Rtp,
