@@ -33,6 +33,8 @@ use plotters::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::ari::{LegSummary, Lost, ThroughAsterisk, Window};
+
 /// The part of a call record the report reads (see `docs/call-record.schema.json`).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Call {
@@ -96,7 +98,7 @@ pub fn read_calls(path: &Path) -> anyhow::Result<Vec<Call>> {
 }
 
 /// `loadgen ari --json`, the part the report reads (see [`crate::ari::AriLoadReport`]; every
-/// time in µs).
+/// time in µs): its envelope, each field optional, and the figures as loadgen ari's own types.
 #[derive(Clone, Debug, Deserialize)]
 pub struct AriRun {
     /// `rtp` or `tone`.
@@ -115,99 +117,14 @@ pub struct AriRun {
     #[serde(default)]
     pub leftovers: Vec<String>,
     /// The caller's round trip through Asterisk, split (`null` with tone callers).
-    pub through_asterisk: Option<Through>,
+    pub through_asterisk: Option<ThroughAsterisk>,
     /// Probes lost, on each side of the relay.
-    pub lost: Option<AriLost>,
+    pub lost: Option<Lost>,
     /// One window a second of run time.
     #[serde(default)]
-    pub timeseries: Vec<AriWindow>,
+    pub timeseries: Vec<Window>,
     /// What the split's times are, and when they hold.
     pub clocks: Option<String>,
-}
-
-/// `through_asterisk`: the total and each leg (`null`: left out by the run).
-#[derive(Clone, Debug, Deserialize)]
-pub struct Through {
-    /// loadgen's send to its receipt of the return.
-    pub total: Leg,
-    /// loadgen's send to the relay's arrival.
-    pub asterisk_in: Option<Leg>,
-    /// The relay's arrival to the echo's return at the relay.
-    pub relay: Option<Leg>,
-    /// The echo's return at the relay to loadgen's receipt.
-    pub asterisk_out: Option<Leg>,
-    /// Returns timed in total only.
-    #[serde(default)]
-    pub unsplit: u64,
-    /// Probes with a leg below zero (the clocks disagree).
-    #[serde(default)]
-    pub negative_legs: u64,
-    /// Returns not timed at all.
-    #[serde(default)]
-    pub untimed: u64,
-}
-
-/// One leg's distribution, µs.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Leg {
-    /// Probes measured.
-    pub count: u64,
-    /// Mean.
-    pub mean_us: f64,
-    /// Median.
-    pub p50_us: f64,
-    /// 95th percentile.
-    pub p95_us: f64,
-    /// 99th percentile.
-    pub p99_us: f64,
-    /// 99.9th percentile.
-    pub p999_us: f64,
-    /// Largest.
-    pub max_us: f64,
-    /// `[µs, fraction at or below]`, ascending.
-    #[serde(default)]
-    pub cdf: Vec<(f64, f64)>,
-}
-
-/// `lost`: probes lost on each side of the relay.
-#[derive(Clone, Debug, Deserialize)]
-pub struct AriLost {
-    /// Probes sent.
-    pub sent: u64,
-    /// Probes back.
-    pub returned: u64,
-    /// Sent and never back.
-    pub total: u64,
-    /// Never reached the relay (`null`: the relay's count was not known).
-    pub before_relay: Option<u64>,
-    /// Reached the relay, never came back.
-    pub after_relay: Option<u64>,
-    /// Calls whose loss could not be split.
-    #[serde(default)]
-    pub calls_unsplit: u64,
-}
-
-/// One second of run time.
-#[derive(Clone, Debug, Deserialize)]
-pub struct AriWindow {
-    /// Start, seconds since the start of the run.
-    pub t_s: f64,
-    /// Probes sent in it.
-    pub sent: u64,
-    /// Of those, back.
-    pub returned: u64,
-    /// Round trip p50.
-    pub p50_us: f64,
-    /// Round trip p99.
-    pub p99_us: f64,
-    /// Round trip max.
-    pub max_us: f64,
-    /// Asterisk in, p50.
-    pub asterisk_in_p50_us: Option<f64>,
-    /// Relay loop, p50.
-    pub relay_p50_us: Option<f64>,
-    /// Asterisk out, p50.
-    pub asterisk_out_p50_us: Option<f64>,
 }
 
 /// The `--run` files: at most one of each kind.
@@ -413,7 +330,7 @@ fn axis_floor(v: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// The names, colours and figures of the total and the legs the run kept, in that order.
-fn kept_legs(t: &Through) -> Vec<(&'static str, RGBColor, &Leg)> {
+fn kept_legs(t: &ThroughAsterisk) -> Vec<(&'static str, RGBColor, &LegSummary)> {
     [
         ("total", BLACK, Some(&t.total)),
         ("Asterisk in", BLUE, t.asterisk_in.as_ref()),
@@ -426,7 +343,7 @@ fn kept_legs(t: &Through) -> Vec<(&'static str, RGBColor, &Leg)> {
 }
 
 /// The legs the run left out (`null`), by name.
-fn left_out(t: &Through) -> Vec<&'static str> {
+fn left_out(t: &ThroughAsterisk) -> Vec<&'static str> {
     [
         ("Asterisk in", t.asterisk_in.is_none()),
         ("relay loop", t.relay.is_none()),
@@ -441,7 +358,7 @@ fn left_out(t: &Through) -> Vec<&'static str> {
 type Points = Vec<(f64, f64)>;
 
 /// One CDF per leg (from each leg's `cdf`), one chart, log x axis.
-fn split_cdf_svg(legs: &[(&'static str, RGBColor, &Leg)]) -> anyhow::Result<String> {
+fn split_cdf_svg(legs: &[(&'static str, RGBColor, &LegSummary)]) -> anyhow::Result<String> {
     let curves: Vec<(&str, RGBColor, Points)> = legs
         .iter()
         .map(|&(name, colour, leg)| {
@@ -499,7 +416,7 @@ fn split_cdf_svg(legs: &[(&'static str, RGBColor, &Leg)]) -> anyhow::Result<Stri
 }
 
 /// A window's figure, `None` where it has none.
-type Figure = fn(&AriWindow) -> Option<f64>;
+type Figure = fn(&Window) -> Option<f64>;
 
 /// The curves over run time: the total's p50 and p99, each leg's p50.
 const OVER_TIME: [(&str, RGBColor, Figure); 5] = [
@@ -511,14 +428,13 @@ const OVER_TIME: [(&str, RGBColor, Figure); 5] = [
 ];
 
 /// The middle of a window, seconds of run time.
-fn window_mid(w: &AriWindow) -> f64 {
-    let t = if w.t_s.is_finite() { w.t_s } else { 0.0 };
-    t.clamp(0.0, MAX_S) + 0.5
+fn window_mid(w: &Window) -> f64 {
+    (w.t_s as f64).min(MAX_S) + 0.5
 }
 
 /// The round trip in 1 s windows of run time: [`OVER_TIME`], a line broken where a window has
 /// no figure.
-fn timeseries_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
+fn timeseries_svg(ts: &[Window]) -> anyhow::Result<String> {
     let curves: Vec<(&str, RGBColor, Vec<Points>)> = OVER_TIME
         .iter()
         .map(|&(name, colour, get)| {
@@ -601,12 +517,12 @@ fn timeseries_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
 
 /// Percent of a window's probes that never came back (`None`: none sent in it).
 #[allow(clippy::cast_precision_loss)] // a ratio for drawing
-fn window_loss(w: &AriWindow) -> Option<f64> {
+fn window_loss(w: &Window) -> Option<f64> {
     (w.sent > 0).then(|| w.sent.saturating_sub(w.returned) as f64 * 100.0 / w.sent as f64)
 }
 
 /// Probes lost per 1 s window of run time, % of those sent in it.
-fn loss_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
+fn loss_svg(ts: &[Window]) -> anyhow::Result<String> {
     let bars: Vec<(f64, f64)> = ts
         .iter()
         .filter_map(|w| Some((window_mid(w) - 0.5, window_loss(w).filter(|&l| l > 0.0)?)))
@@ -1511,11 +1427,12 @@ mod run_files {
         t["asterisk_in"]["cdf"] = json!([]);
         t["relay"] = leg(0, 0.0);
         t["asterisk_out"]["cdf"] = json!([[5.0, 0.1], [5.0, 0.2]]);
+        // `t_s` is a count of seconds (a u64): the largest there is, and the first.
         v["timeseries"] = json!([
-            {"t_s": 1e300, "sent": 0, "returned": 5, "p50_us": -1.0, "p99_us": 0.0,
+            {"t_s": u64::MAX, "sent": 0, "returned": 5, "p50_us": -1.0, "p99_us": 0.0,
              "max_us": 1e308, "asterisk_in_p50_us": 1e308, "relay_p50_us": null,
              "asterisk_out_p50_us": -3.0},
-            {"t_s": -4, "sent": 3, "returned": 9, "p50_us": 1e-300, "p99_us": 1e308,
+            {"t_s": 0, "sent": 3, "returned": 9, "p50_us": 1e-300, "p99_us": 1e308,
              "max_us": 0.0, "asterisk_in_p50_us": null, "relay_p50_us": 0.0,
              "asterisk_out_p50_us": null}
         ]);

@@ -208,10 +208,10 @@ fn ari(a: AriArgs) -> ExitCode {
         },
         probes: a.probes,
     };
-    match runtime()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(loadgen::ari::run(&cfg)).map_err(anyhow::Error::from))
-    {
+    match runtime().map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(loadgen::ari::run(&cfg))
+            .map_err(anyhow::Error::from)
+    }) {
         Ok(r) => {
             // With the JSON on stdout (`--json -`), the summary goes to stderr.
             let summary = loadgen::ari::render(&r);

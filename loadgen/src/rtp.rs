@@ -456,7 +456,10 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                     let at = start + Duration::from_secs_f64(i as f64 / cfg.ramp);
                     std::thread::sleep(at.saturating_duration_since(Instant::now()));
                 }
-                let r = ctl.add(name, 0, *local, cfg.echo).map(|port| (i, port)).map_err(anyhow::Error::from);
+                let r = ctl
+                    .add(name, 0, *local, cfg.echo)
+                    .map(|port| (i, port))
+                    .map_err(anyhow::Error::from);
                 let failed = r.is_err();
                 let _ = added_tx.send(r);
                 if failed {

@@ -195,8 +195,7 @@ fn main() -> ExitCode {
         .and_then(|rt| {
             rt.block_on(sim_asterisk::run(cfg))
                 .map_err(anyhow::Error::from)
-        })
-    {
+        }) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sim-asterisk: {e:#}");

@@ -313,7 +313,10 @@ pub async fn run(cfg: &AriLoadConfig) -> Result<AriLoadReport, AriError> {
         hung_up: calls.hung_up,
         played: calls.played,
         leftovers: calls.leftovers,
-        through_asterisk: calls.split.as_ref().map(through_asterisk::Split::through_asterisk),
+        through_asterisk: calls
+            .split
+            .as_ref()
+            .map(through_asterisk::Split::through_asterisk),
         lost: calls.split.as_ref().map(through_asterisk::Split::lost),
         timeseries: calls
             .split
@@ -367,9 +370,7 @@ async fn tone_calls(
         let status = r.status();
         if status.is_success() {
             let ch: Value = r.json().await?;
-            let id = ch["id"]
-                .as_str()
-                .ok_or(AriError::NoChannelId)?;
+            let id = ch["id"].as_str().ok_or(AriError::NoChannelId)?;
             ids.push((slot(cfg, start, i), id.to_owned()));
         } else {
             calls.failed += 1;
