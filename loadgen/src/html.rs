@@ -28,12 +28,62 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{anyhow, Context as _};
 use plotters::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::ari::{LegSummary, Lost, ThroughAsterisk, Window};
+
+/// Why the report could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum HtmlError {
+    /// A file cannot be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line of the call log is not a call record.
+    #[error("{path} line {line}: not a call record")]
+    CallRecord {
+        /// The call log.
+        path: String,
+        /// The line's number, from 1.
+        line: usize,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A `--run` file is not what `--run` takes (the message says which of its faults).
+    #[error("{0}")]
+    Run(String),
+    /// A `--run` file has `through_asterisk` but is not in the shape `loadgen ari` writes.
+    #[error(
+        "{name}: has `through_asterisk`, so loadgen ari's report, but not as loadgen ari writes it"
+    )]
+    AriShape {
+        /// The file.
+        name: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A chart could not be drawn.
+    #[error("drawing a chart: {0}")]
+    Chart(String),
+    /// The report cannot be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// `--out`.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// The part of a call record the report reads (see `docs/call-record.schema.json`).
 #[derive(Clone, Debug, Deserialize)]
@@ -84,15 +134,20 @@ pub struct Relay {
 ///
 /// # Errors
 /// The file cannot be read, or a line is not a call record (named by its number).
-pub fn read_calls(path: &Path) -> anyhow::Result<Vec<Call>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+pub fn read_calls(path: &Path) -> Result<Vec<Call>, HtmlError> {
+    let text = std::fs::read_to_string(path).map_err(|source| HtmlError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{} line {}: not a call record", path.display(), i + 1))
+            serde_json::from_str(l).map_err(|source| HtmlError::CallRecord {
+                path: path.display().to_string(),
+                line: i + 1,
+                source,
+            })
         })
         .collect()
 }
@@ -156,42 +211,45 @@ const RUN_KINDS: &str = "--run takes sim-asterisk's --json report or loadgen ari
 ///
 /// # Errors
 /// It is neither, or it has `through_asterisk` but not in the shape `loadgen ari` writes.
-pub fn classify(v: Value, name: &str) -> anyhow::Result<RunFile> {
+pub fn classify(v: Value, name: &str) -> Result<RunFile, HtmlError> {
     let Some(o) = v.as_object() else {
-        return Err(anyhow!("{name}: not a JSON object; {RUN_KINDS}"));
+        return Err(HtmlError::Run(format!(
+            "{name}: not a JSON object; {RUN_KINDS}"
+        )));
     };
     if o.contains_key("through_asterisk") {
-        let ari = serde_json::from_value::<AriRun>(v).with_context(|| {
-            format!(
-                "{name}: has `through_asterisk`, so loadgen ari's report, but not as loadgen ari \
-                 writes it"
-            )
+        let ari = serde_json::from_value::<AriRun>(v).map_err(|source| HtmlError::AriShape {
+            name: name.to_owned(),
+            source,
         })?;
         return Ok(RunFile::Ari(Box::new(ari)));
     }
     if SIM_KEYS.iter().all(|k| o.contains_key(*k)) {
         return Ok(RunFile::Sim(v));
     }
-    Err(anyhow!(
+    Err(HtmlError::Run(format!(
         "{name}: neither sim-asterisk's --json report (it has no `{}`) nor loadgen ari's --json \
          report (it has no `through_asterisk`); {RUN_KINDS}",
         SIM_KEYS.join("`, `")
-    ))
+    )))
 }
 
 /// Reads and tells apart the `--run` files (at most one of each kind).
 ///
 /// # Errors
 /// A file cannot be read, is not JSON, is of neither kind, or is a second of its kind.
-pub fn read_runs(paths: &[impl AsRef<Path>]) -> anyhow::Result<Runs> {
+pub fn read_runs(paths: &[impl AsRef<Path>]) -> Result<Runs, HtmlError> {
     let mut runs = Runs::default();
     let mut seen: [Option<String>; 2] = [None, None];
     for p in paths {
         let p = p.as_ref();
         let name = p.display().to_string();
-        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {name}"))?;
+        let text = std::fs::read_to_string(p).map_err(|source| HtmlError::Read {
+            path: name.clone(),
+            source,
+        })?;
         let v: Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{name}: not JSON ({e}); {RUN_KINDS}"))?;
+            .map_err(|e| HtmlError::Run(format!("{name}: not JSON ({e}); {RUN_KINDS}")))?;
         let (slot, kind) = match classify(v, &name)? {
             RunFile::Sim(v) => {
                 runs.sim = Some(v);
@@ -203,9 +261,9 @@ pub fn read_runs(paths: &[impl AsRef<Path>]) -> anyhow::Result<Runs> {
             }
         };
         if let Some(first) = &seen[slot] {
-            return Err(anyhow!(
+            return Err(HtmlError::Run(format!(
                 "--run {first} and --run {name} are both {kind}: give at most one of each kind"
-            ));
+            )));
         }
         seen[slot] = Some(name);
     }
@@ -258,12 +316,12 @@ fn us_label(v: &f64) -> String {
     }
 }
 
-fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("drawing a chart: {e}")
+fn plot_err<E: std::fmt::Display>(e: E) -> HtmlError {
+    HtmlError::Chart(e.to_string())
 }
 
 /// The CDF of the calls' RTT p50 and p99 on a log axis.
-fn cdf_svg(p50: &[f64], p99: &[f64]) -> anyhow::Result<String> {
+fn cdf_svg(p50: &[f64], p99: &[f64]) -> Result<String, HtmlError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (760, 360)).into_drawing_area();
@@ -358,7 +416,7 @@ fn left_out(t: &ThroughAsterisk) -> Vec<&'static str> {
 type Points = Vec<(f64, f64)>;
 
 /// One CDF per leg (from each leg's `cdf`), one chart, log x axis.
-fn split_cdf_svg(legs: &[(&'static str, RGBColor, &LegSummary)]) -> anyhow::Result<String> {
+fn split_cdf_svg(legs: &[(&'static str, RGBColor, &LegSummary)]) -> Result<String, HtmlError> {
     let curves: Vec<(&str, RGBColor, Points)> = legs
         .iter()
         .map(|&(name, colour, leg)| {
@@ -434,7 +492,7 @@ fn window_mid(w: &Window) -> f64 {
 
 /// The round trip in 1 s windows of run time: [`OVER_TIME`], a line broken where a window has
 /// no figure.
-fn timeseries_svg(ts: &[Window]) -> anyhow::Result<String> {
+fn timeseries_svg(ts: &[Window]) -> Result<String, HtmlError> {
     let curves: Vec<(&str, RGBColor, Vec<Points>)> = OVER_TIME
         .iter()
         .map(|&(name, colour, get)| {
@@ -522,7 +580,7 @@ fn window_loss(w: &Window) -> Option<f64> {
 }
 
 /// Probes lost per 1 s window of run time, % of those sent in it.
-fn loss_svg(ts: &[Window]) -> anyhow::Result<String> {
+fn loss_svg(ts: &[Window]) -> Result<String, HtmlError> {
     let bars: Vec<(f64, f64)> = ts
         .iter()
         .filter_map(|w| Some((window_mid(w) - 0.5, window_loss(w).filter(|&l| l > 0.0)?)))
@@ -561,7 +619,7 @@ fn loss_svg(ts: &[Window]) -> anyhow::Result<String> {
 }
 
 /// RTT p50 (median of the calls') and p99 (worst call's) in 10 s windows of call end times.
-fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
+fn windows_svg(calls: &[Call]) -> Result<String, HtmlError> {
     let mut ends: Vec<(f64, &Relay)> = calls
         .iter()
         .filter_map(|c| Some((epoch_s(&c.ended)?, c.relay.as_ref()?)))
@@ -645,7 +703,7 @@ fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
 }
 
 /// Calls per MOS bin of 0.1 from 1.0 to 4.5.
-fn mos_svg(mos: &[f64]) -> anyhow::Result<String> {
+fn mos_svg(mos: &[f64]) -> Result<String, HtmlError> {
     let mut bins = [0u32; 35];
     for &m in mos {
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to 0..=34
@@ -693,7 +751,7 @@ fn share(n: u64, of: u64) -> String {
 }
 
 /// "Through Asterisk": `loadgen ari`'s split of the caller's round trip, its loss and its notes.
-fn through_asterisk_html(a: &AriRun) -> anyhow::Result<String> {
+fn through_asterisk_html(a: &AriRun) -> Result<String, HtmlError> {
     let mut html = String::from("<h2>Through Asterisk: the caller's round trip, split</h2>\n");
     let n = |v: Option<u64>| v.map_or_else(|| "–".to_owned(), |v| v.to_string());
     let _ = writeln!(
@@ -826,7 +884,7 @@ fn capitalise(s: &str) -> String {
 
 /// "RTT over time": `loadgen ari`'s 1 s windows of run time when a run has them, else the
 /// calls' RTT by call end time, 10 s windows.
-fn over_time_html(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
+fn over_time_html(calls: &[Call], runs: &Runs) -> Result<String, HtmlError> {
     let mut html = String::from("<h2>RTT over time</h2>\n");
     match runs.ari.as_ref().filter(|a| !a.timeseries.is_empty()) {
         Some(a) => {
@@ -861,7 +919,7 @@ fn over_time_html(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
 ///
 /// # Errors
 /// A chart could not be drawn.
-pub fn render(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
+pub fn render(calls: &[Call], runs: &Runs) -> Result<String, HtmlError> {
     let measured: Vec<&Call> = calls
         .iter()
         .filter(|c| c.relay.as_ref().is_some_and(|r| r.rtt_count > 0))
@@ -1001,11 +1059,14 @@ pub fn render(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
 ///
 /// # Errors
 /// A file cannot be read or written or is not what it should be, or a chart cannot be drawn.
-pub fn run(calls: &Path, runs: &[impl AsRef<Path>], out: &Path) -> anyhow::Result<usize> {
+pub fn run(calls: &Path, runs: &[impl AsRef<Path>], out: &Path) -> Result<usize, HtmlError> {
     let runs = read_runs(runs)?;
     let records = read_calls(calls)?;
     let html = render(&records, &runs)?;
-    std::fs::write(out, html).with_context(|| format!("cannot write {}", out.display()))?;
+    std::fs::write(out, html).map_err(|source| HtmlError::Write {
+        path: out.display().to_string(),
+        source,
+    })?;
     Ok(records.len())
 }
 

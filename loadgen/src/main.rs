@@ -362,7 +362,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("loadgen report: {e:#}");
+                    eprintln!("loadgen report: {:#}", anyhow::Error::from(e));
                     ExitCode::FAILURE
                 }
             }
