@@ -13,8 +13,9 @@
 //! naming it:
 //! - sim-asterisk's `--json` report (`per_call`, `transcoding_calls`): the summary adds what the
 //!   simulated Asterisk measured end to end.
-//! - `loadgen ari --json` (`through_asterisk`, [`crate::ari::AriLoadReport`]): the caller's round
-//!   trip through Asterisk split per probe ([`crate::ari::through_asterisk`]): one CDF per leg (total,
+//! - `loadgen ari --json` (`through_asterisk`, [`crate::ari::AriLoadReport`]), read back into
+//!   loadgen ari's own types ([`crate::ari::through_asterisk`]) so that writer and reader cannot
+//!   drift apart: the caller's round trip through Asterisk split per probe: one CDF per leg (total,
 //!   Asterisk in, relay loop, Asterisk out) in one chart on a log axis, a table of each leg's
 //!   count, mean, p50/p95/p99/p99.9 and max, the probes lost before and after the relay, and the
 //!   run's note on clocks. Legs the run left out (`null`: a leg came out negative, so the two
