@@ -49,7 +49,7 @@ for tool in tcpdump chrt curl; do
   fi
 done
 echo "==> building (release)" >&2
-cargo build --release --quiet -p relay -p echo -p loadgen -p control
+cargo build --release --quiet -p relay -p echo -p loadgen -p sim-asterisk -p control
 bin=target/release
 dir=$(mktemp -d)
 pids=()
@@ -102,7 +102,7 @@ for shape in $SHAPES; do
       for _ in $(seq 1 200); do grep -q "listening on" "$dir/tcpdump.log" && break; sleep 0.05; done
       if [[ $shape == sim ]]; then
         pass=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
-        $bin/loadgen sim-asterisk --listen 127.0.0.1:0 --ari-pass "$pass" --calls "$n" \
+        $bin/sim-asterisk --listen 127.0.0.1:0 --ari-pass "$pass" --calls "$n" \
           --hold "$DURATION" --ramp 1s --relay-ctl "$dir/relay.sock" --relay-pid "$relay_pid" \
           --json "$dir/sim.json" >/dev/null 2>"$dir/sim.log" & pids+=($!)
         sim_pid=$!

@@ -5,7 +5,7 @@
 #
 # Builds in release mode and starts echo, relay (pinned to its own core where the machine has
 # two, strict: it only accepts the RTP address control gives it), a simulated Asterisk 22
-# (`loadgen sim-asterisk`, serving ARI) and control, then `loadgen ari --callers rtp` makes the
+# (`sim-asterisk`, serving ARI) and control, then `loadgen ari --callers rtp` makes the
 # calls: through a Local channel pair into control's application, its probes go loadgen ->
 # Asterisk -> relay -> echo -> relay -> Asterisk -> loadgen, each timed on both sides of Asterisk.
 # Control answers each call, bridges it to an externalMedia channel on a relay port, and tears it
@@ -36,7 +36,7 @@ ECHO_ARGS=${ECHO_ARGS:-}
 SIM_ARGS=${SIM_ARGS:-}
 
 echo "==> building (release)" >&2
-cargo build --release --quiet -p relay -p echo -p loadgen -p control
+cargo build --release --quiet -p relay -p echo -p loadgen -p sim-asterisk -p control
 
 tmp=$(mktemp -d)
 pids=()
@@ -101,10 +101,10 @@ pass=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 ports="21000-$((21000 + CALLS + 99))"
 pin=(); if [[ ${#other_core[@]} -gt 0 ]] && command -v taskset >/dev/null; then pin=(taskset -c 0); fi
 # The simulated Asterisk serves ARI until it is interrupted. It is not pinned: its media threads
-# share the relay's core, as a real Asterisk's do (README, loadgen sim-asterisk). Control and
+# share the relay's core, as a real Asterisk's do (README, sim-asterisk). Control and
 # loadgen stay off the relay's core.
 # shellcheck disable=SC2086 # SIM_ARGS is a list of flags
-target/release/loadgen sim-asterisk --listen 127.0.0.1:0 --ari-pass "$pass" --calls 0 \
+target/release/sim-asterisk --listen 127.0.0.1:0 --ari-pass "$pass" --calls 0 \
   --relay-ctl "$tmp/relay.sock" --relay-pid "$relay_pid" --json "$OUT/sim.json" $SIM_ARGS \
   >"$tmp/sim.out" 2>"$tmp/sim.log" &
 pids+=($!)

@@ -45,8 +45,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use loadgen::ctl::RelayClient;
 use serde_json::Value;
+use sim_asterisk::relay_client::RelayClient;
 use testkit::{
     fd_count, fd_counts, http_get, start, start_logged, uring_available, wait_for, Log, Proc,
 };
@@ -131,10 +131,9 @@ impl Pipeline {
         p.start_relay();
         let json = p.sim_json.to_str().unwrap().to_owned();
         let (sim, sim_addr) = start(
-            "loadgen",
+            "sim-asterisk",
             &[
                 &[
-                    "sim-asterisk",
                     "--listen",
                     "127.0.0.1:0",
                     "--ari-pass",
@@ -884,9 +883,8 @@ fn the_events_websocket_is_back_within_a_second_of_asterisk_answering_again() {
     );
     std::thread::sleep(Duration::from_secs(3));
     let (sim, _) = start(
-        "loadgen",
+        "sim-asterisk",
         &[
-            "sim-asterisk",
             "--listen",
             &listen,
             "--ari-pass",
@@ -1312,7 +1310,11 @@ fn loadgen_rtp(p: &Pipeline, calls: u32, hold: &str) -> (Value, Vec<[u64; 4]>) {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let text = std::fs::read_to_string(&csv).unwrap();
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some(loadgen::ari::PROBES_HEADER));
+    // `--probes`' header, as loadgen documents it.
+    assert_eq!(
+        lines.next(),
+        Some("call,probe,sent_ns,relay_arrival_ns,relay_returned_ns,back_ns")
+    );
     let probes = lines
         .map(|l| {
             let f: Vec<u64> = l.split(',').map(|x| x.parse().unwrap()).collect();

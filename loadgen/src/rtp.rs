@@ -48,7 +48,7 @@ use relay_proto::timing::{LatenessConfig, Timing};
 use relay_proto::{Format, MonoTime, Ssrc};
 
 use crate::ctl::RelayClient;
-use crate::report::{ChanTotals, Plan, RelaySide, Report, StampTotals};
+use crate::rtp_report::{ChanTotals, Plan, RelaySide, Report, StampTotals};
 
 /// Settings of a run.
 #[derive(Clone, Debug)]
@@ -468,7 +468,10 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                     let at = start + Duration::from_secs_f64(i as f64 / cfg.ramp);
                     std::thread::sleep(at.saturating_duration_since(Instant::now()));
                 }
-                let r = ctl.add(name, 0, *local, cfg.echo).map(|port| (i, port));
+                let r = ctl
+                    .add(name, 0, *local, cfg.echo)
+                    .map(|port| (i, port))
+                    .map_err(anyhow::Error::from);
                 let failed = r.is_err();
                 let _ = added_tx.send(r);
                 if failed {
@@ -751,7 +754,7 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
         }
     }
     relay_side.cpu_ns = relay_cpu;
-    let window = crate::report::Window {
+    let window = crate::rtp_report::Window {
         sent: chans.iter().map(|c| c.sent).sum::<u64>() - window_start.0,
         returned: chans.iter().map(|c| c.matched).sum::<u64>() - window_start.1,
     };

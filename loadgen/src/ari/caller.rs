@@ -17,7 +17,7 @@
 //!
 //! After the teardown, with `--control`, it reads control's record of the call
 //! (`GET /calls/{;2's id}`) for the relay's count of the probes it received, which splits the
-//! call's loss into before and after the relay ([`super::split`]).
+//! call's loss into before and after the relay ([`super::through_asterisk`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -177,15 +177,14 @@ impl App {
     ///
     /// # Errors
     /// The WebSocket cannot be connected.
-    pub async fn connect(ari: &Ari, app: &str) -> anyhow::Result<Self> {
+    pub async fn connect(ari: &Ari, app: &str) -> Result<Self, super::AriError> {
         let url = ari.events_url(app);
         let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
             .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot connect the events WebSocket of application {app:?} at {}/ari/events: {e}",
-                    ari.base
-                )
+            .map_err(|e| super::AriError::Events {
+                app: app.to_owned(),
+                base: ari.base.clone(),
+                source: Box::new(e),
             })?;
         let waiting: Waiting = Arc::default();
         let w = Arc::clone(&waiting);

@@ -7,7 +7,7 @@
 //! - `--callers rtp` (the default, [`caller`]): loadgen is the caller. Through a Local channel
 //!   pair it enters control's application like any caller and plays probes whose every packet it
 //!   times on both sides of Asterisk: the round trip the caller hears, split per packet into
-//!   Asterisk in, the relay's loop and Asterisk out ([`split`]), with loss on each side of the
+//!   Asterisk in, the relay's loop and Asterisk out ([`through_asterisk`]), with loss on each side of the
 //!   relay.
 //! - `--callers tone`: originates `--endpoint` (default `Local/s@load`, whose dialplan answers
 //!   and plays a tone) into control's application; what comes back is discarded inside Asterisk,
@@ -16,7 +16,7 @@
 //! Every originate carries `formats=ulaw` (for tone callers `--formats`): without it Asterisk
 //! gives a Local channel the native format slin192 and every call would be transcoded.
 //! The README's "Against a real Asterisk" section has the Asterisk configuration it expects.
-//! It works the same against `loadgen sim-asterisk --calls 0`, which is how it is tested.
+//! It works the same against `sim-asterisk --calls 0`, which is how it is tested.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -24,7 +24,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -32,10 +31,10 @@ use crate::ctl::RelayClient;
 
 pub mod caller;
 pub mod probes;
-pub mod split;
+pub mod through_asterisk;
 
 pub use caller::RtpCallers;
-pub use split::{LegSummary, Lost, ThroughAsterisk, Window};
+pub use through_asterisk::{LegSummary, Lost, ThroughAsterisk, Window};
 
 /// Who the calls are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -108,7 +107,7 @@ pub struct AriLoadReport {
     /// rtp callers: the round trip over run time, one window a second.
     pub timeseries: Vec<Window>,
     /// rtp callers: what else came back, or did not leave.
-    pub media: Option<split::MediaCounts>,
+    pub media: Option<through_asterisk::MediaCounts>,
     /// What the split's times are, and when they hold.
     pub clocks: Option<&'static str>,
     /// The relay's figures.
@@ -179,7 +178,7 @@ struct Calls {
     hung_up: u32,
     played: u32,
     leftovers: Vec<String>,
-    split: Option<split::Split>,
+    split: Option<through_asterisk::Split>,
 }
 
 /// Set once Ctrl-C (SIGINT) or SIGTERM comes: every call ends and is torn down. A second
@@ -220,14 +219,60 @@ fn interrupted() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
+/// Why a run could not be made (a call that fails is counted in the report instead).
+#[derive(Debug, thiserror::Error)]
+pub enum AriError {
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client")]
+    Client(#[source] reqwest::Error),
+    /// ARI did not answer an originate (tone callers).
+    #[error("cannot reach ARI")]
+    Unreachable(#[source] reqwest::Error),
+    /// A later ARI request failed, or its reply could not be read (tone callers).
+    #[error("ARI request failed")]
+    Request(#[from] reqwest::Error),
+    /// ARI's originate reply has no channel id.
+    #[error("ARI's originate reply has no channel id")]
+    NoChannelId,
+    /// The kernel gives no transmit stamps by id (rtp callers).
+    #[error("loadgen times its probes with kernel transmit stamps (Linux 6.13+)")]
+    TxStamps(#[source] std::io::Error),
+    /// loadgen's application could not connect its events WebSocket (rtp callers).
+    #[error("cannot connect the events WebSocket of application {app:?} at {base}/ari/events")]
+    Events {
+        /// loadgen's application.
+        app: String,
+        /// ARI's base URL.
+        base: String,
+        /// Why.
+        #[source]
+        source: Box<tokio_tungstenite::tungstenite::Error>,
+    },
+    /// The probes' timing thread could not start (rtp callers).
+    #[error("cannot start the probes' timing thread")]
+    TimingThread(#[source] std::io::Error),
+    /// The `--probes` file could not be created or written.
+    #[error("cannot {what} {}", path.display())]
+    Probes {
+        /// `create` or `write`.
+        what: &'static str,
+        /// `--probes`.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Runs the load and gathers the summaries.
 ///
 /// # Errors
 /// ARI cannot be reached at all, or (rtp callers) loadgen's application cannot connect.
-pub async fn run(cfg: &AriLoadConfig) -> anyhow::Result<AriLoadReport> {
+pub async fn run(cfg: &AriLoadConfig) -> Result<AriLoadReport, AriError> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
-        .build()?;
+        .build()
+        .map_err(AriError::Client)?;
     let relay_start = relay_global(cfg).await;
     let control_start = control_stats(&http, cfg).await;
     let stop = interrupted();
@@ -268,14 +313,17 @@ pub async fn run(cfg: &AriLoadConfig) -> anyhow::Result<AriLoadReport> {
         hung_up: calls.hung_up,
         played: calls.played,
         leftovers: calls.leftovers,
-        through_asterisk: calls.split.as_ref().map(split::Split::through_asterisk),
-        lost: calls.split.as_ref().map(split::Split::lost),
+        through_asterisk: calls
+            .split
+            .as_ref()
+            .map(through_asterisk::Split::through_asterisk),
+        lost: calls.split.as_ref().map(through_asterisk::Split::lost),
         timeseries: calls
             .split
             .as_ref()
-            .map(split::Split::windows)
+            .map(through_asterisk::Split::windows)
             .unwrap_or_default(),
-        media: calls.split.as_ref().map(split::Split::media),
+        media: calls.split.as_ref().map(through_asterisk::Split::media),
         clocks: calls.split.as_ref().map(|_| CLOCKS),
         relay,
         control,
@@ -298,7 +346,7 @@ async fn tone_calls(
     cfg: &AriLoadConfig,
     http: &reqwest::Client,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Calls> {
+) -> Result<Calls, AriError> {
     let base = cfg.url.trim_end_matches('/');
     let mut calls = Calls::default();
     let mut ids = Vec::new();
@@ -318,13 +366,11 @@ async fn tone_calls(
             .query(&cfg.formats.as_ref().map(|f| [("formats", f.as_str())]))
             .send()
             .await
-            .context("cannot reach ARI")?;
+            .map_err(AriError::Unreachable)?;
         let status = r.status();
         if status.is_success() {
             let ch: Value = r.json().await?;
-            let id = ch["id"]
-                .as_str()
-                .ok_or_else(|| anyhow!("ARI's originate reply has no channel id"))?;
+            let id = ch["id"].as_str().ok_or(AriError::NoChannelId)?;
             ids.push((slot(cfg, start, i), id.to_owned()));
         } else {
             calls.failed += 1;
@@ -361,11 +407,10 @@ async fn rtp_calls(
     cfg: &AriLoadConfig,
     http: &reqwest::Client,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Calls> {
+) -> Result<Calls, AriError> {
     // Every probe's send time is its kernel transmit stamp, found by its id: without ids the
     // kernel refuses every send, so say so now rather than report a run of nothing.
-    relay_io::probe_tx_stamps(cfg.rtp.rtp_ip)
-        .context("loadgen times its probes with kernel transmit stamps (Linux 6.13+)")?;
+    relay_io::probe_tx_stamps(cfg.rtp.rtp_ip).map_err(AriError::TxStamps)?;
     let ari = caller::Ari::new(http.clone(), &cfg.url, &cfg.user, &cfg.pass);
     let app = caller::App::connect(&ari, &cfg.rtp.app).await?;
     let ctx = Arc::new(caller::CallCtx {
@@ -374,7 +419,7 @@ async fn rtp_calls(
         cfg: cfg.rtp.clone(),
         control_app: cfg.app.clone(),
         control: cfg.control.clone(),
-        timing: probes::TimingSource::new().context("cannot start the probes' timing thread")?,
+        timing: probes::TimingSource::new().map_err(AriError::TimingThread)?,
         stop: stop.clone(),
     });
     let run = format!(
@@ -384,7 +429,7 @@ async fn rtp_calls(
             .map_or(0, |d| d.as_millis())
             & 0xff_ffff_ffff
     );
-    let mut split = split::Split::new();
+    let mut split = through_asterisk::Split::new();
     // Run time: the ramp, the hold, set-up and the drain, with room to spare.
     split.set_epoch(
         wall_now_ns(),
@@ -413,13 +458,16 @@ async fn rtp_calls(
             ..caller::CallResult::default()
         }));
     }
+    let probes_error = |what, path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| AriError::Probes { what, path, source }
+    };
     let mut out = match &cfg.probes {
         Some(path) => {
             let mut f = std::io::BufWriter::new(
-                std::fs::File::create(path)
-                    .with_context(|| format!("cannot create {}", path.display()))?,
+                std::fs::File::create(path).map_err(probes_error("create", path))?,
             );
-            writeln!(f, "{PROBES_HEADER}")?;
+            writeln!(f, "{PROBES_HEADER}").map_err(probes_error("write", path))?;
             Some((path, f))
         }
         None => None,
@@ -427,7 +475,7 @@ async fn rtp_calls(
     let mut calls = Calls::default();
     for (i, r) in (0..).zip(results) {
         if let (Some((path, f)), Some(m)) = (&mut out, &r.media) {
-            write_probes(f, i, m).with_context(|| format!("cannot write {}", path.display()))?;
+            write_probes(f, i, m).map_err(probes_error("write", path))?;
         }
         calls.originated += u32::from(r.originated);
         if let Some(e) = &r.failure {
@@ -444,8 +492,7 @@ async fn rtp_calls(
         }
     }
     if let Some((path, mut f)) = out {
-        std::io::Write::flush(&mut f)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::io::Write::flush(&mut f).map_err(probes_error("write", path))?;
     }
     calls.split = Some(split);
     Ok(calls)
@@ -560,7 +607,7 @@ pub fn render(r: &AriLoadReport) -> String {
         }
     }
     if let Some(m) = &r.media {
-        if *m != split::MediaCounts::default() {
+        if *m != through_asterisk::MediaCounts::default() {
             let _ = writeln!(
                 out,
                 "returns: {} duplicates, {} malformed (no valid probe header), {} from a wrong address, {} without a receive stamp; {} sends refused, {} probes outside the run's windows",

@@ -14,7 +14,7 @@
 //!   approximate view.
 //! - Every time kept is a kernel stamp of this host's `CLOCK_REALTIME`, the clock the relay
 //!   writes its times in, so the split into legs is a difference of kernel stamps, exact on one
-//!   host ([`super::split`]).
+//!   host ([`super::through_asterisk`]).
 //!
 //! Nothing here allocates per packet: each call's table of probes is sized for its hold when the
 //! call starts.

@@ -1,58 +1,21 @@
-//! `loadgen sim-asterisk` on its own, against what Asterisk 22 answers: authentication (basic and
+//! `sim-asterisk` on its own, against what Asterisk 22 answers: authentication (basic and
 //! api_key, 401 otherwise), 404 "Channel not found", 422 "Channel not in Stasis application" for
 //! an externalMedia channel that has not entered Stasis yet, 400 for an unknown channel in
 //! addChannel, and the externalMedia reply's channel variables.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use serde_json::Value;
 
-/// One HTTP/1.0 request; (status, body).
-fn request(addr: &str, method: &str, path: &str, auth: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = auth.map_or(String::new(), |a| format!("Authorization: Basic {a}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let status = reply.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
+mod common;
+use common::{request, Sim, BASIC, PASS, USER};
 
 #[test]
 fn the_simulator_answers_like_asterisk() {
-    let (_sim, addr) = testkit::start(
-        "loadgen",
-        &[
-            "sim-asterisk",
-            "--listen",
-            "127.0.0.1:0",
-            "--ari-user",
-            "asterisk",
-            "--ari-pass",
-            "secret",
-            "--calls",
-            "0",
-            "--serve-for",
-            "20s",
-            "--stasis-delay",
-            "400ms",
-        ],
-        "sim-asterisk ready",
-        "listen",
-    );
-    let basic = "YXN0ZXJpc2s6c2VjcmV0"; // asterisk:secret
-    let key = "api_key=asterisk:secret";
+    let sim = Sim::start("ari", &["--serve-for", "20s", "--stasis-delay", "400ms"]);
+    let addr = sim.addr.clone();
+    let basic = BASIC;
+    let key = format!("api_key={USER}:{PASS}");
 
     assert_eq!(request(&addr, "GET", "/ari/channels", None).0, 401);
     assert_eq!(

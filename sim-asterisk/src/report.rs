@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::bridge::BridgeReport;
 pub use super::world::CallEnd;
 use super::world::Sim;
-use crate::report::{Added, RelaySide};
+use crate::relay_side::{Added, RelaySide};
 
 /// One caller's record in the report.
 #[derive(Clone, Debug, Serialize)]

@@ -1,5 +1,5 @@
-//! `loadgen sim-asterisk`: an ARI server that behaves like Asterisk 22 for everything control
-//! and `loadgen ari` use, so the whole pipeline (control, relay, echo) runs and is tested on a
+//! `sim-asterisk`: an ARI server that behaves like Asterisk 22 for everything control and
+//! `loadgen ari` use, so the whole pipeline (control, relay, echo) runs and is tested on a
 //! machine without Asterisk.
 //!
 //! What it reproduces, because control depends on it:
@@ -48,7 +48,13 @@
 //! By concern: [`world`] (the state and the operations on it), [`rest`] (the REST handlers),
 //! [`events`] (the events WebSocket), [`media`] (the callers' RTP and what is measured of it),
 //! [`bridge`] (media forwarded through bridges), [`report`]; this module holds the settings and
-//! the run.
+//! the run, `main.rs` the command line.
+//!
+//! Two modules serve the other tools as well, which is why they are public and live here rather
+//! than in loadgen (loadgen depends on this crate, never the reverse): [`relay_client`], the
+//! blocking client of the relay's control socket, and [`relay_side`], what the relay measured as
+//! a report carries it.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::IntoFuture as _;
@@ -57,15 +63,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use tokio::sync::{broadcast, watch};
 
-use crate::report::{Added, RelaySide};
+use crate::relay_client::RelayClient;
+use crate::relay_side::{Added, RelaySide};
 use world::{Kind, Sim, World};
 
 mod bridge;
 mod events;
 mod media;
+pub mod relay_client;
+pub mod relay_side;
 mod report;
 mod rest;
 mod world;
@@ -78,7 +86,7 @@ pub use report::{render, CallEnd, CallReport, SimReport};
 /// originate makes a Local pair whose `;2` half enters application `<exten>`.
 pub const STASIS_CONTEXT: &str = "stasis";
 
-/// `loadgen sim-asterisk` settings.
+/// The simulator's settings (`main.rs` makes them from its flags).
 #[derive(Clone, Debug)]
 pub struct SimConfig {
     /// HTTP and WebSocket listen address (port 0: any).
@@ -146,15 +154,54 @@ pub fn precise_timers() {
 /// Operations `--fail` can break.
 pub const FAILABLE: [&str; 3] = ["external_media", "create_bridge", "add_channel"];
 
+/// Why the simulator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// `--listen`.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread of the RTP (the timing source, the bridges' delay line) could not start.
+    #[error("cannot start the {what}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The application did not connect to `/ari/events` within `--wait-app`.
+    #[error("application {app:?} did not connect to /ari/events within {wait:?}")]
+    AppNotConnected {
+        /// `--app`.
+        app: String,
+        /// `--wait-app`.
+        wait: Duration,
+    },
+    /// The task reading the relay's statistics panicked or was cancelled.
+    #[error("the relay statistics task failed")]
+    RelayTask(#[from] tokio::task::JoinError),
+}
+
 /// Runs the simulator: serves ARI, originates the calls, and returns the report.
 ///
 /// # Errors
-/// The listen address cannot be bound.
-pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
+/// The listen address cannot be bound, a thread cannot start, or the application does not
+/// connect in time.
+pub async fn run(cfg: SimConfig) -> Result<SimReport, SimError> {
+    let listen = |source| SimError::Listen {
+        addr: cfg.listen,
+        source,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
+        .map_err(listen)?;
+    let addr = listener.local_addr().map_err(listen)?;
     let (events, _) = broadcast::channel(65_536);
     let sim = Arc::new(Sim {
         world: Mutex::new(World::default()),
@@ -169,8 +216,14 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         epoch: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        timing: media::TimingSource::new().context("cannot start the RTP timing thread")?,
-        bridges: bridge::Bridges::new(&cfg).context("cannot start the bridges' delay line")?,
+        timing: media::TimingSource::new().map_err(|source| SimError::Thread {
+            what: "RTP timing thread",
+            source,
+        })?,
+        bridges: bridge::Bridges::new(&cfg).map_err(|source| SimError::Thread {
+            what: "bridges' delay line",
+            source,
+        })?,
         cfg,
     });
     let server = tokio::spawn(axum::serve(listener, rest::router(Arc::clone(&sim))).into_future());
@@ -189,12 +242,12 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         // Asterisk refuses Stasis() for an application nobody is connected to: wait for it.
         let deadline = Instant::now() + cfg.wait_app;
         while !sim.connected(&cfg.app) {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "application {:?} did not connect to /ari/events within {:?}",
-                cfg.app,
-                cfg.wait_app
-            );
+            if Instant::now() >= deadline {
+                return Err(SimError::AppNotConnected {
+                    app: cfg.app.clone(),
+                    wait: cfg.wait_app,
+                });
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let start = tokio::time::Instant::now();
@@ -265,10 +318,10 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         .map(|(end, start)| end.saturating_sub(start));
     let global = match cfg.relay_ctl.clone() {
         Some(path) => tokio::task::spawn_blocking(move || {
-            crate::ctl::RelayClient::connect(&path).and_then(|mut c| c.global())
+            RelayClient::connect(&path).and_then(|mut c| c.global())
         })
         .await?
-        .map_err(|e| tracing::warn!("no relay statistics: {e:#}"))
+        .map_err(|e| tracing::warn!("no relay statistics: {}", chain(&e)))
         .ok(),
         None => None,
     };
@@ -280,4 +333,16 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<SimReport> {
         side
     });
     Ok(r)
+}
+
+/// `e` and its sources, `: `-separated (as a binary's `{:#}` of an `anyhow::Error` prints it).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }

@@ -13,8 +13,9 @@
 //! naming it:
 //! - sim-asterisk's `--json` report (`per_call`, `transcoding_calls`): the summary adds what the
 //!   simulated Asterisk measured end to end.
-//! - `loadgen ari --json` (`through_asterisk`, [`crate::ari::AriLoadReport`]): the caller's round
-//!   trip through Asterisk split per probe ([`crate::ari::split`]): one CDF per leg (total,
+//! - `loadgen ari --json` (`through_asterisk`, [`crate::ari::AriLoadReport`]), read back into
+//!   loadgen ari's own types ([`crate::ari::through_asterisk`]) so that writer and reader cannot
+//!   drift apart: the caller's round trip through Asterisk split per probe: one CDF per leg (total,
 //!   Asterisk in, relay loop, Asterisk out) in one chart on a log axis, a table of each leg's
 //!   count, mean, p50/p95/p99/p99.9 and max, the probes lost before and after the relay, and the
 //!   run's note on clocks. Legs the run left out (`null`: a leg came out negative, so the two
@@ -28,10 +29,62 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{anyhow, Context as _};
 use plotters::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::ari::{LegSummary, Lost, ThroughAsterisk, Window};
+
+/// Why the report could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum HtmlError {
+    /// A file cannot be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line of the call log is not a call record.
+    #[error("{path} line {line}: not a call record")]
+    CallRecord {
+        /// The call log.
+        path: String,
+        /// The line's number, from 1.
+        line: usize,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A `--run` file is not what `--run` takes (the message says which of its faults).
+    #[error("{0}")]
+    Run(String),
+    /// A `--run` file has `through_asterisk` but is not in the shape `loadgen ari` writes.
+    #[error(
+        "{name}: has `through_asterisk`, so loadgen ari's report, but not as loadgen ari writes it"
+    )]
+    AriShape {
+        /// The file.
+        name: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A chart could not be drawn.
+    #[error("drawing a chart: {0}")]
+    Chart(String),
+    /// The report cannot be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// `--out`.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// The part of a call record the report reads (see `docs/call-record.schema.json`).
 #[derive(Clone, Debug, Deserialize)]
@@ -82,21 +135,26 @@ pub struct Relay {
 ///
 /// # Errors
 /// The file cannot be read, or a line is not a call record (named by its number).
-pub fn read_calls(path: &Path) -> anyhow::Result<Vec<Call>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+pub fn read_calls(path: &Path) -> Result<Vec<Call>, HtmlError> {
+    let text = std::fs::read_to_string(path).map_err(|source| HtmlError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{} line {}: not a call record", path.display(), i + 1))
+            serde_json::from_str(l).map_err(|source| HtmlError::CallRecord {
+                path: path.display().to_string(),
+                line: i + 1,
+                source,
+            })
         })
         .collect()
 }
 
 /// `loadgen ari --json`, the part the report reads (see [`crate::ari::AriLoadReport`]; every
-/// time in µs).
+/// time in µs): its envelope, each field optional, and the figures as loadgen ari's own types.
 #[derive(Clone, Debug, Deserialize)]
 pub struct AriRun {
     /// `rtp` or `tone`.
@@ -115,99 +173,14 @@ pub struct AriRun {
     #[serde(default)]
     pub leftovers: Vec<String>,
     /// The caller's round trip through Asterisk, split (`null` with tone callers).
-    pub through_asterisk: Option<Through>,
+    pub through_asterisk: Option<ThroughAsterisk>,
     /// Probes lost, on each side of the relay.
-    pub lost: Option<AriLost>,
+    pub lost: Option<Lost>,
     /// One window a second of run time.
     #[serde(default)]
-    pub timeseries: Vec<AriWindow>,
+    pub timeseries: Vec<Window>,
     /// What the split's times are, and when they hold.
     pub clocks: Option<String>,
-}
-
-/// `through_asterisk`: the total and each leg (`null`: left out by the run).
-#[derive(Clone, Debug, Deserialize)]
-pub struct Through {
-    /// loadgen's send to its receipt of the return.
-    pub total: Leg,
-    /// loadgen's send to the relay's arrival.
-    pub asterisk_in: Option<Leg>,
-    /// The relay's arrival to the echo's return at the relay.
-    pub relay: Option<Leg>,
-    /// The echo's return at the relay to loadgen's receipt.
-    pub asterisk_out: Option<Leg>,
-    /// Returns timed in total only.
-    #[serde(default)]
-    pub unsplit: u64,
-    /// Probes with a leg below zero (the clocks disagree).
-    #[serde(default)]
-    pub negative_legs: u64,
-    /// Returns not timed at all.
-    #[serde(default)]
-    pub untimed: u64,
-}
-
-/// One leg's distribution, µs.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Leg {
-    /// Probes measured.
-    pub count: u64,
-    /// Mean.
-    pub mean_us: f64,
-    /// Median.
-    pub p50_us: f64,
-    /// 95th percentile.
-    pub p95_us: f64,
-    /// 99th percentile.
-    pub p99_us: f64,
-    /// 99.9th percentile.
-    pub p999_us: f64,
-    /// Largest.
-    pub max_us: f64,
-    /// `[µs, fraction at or below]`, ascending.
-    #[serde(default)]
-    pub cdf: Vec<(f64, f64)>,
-}
-
-/// `lost`: probes lost on each side of the relay.
-#[derive(Clone, Debug, Deserialize)]
-pub struct AriLost {
-    /// Probes sent.
-    pub sent: u64,
-    /// Probes back.
-    pub returned: u64,
-    /// Sent and never back.
-    pub total: u64,
-    /// Never reached the relay (`null`: the relay's count was not known).
-    pub before_relay: Option<u64>,
-    /// Reached the relay, never came back.
-    pub after_relay: Option<u64>,
-    /// Calls whose loss could not be split.
-    #[serde(default)]
-    pub calls_unsplit: u64,
-}
-
-/// One second of run time.
-#[derive(Clone, Debug, Deserialize)]
-pub struct AriWindow {
-    /// Start, seconds since the start of the run.
-    pub t_s: f64,
-    /// Probes sent in it.
-    pub sent: u64,
-    /// Of those, back.
-    pub returned: u64,
-    /// Round trip p50.
-    pub p50_us: f64,
-    /// Round trip p99.
-    pub p99_us: f64,
-    /// Round trip max.
-    pub max_us: f64,
-    /// Asterisk in, p50.
-    pub asterisk_in_p50_us: Option<f64>,
-    /// Relay loop, p50.
-    pub relay_p50_us: Option<f64>,
-    /// Asterisk out, p50.
-    pub asterisk_out_p50_us: Option<f64>,
 }
 
 /// The `--run` files: at most one of each kind.
@@ -239,42 +212,45 @@ const RUN_KINDS: &str = "--run takes sim-asterisk's --json report or loadgen ari
 ///
 /// # Errors
 /// It is neither, or it has `through_asterisk` but not in the shape `loadgen ari` writes.
-pub fn classify(v: Value, name: &str) -> anyhow::Result<RunFile> {
+pub fn classify(v: Value, name: &str) -> Result<RunFile, HtmlError> {
     let Some(o) = v.as_object() else {
-        return Err(anyhow!("{name}: not a JSON object; {RUN_KINDS}"));
+        return Err(HtmlError::Run(format!(
+            "{name}: not a JSON object; {RUN_KINDS}"
+        )));
     };
     if o.contains_key("through_asterisk") {
-        let ari = serde_json::from_value::<AriRun>(v).with_context(|| {
-            format!(
-                "{name}: has `through_asterisk`, so loadgen ari's report, but not as loadgen ari \
-                 writes it"
-            )
+        let ari = serde_json::from_value::<AriRun>(v).map_err(|source| HtmlError::AriShape {
+            name: name.to_owned(),
+            source,
         })?;
         return Ok(RunFile::Ari(Box::new(ari)));
     }
     if SIM_KEYS.iter().all(|k| o.contains_key(*k)) {
         return Ok(RunFile::Sim(v));
     }
-    Err(anyhow!(
+    Err(HtmlError::Run(format!(
         "{name}: neither sim-asterisk's --json report (it has no `{}`) nor loadgen ari's --json \
          report (it has no `through_asterisk`); {RUN_KINDS}",
         SIM_KEYS.join("`, `")
-    ))
+    )))
 }
 
 /// Reads and tells apart the `--run` files (at most one of each kind).
 ///
 /// # Errors
 /// A file cannot be read, is not JSON, is of neither kind, or is a second of its kind.
-pub fn read_runs(paths: &[impl AsRef<Path>]) -> anyhow::Result<Runs> {
+pub fn read_runs(paths: &[impl AsRef<Path>]) -> Result<Runs, HtmlError> {
     let mut runs = Runs::default();
     let mut seen: [Option<String>; 2] = [None, None];
     for p in paths {
         let p = p.as_ref();
         let name = p.display().to_string();
-        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {name}"))?;
+        let text = std::fs::read_to_string(p).map_err(|source| HtmlError::Read {
+            path: name.clone(),
+            source,
+        })?;
         let v: Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{name}: not JSON ({e}); {RUN_KINDS}"))?;
+            .map_err(|e| HtmlError::Run(format!("{name}: not JSON ({e}); {RUN_KINDS}")))?;
         let (slot, kind) = match classify(v, &name)? {
             RunFile::Sim(v) => {
                 runs.sim = Some(v);
@@ -286,9 +262,9 @@ pub fn read_runs(paths: &[impl AsRef<Path>]) -> anyhow::Result<Runs> {
             }
         };
         if let Some(first) = &seen[slot] {
-            return Err(anyhow!(
+            return Err(HtmlError::Run(format!(
                 "--run {first} and --run {name} are both {kind}: give at most one of each kind"
-            ));
+            )));
         }
         seen[slot] = Some(name);
     }
@@ -341,12 +317,12 @@ fn us_label(v: &f64) -> String {
     }
 }
 
-fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("drawing a chart: {e}")
+fn plot_err<E: std::fmt::Display>(e: E) -> HtmlError {
+    HtmlError::Chart(e.to_string())
 }
 
 /// The CDF of the calls' RTT p50 and p99 on a log axis.
-fn cdf_svg(p50: &[f64], p99: &[f64]) -> anyhow::Result<String> {
+fn cdf_svg(p50: &[f64], p99: &[f64]) -> Result<String, HtmlError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (760, 360)).into_drawing_area();
@@ -413,7 +389,7 @@ fn axis_floor(v: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// The names, colours and figures of the total and the legs the run kept, in that order.
-fn kept_legs(t: &Through) -> Vec<(&'static str, RGBColor, &Leg)> {
+fn kept_legs(t: &ThroughAsterisk) -> Vec<(&'static str, RGBColor, &LegSummary)> {
     [
         ("total", BLACK, Some(&t.total)),
         ("Asterisk in", BLUE, t.asterisk_in.as_ref()),
@@ -426,7 +402,7 @@ fn kept_legs(t: &Through) -> Vec<(&'static str, RGBColor, &Leg)> {
 }
 
 /// The legs the run left out (`null`), by name.
-fn left_out(t: &Through) -> Vec<&'static str> {
+fn left_out(t: &ThroughAsterisk) -> Vec<&'static str> {
     [
         ("Asterisk in", t.asterisk_in.is_none()),
         ("relay loop", t.relay.is_none()),
@@ -441,7 +417,7 @@ fn left_out(t: &Through) -> Vec<&'static str> {
 type Points = Vec<(f64, f64)>;
 
 /// One CDF per leg (from each leg's `cdf`), one chart, log x axis.
-fn split_cdf_svg(legs: &[(&'static str, RGBColor, &Leg)]) -> anyhow::Result<String> {
+fn split_cdf_svg(legs: &[(&'static str, RGBColor, &LegSummary)]) -> Result<String, HtmlError> {
     let curves: Vec<(&str, RGBColor, Points)> = legs
         .iter()
         .map(|&(name, colour, leg)| {
@@ -499,7 +475,7 @@ fn split_cdf_svg(legs: &[(&'static str, RGBColor, &Leg)]) -> anyhow::Result<Stri
 }
 
 /// A window's figure, `None` where it has none.
-type Figure = fn(&AriWindow) -> Option<f64>;
+type Figure = fn(&Window) -> Option<f64>;
 
 /// The curves over run time: the total's p50 and p99, each leg's p50.
 const OVER_TIME: [(&str, RGBColor, Figure); 5] = [
@@ -511,14 +487,13 @@ const OVER_TIME: [(&str, RGBColor, Figure); 5] = [
 ];
 
 /// The middle of a window, seconds of run time.
-fn window_mid(w: &AriWindow) -> f64 {
-    let t = if w.t_s.is_finite() { w.t_s } else { 0.0 };
-    t.clamp(0.0, MAX_S) + 0.5
+fn window_mid(w: &Window) -> f64 {
+    (w.t_s as f64).min(MAX_S) + 0.5
 }
 
 /// The round trip in 1 s windows of run time: [`OVER_TIME`], a line broken where a window has
 /// no figure.
-fn timeseries_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
+fn timeseries_svg(ts: &[Window]) -> Result<String, HtmlError> {
     let curves: Vec<(&str, RGBColor, Vec<Points>)> = OVER_TIME
         .iter()
         .map(|&(name, colour, get)| {
@@ -601,12 +576,12 @@ fn timeseries_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
 
 /// Percent of a window's probes that never came back (`None`: none sent in it).
 #[allow(clippy::cast_precision_loss)] // a ratio for drawing
-fn window_loss(w: &AriWindow) -> Option<f64> {
+fn window_loss(w: &Window) -> Option<f64> {
     (w.sent > 0).then(|| w.sent.saturating_sub(w.returned) as f64 * 100.0 / w.sent as f64)
 }
 
 /// Probes lost per 1 s window of run time, % of those sent in it.
-fn loss_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
+fn loss_svg(ts: &[Window]) -> Result<String, HtmlError> {
     let bars: Vec<(f64, f64)> = ts
         .iter()
         .filter_map(|w| Some((window_mid(w) - 0.5, window_loss(w).filter(|&l| l > 0.0)?)))
@@ -645,7 +620,7 @@ fn loss_svg(ts: &[AriWindow]) -> anyhow::Result<String> {
 }
 
 /// RTT p50 (median of the calls') and p99 (worst call's) in 10 s windows of call end times.
-fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
+fn windows_svg(calls: &[Call]) -> Result<String, HtmlError> {
     let mut ends: Vec<(f64, &Relay)> = calls
         .iter()
         .filter_map(|c| Some((epoch_s(&c.ended)?, c.relay.as_ref()?)))
@@ -729,7 +704,7 @@ fn windows_svg(calls: &[Call]) -> anyhow::Result<String> {
 }
 
 /// Calls per MOS bin of 0.1 from 1.0 to 4.5.
-fn mos_svg(mos: &[f64]) -> anyhow::Result<String> {
+fn mos_svg(mos: &[f64]) -> Result<String, HtmlError> {
     let mut bins = [0u32; 35];
     for &m in mos {
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to 0..=34
@@ -777,7 +752,7 @@ fn share(n: u64, of: u64) -> String {
 }
 
 /// "Through Asterisk": `loadgen ari`'s split of the caller's round trip, its loss and its notes.
-fn through_asterisk_html(a: &AriRun) -> anyhow::Result<String> {
+fn through_asterisk_html(a: &AriRun) -> Result<String, HtmlError> {
     let mut html = String::from("<h2>Through Asterisk: the caller's round trip, split</h2>\n");
     let n = |v: Option<u64>| v.map_or_else(|| "–".to_owned(), |v| v.to_string());
     let _ = writeln!(
@@ -910,7 +885,7 @@ fn capitalise(s: &str) -> String {
 
 /// "RTT over time": `loadgen ari`'s 1 s windows of run time when a run has them, else the
 /// calls' RTT by call end time, 10 s windows.
-fn over_time_html(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
+fn over_time_html(calls: &[Call], runs: &Runs) -> Result<String, HtmlError> {
     let mut html = String::from("<h2>RTT over time</h2>\n");
     match runs.ari.as_ref().filter(|a| !a.timeseries.is_empty()) {
         Some(a) => {
@@ -945,7 +920,7 @@ fn over_time_html(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
 ///
 /// # Errors
 /// A chart could not be drawn.
-pub fn render(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
+pub fn render(calls: &[Call], runs: &Runs) -> Result<String, HtmlError> {
     let measured: Vec<&Call> = calls
         .iter()
         .filter(|c| c.relay.as_ref().is_some_and(|r| r.rtt_count > 0))
@@ -1085,11 +1060,14 @@ pub fn render(calls: &[Call], runs: &Runs) -> anyhow::Result<String> {
 ///
 /// # Errors
 /// A file cannot be read or written or is not what it should be, or a chart cannot be drawn.
-pub fn run(calls: &Path, runs: &[impl AsRef<Path>], out: &Path) -> anyhow::Result<usize> {
+pub fn run(calls: &Path, runs: &[impl AsRef<Path>], out: &Path) -> Result<usize, HtmlError> {
     let runs = read_runs(runs)?;
     let records = read_calls(calls)?;
     let html = render(&records, &runs)?;
-    std::fs::write(out, html).with_context(|| format!("cannot write {}", out.display()))?;
+    std::fs::write(out, html).map_err(|source| HtmlError::Write {
+        path: out.display().to_string(),
+        source,
+    })?;
     Ok(records.len())
 }
 
@@ -1170,7 +1148,7 @@ mod run_files {
                "cdf": cdf(p50 / 2.0, p50 * 4.0)})
     }
 
-    /// `loadgen ari --callers rtp --json` of a 3 s run, field names as in `ari::split` and
+    /// `loadgen ari --callers rtp --json` of a 3 s run, field names as in `ari::through_asterisk` and
     /// `ari::AriLoadReport`.
     fn ari_json() -> Value {
         json!({
@@ -1511,11 +1489,12 @@ mod run_files {
         t["asterisk_in"]["cdf"] = json!([]);
         t["relay"] = leg(0, 0.0);
         t["asterisk_out"]["cdf"] = json!([[5.0, 0.1], [5.0, 0.2]]);
+        // `t_s` is a count of seconds (a u64): the largest there is, and the first.
         v["timeseries"] = json!([
-            {"t_s": 1e300, "sent": 0, "returned": 5, "p50_us": -1.0, "p99_us": 0.0,
+            {"t_s": u64::MAX, "sent": 0, "returned": 5, "p50_us": -1.0, "p99_us": 0.0,
              "max_us": 1e308, "asterisk_in_p50_us": 1e308, "relay_p50_us": null,
              "asterisk_out_p50_us": -3.0},
-            {"t_s": -4, "sent": 3, "returned": 9, "p50_us": 1e-300, "p99_us": 1e308,
+            {"t_s": 0, "sent": 3, "returned": 9, "p50_us": 1e-300, "p99_us": 1e308,
              "max_us": 0.0, "asterisk_in_p50_us": null, "relay_p50_us": 0.0,
              "asterisk_out_p50_us": null}
         ]);
@@ -1575,7 +1554,7 @@ mod run_files {
             probes,
             ..CallMedia::default()
         };
-        let mut split = crate::ari::split::Split::new();
+        let mut split = crate::ari::through_asterisk::Split::new();
         split.add_call(&m, Some(200));
         let report = crate::ari::AriLoadReport {
             callers: crate::ari::Callers::Rtp,

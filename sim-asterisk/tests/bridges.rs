@@ -1,4 +1,4 @@
-//! `loadgen sim-asterisk` as `loadgen ari --callers rtp` meets it: a Local pair
+//! `sim-asterisk` as `loadgen ari --callers rtp` meets it: a Local pair
 //! `Local/<control's app>@stasis/n` originated into loadgen's own application, whose `;2` half
 //! enters control's application and whose `;1` half enters loadgen's once control answers `;2`;
 //! externalMedia channels bridged with the halves that forward what they receive byte for byte,
@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +22,9 @@ use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
+mod common;
+use common::{Sim, PASS, USER};
+
 const CONTROL_APP: &str = "rtp-relay";
 const LOADGEN_APP: &str = "rtp-relay-loadgen";
 /// How long any one step may take.
@@ -30,77 +32,12 @@ const STEP: Duration = Duration::from_secs(5);
 /// The SSRC of the frames the test sends as loadgen.
 const LOADGEN_SSRC: u32 = 0x10ad_9e11;
 
-/// A running `sim-asterisk --calls 0` and where its JSON report goes.
-struct Sim {
-    proc: testkit::Proc,
-    addr: String,
-    json: PathBuf,
-}
-
-impl Sim {
-    fn start(name: &str, extra: &[&str]) -> Self {
-        let json =
-            std::env::temp_dir().join(format!("sim-bridges-{}-{name}.json", std::process::id()));
-        let _ = std::fs::remove_file(&json);
-        let mut args = vec![
-            "sim-asterisk",
-            "--listen",
-            "127.0.0.1:0",
-            "--ari-user",
-            "asterisk",
-            "--ari-pass",
-            "secret",
-            "--calls",
-            "0",
-            "--json",
-            json.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let (proc, addr) = testkit::start("loadgen", &args, "sim-asterisk ready", "listen");
-        Self { proc, addr, json }
-    }
-
-    /// Names of its threads.
-    fn threads(&self) -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{}/task", self.proc.pid()))
-            .map(|d| {
-                d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                    .map(|n| n.trim_end().to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Its forwarding threads.
-    fn forwarders(&self) -> usize {
-        self.threads()
-            .iter()
-            .filter(|n| n.starts_with("rtp-fwd-"))
-            .count()
-    }
-
-    /// Interrupts it (Ctrl-C) and returns its report.
-    fn report(self) -> Value {
-        self.report_and_text().0
-    }
-
-    /// Interrupts it (Ctrl-C); its report, as JSON and as the text it printed.
-    fn report_and_text(mut self) -> (Value, String) {
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &self.proc.pid().to_string()])
-            .status();
-        let status = testkit::wait_for("sim-asterisk to report and exit", STEP, || {
-            self.proc.0.try_wait().unwrap()
-        });
-        assert!(status.success(), "sim-asterisk exited: {status}");
-        let json = std::fs::read_to_string(&self.json).unwrap();
-        let _ = std::fs::remove_file(&self.json);
-        let mut text = String::new();
-        if let Some(out) = self.proc.0.stdout.as_mut() {
-            std::io::Read::read_to_string(out, &mut text).unwrap();
-        }
-        (serde_json::from_str(&json).unwrap(), text)
-    }
+/// The simulator's forwarding threads.
+fn forwarders(sim: &Sim) -> usize {
+    sim.threads()
+        .iter()
+        .filter(|n| n.starts_with("rtp-fwd-"))
+        .count()
 }
 
 /// A blocking ARI client over a runtime of its own.
@@ -130,7 +67,7 @@ impl Ari {
             let r = self
                 .http
                 .request(method, format!("http://{}/ari{path}", self.addr))
-                .basic_auth("asterisk", Some("secret"))
+                .basic_auth(USER, Some(PASS))
                 .timeout(STEP)
                 .send()
                 .await
@@ -156,7 +93,7 @@ impl Ari {
     /// Application `app`'s events, from now on.
     fn events(&self, app: &str) -> Events {
         let url = format!(
-            "ws://{}/ari/events?app={app}&api_key=asterisk:secret",
+            "ws://{}/ari/events?app={app}&api_key={USER}:{PASS}",
             self.addr
         );
         let (ws, _) = self
@@ -603,7 +540,7 @@ fn one_call(
     );
     // One thread per forwarding channel (a new thread names itself once it runs: waited for).
     testkit::wait_for("two forwarding threads", STEP, || {
-        (sim.forwarders() == 2).then_some(())
+        (forwarders(&sim) == 2).then_some(())
     });
     let mut ends = Ends {
         relay: Reader::start(relay, call.to_control_em, true),
@@ -615,7 +552,7 @@ fn one_call(
     then(&ari, &call, &mut ends);
     hang_up(&ari, &call, &mut control, &mut loadgen_ev);
     testkit::wait_for("the forwarding threads to end", STEP, || {
-        (sim.forwarders() == 0).then_some(())
+        (forwarders(&sim) == 0).then_some(())
     });
     let out = Outcome {
         sent: std::mem::take(&mut ends.sent),
@@ -625,7 +562,7 @@ fn one_call(
         text: String::new(),
     };
     drop(ends);
-    let (report, text) = sim.report_and_text();
+    let (report, text) = sim.interrupt(STEP);
     Outcome {
         report,
         text,
@@ -897,7 +834,7 @@ fn the_simulators_own_callers_count_returns_whose_payload_changed() {
     assert_eq!(ari.delete("/channels/tone-1-em"), 204);
     assert_eq!(ari.delete("/channels/tone-1"), 204);
     assert_eq!(ari.delete("/bridges/tone-1-br"), 204);
-    let r = sim.report();
+    let r = sim.interrupt(STEP).0;
     let calls = r["per_call"].as_array().unwrap();
     assert_eq!(calls.len(), 1, "{r}");
     assert_eq!(u(&calls[0]["received"]), echoed, "{}", calls[0]);
@@ -916,7 +853,7 @@ fn a_local_pair_into_an_application_nobody_serves_is_refused_and_bad_flags_are_n
     assert_eq!(s, 400, "{v}");
     assert!(v["message"].as_str().unwrap().contains("nobody"), "{v}");
     assert_eq!(ari.get("/channels").1, Value::Array(Vec::new()));
-    let r = sim.report();
+    let r = sim.interrupt(STEP).0;
     assert_eq!(u(&r["bridges"]["local_pairs"]), 0);
     for (flag, value) in [
         ("--bridge-loss", "1.5"),
@@ -926,8 +863,7 @@ fn a_local_pair_into_an_application_nobody_serves_is_refused_and_bad_flags_are_n
         ("--bridge-jitter", "-1ms"),
     ] {
         let out = testkit::output(
-            std::process::Command::new(testkit::bin("loadgen")).args([
-                "sim-asterisk",
+            std::process::Command::new(env!("CARGO_BIN_EXE_sim-asterisk")).args([
                 "--calls",
                 "0",
                 "--listen",

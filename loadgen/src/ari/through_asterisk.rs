@@ -20,7 +20,7 @@
 //! (no `--control`, or no record) only the total is known.
 
 use relay_proto::stats::LatencyHistogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::probes::CallMedia;
 
@@ -32,7 +32,7 @@ const DEFAULT_MAX_WINDOWS: usize = 86_400;
 const CDF_POINTS: usize = 200;
 
 /// One leg's (or the total's) distribution, in microseconds.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LegSummary {
     /// Probes measured.
     pub count: u64,
@@ -49,6 +49,7 @@ pub struct LegSummary {
     /// Largest.
     pub max_us: f64,
     /// The distribution: `[µs, fraction of probes at or below]`, ascending, for plotting.
+    #[serde(default)]
     pub cdf: Vec<(f64, f64)>,
 }
 
@@ -88,7 +89,7 @@ impl LegSummary {
 }
 
 /// `through_asterisk` in the report: the total and, when valid, each leg.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ThroughAsterisk {
     /// loadgen's send to its receipt of the return.
     pub total: LegSummary,
@@ -102,16 +103,19 @@ pub struct ThroughAsterisk {
     pub asterisk_out: Option<LegSummary>,
     /// Returns timed in total but not split: the relay had not written its times (the first
     /// probes of a call, before the relay recognises it) or they were not usable.
+    #[serde(default)]
     pub unsplit: u64,
     /// Probes with a leg below zero: the clocks of loadgen's and the relay's hosts disagree.
     /// Any of them makes the run report totals only.
+    #[serde(default)]
     pub negative_legs: u64,
     /// Returns not timed at all: a kernel stamp (transmit or receive) missing.
+    #[serde(default)]
     pub untimed: u64,
 }
 
 /// `lost` in the report.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Lost {
     /// Probes handed to the kernel.
     pub sent: u64,
@@ -124,11 +128,12 @@ pub struct Lost {
     /// Reached the relay, never came back.
     pub after_relay: Option<u64>,
     /// Calls whose loss could not be split (no relay count for them).
+    #[serde(default)]
     pub calls_unsplit: u64,
 }
 
 /// What else came back, or did not leave (`media` in the report).
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MediaCounts {
     /// Sends the kernel refused (not counted as sent).
     pub send_errors: u64,
@@ -147,7 +152,7 @@ pub struct MediaCounts {
 }
 
 /// One second of run time (by the probes' send times).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Window {
     /// Start of the window, seconds since the start of the run.
     pub t_s: u64,

@@ -1,4 +1,4 @@
-//! `loadgen sim-asterisk`'s media as a real Asterisk 22 was seen sending and reading it: one
+//! `sim-asterisk`'s media as a real Asterisk 22 was seen sending and reading it: one
 //! timing source sends every channel's 20 ms frame back to back (each tick's packets of all
 //! channels arrive as one burst, the bursts 20 ms apart without drift), each channel's returns
 //! are read by a thread of its own (counted by name in `/proc`, gone after hang-up), and the
@@ -6,45 +6,21 @@
 //! unstamped). The test plays the relay: one socket that receives every channel and sends each
 //! packet straight back.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+mod common;
+use common::{thread_names, Sim, BASIC};
+
 const CHANNELS: usize = 20;
-const BASIC: &str = "YXN0ZXJpc2s6c2VjcmV0"; // asterisk:secret
 
-/// One HTTP/1.0 request; (status, body).
+/// One HTTP/1.0 request with the simulator's credentials; (status, body).
 fn request(addr: &str, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Basic {BASIC}\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let status = reply.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// Names of process `pid`'s threads.
-fn thread_names(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .map(|n| n.trim_end().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    common::request(addr, method, path, Some(BASIC))
 }
 
 /// The ports of the `rtp-rx-PORT` threads of `pid`, sorted.
@@ -83,27 +59,8 @@ fn median(v: &mut [u64]) -> u64 {
 
 #[test]
 fn every_channel_frame_leaves_in_one_burst_and_each_channel_is_read_by_its_own_thread() {
-    let json = std::env::temp_dir().join(format!("sim-media-{}.json", std::process::id()));
-    let (mut sim, addr) = testkit::start(
-        "loadgen",
-        &[
-            "sim-asterisk",
-            "--listen",
-            "127.0.0.1:0",
-            "--ari-user",
-            "asterisk",
-            "--ari-pass",
-            "secret",
-            "--calls",
-            "0",
-            "--serve-for",
-            "20s",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        "sim-asterisk ready",
-        "listen",
-    );
+    let sim = Sim::start("media", &["--serve-for", "20s"]);
+    let addr = sim.addr.clone();
     let pid = sim.pid();
     // A new thread names itself once it runs: waited for, then exactly one.
     testkit::wait_for("the timing source's thread", Duration::from_secs(5), || {
@@ -313,11 +270,7 @@ fn every_channel_frame_leaves_in_one_burst_and_each_channel_is_read_by_its_own_t
 
     // The report, once the simulator's --serve-for is over: every packet came back and was
     // measured from kernel stamps.
-    testkit::wait_for("sim-asterisk to finish", Duration::from_secs(30), || {
-        sim.0.try_wait().unwrap()
-    });
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
+    let (r, _) = sim.finish(Duration::from_secs(30));
     let u = |v: &Value| v.as_u64().unwrap();
     let calls = r["per_call"].as_array().unwrap();
     assert_eq!(calls.len(), CHANNELS, "{r}");
