@@ -12,7 +12,7 @@ use crate::results::{Point, Results};
 ///
 /// # Errors
 /// The file cannot be written.
-pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
+pub(crate) fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (1100, 450)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let (left, right) = root.split_horizontally(550);

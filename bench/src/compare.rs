@@ -26,12 +26,12 @@ use serde::Serialize;
 use serde_json::Value;
 use testkit::Proc;
 
-pub use crate::results::{table, Mode, Point, Results};
+pub(crate) use crate::results::{table, Mode, Point, Results};
 
 /// A forwarder to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Target {
+pub(crate) enum Target {
     /// The relay, io_uring backend.
     Uring,
     /// The relay, io_uring backend, timing in user space (`--timestamps user`): what kernel
@@ -61,13 +61,13 @@ pub enum Target {
 impl Target {
     /// Whether it is a relay with `--echo-leg shared` (its echo then runs `--gro`).
     #[must_use]
-    pub const fn shared_leg(self) -> bool {
+    pub(crate) const fn shared_leg(self) -> bool {
         matches!(self, Self::Shared | Self::TokioShared)
     }
 
     /// Its name.
     #[must_use]
-    pub const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             Self::Uring => "uring",
             Self::UringUser => "uring-user",
@@ -83,32 +83,32 @@ impl Target {
 
 /// `bench compare` settings.
 #[derive(Clone, Debug)]
-pub struct CompareConfig {
+pub(crate) struct CompareConfig {
     /// Targets, in order.
-    pub targets: Vec<Target>,
+    pub(crate) targets: Vec<Target>,
     /// Channel counts.
-    pub channels: Vec<u32>,
+    pub(crate) channels: Vec<u32>,
     /// Measured time per point.
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Warm-up per point.
-    pub warmup: Duration,
+    pub(crate) warmup: Duration,
     /// Paced or drain.
-    pub mode: Mode,
+    pub(crate) mode: Mode,
     /// Datagrams queued per socket in drain mode.
-    pub burst: u32,
+    pub(crate) burst: u32,
     /// Where the JSON and the chart go.
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
     /// The forwarder's core; loadgen and the echo take the other one unless placed.
-    pub core: usize,
+    pub(crate) core: usize,
     /// Extra flags for the relay (every relay target), e.g. `--batch=16`. A `--cores` among them
     /// replaces the relay's `--core`.
-    pub relay_args: Vec<String>,
+    pub(crate) relay_args: Vec<String>,
     /// The `sharded` target's `--cores` list (default: the forwarder core twice).
-    pub shard_cores: Option<String>,
+    pub(crate) shard_cores: Option<String>,
     /// loadgen's core (default: the other of 0 and 1).
-    pub load_core: Option<usize>,
+    pub(crate) load_core: Option<usize>,
     /// The echo's core (default: the other of 0 and 1).
-    pub echo_core: Option<usize>,
+    pub(crate) echo_core: Option<usize>,
 }
 
 /// `bench floor`'s first port (channel i on FLOOR_BASE + i).
@@ -156,7 +156,7 @@ fn load_cores(cfg: &CompareConfig) -> (usize, usize) {
 ///
 /// # Errors
 /// The output directory or its files cannot be written.
-pub fn run(cfg: &CompareConfig, stop: &AtomicBool) -> anyhow::Result<Results> {
+pub(crate) fn run(cfg: &CompareConfig, stop: &AtomicBool) -> anyhow::Result<Results> {
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create {}", cfg.out.display()))?;
     // Before any thread is pinned (the core count follows this thread's affinity).
@@ -758,6 +758,6 @@ fn wait_back(
 }
 
 /// Flushes standard output (the table is printed before the chart is drawn).
-pub fn flush() {
+pub(crate) fn flush() {
     let _ = std::io::stdout().flush();
 }

@@ -26,28 +26,28 @@ const fn recv(slot: u32) -> (Arm, UserData) {
 
 /// `bench floor` settings.
 #[derive(Clone, Debug)]
-pub struct FloorConfig {
+pub(crate) struct FloorConfig {
     /// Address the sockets bind.
-    pub bind: IpAddr,
+    pub(crate) bind: IpAddr,
     /// First port; socket i binds `port_base + i`.
-    pub port_base: u16,
+    pub(crate) port_base: u16,
     /// Sockets.
-    pub channels: u32,
+    pub(crate) channels: u32,
     /// The echo server.
-    pub echo: SocketAddr,
+    pub(crate) echo: SocketAddr,
     /// Pin to this core.
-    pub core: Option<usize>,
+    pub(crate) core: Option<usize>,
     /// Provided buffers.
-    pub buffers: u16,
+    pub(crate) buffers: u16,
     /// Stop after this long (`None`: until killed).
-    pub duration: Option<Duration>,
+    pub(crate) duration: Option<Duration>,
 }
 
 /// Runs the forwarder; returns the datagrams forwarded.
 ///
 /// # Errors
 /// A socket cannot be bound or the ring cannot be set up.
-pub fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
+pub(crate) fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
     if let Some(core) = cfg.core {
         if !relay_io::pin_current_thread(core) {
             eprintln!("floor: cannot pin to core {core}");

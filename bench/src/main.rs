@@ -1,12 +1,22 @@
 //! `bench`: measures rtp-relay against what it competes with.
 //!
 //! - `bench compare`: the relay's two backends, a minimal io_uring forwarder and rtpengine, side
-//!   by side in one run (see [`bench::compare`]); prints a table, writes JSON and an SVG chart.
+//!   by side in one run (see [`compare`]); prints a table, writes JSON and an SVG chart.
 //! - `bench floor`: that minimal forwarder, run as its own process by `bench compare`.
 //!
 //! The criterion benches are in `benches/`: `cargo bench -p bench --bench core` (the core per
 //! packet) and `--bench backends` (the two backends forwarding the same burst).
+//!
+//! The modules are the binary's own (`anyhow` stays in the binary): the comparison itself
+//! ([`compare`]), what it measured and the table of it ([`results`]), its chart ([`chart`]), the
+//! minimal forwarder ([`floor`]) and rtpengine's ng protocol ([`ng`]).
 #![forbid(unsafe_code)]
+
+mod chart;
+mod compare;
+mod floor;
+mod ng;
+mod results;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -16,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use appkit::flags::parse_duration;
-use bench::compare::{CompareConfig, Mode, Target};
+use crate::compare::{CompareConfig, Mode, Target};
 use clap::{Parser, Subcommand};
 
 /// The command line.
@@ -122,9 +132,9 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Plot { json, svg } => {
             let r: anyhow::Result<()> = (|| {
-                let r: bench::results::Results = serde_json::from_slice(&std::fs::read(&json)?)?;
-                print!("{}", bench::results::table(&r));
-                bench::chart::draw(&r, &svg)
+                let r: results::Results = serde_json::from_slice(&std::fs::read(&json)?)?;
+                print!("{}", results::table(&r));
+                chart::draw(&r, &svg)
             })();
             match r {
                 Ok(()) => ExitCode::SUCCESS,
@@ -141,7 +151,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            let cfg = bench::floor::FloorConfig {
+            let cfg = floor::FloorConfig {
                 bind: a.bind,
                 port_base: a.port_base,
                 channels: a.channels,
@@ -150,7 +160,7 @@ fn main() -> ExitCode {
                 buffers: a.buffers,
                 duration: a.duration,
             };
-            match bench::floor::run(&cfg) {
+            match floor::run(&cfg) {
                 Ok(n) => {
                     eprintln!("floor: forwarded {n} datagrams");
                     ExitCode::SUCCESS
@@ -205,10 +215,10 @@ fn main() -> ExitCode {
                     eprintln!("bench compare: cannot catch signal {sig}: {e}");
                 }
             }
-            match bench::compare::run(&cfg, &stop) {
+            match compare::run(&cfg, &stop) {
                 Ok(r) => {
-                    print!("{}", bench::compare::table(&r));
-                    bench::compare::flush();
+                    print!("{}", compare::table(&r));
+                    compare::flush();
                     eprintln!(
                         "bench: wrote {}/compare.json{}",
                         cfg.out.display(),

@@ -11,45 +11,45 @@ use serde::{Deserialize, Serialize};
 /// An ng request. Absent fields are left out; `serde_bencode` writes the keys sorted, as
 /// bencode requires.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     /// `ping`, `offer`, `answer`, `delete`.
-    pub command: &'a str,
+    pub(crate) command: &'a str,
     /// The call.
     #[serde(rename = "call-id", skip_serializing_if = "Option::is_none")]
-    pub call_id: Option<&'a str>,
+    pub(crate) call_id: Option<&'a str>,
     /// The offering side's tag.
     #[serde(rename = "from-tag", skip_serializing_if = "Option::is_none")]
-    pub from_tag: Option<&'a str>,
+    pub(crate) from_tag: Option<&'a str>,
     /// The answering side's tag.
     #[serde(rename = "to-tag", skip_serializing_if = "Option::is_none")]
-    pub to_tag: Option<&'a str>,
+    pub(crate) to_tag: Option<&'a str>,
     /// The side's SDP.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sdp: Option<&'a str>,
+    pub(crate) sdp: Option<&'a str>,
     /// What to do with ICE attributes (`remove`).
     #[serde(rename = "ICE", skip_serializing_if = "Option::is_none")]
-    pub ice: Option<&'a str>,
+    pub(crate) ice: Option<&'a str>,
     /// Flags such as `asymmetric`.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    pub flags: &'a [&'a str],
+    pub(crate) flags: &'a [&'a str],
 }
 
 /// What rtpengine answers (fields this client does not read are ignored).
 #[derive(Clone, Debug, Deserialize)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// `ok`, `pong` or `error`.
-    pub result: String,
+    pub(crate) result: String,
     /// Why, when `result` is `error`.
     #[serde(rename = "error-reason", default)]
-    pub error_reason: Option<String>,
+    pub(crate) error_reason: Option<String>,
     /// rtpengine's SDP, for `offer` and `answer`.
     #[serde(default)]
-    pub sdp: Option<String>,
+    pub(crate) sdp: Option<String>,
 }
 
 /// A client of rtpengine's ng port.
 #[derive(Debug)]
-pub struct NgClient {
+pub(crate) struct NgClient {
     sock: UdpSocket,
     next: u64,
 }
@@ -59,7 +59,7 @@ impl NgClient {
     ///
     /// # Errors
     /// The socket cannot be made.
-    pub fn new(ng: SocketAddr) -> anyhow::Result<Self> {
+    pub(crate) fn new(ng: SocketAddr) -> anyhow::Result<Self> {
         let sock = UdpSocket::bind("127.0.0.1:0")?;
         sock.connect(ng)?;
         sock.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -70,7 +70,7 @@ impl NgClient {
     ///
     /// # Errors
     /// No reply, or an error reply.
-    pub fn call(&mut self, request: &Request<'_>) -> anyhow::Result<Reply> {
+    pub(crate) fn call(&mut self, request: &Request<'_>) -> anyhow::Result<Reply> {
         let command = request.command;
         let cookie = format!("c{}", self.next);
         self.next += 1;
@@ -105,7 +105,7 @@ impl NgClient {
 
 /// A one-stream audio SDP for `addr`.
 #[must_use]
-pub fn sdp(addr: SocketAddr, session: u64) -> String {
+pub(crate) fn sdp(addr: SocketAddr, session: u64) -> String {
     format!(
         "v=0\r\no=- {session} 1 IN IP4 {ip}\r\ns=bench\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
          m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n",
@@ -118,7 +118,7 @@ pub fn sdp(addr: SocketAddr, session: u64) -> String {
 ///
 /// # Errors
 /// The SDP has no usable address.
-pub fn media_addr(sdp: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn media_addr(sdp: &str) -> anyhow::Result<SocketAddr> {
     let ip = sdp
         .lines()
         .find_map(|l| l.trim().strip_prefix("c=IN IP4 "))
@@ -136,7 +136,7 @@ pub fn media_addr(sdp: &str) -> anyhow::Result<SocketAddr> {
 ///
 /// # Errors
 /// rtpengine refused or did not answer.
-pub fn setup_call(
+pub(crate) fn setup_call(
     ng: &mut NgClient,
     i: usize,
     caller: SocketAddr,

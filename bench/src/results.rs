@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// What is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Paced load: 50 packets/s per direction per channel.
     Paced,
     /// Maximum rate: queued bursts drained.
@@ -20,45 +20,45 @@ pub enum Mode {
 
 /// One measured point.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Point {
+pub(crate) struct Point {
     /// Target name.
-    pub target: String,
+    pub(crate) target: String,
     /// Channels.
-    pub channels: u32,
+    pub(crate) channels: u32,
     /// Packets that crossed the forwarder in the window (both directions).
-    pub packets: u64,
+    pub(crate) packets: u64,
     /// Forwarder CPU time over the window, nanoseconds.
-    pub cpu_ns: u64,
+    pub(crate) cpu_ns: u64,
     /// `cpu_ns / packets`.
-    pub cpu_ns_per_packet: f64,
+    pub(crate) cpu_ns_per_packet: f64,
     /// io_uring_enter calls (or wake-ups) per packet, where counted.
-    pub enters_per_packet: Option<f64>,
+    pub(crate) enters_per_packet: Option<f64>,
     /// Packets sent and not returned (whole run).
-    pub lost: u64,
+    pub(crate) lost: u64,
     /// End-to-end p50 minus the baseline's, microseconds (paced mode, when the baseline was
     /// measured).
-    pub added_p50_us: Option<f64>,
+    pub(crate) added_p50_us: Option<f64>,
     /// End-to-end p99 minus the baseline's, microseconds.
-    pub added_p99_us: Option<f64>,
+    pub(crate) added_p99_us: Option<f64>,
     /// End-to-end max minus the baseline's, microseconds.
-    pub added_max_us: Option<f64>,
+    pub(crate) added_max_us: Option<f64>,
     /// The relay's own receive-to-send time, p99 over both directions' worst, microseconds
     /// (relay targets only: the others do not measure themselves).
-    pub forward_p99_us: Option<f64>,
+    pub(crate) forward_p99_us: Option<f64>,
     /// Drain mode: packets per second forwarded.
-    pub drain_pps: Option<f64>,
+    pub(crate) drain_pps: Option<f64>,
     /// Why the point was not run, if it was not (the target is not installed here).
-    pub skipped: Option<String>,
+    pub(crate) skipped: Option<String>,
     /// Why the point failed, if it did (refused set-up, a crash, no traffic, an interruption):
     /// the run went on without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 impl Point {
     /// A point that could not be measured, and why.
     #[must_use]
-    pub fn failed(target: &str, channels: u32, error: String) -> Self {
+    pub(crate) fn failed(target: &str, channels: u32, error: String) -> Self {
         Self {
             target: target.into(),
             channels,
@@ -69,37 +69,37 @@ impl Point {
 
     /// Whether it holds figures (neither skipped nor failed).
     #[must_use]
-    pub fn measured(&self) -> bool {
+    pub(crate) fn measured(&self) -> bool {
         self.skipped.is_none() && self.error.is_none()
     }
 }
 
 /// The whole result.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Results {
+pub(crate) struct Results {
     /// The mode.
-    pub mode: Mode,
+    pub(crate) mode: Mode,
     /// Measured seconds per point.
-    pub duration_s: f64,
+    pub(crate) duration_s: f64,
     /// Machine description.
-    pub machine: String,
+    pub(crate) machine: String,
     /// Every point.
-    pub points: Vec<Point>,
+    pub(crate) points: Vec<Point>,
     /// The run stopped early (Ctrl-C or SIGTERM): the points are what was measured so far.
     #[serde(default)]
-    pub interrupted: bool,
+    pub(crate) interrupted: bool,
 }
 
 impl Results {
     /// Points that failed.
-    pub fn failures(&self) -> impl Iterator<Item = &Point> {
+    pub(crate) fn failures(&self) -> impl Iterator<Item = &Point> {
         self.points.iter().filter(|p| p.error.is_some())
     }
 }
 
 /// The table: one block per channel count, CPU ratios against `uring`.
 #[must_use]
-pub fn table(r: &Results) -> String {
+pub(crate) fn table(r: &Results) -> String {
     let mut out = String::new();
     let mut by_n: BTreeMap<u32, Vec<&Point>> = BTreeMap::new();
     for p in &r.points {
