@@ -25,8 +25,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use appkit::flags::parse_duration;
 use crate::compare::{CompareConfig, Mode, Target};
+use appkit::flags::parse_duration;
 use clap::{Parser, Subcommand};
 
 /// The command line.

@@ -13,7 +13,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context as _};
+use crate::error::{io, RunError};
 use relay_io::ring::{Arm, Group, Ring, SendOpts, UserData};
 use relay_proto::rtp::{RtpHeader, RTP_HEADER_LEN};
 use relay_proto::Ssrc;
@@ -69,7 +69,7 @@ const fn recv(slot: u32) -> Arm {
 ///
 /// # Errors
 /// Set-up or the ring failed.
-pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
+pub fn run(cfg: &BlastConfig) -> Result<BlastReport, RunError> {
     if let Some(id) = cfg.core {
         if !relay_io::pin_current_thread(id) {
             eprintln!("loadgen: cannot pin to core {id}");
@@ -84,29 +84,31 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
     let gso = cfg.gso > 0;
     let sends_in_flight = n * window.div_ceil(per_send);
     let tx = u16::try_from(sends_in_flight.next_power_of_two().min(1 << 15))
-        .map_err(|_| anyhow!("--sockets × --window too large"))?;
+        .map_err(|_| RunError::Settings("--sockets × --window too large".into()))?;
     let sockets: Vec<UdpSocket> = (0..n)
-        .map(|_| relay_io::bind_udp([127, 0, 0, 1].into(), 0, 8 << 20).map_err(anyhow::Error::from))
-        .collect::<Result<_, _>>()?;
+        .map(|_| relay_io::bind_udp([127, 0, 0, 1].into(), 0, 8 << 20))
+        .collect::<Result<_, _>>()
+        .map_err(io("binding a socket on 127.0.0.1"))?;
     let mut ring = if gso {
         for s in &sockets {
-            relay_io::enable_udp_gro(s).context("UDP_GRO")?;
+            relay_io::enable_udp_gro(s).map_err(io("UDP_GRO"))?;
         }
         // A receive may hold a whole coalesced batch; a send holds one batch.
         Ring::with_buffer_size(4096, tx, n, tx, relay_io::ring::MAX_BUFFER_SIZE)
     } else {
         Ring::with_tx(4096, tx, n, tx)
     }
-    .context("io_uring")?;
-    for (i, s) in sockets.iter().enumerate() {
-        let slot = u32::try_from(i)?;
-        ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
-        ring.arm(recv(slot), UserData::new(RECV, slot, 0))?;
+    .map_err(RunError::Ring)?;
+    for (slot, s) in (0..).zip(&sockets) {
+        ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))
+            .map_err(io("registering a socket with io_uring"))?;
+        ring.arm(recv(slot), UserData::new(RECV, slot, 0))
+            .map_err(io("arming a receive"))?;
     }
     let mut seq = 0u16;
     const LEN: usize = RTP_HEADER_LEN + 160;
     // Sends `k` packets from `slot` (one GSO send when k > 1); false when no buffer is free.
-    let mut send = |ring: &mut Ring, slot: u32, k: u32| -> anyhow::Result<bool> {
+    let mut send = |ring: &mut Ring, slot: u32, k: u32| -> Result<bool, RunError> {
         let Some(mut i) = ring.tx_acquire(Group::Small) else {
             return Ok(false);
         };
@@ -129,7 +131,10 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
         };
         let ud = UserData::new(SEND_TX, slot, 0);
         ring.send(slot, i, k * LEN, cfg.target, ud, opts)
-            .map_err(|refused| refused.error)?;
+            .map_err(|refused| RunError::Io {
+                what: "sending".to_owned(),
+                source: refused.error,
+            })?;
         Ok(true)
     };
     let (mut sent, mut received, mut coalesced) = (0u64, 0u64, 0u64);
@@ -147,7 +152,8 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
     let mut counted_from = (Instant::now(), 0u64);
     let mut warm = false;
     while start.elapsed() < cfg.duration + Duration::from_millis(500) {
-        ring.submit_and_wait(Some(Duration::from_millis(10)))?;
+        ring.submit_and_wait(Some(Duration::from_millis(10)))
+            .map_err(io("waiting on io_uring"))?;
         if !warm && start.elapsed() >= Duration::from_millis(500) {
             warm = true; // measure after half a second of warm-up
             counted_from = (Instant::now(), received);
@@ -191,7 +197,8 @@ pub fn run(cfg: &BlastConfig) -> anyhow::Result<BlastReport> {
         ring.give_back(completions);
         ring.sync_buffers();
         for slot in rearm {
-            ring.arm(recv(slot), UserData::new(RECV, slot, 0))?;
+            ring.arm(recv(slot), UserData::new(RECV, slot, 0))
+                .map_err(io("re-arming a receive"))?;
         }
     }
     let seconds = counted_from.0.elapsed().as_secs_f64();

@@ -12,6 +12,7 @@
 
 pub mod ari;
 pub mod blast;
+pub mod error;
 pub mod html;
 pub mod rtp;
 pub mod rtp_report;

@@ -343,7 +343,7 @@ fn blast(b: &BlastArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("loadgen: {e:#}");
+            eprintln!("loadgen: {:#}", anyhow::Error::from(e));
             ExitCode::FAILURE
         }
     }
@@ -410,7 +410,7 @@ fn main() -> ExitCode {
     let report = match rtp::run(&cfg) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("loadgen: {e:#}");
+            eprintln!("loadgen: {:#}", anyhow::Error::from(e));
             return ExitCode::FAILURE;
         }
     };

@@ -34,7 +34,6 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context as _};
 use relay_io::ring::{Arm, Completion, Group, Ring, UserData};
 use relay_io::{SendOpts, TxStamp, TxStampError};
 use relay_proto::rng::SplitMix64;
@@ -47,7 +46,8 @@ use relay_proto::time::duration_nanos;
 use relay_proto::timing::{LatenessConfig, Timing};
 use relay_proto::{Format, MonoTime, Ssrc};
 
-use crate::ctl::RelayClient;
+use crate::ctl::{RelayClient, RelayClientError};
+use crate::error::{io, RunError};
 use crate::rtp_report::{ChanTotals, Plan, RelaySide, Report, StampTotals};
 
 /// Settings of a run.
@@ -262,7 +262,7 @@ fn tx_stamp_source(
     sockets: &[UdpSocket],
     bind: IpAddr,
     command: bool,
-) -> anyhow::Result<Source> {
+) -> Result<Source, RunError> {
     if let Err(e) = sockets
         .iter()
         .try_for_each(relay_io::enable_tx_timestamps)
@@ -271,11 +271,13 @@ fn tx_stamp_source(
         eprintln!("loadgen: no kernel transmit stamps with ids ({e}); T0 is user time");
         return Ok(Source::User);
     }
+    let slots = u32::try_from(sockets.len()).unwrap_or(u32::MAX);
     if command {
-        for slot in 0..u32::try_from(sockets.len())? {
-            ring.arm(Arm::TxStamps { slot }, UserData::new(TX_STAMPS, slot, 0))?;
+        for slot in 0..slots {
+            ring.arm(Arm::TxStamps { slot }, UserData::new(TX_STAMPS, slot, 0))
+                .map_err(io("arming the transmit-stamp command"))?;
         }
-        ring.submit()?;
+        ring.submit().map_err(io("submitting to io_uring"))?;
         let cs = ring.drain_completions();
         let refused = cs
             .iter()
@@ -292,8 +294,9 @@ fn tx_stamp_source(
             std::io::Error::from_raw_os_error(-r)
         );
     }
-    for slot in 0..u32::try_from(sockets.len())? {
-        ring.arm(Arm::ErrorPoll { slot }, UserData::new(ERR_POLL, slot, 0))?;
+    for slot in 0..slots {
+        ring.arm(Arm::ErrorPoll { slot }, UserData::new(ERR_POLL, slot, 0))
+            .map_err(io("arming an error-queue poll"))?;
     }
     Ok(Source::ErrorQueue)
 }
@@ -340,11 +343,16 @@ pub struct Tuning {
     pub tx_stamps_command: bool,
 }
 
+/// Channel `i`'s ring slot (`i` < `--channels`, a `u32`).
+fn slot_of(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
+}
+
 /// Runs the load; returns the report.
 ///
 /// # Errors
 /// Set-up failed, the relay refused a channel, or the ring failed.
-pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
+pub fn run(cfg: &RtpConfig) -> Result<Report, RunError> {
     run_with(cfg, Tuning::default())
 }
 
@@ -353,10 +361,10 @@ pub fn run(cfg: &RtpConfig) -> anyhow::Result<Report> {
 /// # Errors
 /// Set-up failed, the relay refused a channel, or the ring failed.
 #[allow(clippy::too_many_lines)] // one loop, read top to bottom
-pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
+pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> Result<Report, RunError> {
     let n = cfg.channels as usize;
     if n == 0 {
-        return Err(anyhow!("--channels must be at least 1"));
+        return Err(RunError::Settings("--channels must be at least 1".into()));
     }
     if let Some(id) = cfg.core {
         if !relay_io::pin_current_thread(id) {
@@ -366,20 +374,24 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
     let sockets: Vec<UdpSocket> = (0..n)
         .map(|i| {
             let port = match cfg.local_port_base {
-                Some(base) => u16::try_from(usize::from(base) + i)
-                    .map_err(|_| anyhow!("--local-port-base + --channels passes 65535"))?,
+                Some(base) => u16::try_from(usize::from(base) + i).map_err(|_| {
+                    RunError::Settings("--local-port-base + --channels passes 65535".into())
+                })?,
                 None => 0,
             };
-            relay_io::bind_udp(cfg.bind, port, 1 << 20)
-                .map_err(|e| anyhow!("binding a channel socket on --bind {}: {e}", cfg.bind))
+            relay_io::bind_udp(cfg.bind, port, 1 << 20).map_err(|source| RunError::Io {
+                what: format!("binding a channel socket on --bind {}", cfg.bind),
+                source,
+            })
         })
         .collect::<Result<_, _>>()?;
     let locals: Vec<SocketAddr> = sockets
         .iter()
         .map(UdpSocket::local_addr)
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .map_err(io("a channel socket's address"))?;
     let buffers = u16::try_from((n * 2).next_power_of_two().clamp(256, 1 << 15)).unwrap_or(1 << 15);
-    let mut ring = Ring::with_tx(4096, buffers, cfg.channels, 8192).context("io_uring")?;
+    let mut ring = Ring::with_tx(4096, buffers, cfg.channels, 8192).map_err(RunError::Ring)?;
     // Returns are timed by the kernel's receive stamp, as the relay times them.
     let mut kernel_time = true;
     for s in &sockets {
@@ -392,9 +404,9 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
             kernel_time = false;
         }
     }
-    for (i, s) in sockets.iter().enumerate() {
-        let slot = u32::try_from(i)?;
-        ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;
+    for (slot, s) in (0..cfg.channels).zip(&sockets) {
+        ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))
+            .map_err(io("registering a channel socket with io_uring"))?;
     }
     // Sends are timed by the kernel's transmit stamp (set up before the receives are armed, so
     // that what the check drains is the command's answer alone).
@@ -405,9 +417,9 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
     };
     for slot in 0..cfg.channels {
         let (arm, ud) = recv(slot);
-        ring.arm(arm, ud)?;
+        ring.arm(arm, ud).map_err(io("arming a receive"))?;
     }
-    ring.submit()?;
+    ring.submit().map_err(io("submitting to io_uring"))?;
     let mut stamps = Stamps {
         source,
         sends: Sends::new(),
@@ -443,7 +455,7 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
     // Static targets: nothing to add.
     if let Some(targets) = &cfg.targets {
         if targets.is_empty() {
-            return Err(anyhow!("--to names no address"));
+            return Err(RunError::Settings("--to names no address".into()));
         }
         for (i, c) in chans.iter_mut().enumerate() {
             c.relay = targets.get(i % targets.len()).copied();
@@ -455,30 +467,25 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
         Some(_) => None,
         None => Some(RelayClient::connect(&cfg.relay_ctl)?),
     };
-    let (added_tx, added_rx) = mpsc::channel::<anyhow::Result<(usize, u16)>>();
+    let (added_tx, added_rx) = mpsc::channel::<Result<(usize, u16), RelayClientError>>();
     let helper = {
         let (cfg, names, locals) = (cfg.clone(), names.clone(), locals.clone());
-        std::thread::spawn(move || -> anyhow::Result<Option<RelayClient>> {
-            let Some(mut ctl) = ctl.take() else {
-                return Ok(None);
-            };
+        std::thread::spawn(move || -> Option<RelayClient> {
+            let mut ctl = ctl.take()?;
             let start = Instant::now();
             for (i, (name, local)) in names.iter().zip(&locals).enumerate() {
                 if cfg.ramp > 0.0 {
                     let at = start + Duration::from_secs_f64(i as f64 / cfg.ramp);
                     std::thread::sleep(at.saturating_duration_since(Instant::now()));
                 }
-                let r = ctl
-                    .add(name, 0, *local, cfg.echo)
-                    .map(|port| (i, port))
-                    .map_err(anyhow::Error::from);
+                let r = ctl.add(name, 0, *local, cfg.echo).map(|port| (i, port));
                 let failed = r.is_err();
                 let _ = added_tx.send(r);
                 if failed {
                     break;
                 }
             }
-            Ok(Some(ctl))
+            Some(ctl)
         })
     };
 
@@ -523,7 +530,7 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
             }
         }
         if let Some(e) = add_error.take() {
-            return Err(e.context("adding a channel to the relay"));
+            return Err(RunError::AddChannel(e));
         }
         if cfg.targets.is_some() {
             added = n;
@@ -540,9 +547,9 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
             );
         }
         if helper_done && added < n {
-            return Err(anyhow!(
+            return Err(RunError::Control(format!(
                 "the control thread stopped after adding {added} of {n} channels"
-            ));
+            )));
         }
         // Every send that is due, on its absolute deadline.
         while slot_time(g) <= now && slot_time(g) < send_end {
@@ -564,7 +571,7 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                 let missing = &mut stamps.missing;
                 stamps.sends.push(
                     Record {
-                        socket: u32::try_from(i)?,
+                        socket: slot_of(i),
                         tag: 0,
                         arrival: MonoTime::from_nanos(now),
                         direction: Direction::ToEcho,
@@ -593,16 +600,19 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                 segment: None,
                 stamp_id: (source != Source::User).then_some(id),
             };
-            let slot = u32::try_from(i)?;
+            let slot = slot_of(i);
             ring.send(slot, tx, pkt.len(), to, send_data(slot, id), opts)
-                .map_err(|refused| refused.error)?;
+                .map_err(|refused| RunError::Io {
+                    what: "sending".to_owned(),
+                    source: refused.error,
+                })?;
             let _ = c.t0.insert(MonoTime::from_nanos(now), c.ssrc, seq);
             if source == Source::User {
                 queued.push((i, seq));
             } else if stamps.source == Source::ErrorQueue {
                 if let Some(f) = sent_from.get_mut(i).filter(|f| !**f) {
                     *f = true;
-                    errq_slots.push(u32::try_from(i)?);
+                    errq_slots.push(slot_of(i));
                 }
             }
             c.sent += 1;
@@ -623,7 +633,8 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                 let _ = c.t0.stamp(c.ssrc, seq, MonoTime::from_nanos(t_submit));
             }
         }
-        ring.submit_and_wait(Some(wait))?;
+        ring.submit_and_wait(Some(wait))
+            .map_err(io("waiting on io_uring"))?;
         let mut completions = ring.drain_completions();
         if stamps.source == Source::ErrorQueue {
             // The stamps of this enter's sends, and of sockets whose poll says some wait.
@@ -683,7 +694,8 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                             .map(|f| std::mem::replace(f, false))
                             .unwrap_or(true);
                         if stamped {
-                            ring.arm(Arm::TxStamps { slot }, UserData::new(TX_STAMPS, slot, 0))?;
+                            ring.arm(Arm::TxStamps { slot }, UserData::new(TX_STAMPS, slot, 0))
+                                .map_err(io("re-arming the transmit-stamp command"))?;
                         } else if stamps.source == Source::Ring {
                             // Ended at once: the stamps wait on the error queues from now on.
                             eprintln!(
@@ -694,14 +706,16 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
                             ring.expect_stamps(false);
                             for s in 0..cfg.channels {
                                 let ud = UserData::new(ERR_POLL, s, 0);
-                                ring.arm(Arm::ErrorPoll { slot: s }, ud)?;
+                                ring.arm(Arm::ErrorPoll { slot: s }, ud)
+                                    .map_err(io("arming an error-queue poll"))?;
                             }
                         }
                     }
                     Err(_) => stamps.stale += 1,
                 },
                 ERR_POLL if !comp.more() => {
-                    ring.arm(Arm::ErrorPoll { slot }, UserData::new(ERR_POLL, slot, 0))?;
+                    ring.arm(Arm::ErrorPoll { slot }, UserData::new(ERR_POLL, slot, 0))
+                        .map_err(io("arming an error-queue poll"))?;
                 }
                 _ => {}
             }
@@ -716,7 +730,7 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
         ring.sync_buffers();
         for slot in rearm.drain(..) {
             let (arm, ud) = recv(slot);
-            ring.arm(arm, ud)?;
+            ring.arm(arm, ud).map_err(io("re-arming a receive"))?;
         }
         if cfg.progress && now >= last_progress + 1_000_000_000 {
             let sent: u64 = chans.iter().map(|c| c.sent).sum();
@@ -741,7 +755,7 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> anyhow::Result<Report> {
         .map(|(end, start)| end.saturating_sub(start));
     let ctl = helper
         .join()
-        .map_err(|_| anyhow!("the control thread panicked"))??;
+        .map_err(|_| RunError::Control("the control thread panicked".into()))?;
     let mut relay_side = RelaySide::default();
     if let Some(mut ctl) = ctl {
         let global = ctl.global()?;
