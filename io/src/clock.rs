@@ -258,6 +258,12 @@ impl WallToMono {
     }
 }
 
+/// The wall-to-monotonic conversion: exact with a steady offset, NTP slew followed without a step;
+/// samples that agree within their uncertainty leave the anchor alone, a tighter one refines it; a
+/// step back or forward is counted and its batch's stamps never converted, the next sample's offset
+/// then holds; a preempted (wide) sample keeps the offset and still sees a step; stamps from the
+/// future or the distant past (11 s old, before the monotonic origin) are refused; and the real
+/// clocks agree with themselves.
 #[cfg(test)]
 mod tests {
     use super::*;

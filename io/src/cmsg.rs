@@ -224,6 +224,11 @@ pub fn timespec_bytes(t: WallTime) -> [u8; TIMESPEC] {
     b
 }
 
+/// Receive control data as the kernel lays it out: a stamp from SO_TIMESTAMPNS or from
+/// SO_TIMESTAMPING's software slot, found after other messages (UDP_GRO, IP_TOS); no stamp, or a
+/// zero one, is none; every truncation and a lying length are errors, nanoseconds out of range too,
+/// and arbitrary bytes never panic; UDP_GRO's segment size beside a stamp, bad sizes refused; and
+/// the send messages (UDP_SEGMENT, the stamp id) laid out as the kernel reads them.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1586,6 +1586,16 @@ pub fn probe() -> Result<(), SetupError> {
     Ring::with_tx(8, 1, 1, 0).map(drop)
 }
 
+/// io_uring against the kernel (a test that needs a ring skips, saying so, where there is none):
+/// transmit stamps through the armed stamp command, one per send and one per GSO send, with their
+/// ids (the top bit set too), in order; socket addresses through the kernel layout; `UserData`
+/// round trips and never panics on unknown values; a multishot receive with the kernel's receive
+/// time and a writable view of it; a 21-datagram GSO send arrives coalesced by GRO and splits
+/// intact, in order; the large buffer group takes coalesced batches beside small buffers, copies
+/// out of it checked against its end, every buffer back; a ring refuses another ring's buffers and
+/// does not take them in; an EIO on a GSO send lowers the segment limit to 1, counted once, and a
+/// send's user_data naming no buffer gives none, without a panic; setup errors name the cause and
+/// `--backend tokio`.
 #[cfg(test)]
 mod tests {
     use super::*;

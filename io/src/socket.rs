@@ -428,6 +428,12 @@ pub fn recv_tx_stamps(
     Ok(n)
 }
 
+/// The plain socket calls on loopback: a GSO send arrives as its datagrams, or as one GRO receive
+/// with its segment size; a taken port is `AddrInUse` and named; received datagrams carry the
+/// kernel's receive time (none without the option); a send with an id comes back stamped with it,
+/// one stamp at a time, in order, changing neither side's receive control data; transmit stamps are
+/// read in batches of at most sixteen (40 in at most 4 calls); the file limit is raised to the hard
+/// limit, idempotently.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -205,6 +205,12 @@ fn extended_err(id: u32, kind: u32) -> [u8; EXTENDED_ERR_LEN + 16] {
     e
 }
 
+/// Transmit stamps from both sources. An io_uring completion gives its id (one with the top bit set
+/// too) and time; without the more flag it is the end of the request; other stamp types, hardware
+/// stamps and bad times are refused. An error-queue entry (IPv4 or IPv6, its two messages in either
+/// order) gives its id and time; a foreign ICMP entry, a scheduler stamp, a missing part, a zero
+/// software slot, every truncation and a short sock_extended_err are errors, and arbitrary bytes
+/// never panic.
 #[cfg(test)]
 mod tests {
     use super::*;

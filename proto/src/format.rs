@@ -120,6 +120,8 @@ impl ClockRate {
     }
 }
 
+/// Clock rates and names: ulaw's ticks exact, Opus's within a nanosecond over an hour; names round
+/// trip, an unknown one is an error.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,6 +181,9 @@ pub fn relay_times(payload: &[u8]) -> Option<RelayTimes> {
     (crc32fast::hash(h.get(..RELAY_CHECK)?) == u32_at(h, RELAY_CHECK)).then_some(times)
 }
 
+/// The probe header: written and parsed back, its layout, the rest of the payload untouched; the
+/// relay's times written only into a probe (not into audio, not without a valid check, not into a
+/// short payload) and never over the sender's fields; any flipped bit caught.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,6 +54,8 @@ impl SplitMix64 {
     }
 }
 
+/// SplitMix64: the reference stream for seed 0, the same stream for the same seed; `chance(0.1)`
+/// within a tenth of right over 100,000 draws, `chance(0.0)` never.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -272,6 +272,9 @@ impl RtpHeader {
     }
 }
 
+/// The parser: a plain ulaw packet; CSRCs, a header extension and padding; every length checked
+/// (short headers, CSRC and extension overruns, bad padding); versions other than 2 refused; RTCP
+/// told apart by its packet type (201 is, 199 and 205 are RTP), its length checked.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -145,6 +145,10 @@ pub fn mos(r: f64) -> f64 {
     (1.0 + 0.035 * r + 7e-6 * r * (r - 60.0) * (100.0 - r)).clamp(1.0, 4.5)
 }
 
+/// The E-model score: R 92.95 and MOS 4.404 for a perfect network; loss and a long round trip cost
+/// what the formula says; jitter counts twice and the two latency branches meet; the histograms are
+/// cumulative; the edges clamp (nothing measured, everything lost, R below 0 are MOS 1; more
+/// returns than sends is no loss).
 #[cfg(test)]
 mod tests {
     use super::*;

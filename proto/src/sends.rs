@@ -215,6 +215,12 @@ impl Default for Sends {
     }
 }
 
+/// The table of sends awaiting their transmit stamps: a stamp settles its record once; ids out of
+/// range or never handed out settle nothing; a GSO chain is settled by its first id, a send
+/// interleaved with it is not; the sweep gives up on old records only, idempotently, and a stamp
+/// after that settles nothing; a place reused a lap later gives up on its old send, whose id is
+/// then stale, and the sweep reaches back one lap at most; a place is 48 bytes; a cancelled send
+/// counts nothing.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_place_is_forty_eight_bytes() {
-        assert_eq!(size_of::<Place>(), 48, "3 MiB a shard, as the README says");
+        assert_eq!(size_of::<Place>(), 48, "3 MiB a shard, as docs/measurement.md says");
     }
 
     #[test]

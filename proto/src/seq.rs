@@ -317,6 +317,12 @@ impl Default for SequenceTracker {
     }
 }
 
+/// RFC 3550 A.1's sequence tracking at its edges: probation, reset by a gap (a `min_sequential` of
+/// 1 counts the first packet); loss exact across the wrap, a packet reordered across it counted
+/// once; duplicates not received twice; packets before the base stale; a large jump ignored once,
+/// then a restart; `MAX_DROPOUT` and `MAX_MISORDER` at their limits; a jump wider than the window
+/// clears it; an anchored stream counts losses at its head and tail; a retired source keeps its
+/// counts.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -882,6 +882,8 @@ pub fn merge_global<'a>(
     (g, h)
 }
 
+/// The one-pass summary gives each quantile as the histogram does and the exact mean, and a merge
+/// keeps both.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -345,6 +345,13 @@ impl T0Table {
     }
 }
 
+/// The T0 table: a slot is 24 bytes, the capacity a power of two (at most 65,536); an echo is
+/// measured once, and its transmit stamp may come before it or after it (the same round trip); a
+/// round trip that is not positive is not measured; a stamp that never comes leaves the echo
+/// unmeasured; an echo must match SSRC and sequence; a resend keeps the first T0; overwriting an
+/// unanswered entry is a timeout, overwriting a returned echo says so; the sweep times out old
+/// entries and stops at young ones, leaves a returned echo to its stamp and follows the ring
+/// around.
 #[cfg(test)]
 mod tests {
     use super::*;

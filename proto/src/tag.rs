@@ -92,6 +92,8 @@ pub const fn slot(tag: u32) -> u32 {
     tag & ((1 << SLOT_BITS) - 1)
 }
 
+/// Tags keep slot and generation apart (generations wrap); the SSRC is read and written where the
+/// kind, RTP or RTCP, says; short packets and other versions are refused.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,6 +56,7 @@ pub fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// `MonoTime`'s arithmetic saturates instead of wrapping.
 #[cfg(test)]
 mod tests {
     use super::*;

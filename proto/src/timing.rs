@@ -185,6 +185,10 @@ impl Timing {
     }
 }
 
+/// Jitter and lateness: a steady stream has neither; jitter follows RFC 3550 A.8's estimate packet
+/// by packet for an alternating delay; lateness is measured from the best recent transit; the RTP
+/// timestamp's wrap is unwrapped; with the sender's clock 100 ppm slow for an hour, lateness stays
+/// within 2 ms and nothing is late.
 #[cfg(test)]
 mod tests {
     use super::*;

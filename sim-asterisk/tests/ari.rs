@@ -1,7 +1,11 @@
-//! `sim-asterisk` on its own, against what Asterisk 22 answers: authentication (basic and
-//! api_key, 401 otherwise), 404 "Channel not found", 422 "Channel not in Stasis application" for
-//! an externalMedia channel that has not entered Stasis yet, 400 for an unknown channel in
-//! addChannel, and the externalMedia reply's channel variables.
+//! `sim-asterisk`'s ARI on its own, against what Asterisk 22 answers: 401 without credentials
+//! or with wrong ones, basic and `api_key` accepted; 404 "Channel not found" (answer, variable);
+//! a Local channel's native format slin192 when originated without `formats`, what was asked
+//! for with it; 404 "variable was not found" and 400 without `variable`; the externalMedia
+//! reply's `UNICASTRTP_LOCAL_ADDRESS` and `UNICASTRTP_LOCAL_PORT` channel variables; 400 for an
+//! unknown channel in addChannel, 422 "Channel not in Stasis application" until the
+//! externalMedia channel's StasisStart (`--stasis-delay`), then 204 and both in the bridge; and
+//! 404 for a channel hung up twice.
 
 use std::time::Duration;
 

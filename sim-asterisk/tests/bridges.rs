@@ -1,9 +1,16 @@
-//! `sim-asterisk` as `loadgen ari --callers rtp` meets it: a Local pair
-//! `Local/<control's app>@stasis/n` originated into loadgen's own application, whose `;2` half
-//! enters control's application and whose `;1` half enters loadgen's once control answers `;2`;
-//! externalMedia channels bridged with the halves that forward what they receive byte for byte,
-//! each under its own RTP header; bridge delay and loss per traversal, counted per side of the
-//! relay, exactly; and the simulator's own callers, which now notice a changed payload.
+//! `sim-asterisk` as `loadgen ari --callers rtp` meets it. A Local pair
+//! `Local/<control's app>@stasis/n` originated into loadgen's own application: its `;2` half
+//! enters control's application through the dialplan (native format ulaw), its `;1` half is
+//! Down, refused by a bridge (422) and enters loadgen's application only after control answers
+//! `;2`; hanging up `;1` ends both halves (StasisEnd, then ChannelDestroyed, in each
+//! application) and leaves nothing behind. The two bridges forward payloads byte for byte, in
+//! order, each side under the header of the externalMedia channel that sent to it; non-RTP is
+//! counted malformed, RTP from elsewhere a strict-RTP drop, and frames with control's
+//! externalMedia channel gone unrouted (in the report and its printed text). `--bridge-delay`
+//! is paid twice each way, `--bridge-jitter` never reorders, `--bridge-loss` is counted exactly
+//! on the side of the relay it happened on. The simulator's own callers send a fixed non-silent
+//! payload and count returns whose payload changed; a Local pair into an application nobody
+//! serves is refused (400), and bad `--bridge-*` values exit 2 naming the flag.
 //!
 //! The test is both applications: a minimal ARI client (reqwest, tokio-tungstenite) plays
 //! control (answers `;2`, an externalMedia channel toward a UDP socket of the test that echoes,

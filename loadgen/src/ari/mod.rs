@@ -15,7 +15,8 @@
 //!
 //! Every originate carries `formats=ulaw` (for tone callers `--formats`): without it Asterisk
 //! gives a Local channel the native format slin192 and every call would be transcoded.
-//! The README's "Against a real Asterisk" section has the Asterisk configuration it expects.
+//! `docs/operations.md`'s "Against a real Asterisk" section has the Asterisk configuration it
+//! expects.
 //! It works the same against `sim-asterisk --calls 0`, which is how it is tested.
 
 use std::fmt::Write as _;
