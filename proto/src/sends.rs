@@ -312,7 +312,11 @@ mod tests {
 
     #[test]
     fn a_place_is_forty_eight_bytes() {
-        assert_eq!(size_of::<Place>(), 48, "3 MiB a shard, as docs/measurement.md says");
+        assert_eq!(
+            size_of::<Place>(),
+            48,
+            "3 MiB a shard, as docs/measurement.md says"
+        );
     }
 
     #[test]
