@@ -70,6 +70,9 @@ impl Outcome {
 /// Every metric control exports.
 #[derive(Debug)]
 pub struct Metrics {
+    /// Every metric's name, as registered (a labelled one shows on `/metrics` only once it has
+    /// a value; this lists it from the start).
+    names: Vec<String>,
     registry: Registry,
     /// Calls in progress (set up or being set up).
     pub calls_active: IntGauge,
@@ -135,7 +138,11 @@ impl Metrics {
     pub fn new() -> Self {
         let ns = |name: &str, help: &str| Opts::new(name, help).namespace("rtprelay_control");
         let registry = Registry::new();
+        let names = std::cell::RefCell::new(Vec::new());
         let reg = |c: Box<dyn prometheus::core::Collector>| {
+            names
+                .borrow_mut()
+                .extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry
                 .register(c)
                 .unwrap_or_else(|e| unreachable!("constant metric names: {e}"));
@@ -147,7 +154,7 @@ impl Metrics {
                 m
             }};
         }
-        let m = Self {
+        let mut m = Self {
             calls_active: make!(IntGauge::with_opts(ns(
                 "calls_active",
                 "Calls in progress (being set up or bridged)."
@@ -235,7 +242,9 @@ impl Metrics {
             )),
             setup_hdr: Mutex::new(LatencyHistogram::new(2)),
             registry,
+            names: Vec::new(),
         };
+        m.names = names.take();
         for o in [
             Outcome::Completed,
             Outcome::Abandoned,
@@ -258,6 +267,12 @@ impl Metrics {
             m.reconciled.with_label_values(&[kind]);
         }
         m
+    }
+
+    /// Every metric's name (with its `rtprelay_control_` namespace), labelled ones included.
+    #[must_use]
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Records a finished set-up.
