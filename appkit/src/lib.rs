@@ -4,12 +4,14 @@
 //! - [`flags`]: flag values that are not the product's business (durations, via `humantime`);
 //! - [`prom`]: building Prometheus metric families and rendering the text exposition format;
 //! - [`http`]: the one HTTP server behind every `/metrics`, `/stats` and `/healthz` (hyper and
-//!   axum), GET only, with a bounded request size and a read timeout.
+//!   axum), GET only, with a bounded request size and a read timeout;
+//! - [`tls`]: mutual TLS 1.3 for the control link to relays on other hosts (rustls).
 #![forbid(unsafe_code)]
 
 pub mod flags;
 pub mod http;
 pub mod prom;
+pub mod tls;
 
 /// Logs to standard error, colored only on a terminal, at the level `RUST_LOG` sets (`info`
 /// by default).

@@ -1,12 +1,14 @@
 //! The control protocol between `control` and the relay: newline-delimited JSON over a Unix
-//! stream socket, one request, one reply.
+//! stream socket, or over TLS on TCP for a relay on another host, one request, one reply.
 //!
 //! A request is one JSON object on one line: `{"id":7,"cmd":"add","channel":"c1","port":21000}`.
 //! `id` (optional, a u64) is echoed in the reply so a client can pipeline. The reply is
 //! `{"id":7,"ok":true,"result":{"type":"added",…}}` or
 //! `{"id":7,"ok":false,"error":{"code":"port_in_use","message":"…"}}`.
-//! A connection starts with `{"cmd":"hello","version":1}`; anything else first is refused with
-//! `handshake_required`.
+//! A connection starts with `{"cmd":"hello","version":2}`; anything else first is refused with
+//! `handshake_required`, and another version with `version_mismatch`, naming both. The reply
+//! says who the relay is ([`RelayIdentity`]): its id, the address Asterisk must send a channel's
+//! RTP to, and how many channels it holds at most.
 //!
 //! The relay trusts nothing it reads here: [`LineDecoder`] bounds a line's length and turns an
 //! overlong one into an error without buffering it, and [`decode_request`] turns any bytes into
@@ -14,7 +16,7 @@
 //! commands and out-of-range values included). Neither panics on any input.
 
 use core::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -23,8 +25,9 @@ pub use crate::channel_id::{BadChannelId, ChannelId, MAX_CHANNEL_ID};
 use crate::format::Format;
 use crate::stats::{ChannelStats, GlobalStats, PerDirection, TrafficCounters};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this crate speaks. Version 2: the `hello` reply carries the relay's
+/// identity ([`RelayIdentity`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Default longest request line, newline excluded.
 pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
 
@@ -177,6 +180,9 @@ pub enum Response {
         version: u32,
         /// The relay's name and version.
         server: String,
+        /// Who the relay is (`None` only from a core without one: tests).
+        #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+        identity: Option<RelayIdentity>,
     },
     /// The channel is open.
     Added {
@@ -586,6 +592,8 @@ pub struct ControlSession {
     decoder: LineDecoder,
     /// Whether `hello` succeeded.
     greeted: bool,
+    /// What the `hello` reply says the relay is.
+    identity: Option<RelayIdentity>,
     /// Scratch for frames, reused across reads.
     frames: Vec<Frame>,
 }
@@ -597,8 +605,16 @@ impl ControlSession {
         Self {
             decoder: LineDecoder::new(max_line),
             greeted: false,
+            identity: None,
             frames: Vec::new(),
         }
+    }
+
+    /// The same, whose `hello` reply carries `identity`.
+    #[must_use]
+    pub fn with_identity(mut self, identity: RelayIdentity) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     /// Whether the handshake has succeeded.
@@ -632,7 +648,7 @@ impl ControlSession {
                         id,
                         outcome: if hello.version == PROTOCOL_VERSION {
                             self.greeted = true;
-                            Ok(hello_response())
+                            Ok(hello_response(self.identity.as_ref()))
                         } else {
                             Err(ErrorReply::new(
                                 ErrorCode::VersionMismatch,
@@ -661,11 +677,23 @@ impl ControlSession {
     }
 }
 
+/// Who a relay is, as its `hello` reply tells a client that places calls on several relays.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayIdentity {
+    /// Its id (`--relay-id`: by default its host name), stable across restarts.
+    pub relay_id: String,
+    /// The address Asterisk must send a channel's RTP to: `--advertise`, or `--bind`.
+    pub advertise: IpAddr,
+    /// The most channels it holds at once (`--max-channels`).
+    pub capacity: u32,
+}
+
 /// The relay's answer to a successful `hello`.
 #[must_use]
-pub fn hello_response() -> Response {
+pub fn hello_response(identity: Option<&RelayIdentity>) -> Response {
     Response::Hello {
         version: PROTOCOL_VERSION,
         server: concat!("rtp-relay ", env!("CARGO_PKG_VERSION")).into(),
+        identity: identity.cloned(),
     }
 }

@@ -280,3 +280,51 @@ fn session_requires_hello_first_and_checks_the_version() {
     );
     assert!(s.is_greeted());
 }
+
+#[test]
+fn the_hello_reply_carries_the_relays_identity_and_reads_without_one() {
+    use relay_proto::control::{hello_response, RelayIdentity};
+    let identity = RelayIdentity {
+        relay_id: "relay-a".into(),
+        advertise: "10.0.0.21".parse().unwrap(),
+        capacity: 4096,
+    };
+    let r = Reply {
+        id: Some(1),
+        outcome: Ok(hello_response(Some(&identity))),
+    };
+    let line = r.encode();
+    assert!(
+        line.contains(r#""relay_id":"relay-a","advertise":"10.0.0.21","capacity":4096"#),
+        "{line}"
+    );
+    assert_eq!(Reply::decode(line.as_bytes()).unwrap(), r);
+    // A reply without them (a core's own, or a relay that predates them) reads as no identity.
+    let bare =
+        br#"{"id":1,"ok":true,"result":{"type":"hello","version":1,"server":"rtp-relay 0.1.0"}}"#;
+    assert!(matches!(
+        Reply::decode(bare).unwrap().outcome,
+        Ok(Response::Hello {
+            identity: None,
+            version: 1,
+            ..
+        })
+    ));
+    // A session with an identity answers hello with it.
+    let mut s = ControlSession::new(1024).with_identity(identity.clone());
+    let mut out = Vec::new();
+    s.push(
+        format!("{{\"cmd\":\"hello\",\"version\":{PROTOCOL_VERSION}}}\n").as_bytes(),
+        &mut out,
+    );
+    let [SessionItem::Reply(Reply {
+        outcome: Ok(Response::Hello {
+            identity: Some(i), ..
+        }),
+        ..
+    })] = out.as_slice()
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(i, &identity);
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use appkit::flags::parse_duration;
 use clap::{Parser, ValueEnum};
+use relay_proto::control::RelayIdentity;
 use relay_proto::RelayConfig;
 
 /// Which I/O layer drives the core.
@@ -96,9 +97,31 @@ impl Timestamps {
     about = "RTP latency relay: forwards each call's RTP to an echo server and back, measuring every packet"
 )]
 pub struct Args {
-    /// Unix socket on which control connects.
+    /// Unix socket on which control connects (always served; needs no TLS).
     #[arg(long, env = "RELAY_CTL", default_value = "/run/rtp-relay/relay.sock")]
     pub ctl: PathBuf,
+    /// Also serve the control protocol on TCP, for control on another host: `tcp://ADDR:PORT`
+    /// (port 0 picks one, logged). TLS 1.3 with mutual authentication: needs --tls-cert,
+    /// --tls-key and --tls-client-ca.
+    #[arg(long, env = "RELAY_CTL_LISTEN")]
+    pub ctl_listen: Option<String>,
+    /// With --ctl-listen: the relay's certificate chain (PEM).
+    #[arg(long, env = "RELAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// With --ctl-listen: the private key of --tls-cert (PEM).
+    #[arg(long, env = "RELAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// With --ctl-listen: the CA a client's certificate must be signed by (PEM); a client
+    /// without such a certificate is refused before any command.
+    #[arg(long, env = "RELAY_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The address Asterisk must send a channel's RTP to, when it is not --bind (NAT, or --bind
+    /// 0.0.0.0); told to control in the `hello` reply.
+    #[arg(long, env = "RELAY_ADVERTISE")]
+    pub advertise: Option<IpAddr>,
+    /// This relay's id in control's pool, metrics and call records (default: the host name).
+    #[arg(long, env = "RELAY_ID")]
+    pub relay_id: Option<String>,
     /// Address of the metrics endpoint (/metrics, /stats, /healthz); port 0 picks one (logged).
     #[arg(long, env = "RELAY_METRICS", default_value = "127.0.0.1:9100")]
     pub metrics: SocketAddr,
@@ -256,11 +279,24 @@ pub struct RingConfig {
     pub batch_wait: Duration,
 }
 
+/// The control protocol on TCP, behind mutual TLS.
+#[derive(Clone, Debug)]
+pub struct TcpControl {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The relay's side of the handshake.
+    pub tls: std::sync::Arc<rustls::ServerConfig>,
+}
+
 /// Everything the relay needs, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Control socket path.
     pub ctl: PathBuf,
+    /// The control protocol on TCP with TLS, if asked for.
+    pub ctl_listen: Option<TcpControl>,
+    /// Who this relay is, as its `hello` replies say.
+    pub identity: RelayIdentity,
     /// Metrics listen address.
     pub metrics: SocketAddr,
     /// One entry per shard: the core it is pinned to (`None`: not pinned).
@@ -347,8 +383,35 @@ impl TryFrom<Args> for Config {
         relay
             .validate()
             .map_err(|e| bad("max-channels", e.to_string()))?;
+        let ctl_listen = tcp_control(&a)?;
+        let advertise = match a.advertise {
+            Some(ip) if ip.is_unspecified() => {
+                return Err(bad("advertise", "must be an address Asterisk can send to"))
+            }
+            Some(ip) => ip,
+            None if a.bind.is_unspecified() && ctl_listen.is_some() => {
+                return Err(bad(
+                    "advertise",
+                    format!("needed with --bind {}: say where Asterisk sends", a.bind),
+                ))
+            }
+            None => a.bind,
+        };
+        let relay_id = match a.relay_id {
+            Some(id) if id.trim().is_empty() || id.len() > 128 => {
+                return Err(bad("relay-id", "must be 1 to 128 characters"))
+            }
+            Some(id) => id,
+            None => host_name(),
+        };
         Ok(Self {
             ctl: a.ctl,
+            ctl_listen,
+            identity: RelayIdentity {
+                relay_id,
+                advertise,
+                capacity: a.max_channels,
+            },
             metrics: a.metrics,
             shards,
             backend: a.backend,
@@ -374,6 +437,51 @@ impl TryFrom<Args> for Config {
             publish_interval: positive("publish-interval", a.publish_interval)?,
         })
     }
+}
+
+/// `--ctl-listen` with its TLS files, checked: the address, and each file loaded (a bad one is
+/// named with its flag).
+fn tcp_control(a: &Args) -> Result<Option<TcpControl>, ConfigError> {
+    let files = [
+        ("tls-cert", &a.tls_cert),
+        ("tls-key", &a.tls_key),
+        ("tls-client-ca", &a.tls_client_ca),
+    ];
+    let Some(listen) = &a.ctl_listen else {
+        if let Some((flag, _)) = files.iter().find(|(_, f)| f.is_some()) {
+            return Err(bad(flag, "only used with --ctl-listen"));
+        }
+        return Ok(None);
+    };
+    let addr = listen
+        .strip_prefix("tcp://")
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .ok_or_else(|| bad("ctl-listen", format!("{listen:?} is not tcp://ADDR:PORT")))?;
+    let [cert, key, ca] = files.map(|(flag, f)| {
+        f.as_deref()
+            .ok_or_else(|| bad(flag, "required with --ctl-listen (the control link is TLS)"))
+    });
+    let (cert, key, ca) = (cert?, key?, ca?);
+    appkit::tls::certificates(cert).map_err(|e| bad("tls-cert", e.to_string()))?;
+    appkit::tls::private_key(key).map_err(|e| bad("tls-key", e.to_string()))?;
+    appkit::tls::certificates(ca).map_err(|e| bad("tls-client-ca", e.to_string()))?;
+    let tls = appkit::tls::server_config(cert, key, ca).map_err(|e| {
+        let flag = match e {
+            appkit::tls::TlsError::BadCa { .. } => "tls-client-ca",
+            _ => "tls-key",
+        };
+        bad(flag, e.to_string())
+    })?;
+    Ok(Some(TcpControl { addr, tls }))
+}
+
+/// This host's name, the default relay id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".to_owned())
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use relay_proto::control::ChannelInfo;
+use relay_proto::control::{ChannelInfo, RelayIdentity};
 use relay_proto::{ChannelId, ChannelStats, Command, ErrorCode, ErrorReply, GlobalStats, Response};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -122,6 +122,8 @@ pub struct Coordinator {
     state: Mutex<(Placement, mpsc::UnboundedReceiver<(u32, ChannelId)>)>,
     /// Which backend runs (for `/stats`).
     backend: &'static str,
+    /// Who the relay is, as `hello` replies say.
+    identity: Option<RelayIdentity>,
 }
 
 /// The data plane's answer never came.
@@ -144,7 +146,21 @@ impl Coordinator {
             shards,
             state: Mutex::new((placement, closed)),
             backend,
+            identity: None,
         }
+    }
+
+    /// The same, saying it is `identity` in `hello` replies.
+    #[must_use]
+    pub fn with_identity(mut self, identity: RelayIdentity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Who the relay is.
+    #[must_use]
+    pub const fn identity(&self) -> Option<&RelayIdentity> {
+        self.identity.as_ref()
     }
 
     /// Number of shards.
@@ -222,7 +238,7 @@ impl Coordinator {
     /// Executes one control command against the shards.
     pub async fn command(&self, command: Command) -> Result<Response, ErrorReply> {
         match command {
-            Command::Hello(_) => Ok(relay_proto::control::hello_response()),
+            Command::Hello(_) => Ok(relay_proto::control::hello_response(self.identity.as_ref())),
             Command::Add(add) => {
                 let id = add.channel.clone();
                 let shard = self.placement(|p| p.place(&id))?;

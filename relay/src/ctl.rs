@@ -1,5 +1,8 @@
 //! The control socket: a Unix stream socket on which `control` (or a person with `socat`) sends
-//! newline-delimited JSON commands, served on the control thread.
+//! newline-delimited JSON commands, served on the control thread; and, with `--ctl-listen`, the
+//! same protocol on TCP for a control on another host, behind TLS 1.3 with mutual
+//! authentication ([`serve_tls`]: a client must present a certificate `--tls-client-ca`
+//! signed, or it is dropped before it can send a command).
 //!
 //! Each connection gets a [`ControlSession`] from the core (framing, decoding, the handshake);
 //! each valid request goes to the shard that owns it ([`Coordinator`]) through the shard's queue and
@@ -19,7 +22,7 @@ use std::path::{Path, PathBuf};
 use relay_proto::control::{SessionItem, DEFAULT_MAX_LINE};
 use relay_proto::{ControlSession, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener};
 
 use std::sync::Arc;
 
@@ -116,8 +119,62 @@ pub async fn serve(listener: UnixListener, router: Arc<Coordinator>) {
     }
 }
 
-async fn client(mut stream: UnixStream, router: &Coordinator) -> io::Result<()> {
+/// How long a TCP client has to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts control clients on TCP, each behind a mutual-TLS handshake, until the task is
+/// dropped. A client whose certificate the CA did not sign (or that has none) fails the
+/// handshake and is dropped before it can send a command; it is logged.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Arc<Coordinator>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let (router, acceptor) = (Arc::clone(&router), acceptor.clone());
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let stream = match tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, "control client refused: TLS: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "control client refused: no TLS handshake in 10 s");
+                            return;
+                        }
+                    };
+                    tracing::info!(%peer, "control client connected over TLS");
+                    if let Err(e) = client(stream, &router).await {
+                        tracing::debug!(%peer, "control client: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("control accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn client<S>(mut stream: S, router: &Coordinator) -> io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut session = ControlSession::new(DEFAULT_MAX_LINE);
+    if let Some(identity) = router.identity() {
+        session = session.with_identity(identity.clone());
+    }
     let mut items = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -136,5 +193,6 @@ async fn client(mut stream: UnixStream, router: &Coordinator) -> io::Result<()> 
             };
             stream.write_all(reply.encode().as_bytes()).await?;
         }
+        stream.flush().await?;
     }
 }

@@ -93,6 +93,14 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// The control protocol's TCP address.
+    #[error("cannot listen on --ctl-listen tcp://{addr}: {source}")]
+    CtlListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A shard's core refused its share of the settings.
     #[error(transparent)]
     Config(#[from] relay_proto::ConfigError),
@@ -158,6 +166,19 @@ pub fn run_with(config: &Config, body: ShardBody) -> Result<GlobalStats, RunErro
         Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
     let mut ctl = ctl::SocketFile::bind(&config.ctl)?;
+    let ctl_tcp = match &config.ctl_listen {
+        Some(tcp) => {
+            let err = |source| RunError::CtlListen {
+                addr: tcp.addr,
+                source,
+            };
+            let l = std::net::TcpListener::bind(tcp.addr).map_err(err)?;
+            l.set_nonblocking(true).map_err(err)?;
+            let addr = l.local_addr().map_err(err)?;
+            Some((l, addr, Arc::clone(&tcp.tls)))
+        }
+        None => None,
+    };
     let metrics_err = |source| RunError::Metrics {
         addr: config.metrics,
         source,
@@ -301,12 +322,15 @@ pub fn run_with(config: &Config, body: ShardBody) -> Result<GlobalStats, RunErro
     }
     drop(closed_tx);
     drop(exit_tx);
-    let router = Arc::new(Coordinator::new(
-        infos,
-        config.relay.max_channels,
-        closed_rx,
-        backend.as_str(),
-    ));
+    let router = Arc::new(
+        Coordinator::new(
+            infos,
+            config.relay.max_channels,
+            closed_rx,
+            backend.as_str(),
+        )
+        .with_identity(config.identity.clone()),
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -325,6 +349,9 @@ pub fn run_with(config: &Config, body: ShardBody) -> Result<GlobalStats, RunErro
         timestamps = timestamps.as_str(),
         echo_leg = config.echo_leg.as_str(),
         ctl = %ctl.path().display(),
+        ctl_tcp = %ctl_tcp.as_ref().map_or_else(|| "none".to_owned(), |(_, a, _)| format!("tcp://{a}")),
+        relay_id = %config.identity.relay_id,
+        advertise = %config.identity.advertise,
         metrics = %format!("http://{metrics_addr}/metrics"),
         shards = n,
         cores = %cores_name(&config.shards),
@@ -341,6 +368,15 @@ pub fn run_with(config: &Config, body: ShardBody) -> Result<GlobalStats, RunErro
             tokio::net::UnixListener::from_std(listener).map_err(io("the control listener"))?,
             Arc::clone(&router),
         ));
+        let tcp_task = match ctl_tcp {
+            Some((listener, _, tls)) => Some(tokio::spawn(ctl::serve_tls(
+                tokio::net::TcpListener::from_std(listener)
+                    .map_err(io("the control TCP listener"))?,
+                tls,
+                Arc::clone(&router),
+            ))),
+            None => None,
+        };
         let metrics_task = tokio::spawn(http::serve(
             tokio::net::TcpListener::from_std(metrics_listener).map_err(metrics_err)?,
             snapshots.into(),
@@ -354,6 +390,9 @@ pub fn run_with(config: &Config, body: ShardBody) -> Result<GlobalStats, RunErro
             i = exit_rx.recv() => Some(i.unwrap_or(0)),
         };
         ctl_task.abort();
+        if let Some(t) = tcp_task {
+            t.abort();
+        }
         metrics_task.abort();
         if died.is_none() {
             tracing::info!("stopping");

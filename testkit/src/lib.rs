@@ -1,13 +1,49 @@
 //! Helpers shared by the workspace's integration tests, which run the real binaries as a user
 //! would: start one and wait for the log line that says it is ready (and what address it took),
 //! wait on a condition with a deadline instead of sleeping in hope, receive without tripping on
-//! signals, and skip io_uring tests loudly where the kernel refuses io_uring.
+//! signals, and skip io_uring tests loudly where the kernel refuses io_uring. [`pki`] makes the
+//! certificates of the mutual-TLS control link.
 #![forbid(unsafe_code)]
+
+pub mod pki;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::Child;
 use std::time::{Duration, Instant};
+
+/// A directory of the test's own under the system's temporary directory, removed (with what it
+/// holds) on drop.
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// A new, empty directory whose name starts with `prefix`.
+    ///
+    /// # Panics
+    /// It cannot be created.
+    #[must_use]
+    pub fn new(prefix: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("a temporary directory");
+        Self(p)
+    }
+
+    /// Its path.
+    #[must_use]
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// Whether io_uring can be set up here; prints why not, so a skipped test says so.
 #[must_use]

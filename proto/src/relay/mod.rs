@@ -455,7 +455,7 @@ impl Relay {
     /// Executes a control command.
     pub fn handle_command(&mut self, now: MonoTime, command: Command) -> CommandOutcome {
         match command {
-            Command::Hello(_) => CommandOutcome::Reply(Ok(crate::control::hello_response())),
+            Command::Hello(_) => CommandOutcome::Reply(Ok(crate::control::hello_response(None))),
             Command::Add(add) => match self.reserve(add) {
                 Ok(pending) => CommandOutcome::Open(pending),
                 Err(e) => CommandOutcome::Reply(Err(e)),

@@ -184,7 +184,7 @@ impl Ctl {
             next_id: 1,
         };
         let r = c.request(relay_proto::Command::Hello(Hello {
-            version: 1,
+            version: relay_proto::control::PROTOCOL_VERSION,
             client: Some("test".into()),
         }));
         assert!(matches!(r, Ok(Response::Hello { .. })), "{r:?}");
