@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,8 @@ use crate::call_log::{rfc3339, CallLog, CallRecord, RelayFigures};
 use crate::config::{Config, MediaFormat};
 use crate::metrics::{Metrics, Outcome, Stage};
 use crate::pool::PortPool;
-use crate::relay_link::{RelayError, RelayLink};
+use crate::relay_link::RelayError;
+use crate::relays::RelayPool;
 use crate::rest::{Ari, Bridge, RestError};
 
 /// The ARI requests the controller makes; [`Ari`] sends them to Asterisk. Each method is the
@@ -118,14 +119,15 @@ impl AriOps for Ari {
 /// The relay requests the controller makes; [`RelayLink`] sends them on the relay's control
 /// socket. Each method is the `RelayLink` method of the same name.
 pub trait RelayOps: fmt::Debug + Send + Sync + 'static {
-    /// Opens a relay channel on `port` forwarding to `echo`.
+    /// Opens a relay channel on `port` forwarding to `echo`; the address Asterisk must send to
+    /// when it is not control's `--bind-ip` (a relay on another host).
     fn add(
         &self,
         id: &ChannelId,
         port: u16,
         echo: SocketAddr,
         format: relay_proto::Format,
-    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+    ) -> impl Future<Output = Result<Option<IpAddr>, RelayError>> + Send;
     /// Tells the relay where Asterisk sends the channel's RTP from.
     fn update(
         &self,
@@ -139,14 +141,14 @@ pub trait RelayOps: fmt::Debug + Send + Sync + 'static {
     ) -> impl Future<Output = Result<ChannelStats, RelayError>> + Send;
 }
 
-impl RelayOps for RelayLink {
+impl RelayOps for RelayPool {
     fn add(
         &self,
         id: &ChannelId,
         port: u16,
         echo: SocketAddr,
         format: relay_proto::Format,
-    ) -> impl Future<Output = Result<(), RelayError>> + Send {
+    ) -> impl Future<Output = Result<Option<IpAddr>, RelayError>> + Send {
         Self::add(self, id, port, echo, format)
     }
     fn update(
@@ -276,7 +278,7 @@ enum SetupError {
 
 /// Control's call handling, reaching Asterisk through `A` and the relay through `R`.
 #[derive(Debug)]
-pub struct Controller<A = Ari, R = RelayLink> {
+pub struct Controller<A = Ari, R = RelayPool> {
     cfg: Config,
     ari: A,
     relay: R,
@@ -560,14 +562,15 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
 
         let id = ChannelId::try_from(call.em.as_str()).map_err(|e| fail(Stage::Relay)(&e))?;
         held.relay = Some(id.clone());
-        self.relay
+        let relay_ip = self
+            .relay
             .add(&id, port, self.cfg.echo, format)
             .await
             .map_err(|e| fail(Stage::Relay)(&e))?;
         Self::check(call)?;
 
         held.em = true;
-        let host = SocketAddr::new(self.cfg.bind_ip, port).to_string();
+        let host = SocketAddr::new(relay_ip.unwrap_or(self.cfg.bind_ip), port).to_string();
         let em = self
             .ari
             .external_media(&call.em, &host, format.as_str())

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::relay_link::Endpoint;
+
 /// A value that must never be printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -120,6 +122,20 @@ pub struct Args {
         default_value = "/run/rtp-relay/relay.sock"
     )]
     pub relay_socket: PathBuf,
+    /// A relay to place calls on, repeatable (or comma-separated in RELAY_URLS):
+    /// `unix:///path` (this host, no TLS) or `tls://host:port` (another host, mutual TLS: needs
+    /// --relay-ca, --relay-cert and --relay-key). Without any, the one relay at --relay-socket.
+    #[arg(long = "relay", env = "RELAY_URLS", value_delimiter = ',')]
+    pub relays: Vec<String>,
+    /// The CA the relays' certificates are signed by (PEM), for `tls://` relays.
+    #[arg(long, env = "RELAY_CA")]
+    pub relay_ca: Option<PathBuf>,
+    /// control's client certificate chain (PEM), for `tls://` relays.
+    #[arg(long, env = "RELAY_CERT")]
+    pub relay_cert: Option<PathBuf>,
+    /// The private key of --relay-cert (PEM).
+    #[arg(long, env = "RELAY_KEY")]
+    pub relay_key: Option<PathBuf>,
     /// Control's metrics endpoint (/metrics, /healthz, /stats).
     #[arg(long, env = "CONTROL_METRICS", default_value = "127.0.0.1:9102")]
     pub metrics: SocketAddr,
@@ -191,8 +207,8 @@ pub struct Config {
     pub media_fallback: relay_proto::Format,
     /// Summary log interval; `None` for none.
     pub summary_interval: Option<Duration>,
-    /// The relay's control socket.
-    pub relay_socket: PathBuf,
+    /// The relays calls are placed on (at least one).
+    pub relays: Vec<Endpoint>,
     /// Metrics endpoint.
     pub metrics: SocketAddr,
     /// The call log, if any.
@@ -267,11 +283,96 @@ impl TryFrom<Args> for Config {
             media_fallback: a.media_fallback,
             summary_interval: (a.metrics_interval_sec > 0)
                 .then(|| Duration::from_secs(a.metrics_interval_sec)),
-            relay_socket: a.relay_socket,
+            relays: relays(
+                &a.relays,
+                a.relay_socket,
+                [&a.relay_ca, &a.relay_cert, &a.relay_key],
+            )?,
             metrics: a.metrics,
             call_log: a.call_log.filter(|p| !p.is_empty()).map(PathBuf::from),
         })
     }
+}
+
+/// `--relay` URLs as endpoints (the one `--relay-socket` without any), with the TLS client
+/// configuration loaded once for the `tls://` ones.
+fn relays(
+    urls: &[String],
+    socket: PathBuf,
+    [ca, cert, key]: [&Option<PathBuf>; 3],
+) -> Result<Vec<Endpoint>, ConfigError> {
+    let bad = |flag, reason: String| ConfigError { flag, reason };
+    // Empty values (an `.env` file's `RELAY_URLS=`) are unset.
+    let urls: Vec<&String> = urls.iter().filter(|u| !u.trim().is_empty()).collect();
+    let set = |f: &Option<PathBuf>| f.clone().filter(|p| !p.as_os_str().is_empty());
+    let (ca, cert, key) = (&set(ca), &set(cert), &set(key));
+    let files = [("relay-ca", ca), ("relay-cert", cert), ("relay-key", key)];
+    let needs_tls = urls.iter().any(|u| u.starts_with("tls://"));
+    if !needs_tls {
+        if let Some((flag, _)) = files.iter().find(|(_, f)| f.is_some()) {
+            return Err(bad(flag, "only used with a tls:// --relay".into()));
+        }
+    }
+    let tls = if needs_tls {
+        let [ca, cert, key] = files.map(|(flag, f)| {
+            f.as_deref()
+                .ok_or_else(|| bad(flag, "required with a tls:// --relay".into()))
+        });
+        let (ca, cert, key) = (ca?, cert?, key?);
+        appkit::tls::certificates(ca).map_err(|e| bad("relay-ca", e.to_string()))?;
+        appkit::tls::certificates(cert).map_err(|e| bad("relay-cert", e.to_string()))?;
+        appkit::tls::private_key(key).map_err(|e| bad("relay-key", e.to_string()))?;
+        Some(
+            appkit::tls::client_config(ca, cert, key)
+                .map_err(|e| bad("relay-key", e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    if urls.is_empty() {
+        return Ok(vec![Endpoint::Unix(socket)]);
+    }
+    let mut out: Vec<Endpoint> = Vec::with_capacity(urls.len());
+    for url in urls {
+        let e = if let Some(path) = url.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(bad(
+                    "relay",
+                    format!("{url:?}: a unix:// URL takes an absolute path"),
+                ));
+            }
+            Endpoint::Unix(PathBuf::from(path))
+        } else if let Some(rest) = url.strip_prefix("tls://") {
+            let (host, port) = rest
+                .rsplit_once(':')
+                .and_then(|(h, p)| {
+                    Some((
+                        h.trim_start_matches('[').trim_end_matches(']'),
+                        p.parse::<u16>().ok()?,
+                    ))
+                })
+                .filter(|(h, p)| !h.is_empty() && *p > 0)
+                .ok_or_else(|| bad("relay", format!("{url:?} is not tls://HOST:PORT")))?;
+            appkit::tls::server_name(host).map_err(|e| bad("relay", format!("{url:?}: {e}")))?;
+            Endpoint::Tls {
+                host: host.to_owned(),
+                port,
+                config: tls
+                    .clone()
+                    .unwrap_or_else(|| unreachable!("loaded for tls:// URLs")),
+            }
+        } else {
+            return Err(bad(
+                "relay",
+                format!("{url:?} is neither unix:///PATH nor tls://HOST:PORT"),
+            ));
+        };
+        if out.iter().any(|o| o.to_string() == e.to_string()) {
+            return Err(bad("relay", format!("{url:?} is given twice")));
+        }
+        out.push(e);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -324,6 +425,125 @@ mod tests {
         let a = Args::try_parse_from(std::iter::once("control").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
         Config::try_from(a).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn relays_are_the_socket_alone_or_the_urls_given() {
+        let c = parse(&["--ari-pass", "x", "--relay-socket", "/tmp/r.sock"]).unwrap();
+        assert_eq!(
+            c.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["unix:///tmp/r.sock"]
+        );
+        let dir = testkit::TempDir::new("control-config");
+        let pki = testkit::pki::Pki::new(dir.path(), &[]);
+        let (ca, cert, key) = (
+            pki.ca.display().to_string(),
+            pki.control.cert.display().to_string(),
+            pki.control.key.display().to_string(),
+        );
+        let tls = [
+            "--relay-ca",
+            &ca,
+            "--relay-cert",
+            &cert,
+            "--relay-key",
+            &key,
+        ];
+        let c = parse(
+            &[
+                &[
+                    "--ari-pass",
+                    "x",
+                    "--relay",
+                    "tls://relay-a:7000,tls://[fd00::2]:7000",
+                ][..],
+                &["--relay", "unix:///run/r.sock"],
+                &tls,
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "tls://relay-a:7000",
+                "tls://[fd00::2]:7000",
+                "unix:///run/r.sock"
+            ]
+        );
+        let missing = dir.path().join("missing.pem").display().to_string();
+        for (args, flag) in [
+            (vec!["--relay", "relay-a:7000"], "--relay"),
+            (vec!["--relay", "tls://relay-a"], "--relay"),
+            (vec!["--relay", "unix://relative.sock"], "--relay"),
+            (vec!["--relay", "unix:///a.sock,unix:///a.sock"], "--relay"),
+            (
+                vec![
+                    "--relay",
+                    "tls://relay-a:7000",
+                    "--relay-cert",
+                    &cert,
+                    "--relay-key",
+                    &key,
+                ],
+                "--relay-ca",
+            ),
+            (
+                vec![
+                    "--relay",
+                    "tls://relay-a:7000",
+                    "--relay-ca",
+                    &ca,
+                    "--relay-key",
+                    &key,
+                ],
+                "--relay-cert",
+            ),
+            (
+                vec![
+                    "--relay",
+                    "tls://relay-a:7000",
+                    "--relay-ca",
+                    &ca,
+                    "--relay-cert",
+                    &cert,
+                ],
+                "--relay-key",
+            ),
+            (
+                vec![
+                    "--relay",
+                    "tls://relay-a:7000",
+                    "--relay-ca",
+                    &missing,
+                    "--relay-cert",
+                    &cert,
+                    "--relay-key",
+                    &key,
+                ],
+                "--relay-ca",
+            ),
+            (
+                vec![
+                    "--relay",
+                    "tls://relay-a:7000",
+                    "--relay-ca",
+                    &ca,
+                    "--relay-cert",
+                    &missing,
+                    "--relay-key",
+                    &key,
+                ],
+                "--relay-cert",
+            ),
+            (vec!["--relay-ca", &ca], "--relay-ca"),
+        ] {
+            let e = parse(&[&["--ari-pass", "x"][..], &args].concat()).unwrap_err();
+            assert!(e.contains(flag), "{args:?} should name {flag}: {e}");
+        }
+        // An empty URL (as `RELAY_URLS=,` leaves one) is none.
+        let c = parse(&["--ari-pass", "x", "--relay", ""]).unwrap();
+        assert_eq!(c.relays.len(), 1);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - [`events`]: the events WebSocket, reconnected with backoff, reconciled on each connection;
 //! - [`calls`]: the call lifecycle; [`pool`]: the port pool; [`call_log`]: one JSON line per
 //!   finished call, the newest kept for `GET /calls/{caller_id}`;
-//! - [`relay_link`]: the pipelined, self-resyncing connection to the relay;
+//! - [`relay_link`]: the pipelined, self-resyncing connection to one relay, on its Unix socket
+//!   or over mutual TLS; [`relays`]: the pool of them calls are placed on;
 //! - [`metrics`]: `rtprelay_control_*`, served with `/healthz` and `/stats` by [`run`].
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod events;
 pub mod metrics;
 pub mod pool;
 pub mod relay_link;
+pub mod relays;
 pub mod rest;
 
 use std::net::SocketAddr;
@@ -73,7 +75,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     install_tls_provider();
     let metrics = Arc::new(Metrics::new());
     let ari = rest::Ari::new(&cfg, Arc::clone(&metrics))?;
-    let relay = relay_link::RelayLink::spawn(cfg.relay_socket.clone(), Arc::clone(&metrics));
+    let relay = relays::RelayPool::spawn(cfg.relays.clone(), Arc::clone(&metrics));
     let listener = tokio::net::TcpListener::bind(cfg.metrics)
         .await
         .map_err(|source| RunError::Metrics {
@@ -168,8 +170,9 @@ async fn log_summary(ctl: &Controller, m: &Metrics) {
     );
 }
 
-/// `/metrics`, `/healthz` (200 when both the events WebSocket and the relay are connected),
-/// `/stats` (JSON: calls, ports, links, set-up times, the relay's global statistics) and
+/// `/metrics`, `/healthz` (200 when the events WebSocket and at least one relay are connected),
+/// `/stats` (JSON: calls, ports, links, set-up times, each relay of the pool, a relay's global
+/// statistics) and
 /// `/calls/{caller_id}` (a finished call's record, [`call_log::router`]).
 fn router(ctl: Arc<Controller>, m: Arc<Metrics>, log: call_log::CallLog) -> axum::Router {
     use axum::routing::get;
@@ -202,7 +205,8 @@ fn router(ctl: Arc<Controller>, m: Arc<Metrics>, log: call_log::CallLog) -> axum
 }
 
 fn healthz(m: &Metrics) -> axum::response::Response {
-    let (ws, relay) = (m.ws_connected.get() == 1, m.relay_connected.get() == 1);
+    // With a pool, one relay connected is enough to take calls.
+    let (ws, relay) = (m.ws_connected.get() == 1, m.relay_connected.get() >= 1);
     let body = format!("events_ws {}\nrelay {}\n", up(ws), up(relay));
     let status = if ws && relay {
         StatusCode::OK
@@ -231,10 +235,11 @@ async fn stats(ctl: &Controller, m: &Metrics) -> axum::response::Response {
         "links": {
             "events_ws": m.ws_connected.get() == 1,
             "ws_reconnects": m.ws_reconnects.get(),
-            "relay": m.relay_connected.get() == 1,
+            "relay": m.relay_connected.get() >= 1,
             "relay_resyncs": m.relay_resyncs.get(),
             "relay_channels": ctl.relay().len(),
         },
+        "relays": ctl.relay().status(),
         "relay": relay,
     });
     http::json_text(format!("{body:#}\n"))

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use relay_proto::stats::{LatencyHistogram, LatencySummary};
 
@@ -102,6 +102,10 @@ pub struct Metrics {
     pub relay_resyncs: IntCounter,
     /// Whether the relay's control socket is connected.
     pub relay_connected: IntGauge,
+    /// Each relay of the pool by state (`connected`, `disconnected`): 1 in its current state.
+    pub relays: IntGaugeVec,
+    /// Channels control holds on each relay.
+    pub relay_calls: IntGaugeVec,
     /// Relay channels re-added by resyncs.
     pub relay_readded: IntCounter,
     /// Objects cleaned up by reconciliation, by kind.
@@ -212,8 +216,16 @@ impl Metrics {
             ))),
             relay_connected: make!(IntGauge::with_opts(ns(
                 "relay_connected",
-                "1 while the relay's control socket is connected."
+                "Relays whose control connection is up (1 for a single relay while connected)."
             ))),
+            relays: make!(IntGaugeVec::new(
+                ns("relays", "Each relay of the pool: 1 in its current state (connected or disconnected)."),
+                &["relay", "state"]
+            )),
+            relay_calls: make!(IntGaugeVec::new(
+                ns("relay_calls", "Channels control holds on each relay."),
+                &["relay"]
+            )),
             relay_readded: make!(IntCounter::with_opts(ns(
                 "relay_channels_readded_total",
                 "Relay channels re-added by resyncs."

@@ -1,6 +1,8 @@
-//! Control's connection to the relay's control socket: requests from any number of call tasks are
-//! pipelined on one connection and matched to replies by id, so 200 calls setting up at once do
-//! not wait on each other.
+//! Control's connection to one relay's control protocol, on its Unix socket or over TLS to a
+//! relay on another host ([`Endpoint`]): requests from any number of call tasks are pipelined on
+//! one connection and matched to replies by id, so 200 calls setting up at once do not wait on
+//! each other. The `hello` reply tells the link who the relay is ([`RelayIdentity`]); a relay
+//! speaking another protocol version is refused, and the log names both versions.
 //!
 //! The link remembers every channel it added (port, Asterisk's address, echo). When the socket
 //! goes away it reconnects with backoff, and then resyncs: channels the relay does not have are
@@ -9,20 +11,21 @@
 //! queue, so a call set-up fails cleanly (and unwinds) instead of hanging.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use relay_proto::control::{
-    AddChannel, Frame, Hello, LineDecoder, RemoveChannel, StatsQuery, UpdateChannel,
+    AddChannel, Frame, Hello, LineDecoder, RelayIdentity, RemoveChannel, StatsQuery, UpdateChannel,
     PROTOCOL_VERSION,
 };
 use relay_proto::{
     ChannelId, ChannelStats, Command, Format, GlobalStats, Reply, Request, Response,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ari::EXTERNAL_MEDIA_PREFIX;
@@ -45,6 +48,9 @@ pub enum RelayError {
     /// A reply of the wrong kind.
     #[error("unexpected reply to `{0}`")]
     Unexpected(&'static str),
+    /// No relay of the pool is connected with room for another channel.
+    #[error("no relay is connected with room for another channel")]
+    NoRelay,
 }
 
 /// What the link re-adds on a resync.
@@ -63,21 +69,145 @@ type Pending = (Command, ReplyTo);
 /// How long a resync keeps retrying a channel the relay refuses (a port not yet released).
 const RESYNC_RETRY: Duration = Duration::from_secs(5);
 
+/// Where a relay's control protocol is reached.
+#[derive(Clone)]
+pub enum Endpoint {
+    /// Its Unix socket, on this host (`unix:///path`): no TLS.
+    Unix(PathBuf),
+    /// TCP to a relay on another host (`tls://host:port`), behind mutual TLS: the relay's
+    /// certificate must name `host` and be signed by the CA of `config`, which also holds
+    /// control's own certificate.
+    Tls {
+        /// The relay's host name or address, as its certificate names it.
+        host: String,
+        /// Its port.
+        port: u16,
+        /// control's side of the handshake.
+        config: Arc<rustls::ClientConfig>,
+    },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+            Self::Tls { host, port, .. } if host.contains(':') => {
+                write!(f, "tls://[{host}]:{port}")
+            }
+            Self::Tls { host, port, .. } => write!(f, "tls://{host}:{port}"),
+        }
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The two halves of a connection, whatever carries it.
+type Halves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
+impl Endpoint {
+    /// Connects (and for TLS, completes the handshake, bounded by [`CONNECT_TIMEOUT`]).
+    async fn connect(&self) -> std::io::Result<Halves> {
+        match self {
+            Self::Unix(path) => {
+                let (r, w) = UnixStream::connect(path).await?.into_split();
+                Ok((Box::new(r), Box::new(w)))
+            }
+            Self::Tls { host, port, config } => {
+                let name = appkit::tls::server_name(host).map_err(std::io::Error::other)?;
+                let connect = async {
+                    let tcp = TcpStream::connect((host.as_str(), *port)).await?;
+                    tcp.set_nodelay(true)?;
+                    appkit::tls::TlsConnector::from(Arc::clone(config))
+                        .connect(name, tcp)
+                        .await
+                };
+                let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                let (r, w) = tokio::io::split(tls);
+                Ok((Box::new(r), Box::new(w)))
+            }
+        }
+    }
+
+    /// How long to wait before reconnecting: a Unix socket that is not there costs
+    /// microseconds, so it is retried often (a restarted relay is reached within tens of
+    /// milliseconds of listening); a remote relay a little less often.
+    fn backoff(&self) -> Backoff {
+        match self {
+            Self::Unix(_) => Backoff::new(Duration::from_millis(5), Duration::from_millis(20)),
+            Self::Tls { .. } => Backoff::new(Duration::from_millis(20), Duration::from_millis(250)),
+        }
+    }
+}
+
+/// How long a TCP connection and its TLS handshake may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the link knows of its relay right now.
+#[derive(Clone, Debug, Default)]
+struct LinkState {
+    /// Connected and resynced.
+    connected: bool,
+    /// What its last `hello` reply said.
+    identity: Option<RelayIdentity>,
+}
+
 /// A handle on the link (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct RelayLink {
     tx: mpsc::UnboundedSender<Pending>,
     channels: Arc<Mutex<HashMap<ChannelId, Spec>>>,
+    state: Arc<Mutex<LinkState>>,
+    endpoint: Arc<Endpoint>,
 }
 
 impl RelayLink {
-    /// Starts the link's task, which connects to `path` and keeps reconnecting.
+    /// Starts the link's task, which connects to `endpoint` and keeps reconnecting.
     #[must_use]
-    pub fn spawn(path: PathBuf, metrics: Arc<Metrics>) -> Self {
+    pub fn spawn(endpoint: Endpoint, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let channels = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(run(path, rx, Arc::clone(&channels), metrics));
-        Self { tx, channels }
+        let state = Arc::new(Mutex::new(LinkState::default()));
+        let endpoint = Arc::new(endpoint);
+        tokio::spawn(run(
+            Arc::clone(&endpoint),
+            rx,
+            Arc::clone(&channels),
+            Arc::clone(&state),
+            metrics,
+        ));
+        Self {
+            tx,
+            channels,
+            state,
+            endpoint,
+        }
+    }
+
+    /// Where the relay is reached.
+    #[must_use]
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Whether the link is connected to its relay (and has resynced).
+    #[must_use]
+    pub fn is_connected(&self) -> bool {
+        lock(&self.state).connected
+    }
+
+    /// Who the relay said it is, at its last `hello` (kept while disconnected).
+    #[must_use]
+    pub fn identity(&self) -> Option<RelayIdentity> {
+        lock(&self.state).identity.clone()
     }
 
     fn channels(&self) -> MutexGuard<'_, HashMap<ChannelId, Spec>> {
@@ -204,17 +334,36 @@ const MAX_REPLY: usize = 64 * 1024 * 1024;
 /// One connection's state. Reading is cancel-safe (the partial line lives here, not in a
 /// future), because [`serve`] waits on replies and new requests at once.
 struct Conn {
-    write: tokio::net::unix::OwnedWriteHalf,
-    read: tokio::net::unix::OwnedReadHalf,
+    write: Box<dyn AsyncWrite + Send + Unpin>,
+    read: Box<dyn AsyncRead + Send + Unpin>,
     decoder: LineDecoder,
     lines: std::collections::VecDeque<Frame>,
     chunk: Vec<u8>,
     next_id: u64,
 }
 
+/// Why a connection was not made.
+#[derive(Debug)]
+enum ConnectError {
+    /// The transport (socket, TCP, TLS) failed.
+    Io(std::io::Error),
+    /// The relay refused the handshake or answered it wrongly (another protocol version).
+    Refused(String),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Refused(m) => write!(f, "refused: {m}"),
+        }
+    }
+}
+
 impl Conn {
-    async fn connect(path: &std::path::Path) -> std::io::Result<Self> {
-        let (read, write) = UnixStream::connect(path).await?.into_split();
+    /// Connects and says hello; the relay's identity.
+    async fn connect(endpoint: &Endpoint) -> Result<(Self, Option<RelayIdentity>), ConnectError> {
+        let (read, write) = endpoint.connect().await.map_err(ConnectError::Io)?;
         let mut c = Self {
             write,
             read,
@@ -223,13 +372,26 @@ impl Conn {
             chunk: vec![0; 64 * 1024],
             next_id: 1,
         };
-        c.call(Command::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            client: Some(concat!("control ", env!("CARGO_PKG_VERSION")).into()),
-        }))
-        .await?
-        .map_err(std::io::Error::other)?;
-        Ok(c)
+        let hello = c
+            .call(Command::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                client: Some(concat!("control ", env!("CARGO_PKG_VERSION")).into()),
+            }))
+            .await
+            .map_err(ConnectError::Io)?;
+        match hello {
+            Ok(Response::Hello {
+                version, identity, ..
+            }) if version == PROTOCOL_VERSION => Ok((c, identity)),
+            Ok(Response::Hello { version, .. }) => Err(ConnectError::Refused(format!(
+                "the relay speaks protocol version {version}, control speaks {PROTOCOL_VERSION}"
+            ))),
+            Ok(other) => Err(ConnectError::Refused(format!(
+                "unexpected reply to hello: {other:?}"
+            ))),
+            // The relay's own message names both versions (version_mismatch).
+            Err(e) => Err(ConnectError::Refused(e)),
+        }
     }
 
     async fn send(&mut self, command: Command) -> std::io::Result<u64> {
@@ -241,6 +403,7 @@ impl Conn {
         }
         .encode();
         self.write.write_all(line.as_bytes()).await?;
+        self.write.flush().await?;
         Ok(id)
     }
 
@@ -276,22 +439,46 @@ impl Conn {
 }
 
 async fn run(
-    path: PathBuf,
+    endpoint: Arc<Endpoint>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
     channels: Arc<Mutex<HashMap<ChannelId, Spec>>>,
+    state: Arc<Mutex<LinkState>>,
     metrics: Arc<Metrics>,
 ) {
-    // Connecting to a Unix socket that is not there costs microseconds: retry often, so a
-    // restarted relay is reached (and resynced) within tens of milliseconds of listening.
-    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(20));
+    let mut backoff = endpoint.backoff();
+    let name = endpoint.to_string();
+    let relay_state = |connected: bool| {
+        for (state, on) in [("connected", connected), ("disconnected", !connected)] {
+            metrics
+                .relays
+                .with_label_values(&[name.as_str(), state])
+                .set(i64::from(on));
+        }
+    };
+    relay_state(false);
     let mut connected_before = false;
+    let mut last_refusal = None;
     loop {
-        let conn = Conn::connect(&path).await;
+        let conn = Conn::connect(&endpoint).await;
         let mut conn = match conn {
-            Ok(c) => c,
+            Ok((c, identity)) => {
+                lock(&state).identity = identity;
+                c
+            }
+            Err(ConnectError::Refused(m)) => {
+                // Said once per distinct refusal, not at every retry.
+                if last_refusal.as_ref() != Some(&m) {
+                    tracing::error!(relay = %endpoint, "the relay was refused: {m}");
+                    last_refusal = Some(m);
+                }
+                if !wait_failing(&mut rx, backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
             Err(e) => {
                 if !connected_before {
-                    tracing::debug!("relay socket {}: {e}", path.display());
+                    tracing::debug!(relay = %endpoint, "{e}");
                 }
                 if !wait_failing(&mut rx, backoff.next_delay()).await {
                     return;
@@ -310,12 +497,7 @@ async fn run(
                     .reconciled
                     .with_label_values(&["relay_channel"])
                     .inc_by(removed);
-                tracing::info!(
-                    readded,
-                    removed,
-                    "connected to the relay at {}",
-                    path.display()
-                );
+                tracing::info!(readded, removed, relay = %endpoint, "connected to the relay");
             }
             Err(e) => {
                 tracing::warn!("relay resync failed: {e}");
@@ -326,11 +508,18 @@ async fn run(
             }
         }
         connected_before = true;
-        metrics.relay_connected.set(1);
+        last_refusal = None;
+        lock(&state).connected = true;
+        metrics.relay_connected.inc();
+        relay_state(true);
         let lost = serve(&mut conn, &mut rx).await;
-        metrics.relay_connected.set(0);
+        lock(&state).connected = false;
+        metrics.relay_connected.dec();
+        relay_state(false);
         match lost {
-            Some(e) => tracing::warn!("lost the relay's control socket: {e}; reconnecting"),
+            Some(e) => {
+                tracing::warn!(relay = %endpoint, "lost the relay's control connection: {e}; reconnecting");
+            }
             None => return,
         }
     }

@@ -92,6 +92,9 @@ struct Fakes {
     latency: Mutex<HashMap<&'static str, Duration>>,
     /// Every request, as it was made, with its virtual time.
     log: watch::Sender<Vec<(Duration, Op)>>,
+    /// The address the relay's `add` says Asterisk must send to (a relay on another host), or
+    /// none (control's `--bind-ip`).
+    relay_ip: Mutex<Option<IpAddr>>,
 }
 
 impl Fakes {
@@ -225,12 +228,13 @@ impl RelayOps for FakeRelay {
         port: u16,
         _echo: SocketAddr,
         _format: relay_proto::Format,
-    ) -> Result<(), RelayError> {
+    ) -> Result<Option<IpAddr>, RelayError> {
         let op = Op::RelayAdd {
             id: id.as_str().into(),
             port,
         };
-        self.0.relay(op).await
+        self.0.relay(op).await?;
+        Ok(*lock(&self.0.relay_ip))
     }
 
     async fn update(&self, id: &ChannelId, asterisk: SocketAddr) -> Result<(), RelayError> {
@@ -287,7 +291,9 @@ fn harness(ports: RangeInclusive<u16>) -> Harness {
         format: MediaFormat::Fixed(relay_proto::Format::Ulaw),
         media_fallback: relay_proto::Format::Ulaw,
         summary_interval: None,
-        relay_socket: "/nonexistent/relay.sock".into(),
+        relays: vec![crate::relay_link::Endpoint::Unix(
+            "/nonexistent/relay.sock".into(),
+        )],
         metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
         call_log: None,
     };
@@ -296,6 +302,7 @@ fn harness(ports: RangeInclusive<u16>) -> Harness {
         replies: Mutex::default(),
         latency: Mutex::default(),
         log: watch::Sender::new(Vec::new()),
+        relay_ip: Mutex::default(),
     });
     let metrics = Arc::new(Metrics::new());
     let log = CallLog::in_memory();
@@ -522,6 +529,30 @@ async fn a_call_is_bridged_then_torn_down_in_order_when_the_caller_hangs_up() {
         "the relay's final figures are kept: {r}"
     );
     assert!(r["failure_stage"].is_null(), "{r}");
+    h.assert_released(false);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_on_another_host_gets_the_external_media_sent_to_its_advertised_address() {
+    let h = harness(PORTS);
+    *lock(&h.fakes.relay_ip) = Some([10, 0, 0, 21].into());
+    h.caller_arrives(CALLER);
+    h.requested(&Op::CreateBridge(BRIDGE.into())).await;
+    let em = h
+        .ops()
+        .into_iter()
+        .find(|o| matches!(o, Op::ExternalMedia { .. }))
+        .unwrap();
+    assert_eq!(
+        em,
+        Op::ExternalMedia {
+            id: em_of(CALLER),
+            host: "10.0.0.21:21000".into(),
+        },
+        "not control's --bind-ip (127.0.0.1)"
+    );
+    h.caller_leaves(CALLER);
+    h.finished().await;
     h.assert_released(false);
 }
 

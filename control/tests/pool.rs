@@ -1,0 +1,324 @@
+//! control with a pool of relays reached over mutual TLS (`--relay tls://…`), against the real
+//! binaries on loopback: two relays with `--ctl-listen`, each binding and advertising its own
+//! address (127.0.0.2 and 127.0.0.3), the simulated Asterisk and the echo.
+//!
+//! - Calls go to the connected relay with the most free capacity (ties: the first listed): with
+//!   capacities 10 and 14, ten calls that overlap land 3 and 7, exactly.
+//! - Each call's externalMedia channel sends to its relay's advertised address: every channel on
+//!   each relay has Asterisk's address and RTP both ways, and every call comes back whole.
+//! - `rtprelay_control_relays{relay,state}` and `rtprelay_control_relay_calls{relay}` say so,
+//!   and `/stats` lists each relay with its id, capacity and calls.
+//! - A relay that answers `hello` with another protocol version, or refuses control's, is not
+//!   used, and the log names both versions.
+//!
+//! The tests run one at a time (a lock): each drives real-time RTP on a two-core machine.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sim_asterisk::relay_client::RelayClient;
+use testkit::{http_get, start, start_logged, wait_for, Log, Proc};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+const PASS: &str = "pool-secret";
+
+fn log_value(log: &Log, line: &str, key: &str) -> String {
+    let log = log.lock().unwrap();
+    let l = log
+        .iter()
+        .find(|l| l.contains(line))
+        .expect("the ready line");
+    let at = l.find(&format!("{key}=")).expect("the key") + key.len() + 1;
+    l[at..].split_whitespace().next().unwrap_or("").to_owned()
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A relay with the control protocol on TLS; (process, its Unix socket, its `tls://` URL).
+fn relay(
+    dir: &Path,
+    pki: &testkit::pki::Pki,
+    id: &str,
+    bind: &str,
+    capacity: &str,
+    echo: &str,
+) -> (Proc, std::path::PathBuf, String) {
+    let ctl = dir.join(format!("{id}.sock"));
+    let (p, _, log) = start_logged(
+        "relay",
+        &[
+            "--backend",
+            "tokio",
+            "--ctl",
+            ctl.to_str().unwrap(),
+            "--ctl-listen",
+            "tcp://127.0.0.1:0",
+            "--tls-cert",
+            pki.relay.cert.to_str().unwrap(),
+            "--tls-key",
+            pki.relay.key.to_str().unwrap(),
+            "--tls-client-ca",
+            pki.ca.to_str().unwrap(),
+            "--relay-id",
+            id,
+            "--bind",
+            bind,
+            "--max-channels",
+            capacity,
+            "--metrics",
+            "127.0.0.1:0",
+            "--echo",
+            echo,
+            "--strict",
+        ],
+        "relay ready",
+        "metrics",
+    );
+    let url = log_value(&log, "relay ready", "ctl_tcp").replacen("tcp://", "tls://", 1);
+    (p, ctl, url)
+}
+
+#[test]
+fn calls_spread_over_two_tls_relays_by_free_capacity_and_reach_each_ones_address() {
+    let _s = serial();
+    let dir = testkit::TempDir::new("control-pool");
+    let pki = testkit::pki::Pki::new(dir.path(), &[]);
+    let (_echo, echo_addr) = start(
+        "echo",
+        &["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+        "echo ready",
+        "listen",
+    );
+    let (_a, a_ctl, a_url) = relay(dir.path(), &pki, "relay-a", "127.0.0.2", "10", &echo_addr);
+    let (_b, b_ctl, b_url) = relay(dir.path(), &pki, "relay-b", "127.0.0.3", "14", &echo_addr);
+    let json = dir.path().join("sim.json");
+    let (mut sim, sim_addr) = start(
+        "sim-asterisk",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--ari-pass",
+            PASS,
+            "--json",
+            json.to_str().unwrap(),
+            "--grace",
+            "5s",
+            "--calls",
+            "10",
+            "--ramp",
+            "1s",
+            "--hold",
+            "6s",
+        ],
+        "sim-asterisk ready",
+        "listen",
+    );
+    let (echo_host, echo_port) = echo_addr.rsplit_once(':').unwrap();
+    let (_control, http, _log) = start_logged(
+        "control",
+        &[
+            "--ari-url",
+            &format!("http://{sim_addr}"),
+            "--ari-pass",
+            PASS,
+            "--relay",
+            &format!("{a_url},{b_url}"),
+            "--relay-ca",
+            pki.ca.to_str().unwrap(),
+            "--relay-cert",
+            pki.control.cert.to_str().unwrap(),
+            "--relay-key",
+            pki.control.key.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:0",
+            "--port-range",
+            "22000-22099",
+            "--echo-host",
+            echo_host,
+            "--echo-port",
+            echo_port,
+        ],
+        "control ready",
+        "metrics",
+    );
+    // Each relay's channels, once all ten calls flow: Asterisk's address known, RTP both ways.
+    let flowing = |ctl: &Path, n: usize| {
+        let mut c = RelayClient::connect(ctl).unwrap();
+        wait_for(
+            &format!("{n} channels flowing on {}", ctl.display()),
+            Duration::from_secs(15),
+            || {
+                let list = c.list().ok()?;
+                (list.len() == n
+                    && list.iter().all(|c| {
+                        c.asterisk.is_some()
+                            && c.traffic.to_echo.packets > 0
+                            && c.traffic.to_asterisk.packets > 0
+                    }))
+                .then_some(list)
+            },
+        )
+    };
+    // Capacities 10 and 14: the first four go to b, then they alternate from a: 3 and 7.
+    let on_a = flowing(&a_ctl, 3);
+    let on_b = flowing(&b_ctl, 7);
+    // Ports are unique across the pool.
+    let mut ports: Vec<u16> = on_a.iter().chain(&on_b).map(|c| c.port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 10, "{ports:?}");
+    let metrics = http_get(&http, "/metrics").unwrap().1;
+    for (url, calls) in [(&a_url, 3.0), (&b_url, 7.0)] {
+        let state = |s: &str| {
+            metric(
+                &metrics,
+                &format!("rtprelay_control_relays{{relay=\"{url}\",state=\"{s}\"}}"),
+            )
+        };
+        assert_eq!(state("connected"), Some(1.0), "{metrics}");
+        assert_eq!(state("disconnected"), Some(0.0), "{metrics}");
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("rtprelay_control_relay_calls{{relay=\"{url}\"}}")
+            ),
+            Some(calls),
+            "{metrics}"
+        );
+    }
+    assert_eq!(
+        metric(&metrics, "rtprelay_control_relay_connected"),
+        Some(2.0)
+    );
+    let stats: Value = serde_json::from_str(&http_get(&http, "/stats").unwrap().1).unwrap();
+    let relays = stats["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 2, "{stats}");
+    assert_eq!(relays[0]["relay_id"], "relay-a");
+    assert_eq!(relays[0]["capacity"], 10);
+    assert_eq!(relays[1]["relay_id"], "relay-b");
+    assert_eq!(relays[1]["calls"], 7);
+    assert!(relays.iter().all(|r| r["connected"] == true), "{stats}");
+
+    // Every call comes back whole through its own relay.
+    let end = Instant::now() + Duration::from_secs(30);
+    while sim.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "sim-asterisk did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["bridged"], 10, "{r}");
+    for c in r["per_call"].as_array().unwrap() {
+        assert_eq!(c["end"], "completed", "{c}");
+        let (sent, received) = (c["sent"].as_u64().unwrap(), c["received"].as_u64().unwrap());
+        assert!(sent >= 250 && received + 2 >= sent, "RTP lost: {c}");
+    }
+    wait_for("the pool empty", Duration::from_secs(10), || {
+        let m = http_get(&http, "/metrics").ok()?.1;
+        [&a_url, &b_url]
+            .iter()
+            .all(|u| {
+                metric(
+                    &m,
+                    &format!("rtprelay_control_relay_calls{{relay=\"{u}\"}}"),
+                ) == Some(0.0)
+            })
+            .then_some(())
+    });
+}
+
+/// A Unix-socket stand-in for a relay that answers `hello` with `reply` (its `id` set to the
+/// request's), then keeps the connection open.
+fn fake_relay(path: &Path, reply: &'static str) -> std::thread::JoinHandle<()> {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    listener.set_nonblocking(false).unwrap();
+    std::thread::spawn(move || {
+        // A few connections (control retries), each answered the same way.
+        for stream in listener.incoming().take(3) {
+            let Ok(mut s) = stream else { return };
+            let mut line = String::new();
+            if BufReader::new(&s).read_line(&mut line).is_err() {
+                continue;
+            }
+            let _ = s.write_all(format!("{reply}\n").as_bytes());
+        }
+    })
+}
+
+#[test]
+fn a_relay_speaking_another_protocol_version_is_refused_naming_both() {
+    let _s = serial();
+    let dir = testkit::TempDir::new("control-pool-version");
+    let old = dir.path().join("old.sock");
+    let newer = dir.path().join("newer.sock");
+    // An old relay that accepts the hello but says it speaks 1; a relay that refuses ours.
+    let _old = fake_relay(
+        &old,
+        r#"{"id":1,"ok":true,"result":{"type":"hello","version":1,"server":"rtp-relay 0.0.9"}}"#,
+    );
+    let _newer = fake_relay(
+        &newer,
+        r#"{"id":1,"ok":false,"error":{"code":"version_mismatch","message":"client speaks version 2, relay speaks 3"}}"#,
+    );
+    let (_sim, sim_addr) = start(
+        "sim-asterisk",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--ari-pass",
+            PASS,
+            "--calls",
+            "0",
+            "--serve-for",
+            "20s",
+        ],
+        "sim-asterisk ready",
+        "listen",
+    );
+    let relays = format!("unix://{},unix://{}", old.display(), newer.display());
+    let (_control, http, log) = start_logged(
+        "control",
+        &[
+            "--ari-url",
+            &format!("http://{sim_addr}"),
+            "--ari-pass",
+            PASS,
+            "--relay",
+            &relays,
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        "control ready",
+        "metrics",
+    );
+    wait_for("both refusals logged", Duration::from_secs(10), || {
+        let log = log.lock().unwrap();
+        let refused = |needle: &str| {
+            log.iter()
+                .any(|l| l.contains("refused") && l.contains(needle))
+        };
+        (refused("the relay speaks protocol version 1, control speaks 2")
+            && refused("client speaks version 2, relay speaks 3"))
+        .then_some(())
+    });
+    // No relay is usable: control is not healthy, and no relay counts as connected.
+    let (status, body) = http_get(&http, "/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    let metrics = http_get(&http, "/metrics").unwrap().1;
+    assert_eq!(
+        metric(&metrics, "rtprelay_control_relay_connected"),
+        Some(0.0)
+    );
+}
