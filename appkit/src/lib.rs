@@ -4,11 +4,14 @@
 //! - [`flags`]: flag values that are not the product's business (durations, via `humantime`);
 //! - [`prom`]: building Prometheus metric families and rendering the text exposition format;
 //! - [`http`]: the one HTTP server behind every `/metrics`, `/stats` and `/healthz` (hyper and
-//!   axum), GET only, with a bounded request size and a read timeout.
+//!   axum), GET only, with a bounded request size and a read timeout;
+//! - [`pacer`]: one named thread ticking streams on absolute deadlines, the timing source of the
+//!   tools that send media at a phone's pace (`sim-asterisk`, `loadgen ari`).
 #![forbid(unsafe_code)]
 
 pub mod flags;
 pub mod http;
+pub mod pacer;
 pub mod prom;
 
 /// Logs to standard error, colored only on a terminal, at the level `RUST_LOG` sets (`info`
