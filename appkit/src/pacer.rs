@@ -154,14 +154,19 @@ fn run<T: Paced>(
         // catch-up are skipped rather than run in a heap, and the phase is kept.
         tick += 1;
         let passed = ticks_by(clock.now());
-        if passed >= tick + MAX_BEHIND {
-            let resume = (passed + 1).saturating_sub(schedule.stall_catch_up);
-            if skipped == 0 {
-                tracing::warn!("{name} stalled: {} ticks skipped", resume - tick);
+        if passed >= tick.saturating_add(MAX_BEHIND) {
+            // (A catch-up longer than the stall skips nothing.)
+            let resume = passed
+                .saturating_add(1)
+                .saturating_sub(schedule.stall_catch_up);
+            if resume > tick {
+                if skipped == 0 {
+                    tracing::warn!("{name} stalled: {} ticks skipped", resume - tick);
+                }
+                skipped += resume - tick;
+                tracing::debug!(skipped, "{name}: ticks skipped so far");
+                tick = resume;
             }
-            skipped += resume - tick;
-            tracing::debug!(skipped, "{name}: ticks skipped so far");
-            tick = resume;
         }
         clock.sleep_until(at(tick));
     }
@@ -398,6 +403,8 @@ mod tests {
             ),
             (10, 0, [1, 2, 3].into_iter().chain(14..20).collect()),
             (10, 3, [1, 2, 3].into_iter().chain(11..20).collect()),
+            // A catch-up longer than the stall: nothing skipped.
+            (10, 100, (1..20).collect()),
         ] {
             let log = Log::default();
             let first = Stream::new(1, u64::MAX, &log);
