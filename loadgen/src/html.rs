@@ -208,8 +208,8 @@ const SIM_KEYS: [&str; 3] = ["per_call", "transcoding_calls", "received"];
 /// What `--run` takes, for error messages.
 const RUN_KINDS: &str = "--run takes sim-asterisk's --json report or loadgen ari's --json report";
 
-/// Tells a run report's kind by its keys: `through_asterisk` is `loadgen ari`'s, [`SIM_KEYS`]
-/// sim-asterisk's. `name` names it in errors.
+/// Tells a run report's kind by its keys: `through_asterisk` is `loadgen ari`'s; `per_call`,
+/// `transcoding_calls` and `received` together are sim-asterisk's. `name` names it in errors.
 ///
 /// # Errors
 /// It is neither, or it has `through_asterisk` but not in the shape `loadgen ari` writes.
