@@ -5,11 +5,14 @@
 //! - [`prom`]: building Prometheus metric families and rendering the text exposition format;
 //! - [`http`]: the one HTTP server behind every `/metrics`, `/stats` and `/healthz` (hyper and
 //!   axum), GET only, with a bounded request size and a read timeout;
+//! - [`pacer`]: one named thread ticking streams on absolute deadlines, the timing source of the
+//!   tools that send media at a phone's pace (`sim-asterisk`, `loadgen ari`);
 //! - [`tls`]: mutual TLS 1.3 for the control link to relays on other hosts (rustls).
 #![forbid(unsafe_code)]
 
 pub mod flags;
 pub mod http;
+pub mod pacer;
 pub mod prom;
 pub mod tls;
 

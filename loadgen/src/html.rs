@@ -29,6 +29,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use plotters::coord::{CoordTranslate, Shift};
 use plotters::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
@@ -207,8 +208,8 @@ const SIM_KEYS: [&str; 3] = ["per_call", "transcoding_calls", "received"];
 /// What `--run` takes, for error messages.
 const RUN_KINDS: &str = "--run takes sim-asterisk's --json report or loadgen ari's --json report";
 
-/// Tells a run report's kind by its keys: `through_asterisk` is `loadgen ari`'s, [`SIM_KEYS`]
-/// sim-asterisk's. `name` names it in errors.
+/// Tells a run report's kind by its keys: `through_asterisk` is `loadgen ari`'s; `per_call`,
+/// `transcoding_calls` and `received` together are sim-asterisk's. `name` names it in errors.
 ///
 /// # Errors
 /// It is neither, or it has `through_asterisk` but not in the shape `loadgen ari` writes.
@@ -317,23 +318,70 @@ fn us_label(v: &f64) -> String {
     }
 }
 
+/// A plotters error, as the report's.
 fn plot_err<E: std::fmt::Display>(e: E) -> HtmlError {
     HtmlError::Chart(e.to_string())
 }
 
-/// The CDF of the calls' RTT p50 and p99 on a log axis.
-fn cdf_svg(p50: &[f64], p99: &[f64]) -> Result<String, HtmlError> {
+/// What a chart is drawn on: an area of an SVG written to a string.
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+/// A chart's SVG text: `size` px, white, drawn by `draw`.
+fn chart_svg(
+    size: (u32, u32),
+    draw: impl FnOnce(&Area<'_>) -> Result<(), HtmlError>,
+) -> Result<String, HtmlError> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (760, 360)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
+        draw(&root)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// Every chart's frame: `caption` in `font` px sans-serif, a 12 px margin, 35 px for the x
+/// labels and `y_labels` px for the y labels; the caller gives the axes.
+fn frame<'a, 'b, 'c>(
+    root: &'a Area<'b>,
+    caption: &str,
+    font: u32,
+    y_labels: u32,
+) -> ChartBuilder<'a, 'c, SVGBackend<'b>> {
+    let mut b = ChartBuilder::on(root);
+    b.caption(caption, ("sans-serif", font))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(y_labels);
+    b
+}
+
+/// A legend entry's mark: an 18 px line in its series' style.
+fn swatch(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style)
+}
+
+/// The legend of `chart`'s labelled series, at `at`: a translucent white box, black border.
+fn legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    at: SeriesLabelPosition,
+) -> Result<(), HtmlError> {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)
+}
+
+/// The CDF of the calls' RTT p50 and p99 on a log axis.
+fn cdf_svg(p50: &[f64], p99: &[f64]) -> Result<String, HtmlError> {
+    chart_svg((760, 360), |root| {
         let lo = decade_below(p50.first().copied().unwrap_or(1.0).max(1.0));
         let hi = p99.last().copied().unwrap_or(10.0).max(lo * 10.0);
-        let mut chart = ChartBuilder::on(&root)
-            .caption("RTT per call: CDF (µs, log)", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(50)
+        let mut chart = frame(root, "RTT per call: CDF (µs, log)", 18, 50)
             .build_cartesian_2d((lo..hi * 1.5).log_scale(), 0.0..1.0)
             .map_err(plot_err)?;
         chart
@@ -354,18 +402,10 @@ fn cdf_svg(p50: &[f64], p99: &[f64]) -> Result<String, HtmlError> {
                 .draw_series(LineSeries::new(pts, colour))
                 .map_err(plot_err)?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+                .legend(swatch(colour.into()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+        legend(&mut chart, SeriesLabelPosition::LowerRight)
+    })
 }
 
 /// The largest time drawn, µs (a bad file cannot push an axis to infinity).
@@ -432,20 +472,15 @@ fn split_cdf_svg(legs: &[(&'static str, RGBColor, &LegSummary)]) -> Result<Strin
     let xs = || curves.iter().flat_map(|c| c.2.iter().map(|p| p.0));
     let lo = axis_floor(xs());
     let hi = xs().fold(lo * 10.0, f64::max);
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (760, 380)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "Round trip through Asterisk, per probe: CDF of each leg (µs, log)",
-                ("sans-serif", 18),
-            )
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(50)
-            .build_cartesian_2d((lo..hi * 1.5).log_scale(), 0.0..1.0)
-            .map_err(plot_err)?;
+    chart_svg((760, 380), |root| {
+        let mut chart = frame(
+            root,
+            "Round trip through Asterisk, per probe: CDF of each leg (µs, log)",
+            18,
+            50,
+        )
+        .build_cartesian_2d((lo..hi * 1.5).log_scale(), 0.0..1.0)
+        .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_label_formatter(&us_label)
@@ -458,20 +493,10 @@ fn split_cdf_svg(legs: &[(&'static str, RGBColor, &LegSummary)]) -> Result<Strin
                 .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
                 .map_err(plot_err)?
                 .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
-                });
+                .legend(swatch(colour.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+        legend(&mut chart, SeriesLabelPosition::LowerRight)
+    })
 }
 
 /// A window's figure, `None` where it has none.
@@ -524,21 +549,16 @@ fn timeseries_svg(ts: &[Window]) -> Result<String, HtmlError> {
     let y_lo = axis_floor(ys());
     let y_hi = ys().fold(y_lo * 10.0, f64::max);
     let x_hi = ts.iter().map(window_mid).fold(0.5, f64::max) + 0.5;
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (760, 380)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "Round trip through Asterisk over run time, 1 s windows (µs, log)",
-                ("sans-serif", 18),
-            )
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            // Headroom above the curves for the legend's five lines.
-            .build_cartesian_2d(0.0..x_hi, (y_lo..y_hi * 5.0).log_scale())
-            .map_err(plot_err)?;
+    chart_svg((760, 380), |root| {
+        let mut chart = frame(
+            root,
+            "Round trip through Asterisk over run time, 1 s windows (µs, log)",
+            18,
+            60,
+        )
+        // Headroom above the curves for the legend's five lines.
+        .build_cartesian_2d(0.0..x_hi, (y_lo..y_hi * 5.0).log_scale())
+        .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc("seconds of run time (since the start of the run)")
@@ -553,25 +573,15 @@ fn timeseries_svg(ts: &[Window]) -> Result<String, HtmlError> {
                     .draw_series(LineSeries::new(seg, colour.stroke_width(2)))
                     .map_err(plot_err)?;
                 if i == 0 {
-                    line.label(name).legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
-                    });
+                    line.label(name).legend(swatch(colour.stroke_width(2)));
                 }
                 chart
                     .draw_series(dots.into_iter().map(|p| Circle::new(p, 2, colour.filled())))
                     .map_err(plot_err)?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+        legend(&mut chart, SeriesLabelPosition::UpperRight)
+    })
 }
 
 /// Percent of a window's probes that never came back (`None`: none sent in it).
@@ -588,20 +598,15 @@ fn loss_svg(ts: &[Window]) -> Result<String, HtmlError> {
         .collect();
     let top = bars.iter().map(|b| b.1).fold(0.0, f64::max);
     let x_hi = ts.iter().map(window_mid).fold(0.5, f64::max) + 0.5;
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (760, 260)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "Probes lost per 1 s window of run time (% of those sent in it)",
-                ("sans-serif", 18),
-            )
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_hi, 0.0..(top * 1.15).max(1.0))
-            .map_err(plot_err)?;
+    chart_svg((760, 260), |root| {
+        let mut chart = frame(
+            root,
+            "Probes lost per 1 s window of run time (% of those sent in it)",
+            18,
+            60,
+        )
+        .build_cartesian_2d(0.0..x_hi, 0.0..(top * 1.15).max(1.0))
+        .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc("seconds of run time (since the start of the run)")
@@ -614,9 +619,8 @@ fn loss_svg(ts: &[Window]) -> Result<String, HtmlError> {
                     .map(|&(x, pct)| Rectangle::new([(x, 0.0), (x + 0.9, pct)], RED.filled())),
             )
             .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+        Ok(())
+    })
 }
 
 /// RTT p50 (median of the calls') and p99 (worst call's) in 10 s windows of call end times.
@@ -641,10 +645,7 @@ fn windows_svg(calls: &[Call]) -> Result<String, HtmlError> {
         let p99 = group.iter().map(|r| r.rtt_p99_us).fold(0.0_f64, f64::max);
         windows.push((start, pct(&p50, 0.5).unwrap_or(0.0), p99));
     }
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (760, 320)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
+    chart_svg((760, 320), |root| {
         let x_hi = windows.last().map_or(10.0, |w| w.0 + 10.0);
         let y_lo = decade_below(
             windows
@@ -654,16 +655,14 @@ fn windows_svg(calls: &[Call]) -> Result<String, HtmlError> {
                 .clamp(1.0, 1e12),
         );
         let y_hi = windows.iter().map(|w| w.2).fold(y_lo * 10.0, f64::max);
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "RTT by call end time, 10 s windows: no run-time series recorded (µs, log)",
-                ("sans-serif", 17),
-            )
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_hi, (y_lo..y_hi * 1.5).log_scale())
-            .map_err(plot_err)?;
+        let mut chart = frame(
+            root,
+            "RTT by call end time, 10 s windows: no run-time series recorded (µs, log)",
+            17,
+            60,
+        )
+        .build_cartesian_2d(0.0..x_hi, (y_lo..y_hi * 1.5).log_scale())
+        .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc("seconds since the first call ended")
@@ -686,21 +685,13 @@ fn windows_svg(calls: &[Call]) -> Result<String, HtmlError> {
                 .draw_series(LineSeries::new(pts.clone(), colour))
                 .map_err(plot_err)?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+                .legend(swatch(colour.into()));
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))
                 .map_err(plot_err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+        legend(&mut chart, SeriesLabelPosition::UpperRight)
+    })
 }
 
 /// Calls per MOS bin of 0.1 from 1.0 to 4.5.
@@ -712,15 +703,8 @@ fn mos_svg(mos: &[f64]) -> Result<String, HtmlError> {
         bins[i] += 1;
     }
     let top = bins.iter().copied().max().unwrap_or(1).max(1);
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (760, 320)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("MOS per call (E-model)", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(50)
+    chart_svg((760, 320), |root| {
+        let mut chart = frame(root, "MOS per call (E-model)", 18, 50)
             .build_cartesian_2d(1.0..4.5, 0u32..top + top / 10 + 1)
             .map_err(plot_err)?;
         chart
@@ -736,9 +720,8 @@ fn mos_svg(mos: &[f64]) -> Result<String, HtmlError> {
                 Rectangle::new([(x, 0), (x + 0.09, n)], colour.filled())
             }))
             .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    Ok(svg)
+        Ok(())
+    })
 }
 
 /// `n` as a share of `of`, for a table.

@@ -15,12 +15,12 @@
 //! - it reads each channel's RTP in a thread of its own (one bridge-channel thread per channel),
 //!   not pinned to any core.
 //!
-//! So here one OS thread, the [`TimingSource`] (named `rtp-timing`, not pinned), wakes on
-//! absolute 20 ms deadlines (it never drifts: a late wake-up does not move the next deadline) and
-//! sends the next frame of every active channel, back to back, each from the channel's own socket
-//! (the `UNICASTRTP_LOCAL_ADDRESS:PORT` the relay answers to). Channels join the burst at the tick
-//! after their media starts and leave it at the tick after it is stopped; in the steady state it
-//! allocates nothing. Each channel's returns are read by a std thread of its own (`rtp-rx-PORT`,
+//! So here one OS thread, the [`TimingSource`] (an [`appkit::pacer`] named `rtp-timing`, not
+//! pinned), wakes on absolute 20 ms deadlines (it never drifts: a late wake-up does not move the
+//! next deadline) and sends the next frame of every active channel, back to back, each from the
+//! channel's own socket (the `UNICASTRTP_LOCAL_ADDRESS:PORT` the relay answers to). Channels join
+//! the burst at the tick after their media starts and leave it at the tick after it is stopped;
+//! in the steady state it allocates nothing. Each channel's returns are read by a std thread of its own (`rtp-rx-PORT`,
 //! not pinned), blocking in `recv` with a 25 ms read timeout so that it notices the end of the
 //! call; it owns every figure of its channel and hands them over when it ends.
 //!
@@ -36,9 +36,10 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use appkit::pacer::{FirstTick, Paced, Pacer, Schedule};
 use relay_proto::rng::SplitMix64;
 use relay_proto::rtp::{parse_rtp, RtpHeader, Ssrc, RTP_HEADER_LEN};
 use relay_proto::stats::LatencyHistogram;
@@ -50,15 +51,18 @@ pub const PACKET_LEN: usize = 172;
 pub(super) const PACKETS_PER_SECOND: u32 = 50;
 /// How long a hung-up call waits for its last packets to come back.
 pub(super) const DRAIN: Duration = Duration::from_millis(100);
-/// The timing source's period, nanoseconds (1 s / [`PACKETS_PER_SECOND`]).
-const PERIOD_NS: u64 = 1_000_000_000 / PACKETS_PER_SECOND as u64;
+/// The timing source's schedule: 20 ms (1 s / [`PACKETS_PER_SECOND`]); a channel joining an idle
+/// source is first sent at the next deadline; after a stall (more than
+/// [`appkit::pacer::MAX_BEHIND`] ticks missed, late bursts being sent at once so that the rate
+/// stays 50 a second) every missed tick is skipped.
+const SCHEDULE: Schedule = Schedule {
+    period: Duration::from_nanos(1_000_000_000 / PACKETS_PER_SECOND as u64),
+    first_tick: FirstTick::NextDeadline,
+    stall_catch_up: 0,
+};
 /// A receiving thread's read timeout: how soon it notices that its channel stopped sending
 /// (longer than the 20 ms between returns, so that it does not fire while they flow).
 pub(super) const POLL: Duration = Duration::from_millis(25);
-/// How far the timing source may fall behind its schedule and catch up (late bursts sent at
-/// once, so that the rate stays 50 a second); further behind (a stall), the missed ticks are
-/// skipped.
-const MAX_BEHIND_TICKS: u64 = 3;
 /// Packets whose send and return are matched (1,024 covers 20 s of 50/s).
 const SLOTS: usize = 1024;
 /// Stack of a receiving thread (it keeps its buffers on it).
@@ -161,8 +165,8 @@ impl Running {
 /// The one thread that sends every channel's frames, and the way channels join it.
 #[derive(Debug)]
 pub(super) struct TimingSource {
-    /// New channels, taken in at the next tick.
-    joins: mpsc::Sender<Outgoing>,
+    /// The `rtp-timing` thread; new channels are taken in at its next tick.
+    pacer: Pacer<Outgoing>,
 }
 
 impl TimingSource {
@@ -172,11 +176,9 @@ impl TimingSource {
     /// # Errors
     /// The thread cannot be spawned.
     pub(super) fn new() -> io::Result<Self> {
-        let (joins, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("rtp-timing".into())
-            .spawn(move || timing(&rx))?;
-        Ok(Self { joins })
+        Ok(Self {
+            pacer: Pacer::spawn("rtp-timing", SCHEDULE)?,
+        })
     }
 
     /// Starts a channel's media: its frames join the burst at the next tick, sent from `sock` to
@@ -246,7 +248,7 @@ impl TimingSource {
         };
         // If the timing thread is gone, `out` is dropped, which tells the receiver that nothing
         // will be sent.
-        let _ = self.joins.send(out);
+        self.pacer.join(out);
         Ok(Running { link, figures })
     }
 }
@@ -304,72 +306,22 @@ impl Outgoing {
     }
 }
 
+impl Paced for Outgoing {
+    /// Sends the next frame, unless the channel was stopped: then it leaves the burst.
+    fn tick(&mut self, _due: Instant) -> bool {
+        if self.link.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        self.send_next();
+        true
+    }
+}
+
 impl Drop for Outgoing {
     /// No more packets (the channel left the burst, or the timing thread is gone): the
     /// receiving thread may take `sent` as final.
     fn drop(&mut self) {
         self.link.sending_done.store(true, Ordering::Release);
-    }
-}
-
-/// The timing source's thread: every 20 ms, on absolute deadlines, the next frame of every
-/// active channel, back to back. A channel leaving (or the thread ending) drops its
-/// [`Outgoing`], which tells its receiving thread.
-fn timing(joins: &mpsc::Receiver<Outgoing>) {
-    let origin = Instant::now();
-    let at = |tick: u64| origin + Duration::from_nanos(tick.saturating_mul(PERIOD_NS));
-    let ticks_by = |t: Instant| {
-        u64::try_from(t.saturating_duration_since(origin).as_nanos() / u128::from(PERIOD_NS))
-            .unwrap_or(u64::MAX)
-    };
-    let mut active: Vec<Outgoing> = Vec::with_capacity(256);
-    let mut tick: u64 = 0;
-    let mut skipped: u64 = 0;
-    loop {
-        if active.is_empty() {
-            // Idle: no ticks until a channel joins, then the next tick of the same schedule.
-            let Ok(o) = joins.recv() else { return };
-            active.push(o);
-            tick = ticks_by(Instant::now()) + 1;
-            sleep_until(at(tick));
-        }
-        loop {
-            match joins.try_recv() {
-                Ok(o) => active.push(o),
-                Err(mpsc::TryRecvError::Empty) => break,
-                // The simulator is gone: every channel ends.
-                Err(mpsc::TryRecvError::Disconnected) => return,
-            }
-        }
-        active.retain(|o| !o.link.stop.load(Ordering::Acquire));
-        for o in &mut active {
-            o.send_next();
-        }
-        // The next deadline on the schedule, whatever this wake-up's lateness. A late burst is
-        // sent at once; behind by MAX_BEHIND_TICKS or more (a stall), the missed ticks are
-        // skipped rather than sent in a heap, and the phase is kept.
-        tick += 1;
-        let due = ticks_by(Instant::now());
-        if due >= tick + MAX_BEHIND_TICKS {
-            if skipped == 0 {
-                tracing::warn!(
-                    "the RTP timing source stalled: {} ticks skipped",
-                    due + 1 - tick
-                );
-            }
-            skipped += due + 1 - tick;
-            tracing::debug!(skipped, "RTP ticks skipped so far");
-            tick = due + 1;
-        }
-        sleep_until(at(tick));
-    }
-}
-
-/// Sleeps until `t` (at once if it has passed).
-fn sleep_until(t: Instant) {
-    let now = Instant::now();
-    if t > now {
-        std::thread::sleep(t - now);
     }
 }
 

@@ -3,9 +3,10 @@
 //! keeping the kernel's times of each probe at both ends.
 //!
 //! Why this shape:
-//! - One OS thread, the timing source (`probe-timing`), sends the next probe of every call on
-//!   absolute 20 ms deadlines (a late wake-up does not move the next deadline), so each call
-//!   sends exactly `hold / 20 ms` probes at a steady rate, as a phone would.
+//! - One OS thread, the timing source (an [`appkit::pacer`] named `probe-timing`), sends the next
+//!   probe of every call on absolute 20 ms deadlines (a late wake-up does not move the next
+//!   deadline), so each call sends exactly `hold / 20 ms` probes at a steady rate, as a phone
+//!   would.
 //! - Each call has a thread of its own (`probe-rx-PORT`) blocking on its socket: it reads the
 //!   returns, with their kernel receive stamps, and the kernel transmit stamps of its sends from
 //!   the socket's error queue. A probe's send time is its transmit stamp, which is known only
@@ -22,15 +23,24 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use appkit::pacer::{FirstTick, Paced, Pacer, Schedule};
 use relay_proto::probe::{self, Probe};
 use relay_proto::rng::SplitMix64;
 use relay_proto::rtp::{parse_rtp, RtpHeader};
 
 /// One frame of audio.
 pub const FRAME: Duration = Duration::from_millis(20);
+/// The timing source's schedule: one probe a [`FRAME`]; a call joining an idle source sends its
+/// first probe at once; after a stall (more than [`appkit::pacer::MAX_BEHIND`] ticks missed) the
+/// last three missed ticks are still sent, at once, and the rest skipped.
+const SCHEDULE: Schedule = Schedule {
+    period: FRAME,
+    first_tick: FirstTick::Immediate,
+    stall_catch_up: 3,
+};
 /// RTP header (12) and 20 ms of ulaw (160): what a phone sends.
 const PACKET_LEN: usize = 172;
 /// A receiving thread's read timeout: how soon it notices the end of the call.
@@ -123,7 +133,8 @@ impl AbortHandle {
 /// The thread that sends every call's probes.
 #[derive(Debug)]
 pub struct TimingSource {
-    joins: mpsc::Sender<Outgoing>,
+    /// The `probe-timing` thread; new calls are taken in at its next tick.
+    pacer: Pacer<Outgoing>,
 }
 
 impl TimingSource {
@@ -132,11 +143,9 @@ impl TimingSource {
     /// # Errors
     /// The thread cannot be spawned.
     pub fn new() -> io::Result<Self> {
-        let (joins, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("probe-timing".into())
-            .spawn(move || timing(&rx))?;
-        Ok(Self { joins })
+        Ok(Self {
+            pacer: Pacer::spawn("probe-timing", SCHEDULE)?,
+        })
     }
 
     /// Starts call `call`'s media: `probes` probes, one a frame, sent from `sock` to `to` (the
@@ -193,7 +202,7 @@ impl TimingSource {
             link: Arc::clone(&link),
         };
         // If the timing thread is gone, `out` is dropped, which ends the receiver's wait.
-        let _ = self.joins.send(out);
+        self.pacer.join(out);
         Ok(Running { link, done })
     }
 }
@@ -215,9 +224,9 @@ struct Outgoing {
     link: Arc<Link>,
 }
 
-impl Outgoing {
+impl Paced for Outgoing {
     /// Sends the next probe; false once the call has sent all of them (or was aborted).
-    fn send_next(&mut self) -> bool {
+    fn tick(&mut self, _due: Instant) -> bool {
         if self.n >= self.total || self.link.abort.load(Ordering::Acquire) {
             return false;
         }
@@ -265,43 +274,6 @@ impl Outgoing {
 impl Drop for Outgoing {
     fn drop(&mut self) {
         self.link.sending_done.store(true, Ordering::Release);
-    }
-}
-
-/// The timing thread: every 20 ms, on absolute deadlines, the next probe of every call.
-fn timing(joins: &mpsc::Receiver<Outgoing>) {
-    let origin = Instant::now();
-    let period = u64::try_from(FRAME.as_nanos()).unwrap_or(u64::MAX);
-    let at = |tick: u64| origin + Duration::from_nanos(tick.saturating_mul(period));
-    let ticks_by = |t: Instant| {
-        u64::try_from(t.saturating_duration_since(origin).as_nanos() / u128::from(period))
-            .unwrap_or(u64::MAX)
-    };
-    let mut active: Vec<Outgoing> = Vec::with_capacity(256);
-    let mut tick: u64 = 0;
-    loop {
-        if active.is_empty() {
-            let Ok(o) = joins.recv() else { return };
-            active.push(o);
-            tick = ticks_by(Instant::now());
-        }
-        loop {
-            match joins.try_recv() {
-                Ok(o) => active.push(o),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => return,
-            }
-        }
-        // A call joining sends its first probe at once, the next on the shared schedule.
-        active.retain_mut(Outgoing::send_next);
-        tick += 1;
-        // Far behind (a stall): skip the missed ticks rather than send them in a heap.
-        tick = tick.max(ticks_by(Instant::now()).saturating_sub(2));
-        let t = at(tick);
-        let now = Instant::now();
-        if t > now {
-            std::thread::sleep(t - now);
-        }
     }
 }
 
