@@ -139,6 +139,13 @@ pub trait RelayOps: fmt::Debug + Send + Sync + 'static {
         &self,
         id: &ChannelId,
     ) -> impl Future<Output = Result<ChannelStats, RelayError>> + Send;
+    /// Resolves once the relay holding channel `id` is lost: its connection down and not back
+    /// within the grace period (`--relay-grace`). Pending for as long as it stays, or when no
+    /// relay holds the channel.
+    fn lost(&self, id: &ChannelId) -> impl Future<Output = ()> + Send;
+    /// Forgets channel `id` without a word to its relay (which is lost): a relay that comes
+    /// back is not asked to re-add it, and removes it as a leftover.
+    fn abandon(&self, id: &ChannelId);
 }
 
 impl RelayOps for RelayPool {
@@ -164,6 +171,12 @@ impl RelayOps for RelayPool {
     ) -> impl Future<Output = Result<ChannelStats, RelayError>> + Send {
         Self::remove(self, id)
     }
+    fn lost(&self, id: &ChannelId) -> impl Future<Output = ()> + Send {
+        RelayPool::lost(self, id)
+    }
+    fn abandon(&self, id: &ChannelId) {
+        RelayPool::abandon(self, id);
+    }
 }
 
 /// Prefix of the bridges control creates.
@@ -186,8 +199,12 @@ pub struct Call {
     pub bridge: String,
     /// Set when either channel has left Stasis (or control is stopping).
     ended: watch::Sender<bool>,
-    /// Set when the externalMedia channel's StasisStart has arrived.
-    em_ready: watch::Sender<bool>,
+    /// How many of the call's externalMedia channels (by generation, [`Call::ems`]) have had
+    /// their StasisStart: generation `g` is in Stasis once this is above `g`.
+    em_ready: watch::Sender<u32>,
+    /// Its externalMedia channels, in order: `em` first, then one per move to another relay
+    /// (`<em>-m1`, `<em>-m2`, …). The last one carries the call's media.
+    ems: Mutex<Vec<String>>,
     /// The caller is gone (no hang-up needed).
     caller_gone: std::sync::atomic::AtomicBool,
     /// The externalMedia channel is gone.
@@ -227,7 +244,8 @@ impl Call {
             em: format!("{EXTERNAL_MEDIA_PREFIX}{caller}"),
             bridge: format!("{BRIDGE_PREFIX}{caller}"),
             ended: watch::Sender::new(false),
-            em_ready: watch::Sender::new(false),
+            em_ready: watch::Sender::new(0),
+            ems: Mutex::new(vec![format!("{EXTERNAL_MEDIA_PREFIX}{caller}")]),
             caller_gone: false.into(),
             em_gone: false.into(),
             created: Instant::now(),
@@ -248,6 +266,29 @@ impl Call {
     fn is_ended(&self) -> bool {
         *self.ended.borrow()
     }
+
+    /// The externalMedia channel carrying the call's media now.
+    fn current_em(&self) -> String {
+        lock(&self.ems)
+            .last()
+            .cloned()
+            .unwrap_or_else(|| self.em.clone())
+    }
+
+    /// The generation of the call's externalMedia channel `id`, if it is one.
+    fn generation(&self, id: &str) -> Option<u32> {
+        let ems = lock(&self.ems);
+        ems.iter()
+            .position(|e| e == id)
+            .and_then(|g| u32::try_from(g).ok())
+    }
+
+    /// Marks externalMedia channel `id` in Stasis.
+    fn em_in_stasis(&self, id: &str) {
+        if let Some(g) = self.generation(id) {
+            self.em_ready.send_modify(|r| *r = (*r).max(g + 1));
+        }
+    }
 }
 
 /// The calls in progress, by caller id and by externalMedia id.
@@ -262,18 +303,22 @@ struct Registry {
 struct Held {
     port: Option<u16>,
     format: Option<relay_proto::Format>,
+    /// The relay channel carrying the call now.
     relay: Option<ChannelId>,
-    em: bool,
+    /// Its externalMedia channels that may exist (created, or being created), to hang up.
+    ems: Vec<String>,
     bridge: bool,
 }
 
-/// Why set-up stopped.
+/// Why set-up (or a move to another relay) stopped.
 #[derive(Debug)]
 enum SetupError {
     /// The call ended during set-up.
     Ended,
     /// A stage failed.
     Failed(Stage, String),
+    /// No relay was connected with room (the call's relay was lost, or none took it).
+    NoRelay(String),
 }
 
 /// Control's call handling, reaching Asterisk through `A` and the relay through `R`.
@@ -371,7 +416,12 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
                     .with_label_values(&["ChannelDestroyed"])
                     .inc();
                 self.channel_gone(&channel.id);
-                if let Some(call) = self.call_of(&channel.id) {
+                // The cause of the call's end: its caller's or its current externalMedia
+                // channel's, not that of a channel retired by a move to another relay.
+                let call = self
+                    .call_of(&channel.id)
+                    .filter(|c| c.caller == channel.id || c.current_em() == channel.id);
+                if let Some(call) = call {
                     let mut end = lock(&call.end_info);
                     if end.cause.is_none() {
                         end.cause = cause;
@@ -390,7 +440,7 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
             let call = lock(&self.registry).by_em.get(&channel.id).cloned();
             match call {
                 Some(call) => {
-                    call.em_ready.send_replace(true);
+                    call.em_in_stasis(&channel.id);
                 }
                 None => {
                     // A leftover of an earlier run (or of a call already torn down): hang it up.
@@ -429,9 +479,12 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             call.ended_by(EndedBy::Caller);
         } else if let Some(call) = r.by_em.get(id) {
-            call.em_gone
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            call.ended_by(EndedBy::ExternalMedia);
+            // A channel retired by a move to another relay leaves without ending the call.
+            if call.current_em() == id {
+                call.em_gone
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                call.ended_by(EndedBy::ExternalMedia);
+            }
         }
     }
 
@@ -457,31 +510,16 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
                     setup_ms = started.elapsed().as_secs_f64() * 1e3,
                     "call bridged"
                 );
-                let mut ended = call.ended.subscribe();
-                let _ = ended.wait_for(|e| *e).await;
-                Outcome::Completed
+                match self.carry(&call, &mut held).await {
+                    Ok(()) => Outcome::Completed,
+                    Err(e) => self.failed(&call, e, &mut failure),
+                }
             }
             Err(SetupError::Ended) => {
                 tracing::info!(caller = %call.caller, "call ended during set-up");
                 Outcome::Abandoned
             }
-            Err(SetupError::Failed(stage, why)) => {
-                self.metrics
-                    .setup_failures
-                    .with_label_values(&[stage.label()])
-                    .inc();
-                let outcome = if stage == Stage::Port {
-                    self.metrics.ports_exhausted.inc();
-                    tracing::warn!(caller = %call.caller, "no relay port free: hanging up ({why})");
-                    Outcome::NoPort
-                } else {
-                    tracing::warn!(caller = %call.caller, stage = stage.label(), "call set-up failed: {why}");
-                    Outcome::Failed
-                };
-                call.ended_by(EndedBy::Control);
-                failure = Some((stage, why));
-                outcome
-            }
+            Err(e) => self.failed(&call, e, &mut failure),
         };
         let port = held.port;
         let format = held.format.map(|f| f.as_str().to_owned());
@@ -514,9 +552,152 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         {
             let mut r = lock(&self.registry);
             r.by_caller.remove(&call.caller);
-            r.by_em.remove(&call.em);
+            for em in lock(&call.ems).iter() {
+                r.by_em.remove(em);
+            }
         }
         self.metrics.calls_active.dec();
+    }
+
+    /// The outcome of a call whose set-up or move stopped on `e`; counts the failure, ends the
+    /// call, and records the stage and why in `failure`.
+    fn failed(&self, call: &Call, e: SetupError, failure: &mut Option<(Stage, String)>) -> Outcome {
+        let (stage, why, outcome) = match e {
+            SetupError::Ended => {
+                tracing::info!(caller = %call.caller, "call ended during set-up");
+                return Outcome::Abandoned;
+            }
+            SetupError::NoRelay(why) => {
+                tracing::warn!(caller = %call.caller, "no relay with room: hanging up ({why})");
+                (Stage::Relay, why, Outcome::NoRelay)
+            }
+            SetupError::Failed(Stage::Port, why) => {
+                self.metrics.ports_exhausted.inc();
+                tracing::warn!(caller = %call.caller, "no relay port free: hanging up ({why})");
+                (Stage::Port, why, Outcome::NoPort)
+            }
+            SetupError::Failed(stage, why) => {
+                tracing::warn!(caller = %call.caller, stage = stage.label(), "call set-up failed: {why}");
+                (stage, why, Outcome::Failed)
+            }
+        };
+        self.metrics
+            .setup_failures
+            .with_label_values(&[stage.label()])
+            .inc();
+        call.ended_by(EndedBy::Control);
+        *failure = Some((stage, why));
+        outcome
+    }
+
+    /// Carries a bridged call until it ends, moving it to another relay each time its relay is
+    /// lost ([`RelayOps::lost`]).
+    async fn carry(&self, call: &Call, held: &mut Held) -> Result<(), SetupError> {
+        let mut ended = call.ended.subscribe();
+        loop {
+            let Some(id) = held.relay.clone() else {
+                let _ = ended.wait_for(|e| *e).await;
+                return Ok(());
+            };
+            let lost = tokio::select! {
+                _ = ended.wait_for(|e| *e) => false,
+                () = self.relay.lost(&id) => true,
+            };
+            if !lost {
+                return Ok(());
+            }
+            let started = Instant::now();
+            self.move_call(call, held).await?;
+            self.metrics.calls_moved.inc();
+            tracing::info!(
+                caller = %call.caller,
+                from = %id,
+                to = %call.current_em(),
+                move_ms = started.elapsed().as_secs_f64() * 1e3,
+                "call moved to another relay"
+            );
+        }
+    }
+
+    /// Moves a bridged call whose relay is lost to another: a channel on the relay with the
+    /// most free capacity (on the same port: ports are unique across the pool), a new
+    /// externalMedia channel toward it, added to the call's bridge, then the old externalMedia
+    /// channel hung up. The old relay channel is abandoned, not removed: its relay is gone.
+    async fn move_call(&self, call: &Call, held: &mut Held) -> Result<(), SetupError> {
+        let fail = |stage| move |e: &dyn fmt::Display| SetupError::Failed(stage, e.to_string());
+        let (Some(port), Some(format)) = (held.port, held.format) else {
+            return Err(SetupError::Failed(Stage::Relay, "no port held".into()));
+        };
+        let old_em = call.current_em();
+        if let Some(old) = held.relay.take() {
+            self.relay.abandon(&old);
+        }
+        let (new_em, generation) = {
+            let mut ems = lock(&call.ems);
+            let g = u32::try_from(ems.len()).unwrap_or(u32::MAX);
+            let id = format!("{}-m{g}", call.em);
+            ems.push(id.clone());
+            (id, g)
+        };
+        // Its StasisStart finds the call by it.
+        let this_call = self.call_of(&call.caller).ok_or(SetupError::Ended)?;
+        lock(&self.registry).by_em.insert(new_em.clone(), this_call);
+        Self::check(call)?;
+        let id = ChannelId::try_from(new_em.as_str()).map_err(|e| fail(Stage::Relay)(&e))?;
+        held.relay = Some(id.clone());
+        let relay_ip = match self.relay.add(&id, port, self.cfg.echo, format).await {
+            Ok(ip) => ip,
+            Err(RelayError::NoRelay) => {
+                held.relay = None;
+                return Err(SetupError::NoRelay(format!(
+                    "the relay of {old_em} was lost and no other has room"
+                )));
+            }
+            Err(e) => return Err(fail(Stage::Relay)(&e)),
+        };
+        Self::check(call)?;
+        held.ems.push(new_em.clone());
+        let host = SocketAddr::new(relay_ip.unwrap_or(self.cfg.bind_ip), port).to_string();
+        let em = self
+            .ari
+            .external_media(&new_em, &host, format.as_str())
+            .await
+            .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
+        let source = em
+            .rtp_source()
+            .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
+        self.relay
+            .update(&id, source)
+            .await
+            .map_err(|e| fail(Stage::Relay)(&e))?;
+        let mut ready = call.em_ready.subscribe();
+        let mut ended = call.ended.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(STASIS_WAIT, ready.wait_for(|r| *r > generation)) => {
+                if r.is_err() {
+                    return Err(SetupError::Failed(Stage::ExternalMedia, format!("no StasisStart for {new_em} within {STASIS_WAIT:?}")));
+                }
+            }
+            _ = ended.wait_for(|e| *e) => return Err(SetupError::Ended),
+        }
+        let mut attempt = 0;
+        loop {
+            Self::check(call)?;
+            attempt += 1;
+            match self.ari.add_to_bridge(&call.bridge, &[&new_em]).await {
+                Ok(()) => break,
+                Err(e) if e.status() == Some(422) && attempt < BRIDGE_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                }
+                Err(e) => return Err(fail(Stage::Bridge)(&e)),
+            }
+        }
+        // The old channel leaves; its StasisEnd does not end the call (it is not current).
+        held.ems.retain(|e| *e != old_em);
+        if let Err(e) = self.ari.hangup(&old_em).await {
+            tracing::warn!(caller = %call.caller, "cannot hang up {old_em} after the move: {e}");
+        }
+        Self::check(call)
     }
 
     fn check(call: &Call) -> Result<(), SetupError> {
@@ -569,7 +750,7 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
             .map_err(|e| fail(Stage::Relay)(&e))?;
         Self::check(call)?;
 
-        held.em = true;
+        held.ems.push(call.em.clone());
         let host = SocketAddr::new(relay_ip.unwrap_or(self.cfg.bind_ip), port).to_string();
         let em = self
             .ari
@@ -595,7 +776,7 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         let mut ready = call.em_ready.subscribe();
         let mut ended = call.ended.subscribe();
         tokio::select! {
-            r = tokio::time::timeout(STASIS_WAIT, ready.wait_for(|r| *r)) => {
+            r = tokio::time::timeout(STASIS_WAIT, ready.wait_for(|r| *r > 0)) => {
                 if r.is_err() {
                     return Err(SetupError::Failed(Stage::ExternalMedia, format!("no StasisStart for {} within {STASIS_WAIT:?}", call.em)));
                 }
@@ -673,8 +854,12 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
                 log("hang up the caller", &e);
             }
         }
-        if held.em && !call.em_gone.load(Relaxed) {
-            if let Err(e) = self.ari.hangup(&call.em).await {
+        let current = call.current_em();
+        for em in &held.ems {
+            if *em == current && call.em_gone.load(Relaxed) {
+                continue;
+            }
+            if let Err(e) = self.ari.hangup(em).await {
                 log("hang up the externalMedia channel", &e);
             }
         }
@@ -739,7 +924,7 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
             for c in &channels {
                 if let Some(call) = r.by_em.get(&c.id) {
                     // Its StasisStart may have been missed while disconnected.
-                    call.em_ready.send_replace(true);
+                    call.em_in_stasis(&c.id);
                 }
             }
             let stale_channels: Vec<String> = channels

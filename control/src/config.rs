@@ -127,6 +127,11 @@ pub struct Args {
     /// --relay-ca, --relay-cert and --relay-key). Without any, the one relay at --relay-socket.
     #[arg(long = "relay", env = "RELAY_URLS", value_delimiter = ',')]
     pub relays: Vec<String>,
+    /// How long a relay may be disconnected before its calls move to other relays (20ms, 1.5s;
+    /// a bare number is seconds). A relay back within it (restarted at the same address) keeps
+    /// its calls, re-added by the resync.
+    #[arg(long, env = "RELAY_GRACE", default_value = "500ms", value_parser = appkit::flags::parse_duration)]
+    pub relay_grace: Duration,
     /// The CA the relays' certificates are signed by (PEM), for `tls://` relays.
     #[arg(long, env = "RELAY_CA")]
     pub relay_ca: Option<PathBuf>,
@@ -209,6 +214,8 @@ pub struct Config {
     pub summary_interval: Option<Duration>,
     /// The relays calls are placed on (at least one).
     pub relays: Vec<Endpoint>,
+    /// How long a relay may be disconnected before its calls move.
+    pub relay_grace: Duration,
     /// Metrics endpoint.
     pub metrics: SocketAddr,
     /// The call log, if any.
@@ -288,6 +295,11 @@ impl TryFrom<Args> for Config {
                 a.relay_socket,
                 [&a.relay_ca, &a.relay_cert, &a.relay_key],
             )?,
+            relay_grace: if a.relay_grace.is_zero() || a.relay_grace > Duration::from_secs(60) {
+                return Err(bad("relay-grace", "must be in (0, 60s]".into()));
+            } else {
+                a.relay_grace
+            },
             metrics: a.metrics,
             call_log: a.call_log.filter(|p| !p.is_empty()).map(PathBuf::from),
         })

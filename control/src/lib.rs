@@ -75,7 +75,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     install_tls_provider();
     let metrics = Arc::new(Metrics::new());
     let ari = rest::Ari::new(&cfg, Arc::clone(&metrics))?;
-    let relay = relays::RelayPool::spawn(cfg.relays.clone(), Arc::clone(&metrics));
+    let relay = relays::RelayPool::spawn(cfg.relays.clone(), cfg.relay_grace, Arc::clone(&metrics));
     let listener = tokio::net::TcpListener::bind(cfg.metrics)
         .await
         .map_err(|source| RunError::Metrics {

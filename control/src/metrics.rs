@@ -52,6 +52,8 @@ pub enum Outcome {
     NoPort,
     /// Set-up failed at some stage.
     Failed,
+    /// No relay had room: at set-up, or when the call's relay was lost.
+    NoRelay,
 }
 
 impl Outcome {
@@ -63,6 +65,7 @@ impl Outcome {
             Self::Abandoned => "abandoned",
             Self::NoPort => "no_port",
             Self::Failed => "failed",
+            Self::NoRelay => "no_relay",
         }
     }
 }
@@ -106,6 +109,8 @@ pub struct Metrics {
     pub relays: IntGaugeVec,
     /// Channels control holds on each relay.
     pub relay_calls: IntGaugeVec,
+    /// Calls moved to another relay after theirs was lost.
+    pub calls_moved: IntCounter,
     /// Relay channels re-added by resyncs.
     pub relay_readded: IntCounter,
     /// Objects cleaned up by reconciliation, by kind.
@@ -222,6 +227,10 @@ impl Metrics {
                 ns("relays", "Each relay of the pool: 1 in its current state (connected or disconnected)."),
                 &["relay", "state"]
             )),
+            calls_moved: make!(IntCounter::with_opts(ns(
+                "calls_moved_total",
+                "Calls moved to another relay because theirs was lost (down for longer than --relay-grace)."
+            ))),
             relay_calls: make!(IntGaugeVec::new(
                 ns("relay_calls", "Channels control holds on each relay."),
                 &["relay"]
@@ -262,6 +271,7 @@ impl Metrics {
             Outcome::Abandoned,
             Outcome::NoPort,
             Outcome::Failed,
+            Outcome::NoRelay,
         ] {
             m.calls.with_label_values(&[o.label()]);
         }

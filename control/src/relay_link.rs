@@ -26,7 +26,7 @@ use relay_proto::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ari::EXTERNAL_MEDIA_PREFIX;
 use crate::metrics::Metrics;
@@ -152,12 +152,21 @@ impl Endpoint {
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the link knows of its relay right now.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug)]
 struct LinkState {
-    /// Connected and resynced.
-    connected: bool,
+    /// Connected and resynced (watched by calls waiting to learn that their relay is lost).
+    connected: watch::Sender<bool>,
     /// What its last `hello` reply said.
     identity: Option<RelayIdentity>,
+}
+
+impl Default for LinkState {
+    fn default() -> Self {
+        Self {
+            connected: watch::Sender::new(false),
+            identity: None,
+        }
+    }
 }
 
 /// A handle on the link (cheap to clone).
@@ -201,7 +210,28 @@ impl RelayLink {
     /// Whether the link is connected to its relay (and has resynced).
     #[must_use]
     pub fn is_connected(&self) -> bool {
-        lock(&self.state).connected
+        *lock(&self.state).connected.borrow()
+    }
+
+    /// Resolves once the relay is lost: disconnected, and not connected again within `grace`.
+    /// A disconnection shorter than `grace` (a relay restarted at the same address, resynced)
+    /// is not a loss.
+    pub async fn lost(&self, grace: Duration) {
+        let mut connected = lock(&self.state).connected.subscribe();
+        loop {
+            if connected.wait_for(|c| !*c).await.is_err() {
+                return; // the link is gone
+            }
+            match tokio::time::timeout(grace, connected.wait_for(|c| *c)).await {
+                Ok(Ok(_)) => {}                // back in time
+                Ok(Err(_)) | Err(_) => return, // lost
+            }
+        }
+    }
+
+    /// Forgets channel `id` without telling the relay: see [`crate::calls::RelayOps::abandon`].
+    pub fn forget(&self, id: &ChannelId) {
+        self.channels().remove(id);
     }
 
     /// Who the relay said it is, at its last `hello` (kept while disconnected).
@@ -509,11 +539,11 @@ async fn run(
         }
         connected_before = true;
         last_refusal = None;
-        lock(&state).connected = true;
+        lock(&state).connected.send_replace(true);
         metrics.relay_connected.inc();
         relay_state(true);
         let lost = serve(&mut conn, &mut rx).await;
-        lock(&state).connected = false;
+        lock(&state).connected.send_replace(false);
         metrics.relay_connected.dec();
         relay_state(false);
         match lost {

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use relay_proto::{ChannelId, ChannelStats, Format};
 
@@ -39,6 +40,8 @@ pub struct RelayPool {
     placed: Mutex<Placed>,
     /// Per-relay gauges.
     metrics: Arc<Metrics>,
+    /// How long a relay may be disconnected before its calls move (`--relay-grace`).
+    grace: Duration,
 }
 
 /// One relay as `/stats` shows it.
@@ -72,7 +75,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl RelayPool {
     /// Starts a link to each endpoint.
     #[must_use]
-    pub fn spawn(endpoints: Vec<Endpoint>, metrics: Arc<Metrics>) -> Self {
+    pub fn spawn(endpoints: Vec<Endpoint>, grace: Duration, metrics: Arc<Metrics>) -> Self {
         let placed = Placed {
             counts: vec![0; endpoints.len()],
             ..Placed::default()
@@ -91,6 +94,7 @@ impl RelayPool {
             members,
             placed: Mutex::new(placed),
             metrics,
+            grace,
         }
     }
 
@@ -197,6 +201,22 @@ impl RelayPool {
             .and_then(|i| self.members.get(i))
             .ok_or(RelayError::Disconnected)?;
         m.link.remove(id).await
+    }
+
+    /// Resolves once the relay holding `id` is lost (disconnected for longer than the grace
+    /// period); pending while it stays, or when no relay holds the channel.
+    pub async fn lost(&self, id: &ChannelId) {
+        match self.member_of(id) {
+            Some(m) => m.link.lost(self.grace).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Forgets `id`, on the pool and on its relay's link, without telling the relay.
+    pub fn abandon(&self, id: &ChannelId) {
+        if let Some(m) = self.forget(id).and_then(|i| self.members.get(i)) {
+            m.link.forget(id);
+        }
     }
 
     /// Every relay's state.

@@ -10,6 +10,10 @@
 //!   and `/stats` lists each relay with its id, capacity and calls.
 //! - A relay that answers `hello` with another protocol version, or refuses control's, is not
 //!   used, and the log names both versions.
+//! - A relay killed (`kill -9`) mid-call loses none of its calls: each moves to the other relay
+//!   (a channel there, a new externalMedia channel, the old one hung up) and its audio is back
+//!   at the caller within 1 s of the kill (the simulator's longest silence per call); the
+//!   relay restarted at its address takes new calls again.
 //!
 //! The tests run one at a time (a lock): each drives real-time RTP on a two-core machine.
 
@@ -56,6 +60,19 @@ fn relay(
     capacity: &str,
     echo: &str,
 ) -> (Proc, std::path::PathBuf, String) {
+    relay_at(dir, pki, id, bind, capacity, echo, "tcp://127.0.0.1:0")
+}
+
+/// [`relay`], its control protocol on TCP at `listen`.
+fn relay_at(
+    dir: &Path,
+    pki: &testkit::pki::Pki,
+    id: &str,
+    bind: &str,
+    capacity: &str,
+    echo: &str,
+    listen: &str,
+) -> (Proc, std::path::PathBuf, String) {
     let ctl = dir.join(format!("{id}.sock"));
     let (p, _, log) = start_logged(
         "relay",
@@ -65,7 +82,7 @@ fn relay(
             "--ctl",
             ctl.to_str().unwrap(),
             "--ctl-listen",
-            "tcp://127.0.0.1:0",
+            listen,
             "--tls-cert",
             pki.relay.cert.to_str().unwrap(),
             "--tls-key",
@@ -321,4 +338,181 @@ fn a_relay_speaking_another_protocol_version_is_refused_naming_both() {
         metric(&metrics, "rtprelay_control_relay_connected"),
         Some(0.0)
     );
+}
+
+/// A TCP port free now on 127.0.0.1 (for a relay to be restarted at the same address).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_relay_killed_mid_call_loses_no_call_and_is_used_again_once_back() {
+    let _s = serial();
+    let dir = testkit::TempDir::new("control-pool-kill");
+    let pki = testkit::pki::Pki::new(dir.path(), &[]);
+    let (_echo, echo_addr) = start(
+        "echo",
+        &["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+        "echo ready",
+        "listen",
+    );
+    let a_listen = format!("tcp://127.0.0.1:{}", free_port());
+    let (a, a_ctl, a_url) = relay_at(
+        dir.path(),
+        &pki,
+        "relay-a",
+        "127.0.0.2",
+        "20",
+        &echo_addr,
+        &a_listen,
+    );
+    let (_b, b_ctl, b_url) = relay(dir.path(), &pki, "relay-b", "127.0.0.3", "20", &echo_addr);
+    let json = dir.path().join("sim.json");
+    // A call every 0.5 s for 6 s, each held 9 s: calls placed before, during and after the kill.
+    let (mut sim, sim_addr) = start(
+        "sim-asterisk",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--ari-pass",
+            PASS,
+            "--json",
+            json.to_str().unwrap(),
+            "--grace",
+            "5s",
+            "--calls",
+            "12",
+            "--ramp",
+            "6s",
+            "--hold",
+            "9s",
+        ],
+        "sim-asterisk ready",
+        "listen",
+    );
+    let (echo_host, echo_port) = echo_addr.rsplit_once(':').unwrap();
+    let (_control, http, _log) = start_logged(
+        "control",
+        &[
+            "--ari-url",
+            &format!("http://{sim_addr}"),
+            "--ari-pass",
+            PASS,
+            "--relay",
+            &format!("{a_url},{b_url}"),
+            "--relay-ca",
+            pki.ca.to_str().unwrap(),
+            "--relay-cert",
+            pki.control.cert.to_str().unwrap(),
+            "--relay-key",
+            pki.control.key.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:0",
+            "--port-range",
+            "22100-22199",
+            "--echo-host",
+            echo_host,
+            "--echo-port",
+            echo_port,
+            "--relay-grace",
+            "500ms",
+        ],
+        "control ready",
+        "metrics",
+    );
+    // Two calls flowing on each relay; then a is killed.
+    let flowing = |ctl: &Path, n: usize| {
+        let mut c = RelayClient::connect(ctl).unwrap();
+        wait_for(
+            &format!("{n} channels flowing on {}", ctl.display()),
+            Duration::from_secs(15),
+            || {
+                let list = c.list().ok()?;
+                (list.len() >= n
+                    && list.iter().all(|c| {
+                        c.traffic.to_echo.packets > 0 && c.traffic.to_asterisk.packets > 0
+                    }))
+                .then_some(list)
+            },
+        )
+    };
+    flowing(&b_ctl, 2);
+    let on_a: Vec<String> = flowing(&a_ctl, 2)
+        .iter()
+        .map(|c| c.channel.as_str().to_owned())
+        .collect();
+    let killed_at = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-9", &a.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(a);
+    let moved = |m: &str| metric(m, "rtprelay_control_calls_moved_total").unwrap_or(0.0);
+    let n = on_a.len();
+    wait_for(&format!("{n} calls moved"), Duration::from_secs(10), || {
+        let m = http_get(&http, "/metrics").ok()?.1;
+        (moved(&m) >= n as f64).then_some(())
+    });
+    let moved_after = killed_at.elapsed();
+    // Every channel of a now lives on b, under its next generation's id.
+    let mut b = RelayClient::connect(&b_ctl).unwrap();
+    wait_for("the moved calls on b", Duration::from_secs(5), || {
+        let list = b.list().ok()?;
+        on_a.iter()
+            .all(|id| {
+                list.iter()
+                    .any(|c| c.channel.as_str() == format!("{id}-m1"))
+            })
+            .then_some(())
+    });
+    // a comes back at its address: a call placed from now on may go there again.
+    let (_a2, _, _) = relay_at(
+        dir.path(),
+        &pki,
+        "relay-a",
+        "127.0.0.2",
+        "20",
+        &echo_addr,
+        &a_listen,
+    );
+    let mut a2 = RelayClient::connect(&a_ctl).unwrap();
+    wait_for(
+        "a new call on the restarted relay",
+        Duration::from_secs(10),
+        || (!a2.list().ok()?.is_empty()).then_some(()),
+    );
+
+    let end = Instant::now() + Duration::from_secs(40);
+    while sim.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "sim-asterisk did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["bridged"], 12, "{r}");
+    let callers_on_a: Vec<String> = on_a
+        .iter()
+        .map(|id| id.trim_start_matches("rtprelay-em-").to_owned())
+        .collect();
+    for c in r["per_call"].as_array().unwrap() {
+        assert_eq!(c["end"], "completed", "every call survives: {c}");
+        let gap = c["max_gap_ms"].as_f64().unwrap();
+        let id = c["id"].as_str().unwrap();
+        if callers_on_a.iter().any(|a| a == id) {
+            eprintln!("moved call {id}: silent for {gap:.0} ms at the caller");
+            // Silent from the kill until the move: the grace period and the move.
+            assert!(
+                (500.0..1000.0).contains(&gap),
+                "audio back within 1 s of the loss: {gap} ms for {c} (all moved {moved_after:?} after the kill)"
+            );
+        } else {
+            assert!(gap < 200.0, "a call the kill did not touch: {c}");
+            let (sent, received) = (c["sent"].as_u64().unwrap(), c["received"].as_u64().unwrap());
+            assert!(received + 2 >= sent, "RTP lost: {c}");
+        }
+    }
 }

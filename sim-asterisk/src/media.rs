@@ -103,6 +103,11 @@ pub(super) struct RtpFigures {
     /// Returns of this stream whose payload is not [`PAYLOAD`], byte for byte.
     pub(super) payload_changed: u64,
     pub(super) rtt: LatencyHistogram<u64>,
+    /// When the first and the last return came back (user-space time of their handling).
+    pub(super) returns_span: Option<(Instant, Instant)>,
+    /// The longest time between two returns: for a call, also across its externalMedia
+    /// channels (the gap while control moves it to another relay).
+    pub(super) max_gap: Duration,
 }
 
 impl Default for RtpFigures {
@@ -116,6 +121,8 @@ impl Default for RtpFigures {
             unstamped: 0,
             payload_changed: 0,
             rtt: LatencyHistogram::new(3),
+            returns_span: None,
+            max_gap: Duration::ZERO,
         }
     }
 }
@@ -130,6 +137,35 @@ impl RtpFigures {
         self.unstamped += o.unstamped;
         self.payload_changed += o.payload_changed;
         self.rtt.merge(&o.rtt);
+        // Two streams of one call: the silence between one's last return and the other's first
+        // (none when they overlap).
+        self.max_gap = self.max_gap.max(o.max_gap);
+        self.returns_span = match (self.returns_span, o.returns_span) {
+            (Some((a0, a1)), Some((b0, b1))) => {
+                let between = if a1 < b0 {
+                    b0 - a1
+                } else if b1 < a0 {
+                    a0 - b1
+                } else {
+                    Duration::ZERO
+                };
+                self.max_gap = self.max_gap.max(between);
+                Some((a0.min(b0), a1.max(b1)))
+            }
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// A return came back now.
+    fn returned(&mut self) {
+        let now = Instant::now();
+        self.returns_span = Some(match self.returns_span {
+            Some((first, last)) => {
+                self.max_gap = self.max_gap.max(now - last);
+                (first, now)
+            }
+            None => (now, now),
+        });
     }
 }
 
@@ -501,6 +537,7 @@ impl Returns {
     /// Packet `seq` came back at `t1`.
     fn back(&mut self, seq: u16, t1: u64) {
         let slot = *self.slot(seq);
+        let counted = self.figures.received;
         match slot {
             Slot::Sent { seq: s, t0 } if s == seq => {
                 self.figures.received += 1;
@@ -527,6 +564,9 @@ impl Returns {
                     self.figures.duplicates += 1;
                 }
             }
+        }
+        if self.figures.received > counted {
+            self.figures.returned();
         }
     }
 

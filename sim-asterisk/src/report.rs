@@ -50,6 +50,9 @@ pub struct CallReport {
     pub unstamped: u64,
     /// Returns whose payload was not the 160 bytes sent, byte for byte.
     pub payload_changed: u64,
+    /// The longest silence between two returns, in milliseconds: across the call's
+    /// externalMedia channels too, so that a move to another relay shows here.
+    pub max_gap_ms: f64,
     /// Round trip Asterisk → relay → echo → relay → Asterisk.
     pub rtt: LatencySummary,
 }
@@ -138,6 +141,7 @@ pub(super) fn report(sim: &Sim) -> SimReport {
             malformed: f.malformed,
             unstamped: f.unstamped,
             payload_changed: f.payload_changed,
+            max_gap_ms: f.max_gap.as_secs_f64() * 1e3,
             rtt: f.rtt.summary(),
         });
     }

@@ -31,6 +31,7 @@ enum Op {
     RelayAdd { id: String, port: u16 },
     RelayUpdate { id: String, asterisk: SocketAddr },
     RelayRemove(String),
+    RelayAbandon(String),
 }
 
 impl Op {
@@ -49,6 +50,7 @@ impl Op {
             Self::RelayAdd { .. } => "relay_add",
             Self::RelayUpdate { .. } => "relay_update",
             Self::RelayRemove(_) => "relay_remove",
+            Self::RelayAbandon(_) => "relay_abandon",
         }
     }
 }
@@ -66,7 +68,8 @@ impl Op {
             | Self::DestroyBridge(id)
             | Self::RelayAdd { id, .. }
             | Self::RelayUpdate { id, .. }
-            | Self::RelayRemove(id) => Some(id),
+            | Self::RelayRemove(id)
+            | Self::RelayAbandon(id) => Some(id),
             Self::ListChannels | Self::ListBridges => None,
         }
     }
@@ -79,6 +82,8 @@ enum Reply {
     Ok,
     /// ARI answers with this HTTP status; the relay refuses.
     Status(u16),
+    /// The relay pool has no relay with room.
+    NoRelay,
 }
 
 /// What both fakes share: what they will answer, and what they were asked, when.
@@ -95,6 +100,8 @@ struct Fakes {
     /// The address the relay's `add` says Asterisk must send to (a relay on another host), or
     /// none (control's `--bind-ip`).
     relay_ip: Mutex<Option<IpAddr>>,
+    /// Relay channels whose relay the test has declared lost.
+    lost: watch::Sender<Vec<String>>,
 }
 
 impl Fakes {
@@ -135,6 +142,7 @@ impl Fakes {
                 status,
                 message: "scripted".into(),
             }),
+            Reply::NoRelay => unreachable!("a relay reply scripted for ARI"),
         }
     }
 
@@ -146,6 +154,7 @@ impl Fakes {
                 command,
                 message: "scripted".into(),
             }),
+            Reply::NoRelay => Err(RelayError::NoRelay),
         }
     }
 }
@@ -268,6 +277,18 @@ impl RelayOps for FakeRelay {
             probe: None,
         })
     }
+
+    async fn lost(&self, id: &ChannelId) {
+        let mut lost = self.0.lost.subscribe();
+        let _ = lost.wait_for(|l| l.iter().any(|x| x == id.as_str())).await;
+    }
+
+    fn abandon(&self, id: &ChannelId) {
+        let at = self.0.start.elapsed();
+        self.0
+            .log
+            .send_modify(|log| log.push((at, Op::RelayAbandon(id.as_str().into()))));
+    }
 }
 
 /// A controller on the fakes: externalMedia in ulaw, its call records kept in memory.
@@ -294,6 +315,7 @@ fn harness(ports: RangeInclusive<u16>) -> Harness {
         relays: vec![crate::relay_link::Endpoint::Unix(
             "/nonexistent/relay.sock".into(),
         )],
+        relay_grace: Duration::from_millis(500),
         metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
         call_log: None,
     };
@@ -303,6 +325,7 @@ fn harness(ports: RangeInclusive<u16>) -> Harness {
         latency: Mutex::default(),
         log: watch::Sender::new(Vec::new()),
         relay_ip: Mutex::default(),
+        lost: watch::Sender::new(Vec::new()),
     });
     let metrics = Arc::new(Metrics::new());
     let log = CallLog::in_memory();
@@ -377,6 +400,24 @@ impl Harness {
             channel: channel(&em_of(caller), "UnicastRTP/127.0.0.1:21000-00000001"),
             args: Vec::new(),
         });
+    }
+
+    /// The externalMedia channel `id` enters Stasis, or leaves it.
+    fn em_event(&self, id: &str, enters: bool) {
+        let channel = channel(id, "UnicastRTP/10.0.0.22:21000-00000002");
+        self.ctl.handle_event(if enters {
+            Event::StasisStart {
+                channel,
+                args: Vec::new(),
+            }
+        } else {
+            Event::StasisEnd { channel }
+        });
+    }
+
+    /// The relay holding relay channel `id` is lost.
+    fn relay_lost(&self, id: &str) {
+        self.fakes.lost.send_modify(|l| l.push(id.to_owned()));
     }
 
     fn caller_leaves(&self, id: &str) {
@@ -468,6 +509,8 @@ impl Harness {
         let after = |made: usize, undo: &Op| ops.iter().skip(made).any(|o| o == undo);
         for (i, op) in ops.iter().enumerate() {
             let undo = match op {
+                // A channel on a lost relay is abandoned, not removed.
+                Op::RelayAdd { id, .. } if after(i, &Op::RelayAbandon(id.clone())) => continue,
                 Op::RelayAdd { id, .. } => Op::RelayRemove(id.clone()),
                 Op::CreateBridge(id) => Op::DestroyBridge(id.clone()),
                 Op::ExternalMedia { id, .. } if !em_left => Op::Hangup(id.clone()),
@@ -911,4 +954,124 @@ async fn a_caller_leaving_mid_setup_leaks_nothing() {
         assert!(r["failure_stage"].is_null(), "{r}");
         h.assert_released(false);
     }
+}
+
+/// Sets a call up and waits until it is bridged.
+async fn bridged(h: &Harness) {
+    h.caller_arrives(CALLER);
+    h.requested(&Op::CreateBridge(BRIDGE.into())).await;
+    h.em_arrives(CALLER);
+    h.requested(&first_setup_ops(6).pop().unwrap()).await;
+    tokio::task::yield_now().await;
+    assert_eq!(h.metrics.calls_bridged.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_relay_is_lost_moves_to_another_and_survives_the_old_channels_end() {
+    let h = harness(PORTS);
+    bridged(&h).await;
+    // The next relay is on another host.
+    *lock(&h.fakes.relay_ip) = Some([10, 0, 0, 22].into());
+    let moved = format!("{EM}-m1");
+    h.relay_lost(EM);
+    h.requested(&Op::ExternalMedia {
+        id: moved.clone(),
+        host: "10.0.0.22:21000".into(),
+    })
+    .await;
+    h.em_event(&moved, true);
+    h.requested(&Op::Hangup(EM.into())).await;
+    // The old channel's StasisEnd does not end the call.
+    h.em_event(EM, false);
+    tokio::task::yield_now().await;
+    assert_eq!(h.ctl.active(), 1, "the call goes on");
+    let mut want = first_setup_ops(6);
+    want.extend([
+        Op::RelayAbandon(EM.into()),
+        Op::RelayAdd {
+            id: moved.clone(),
+            port: 21_000,
+        },
+        Op::ExternalMedia {
+            id: moved.clone(),
+            host: "10.0.0.22:21000".into(),
+        },
+        Op::RelayUpdate {
+            id: moved.clone(),
+            asterisk: ASTERISK_RTP.parse().unwrap(),
+        },
+        Op::AddToBridge(BRIDGE.into(), vec![moved.clone()]),
+        Op::Hangup(EM.into()),
+    ]);
+    assert_eq!(
+        h.ops(),
+        want,
+        "same port, a new externalMedia channel, the old one last"
+    );
+    assert_eq!(h.metrics.calls_moved.get(), 1);
+    // Lost again: it moves once more, to the next generation.
+    let again = format!("{EM}-m2");
+    h.relay_lost(&moved);
+    h.requested(&Op::RelayAdd {
+        id: again.clone(),
+        port: 21_000,
+    })
+    .await;
+    h.requested(&Op::ExternalMedia {
+        id: again.clone(),
+        host: "10.0.0.22:21000".into(),
+    })
+    .await;
+    h.em_event(&again, true);
+    h.requested(&Op::Hangup(moved.clone())).await;
+    assert_eq!(h.metrics.calls_moved.get(), 2);
+    // The caller leaves: the current channels are released.
+    h.caller_leaves(CALLER);
+    h.finished().await;
+    let tail: Vec<Op> = h.ops().into_iter().rev().take(3).collect();
+    assert_eq!(
+        tail,
+        [
+            Op::RelayRemove(again.clone()),
+            Op::DestroyBridge(BRIDGE.into()),
+            Op::Hangup(again),
+        ]
+    );
+    assert_eq!(h.outcomes("completed"), 1);
+    assert_eq!(h.record(CALLER)["ended_by"], "caller");
+    h.assert_released(false);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_relay_is_lost_with_no_other_room_ends_no_relay() {
+    let h = harness(PORTS);
+    bridged(&h).await;
+    h.fakes.script("relay_add", 1, Reply::NoRelay);
+    h.relay_lost(EM);
+    h.finished().await;
+    let mut want = first_setup_ops(6);
+    want.extend([
+        Op::RelayAbandon(EM.into()),
+        Op::RelayAdd {
+            id: format!("{EM}-m1"),
+            port: 21_000,
+        },
+    ]);
+    // The caller is hung up, the old externalMedia channel and the bridge released; nothing is
+    // removed from a relay that is gone.
+    want.extend(teardown_ops(false, true, true, false));
+    assert_eq!(h.ops(), want);
+    assert_eq!(h.outcomes("no_relay"), 1);
+    assert_eq!(h.failures("relay"), 1);
+    let r = h.record(CALLER);
+    assert_eq!(r["failure_stage"], "relay", "{r}");
+    assert!(
+        r["failure"].as_str().unwrap().contains("no other has room"),
+        "{r}"
+    );
+    assert_eq!(r["ended_by"], "control");
+    // The refused add took nothing (no relay had room), so it has nothing to undo; the rest is
+    // released: no call, every port back (the ops above show the hang-ups and the bridge).
+    assert_eq!(h.ctl.active(), 0);
+    assert_eq!(h.ctl.ports().1, 0, "the port is back");
 }
