@@ -22,12 +22,15 @@
 //! - A real Prometheus on `c` finds the relays through file-based service discovery (job
 //!   `relay`, as in `docker/prometheus/prometheus.yml`): a target file naming r1, then r1 and
 //!   r2 (rewritten while it runs); `up{job="relay"}` is 1 for both instances, and each
-//!   instance's `rtprelay_channels` reached 20.
+//!   instance's `rtprelay_channels` reached 20. The Grafana dashboard's `instance` variable
+//!   offers both relays, and its forwarded-packets panel set to either shows that relay's
+//!   traffic both ways.
 //!
 //! Skips loudly where network namespaces cannot be made (not root, no `ip`, a container that
-//! refuses) and where io_uring is unavailable (the echo needs it). Timing: about 25 s on a
-//! two-core VM (namespaces under 1 s, Prometheus ready in 1-3 s, the calls 2 s of ramp and 8 s
-//! of hold, the rest waiting for the last scrapes); every wait has a deadline.
+//! refuses) and where io_uring is unavailable (the echo needs it). Timing: about 21 s on a
+//! two-core VM: namespaces under 1 s, Prometheus ready in 1-3 s, the calls 2 s of ramp and 8 s
+//! of hold, the rest start-up, the calls' clean-up and the last scrapes. Every wait has a
+//! deadline.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
@@ -475,6 +478,48 @@ fn forty_calls_spread_over_relays_on_two_hosts_and_prometheus_finds_both() {
                 .then_some(())
             },
         );
+    }
+    // The dashboard's "Relay" variable offers both relays, and a relay panel set to one of
+    // them shows that relay's traffic.
+    if let Some(prom) = &prom {
+        let dashboard: Value = serde_json::from_str(include_str!(
+            "../../docker/grafana/dashboards/rtp-relay.json"
+        ))
+        .unwrap();
+        let variable = &dashboard["templating"]["list"][0];
+        assert_eq!(variable["name"], "instance", "{variable}");
+        let values = variable["query"]["query"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(", instance)"))
+            .expect("label_values(<series>, instance)");
+        let path = format!(
+            "/api/v1/label/instance/values?match[]={}",
+            urlencode(values)
+        );
+        let found: Value = serde_json::from_str(&http_get(&prom.addr, &path).unwrap().1).unwrap();
+        assert_eq!(
+            found["data"],
+            serde_json::json!(["10.201.1.2:9100", "10.201.2.2:9100"]),
+            "{found}"
+        );
+        let forwarded = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == "Forwarded packets/s by direction")
+            .expect("the forwarded packets panel");
+        let expr = forwarded["targets"][0]["expr"].as_str().unwrap();
+        for instance in ["10.201.1.2:9100", "10.201.2.2:9100"] {
+            let one = prom.query(
+                &expr
+                    .replace("$__rate_interval", "1m")
+                    .replace("$instance", instance),
+            );
+            assert_eq!(one.len(), 2, "{instance}: {expr}: {one:?}");
+            assert!(one.iter().all(|(_, v)| *v > 0.0), "{instance}: {one:?}");
+        }
     }
     eprintln!("netns test: {:.1} s", started.elapsed().as_secs_f64());
 }

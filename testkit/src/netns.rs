@@ -294,3 +294,53 @@ impl Host {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_get_their_addresses_and_everything_goes_on_drop() {
+        let Some(mut net) = Net::new() else {
+            return;
+        };
+        let a = net.host("a");
+        let b = net.host("b");
+        net.link(&a, "10.209.1.1/24", &b, "10.209.1.2/24");
+        b.route("default", "10.209.1.1");
+        let shown = ip_ok(&["-n", a.namespace(), "-br", "addr", "show", "to-b"]);
+        assert!(
+            shown.contains("10.209.1.1/24") && shown.contains("UP"),
+            "{shown}"
+        );
+        let route = ip_ok(&["-n", b.namespace(), "route", "show", "default"]);
+        assert!(route.contains("via 10.209.1.1 dev to-a"), "{route}");
+        let on_root = net.link_root(&a);
+        assert!(on_root.starts_with("10.202."), "{on_root}");
+        let mut sleeper = Proc(b.command("sleep").arg("60").spawn().expect("sleep runs"));
+        // `ip netns exec` enters the namespace, then execs: the child becomes the program.
+        crate::wait_for(
+            "the sleeper in the namespace",
+            std::time::Duration::from_secs(5),
+            || {
+                ip_ok(&["netns", "pids", b.namespace()])
+                    .split_whitespace()
+                    .any(|p| p == sleeper.pid().to_string())
+                    .then_some(())
+            },
+        );
+        let names = [a.namespace().to_owned(), b.namespace().to_owned()];
+        drop(net);
+        let status = crate::wait_for(
+            "the sleeper killed",
+            std::time::Duration::from_secs(5),
+            || sleeper.0.try_wait().ok().flatten(),
+        );
+        assert!(!status.success());
+        let left = ip_ok(&["netns", "list"]);
+        for ns in &names {
+            assert!(!left.contains(ns.as_str()), "{ns} left: {left}");
+        }
+        assert!(!ip_ok(&["-br", "link"]).contains(&format!("rtp{}r0", std::process::id())));
+    }
+}
