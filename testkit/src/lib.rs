@@ -5,6 +5,7 @@
 //! certificates of the mutual-TLS control link.
 #![forbid(unsafe_code)]
 
+pub mod netns;
 pub mod pki;
 
 use std::io::{BufRead, BufReader};
