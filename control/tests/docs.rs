@@ -1,7 +1,7 @@
 //! The docs name only flags and metrics that exist, and every metric is documented.
 //!
 //! - Every `--flag` in `README.md`, `BENCHMARKS.md` and `docs/**/*.md` is in the `--help` of one
-//!   of the workspace's binaries (each subcommand's included) or of `scripts/tune-host.sh`, or is
+//!   of the workspace's binaries (each subcommand's included) or of `scripts/tune-host.sh` or `scripts/make-certs.sh`, or is
 //!   another tool's, listed here with that tool. A flag renamed or removed in the code while the
 //!   docs still name it fails.
 //! - Every `rtprelay_*`/`rtpecho_*` metric the docs name is one the relay, the echo or control
@@ -101,8 +101,10 @@ fn every_flag_the_docs_name_exists() {
             known.extend(flags(&help(&program, &[s])));
         }
     }
-    // The script prints its header as its help.
-    known.extend(flags(&help(&root.join("scripts/tune-host.sh"), &[])));
+    // The scripts print their header as their help.
+    for script in ["scripts/tune-host.sh", "scripts/make-certs.sh"] {
+        known.extend(flags(&help(&root.join(script), &[])));
+    }
     // The subcommands' help was read (flags only they have are there).
     assert!(
         known.contains("--bridge-delay") && known.contains("--callers"),

@@ -1,7 +1,8 @@
 //! Helpers shared by the workspace's integration tests, which run the real binaries as a user
 //! would: start one and wait for the log line that says it is ready (and what address it took),
 //! wait on a condition with a deadline instead of sleeping in hope, receive without tripping on
-//! signals, and skip io_uring tests loudly where the kernel refuses io_uring. [`pki`] makes the
+//! signals, and skip io_uring tests loudly where the kernel refuses io_uring. [`netns`] builds
+//! hosts of their own (network namespaces joined by veth links); [`pki`] makes the
 //! certificates of the mutual-TLS control link.
 #![forbid(unsafe_code)]
 
