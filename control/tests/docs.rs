@@ -1,9 +1,9 @@
 //! The docs name only flags and metrics that exist, and every metric is documented.
 //!
 //! - Every `--flag` in `README.md`, `BENCHMARKS.md` and `docs/**/*.md` is in the `--help` of one
-//!   of the workspace's binaries (each subcommand's included) or of `scripts/tune-host.sh` or `scripts/make-certs.sh`, or is
-//!   another tool's, listed here with that tool. A flag renamed or removed in the code while the
-//!   docs still name it fails.
+//!   of the workspace's binaries (each subcommand's included) or of `scripts/tune-host.sh` or
+//!   `scripts/make-certs.sh`, or is another tool's, listed here with that tool. A flag renamed or
+//!   removed in the code while the docs still name it fails.
 //! - Every `rtprelay_*`/`rtpecho_*` metric the docs name is one the relay, the echo or control
 //!   exposes (a histogram's `_bucket`/`_sum`/`_count` series included, a `prefix_*` pattern
 //!   matching at least one), and every metric they expose is named in the docs. The exposed names
