@@ -75,8 +75,17 @@ pub struct CallRecord {
     pub failure: Option<String>,
     /// StasisStart to bridged, milliseconds.
     pub setup_ms: Option<f64>,
-    /// The relay's final figures for the call's channel, if it had one.
+    /// What the relays measured of the call: every relay channel it had, merged exactly
+    /// (counters summed, round-trip histograms merged; a lost relay's from its last interim
+    /// report); `null` if it had none.
     pub relay: Option<RelayFigures>,
+    /// Every relay that carried the call, in order (more than one when its relay was lost and
+    /// it moved); empty when none took it.
+    pub relays: Vec<String>,
+    /// Time since the call's first relay channel opened that no relay's figures cover, in
+    /// milliseconds: a lost relay's last moments (after its last interim report), the grace
+    /// period and the move. `null` when no relay took the call.
+    pub unmeasured_ms: Option<f64>,
 }
 
 /// The relay's final statistics of a call, flattened for the record.
@@ -507,6 +516,8 @@ mod tests {
             failure: None,
             setup_ms: Some(3.5),
             relay: stats.map(RelayFigures::from),
+            relays: vec!["relay-a".into(), "relay-b".into()],
+            unmeasured_ms: Some(1_250.0),
         }
     }
 

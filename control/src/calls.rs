@@ -12,15 +12,20 @@
 //! channel's id) and the bridge `rtprelay-br-<caller id>`, so reconciliation can recognise
 //! control's own leftovers after a restart or a missed event.
 //!
+//! A bridged call outlives its relay: when the relay holding it is lost (down for longer than
+//! `--relay-grace`), the call moves to another ([`Controller`]'s `move_call`): a channel there on
+//! the same port, a new externalMedia channel `rtprelay-em-<caller id>-m<n>` added to the bridge,
+//! the old one hung up. The call record merges what every relay measured.
+//!
 //! The controller reaches Asterisk and the relay through two traits, [`AriOps`] and
-//! [`RelayOps`], implemented by [`Ari`] and [`RelayLink`] (the defaults of its type parameters),
+//! [`RelayOps`], implemented by [`Ari`] and [`RelayPool`] (the defaults of its type parameters),
 //! so the call path's retries, timeouts and teardowns are unit-tested against recording fakes on
 //! tokio's paused clock.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,9 +38,10 @@ use crate::call_log::{rfc3339, CallLog, CallRecord, RelayFigures};
 use crate::config::{Config, MediaFormat};
 use crate::metrics::{Metrics, Outcome, Stage};
 use crate::pool::PortPool;
-use crate::relay_link::RelayError;
-use crate::relays::RelayPool;
+use crate::relay_link::{RelayError, Removed};
+use crate::relays::{Placed, RelayPool};
 use crate::rest::{Ari, Bridge, RestError};
+use relay_proto::figures::ChannelFigures;
 
 /// The ARI requests the controller makes; [`Ari`] sends them to Asterisk. Each method is the
 /// `Ari` method of the same name (see it for the request and its errors).
@@ -116,8 +122,8 @@ impl AriOps for Ari {
     }
 }
 
-/// The relay requests the controller makes; [`RelayLink`] sends them on the relay's control
-/// socket. Each method is the `RelayLink` method of the same name.
+/// The relay requests the controller makes; [`RelayPool`] places them on its relays. Each
+/// method is the `RelayPool` method of the same name.
 pub trait RelayOps: fmt::Debug + Send + Sync + 'static {
     /// Opens a relay channel on `port` forwarding to `echo`; the address Asterisk must send to
     /// when it is not control's `--bind-ip` (a relay on another host).
@@ -127,25 +133,23 @@ pub trait RelayOps: fmt::Debug + Send + Sync + 'static {
         port: u16,
         echo: SocketAddr,
         format: relay_proto::Format,
-    ) -> impl Future<Output = Result<Option<IpAddr>, RelayError>> + Send;
+    ) -> impl Future<Output = Result<Placed, RelayError>> + Send;
     /// Tells the relay where Asterisk sends the channel's RTP from.
     fn update(
         &self,
         id: &ChannelId,
         asterisk: SocketAddr,
     ) -> impl Future<Output = Result<(), RelayError>> + Send;
-    /// Closes a relay channel, returning its final statistics.
-    fn remove(
-        &self,
-        id: &ChannelId,
-    ) -> impl Future<Output = Result<ChannelStats, RelayError>> + Send;
+    /// Closes a relay channel, returning its final statistics (and their mergeable form).
+    fn remove(&self, id: &ChannelId) -> impl Future<Output = Result<Removed, RelayError>> + Send;
     /// Resolves once the relay holding channel `id` is lost: its connection down and not back
     /// within the grace period (`--relay-grace`). Pending for as long as it stays, or when no
     /// relay holds the channel.
     fn lost(&self, id: &ChannelId) -> impl Future<Output = ()> + Send;
     /// Forgets channel `id` without a word to its relay (which is lost): a relay that comes
-    /// back is not asked to re-add it, and removes it as a leftover.
-    fn abandon(&self, id: &ChannelId);
+    /// back is not asked to re-add it, and removes it as a leftover. Returns the channel's
+    /// latest interim figures, what is left of its measurement.
+    fn abandon(&self, id: &ChannelId) -> Option<ChannelFigures>;
 }
 
 impl RelayOps for RelayPool {
@@ -155,7 +159,7 @@ impl RelayOps for RelayPool {
         port: u16,
         echo: SocketAddr,
         format: relay_proto::Format,
-    ) -> impl Future<Output = Result<Option<IpAddr>, RelayError>> + Send {
+    ) -> impl Future<Output = Result<Placed, RelayError>> + Send {
         Self::add(self, id, port, echo, format)
     }
     fn update(
@@ -165,17 +169,14 @@ impl RelayOps for RelayPool {
     ) -> impl Future<Output = Result<(), RelayError>> + Send {
         Self::update(self, id, asterisk)
     }
-    fn remove(
-        &self,
-        id: &ChannelId,
-    ) -> impl Future<Output = Result<ChannelStats, RelayError>> + Send {
+    fn remove(&self, id: &ChannelId) -> impl Future<Output = Result<Removed, RelayError>> + Send {
         Self::remove(self, id)
     }
     fn lost(&self, id: &ChannelId) -> impl Future<Output = ()> + Send {
         RelayPool::lost(self, id)
     }
-    fn abandon(&self, id: &ChannelId) {
-        RelayPool::abandon(self, id);
+    fn abandon(&self, id: &ChannelId) -> Option<ChannelFigures> {
+        RelayPool::abandon(self, id)
     }
 }
 
@@ -308,6 +309,66 @@ struct Held {
     /// Its externalMedia channels that may exist (created, or being created), to hang up.
     ems: Vec<String>,
     bridge: bool,
+    /// The relays that carried the call, in order (their ids).
+    relays: Vec<String>,
+    /// When its first relay channel was opened: the measured span starts there.
+    relay_since: Option<Instant>,
+    /// The figures of its relay channels that have closed (removed, or abandoned with a lost
+    /// relay: their latest interim figures), in order.
+    figures: Vec<ChannelFigures>,
+}
+
+/// What the relays measured of a call, every relay that carried it merged.
+#[derive(Debug, Default)]
+struct Measured {
+    /// The merged statistics (the last channel's where there is nothing to merge).
+    stats: Option<ChannelStats>,
+    /// The relays that carried it, in order.
+    relays: Vec<String>,
+    /// Time since its first relay channel opened that no relay's figures cover.
+    unmeasured_ms: Option<f64>,
+}
+
+/// Merges the figures of every relay channel the call had (`held.figures`) into one set of
+/// statistics, the final ones of its last channel (`last`) giving what figures do not carry;
+/// and how much of the call no figures cover: from its first relay channel's opening to now,
+/// less the span each channel's figures cover (a lost relay's end after its last interim, the
+/// grace and the move).
+fn measured(call: &Call, held: &Held, last: Option<ChannelStats>) -> Measured {
+    let mut merged: Option<ChannelFigures> = None;
+    for f in &held.figures {
+        match merged.as_mut() {
+            None => merged = Some(f.clone()),
+            Some(m) => {
+                if let Err(e) = m.merge(f) {
+                    tracing::warn!(caller = %call.caller, "cannot merge a relay's figures: {e}");
+                }
+            }
+        }
+    }
+    let covered_ns = match &merged {
+        Some(m) => m.age_ns,
+        None => last.as_ref().map_or(0, |s| s.age_ns),
+    };
+    let stats = match merged {
+        Some(m) => match m.stats(last.as_ref()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(caller = %call.caller, "cannot read a relay's figures: {e}");
+                last
+            }
+        },
+        None => last,
+    };
+    let unmeasured_ms = held.relay_since.map(|since| {
+        let span = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        span.saturating_sub(covered_ns) as f64 / 1e6
+    });
+    Measured {
+        stats,
+        relays: held.relays.clone(),
+        unmeasured_ms,
+    }
 }
 
 /// Why set-up (or a move to another relay) stopped.
@@ -523,7 +584,7 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         };
         let port = held.port;
         let format = held.format.map(|f| f.as_str().to_owned());
-        let relay_stats = self.teardown(&call, held).await;
+        let measured = self.teardown(&call, held).await;
         if let Some(log) = &self.call_log {
             let end = lock(&call.end_info).clone();
             let record = CallRecord {
@@ -541,7 +602,9 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
                 failure_stage: failure.as_ref().map(|(s, _)| s.label()),
                 failure: failure.map(|(_, why)| why),
                 setup_ms,
-                relay: relay_stats.as_ref().map(RelayFigures::from),
+                relay: measured.stats.as_ref().map(RelayFigures::from),
+                relays: measured.relays,
+                unmeasured_ms: measured.unmeasured_ms,
             };
             log.append(&record, &self.metrics).await;
         }
@@ -630,7 +693,7 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         };
         let old_em = call.current_em();
         if let Some(old) = held.relay.take() {
-            self.relay.abandon(&old);
+            held.figures.extend(self.relay.abandon(&old));
         }
         let (new_em, generation) = {
             let mut ems = lock(&call.ems);
@@ -646,7 +709,10 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         let id = ChannelId::try_from(new_em.as_str()).map_err(|e| fail(Stage::Relay)(&e))?;
         held.relay = Some(id.clone());
         let relay_ip = match self.relay.add(&id, port, self.cfg.echo, format).await {
-            Ok(ip) => ip,
+            Ok(p) => {
+                held.relays.push(p.relay);
+                p.ip
+            }
             Err(RelayError::NoRelay) => {
                 held.relay = None;
                 return Err(SetupError::NoRelay(format!(
@@ -743,15 +809,19 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
 
         let id = ChannelId::try_from(call.em.as_str()).map_err(|e| fail(Stage::Relay)(&e))?;
         held.relay = Some(id.clone());
-        let relay_ip = self
-            .relay
-            .add(&id, port, self.cfg.echo, format)
-            .await
-            .map_err(|e| fail(Stage::Relay)(&e))?;
+        let placed = match self.relay.add(&id, port, self.cfg.echo, format).await {
+            Ok(p) => p,
+            Err(RelayError::NoRelay) => {
+                return Err(SetupError::NoRelay(RelayError::NoRelay.to_string()))
+            }
+            Err(e) => return Err(fail(Stage::Relay)(&e)),
+        };
+        held.relays.push(placed.relay);
+        held.relay_since.get_or_insert_with(Instant::now);
         Self::check(call)?;
 
         held.ems.push(call.em.clone());
-        let host = SocketAddr::new(relay_ip.unwrap_or(self.cfg.bind_ip), port).to_string();
+        let host = SocketAddr::new(placed.ip.unwrap_or(self.cfg.bind_ip), port).to_string();
         let em = self
             .ari
             .external_media(&call.em, &host, format.as_str())
@@ -844,7 +914,7 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
     /// Releases everything `held` records: hangs up whichever channel is still there, destroys
     /// the bridge, removes the relay channel (logging its final statistics, which it returns),
     /// returns the port.
-    async fn teardown(&self, call: &Call, held: Held) -> Option<ChannelStats> {
+    async fn teardown(&self, call: &Call, mut held: Held) -> Measured {
         use std::sync::atomic::Ordering::Relaxed;
         let log = |what: &str, e: &RestError| {
             tracing::warn!(caller = %call.caller, "teardown: cannot {what}: {e}");
@@ -871,7 +941,8 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         let mut stats = None;
         if let Some(id) = &held.relay {
             match self.relay.remove(id).await {
-                Ok(s) => {
+                Ok(Removed { stats: s, figures }) => {
+                    held.figures.extend(figures);
                     tracing::info!(
                     caller = %call.caller,
                     to_echo = s.traffic.to_echo.packets,
@@ -895,7 +966,7 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
             }
             self.pool_gauges(&p);
         }
-        stats
+        measured(call, &held, stats)
     }
 
     /// Cleans up after a (re)connection: calls whose channels no longer exist end; control's

@@ -132,6 +132,11 @@ pub struct Args {
     /// its calls, re-added by the resync.
     #[arg(long, env = "RELAY_GRACE", default_value = "500ms", value_parser = appkit::flags::parse_duration)]
     pub relay_grace: Duration,
+    /// How often each relay is asked for its channels' figures so far (`interim`): a relay's
+    /// crash loses at most this much of a call's measurement, and the call record says how
+    /// much.
+    #[arg(long, env = "RELAY_INTERIM", default_value = "2s", value_parser = appkit::flags::parse_duration)]
+    pub interim: Duration,
     /// The CA the relays' certificates are signed by (PEM), for `tls://` relays.
     #[arg(long, env = "RELAY_CA")]
     pub relay_ca: Option<PathBuf>,
@@ -216,6 +221,8 @@ pub struct Config {
     pub relays: Vec<Endpoint>,
     /// How long a relay may be disconnected before its calls move.
     pub relay_grace: Duration,
+    /// How often each relay is asked for its channels' figures so far.
+    pub interim: Duration,
     /// Metrics endpoint.
     pub metrics: SocketAddr,
     /// The call log, if any.
@@ -295,6 +302,13 @@ impl TryFrom<Args> for Config {
                 a.relay_socket,
                 [&a.relay_ca, &a.relay_cert, &a.relay_key],
             )?,
+            interim: if a.interim < Duration::from_millis(100)
+                || a.interim > Duration::from_secs(60)
+            {
+                return Err(bad("interim", "must be in [100ms, 60s]".into()));
+            } else {
+                a.interim
+            },
             relay_grace: if a.relay_grace.is_zero() || a.relay_grace > Duration::from_secs(60) {
                 return Err(bad("relay-grace", "must be in (0, 60s]".into()));
             } else {

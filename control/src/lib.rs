@@ -66,6 +66,9 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// How long control waits for a relay before it takes calls anyway.
+const RELAY_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs control until SIGINT or SIGTERM, then tears every call down.
 ///
 /// # Errors
@@ -75,7 +78,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     install_tls_provider();
     let metrics = Arc::new(Metrics::new());
     let ari = rest::Ari::new(&cfg, Arc::clone(&metrics))?;
-    let relay = relays::RelayPool::spawn(cfg.relays.clone(), cfg.relay_grace, Arc::clone(&metrics));
+    let relay = relays::RelayPool::spawn(
+        cfg.relays.clone(),
+        cfg.relay_grace,
+        cfg.interim,
+        Arc::clone(&metrics),
+    );
     let listener = tokio::net::TcpListener::bind(cfg.metrics)
         .await
         .map_err(|source| RunError::Metrics {
@@ -105,11 +113,20 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         let metrics = Arc::clone(&metrics);
         tokio::spawn(http::serve(listener, router(ctl, metrics, call_log)));
     }
-    tokio::spawn(events::run(
-        cfg.clone(),
-        Arc::clone(&ctl),
-        Arc::clone(&metrics),
-    ));
+    // Calls are taken (the application subscribed) once a relay can carry them: a call that
+    // arrived before would find no relay and be hung up.
+    {
+        let (cfg, ctl, metrics) = (cfg.clone(), Arc::clone(&ctl), Arc::clone(&metrics));
+        tokio::spawn(async move {
+            if !ctl.relay().wait_connected(RELAY_WAIT).await {
+                tracing::warn!(
+                    "no relay connected after {RELAY_WAIT:?}: taking calls anyway (each finds no \
+                     relay until one connects: outcome no_relay)"
+                );
+            }
+            events::run(cfg, ctl, metrics).await;
+        });
+    }
     if let Some(every) = summary {
         let (ctl, metrics) = (Arc::clone(&ctl), Arc::clone(&metrics));
         tokio::spawn(async move {

@@ -21,6 +21,7 @@ use relay_proto::control::{
     AddChannel, Frame, Hello, LineDecoder, RelayIdentity, RemoveChannel, StatsQuery, UpdateChannel,
     PROTOCOL_VERSION,
 };
+use relay_proto::figures::ChannelFigures;
 use relay_proto::{
     ChannelId, ChannelStats, Command, Format, GlobalStats, Reply, Request, Response,
 };
@@ -176,12 +177,25 @@ pub struct RelayLink {
     channels: Arc<Mutex<HashMap<ChannelId, Spec>>>,
     state: Arc<Mutex<LinkState>>,
     endpoint: Arc<Endpoint>,
+    /// Each channel's latest interim figures (`interim`, every `--interim`).
+    interim: Arc<Mutex<HashMap<ChannelId, ChannelFigures>>>,
+}
+
+/// A channel's end on the relay: its final statistics and, from a relay that sends them, the
+/// same in mergeable form.
+#[derive(Clone, Debug)]
+pub struct Removed {
+    /// Final statistics.
+    pub stats: ChannelStats,
+    /// Mergeable figures.
+    pub figures: Option<ChannelFigures>,
 }
 
 impl RelayLink {
-    /// Starts the link's task, which connects to `endpoint` and keeps reconnecting.
+    /// Starts the link's task, which connects to `endpoint` and keeps reconnecting, and asks
+    /// the relay for its channels' figures every `interim`.
     #[must_use]
-    pub fn spawn(endpoint: Endpoint, metrics: Arc<Metrics>) -> Self {
+    pub fn spawn(endpoint: Endpoint, interim: Duration, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let channels = Arc::new(Mutex::new(HashMap::new()));
         let state = Arc::new(Mutex::new(LinkState::default()));
@@ -193,12 +207,15 @@ impl RelayLink {
             Arc::clone(&state),
             metrics,
         ));
-        Self {
+        let link = Self {
             tx,
             channels,
             state,
             endpoint,
-        }
+            interim: Arc::new(Mutex::new(HashMap::new())),
+        };
+        tokio::spawn(poll_interim(link.clone(), interim));
+        link
     }
 
     /// Where the relay is reached.
@@ -211,6 +228,12 @@ impl RelayLink {
     #[must_use]
     pub fn is_connected(&self) -> bool {
         *lock(&self.state).connected.borrow()
+    }
+
+    /// Resolves once the link is connected (at once if it is).
+    pub async fn connected(&self) {
+        let mut connected = lock(&self.state).connected.subscribe();
+        let _ = connected.wait_for(|c| *c).await;
     }
 
     /// Resolves once the relay is lost: disconnected, and not connected again within `grace`.
@@ -229,9 +252,29 @@ impl RelayLink {
         }
     }
 
-    /// Forgets channel `id` without telling the relay: see [`crate::calls::RelayOps::abandon`].
-    pub fn forget(&self, id: &ChannelId) {
+    /// Forgets channel `id` without telling the relay (see
+    /// [`crate::calls::RelayOps::abandon`]); its latest interim figures.
+    pub fn forget(&self, id: &ChannelId) -> Option<ChannelFigures> {
         self.channels().remove(id);
+        lock(&self.interim).remove(id)
+    }
+
+    /// Asks the relay for every channel's figures so far and keeps those of control's channels.
+    async fn refresh_interim(&self) -> Result<(), RelayError> {
+        match self.request(Command::Interim).await? {
+            Response::Interim { channels } => {
+                let held = self.channels();
+                let mut interim = lock(&self.interim);
+                for f in channels {
+                    if held.contains_key(&f.channel) {
+                        interim.insert(f.channel.clone(), f);
+                    }
+                }
+                interim.retain(|id, _| held.contains_key(id));
+                Ok(())
+            }
+            _ => Err(RelayError::Unexpected("interim")),
+        }
     }
 
     /// Who the relay said it is, at its last `hello` (kept while disconnected).
@@ -314,15 +357,19 @@ impl RelayLink {
     /// # Errors
     /// See [`RelayError`]. The link forgets the channel either way, so a resync will not
     /// re-add it and will remove it if the relay still has it.
-    pub async fn remove(&self, id: &ChannelId) -> Result<ChannelStats, RelayError> {
+    pub async fn remove(&self, id: &ChannelId) -> Result<Removed, RelayError> {
         self.channels().remove(id);
+        lock(&self.interim).remove(id);
         match self
             .request(Command::Remove(RemoveChannel {
                 channel: id.clone(),
             }))
             .await?
         {
-            Response::Removed { stats } => Ok(*stats),
+            Response::Removed { stats, figures } => Ok(Removed {
+                stats: *stats,
+                figures: figures.map(|f| *f),
+            }),
             _ => Err(RelayError::Unexpected("remove")),
         }
     }
@@ -351,6 +398,20 @@ impl RelayLink {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Every `every`, while connected, refreshes the link's interim figures.
+async fn poll_interim(link: RelayLink, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if link.is_connected() && !link.is_empty() {
+            if let Err(e) = link.refresh_interim().await {
+                tracing::debug!(relay = %link.endpoint, "interim: {e}");
+            }
+        }
     }
 }
 

@@ -16,10 +16,21 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use relay_proto::{ChannelId, ChannelStats, Format};
+use relay_proto::figures::ChannelFigures;
+use relay_proto::{ChannelId, Format};
 
 use crate::metrics::Metrics;
-use crate::relay_link::{Endpoint, RelayError, RelayLink};
+use crate::relay_link::{Endpoint, RelayError, RelayLink, Removed};
+
+/// Where a channel was placed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    /// The address its externalMedia channel must send to, when it is not control's
+    /// `--bind-ip` (a relay on another host).
+    pub ip: Option<IpAddr>,
+    /// The relay, as the call record names it: its id, or its URL before it said hello.
+    pub relay: String,
+}
 
 /// One relay of the pool.
 #[derive(Debug)]
@@ -37,7 +48,7 @@ pub struct RelayPool {
     members: Vec<Member>,
     /// Which member holds each channel, and how many each holds: placed before the relay's
     /// reply, so that calls setting up at once spread too.
-    placed: Mutex<Placed>,
+    placed: Mutex<Placement>,
     /// Per-relay gauges.
     metrics: Arc<Metrics>,
     /// How long a relay may be disconnected before its calls move (`--relay-grace`).
@@ -61,7 +72,7 @@ pub struct RelayStatus {
 
 /// Channels by relay.
 #[derive(Debug, Default)]
-struct Placed {
+struct Placement {
     /// The member holding each channel.
     by_channel: HashMap<ChannelId, usize>,
     /// Channels per member.
@@ -75,17 +86,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl RelayPool {
     /// Starts a link to each endpoint.
     #[must_use]
-    pub fn spawn(endpoints: Vec<Endpoint>, grace: Duration, metrics: Arc<Metrics>) -> Self {
-        let placed = Placed {
+    pub fn spawn(
+        endpoints: Vec<Endpoint>,
+        grace: Duration,
+        interim: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let placed = Placement {
             counts: vec![0; endpoints.len()],
-            ..Placed::default()
+            ..Placement::default()
         };
         let members = endpoints
             .into_iter()
             .map(|e| {
                 let name = e.to_string();
                 Member {
-                    link: RelayLink::spawn(e, Arc::clone(&metrics)),
+                    link: RelayLink::spawn(e, interim, Arc::clone(&metrics)),
                     name,
                 }
             })
@@ -167,7 +183,7 @@ impl RelayPool {
         port: u16,
         echo: SocketAddr,
         format: Format,
-    ) -> Result<Option<IpAddr>, RelayError> {
+    ) -> Result<Placed, RelayError> {
         let i = self.place(id).ok_or(RelayError::NoRelay)?;
         let Some(m) = self.members.get(i) else {
             return Err(RelayError::NoRelay);
@@ -176,9 +192,13 @@ impl RelayPool {
             self.forget(id);
             return Err(e);
         }
-        Ok(match m.link.endpoint() {
-            Endpoint::Unix(_) => None,
-            Endpoint::Tls { .. } => m.link.identity().map(|i| i.advertise),
+        let identity = m.link.identity();
+        Ok(Placed {
+            ip: match m.link.endpoint() {
+                Endpoint::Unix(_) => None,
+                Endpoint::Tls { .. } => identity.as_ref().map(|i| i.advertise),
+            },
+            relay: identity.map_or_else(|| m.name.clone(), |i| i.relay_id),
         })
     }
 
@@ -195,7 +215,7 @@ impl RelayPool {
     ///
     /// # Errors
     /// See [`RelayError`]; `Disconnected` for a channel no relay holds.
-    pub async fn remove(&self, id: &ChannelId) -> Result<ChannelStats, RelayError> {
+    pub async fn remove(&self, id: &ChannelId) -> Result<Removed, RelayError> {
         let m = self
             .forget(id)
             .and_then(|i| self.members.get(i))
@@ -212,11 +232,22 @@ impl RelayPool {
         }
     }
 
-    /// Forgets `id`, on the pool and on its relay's link, without telling the relay.
-    pub fn abandon(&self, id: &ChannelId) {
-        if let Some(m) = self.forget(id).and_then(|i| self.members.get(i)) {
-            m.link.forget(id);
+    /// Forgets `id`, on the pool and on its relay's link, without telling the relay; its
+    /// latest interim figures.
+    pub fn abandon(&self, id: &ChannelId) -> Option<ChannelFigures> {
+        let m = self.forget(id).and_then(|i| self.members.get(i))?;
+        m.link.forget(id)
+    }
+
+    /// Waits until at least one relay is connected, for at most `deadline`; whether one is.
+    pub async fn wait_connected(&self, deadline: Duration) -> bool {
+        if self.members.is_empty() {
+            return false;
         }
+        let any = futures_util::future::select_all(
+            self.members.iter().map(|m| Box::pin(m.link.connected())),
+        );
+        tokio::time::timeout(deadline, any).await.is_ok()
     }
 
     /// Every relay's state.

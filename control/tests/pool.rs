@@ -12,8 +12,10 @@
 //!   used, and the log names both versions.
 //! - A relay killed (`kill -9`) mid-call loses none of its calls: each moves to the other relay
 //!   (a channel there, a new externalMedia channel, the old one hung up) and its audio is back
-//!   at the caller within 1 s of the kill (the simulator's longest silence per call); the
-//!   relay restarted at its address takes new calls again.
+//!   at the caller within 1 s of the kill (the simulator's longest silence per call); each
+//!   moved call's record lists both relays, merges a's last interim figures with b's, and says
+//!   how long no figures cover (at most the 2 s interim, the grace and the move); the relay
+//!   restarted at its address takes new calls again.
 //!
 //! The tests run one at a time (a lock): each drives real-time RTP on a two-core machine.
 
@@ -395,6 +397,7 @@ fn a_relay_killed_mid_call_loses_no_call_and_is_used_again_once_back() {
         "listen",
     );
     let (echo_host, echo_port) = echo_addr.rsplit_once(':').unwrap();
+    let calls_log = dir.path().join("calls.jsonl");
     let (_control, http, _log) = start_logged(
         "control",
         &[
@@ -420,6 +423,10 @@ fn a_relay_killed_mid_call_loses_no_call_and_is_used_again_once_back() {
             echo_port,
             "--relay-grace",
             "500ms",
+            "--interim",
+            "2s",
+            "--call-log",
+            calls_log.to_str().unwrap(),
         ],
         "control ready",
         "metrics",
@@ -498,10 +505,49 @@ fn a_relay_killed_mid_call_loses_no_call_and_is_used_again_once_back() {
         .iter()
         .map(|id| id.trim_start_matches("rtprelay-em-").to_owned())
         .collect();
+    // Control's records: each moved call lists both relays, its figures merged from a's last
+    // interim report and b's final ones, and how long no relay's figures cover.
+    let records: Vec<Value> = wait_for("12 call records", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&calls_log).ok()?;
+        let v: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (v.len() == 12).then_some(v)
+    });
     for c in r["per_call"].as_array().unwrap() {
         assert_eq!(c["end"], "completed", "every call survives: {c}");
         let gap = c["max_gap_ms"].as_f64().unwrap();
         let id = c["id"].as_str().unwrap();
+        let rec = records
+            .iter()
+            .find(|r| r["caller_id"] == id)
+            .unwrap_or_else(|| panic!("no record for {id}"));
+        let unmeasured = rec["unmeasured_ms"].as_f64().unwrap();
+        let (sent, measured) = (
+            c["sent"].as_u64().unwrap(),
+            rec["relay"]["packets_to_echo"].as_u64().unwrap(),
+        );
+        if callers_on_a.iter().any(|a| a == id) {
+            assert_eq!(
+                rec["relays"],
+                serde_json::json!(["relay-a", "relay-b"]),
+                "{rec}"
+            );
+            // At most one interim interval (2 s), the grace (0.5 s) and the move.
+            assert!((500.0..=3_000.0).contains(&unmeasured), "{rec}");
+            // Both relays' figures: everything sent but what no figures cover (20 ms a packet).
+            let uncovered = unmeasured / 20.0 + 10.0;
+            assert!(
+                measured <= sent && measured as f64 + uncovered >= sent as f64,
+                "merged {measured} of {sent} sent, {unmeasured} ms unmeasured: {rec}"
+            );
+            eprintln!("moved call {id}: {measured} of {sent} packets measured, {unmeasured:.0} ms unmeasured");
+        } else {
+            assert_eq!(rec["relays"].as_array().unwrap().len(), 1, "{rec}");
+            assert!(unmeasured < 100.0, "{rec}");
+            assert!(measured + 2 >= sent, "{rec}");
+        }
         if callers_on_a.iter().any(|a| a == id) {
             eprintln!("moved call {id}: silent for {gap:.0} ms at the caller");
             // Silent from the kill until the move: the grace period and the move.

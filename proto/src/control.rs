@@ -107,6 +107,10 @@ pub enum Command {
     Stats(StatsQuery),
     /// Refuse new channels from now on; existing ones carry on until removed.
     Drain,
+    /// Every open channel's figures so far, in a form that merges exactly
+    /// ([`crate::figures::ChannelFigures`]): control asks every `--interim`, so a relay's crash
+    /// loses at most that much of a call's measurement.
+    Interim,
 }
 
 impl Command {
@@ -121,6 +125,7 @@ impl Command {
             Self::List => "list",
             Self::Stats(_) => "stats",
             Self::Drain => "drain",
+            Self::Interim => "interim",
         }
     }
 }
@@ -208,11 +213,19 @@ pub enum Response {
     Removed {
         /// Final statistics.
         stats: Box<ChannelStats>,
+        /// The same, mergeable (absent from a relay that predates them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        figures: Option<Box<crate::figures::ChannelFigures>>,
     },
     /// Every open channel.
     Channels {
         /// One entry a channel.
         channels: Vec<ChannelInfo>,
+    },
+    /// Every open channel's figures so far.
+    Interim {
+        /// One entry a channel.
+        channels: Vec<crate::figures::ChannelFigures>,
     },
     /// One channel's statistics.
     Channel {
@@ -479,13 +492,17 @@ pub fn decode_request(line: &[u8]) -> Result<Request, RequestError> {
             unit(&map)?;
             Command::Drain
         }
+        "interim" => {
+            unit(&map)?;
+            Command::Interim
+        }
         _ => {
             let shown: String = cmd.chars().take(64).collect();
             return Err(fail(
                 id,
                 ErrorCode::UnknownCommand,
                 format!(
-                    "unknown command {shown:?} (known: hello, add, update, remove, list, stats, drain)"
+                    "unknown command {shown:?} (known: hello, add, update, remove, list, stats, drain, interim)"
                 ),
             ));
         }

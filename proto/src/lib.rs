@@ -23,6 +23,7 @@
 
 pub mod channel_id;
 pub mod control;
+pub mod figures;
 pub mod format;
 pub mod probe;
 pub mod relay;

@@ -107,6 +107,17 @@ impl<T: Counter> LatencyHistogram<T> {
         self.sum_ns += other.sum_ns;
     }
 
+    /// Adds every value of `h`, whose values sum to `sum_ns` (a histogram read back from its
+    /// serialised form, which does not carry the sum).
+    pub fn add_histogram<U: Counter>(&mut self, h: &Histogram<U>, sum_ns: u128) {
+        for v in h.iter_recorded() {
+            if let Some(c) = T::from_u64(v.count_at_value().as_u64()) {
+                self.hist.saturating_record_n(v.value_iterated_to(), c);
+            }
+        }
+        self.sum_ns += sum_ns;
+    }
+
     /// Sum of every value recorded, in nanoseconds.
     #[must_use]
     pub const fn sum_ns(&self) -> u128 {

@@ -55,6 +55,7 @@ fn every_command_round_trips() {
             channel: Some(id("b")),
         }),
         Command::Drain,
+        Command::Interim,
     ];
     for (i, command) in commands.into_iter().enumerate() {
         let req = Request {

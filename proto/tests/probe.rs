@@ -354,7 +354,7 @@ fn received_counts_exactly_what_reached_the_relay() {
     // The first two (before recognition) are not written.
     assert_eq!(ps.written, back - 2);
     assert_eq!(ps.relay_loop.count, back - 2);
-    let Ok(Response::Removed { stats }) = remove(&mut r, "a") else {
+    let Ok(Response::Removed { stats, .. }) = remove(&mut r, "a") else {
         panic!("removed")
     };
     assert_eq!(stats.probe.unwrap().received, reached);

@@ -335,7 +335,7 @@ fn commands_add_update_list_stats_remove_drain() {
     match r.handle_command(t(2), Command::Remove(RemoveChannel { channel: id("a") })) {
         CommandOutcome::Close {
             socket,
-            reply: Ok(Response::Removed { stats }),
+            reply: Ok(Response::Removed { stats, .. }),
         } => {
             assert_eq!(socket, a);
             assert_eq!(stats.traffic.to_echo.packets, 1);

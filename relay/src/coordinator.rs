@@ -289,6 +289,15 @@ impl Coordinator {
                 channels.sort_by(|a, b| a.channel.cmp(&b.channel));
                 Ok(Response::Channels { channels })
             }
+            Command::Interim => {
+                let mut channels = Vec::new();
+                for r in self.broadcast(&Command::Interim).await? {
+                    if let Response::Interim { channels: c } = r {
+                        channels.extend(c);
+                    }
+                }
+                Ok(Response::Interim { channels })
+            }
             Command::Drain => {
                 let mut active = 0u32;
                 for r in self.broadcast(&Command::Drain).await? {

@@ -157,7 +157,7 @@ impl RelayClient {
     pub fn remove(&mut self, channel: &str) -> Result<ChannelStats, RelayClientError> {
         let channel = ChannelId::try_from(channel)?;
         match self.request(Command::Remove(RemoveChannel { channel }))? {
-            Response::Removed { stats } => Ok(*stats),
+            Response::Removed { stats, .. } => Ok(*stats),
             other => Err(unexpected("remove", other)),
         }
     }

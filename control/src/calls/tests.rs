@@ -4,6 +4,7 @@
 //! test asserts their order across ARI and the relay, and that whatever a call created is gone.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use super::*;
@@ -237,13 +238,17 @@ impl RelayOps for FakeRelay {
         port: u16,
         _echo: SocketAddr,
         _format: relay_proto::Format,
-    ) -> Result<Option<IpAddr>, RelayError> {
+    ) -> Result<Placed, RelayError> {
         let op = Op::RelayAdd {
             id: id.as_str().into(),
             port,
         };
         self.0.relay(op).await?;
-        Ok(*lock(&self.0.relay_ip))
+        let ip = *lock(&self.0.relay_ip);
+        Ok(Placed {
+            ip,
+            relay: ip.map_or_else(|| "local".into(), |ip| format!("relay-{ip}")),
+        })
     }
 
     async fn update(&self, id: &ChannelId, asterisk: SocketAddr) -> Result<(), RelayError> {
@@ -254,9 +259,9 @@ impl RelayOps for FakeRelay {
         self.0.relay(op).await
     }
 
-    async fn remove(&self, id: &ChannelId) -> Result<ChannelStats, RelayError> {
+    async fn remove(&self, id: &ChannelId) -> Result<Removed, RelayError> {
         self.0.relay(Op::RelayRemove(id.as_str().into())).await?;
-        Ok(ChannelStats {
+        let stats = ChannelStats {
             channel: id.clone(),
             socket: 0,
             shard: 0,
@@ -275,6 +280,13 @@ impl RelayOps for FakeRelay {
             drops: Default::default(),
             score: Default::default(),
             probe: None,
+        };
+        let mut figures =
+            ChannelFigures::new(&stats, &relay_proto::stats::LatencyHistogram::<u64>::new(2));
+        figures.traffic.to_echo.packets = 5;
+        Ok(Removed {
+            stats,
+            figures: Some(figures),
         })
     }
 
@@ -283,11 +295,43 @@ impl RelayOps for FakeRelay {
         let _ = lost.wait_for(|l| l.iter().any(|x| x == id.as_str())).await;
     }
 
-    fn abandon(&self, id: &ChannelId) {
+    fn abandon(&self, id: &ChannelId) -> Option<ChannelFigures> {
         let at = self.0.start.elapsed();
         self.0
             .log
             .send_modify(|log| log.push((at, Op::RelayAbandon(id.as_str().into()))));
+        // The lost relay's last interim: 3 packets each way, covering 1 s.
+        let mut stats = fake_stats(id);
+        stats.traffic.to_echo.packets = 3;
+        stats.age_ns = 1_000_000_000;
+        Some(ChannelFigures::new(
+            &stats,
+            &relay_proto::stats::LatencyHistogram::<u64>::new(2),
+        ))
+    }
+}
+
+/// A relay channel's statistics with nothing measured.
+fn fake_stats(id: &ChannelId) -> ChannelStats {
+    ChannelStats {
+        channel: id.clone(),
+        socket: 0,
+        shard: 0,
+        port: 0,
+        format: relay_proto::Format::Ulaw,
+        asterisk: None,
+        latched: false,
+        echo: SocketAddr::from(([127, 0, 0, 1], 4000)),
+        age_ns: 0,
+        idle_ns: 0,
+        traffic: Default::default(),
+        streams: Default::default(),
+        round_trip: Default::default(),
+        rtt: Default::default(),
+        timestamps: Default::default(),
+        drops: Default::default(),
+        score: Default::default(),
+        probe: None,
     }
 }
 
@@ -316,6 +360,7 @@ fn harness(ports: RangeInclusive<u16>) -> Harness {
             "/nonexistent/relay.sock".into(),
         )],
         relay_grace: Duration::from_millis(500),
+        interim: Duration::from_secs(2),
         metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
         call_log: None,
     };
@@ -1038,7 +1083,17 @@ async fn a_call_whose_relay_is_lost_moves_to_another_and_survives_the_old_channe
         ]
     );
     assert_eq!(h.outcomes("completed"), 1);
-    assert_eq!(h.record(CALLER)["ended_by"], "caller");
+    let r = h.record(CALLER);
+    assert_eq!(r["ended_by"], "caller");
+    // Three relays carried it; the two lost ones' last interim figures (3 packets each) and
+    // the last one's final figures (5) are merged.
+    assert_eq!(
+        r["relays"],
+        serde_json::json!(["local", "relay-10.0.0.22", "relay-10.0.0.22"]),
+        "{r}"
+    );
+    assert_eq!(r["relay"]["packets_to_echo"], 11, "{r}");
+    assert!(r["unmeasured_ms"].as_f64().is_some(), "{r}");
     h.assert_released(false);
 }
 

@@ -55,6 +55,7 @@ use std::net::SocketAddr;
 use crate::control::{
     AddChannel, ChannelId, ChannelInfo, Command, ErrorCode, ErrorReply, Response,
 };
+use crate::figures::ChannelFigures;
 use crate::probe::{self, RelayTimes};
 use crate::rtp::{self, Packet, Ssrc};
 use crate::sends::Sends;
@@ -462,12 +463,23 @@ impl Relay {
             },
             Command::Update(u) => CommandOutcome::Reply(self.update(&u.channel, u.asterisk)),
             Command::Remove(r) => match self.close(now, &r.channel, CloseReason::Removed) {
-                Some((socket, stats)) => CommandOutcome::Close {
+                Some((socket, stats, figures)) => CommandOutcome::Close {
                     socket,
-                    reply: Ok(Response::Removed { stats }),
+                    reply: Ok(Response::Removed {
+                        stats,
+                        figures: Some(figures),
+                    }),
                 },
                 None => CommandOutcome::Reply(Err(ErrorReply::unknown_channel(&r.channel))),
             },
+            Command::Interim => CommandOutcome::Reply(Ok(Response::Interim {
+                channels: self
+                    .channels
+                    .iter()
+                    .flatten()
+                    .map(|c| ChannelFigures::new(&c.stats(now), &c.rtt))
+                    .collect(),
+            })),
             Command::List => {
                 let mut channels: Vec<ChannelInfo> =
                     self.channels.iter().flatten().map(|c| c.info()).collect();
@@ -625,7 +637,7 @@ impl Relay {
         now: MonoTime,
         id: &ChannelId,
         reason: CloseReason,
-    ) -> Option<(SocketId, Box<ChannelStats>)> {
+    ) -> Option<(SocketId, Box<ChannelStats>, Box<ChannelFigures>)> {
         let socket = self.by_id.remove(id)?;
         let mut ch = self.channels.get_mut(socket.index())?.take()?;
         let (timeouts, unmeasured) = ch.t0.expire_all();
@@ -636,6 +648,7 @@ impl Relay {
         ch.timestamps.missing.no_stamp += unmeasured;
         count_unreturned_tail(&mut ch);
         let stats = ch.stats(now);
+        let figures = Box::new(ChannelFigures::new(&stats, &ch.rtt));
         let c = &mut self.closed;
         for d in Direction::ALL {
             c.traffic.get_mut(d).accumulate(stats.traffic.get(d));
@@ -651,7 +664,7 @@ impl Relay {
             CloseReason::Idle => c.idle += 1,
         }
         self.free.push(socket.0);
-        Some((socket, Box::new(stats)))
+        Some((socket, Box::new(stats), figures))
     }
 
     /// When [`Relay::handle_timeout`] should next run; `None` while there are no channels.
@@ -681,7 +694,7 @@ impl Relay {
             }
         }
         for id in idle {
-            if let Some((socket, stats)) = self.close(now, &id, CloseReason::Idle) {
+            if let Some((socket, stats, _)) = self.close(now, &id, CloseReason::Idle) {
                 self.events.push_back(Event::ChannelClosed {
                     socket,
                     reason: CloseReason::Idle,

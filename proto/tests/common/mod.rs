@@ -308,7 +308,7 @@ impl Sim {
             Command::Remove(relay_proto::control::RemoveChannel { channel }),
         ) {
             CommandOutcome::Close {
-                reply: Ok(Response::Removed { stats }),
+                reply: Ok(Response::Removed { stats, .. }),
                 ..
             } => *stats,
             other => panic!("remove failed: {other:?}"),

@@ -248,7 +248,7 @@ impl Ctl {
         match self.request(relay_proto::Command::Remove(RemoveChannel {
             channel: ChannelId::try_from(channel).unwrap(),
         })) {
-            Ok(Response::Removed { stats }) => *stats,
+            Ok(Response::Removed { stats, .. }) => *stats,
             other => panic!("remove {channel}: {other:?}"),
         }
     }
