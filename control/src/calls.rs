@@ -149,7 +149,7 @@ pub trait RelayOps: fmt::Debug + Send + Sync + 'static {
     /// Forgets channel `id` without a word to its relay (which is lost): a relay that comes
     /// back is not asked to re-add it, and removes it as a leftover. Returns the channel's
     /// latest interim figures, what is left of its measurement.
-    fn abandon(&self, id: &ChannelId) -> Option<ChannelFigures>;
+    fn abandon(&self, id: &ChannelId) -> Vec<ChannelFigures>;
 }
 
 impl RelayOps for RelayPool {
@@ -175,7 +175,7 @@ impl RelayOps for RelayPool {
     fn lost(&self, id: &ChannelId) -> impl Future<Output = ()> + Send {
         RelayPool::lost(self, id)
     }
-    fn abandon(&self, id: &ChannelId) -> Option<ChannelFigures> {
+    fn abandon(&self, id: &ChannelId) -> Vec<ChannelFigures> {
         RelayPool::abandon(self, id)
     }
 }

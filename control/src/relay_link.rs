@@ -177,8 +177,27 @@ pub struct RelayLink {
     channels: Arc<Mutex<HashMap<ChannelId, Spec>>>,
     state: Arc<Mutex<LinkState>>,
     endpoint: Arc<Endpoint>,
+    /// What the relay measured of each channel so far.
+    figures: Arc<Mutex<Figures>>,
+}
+
+/// What a relay measured of control's channels, kept until each channel ends.
+#[derive(Debug, Default)]
+struct Figures {
     /// Each channel's latest interim figures (`interim`, every `--interim`).
-    interim: Arc<Mutex<HashMap<ChannelId, ChannelFigures>>>,
+    latest: HashMap<ChannelId, ChannelFigures>,
+    /// The figures of a channel's earlier lives on this relay: the last interim figures before
+    /// the relay restarted and the resync re-added the channel from zero.
+    banked: HashMap<ChannelId, Vec<ChannelFigures>>,
+}
+
+impl Figures {
+    /// Everything kept of `id` (earlier lives, then the latest), forgotten.
+    fn take(&mut self, id: &ChannelId) -> Vec<ChannelFigures> {
+        let mut all = self.banked.remove(id).unwrap_or_default();
+        all.extend(self.latest.remove(id));
+        all
+    }
 }
 
 /// A channel's end on the relay: its final statistics and, from a relay that sends them, the
@@ -187,8 +206,9 @@ pub struct RelayLink {
 pub struct Removed {
     /// Final statistics.
     pub stats: ChannelStats,
-    /// Mergeable figures.
-    pub figures: Option<ChannelFigures>,
+    /// Mergeable figures: the channel's earlier lives on this relay (before a restart the
+    /// resync recovered from), then its final ones.
+    pub figures: Vec<ChannelFigures>,
 }
 
 impl RelayLink {
@@ -199,12 +219,14 @@ impl RelayLink {
         let (tx, rx) = mpsc::unbounded_channel();
         let channels = Arc::new(Mutex::new(HashMap::new()));
         let state = Arc::new(Mutex::new(LinkState::default()));
+        let figures = Arc::new(Mutex::new(Figures::default()));
         let endpoint = Arc::new(endpoint);
         tokio::spawn(run(
             Arc::clone(&endpoint),
             rx,
             Arc::clone(&channels),
             Arc::clone(&state),
+            Arc::clone(&figures),
             metrics,
         ));
         let link = Self {
@@ -212,7 +234,7 @@ impl RelayLink {
             channels,
             state,
             endpoint,
-            interim: Arc::new(Mutex::new(HashMap::new())),
+            figures,
         };
         tokio::spawn(poll_interim(link.clone(), interim));
         link
@@ -253,10 +275,11 @@ impl RelayLink {
     }
 
     /// Forgets channel `id` without telling the relay (see
-    /// [`crate::calls::RelayOps::abandon`]); its latest interim figures.
-    pub fn forget(&self, id: &ChannelId) -> Option<ChannelFigures> {
+    /// [`crate::calls::RelayOps::abandon`]); what the relay measured of it: its latest interim
+    /// figures (after those of any earlier life on this relay).
+    pub fn forget(&self, id: &ChannelId) -> Vec<ChannelFigures> {
         self.channels().remove(id);
-        lock(&self.interim).remove(id)
+        lock(&self.figures).take(id)
     }
 
     /// Asks the relay for every channel's figures so far and keeps those of control's channels.
@@ -264,13 +287,14 @@ impl RelayLink {
         match self.request(Command::Interim).await? {
             Response::Interim { channels } => {
                 let held = self.channels();
-                let mut interim = lock(&self.interim);
+                let mut figures = lock(&self.figures);
                 for f in channels {
                     if held.contains_key(&f.channel) {
-                        interim.insert(f.channel.clone(), f);
+                        figures.latest.insert(f.channel.clone(), f);
                     }
                 }
-                interim.retain(|id, _| held.contains_key(id));
+                figures.latest.retain(|id, _| held.contains_key(id));
+                figures.banked.retain(|id, _| held.contains_key(id));
                 Ok(())
             }
             _ => Err(RelayError::Unexpected("interim")),
@@ -359,17 +383,21 @@ impl RelayLink {
     /// re-add it and will remove it if the relay still has it.
     pub async fn remove(&self, id: &ChannelId) -> Result<Removed, RelayError> {
         self.channels().remove(id);
-        lock(&self.interim).remove(id);
+        let mut earlier = lock(&self.figures).banked.remove(id).unwrap_or_default();
+        lock(&self.figures).latest.remove(id);
         match self
             .request(Command::Remove(RemoveChannel {
                 channel: id.clone(),
             }))
             .await?
         {
-            Response::Removed { stats, figures } => Ok(Removed {
-                stats: *stats,
-                figures: figures.map(|f| *f),
-            }),
+            Response::Removed { stats, figures } => {
+                earlier.extend(figures.map(|f| *f));
+                Ok(Removed {
+                    stats: *stats,
+                    figures: earlier,
+                })
+            }
             _ => Err(RelayError::Unexpected("remove")),
         }
     }
@@ -534,6 +562,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Pending>,
     channels: Arc<Mutex<HashMap<ChannelId, Spec>>>,
     state: Arc<Mutex<LinkState>>,
+    figures: Arc<Mutex<Figures>>,
     metrics: Arc<Metrics>,
 ) {
     let mut backoff = endpoint.backoff();
@@ -577,7 +606,7 @@ async fn run(
                 continue;
             }
         };
-        match resync(&mut conn, &channels).await {
+        match resync(&mut conn, &channels, &figures).await {
             Ok((readded, removed)) => {
                 backoff.reset();
                 if connected_before {
@@ -621,6 +650,7 @@ async fn run(
 async fn resync(
     conn: &mut Conn,
     channels: &Mutex<HashMap<ChannelId, Spec>>,
+    figures: &Mutex<Figures>,
 ) -> std::io::Result<(u64, u64)> {
     let listed = match conn.call(Command::List).await? {
         Ok(Response::Channels { channels }) => channels,
@@ -669,7 +699,15 @@ async fn resync(
                 }))
                 .await?
             {
-                Ok(_) => readded += 1,
+                Ok(_) => {
+                    readded += 1;
+                    // The relay restarted: what it measured before (its last interim figures)
+                    // is banked, to be merged with what it measures from now on.
+                    let mut f = lock(figures);
+                    if let Some(before) = f.latest.remove(&id) {
+                        f.banked.entry(id.clone()).or_default().push(before);
+                    }
+                }
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(channel = id.as_str(), "re-add refused, retrying: {e}");
                     again.push((id, spec));

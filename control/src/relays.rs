@@ -232,11 +232,13 @@ impl RelayPool {
         }
     }
 
-    /// Forgets `id`, on the pool and on its relay's link, without telling the relay; its
-    /// latest interim figures.
-    pub fn abandon(&self, id: &ChannelId) -> Option<ChannelFigures> {
-        let m = self.forget(id).and_then(|i| self.members.get(i))?;
-        m.link.forget(id)
+    /// Forgets `id`, on the pool and on its relay's link, without telling the relay; what its
+    /// relay measured of it (its latest interim figures).
+    pub fn abandon(&self, id: &ChannelId) -> Vec<ChannelFigures> {
+        self.forget(id)
+            .and_then(|i| self.members.get(i))
+            .map(|m| m.link.forget(id))
+            .unwrap_or_default()
     }
 
     /// Waits until at least one relay is connected, for at most `deadline`; whether one is.

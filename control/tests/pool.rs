@@ -16,6 +16,9 @@
 //!   moved call's record lists both relays, merges a's last interim figures with b's, and says
 //!   how long no figures cover (at most the 2 s interim, the grace and the move); the relay
 //!   restarted at its address takes new calls again.
+//! - A relay restarted at its address within `--relay-grace` keeps its calls (the resync re-adds
+//!   them), and each record merges what it measured before the crash (its last interim figures)
+//!   with what it measured after.
 //!
 //! The tests run one at a time (a lock): each drives real-time RTP on a two-core machine.
 
@@ -560,5 +563,159 @@ fn a_relay_killed_mid_call_loses_no_call_and_is_used_again_once_back() {
             let (sent, received) = (c["sent"].as_u64().unwrap(), c["received"].as_u64().unwrap());
             assert!(received + 2 >= sent, "RTP lost: {c}");
         }
+    }
+}
+
+#[test]
+fn a_relay_restarted_at_its_address_within_the_grace_keeps_its_calls_and_their_figures() {
+    let _s = serial();
+    let dir = testkit::TempDir::new("control-pool-restart");
+    let pki = testkit::pki::Pki::new(dir.path(), &[]);
+    let (_echo, echo_addr) = start(
+        "echo",
+        &["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+        "echo ready",
+        "listen",
+    );
+    let listen = format!("tcp://127.0.0.1:{}", free_port());
+    let (a, a_ctl, a_url) = relay_at(
+        dir.path(),
+        &pki,
+        "relay-a",
+        "127.0.0.2",
+        "20",
+        &echo_addr,
+        &listen,
+    );
+    let json = dir.path().join("sim.json");
+    let (mut sim, sim_addr) = start(
+        "sim-asterisk",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--ari-pass",
+            PASS,
+            "--json",
+            json.to_str().unwrap(),
+            "--grace",
+            "5s",
+            "--calls",
+            "4",
+            "--ramp",
+            "200ms",
+            "--hold",
+            "7s",
+        ],
+        "sim-asterisk ready",
+        "listen",
+    );
+    let (echo_host, echo_port) = echo_addr.rsplit_once(':').unwrap();
+    let calls_log = dir.path().join("calls.jsonl");
+    let (_control, http, _log) = start_logged(
+        "control",
+        &[
+            "--ari-url",
+            &format!("http://{sim_addr}"),
+            "--ari-pass",
+            PASS,
+            "--relay",
+            &a_url,
+            "--relay-ca",
+            pki.ca.to_str().unwrap(),
+            "--relay-cert",
+            pki.control.cert.to_str().unwrap(),
+            "--relay-key",
+            pki.control.key.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:0",
+            "--port-range",
+            "22200-22299",
+            "--echo-host",
+            echo_host,
+            "--echo-port",
+            echo_port,
+            "--relay-grace",
+            "3s",
+            "--interim",
+            "500ms",
+            "--call-log",
+            calls_log.to_str().unwrap(),
+        ],
+        "control ready",
+        "metrics",
+    );
+    let mut c = RelayClient::connect(&a_ctl).unwrap();
+    wait_for("4 calls flowing", Duration::from_secs(15), || {
+        let list = c.list().ok()?;
+        (list.len() == 4 && list.iter().all(|c| c.traffic.to_asterisk.packets > 100)).then_some(())
+    });
+    drop(c);
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &a.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    drop(a);
+    let (_a2, _, _) = relay_at(
+        dir.path(),
+        &pki,
+        "relay-a",
+        "127.0.0.2",
+        "20",
+        &echo_addr,
+        &listen,
+    );
+    let mut c = RelayClient::connect(&a_ctl).unwrap();
+    wait_for(
+        "the 4 calls re-added and flowing",
+        Duration::from_secs(10),
+        || {
+            let list = c.list().ok()?;
+            (list.len() == 4 && list.iter().all(|c| c.traffic.to_asterisk.packets > 0))
+                .then_some(())
+        },
+    );
+    let end = Instant::now() + Duration::from_secs(30);
+    while sim.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "sim-asterisk did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = http_get(&http, "/metrics").unwrap().1;
+    assert_eq!(
+        metric(&m, "rtprelay_control_calls_moved_total"),
+        Some(0.0),
+        "no move"
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records: Vec<Value> = wait_for("4 call records", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&calls_log).ok()?;
+        let v: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (v.len() == 4).then_some(v)
+    });
+    for call in r["per_call"].as_array().unwrap() {
+        assert_eq!(call["end"], "completed", "{call}");
+        let rec = records
+            .iter()
+            .find(|x| x["caller_id"] == call["id"])
+            .unwrap();
+        assert_eq!(rec["relays"], serde_json::json!(["relay-a"]), "{rec}");
+        let unmeasured = rec["unmeasured_ms"].as_f64().unwrap();
+        let (sent, measured) = (
+            call["sent"].as_u64().unwrap(),
+            rec["relay"]["packets_to_echo"].as_u64().unwrap(),
+        );
+        // The figures before the crash (its last interim, at most 500 ms old) and after the
+        // restart, merged: what is missing is what no figures cover.
+        assert!(unmeasured > 0.0 && unmeasured <= 1_000.0, "{rec}");
+        assert!(
+            measured <= sent && measured as f64 + unmeasured / 20.0 + 10.0 >= sent as f64,
+            "merged {measured} of {sent} sent, {unmeasured} ms unmeasured: {rec}"
+        );
+        // More than the restarted relay alone saw (it came back after more than a second).
+        assert!(measured > sent / 2, "{rec}");
+        eprintln!("restart: {measured} of {sent} packets measured, {unmeasured:.0} ms unmeasured");
     }
 }

@@ -286,7 +286,7 @@ impl RelayOps for FakeRelay {
         figures.traffic.to_echo.packets = 5;
         Ok(Removed {
             stats,
-            figures: Some(figures),
+            figures: vec![figures],
         })
     }
 
@@ -295,7 +295,7 @@ impl RelayOps for FakeRelay {
         let _ = lost.wait_for(|l| l.iter().any(|x| x == id.as_str())).await;
     }
 
-    fn abandon(&self, id: &ChannelId) -> Option<ChannelFigures> {
+    fn abandon(&self, id: &ChannelId) -> Vec<ChannelFigures> {
         let at = self.0.start.elapsed();
         self.0
             .log
@@ -304,10 +304,10 @@ impl RelayOps for FakeRelay {
         let mut stats = fake_stats(id);
         stats.traffic.to_echo.packets = 3;
         stats.age_ns = 1_000_000_000;
-        Some(ChannelFigures::new(
+        vec![ChannelFigures::new(
             &stats,
             &relay_proto::stats::LatencyHistogram::<u64>::new(2),
-        ))
+        )]
     }
 }
 
