@@ -154,6 +154,25 @@ impl Channel {
         }
     }
 
+    /// Its figures so far in mergeable form (for `interim`): the counters and the serialised
+    /// round trips, without the summaries `stats` computes.
+    pub(super) fn figures(&self, now: MonoTime) -> crate::figures::ChannelFigures {
+        crate::figures::ChannelFigures {
+            channel: self.id.clone(),
+            age_ns: now.nanos_since(self.opened),
+            traffic: self.traffic,
+            streams: PerDirection {
+                to_echo: self.streams.to_echo.counters(),
+                to_asterisk: self.streams.to_asterisk.counters(),
+            },
+            round_trip: self.round_trip,
+            timestamps: self.timestamps,
+            drops: self.drops,
+            rtt: crate::figures::encode(&self.rtt),
+            rtt_sum_ns: u64::try_from(self.rtt.sum_ns()).unwrap_or(u64::MAX),
+        }
+    }
+
     /// The E-model score of what the channel measured: its mean round trip, the jitter of the
     /// echo's return as received (which carries both legs' variation) and its exact round-trip
     /// loss.

@@ -477,7 +477,7 @@ impl Relay {
                     .channels
                     .iter()
                     .flatten()
-                    .map(|c| ChannelFigures::new(&c.stats(now), &c.rtt))
+                    .map(|c| c.figures(now))
                     .collect(),
             })),
             Command::List => {
