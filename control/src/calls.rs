@@ -723,25 +723,63 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         };
         Self::check(call)?;
         held.ems.push(new_em.clone());
-        let host = SocketAddr::new(relay_ip.unwrap_or(self.cfg.bind_ip), port).to_string();
-        let em = self
+        self.open_external_media(call, &new_em, &id, relay_ip, port, format)
+            .await?;
+        self.join_bridge(call, &new_em, generation, &[&new_em])
+            .await?;
+        // The old channel leaves; its StasisEnd does not end the call (it is not current).
+        held.ems.retain(|e| *e != old_em);
+        if let Err(e) = self.ari.hangup(&old_em).await {
+            tracing::warn!(caller = %call.caller, "cannot hang up {old_em} after the move: {e}");
+        }
+        Self::check(call)
+    }
+
+    /// Creates externalMedia channel `em` toward the relay that holds relay channel `id`
+    /// (`ip`: its address, or control's `--bind-ip`) and tells the relay where Asterisk sends
+    /// from.
+    async fn open_external_media(
+        &self,
+        call: &Call,
+        em: &str,
+        id: &ChannelId,
+        ip: Option<std::net::IpAddr>,
+        port: u16,
+        format: relay_proto::Format,
+    ) -> Result<(), SetupError> {
+        let fail = |stage| move |e: &dyn fmt::Display| SetupError::Failed(stage, e.to_string());
+        let host = SocketAddr::new(ip.unwrap_or(self.cfg.bind_ip), port).to_string();
+        let channel = self
             .ari
-            .external_media(&new_em, &host, format.as_str())
+            .external_media(em, &host, format.as_str())
             .await
             .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
-        let source = em
+        let source = channel
             .rtp_source()
             .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
         self.relay
-            .update(&id, source)
+            .update(id, source)
             .await
             .map_err(|e| fail(Stage::Relay)(&e))?;
+        Self::check(call)
+    }
+
+    /// Waits for externalMedia channel `em` (the call's `generation`-th) to enter Stasis (its
+    /// StasisStart may come before or after its POST replied), then adds `members` to the
+    /// call's bridge, retrying while Asterisk answers 422.
+    async fn join_bridge(
+        &self,
+        call: &Call,
+        em: &str,
+        generation: u32,
+        members: &[&str],
+    ) -> Result<(), SetupError> {
         let mut ready = call.em_ready.subscribe();
         let mut ended = call.ended.subscribe();
         tokio::select! {
             r = tokio::time::timeout(STASIS_WAIT, ready.wait_for(|r| *r > generation)) => {
                 if r.is_err() {
-                    return Err(SetupError::Failed(Stage::ExternalMedia, format!("no StasisStart for {new_em} within {STASIS_WAIT:?}")));
+                    return Err(SetupError::Failed(Stage::ExternalMedia, format!("no StasisStart for {em} within {STASIS_WAIT:?}")));
                 }
             }
             _ = ended.wait_for(|e| *e) => return Err(SetupError::Ended),
@@ -750,20 +788,14 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         loop {
             Self::check(call)?;
             attempt += 1;
-            match self.ari.add_to_bridge(&call.bridge, &[&new_em]).await {
-                Ok(()) => break,
+            match self.ari.add_to_bridge(&call.bridge, members).await {
+                Ok(()) => return Ok(()),
                 Err(e) if e.status() == Some(422) && attempt < BRIDGE_ATTEMPTS => {
                     tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
                 }
-                Err(e) => return Err(fail(Stage::Bridge)(&e)),
+                Err(e) => return Err(SetupError::Failed(Stage::Bridge, e.to_string())),
             }
         }
-        // The old channel leaves; its StasisEnd does not end the call (it is not current).
-        held.ems.retain(|e| *e != old_em);
-        if let Err(e) = self.ari.hangup(&old_em).await {
-            tracing::warn!(caller = %call.caller, "cannot hang up {old_em} after the move: {e}");
-        }
-        Self::check(call)
     }
 
     fn check(call: &Call) -> Result<(), SetupError> {
@@ -821,20 +853,8 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
         Self::check(call)?;
 
         held.ems.push(call.em.clone());
-        let host = SocketAddr::new(placed.ip.unwrap_or(self.cfg.bind_ip), port).to_string();
-        let em = self
-            .ari
-            .external_media(&call.em, &host, format.as_str())
-            .await
-            .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
-        let source = em
-            .rtp_source()
-            .map_err(|e| fail(Stage::ExternalMedia)(&e))?;
-        self.relay
-            .update(&id, source)
-            .await
-            .map_err(|e| fail(Stage::Relay)(&e))?;
-        Self::check(call)?;
+        self.open_external_media(call, &call.em, &id, placed.ip, port, format)
+            .await?;
 
         held.bridge = true;
         self.ari
@@ -842,33 +862,8 @@ impl<A: AriOps, R: RelayOps> Controller<A, R> {
             .await
             .map_err(|e| fail(Stage::Bridge)(&e))?;
 
-        // The externalMedia channel's StasisStart may come before or after its POST replied.
-        let mut ready = call.em_ready.subscribe();
-        let mut ended = call.ended.subscribe();
-        tokio::select! {
-            r = tokio::time::timeout(STASIS_WAIT, ready.wait_for(|r| *r > 0)) => {
-                if r.is_err() {
-                    return Err(SetupError::Failed(Stage::ExternalMedia, format!("no StasisStart for {} within {STASIS_WAIT:?}", call.em)));
-                }
-            }
-            _ = ended.wait_for(|e| *e) => return Err(SetupError::Ended),
-        }
-        let mut attempt = 0;
-        loop {
-            Self::check(call)?;
-            attempt += 1;
-            match self
-                .ari
-                .add_to_bridge(&call.bridge, &[&call.caller, &call.em])
-                .await
-            {
-                Ok(()) => break,
-                Err(e) if e.status() == Some(422) && attempt < BRIDGE_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
-                }
-                Err(e) => return Err(fail(Stage::Bridge)(&e)),
-            }
-        }
+        self.join_bridge(call, &call.em, 0, &[&call.caller, &call.em])
+            .await?;
         Self::check(call)
     }
 

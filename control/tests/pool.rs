@@ -113,6 +113,45 @@ fn relay_at(
     (p, ctl, url)
 }
 
+/// control with the relays `relays` (`tls://` URLs, comma-separated), control's certificate from
+/// `pki`, the echo at `echo`, ports `ports`, and `extra` flags; (process, its metrics address).
+fn control(
+    sim_addr: &str,
+    relays: &str,
+    pki: &testkit::pki::Pki,
+    echo: &str,
+    ports: &str,
+    extra: &[&str],
+) -> (Proc, String) {
+    let (echo_host, echo_port) = echo.rsplit_once(':').unwrap();
+    let ari = format!("http://{sim_addr}");
+    let mut args = vec![
+        "--ari-url",
+        &ari,
+        "--ari-pass",
+        PASS,
+        "--relay",
+        relays,
+        "--relay-ca",
+        pki.ca.to_str().unwrap(),
+        "--relay-cert",
+        pki.control.cert.to_str().unwrap(),
+        "--relay-key",
+        pki.control.key.to_str().unwrap(),
+        "--metrics",
+        "127.0.0.1:0",
+        "--port-range",
+        ports,
+        "--echo-host",
+        echo_host,
+        "--echo-port",
+        echo_port,
+    ];
+    args.extend_from_slice(extra);
+    let (p, http, _) = start_logged("control", &args, "control ready", "metrics");
+    (p, http)
+}
+
 #[test]
 fn calls_spread_over_two_tls_relays_by_free_capacity_and_reach_each_ones_address() {
     let _s = serial();
@@ -148,33 +187,13 @@ fn calls_spread_over_two_tls_relays_by_free_capacity_and_reach_each_ones_address
         "sim-asterisk ready",
         "listen",
     );
-    let (echo_host, echo_port) = echo_addr.rsplit_once(':').unwrap();
-    let (_control, http, _log) = start_logged(
-        "control",
-        &[
-            "--ari-url",
-            &format!("http://{sim_addr}"),
-            "--ari-pass",
-            PASS,
-            "--relay",
-            &format!("{a_url},{b_url}"),
-            "--relay-ca",
-            pki.ca.to_str().unwrap(),
-            "--relay-cert",
-            pki.control.cert.to_str().unwrap(),
-            "--relay-key",
-            pki.control.key.to_str().unwrap(),
-            "--metrics",
-            "127.0.0.1:0",
-            "--port-range",
-            "22000-22099",
-            "--echo-host",
-            echo_host,
-            "--echo-port",
-            echo_port,
-        ],
-        "control ready",
-        "metrics",
+    let (_control, http) = control(
+        &sim_addr,
+        &format!("{a_url},{b_url}"),
+        &pki,
+        &echo_addr,
+        "22000-22099",
+        &[],
     );
     // Each relay's channels, once all ten calls flow: Asterisk's address known, RTP both ways.
     let flowing = |ctl: &Path, n: usize| {
@@ -399,31 +418,14 @@ fn a_relay_killed_mid_call_loses_no_call_and_is_used_again_once_back() {
         "sim-asterisk ready",
         "listen",
     );
-    let (echo_host, echo_port) = echo_addr.rsplit_once(':').unwrap();
     let calls_log = dir.path().join("calls.jsonl");
-    let (_control, http, _log) = start_logged(
-        "control",
+    let (_control, http) = control(
+        &sim_addr,
+        &format!("{a_url},{b_url}"),
+        &pki,
+        &echo_addr,
+        "22100-22199",
         &[
-            "--ari-url",
-            &format!("http://{sim_addr}"),
-            "--ari-pass",
-            PASS,
-            "--relay",
-            &format!("{a_url},{b_url}"),
-            "--relay-ca",
-            pki.ca.to_str().unwrap(),
-            "--relay-cert",
-            pki.control.cert.to_str().unwrap(),
-            "--relay-key",
-            pki.control.key.to_str().unwrap(),
-            "--metrics",
-            "127.0.0.1:0",
-            "--port-range",
-            "22100-22199",
-            "--echo-host",
-            echo_host,
-            "--echo-port",
-            echo_port,
             "--relay-grace",
             "500ms",
             "--interim",
@@ -431,8 +433,6 @@ fn a_relay_killed_mid_call_loses_no_call_and_is_used_again_once_back() {
             "--call-log",
             calls_log.to_str().unwrap(),
         ],
-        "control ready",
-        "metrics",
     );
     // Two calls flowing on each relay; then a is killed.
     let flowing = |ctl: &Path, n: usize| {
@@ -609,31 +609,14 @@ fn a_relay_restarted_at_its_address_within_the_grace_keeps_its_calls_and_their_f
         "sim-asterisk ready",
         "listen",
     );
-    let (echo_host, echo_port) = echo_addr.rsplit_once(':').unwrap();
     let calls_log = dir.path().join("calls.jsonl");
-    let (_control, http, _log) = start_logged(
-        "control",
+    let (_control, http) = control(
+        &sim_addr,
+        &a_url,
+        &pki,
+        &echo_addr,
+        "22200-22299",
         &[
-            "--ari-url",
-            &format!("http://{sim_addr}"),
-            "--ari-pass",
-            PASS,
-            "--relay",
-            &a_url,
-            "--relay-ca",
-            pki.ca.to_str().unwrap(),
-            "--relay-cert",
-            pki.control.cert.to_str().unwrap(),
-            "--relay-key",
-            pki.control.key.to_str().unwrap(),
-            "--metrics",
-            "127.0.0.1:0",
-            "--port-range",
-            "22200-22299",
-            "--echo-host",
-            echo_host,
-            "--echo-port",
-            echo_port,
             "--relay-grace",
             "3s",
             "--interim",
@@ -641,8 +624,6 @@ fn a_relay_restarted_at_its_address_within_the_grace_keeps_its_calls_and_their_f
             "--call-log",
             calls_log.to_str().unwrap(),
         ],
-        "control ready",
-        "metrics",
     );
     let mut c = RelayClient::connect(&a_ctl).unwrap();
     wait_for("4 calls flowing", Duration::from_secs(15), || {

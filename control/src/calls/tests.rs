@@ -261,26 +261,7 @@ impl RelayOps for FakeRelay {
 
     async fn remove(&self, id: &ChannelId) -> Result<Removed, RelayError> {
         self.0.relay(Op::RelayRemove(id.as_str().into())).await?;
-        let stats = ChannelStats {
-            channel: id.clone(),
-            socket: 0,
-            shard: 0,
-            port: 0,
-            format: relay_proto::Format::Ulaw,
-            asterisk: None,
-            latched: false,
-            echo: SocketAddr::from(([127, 0, 0, 1], 4000)),
-            age_ns: 0,
-            idle_ns: 0,
-            traffic: Default::default(),
-            streams: Default::default(),
-            round_trip: Default::default(),
-            rtt: Default::default(),
-            timestamps: Default::default(),
-            drops: Default::default(),
-            score: Default::default(),
-            probe: None,
-        };
+        let stats = fake_stats(id);
         let mut figures =
             ChannelFigures::new(&stats, &relay_proto::stats::LatencyHistogram::<u64>::new(2));
         figures.traffic.to_echo.packets = 5;
