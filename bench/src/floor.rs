@@ -63,7 +63,11 @@ pub(crate) fn run(cfg: &FloorConfig) -> anyhow::Result<u64> {
                 .map_err(|e| anyhow!("binding port {port}: {e}"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let mut ring = Ring::with_tx(4096, cfg.buffers, cfg.channels, 0).context("io_uring")?;
+    let mut ring = Ring::builder(4096)
+        .buffers(cfg.buffers)
+        .files(cfg.channels)
+        .build()
+        .context("io_uring")?;
     for (i, s) in sockets.iter().enumerate() {
         let slot = u32::try_from(i)?;
         ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))?;

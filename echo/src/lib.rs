@@ -718,21 +718,18 @@ pub fn run(
         relay_io::enable_udp_gro(&socket).map_err(RunError::Gro)?;
     }
     let mut ring = if gro_clean {
-        Ring::with_buffer_size(
-            4096,
-            config.buffers.min(GRO_BUFFERS),
-            1,
-            0,
-            relay_io::ring::MAX_BUFFER_SIZE,
-        )
+        Ring::builder(4096)
+            .buffers(config.buffers.min(GRO_BUFFERS))
+            .buffer_size(relay_io::ring::MAX_BUFFER_SIZE)
     } else if gro_faults {
-        Ring::with_tx(4096, 16, 1, FAULT_TX).and_then(|mut r| {
-            r.add_large(GRO_BUFFERS.min(config.buffers), GSO_TX)?;
-            Ok(r)
-        })
+        Ring::builder(4096)
+            .buffers(16)
+            .tx(FAULT_TX)
+            .large(GRO_BUFFERS.min(config.buffers), GSO_TX)
     } else {
-        Ring::with_tx(4096, config.buffers, 1, 1024)
-    }?;
+        Ring::builder(4096).buffers(config.buffers).tx(1024)
+    }
+    .build()?;
     let arm = |ring: &mut Ring| {
         let (group, kind) = if gro_faults {
             (Group::Large, RECV_LARGE)

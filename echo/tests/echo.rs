@@ -102,7 +102,12 @@ fn with_gro_a_gso_batch_comes_back_as_its_datagrams_byte_identical() {
     // The client sends 10 packets in one GSO send from a ring; its plain socket gets the echo's
     // reflection (one GSO send) cut back into the 10 datagrams by the kernel.
     let c = client();
-    let mut ring = relay_io::ring::Ring::with_buffer_size(8, 2, 1, 2, 1 << 16).unwrap();
+    let mut ring = relay_io::ring::Ring::builder(8)
+        .buffers(2)
+        .tx(2)
+        .buffer_size(1 << 16)
+        .build()
+        .unwrap();
     ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&c))
         .unwrap();
     let mut i = ring.tx_acquire(Group::Small).unwrap();
@@ -186,7 +191,12 @@ fn faulted_run_in(seed: &str, n: u16, gso: u16) -> (Vec<u16>, serde_json::Value)
         got
     });
     if gso > 1 {
-        let mut ring = relay_io::ring::Ring::with_buffer_size(8, 2, 1, 2, 1 << 16).unwrap();
+        let mut ring = relay_io::ring::Ring::builder(8)
+            .buffers(2)
+            .tx(2)
+            .buffer_size(1 << 16)
+            .build()
+            .unwrap();
         ring.register_socket(0, std::os::fd::AsRawFd::as_raw_fd(&c))
             .unwrap();
         for first in (0..n).step_by(usize::from(gso)) {

@@ -4,7 +4,7 @@
 //! Everything here is exposed through safe methods whose invariants the module keeps, most of
 //! them by the type system:
 //! - a ring has one or two buffer groups ([`Group::Small`], and [`Group::Large`] after
-//!   [`Ring::add_large`]), each one `BufGroup`: receive buffers the kernel picks from (its
+//!   [`RingBuilder::large`]), each one `BufGroup`: receive buffers the kernel picks from (its
 //!   provided-buffer ring), transmit buffers the caller fills, and one send header per buffer;
 //!   all of it in allocations owned by the ring for as long as it exists;
 //! - a buffer outside the kernel's hands is owned by exactly one move-only token ([`RxBuf`] for
@@ -41,10 +41,10 @@ const CONTROL_LEN: usize = crate::cmsg::CONTROL_LEN;
 /// address and the control messages.
 const PAYLOAD_OFFSET: usize = 16 + NAME_LEN + CONTROL_LEN;
 /// Size of one receive buffer by default: the `io_uring_recvmsg_out` header, the address, the
-/// control messages, the payload ([`Ring::with_buffer_size`] takes others, up to
+/// control messages, the payload ([`RingBuilder::buffer_size`] takes others, up to
 /// [`MAX_BUFFER_SIZE`], for UDP GRO's coalesced datagrams).
 pub const BUFFER_SIZE: usize = 2048;
-/// Largest buffer [`Ring::with_buffer_size`] takes: room for a 64 KiB coalesced datagram.
+/// Largest buffer [`RingBuilder::buffer_size`] takes: room for a 64 KiB coalesced datagram.
 pub const MAX_BUFFER_SIZE: usize = (64 << 10) + PAYLOAD_OFFSET;
 /// Most fixed-file slots a ring takes: a slot must fit the 24 bits [`UserData`] keeps of it.
 pub const MAX_FILES: u32 = 1 << 24;
@@ -143,7 +143,7 @@ impl EventFd {
 pub enum Group {
     /// The group every ring has, of the ring's buffer size.
     Small,
-    /// The group [`Ring::add_large`] adds, of [`MAX_BUFFER_SIZE`]: room for a GRO-coalesced
+    /// The group [`RingBuilder::large`] adds, of [`MAX_BUFFER_SIZE`]: room for a GRO-coalesced
     /// receive, or a GSO send of up to 64 KiB.
     Large,
 }
@@ -701,7 +701,7 @@ pub struct Ring {
     /// Tells this ring's tokens from another's.
     id: u32,
     /// The buffer groups, by [`Group::index`]: the small one always, the large one after
-    /// [`Ring::add_large`].
+    /// [`RingBuilder::large`].
     groups: [Option<BufGroup>; 2],
     /// The header multishot receives describe their layout with.
     recv_msg: Box<libc::msghdr>,
@@ -738,7 +738,104 @@ impl std::fmt::Debug for Ring {
     }
 }
 
+/// How a ring is made: [`Ring::builder`], then the sizes, then [`RingBuilder::build`].
+#[derive(Clone, Copy, Debug)]
+#[must_use = "a builder makes nothing until build"]
+pub struct RingBuilder {
+    sq_entries: u32,
+    buffers: u16,
+    files: u32,
+    tx: u16,
+    buffer_size: usize,
+    large: Option<(u16, u16)>,
+    batching: Option<(usize, Duration)>,
+}
+
+impl RingBuilder {
+    /// The small group's receive buffers (rounded up to a power of two, at most 32768;
+    /// default 1).
+    pub const fn buffers(mut self, n: u16) -> Self {
+        self.buffers = n;
+        self
+    }
+
+    /// Fixed-file slots, one per socket (at most [`MAX_FILES`]; default 1).
+    pub const fn files(mut self, n: u32) -> Self {
+        self.files = n;
+        self
+    }
+
+    /// The small group's transmit buffers (default 0).
+    pub const fn tx(mut self, n: u16) -> Self {
+        self.tx = n;
+        self
+    }
+
+    /// The small group's buffer size in bytes (clamped to [`BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`];
+    /// default [`BUFFER_SIZE`]): a socket with UDP GRO needs room for a whole coalesced
+    /// datagram, and a GSO send for all its segments.
+    pub const fn buffer_size(mut self, bytes: usize) -> Self {
+        self.buffer_size = bytes;
+        self
+    }
+
+    /// Adds the large group: `count` receive buffers (rounded up to a power of two) and `tx`
+    /// transmit buffers, each of [`MAX_BUFFER_SIZE`] (room for a GRO-coalesced receive, or a
+    /// GSO send of up to 64 KiB), for the sockets armed with [`Arm::Recv`] into
+    /// [`Group::Large`].
+    pub const fn large(mut self, count: u16, tx: u16) -> Self {
+        self.large = Some((count, tx));
+        self
+    }
+
+    /// Makes each wait gather up to `batch` completions: the kernel waits for `batch` until
+    /// `wait` has passed, then returns as soon as one is there (IORING_ENTER min_wait, Linux
+    /// 6.12+; ignored where unsupported, see [`Ring::batching_supported`]). Fewer wake-ups per
+    /// packet at high rates, at most `wait` of added latency. `batch` 1 or `wait` 0: return on
+    /// the first completion (the default).
+    pub const fn batching(mut self, batch: usize, wait: Duration) -> Self {
+        self.batching = Some((batch, wait));
+        self
+    }
+
+    /// Creates the ring on the calling thread, which must be the only one to use it.
+    ///
+    /// # Errors
+    /// What failed, in words that name the cause and the way out: the kernel refused the ring or
+    /// a buffer group, the two groups together would have more than 65536 receive buffers, or
+    /// more than [`MAX_FILES`] files were asked for.
+    pub fn build(self) -> Result<Ring, SetupError> {
+        let mut ring = Ring::with_buffer_size(
+            self.sq_entries,
+            self.buffers,
+            self.files,
+            self.tx,
+            self.buffer_size,
+        )?;
+        if let Some((count, tx)) = self.large {
+            ring.add_large(count, tx)?;
+        }
+        if let Some((batch, wait)) = self.batching {
+            ring.set_batching(batch, wait);
+        }
+        Ok(ring)
+    }
+}
+
 impl Ring {
+    /// A ring with `sq_entries` submissions (4× completions), sized by the builder's methods.
+    pub const fn builder(sq_entries: u32) -> RingBuilder {
+        RingBuilder {
+            sq_entries,
+            buffers: 1,
+            files: 1,
+            tx: 0,
+            buffer_size: BUFFER_SIZE,
+            large: None,
+            batching: None,
+        }
+    }
+
     /// Creates the ring on the calling thread (which must be the only one to use it), with
     /// `sq_entries` submissions, 4× completions, a fixed-file table of `files` slots (at most
     /// [`MAX_FILES`]), and the small group: `buffers` receive buffers (rounded up to a power of
@@ -746,7 +843,8 @@ impl Ring {
     ///
     /// # Errors
     /// What failed, in words that name the cause and the way out.
-    pub fn with_tx(
+    #[cfg(test)]
+    fn with_tx(
         sq_entries: u32,
         buffers: u16,
         files: u32,
@@ -755,13 +853,12 @@ impl Ring {
         Self::with_buffer_size(sq_entries, buffers, files, tx_count, BUFFER_SIZE)
     }
 
-    /// Like [`Ring::with_tx`], with receive and transmit buffers of `buffer_size` bytes (clamped
-    /// to [`BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`]): a socket with UDP GRO needs room for a whole
-    /// coalesced datagram, and a GSO send for all its segments.
+    /// The ring [`RingBuilder::build`] makes, without its large group and batching: receive and
+    /// transmit buffers of `buffer_size` bytes (clamped to [`BUFFER_SIZE`]..=[`MAX_BUFFER_SIZE`]).
     ///
     /// # Errors
     /// What failed, in words that name the cause and the way out.
-    pub fn with_buffer_size(
+    fn with_buffer_size(
         sq_entries: u32,
         buffers: u16,
         files: u32,
@@ -835,7 +932,7 @@ impl Ring {
     /// # Errors
     /// The large group exists already, the two groups together would have more than 65536
     /// receive buffers, or the kernel refused it.
-    pub fn add_large(&mut self, count: u16, tx_count: u16) -> Result<(), SetupError> {
+    fn add_large(&mut self, count: u16, tx_count: u16) -> Result<(), SetupError> {
         let other = |what: &str| SetupError::Other {
             step: "add_large",
             source: io::Error::other(what),
@@ -887,7 +984,7 @@ impl Ring {
         std::sync::Arc::clone(&self.waker)
     }
 
-    /// The sizes of group `g`; `None` for the large group before [`Ring::add_large`].
+    /// The sizes of group `g`; `None` for the large group before [`RingBuilder::large`].
     #[must_use]
     pub fn capacity(&self, g: Group) -> Option<Capacity> {
         self.groups[g.index()].as_ref().map(BufGroup::capacity)
@@ -1237,19 +1334,19 @@ impl Ring {
     /// has passed, then returns as soon as one is there (IORING_ENTER min_wait, Linux 6.12+;
     /// ignored where unsupported). Fewer wake-ups per packet at high rates, at most `wait` of
     /// added latency. `batch` 1 or `wait` 0: return on the first completion.
-    pub fn set_batching(&mut self, batch: usize, wait: Duration) {
+    fn set_batching(&mut self, batch: usize, wait: Duration) {
         self.batch = batch.clamp(1, 256);
         self.batch_wait_usec = u32::try_from(wait.as_micros()).unwrap_or(u32::MAX);
     }
 
-    /// Whether [`Ring::set_batching`] takes effect on this kernel.
+    /// Whether [`RingBuilder::batching`] takes effect on this kernel.
     #[must_use]
     pub const fn batching_supported(&self) -> bool {
         self.min_timeout
     }
 
     /// Submits everything queued and waits for a completion (or a batch, see
-    /// [`Ring::set_batching`]) or `timeout`. Sends submitted now complete during the submit;
+    /// [`RingBuilder::batching`]) or `timeout`. Sends submitted now complete during the submit;
     /// the wait counts them in, so they do not end it on their own (which would cost a second
     /// `io_uring_enter` for every packet forwarded).
     ///
@@ -1583,7 +1680,7 @@ fn write_sockaddr(a: SocketAddr, out: &mut libc::sockaddr_in6) -> libc::socklen_
 /// # Errors
 /// Why it cannot.
 pub fn probe() -> Result<(), SetupError> {
-    Ring::with_tx(8, 1, 1, 0).map(drop)
+    Ring::builder(8).build().map(drop)
 }
 
 /// io_uring against the kernel (a test that needs a ring skips, saying so, where there is none):

@@ -94,10 +94,15 @@ pub fn run(cfg: &BlastConfig) -> Result<BlastReport, RunError> {
             relay_io::enable_udp_gro(s).map_err(io("UDP_GRO"))?;
         }
         // A receive may hold a whole coalesced batch; a send holds one batch.
-        Ring::with_buffer_size(4096, tx, n, tx, relay_io::ring::MAX_BUFFER_SIZE)
+        Ring::builder(4096)
+            .buffers(tx)
+            .files(n)
+            .tx(tx)
+            .buffer_size(relay_io::ring::MAX_BUFFER_SIZE)
     } else {
-        Ring::with_tx(4096, tx, n, tx)
+        Ring::builder(4096).buffers(tx).files(n).tx(tx)
     }
+    .build()
     .map_err(RunError::Ring)?;
     for (slot, s) in (0..).zip(&sockets) {
         ring.register_socket(slot, std::os::fd::AsRawFd::as_raw_fd(s))

@@ -391,7 +391,12 @@ pub fn run_with(cfg: &RtpConfig, tuning: Tuning) -> Result<Report, RunError> {
         .collect::<Result<_, _>>()
         .map_err(io("a channel socket's address"))?;
     let buffers = u16::try_from((n * 2).next_power_of_two().clamp(256, 1 << 15)).unwrap_or(1 << 15);
-    let mut ring = Ring::with_tx(4096, buffers, cfg.channels, 8192).map_err(RunError::Ring)?;
+    let mut ring = Ring::builder(4096)
+        .buffers(buffers)
+        .files(cfg.channels)
+        .tx(8192)
+        .build()
+        .map_err(RunError::Ring)?;
     // Returns are timed by the kernel's receive stamp, as the relay times them.
     let mut kernel_time = true;
     for s in &sockets {

@@ -303,21 +303,15 @@ pub fn start(config: &RingConfig, shard: Shard, ready: &ReadyTx) -> std::io::Res
     let index = shard.relay.config().shard;
     let max_channels = shard.relay.config().max_channels;
     let shared = shard.bind.shared_echo;
-    let made = Ring::with_tx(
-        config.sq_entries,
-        config.buffers,
-        max_channels + u32::from(shared),
-        if shared { SHARED_TX } else { 0 },
-    )
-    .and_then(|mut r| {
-        if shared {
-            r.add_large(SHARED_LARGE, SHARED_LARGE)?;
-        }
-        Ok(r)
-    });
-    match made {
-        Ok(mut ring) => {
-            ring.set_batching(config.batch, config.batch_wait);
+    let mut builder = Ring::builder(config.sq_entries)
+        .buffers(config.buffers)
+        .files(max_channels + u32::from(shared))
+        .batching(config.batch, config.batch_wait);
+    if shared {
+        builder = builder.tx(SHARED_TX).large(SHARED_LARGE, SHARED_LARGE);
+    }
+    match builder.build() {
+        Ok(ring) => {
             if config.batch > 1 && !ring.batching_supported() && index == 0 {
                 tracing::warn!(
                     "--batch needs Linux 6.12 (io_uring min_wait); waking on every completion"
