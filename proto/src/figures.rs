@@ -131,26 +131,9 @@ impl ChannelFigures {
     /// # Errors
     /// The histogram cannot be read back.
     pub fn stats(&self, last: Option<&ChannelStats>) -> Result<ChannelStats, FiguresError> {
-        let last = last.cloned().unwrap_or_else(|| ChannelStats {
-            channel: self.channel.clone(),
-            socket: 0,
-            shard: 0,
-            port: 0,
-            format: crate::format::Format::Ulaw,
-            asterisk: None,
-            latched: false,
-            echo: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            age_ns: 0,
-            idle_ns: 0,
-            traffic: PerDirection::default(),
-            streams: PerDirection::default(),
-            round_trip: EchoCounters::default(),
-            rtt: crate::stats::LatencySummary::default(),
-            timestamps: TimestampCounters::default(),
-            drops: DropCounts::default(),
-            score: crate::score::Score::default(),
-            probe: None,
-        });
+        let last = last
+            .cloned()
+            .unwrap_or_else(|| ChannelStats::empty(self.channel.clone()));
         let rtt = self.rtt_histogram()?.summary();
         let score = crate::score::score(crate::score::Measured {
             rtt_mean_ns: rtt.mean_ns,

@@ -648,6 +648,35 @@ pub struct ChannelStats {
     pub probe: Option<ProbeStats>,
 }
 
+impl ChannelStats {
+    /// A channel's statistics with nothing measured: zero counters, no addresses (the echo
+    /// `0.0.0.0:0`), `ulaw`. What mergeable figures fill in when the channel's own final
+    /// statistics are not there (its relay was lost).
+    #[must_use]
+    pub fn empty(channel: crate::channel_id::ChannelId) -> Self {
+        Self {
+            channel,
+            socket: 0,
+            shard: 0,
+            port: 0,
+            format: crate::format::Format::Ulaw,
+            asterisk: None,
+            latched: false,
+            echo: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            age_ns: 0,
+            idle_ns: 0,
+            traffic: PerDirection::default(),
+            streams: PerDirection::default(),
+            round_trip: EchoCounters::default(),
+            rtt: LatencySummary::default(),
+            timestamps: TimestampCounters::default(),
+            drops: DropCounts::default(),
+            score: crate::score::Score::default(),
+            probe: None,
+        }
+    }
+}
+
 /// What the relay saw of one channel's probe headers ([`crate::probe`]), the payloads of
 /// `loadgen ari --callers rtp`.
 ///

@@ -295,24 +295,8 @@ impl RelayOps for FakeRelay {
 /// A relay channel's statistics with nothing measured.
 fn fake_stats(id: &ChannelId) -> ChannelStats {
     ChannelStats {
-        channel: id.clone(),
-        socket: 0,
-        shard: 0,
-        port: 0,
-        format: relay_proto::Format::Ulaw,
-        asterisk: None,
-        latched: false,
         echo: SocketAddr::from(([127, 0, 0, 1], 4000)),
-        age_ns: 0,
-        idle_ns: 0,
-        traffic: Default::default(),
-        streams: Default::default(),
-        round_trip: Default::default(),
-        rtt: Default::default(),
-        timestamps: Default::default(),
-        drops: Default::default(),
-        score: Default::default(),
-        probe: None,
+        ..ChannelStats::empty(id.clone())
     }
 }
 

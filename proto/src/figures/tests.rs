@@ -5,26 +5,8 @@ use super::*;
 use crate::stats::LatencyHistogram;
 
 fn stats(id: &str, packets: u64, sent: u64, matched: u64, age_ns: u64) -> ChannelStats {
-    let mut s = ChannelStats {
-        channel: ChannelId::try_from(id).unwrap(),
-        socket: 0,
-        shard: 0,
-        port: 21_000,
-        format: crate::format::Format::Ulaw,
-        asterisk: None,
-        latched: false,
-        echo: "127.0.0.1:4000".parse().unwrap(),
-        age_ns,
-        idle_ns: 0,
-        traffic: PerDirection::default(),
-        streams: PerDirection::default(),
-        round_trip: EchoCounters::default(),
-        rtt: crate::stats::LatencySummary::default(),
-        timestamps: TimestampCounters::default(),
-        drops: DropCounts::default(),
-        score: crate::score::Score::default(),
-        probe: None,
-    };
+    let mut s = ChannelStats::empty(ChannelId::try_from(id).unwrap());
+    s.age_ns = age_ns;
     s.traffic.to_echo.packets = packets;
     s.traffic.to_asterisk.packets = matched;
     s.round_trip.sent = sent;
